@@ -1,0 +1,41 @@
+"""sage_opd_jax: SAGE-OPD (multi-turn on-policy distillation of LLM agents) in JAX/Flax NNX."""
+
+import setuptools
+
+# Versions measured to install together on Python 3.11 (CPU); see README.md.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "ml_collections==1.1.0",
+    "absl-py>=2.1",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "alfworld==0.4.2",
+    "textworld==1.7.0",
+    "scienceworld==1.2.3",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "tensorboardX>=2.6",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    # The local CPU wheel; used only by the HF parity tests, never by the package.
+    "torch==2.13.0",
+]
+
+setuptools.setup(
+    name="sage_opd_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["sage_opd_jax", "sage_opd_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
