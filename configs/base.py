@@ -1,0 +1,123 @@
+"""Shared defaults for every sage_opd_jax run; other configs start from `get_config()`.
+
+Run (the tiny offline default, as the README's main job):
+
+  python -m sage_opd_jax.main --config=configs/base.py --workdir=workdirs/base
+
+Any field can be overridden on the command line, e.g. `--config.loss.alpha=0.25`.
+An unknown key is an error, and `sage_opd_jax.config.validate` checks values and
+combinations before anything compiles.
+"""
+
+import ml_collections
+
+def tiny_model(**overrides) -> ml_collections.ConfigDict:
+  """A Qwen3-shaped decoder small enough for CPU tests and the quickstart."""
+  model = ml_collections.ConfigDict(
+      dict(
+          arch="qwen3",  # Architecture family: qwen3 | qwen2 | llama.
+          vocab_size=512,  # Overwritten by the tokenizer's size when one is built.
+          hidden_size=64,  # Residual width D.
+          intermediate_size=192,  # SwiGLU hidden width.
+          num_layers=2,  # Decoder blocks.
+          num_heads=4,  # Query heads.
+          num_kv_heads=2,  # Key/value heads (GQA).
+          head_dim=16,  # Per-head width.
+          rope_theta=10_000.0,  # RoPE base.
+          rms_norm_eps=1e-6,  # RMSNorm epsilon.
+          qk_norm=True,  # Qwen3's per-head q/k RMSNorm.
+          qkv_bias=False,  # Qwen2's q/k/v projection bias.
+          tie_embeddings=True,  # Share the embedding with the LM head.
+          max_position_embeddings=2048,  # Longest sequence the model is used at.
+          param_dtype="float32",  # Stored parameter dtype.
+          dtype="float32",  # Compute dtype.
+          remat=False,  # Rematerialise each block in the backward pass.
+      )
+  )
+  model.update(overrides)
+  return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = "distill"  # collect_demos | sft | distill | evaluate | export | smoke.
+  config.method = "sage_opd"  # A row of METHOD.md section 4 (sage_opd_jax.config.METHODS).
+  config.seed = 0  # Seeds the train-state rng and the task order.
+
+  config.env = ml_collections.ConfigDict()
+  config.env.name = "alfworld"  # Registered environment name (sage_opd_jax.envs.make).
+  config.env.data_dir = ""  # ALFWorld json_2.1.1 parent; empty means $ALFWORLD_DATA.
+  config.env.train_split = "train"  # Split the student's rollouts draw tasks from.
+  config.env.eval_splits = ("valid_seen", "valid_unseen")  # Splits evaluated every eval.
+  config.env.task_types = ()  # Restrict to these task types; empty means all.
+  config.env.max_turns = 30  # Turn limit of an episode.
+  config.env.history_turns = 2  # k: past (observation, action) pairs in the acting prompt.
+  config.env.num_workers = 2  # Env worker processes.
+  config.env.step_timeout_s = 60.0  # A worker call slower than this is killed and fails the episode.
+
+  config.tokenizer_dir = ""  # HF tokenizer directory shared by student and teacher.
+
+  config.student = ml_collections.ConfigDict()
+  config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.
+  config.student.model = tiny_model()  # Architecture when built from scratch.
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
+  config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
+  config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.temperature = 1.0  # Rollout temperature.
+  config.sampling.top_k = 0  # 0 disables top-k.
+  config.sampling.top_p = 1.0  # 1.0 disables nucleus sampling.
+  config.sampling.max_new_tokens = 64  # Response budget per turn.
+  config.sampling.constrained = False  # Restrict actions to the admissible ones (a token trie).
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).
+  config.loss.divergence = "reverse_kl"  # reverse_kl | forward_kl | jsd (E10; need full logits).
+  config.loss.jsd_beta = 0.5  # GKD's beta for the generalised JSD.
+  config.loss.alpha = 0.5  # Intervention weight of a Weak turn (E5).
+  config.loss.confidence = "turn_mean_top1"  # turn_mean_top1 | neg_entropy | token_top1 | none (E6).
+  config.loss.aggregation = "token_mean"  # token_mean | seq_mean_token_mean.
+  config.loss.ppo_clip = 0.2  # Ratio clip epsilon (E4).
+  config.loss.dual_clip = 3.0  # Dual-clip constant c for negative advantages (E4).
+  config.loss.log_ratio_clamp = 20.0  # |log pi - log pi_old| is clamped to this before exp.
+
+  config.judge = ml_collections.ConfigDict()
+  config.judge.mode = "prompt"  # prompt | likelihood | oracle (analysis only).
+  config.judge.history_turns = 2  # Past turns shown in the judge prompt.
+  config.judge.max_new_tokens = 4  # The judge answers with one word.
+  config.judge.likelihood_thresholds = (-0.5, -2.0)  # Mean log-prob above first: Skip; above second: Weak.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-4  # Peak learning rate.
+  config.optim.schedule = "constant"  # constant | cosine (after warm-up).
+  config.optim.warmup_steps = 10  # Linear warm-up steps.
+  config.optim.weight_decay = 0.0  # AdamW decoupled weight decay.
+  config.optim.b1 = 0.9  # Adam beta1.
+  config.optim.b2 = 0.95  # Adam beta2.
+  config.optim.grad_clip = 1.0  # Global grad-norm clip.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 20  # Updates in the distill/sft stage.
+  config.train.batch_episodes = 8  # Episodes per update (global, over every device).
+  config.train.micro_batches = 1  # Gradient-accumulation micro-batches per update.
+  config.train.max_seq_len = 1024  # Padded length of one episode transcript.
+  config.train.log_every = 1  # Steps between metric writes.
+  config.train.eval_every = 10  # Steps between evaluations (and one at the end).
+  config.train.ckpt_every = 10  # Steps between checkpoints.
+  config.train.keep_ckpts = 2  # Checkpoints kept.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_episodes = 16  # Episodes per split per eval (a fixed subset of the split).
+  config.eval.temperatures = (0.0,)  # 0.0 is greedy; METHOD.md also uses 0.4.
+  config.eval.num_seeds = 1  # Sampling seeds per temperature above 0.
+  config.eval.num_transcripts = 3  # Transcripts written per eval, with judge labels and weights.
+
+  config.mesh = ml_collections.ConfigDict()
+  # One axis may be -1: it takes every device the other two leave.
+  config.mesh.data = 1  # Data-parallel axis size.
+  config.mesh.fsdp = -1  # Parameter-sharded (FSDP) data-parallel axis size.
+  config.mesh.tensor = 1  # Tensor-parallel axis size.
+  return config

@@ -1,0 +1,170 @@
+"""Config validation: every run's ConfigDict is checked here before anything compiles.
+
+Unknown keys are already rejected by `ml_collections` (configs are locked and
+`config_flags` refuses overrides of missing fields); this module checks values and
+combinations, and every error names the offending key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import ml_collections
+
+STAGES = ("collect_demos", "sft", "distill", "evaluate", "export", "smoke")
+METHODS = (
+    "sft",
+    "opd",
+    "sage_opd",
+    "sage_opd_no_intervention",
+    "sage_opd_no_confidence",
+    "sage_opd_no_norm",
+    "opd_two_rollout",
+)
+SAGE_METHODS = ("sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm")
+ESTIMATORS = ("sampled", "full")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+JUDGE_MODES = ("prompt", "likelihood", "oracle")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+ARCHS = ("qwen3", "qwen2", "llama")
+SPLITS = {
+    "alfworld": ("train", "valid_seen", "valid_unseen", "valid_train"),
+    "scienceworld": ("train", "dev", "test"),
+}
+
+
+class ConfigError(ValueError):
+  """A config value or combination that cannot run; the message names the key."""
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{key}: missing (no field {part!r}).")
+    node = node[part]
+  return node
+
+
+def _one_of(config, key: str, allowed: Iterable[Any]) -> None:
+  value = _get(config, key)
+  if value not in tuple(allowed):
+    raise ConfigError(f"config.{key}={value!r}: must be one of {tuple(allowed)}.")
+
+
+def _positive(config, key: str, allow_zero: bool = False) -> None:
+  value = _get(config, key)
+  if not isinstance(value, (int, float)) or (value < 0 if allow_zero else value <= 0):
+    raise ConfigError(f"config.{key}={value!r}: must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def _in_range(config, key: str, low: float, high: float) -> None:
+  value = _get(config, key)
+  if not low <= value <= high:
+    raise ConfigError(f"config.{key}={value!r}: must lie in [{low}, {high}].")
+
+
+def _validate_model(config, prefix: str) -> None:
+  if _get(config, f"{prefix}.hf_dir"):
+    return  # The HF config.json is validated when it is read.
+  _one_of(config, f"{prefix}.model.arch", ARCHS)
+  _one_of(config, f"{prefix}.model.dtype", DTYPES)
+  _one_of(config, f"{prefix}.model.param_dtype", DTYPES)
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    _positive(config, f"{prefix}.model.{field}")
+  heads, kv_heads = _get(config, f"{prefix}.model.num_heads"), _get(config, f"{prefix}.model.num_kv_heads")
+  if heads % kv_heads:
+    raise ConfigError(
+        f"config.{prefix}.model.num_heads={heads} is not a multiple of config.{prefix}.model.num_kv_heads={kv_heads}."
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks `config` and returns it; raises `ConfigError` naming the first bad key."""
+  _one_of(config, "stage", STAGES)
+  _one_of(config, "method", METHODS)
+  _one_of(config, "env.name", SPLITS)
+  env = _get(config, "env.name")
+  for key in ("env.train_split",):
+    _one_of(config, key, SPLITS[env])
+  for split in _get(config, "env.eval_splits"):
+    if split not in SPLITS[env]:
+      raise ConfigError(f"config.env.eval_splits contains {split!r}: must be among {SPLITS[env]}.")
+  for key in ("env.max_turns", "env.num_workers", "env.step_timeout_s"):
+    _positive(config, key)
+  _positive(config, "env.history_turns", allow_zero=True)
+
+  _validate_model(config, "student")
+  _validate_model(config, "teacher")
+  if not _get(config, "student.hf_dir") and not _get(config, "teacher.hf_dir"):
+    student_vocab = _get(config, "student.model.vocab_size")
+    teacher_vocab = _get(config, "teacher.model.vocab_size")
+    if student_vocab != teacher_vocab:
+      raise ConfigError(
+          f"config.teacher.model.vocab_size={teacher_vocab} differs from config.student.model.vocab_size="
+          f"{student_vocab}: the teacher scores the student's own tokens, so both must share one tokenizer."
+      )
+  _positive(config, "teacher.score_chunk")
+
+  _positive(config, "sampling.temperature", allow_zero=True)
+  _positive(config, "sampling.top_k", allow_zero=True)
+  _in_range(config, "sampling.top_p", 0.0, 1.0)
+  _positive(config, "sampling.max_new_tokens")
+
+  _one_of(config, "loss.estimator", ESTIMATORS)
+  _one_of(config, "loss.divergence", DIVERGENCES)
+  _one_of(config, "loss.confidence", CONFIDENCE_MODES)
+  _one_of(config, "loss.aggregation", AGGREGATIONS)
+  _in_range(config, "loss.alpha", 0.0, 1.0)
+  _in_range(config, "loss.jsd_beta", 0.0, 1.0)
+  _positive(config, "loss.ppo_clip")
+  _positive(config, "loss.dual_clip")
+  _positive(config, "loss.log_ratio_clamp")
+  if _get(config, "loss.dual_clip") <= 1.0:
+    raise ConfigError(f"config.loss.dual_clip={_get(config, 'loss.dual_clip')!r}: must be > 1 (PPO dual clip).")
+  divergence = _get(config, "loss.divergence")
+  if divergence != "reverse_kl" and _get(config, "loss.estimator") != "full":
+    raise ConfigError(
+        f"config.loss.divergence={divergence!r} needs the teacher's distribution: set config.loss.estimator='full'."
+    )
+
+  _one_of(config, "judge.mode", JUDGE_MODES)
+  high, low = _get(config, "judge.likelihood_thresholds")
+  if not high > low:
+    raise ConfigError(
+        f"config.judge.likelihood_thresholds={(high, low)!r}: the Skip threshold must exceed the Weak threshold."
+    )
+  _positive(config, "judge.max_new_tokens")
+
+  _positive(config, "optim.learning_rate")
+  _one_of(config, "optim.schedule", SCHEDULES)
+  _positive(config, "optim.warmup_steps", allow_zero=True)
+  _positive(config, "optim.weight_decay", allow_zero=True)
+  _in_range(config, "optim.b1", 0.0, 1.0)
+  _in_range(config, "optim.b2", 0.0, 1.0)
+  _positive(config, "optim.grad_clip")
+
+  for key in ("num_steps", "batch_episodes", "micro_batches", "max_seq_len", "log_every", "eval_every",
+              "ckpt_every", "keep_ckpts"):
+    _positive(config, f"train.{key}")
+  batch, micro = _get(config, "train.batch_episodes"), _get(config, "train.micro_batches")
+  if batch % micro:
+    raise ConfigError(f"config.train.batch_episodes={batch} is not divisible by config.train.micro_batches={micro}.")
+
+  _positive(config, "eval.num_episodes")
+  _positive(config, "eval.num_seeds")
+  _positive(config, "eval.num_transcripts", allow_zero=True)
+  for t in _get(config, "eval.temperatures"):
+    if t < 0:
+      raise ConfigError(f"config.eval.temperatures contains {t!r}: temperatures must be >= 0 (0 is greedy).")
+
+  sizes = {axis: _get(config, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
+  if sum(size == -1 for size in sizes.values()) > 1:
+    raise ConfigError(f"config.mesh={sizes}: at most one axis may be -1.")
+  for axis, size in sizes.items():
+    if size != -1 and size < 1:
+      raise ConfigError(f"config.mesh.{axis}={size!r}: must be >= 1, or -1 for every remaining device.")
+  return config

@@ -1,0 +1,79 @@
+"""Config validation: bad keys, values and combinations stop a run with the key named."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from sage_opd_jax import config as config_lib
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, _REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_base_config_is_valid():
+  config = _load_config("base")
+  assert config_lib.validate(config) is config
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("method", "dpo", "config.method='dpo'"),
+        ("stage", "train", "config.stage='train'"),
+        ("loss.confidence", "top5", "config.loss.confidence='top5'"),
+        ("loss.alpha", 1.5, "config.loss.alpha=1.5"),
+        ("loss.dual_clip", 1.0, "config.loss.dual_clip=1.0"),
+        ("judge.mode", "vote", "config.judge.mode='vote'"),
+        ("train.micro_batches", 3, "config.train.batch_episodes=8 is not divisible by config.train.micro_batches=3"),
+        ("env.train_split", "test", "config.env.train_split='test'"),
+        ("student.model.num_kv_heads", 3, "config.student.model.num_heads=4 is not a multiple"),
+        ("sampling.top_p", 1.5, "config.sampling.top_p=1.5"),
+    ],
+)
+def test_bad_value_names_the_key(key, value, message):
+  config = _load_config("base")
+  node = config
+  *parents, leaf = key.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
+
+
+def test_teacher_and_student_vocabularies_must_match():
+  config = _load_config("base")
+  config.teacher.model.vocab_size = config.student.model.vocab_size + 1
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.model\.vocab_size=.*student"):
+    config_lib.validate(config)
+
+
+def test_forward_kl_needs_full_estimator():
+  config = _load_config("base")
+  config.loss.divergence = "forward_kl"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.divergence='forward_kl'.*estimator"):
+    config_lib.validate(config)
+  config.loss.estimator = "full"
+  config_lib.validate(config)
+
+
+def test_unknown_key_is_rejected_by_the_locked_config():
+  config = _load_config("base")
+  config.lock()
+  with pytest.raises(AttributeError, match="lerning_rate"):
+    config.optim.lerning_rate = 1e-3
+
+
+def test_two_wildcard_mesh_axes_are_rejected():
+  config = _load_config("base")
+  config.mesh.data = -1
+  with pytest.raises(config_lib.ConfigError, match="at most one axis may be -1"):
+    config_lib.validate(config)
