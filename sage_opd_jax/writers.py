@@ -1,0 +1,69 @@
+"""Host-side outputs of a run: TensorBoard events, a JSONL metrics log, transcripts, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import tensorboardX
+
+
+def _scalar(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Writes scalar metrics to `<workdir>/tensorboard` and `<workdir>/metrics.jsonl`.
+
+  Keys are slash-separated (`train/loss`, `eval/valid_unseen/success`) so TensorBoard
+  groups them. Re-opening a workdir appends: a resumed run continues the same files.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    row = {"step": int(step)}
+    for key, value in metrics.items():
+      value = _scalar(value)
+      row[key] = value if math.isfinite(value) else str(value)
+      self._tb.add_scalar(key, value, global_step=int(step))
+    self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._tb.close()
+    self._jsonl.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The JSONL metric rows of a workdir, in write order."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"No metrics log at {path}.")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_transcripts(path: str | pathlib.Path, transcripts: Iterable[Mapping[str, Any]]) -> None:
+  """Writes episode transcripts (turns with text, labels and weights) as readable JSONL."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for transcript in transcripts:
+      f.write(json.dumps(transcript, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"Not JSON-serialisable in a transcript: {type(value).__name__}.")
