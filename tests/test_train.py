@@ -1,0 +1,112 @@
+"""The update step: micro-batching, NaN safety and sharding never change the result."""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sage_opd_jax import train
+
+
+def _optim(**overrides):
+  optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                                         weight_decay=0.0, b1=0.9, b2=0.95, grad_clip=1.0))
+  optim.update(overrides)
+  return optim
+
+
+def _mse_loss(model, micro, totals):
+  # Sum over this micro-batch divided by the GLOBAL count, so micro losses add up.
+  err = (model(micro["x"]) - micro["y"]) ** 2 * micro["mask"][:, None]
+  return err.sum() / totals["count"], {"sq_err": err.sum(), "err_max": err.max()}
+
+
+def _totals(batch):
+  return {"count": batch["mask"].sum()}
+
+
+def _batch(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "x": jnp.asarray(rng.normal(size=(n, 4)), jnp.float32),
+      "y": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
+      "mask": jnp.asarray(rng.integers(0, 2, size=n), jnp.float32).at[0].set(1.0),
+  }
+
+
+def _run(micro_batches, batch, steps=3, state_sharding=None, batch_sharding=None):
+  model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  graphdef = nnx.graphdef(model)
+  tx = train.make_optimizer(_optim(), num_steps=steps)
+  state = train.init_train_state(model, tx, seed=0)
+  update = train.make_update_fn(graphdef, tx, _mse_loss, _totals, micro_batches=micro_batches)
+  if state_sharding is not None:
+    state = jax.device_put(state, state_sharding)
+    update = train.jit_update(update, state_sharding, batch_sharding)
+    batch = jax.device_put(batch, batch_sharding)
+  else:
+    update = jax.jit(update)
+  for _ in range(steps):
+    state, metrics = update(state, batch)
+  return state, metrics
+
+
+def _reference_mse(batch):
+  model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  err = (np.asarray(model(batch["x"])) - np.asarray(batch["y"])) ** 2 * np.asarray(batch["mask"])[:, None]
+  return err.sum() / np.asarray(batch["mask"]).sum()
+
+
+def test_micro_batching_matches_one_batch():
+  batch = _batch()
+  one, m1 = _run(1, batch)
+  four, m4 = _run(4, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params, four.params)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["err_max"], m4["err_max"], rtol=1e-6)
+
+
+def test_first_loss_is_the_global_masked_mean():
+  batch = _batch()
+  _, metrics = _run(2, batch, steps=1)
+  np.testing.assert_allclose(metrics["loss"], _reference_mse(batch), rtol=1e-5)
+  assert int(metrics["update_skipped"]) == 0
+
+
+def test_nan_loss_skips_the_update_and_keeps_params():
+  batch = _batch()
+  bad = dict(batch, y=batch["y"].at[3, 0].set(jnp.nan))
+  model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  tx = train.make_optimizer(_optim(), num_steps=2)
+  state = train.init_train_state(model, tx, seed=0)
+  before = jax.tree.map(np.asarray, state.params)
+  update = jax.jit(train.make_update_fn(nnx.graphdef(model), tx, _mse_loss, _totals, micro_batches=2))
+  state, metrics = update(state, bad)
+  assert int(metrics["update_skipped"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+  state, metrics = update(state, batch)  # A good batch afterwards still trains.
+  assert int(metrics["update_skipped"]) == 0
+  assert not np.allclose(np.asarray(state.params["kernel"][...]), before["kernel"][...])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices; see tests/conftest.py")
+def test_sharded_update_matches_single_device():
+  batch = _batch()
+  single, m_single = _run(2, batch)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  replicated = NamedSharding(mesh, P())
+  state_sharding = jax.tree.map(lambda _: replicated, single)
+  batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
+  sharded, m_sharded = _run(2, batch, state_sharding=state_sharding, batch_sharding=batch_sharding)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single.params, sharded.params)
+  np.testing.assert_allclose(m_single["loss"], m_sharded["loss"], rtol=1e-5)
+
+
+def test_warmup_then_cosine_schedule():
+  schedule = train.learning_rate_schedule(_optim(schedule="cosine", warmup_steps=4, learning_rate=1.0), 12)
+  np.testing.assert_allclose([schedule(0), schedule(2), schedule(4), schedule(12)], [0.0, 0.5, 1.0, 0.0], atol=1e-6)
+  constant = train.learning_rate_schedule(_optim(warmup_steps=4, learning_rate=1.0), 12)
+  np.testing.assert_allclose([constant(2), constant(4), constant(11)], [0.5, 1.0, 1.0], atol=1e-6)
