@@ -1,0 +1,341 @@
+"""ALFWorld on the real engine (alfworld 0.4.2 / TextWorld 1.7.0) behind `base.Env`.
+
+Games are the `game.tw-pddl` files of ALFWorld's `json_2.1.1/` layout:
+`<data_dir>/json_2.1.1/<split>/<task_type>-<object>-<mrecep>-<recep>-<scene>/<trial>/game.tw-pddl`
+(for `look_at_obj_in_light` the fourth field is the toggle target, e.g. a desk lamp).
+
+One TextWorld env is built per `AlfworldEnv` and reused across games (a fresh one costs
+seconds). Resets route fast_downward's grounding through `GroundingCache`, so a game
+that was reset once before (by any process sharing the cache folder) resets fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+from typing import Any, Sequence
+
+import textworld
+import textworld.gym
+from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+from sage_opd_jax.envs.alfworld_cache import GroundingCache
+from sage_opd_jax.envs.base import NOTHING_HAPPENS, StepInfo, StepResult, Task, register
+
+ENV_NAME = "alfworld"
+SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
+# ALFWorld's task families, with the integer ids its configs use (`env.task_types`).
+TASK_TYPES = {
+  1: "pick_and_place_simple",
+  2: "look_at_obj_in_light",
+  3: "pick_clean_then_place_in_recep",
+  4: "pick_heat_then_place_in_recep",
+  5: "pick_cool_then_place_in_recep",
+  6: "pick_two_obj_and_place",
+}
+DATA_SUBDIR = "json_2.1.1"
+GAME_FILE = "game.tw-pddl"
+# The engine's first observation opens with this banner; it carries nothing for the agent.
+_BANNER = "-= Welcome to TextWorld, ALFRED! =-"
+_TASK_PREFIX = "Your task is to:"
+# "put X in/on Y" (the wording ALFWorld prompts and older engines use) and the 0.4.2
+# engine's "move X to Y" name the same action.
+_PUT_RE = re.compile(r"put (?P<obj>.+?) (?:in/on|in|on|into|onto|inside|to) (?P<recep>.+)")
+_MOVE_RE = re.compile(r"move (?P<obj>.+?) to (?P<recep>.+)")
+
+
+def missing_data_message(looked_at: str) -> str:
+  return (
+    f"ALFWorld game files not found: looked for {looked_at} (the `data_dir` argument, else "
+    f"$ALFWORLD_DATA), expecting {DATA_SUBDIR}/<split>/<task folder>/<trial>/{GAME_FILE} inside. "
+    "Get them with `alfworld-download` and `export ALFWORLD_DATA=<the folder it wrote>`, or in "
+    'this workspace: `export ALFWORLD_DATA="$(../shared/alfworld/unpack)"`.'
+  )
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+  """The folder holding `json_2.1.1/`: `data_dir`, else `$ALFWORLD_DATA`; raises if absent."""
+  if data_dir is None:
+    data_dir = os.environ.get("ALFWORLD_DATA")
+    if not data_dir:
+      raise FileNotFoundError(missing_data_message("nothing: data_dir=None and ALFWORLD_DATA is unset"))
+  path = pathlib.Path(data_dir).expanduser()
+  if not (path / DATA_SUBDIR).is_dir():
+    raise FileNotFoundError(missing_data_message(str(path / DATA_SUBDIR)))
+  return path
+
+
+def parse_task_folder(folder: str) -> dict[str, Any]:
+  """Task parameters from a folder name such as `pick_two_obj_and_place-CD-None-Safe-308`.
+
+  Returns `task_type`, `object`, `mrecep`, `recep`, `toggle`, `scene`, `sliced`, and
+  `pddl_params` in the layout of ALFRED's `traj_data.json` (what ALFWorld's hand-coded
+  expert reads): `object_target`, `parent_target`, `toggle_target`, `mrecep_target`,
+  `object_sliced`, with "" for an absent target.
+  """
+  parts = folder.split("-")
+  if len(parts) != 5 or parts[0] not in TASK_TYPES.values() or not parts[4].isdigit():
+    raise ValueError(
+      f"ALFWorld task folder {folder!r} does not match "
+      "<task_type>-<object>-<mrecep>-<recep or toggle>-<scene>."
+    )
+  task_type, obj, mrecep, target, scene = parts
+  mrecep = None if mrecep == "None" else mrecep
+  # The fourth field names the light to turn on for this family, the receptacle otherwise.
+  toggle = target if task_type == "look_at_obj_in_light" else None
+  recep = None if toggle is not None else target
+  sliced = obj.endswith("Sliced")
+  return {
+    "task_type": task_type,
+    "object": obj,
+    "mrecep": mrecep,
+    "recep": recep,
+    "toggle": toggle,
+    "scene": int(scene),
+    "sliced": sliced,
+    "pddl_params": {
+      "object_target": obj[: -len("Sliced")] if sliced else obj,
+      "parent_target": recep or "",
+      "toggle_target": toggle or "",
+      "mrecep_target": mrecep or "",
+      "object_sliced": sliced,
+    },
+  }
+
+
+def _normalize(command: str) -> str:
+  return " ".join(command.lower().split())
+
+
+def canonical_command(action: str, admissible: Sequence[str]) -> str | None:
+  """The admissible command that `action` names, or None when it names none.
+
+  Case and whitespace do not matter, and "put X in/on Y" and "move X to Y" are the same
+  command, whichever of the two the engine lists.
+  """
+  by_normal = {_normalize(c): c for c in admissible}
+  normal = _normalize(action).rstrip(".")
+  if normal in by_normal:
+    return by_normal[normal]
+  put = _PUT_RE.fullmatch(normal)
+  if put:
+    return by_normal.get(f"move {put['obj']} to {put['recep']}")
+  move = _MOVE_RE.fullmatch(normal)
+  if move:
+    for preposition in ("in/on", "in", "on"):
+      candidate = by_normal.get(f"put {move['obj']} {preposition} {move['recep']}")
+      if candidate is not None:
+        return candidate
+  return None
+
+
+def _task_text(observation: str) -> str:
+  for line in observation.splitlines():
+    if line.startswith(_TASK_PREFIX):
+      return line.strip()
+  raise ValueError(f"The first ALFWorld observation has no {_TASK_PREFIX!r} line: {observation!r}")
+
+
+def _strip_banner(observation: str) -> str:
+  return observation.replace(_BANNER, "", 1).strip()
+
+
+@dataclasses.dataclass
+class _Episode:
+  task: Task
+  walkthrough: list[str]
+  admissible: list[str]
+  task_text: str
+  turn: int = 0
+  done: bool = False
+
+
+@register(ENV_NAME)
+class AlfworldEnv:
+  """ALFWorld text games on the real TextWorld engine; one instance per worker."""
+
+  def __init__(
+    self,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_turns: int = 30,
+    task_types: Sequence[str | int] | None = None,
+    seed: int = 0,
+    facts: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    grounding_cache: bool = True,
+  ):
+    """Builds the env.
+
+    Args:
+      data_dir: the folder holding `json_2.1.1/`; None reads `$ALFWORLD_DATA`.
+      max_turns: steps per episode; the last one ends the episode, lost unless won.
+      task_types: keep only these families (names, or ALFWorld's ids 1-6); None keeps all.
+      seed: shuffles each split's task order, reproducibly.
+      facts: also return the game's facts in `info.extra["facts"]` (the hand-coded
+        expert reads them; they cost time on every step).
+      cache_dir: where grounded games are cached; None is
+        `~/.cache/sage_opd_jax/alfworld_grounding`. Never put it beside the game files.
+      grounding_cache: False grounds every reset from scratch (benchmarks, tests).
+    """
+    if max_turns < 1:
+      raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
+    self.data_dir = resolve_data_dir(data_dir)
+    self.max_turns = max_turns
+    self.task_types = self._resolve_task_types(task_types)
+    self.seed = seed
+    self.facts = facts
+    self.cache = GroundingCache(cache_dir) if grounding_cache else None
+    self._tasks: dict[str, list[Task]] = {}
+    self._episode: _Episode | None = None
+    self._last_facts: list[Any] = []
+
+    # policy_commands stays off: the planner replans on every step, is slow and can hang.
+    request_infos = textworld.EnvInfos(
+      won=True, admissible_commands=True, facts=facts, policy_commands=False, extras=["gamefile"]
+    )
+    env_id = textworld.gym.register_games(
+      [],
+      request_infos,
+      batch_size=1,
+      asynchronous=False,
+      # Our own turn counter ends episodes; the engine's limit only needs to not be hit first.
+      max_episode_steps=max_turns + 1,
+      wrappers=[AlfredDemangler(shuffle=False), AlfredInfos],
+    )
+    # The batch env's load/reset/step play a chosen game on one reused engine; the gym
+    # env's own reset would cycle through a fixed game list instead.
+    self._engine = textworld.gym.make(env_id).batch_env
+
+  @staticmethod
+  def _resolve_task_types(task_types: Sequence[str | int] | None) -> frozenset[str] | None:
+    if task_types is None:
+      return None
+    names = set()
+    for task_type in task_types:
+      name = TASK_TYPES.get(task_type, task_type) if isinstance(task_type, int) else task_type
+      if name not in TASK_TYPES.values():
+        raise ValueError(
+          f"Unknown ALFWorld task_types entry {task_type!r}; expected one of "
+          f"{sorted(TASK_TYPES.values())} or their ids {sorted(TASK_TYPES)}."
+        )
+      names.add(name)
+    return frozenset(names)
+
+  def tasks(self, split: str) -> Sequence[Task]:
+    """Every game of `split` (filtered by `task_types`), shuffled by `seed`."""
+    if split not in SPLITS:
+      raise ValueError(f"Unknown ALFWorld split {split!r}; expected one of {SPLITS}.")
+    if split not in self._tasks:
+      split_dir = self.data_dir / DATA_SUBDIR / split
+      if not split_dir.is_dir():
+        raise FileNotFoundError(missing_data_message(str(split_dir)))
+      tasks = []
+      for gamefile in sorted(split_dir.glob(f"*/*/{GAME_FILE}")):
+        trial_dir = gamefile.parent
+        meta = parse_task_folder(trial_dir.parent.name)
+        if self.task_types is not None and meta["task_type"] not in self.task_types:
+          continue
+        meta["gamefile"] = str(gamefile)
+        meta["trial"] = trial_dir.name
+        tasks.append(
+          Task(
+            env=ENV_NAME,
+            split=split,
+            task_id=f"{trial_dir.parent.name}/{trial_dir.name}",
+            task_type=meta["task_type"],
+            meta=meta,
+          )
+        )
+      random.Random(self.seed).shuffle(tasks)
+      self._tasks[split] = tasks
+    return list(self._tasks[split])
+
+  def reset(self, task: Task) -> tuple[str, StepInfo]:
+    if task.env != ENV_NAME:
+      raise ValueError(f"Task {task.task_id!r} is for env {task.env!r}, not {ENV_NAME!r}.")
+    gamefile = task.meta.get("gamefile")
+    if not gamefile or not os.path.isfile(gamefile):
+      raise FileNotFoundError(f"Task {task.task_id!r}: game file {gamefile!r} does not exist.")
+    with open(gamefile) as f:
+      walkthrough = list(json.load(f).get("walkthrough") or [])
+
+    self._episode = None
+    if self.cache is not None:
+      with self.cache.installed():
+        self._engine.load([gamefile])
+        observations, infos = self._engine.reset()
+    else:
+      self._engine.load([gamefile])
+      observations, infos = self._engine.reset()
+
+    observation = _strip_banner(observations[0])
+    admissible = list(infos["admissible_commands"][0])
+    self._episode = _Episode(
+      task=task, walkthrough=walkthrough, admissible=admissible, task_text=_task_text(observation)
+    )
+    info = StepInfo(
+      task=self._episode.task_text,
+      admissible_actions=list(admissible),
+      won=bool(infos["won"][0]),
+      extra=self._extra(infos, command=None),
+    )
+    return observation, info
+
+  def step(self, action_text: str | None) -> StepResult:
+    episode = self._episode
+    if episode is None:
+      raise RuntimeError("AlfworldEnv.step called before reset.")
+    if episode.done:
+      raise RuntimeError(f"AlfworldEnv.step called after episode {episode.task.task_id!r} ended; reset first.")
+    episode.turn += 1
+
+    command = None if action_text is None else canonical_command(action_text, episode.admissible)
+    won, error, infos = False, None, None
+    if command is None:
+      # The engine answers a non-admissible command with this text and an unchanged state,
+      # so it is answered here without the engine's cost.
+      observation = NOTHING_HAPPENS
+    else:
+      try:
+        observations, _, _, infos = self._engine.step([command])
+        observation = observations[0]
+        won = bool(infos["won"][0])
+        episode.admissible = list(infos["admissible_commands"][0])
+      except Exception as e:  # pylint: disable=broad-except
+        # An engine crash fails this episode only; the error is reported in the info.
+        observation, error, infos = NOTHING_HAPPENS, f"{type(e).__name__}: {e}", None
+
+    episode.done = won or error is not None or episode.turn >= self.max_turns
+    info = StepInfo(
+      task=episode.task_text,
+      admissible_actions=list(episode.admissible),
+      won=won,
+      lost=episode.done and not won,
+      valid=command is not None,
+      error=error,
+      extra=self._extra(infos, command=command),
+    )
+    return StepResult(observation=observation, reward=1.0 if won else 0.0, done=episode.done, info=info)
+
+  def _extra(self, infos: dict[str, Any] | None, command: str | None) -> dict[str, Any]:
+    episode = self._episode
+    extra: dict[str, Any] = {
+      "gamefile": episode.task.meta["gamefile"],
+      "walkthrough": list(episode.walkthrough),
+      "turn": episode.turn,
+      # The admissible command actually played (e.g. "move X to Y" for "put X in Y").
+      "command": command,
+    }
+    if self.facts:
+      # After an invalid command the state, hence its facts, did not change.
+      extra["facts"] = list(infos["facts"][0]) if infos is not None else self._last_facts
+      self._last_facts = extra["facts"]
+    return extra
+
+  def close(self) -> None:
+    self._engine.close()
