@@ -1,0 +1,752 @@
+"""SAGE-OPD losses (METHOD.md E1-E10) as pure `jnp` functions, and the loss registry.
+
+Batch layout: one padded row per episode (or, with T = 1, one row per turn).
+
+  position s   0      1      2      3     4     5      6     7      8
+  token        <task> <task> <obs1> y1,1  y1,2  <obs2> y2,1  <pad>  <pad>
+  turn_ids     0      0      0      1     1     0      2     0      0
+
+- Token-level arrays are [B, S] and *token-aligned*: entry s describes token s. For a
+  response token that means the distribution that predicts it, i.e. the logits at s - 1.
+- `turn_ids` is the one mask: 0 for every token that is not a student response token (task,
+  observation, template, padding), k >= 1 for the tokens of turn k. Position 0 has no
+  predicting logits, so it must be a prompt token (`validate_batch` checks it on the host).
+- Logits are [B, S, V] with logits[:, s] predicting token s + 1. `align_to_tokens` is the
+  only place that shifts: every per-position quantity (log-prob, KL, top-1, entropy) is
+  computed where the logits are and then moved onto the token it predicts. Entry 0 is 0.
+- Per-turn arrays are [B, T]: column k - 1 is turn k. T may exceed the number of turns an
+  episode has; such turns (and any turn with no tokens) are empty: length 0, confidence 0,
+  and they contribute nothing.
+
+All log-softmax, KL and normalisation maths runs in float32 (or float64 if the inputs are).
+Nothing here holds state: the only module-level mutable object is the loss registry.
+
+Reading order: E1/E2/E10 divergences -> E6 confidence -> E5/E7/E8 turn weights -> E4 the
+PPO surrogate -> `sage_opd_loss`, which composes them for every row of METHOD.md's table.
+"""
+
+import enum
+import functools
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+class Label(enum.IntEnum):
+  """The judge's turn labels (E5), as stored in `batch["labels"]`."""
+
+  SKIP = 0
+  WEAK = 1
+  STRONG = 2
+
+
+CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
+ESTIMATORS = ("sampled", "full")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
+# ----------------------------------------------------------------------------------------
+# Alignment and per-position distribution statistics.
+# ----------------------------------------------------------------------------------------
+
+
+def _float(x: Array) -> Array:
+  """Upcasts to at least float32 (bf16 logits must not reach log-softmax as bf16)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def align_to_tokens(per_position: Array) -> Array:
+  """[B, S, ...] -> [B, S, ...]: moves what logits[:, s] computed onto token s + 1.
+
+  out[:, s] = per_position[:, s - 1] and out[:, 0] = 0. This is the only shift in the
+  codebase; everything token-aligned goes through it.
+  """
+  pad = [(0, 0)] * per_position.ndim
+  pad[1] = (1, 0)
+  return jnp.pad(per_position[:, :-1], pad)
+
+
+def _log_softmax(logits_BxSxV: Array) -> Array:
+  return jax.nn.log_softmax(_float(logits_BxSxV), axis=-1)
+
+
+def _kl(logp_BxSxV: Array, logq_BxSxV: Array) -> Array:
+  """[B, S, V] x2 -> [B, S]: KL(p || q) per position; entries with p = 0 add exactly 0."""
+  p = jnp.exp(logp_BxSxV)
+  # Masking the log-ratio (not the product) keeps 0 * (-inf - -inf) out of both passes.
+  log_ratio = jnp.where(p > 0, logp_BxSxV - logq_BxSxV, 0.0)
+  return jnp.sum(p * log_ratio, axis=-1)
+
+
+def _entropy(logp_BxSxV: Array) -> Array:
+  """[B, S, V] -> [B, S]: Shannon entropy (nats) per position."""
+  p = jnp.exp(logp_BxSxV)
+  return -jnp.sum(p * jnp.where(p > 0, logp_BxSxV, 0.0), axis=-1)
+
+
+def token_logprobs(logits: Array, tokens: Array) -> Array:
+  """[B, S, V], [B, S] int -> [B, S]: log-prob of token s under logits[:, s - 1]; 0 at s=0."""
+  logp_BxSxV = align_to_tokens(_log_softmax(logits))  # Row 0 is all zeros: log-prob 0.
+  return jnp.take_along_axis(logp_BxSxV, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def teacher_token_stats(teacher_logits: Array, tokens: Array) -> dict[str, Array]:
+  """[B, S, V], [B, S] -> the batch's token-aligned teacher keys, each [B, S].
+
+  Returns `teacher_logprobs` (log nu of the token), `teacher_top1` (max_v nu) and
+  `teacher_entropy` (H(nu), nats), so a teacher that scores in chunks can hand the loss
+  per-token statistics instead of [B, S, V] logits.
+  """
+  logq_BxSxV = _log_softmax(teacher_logits)
+  return {
+      "teacher_logprobs": token_logprobs(teacher_logits, tokens),
+      "teacher_top1": align_to_tokens(jnp.exp(jnp.max(logq_BxSxV, axis=-1))),
+      "teacher_entropy": align_to_tokens(_entropy(logq_BxSxV)),
+  }
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token divergences (E1, E2, E10). The student is pi, the teacher nu.
+# ----------------------------------------------------------------------------------------
+
+
+def sampled_reverse_kl(student_logprobs: Array, teacher_logprobs: Array) -> Array:
+  """[B, S] x2 -> [B, S]: (E1) the k1 estimate log pi(y) - log nu(y) of KL(pi || nu)."""
+  return _float(student_logprobs) - _float(teacher_logprobs)
+
+
+def full_reverse_kl(student_logits: Array, teacher_logits: Array) -> Array:
+  """[B, S, V] x2 -> [B, S]: (E2) exact KL(pi || nu) (mode-seeking), token-aligned."""
+  return align_to_tokens(_kl(_log_softmax(student_logits), _log_softmax(teacher_logits)))
+
+
+def forward_kl(student_logits: Array, teacher_logits: Array) -> Array:
+  """[B, S, V] x2 -> [B, S]: (E10) exact KL(nu || pi), teacher to student (mode-covering)."""
+  return align_to_tokens(_kl(_log_softmax(teacher_logits), _log_softmax(student_logits)))
+
+
+def jsd(student_logits: Array, teacher_logits: Array, beta: float = 0.5) -> Array:
+  """[B, S, V] x2 -> [B, S]: (E10) GKD's generalised JSD, token-aligned.
+
+  With M = beta * nu + (1 - beta) * pi: JSD_beta = beta KL(nu || M) + (1 - beta) KL(pi || M).
+  beta must lie strictly inside (0, 1); both ends are identically zero.
+  """
+  if not 0.0 < beta < 1.0:
+    raise ValueError(f"jsd: beta must be in (0, 1), got {beta}.")
+  logp = _log_softmax(student_logits)
+  logq = _log_softmax(teacher_logits)
+  logm = jnp.logaddexp(jnp.log(beta) + logq, jnp.log1p(-beta) + logp)
+  return align_to_tokens(beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm))
+
+
+# ----------------------------------------------------------------------------------------
+# Turns: lengths, per-turn means, and turn -> token lifting.
+# ----------------------------------------------------------------------------------------
+
+
+def _turn_sum(x_BxS: Array, turn_ids: Array, num_turns: int) -> Array:
+  """[B, S] -> [B, T]: sum of x over each turn's tokens. Ids outside 1..T are dropped."""
+  segment_sum = functools.partial(jax.ops.segment_sum, num_segments=num_turns + 1)
+  # Segment 0 collects the non-response tokens; segment_sum drops ids > T itself.
+  return jax.vmap(segment_sum)(x_BxS, turn_ids.astype(jnp.int32))[:, 1:]
+
+
+def turn_lengths(turn_ids: Array, num_turns: int) -> Array:
+  """[B, S] int -> [B, T] int32: L_t, the number of response tokens of turn t."""
+  return _turn_sum(jnp.ones(turn_ids.shape, jnp.int32), turn_ids, num_turns)
+
+
+def turn_mean(x_BxS: Array, turn_ids: Array, num_turns: int) -> Array:
+  """[B, S] -> [B, T]: mean of x over each turn's tokens; 0 for an empty turn."""
+  lengths_BxT = turn_lengths(turn_ids, num_turns)
+  sums_BxT = _turn_sum(_float(x_BxS), turn_ids, num_turns)
+  return sums_BxT / jnp.maximum(lengths_BxT, 1)
+
+
+def turns_to_tokens(x_BxT: Array, turn_ids: Array) -> Array:
+  """[B, T], [B, S] -> [B, S]: gives each response token its turn's value; 0 elsewhere."""
+  padded_Bx1plusT = jnp.pad(x_BxT, ((0, 0), (1, 0)))  # Column 0 serves turn id 0.
+  return jnp.take_along_axis(
+      padded_Bx1plusT, turn_ids.astype(jnp.int32), axis=1, mode="fill", fill_value=0
+  )
+
+
+def response_mask(turn_ids: Array, num_turns: int | None = None) -> Array:
+  """[B, S] -> [B, S] bool: the tokens that are trained (turn id in 1..T, or > 0)."""
+  in_turn = turn_ids > 0
+  return in_turn if num_turns is None else in_turn & (turn_ids <= num_turns)
+
+
+# ----------------------------------------------------------------------------------------
+# (E6) Teacher confidence.
+# ----------------------------------------------------------------------------------------
+
+
+def turn_confidence(
+    top1: Array | None,
+    entropy: Array | None,
+    turn_ids: Array,
+    num_turns: int,
+    mode: str = "turn_mean_top1",
+    vocab_size: int | None = None,
+) -> Array:
+  """Token-aligned teacher stats [B, S] -> c [B, T] ([B, S] for `token_top1`), in [0, 1].
+
+  Args:
+    top1: [B, S] max_v nu(v | h) per token (modes `turn_mean_top1`, `token_top1`).
+    entropy: [B, S] H(nu(. | h)) in nats per token (mode `neg_entropy`).
+    turn_ids: [B, S] int, 0 off-response.
+    num_turns: T.
+    mode: one of CONFIDENCE_MODES.
+    vocab_size: the teacher's V, for `neg_entropy`'s log V.
+
+  Empty turns get 0 in every turn-level mode (`none` included); `token_top1` is 0 off the
+  response tokens.
+  """
+  def need(x, name):
+    if x is None:
+      raise ValueError(f"turn_confidence: mode={mode!r} needs `{name}`.")
+    return x
+
+  if mode == "turn_mean_top1":
+    return turn_mean(need(top1, "top1"), turn_ids, num_turns)
+  if mode == "neg_entropy":
+    if vocab_size is None or vocab_size < 2:
+      raise ValueError(f"turn_confidence: mode='neg_entropy' needs vocab_size >= 2, got {vocab_size}.")
+    mean_h_BxT = turn_mean(need(entropy, "entropy"), turn_ids, num_turns)
+    nonempty_BxT = turn_lengths(turn_ids, num_turns) > 0
+    c_BxT = jnp.clip(1.0 - mean_h_BxT / jnp.log(float(vocab_size)), 0.0, 1.0)
+    return jnp.where(nonempty_BxT, c_BxT, 0.0)
+  if mode == "none":
+    return (turn_lengths(turn_ids, num_turns) > 0).astype(jnp.float32)
+  if mode == "token_top1":
+    return jnp.where(response_mask(turn_ids, num_turns), _float(need(top1, "top1")), 0.0)
+  raise ValueError(f"turn_confidence: unknown mode {mode!r}; expected one of {CONFIDENCE_MODES}.")
+
+
+def teacher_confidence(
+    teacher_logits: Array, turn_ids: Array, num_turns: int, mode: str = "turn_mean_top1"
+) -> Array:
+  """[B, S, V], [B, S] -> c [B, T] ([B, S] for `token_top1`): (E6) from full logits."""
+  logq_BxSxV = _log_softmax(teacher_logits)
+  top1_BxS = align_to_tokens(jnp.exp(jnp.max(logq_BxSxV, axis=-1)))
+  entropy_BxS = align_to_tokens(_entropy(logq_BxSxV)) if mode == "neg_entropy" else None
+  return turn_confidence(
+      top1_BxS, entropy_BxS, turn_ids, num_turns, mode, vocab_size=teacher_logits.shape[-1]
+  )
+
+
+# ----------------------------------------------------------------------------------------
+# (E5, E7, E8) Intervention, selective score, normalisation.
+# ----------------------------------------------------------------------------------------
+
+
+def intervention_weights(labels: Array, alpha: float = 0.5) -> Array:
+  """[B, T] int -> [B, T] float32: (E5) Skip -> 0, Weak -> alpha, Strong -> 1.
+
+  Codes other than Weak/Strong (padding turns) weigh 0; `validate_batch` rejects them on
+  the host.
+  """
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"intervention_weights: alpha must be in [0, 1], got {alpha}.")
+  return jnp.where(
+      labels == Label.STRONG, 1.0, jnp.where(labels == Label.WEAK, alpha, 0.0)
+  ).astype(jnp.float32)
+
+
+def _normalise(
+    score: Array,
+    count: Array,
+    axis_name: str | None,
+    global_num_tokens: Array | None,
+    global_weight_sum: Array | None,
+) -> Array:
+  """(E8) w = s * N / sum(count * s), same shape as `score` ([B, T] or [B, S]).
+
+  `count` is L_t for turn scores or the response mask for token scores. The totals are
+  psum'd over `axis_name`; caller-given global totals (over micro-batches and devices)
+  replace them. An all-zero score gives w = 0 with finite gradients.
+  """
+  if (global_num_tokens is None) != (global_weight_sum is None):
+    raise ValueError(
+        "Pass both global_num_tokens and global_weight_sum (or neither) to normalise."
+    )
+  score = _float(score)
+  count = count.astype(score.dtype)
+  if global_num_tokens is None:
+    num_tokens, weight_sum = jnp.sum(count), jnp.sum(count * score)
+    if axis_name is not None:
+      num_tokens, weight_sum = jax.lax.psum((num_tokens, weight_sum), axis_name)
+  else:
+    num_tokens, weight_sum = _float(global_num_tokens), _float(global_weight_sum)
+  positive = weight_sum > 0
+  # The safe denominator keeps inf/NaN out of the untaken branch's gradient.
+  scale = num_tokens / jnp.where(positive, weight_sum, 1.0)
+  return jnp.where(positive, score * scale, 0.0)
+
+
+def sage_turn_weights(
+    intervention: Array,
+    confidence: Array,
+    turn_lengths: Array,
+    normalize: bool = True,
+    axis_name: str | None = None,
+    *,
+    global_num_tokens: Array | None = None,
+    global_weight_sum: Array | None = None,
+) -> Array:
+  """[B, T] x3 -> w [B, T]: (E7) s = i * c, then (E8) w = s * N / sum(L * s).
+
+  Args:
+    intervention: [B, T] i_t (from `intervention_weights`, or ones).
+    confidence: [B, T] c_t (from `turn_confidence`, or ones).
+    turn_lengths: [B, T] L_t.
+    normalize: False gives w = s (the `sage_opd_no_norm` ablation).
+    axis_name: mesh axis (inside shard_map) over which N and sum(L * s) are psum'd.
+    global_num_tokens, global_weight_sum: N and sum(L * s) already summed over every
+      micro-batch and device (see `loss_totals`); they replace the local/psum'd sums.
+  """
+  score_BxT = _float(intervention) * _float(confidence)
+  if not normalize:
+    return score_BxT
+  return _normalise(score_BxT, turn_lengths, axis_name, global_num_tokens, global_weight_sum)
+
+
+# ----------------------------------------------------------------------------------------
+# (E4) The policy-gradient surrogate of the sampled estimator.
+# ----------------------------------------------------------------------------------------
+
+
+def ppo_clip_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    *,
+    clip_eps: float = 0.2,
+    dual_clip: float | None = 3.0,
+    log_ratio_clamp: float = 20.0,
+) -> Array:
+  """[B, S] x3 -> per-token loss [B, S]: -min(r A, clip(r, 1 -+ eps) A), dual-clipped.
+
+  r = exp(clamp(log pi - log pi_old, +-log_ratio_clamp)). For A < 0 the loss is further
+  capped at -dual_clip * A (None disables it). `advantages` must be stop-gradient already.
+  """
+  if dual_clip is not None and dual_clip <= 1.0:
+    raise ValueError(f"ppo_clip_loss: dual_clip must be > 1, got {dual_clip}.")
+  log_ratio = jnp.clip(_float(logprobs) - _float(old_logprobs), -log_ratio_clamp, log_ratio_clamp)
+  ratio = jnp.exp(log_ratio)
+  advantages = _float(advantages)
+  loss = jnp.maximum(-ratio * advantages, -jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages)
+  if dual_clip is not None:
+    loss = jnp.where(advantages < 0, jnp.minimum(loss, -dual_clip * advantages), loss)
+  return loss
+
+
+# ----------------------------------------------------------------------------------------
+# The registry: one decorated function per method, mapping a batch to token scores s.
+# ----------------------------------------------------------------------------------------
+
+
+class ScoreOptions(NamedTuple):
+  """What a registered score function may read besides the batch."""
+
+  num_turns: int | None  # T; taken from batch["labels"] when that is present.
+  alpha: float  # i of a Weak turn (E5).
+  confidence: str  # One of CONFIDENCE_MODES (E6).
+  teacher_vocab_size: int | None  # V for `neg_entropy` when no teacher logits are given.
+
+
+ScoreFn = Callable[[Batch, ScoreOptions], Array]
+
+
+class LossVariant(NamedTuple):
+  score_fn: ScoreFn  # (batch, options) -> s [B, S], token-level, before (E8).
+  normalize: bool  # Apply (E8) to s.
+  objective: str  # "distill" (E4/E2/E10 per the estimator) or "cross_entropy" (sft).
+
+
+_REGISTRY: dict[str, LossVariant] = {}
+
+
+def register_loss(
+    name: str, *, normalize: bool = True, objective: str = "distill"
+) -> Callable[[ScoreFn], ScoreFn]:
+  """Decorator: registers `score_fn(batch, options) -> s [B, S]` as method `name`."""
+  if objective not in ("distill", "cross_entropy"):
+    raise ValueError(f"register_loss({name!r}): unknown objective {objective!r}.")
+
+  def decorate(score_fn: ScoreFn) -> ScoreFn:
+    if name in _REGISTRY:
+      raise ValueError(f"register_loss: a loss named {name!r} is already registered.")
+    _REGISTRY[name] = LossVariant(score_fn, normalize, objective)
+    return score_fn
+
+  return decorate
+
+
+def registered_losses() -> tuple[str, ...]:
+  """The method names `sage_opd_loss(method=...)` accepts."""
+  return tuple(sorted(_REGISTRY))
+
+
+def get_loss(name: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
+  """The loss function `(student_logits, batch, **options) -> (loss, metrics)` of `name`."""
+  _variant(name)
+  return functools.partial(sage_opd_loss, method=name)
+
+
+def _variant(name: str) -> LossVariant:
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown loss method {name!r}; registered: {registered_losses()}.")
+  return _REGISTRY[name]
+
+
+def _require(batch: Batch, key: str, why: str) -> Array:
+  if key not in batch:
+    raise ValueError(f"batch[{key!r}] is missing; it is needed for {why}.")
+  return batch[key]
+
+
+def batch_intervention(batch: Batch, options: ScoreOptions) -> Array:
+  """-> [B, S]: (E5) i_t of each response token's turn, from batch["labels"] [B, T]."""
+  labels_BxT = _require(batch, "labels", "turn-level intervention (E5)")
+  return turns_to_tokens(intervention_weights(labels_BxT, options.alpha), batch["turn_ids"])
+
+
+def _teacher_stat(batch: Batch, key: str, why: str) -> Array:
+  """A token-aligned teacher statistic, from its own key or else from teacher_logits."""
+  if key in batch:
+    return batch[key]
+  if "teacher_logits" in batch:
+    return teacher_token_stats(batch["teacher_logits"], batch["tokens"])[key]
+  raise ValueError(f"batch[{key!r}] (or batch['teacher_logits']) is missing; needed for {why}.")
+
+
+def _confidence_available(batch: Batch, options: ScoreOptions) -> bool:
+  if options.confidence == "none" or "teacher_logits" in batch:
+    return True
+  key = "teacher_entropy" if options.confidence == "neg_entropy" else "teacher_top1"
+  return key in batch
+
+
+def batch_confidence(batch: Batch, options: ScoreOptions) -> Array:
+  """-> [B, S]: (E6) c of each response token (its turn's c_t, or c_{t,j} for token_top1)."""
+  mode, why = options.confidence, f"confidence={options.confidence!r} (E6)"
+  if options.num_turns is None:
+    raise ValueError(f"num_turns is needed for {why}; pass it or batch['labels'].")
+  top1 = entropy = None
+  if mode in ("turn_mean_top1", "token_top1"):
+    top1 = _teacher_stat(batch, "teacher_top1", why)
+  elif mode == "neg_entropy":
+    entropy = _teacher_stat(batch, "teacher_entropy", why)
+  vocab_size = options.teacher_vocab_size
+  if vocab_size is None and "teacher_logits" in batch:
+    vocab_size = batch["teacher_logits"].shape[-1]
+  c = turn_confidence(top1, entropy, batch["turn_ids"], options.num_turns, mode, vocab_size)
+  return c if mode == "token_top1" else turns_to_tokens(c, batch["turn_ids"])
+
+
+def _ones(batch: Batch, options: ScoreOptions) -> Array:
+  del options
+  return jnp.ones(batch["turn_ids"].shape, jnp.float32)
+
+
+register_loss("sft", normalize=False, objective="cross_entropy")(_ones)
+register_loss("opd", normalize=False)(_ones)
+# The second, teacher-intervened rollout is stacked onto the batch by the rollout; the loss
+# itself is plain OPD on every row.
+register_loss("opd_two_rollout", normalize=False)(_ones)
+
+
+@register_loss("sage_opd")
+def _sage_opd(batch: Batch, options: ScoreOptions) -> Array:
+  return batch_intervention(batch, options) * batch_confidence(batch, options)
+
+
+@register_loss("sage_opd_no_intervention")
+def _sage_opd_no_intervention(batch: Batch, options: ScoreOptions) -> Array:
+  return batch_confidence(batch, options)
+
+
+@register_loss("sage_opd_no_confidence")
+def _sage_opd_no_confidence(batch: Batch, options: ScoreOptions) -> Array:
+  return batch_intervention(batch, options)
+
+
+@register_loss("sage_opd_no_norm", normalize=False)
+def _sage_opd_no_norm(batch: Batch, options: ScoreOptions) -> Array:
+  return batch_intervention(batch, options) * batch_confidence(batch, options)
+
+
+# ----------------------------------------------------------------------------------------
+# (E3, E9) The composed loss.
+# ----------------------------------------------------------------------------------------
+
+
+def _check_options(estimator: str, divergence: str, aggregation: str, confidence: str) -> None:
+  for arg, value, allowed in (
+      ("estimator", estimator, ESTIMATORS),
+      ("divergence", divergence, DIVERGENCES),
+      ("aggregation", aggregation, AGGREGATIONS),
+      ("confidence", confidence, CONFIDENCE_MODES),
+  ):
+    if value not in allowed:
+      raise ValueError(f"sage_opd_loss: {arg}={value!r}; expected one of {allowed}.")
+  if divergence != "reverse_kl" and estimator != "full":
+    raise ValueError(f"sage_opd_loss: divergence={divergence!r} needs estimator='full'.")
+
+
+def _check_shapes(student_logits: Array, batch: Batch) -> None:
+  """Static shape checks, so a mis-built batch fails before it compiles."""
+  bs = student_logits.shape[:2]
+  for key in ("tokens", "turn_ids"):
+    _require(batch, key, "every loss")
+  for key in ("tokens", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
+              "teacher_top1", "teacher_entropy"):
+    if key in batch and tuple(batch[key].shape) != tuple(bs):
+      raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}; expected {bs} (= logits [B, S]).")
+  if "teacher_logits" in batch and tuple(batch["teacher_logits"].shape[:2]) != tuple(bs):
+    raise ValueError(f"batch['teacher_logits'] has shape {batch['teacher_logits'].shape}; expected {bs} + (V,).")
+  if "labels" in batch and (batch["labels"].ndim != 2 or batch["labels"].shape[0] != bs[0]):
+    raise ValueError(f"batch['labels'] has shape {batch['labels'].shape}; expected ({bs[0]}, T).")
+
+
+def _resolve_num_turns(batch: Batch, num_turns: int | None) -> int | None:
+  if "labels" not in batch:
+    return num_turns
+  labels_t = batch["labels"].shape[1]
+  if num_turns is not None and num_turns != labels_t:
+    raise ValueError(f"num_turns={num_turns} disagrees with batch['labels'] T={labels_t}.")
+  return labels_t
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+  return num / jnp.where(den > 0, den, 1.0)
+
+
+def loss_totals(
+    batch: Batch,
+    *,
+    method: str = "sage_opd",
+    alpha: float = 0.5,
+    confidence: str = "turn_mean_top1",
+    num_turns: int | None = None,
+    teacher_vocab_size: int | None = None,
+    axis_name: str | None = None,
+    **unused_options,
+) -> dict[str, Array]:
+  """-> this batch's contribution to the normalisers, as `sage_opd_loss`'s global_* kwargs.
+
+  For micro-batch accumulation: sum these over every micro-batch (they are already psum'd
+  over `axis_name`), then pass the sums to each micro-batch's `sage_opd_loss(**totals)`.
+  Returns scalars `global_num_tokens` (N), `global_weight_sum` (sum of s over response
+  tokens = sum_t L_t s_t) and `global_num_sequences` (rows with >= 1 response token).
+  Other loss options are accepted and ignored, so the loss config can be passed whole.
+  """
+  del unused_options
+  variant = _variant(method)
+  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
+  mask_BxS = response_mask(batch["turn_ids"], options.num_turns).astype(jnp.float32)
+  score_BxS = _float(variant.score_fn(batch, options)) * mask_BxS
+  totals = {
+      "global_num_tokens": jnp.sum(mask_BxS),
+      "global_weight_sum": jnp.sum(score_BxS),
+      "global_num_sequences": jnp.sum(jnp.any(mask_BxS > 0, axis=1).astype(jnp.float32)),
+  }
+  return _psum(totals, axis_name)
+
+
+def sage_opd_loss(
+    student_logits: Array,
+    batch: Batch,
+    *,
+    method: str = "sage_opd",
+    estimator: str = "sampled",
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    alpha: float = 0.5,
+    confidence: str = "turn_mean_top1",
+    aggregation: str = "token_mean",
+    ppo_clip: float = 0.2,
+    dual_clip: float | None = 3.0,
+    log_ratio_clamp: float = 20.0,
+    num_turns: int | None = None,
+    teacher_vocab_size: int | None = None,
+    old_logprobs: str = "batch",
+    axis_name: str | None = None,
+    global_num_tokens: Array | None = None,
+    global_weight_sum: Array | None = None,
+    global_num_sequences: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """(E3)/(E9) for every row of METHOD.md's table: [B, S, V] logits + batch -> (loss, metrics).
+
+  Batch keys (token-level ones are [B, S] and token-aligned, see the module docstring):
+    tokens: int, the episode's tokens. Always.
+    turn_ids: int, 0 off-response, k for turn k. Always.
+    labels: [B, T] int Label codes (E5). Methods with intervention; also sets T.
+    teacher_logprobs: log nu(token). estimator="sampled".
+    behaviour_logprobs: log pi_old(token), from the sampler. estimator="sampled" with
+      old_logprobs="batch"; old_logprobs="current" uses stop_gradient(log pi_theta)
+      instead (one update per batch: r = 1 exactly).
+    teacher_top1, teacher_entropy: per-token max_v nu and H(nu), for the confidence modes.
+    teacher_logits: [B, S, V], optional. Needed for estimator="full" (E2, E10); when given,
+      missing teacher_* statistics are computed from it.
+  Everything from the batch is under stop-gradient; only `student_logits` is trained.
+
+  Options (the names of config.loss, so `**config.loss` can be passed):
+    method: a registered name (`registered_losses()`): sft, opd, opd_two_rollout, sage_opd,
+      sage_opd_no_intervention, sage_opd_no_confidence, sage_opd_no_norm.
+    estimator: "sampled" (E4: PPO-clip on the k1 estimate) or "full" (E2 and E10).
+    divergence: reverse_kl | forward_kl | jsd (the last two need estimator="full").
+    aggregation: "token_mean" (sum w l / N) or "seq_mean_token_mean" (per-row mean over its
+      response tokens, then the mean over rows that have any).
+    num_turns: T when batch has no labels (needed by turn-level confidence).
+    axis_name: inside shard_map, psums N, sum(L s), the row count, the loss and metrics.
+    global_num_tokens, global_weight_sum, global_num_sequences: totals over every
+      micro-batch and device (`loss_totals`); then the returned losses of all micro-batches
+      (and devices, when psum'd via axis_name) sum to the global loss.
+
+  Returns:
+    loss: scalar. With axis_name it is the psum of every device's share (the same value on
+      each device); its gradient is the global gradient.
+    metrics: scalars. num_tokens (response tokens, N), num_trained_tokens (w > 0),
+      weight_mean (token mean of w over response tokens), and for distillation kl_mean,
+      kl_max (the per-token divergence over trained tokens), clip_frac (sampled),
+      skip_frac/weak_frac/strong_frac (over non-empty turns; when labels are given),
+      confidence_mean (over non-empty turns, or response tokens for token_top1; when the
+      teacher statistics are given); for sft nll_mean.
+  """
+  _check_options(estimator, divergence, aggregation, confidence)
+  _check_shapes(student_logits, batch)
+  if old_logprobs not in ("batch", "current"):
+    raise ValueError(f"sage_opd_loss: old_logprobs={old_logprobs!r}; expected 'batch' or 'current'.")
+  variant = _variant(method)
+  batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
+  turn_ids = batch["turn_ids"]
+  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
+  mask_BxS = response_mask(turn_ids, options.num_turns)
+  maskf_BxS = mask_BxS.astype(jnp.float32)
+
+  # Token weights w: (E7) scores, then (E8) unless the variant opts out.
+  score_BxS = jnp.where(mask_BxS, _float(variant.score_fn(batch, options)), 0.0)
+  if variant.normalize:
+    w_BxS = _normalise(score_BxS, maskf_BxS, axis_name, global_num_tokens, global_weight_sum)
+  else:
+    w_BxS = score_BxS
+  w_BxS = jax.lax.stop_gradient(w_BxS)
+  trained_BxS = w_BxS > 0
+
+  # Per-token loss l (w already folded in) and the per-token divergence for the metrics.
+  student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
+  metrics = {}
+  if variant.objective == "cross_entropy":
+    loss_BxS = -w_BxS * student_logp_BxS
+    divergence_BxS = None
+  elif estimator == "sampled":
+    teacher_logp = _float(_require(batch, "teacher_logprobs", "estimator='sampled'"))
+    if old_logprobs == "batch":
+      old_logp = _float(_require(batch, "behaviour_logprobs", "estimator='sampled' (PPO ratio)"))
+    else:
+      old_logp = jax.lax.stop_gradient(student_logp_BxS)
+    # (E4) A = -w (log pi_old - log nu); the where keeps padding garbage out of A.
+    advantage_BxS = jnp.where(trained_BxS, -w_BxS * (old_logp - teacher_logp), 0.0)
+    loss_BxS = ppo_clip_loss(
+        student_logp_BxS, old_logp, advantage_BxS,
+        clip_eps=ppo_clip, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp,
+    )
+    divergence_BxS = sampled_reverse_kl(jax.lax.stop_gradient(student_logp_BxS), teacher_logp)
+    ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(student_logp_BxS) - old_logp,
+                             -log_ratio_clamp, log_ratio_clamp))
+    clipped = trained_BxS & ((ratio > 1.0 + ppo_clip) | (ratio < 1.0 - ppo_clip))
+    metrics["clip_frac"] = _safe_div(
+        _psum(jnp.sum(clipped.astype(jnp.float32)), axis_name),
+        _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name),
+    )
+  else:
+    teacher_logits = _require(batch, "teacher_logits", "estimator='full' (E2/E10)")
+    if divergence == "reverse_kl":
+      divergence_BxS = full_reverse_kl(student_logits, teacher_logits)
+    elif divergence == "forward_kl":
+      divergence_BxS = forward_kl(student_logits, teacher_logits)
+    else:
+      divergence_BxS = jsd(student_logits, teacher_logits, jsd_beta)
+    loss_BxS = w_BxS * divergence_BxS
+  loss_BxS = jnp.where(mask_BxS, loss_BxS, 0.0)
+
+  # Aggregation, with global denominators.
+  if global_num_tokens is not None:
+    num_tokens = _float(global_num_tokens)
+  else:
+    num_tokens = _psum(jnp.sum(maskf_BxS), axis_name)
+  if aggregation == "token_mean":
+    loss = _safe_div(_psum(jnp.sum(loss_BxS), axis_name), num_tokens)
+  else:
+    row_tokens_B = jnp.sum(maskf_BxS, axis=1)
+    row_means_B = _safe_div(jnp.sum(loss_BxS, axis=1), row_tokens_B)
+    if global_num_sequences is not None:
+      num_rows = _float(global_num_sequences)
+    else:
+      num_rows = _psum(jnp.sum((row_tokens_B > 0).astype(jnp.float32)), axis_name)
+    loss = _safe_div(_psum(jnp.sum(row_means_B), axis_name), num_rows)
+
+  # Metrics: sums psum'd before dividing, so they are global over the mesh.
+  local_tokens = _psum(jnp.sum(maskf_BxS), axis_name)
+  num_trained = _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name)
+  metrics["loss"] = loss
+  metrics["num_tokens"] = local_tokens
+  metrics["num_trained_tokens"] = num_trained
+  metrics["weight_mean"] = _safe_div(_psum(jnp.sum(w_BxS), axis_name), local_tokens)
+  if divergence_BxS is None:
+    nll = _psum(jnp.sum(jnp.where(mask_BxS, -student_logp_BxS, 0.0)), axis_name)
+    metrics["nll_mean"] = jax.lax.stop_gradient(_safe_div(nll, local_tokens))
+  else:
+    divergence_BxS = jax.lax.stop_gradient(divergence_BxS)
+    kl_sum = _psum(jnp.sum(jnp.where(trained_BxS, divergence_BxS, 0.0)), axis_name)
+    kl_max = jnp.max(jnp.where(trained_BxS, divergence_BxS, -jnp.inf))
+    kl_max = kl_max if axis_name is None else jax.lax.pmax(kl_max, axis_name)
+    metrics["kl_mean"] = _safe_div(kl_sum, num_trained)
+    metrics["kl_max"] = jnp.where(num_trained > 0, kl_max, 0.0)
+  if options.num_turns is not None:
+    nonempty_BxT = turn_lengths(turn_ids, options.num_turns) > 0
+    num_turns_nonempty = _psum(jnp.sum(nonempty_BxT.astype(jnp.float32)), axis_name)
+    if "labels" in batch:
+      for label in Label:
+        hits = jnp.sum((nonempty_BxT & (batch["labels"] == label)).astype(jnp.float32))
+        metrics[f"{label.name.lower()}_frac"] = _safe_div(_psum(hits, axis_name), num_turns_nonempty)
+    if variant.objective == "distill" and _confidence_available(batch, options):
+      c_BxS = batch_confidence(batch, options)
+      if confidence == "token_top1":
+        metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxS), axis_name), local_tokens)
+      else:
+        # Mean over non-empty turns: each turn's c_t counted once (sum over tokens / L_t).
+        c_BxT = _safe_div(_turn_sum(c_BxS, turn_ids, options.num_turns),
+                          turn_lengths(turn_ids, options.num_turns).astype(jnp.float32))
+        metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
+  return loss, metrics
+
+
+def validate_batch(batch: Batch, num_turns: int) -> None:
+  """Host-side value checks a jitted loss cannot make; raises ValueError naming the key."""
+  turn_ids = jnp.asarray(_require(batch, "turn_ids", "validation"))
+  if turn_ids.ndim != 2:
+    raise ValueError(f"batch['turn_ids'] must be [B, S], got shape {turn_ids.shape}.")
+  if bool(jnp.any(turn_ids[:, 0] != 0)):
+    raise ValueError("batch['turn_ids'][:, 0] must be 0: position 0 has no predicting logits.")
+  if bool(jnp.any((turn_ids < 0) | (turn_ids > num_turns))):
+    raise ValueError(f"batch['turn_ids'] must lie in [0, {num_turns}] (num_turns).")
+  if "labels" in batch:
+    labels = jnp.asarray(batch["labels"])
+    if labels.shape != (turn_ids.shape[0], num_turns):
+      raise ValueError(f"batch['labels'] has shape {labels.shape}; expected {(turn_ids.shape[0], num_turns)}.")
+    if bool(jnp.any((labels < Label.SKIP) | (labels > Label.STRONG))):
+      raise ValueError("batch['labels'] must hold Label codes 0 (Skip), 1 (Weak), 2 (Strong).")
