@@ -1,0 +1,448 @@
+"""The acting and judge prompts, and parsing of the model's answers.
+
+Pure host-side text code: it may use a tokenizer's chat template, never jax.
+
+Two acting layouts exist, both ReAct style as in GiGPO / verl-agent (think in
+`<think></think>`, answer in `<action></action>`):
+
+* **Step-wise** (`acting_prompt_text` / `render_acting_prompt`): every turn is a
+  fresh single-user-message prompt with the task, the last k observations and
+  actions, the current observation and the admissible actions.
+* **Multi-turn chat** (`ChatLayout`, `episode_start_text`, `next_turn_text`,
+  `episode_segments`): the episode is one growing conversation
+  `system, user(task + o_1), assistant(y_1), user(o_2), assistant(y_2), ...`. Each
+  turn only APPENDS text, so a sampler can keep its KV cache across turns.
+
+Rendering goes through the tokenizer's chat template. Passing `tokenizer=None`
+selects the plain format of `plain_chat_text` instead; a tokenizer WITHOUT a chat
+template is an error, never a silent switch to the plain format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+ACTION_OPEN = "<action>"
+ACTION_CLOSE = "</action>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+# Judge labels, as stored in `labels[B, T]` and used by the intervention weights (E5).
+SKIP = 0
+WEAK = 1
+STRONG = 2
+LABEL_NAMES = ("Skip", "Weak", "Strong")
+
+# ChatML as Qwen uses it, without a default system message: every message renders
+# independently of its position, so the multi-turn layout is prefix-stable.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment."
+
+_NO_ACTION = "(no valid action)"
+
+Message = Mapping[str, str]  # {"role": ..., "content": ...}
+History = Sequence[tuple[str, str | None]]  # (observation, the action taken after it)
+
+# ---------------------------------------------------------------------------
+# Parsing.
+
+_ACTION_OPEN_RE = re.compile(r"<\s*action\s*>", re.IGNORECASE)
+_ACTION_CLOSE_RE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
+_THINK_CLOSE_RE = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
+_LABEL_RE = re.compile(r"\b(skip|weak|strong)\b", re.IGNORECASE)
+
+
+def parse_action(response: str, lowercase: bool = True) -> str | None:
+  """The action command inside the LAST `<action>` tag of a model response.
+
+  The last tag is taken because a response may quote the tag format while thinking
+  before it commits to its answer. The action runs to the next `</action>`, or to
+  the end of the text when the closing tag is missing (generation stopped right at
+  it). Tags are matched case-insensitively and may hold spaces (`< Action >`).
+  Internal whitespace and newlines collapse to single spaces.
+
+  Args:
+    response: the raw model response.
+    lowercase: lower-case the command; both ALFWorld and ScienceWorld spell every
+      command in lower case, so "Go to Desk 1" means "go to desk 1".
+
+  Returns:
+    The command, or None when there is no `<action>` tag or the action is empty.
+  """
+  opens = list(_ACTION_OPEN_RE.finditer(response))
+  if not opens:
+    return None
+  rest = response[opens[-1].end():]
+  close = _ACTION_CLOSE_RE.search(rest)
+  if close is not None:
+    rest = rest[:close.start()]
+  action = " ".join(rest.split())
+  if lowercase:
+    action = action.lower()
+  return action or None
+
+
+def parse_judge_label(text: str) -> int:
+  """The judge's label: `SKIP`, `WEAK` or `STRONG`.
+
+  Only the text after the last `</think>` counts, so a judge may reason first. The
+  label words are matched as whole words, in any case, among other words ("Answer:
+  weak."). Anything that is not clearly one label (no label word, or two different
+  ones) is `STRONG`: when in doubt, supervise (METHOD.md E5).
+  """
+  closes = list(_THINK_CLOSE_RE.finditer(text))
+  if closes:
+    text = text[closes[-1].end():]
+  found = {m.group(1).lower() for m in _LABEL_RE.finditer(text)}
+  if len(found) != 1:
+    return STRONG
+  return {"skip": SKIP, "weak": WEAK, "strong": STRONG}[found.pop()]
+
+
+# ---------------------------------------------------------------------------
+# Rendering through a chat template (or the explicit plain format).
+
+
+def plain_chat_text(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+  """The plain format used when no tokenizer is given: `Role: content` blocks.
+
+  Each message renders as `"{Role}: {content}\\n\\n"`; the generation prompt is
+  `"Assistant: "`. Like ChatML it is prefix-stable.
+  """
+  parts = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
+  if add_generation_prompt:
+    parts.append("Assistant: ")
+  return "".join(parts)
+
+
+def render_chat(tokenizer: Any | None, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+  """Renders messages through `tokenizer`'s chat template (plain format if None)."""
+  for i, m in enumerate(messages):
+    if set(m) != {"role", "content"}:
+      raise ValueError(f"messages[{i}] must have exactly the keys 'role' and 'content'; got {sorted(m)}.")
+  if tokenizer is None:
+    return plain_chat_text(messages, add_generation_prompt)
+  if getattr(tokenizer, "chat_template", None) is None:
+    raise ValueError(
+        f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (e.g. prompts.CHATML_TEMPLATE) "
+        "or pass tokenizer=None to use the plain format explicitly."
+    )
+  text = tokenizer.apply_chat_template(
+      [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+  )
+  if not isinstance(text, str):
+    raise ValueError(f"tokenizer.apply_chat_template returned {type(text).__name__}, expected str.")
+  return text
+
+
+# ---------------------------------------------------------------------------
+# The step-wise acting prompt.
+
+
+def format_history(history: History, k: int, first_turn: int = 1) -> list[str]:
+  """The last `k` (observation, action) pairs as lines, numbered from `first_turn`."""
+  if k < 0:
+    raise ValueError(f"history window k must be >= 0; got {k}.")
+  start = max(0, len(history) - k)
+  lines = []
+  for i, (observation, action) in enumerate(history[start:], start=first_turn + start):
+    lines.append(f"[Observation {i}: {observation.strip()}]")
+    lines.append(f"[Action {i}: {action if action is not None else _NO_ACTION}]")
+  return lines
+
+
+def _format_actions(actions: Sequence[str]) -> str:
+  return "[" + ", ".join(actions) + "]"
+
+
+def acting_prompt_text(
+    task: str,
+    history: History,
+    observation: str,
+    admissible_actions: Sequence[str],
+    k: int,
+) -> str:
+  """The step-wise ReAct prompt of one turn (the user message's content).
+
+  Args:
+    task: the task text as the env shows it ("Your task is to: ...").
+    history: every earlier turn's (observation, parsed action), oldest first; an
+      unparseable turn's action is None. Only the last `k` are shown.
+    observation: the current observation.
+    admissible_actions: valid commands now; omitted from the prompt when empty.
+    k: the history window.
+  """
+  if k < 0:
+    raise ValueError(f"history window k must be >= 0; got {k}.")
+  lines = [DEFAULT_SYSTEM_PROMPT, task.strip()]
+  if history and k > 0:
+    shown = min(k, len(history))
+    lines.append(
+        f"You have taken {len(history)} step(s) so far. Your last {shown} observation(s) and the action "
+        "taken after each, oldest first:"
+    )
+    lines.extend(format_history(history, k))
+  lines.append(f"You are now at step {len(history) + 1}. Your current observation is: {observation.strip()}")
+  if admissible_actions:
+    lines.append(f"Your admissible actions now are: {_format_actions(admissible_actions)}")
+  lines.append(_ANSWER_INSTRUCTION)
+  return "\n".join(lines)
+
+
+_ANSWER_INSTRUCTION = (
+    f"Now take your turn. First think step by step about the situation inside {THINK_OPEN} {THINK_CLOSE}; "
+    f"then give exactly one admissible action inside {ACTION_OPEN} {ACTION_CLOSE}."
+)
+
+
+def render_acting_prompt(
+    tokenizer: Any | None,
+    task: str,
+    history: History,
+    observation: str,
+    admissible_actions: Sequence[str],
+    k: int,
+) -> str:
+  """`acting_prompt_text` as one user message, with the generation prompt."""
+  content = acting_prompt_text(task, history, observation, admissible_actions, k)
+  return render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------
+# The multi-turn chat layout.
+
+_SENTINEL_A = "\x00ASSISTANT\x00"
+_SENTINEL_U = "\x00USER\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatLayout:
+  """The text around each new user turn, derived once from a chat template.
+
+  A later turn appends `after_assistant + observation + user_close` to the text so
+  far (see `next_turn_text`). With ChatML, `after_assistant` is
+  `"<|im_end|>\\n<|im_start|>user\\n"` and `user_close` is
+  `"<|im_end|>\\n<|im_start|>assistant\\n"`.
+  """
+
+  tokenizer: Any | None
+  after_assistant: str  # From the end of an assistant's content to the next user's content.
+  user_close: str  # From the end of a user's content through the generation prompt.
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer: Any | None) -> "ChatLayout":
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": _SENTINEL_A},
+        {"role": "user", "content": _SENTINEL_U},
+    ]
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    if text.count(_SENTINEL_A) != 1 or text.count(_SENTINEL_U) != 1:
+      raise ValueError("The chat template does not render message contents verbatim; cannot derive its layout.")
+    after_assistant, user_close = text.split(_SENTINEL_A)[1].split(_SENTINEL_U)
+    return cls(tokenizer=tokenizer, after_assistant=after_assistant, user_close=user_close)
+
+
+def first_user_content(task: str, observation: str, admissible_actions: Sequence[str] | None = None) -> str:
+  """The first user message of a multi-turn episode: instructions, task, o_1."""
+  lines = [
+      task.strip(),
+      f"Each turn, first think step by step inside {THINK_OPEN} {THINK_CLOSE}; then give exactly one "
+      f"action inside {ACTION_OPEN} {ACTION_CLOSE}. The environment answers with its next observation.",
+      turn_user_content(observation, admissible_actions),
+  ]
+  return "\n".join(lines)
+
+
+def turn_user_content(observation: str, admissible_actions: Sequence[str] | None = None) -> str:
+  """A later user message: the observation, then the admissible actions if given."""
+  text = f"Observation: {observation.strip()}"
+  if admissible_actions:
+    text += f"\nAdmissible actions: {_format_actions(admissible_actions)}"
+  return text
+
+
+def episode_messages(
+    task: str,
+    observations: Sequence[str],
+    responses: Sequence[str],
+    admissible_actions: Sequence[Sequence[str] | None] | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+) -> list[dict[str, str]]:
+  """The conversation of an episode: system, user(o_1), assistant(y_1), user(o_2), ...
+
+  `observations[t]` precedes `responses[t]`; there are as many responses as
+  observations (a finished episode) or one fewer (the next response is pending).
+  `admissible_actions[t]`, if given, is listed with `observations[t]`.
+  """
+  if len(responses) not in (len(observations), len(observations) - 1) or not observations:
+    raise ValueError(
+        f"need >= 1 observations and len(responses) in {{len(observations), len(observations) - 1}}; "
+        f"got {len(observations)} observations and {len(responses)} responses."
+    )
+  if admissible_actions is not None and len(admissible_actions) != len(observations):
+    raise ValueError(
+        f"admissible_actions has {len(admissible_actions)} entries for {len(observations)} observations."
+    )
+  acts = admissible_actions if admissible_actions is not None else [None] * len(observations)
+  messages = [
+      {"role": "system", "content": system_prompt},
+      {"role": "user", "content": first_user_content(task, observations[0], acts[0])},
+  ]
+  for t, response in enumerate(responses):
+    messages.append({"role": "assistant", "content": response})
+    if t + 1 < len(observations):
+      messages.append({"role": "user", "content": turn_user_content(observations[t + 1], acts[t + 1])})
+  return messages
+
+
+def episode_start_text(
+    layout: ChatLayout,
+    task: str,
+    observation: str,
+    admissible_actions: Sequence[str] | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+) -> str:
+  """The prompt of turn 1: system, user(task + o_1) and the generation prompt."""
+  messages = episode_messages(task, [observation], [], [admissible_actions], system_prompt)
+  return render_chat(layout.tokenizer, messages, add_generation_prompt=True)
+
+
+def next_turn_text(
+    layout: ChatLayout,
+    observation: str,
+    admissible_actions: Sequence[str] | None = None,
+    response_end: str = "",
+) -> str:
+  """The text to append after an assistant response to start the next turn.
+
+  Args:
+    layout: from `ChatLayout.from_tokenizer`.
+    observation: the env's answer to the response.
+    admissible_actions: listed after the observation when given.
+    response_end: the end-of-turn text that the sampler already kept at the end of
+      the response (e.g. "<|im_end|>" when the stop token stays in the sequence);
+      "" when the response text stops right after its content.
+
+  Returns:
+    The rest of the assistant message, the user message, and the generation prompt.
+  """
+  if not layout.after_assistant.startswith(response_end):
+    raise ValueError(
+        f"response_end {response_end!r} is not how an assistant message ends in this template "
+        f"(it ends with {layout.after_assistant!r})."
+    )
+  return (
+      layout.after_assistant[len(response_end):]
+      + turn_user_content(observation, admissible_actions)
+      + layout.user_close
+  )
+
+
+def episode_segments(
+    layout: ChatLayout,
+    task: str,
+    observations: Sequence[str],
+    responses: Sequence[str],
+    admissible_actions: Sequence[Sequence[str] | None] | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    response_end: str | None = None,
+) -> list[tuple[str, bool]]:
+  """An episode transcript as (text, is_response) pieces, for SFT loss masks.
+
+  The concatenation of the texts is exactly what a sampler builds with
+  `episode_start_text` and `next_turn_text`. For a prefix-stable template (ChatML)
+  it also equals `render_chat(episode_messages(...))`; templates that rewrite
+  earlier turns (Qwen3 drops old `<think>` blocks) differ, and this layout, what the
+  model actually saw while acting, is then the definition.
+
+  Args:
+    response_end: the end-of-turn text trained as part of every response so that the
+      model learns to stop (default: the template's own, e.g. "<|im_end|>", taken as
+      `after_assistant` up to its first newline). Pass "" to not train it.
+  """
+  if response_end is None:
+    response_end = layout.after_assistant.split("\n", 1)[0]
+  acts = admissible_actions if admissible_actions is not None else [None] * len(observations)
+  if len(acts) != len(observations):
+    raise ValueError(
+        f"admissible_actions has {len(acts)} entries for {len(observations)} observations."
+    )
+  segments = [(episode_start_text(layout, task, observations[0], acts[0], system_prompt), False)]
+  if len(responses) not in (len(observations), len(observations) - 1):
+    raise ValueError(f"got {len(observations)} observations and {len(responses)} responses.")
+  for t, response in enumerate(responses):
+    segments.append((response + response_end, True))
+    if t + 1 < len(observations):
+      segments.append((next_turn_text(layout, observations[t + 1], acts[t + 1], response_end), False))
+  return segments
+
+
+# ---------------------------------------------------------------------------
+# The judge prompt (METHOD.md section 5).
+
+
+def judge_prompt_text(
+    task: str,
+    history: History,
+    observation: str,
+    response: str,
+    feedback: str,
+    admissible_actions: Sequence[str],
+    k: int,
+) -> str:
+  """The judge's question about turn t, worded as in METHOD.md section 5.
+
+  Args:
+    task: the task text.
+    history: the turns before t as (observation, parsed action); the last `k` are
+      shown, followed by `observation`.
+    observation: o_t, what the agent saw when it answered.
+    response: the student's full response y_t.
+    feedback: the env's answer to it, o_{t+1}.
+    admissible_actions: the admissible actions at turn t.
+    k: the history window.
+  """
+  recent = format_history(history, k)
+  recent.append(f"[Observation {len(history) + 1}: {observation.strip()}]")
+  lines = [
+      "You are supervising an agent in a text environment.",
+      f"Task: {task.strip()}",
+      "Recent history (oldest first):",
+      *recent,
+      "The agent's latest response:",
+      response.strip(),
+      "The environment's feedback to it:",
+      feedback.strip(),
+      f"Admissible actions were: {', '.join(admissible_actions)}",
+      "Decide whether the agent needs correction at this step.",
+      "Skip   = the step is fine (it makes progress, or it is a reasonable alternative).",
+      "Weak   = the step is valid but poor (off-plan, redundant, repeated).",
+      "Strong = the step is wrong (invalid, harmful, or repeats a failure).",
+      "Answer with one word: Skip, Weak or Strong.",
+  ]
+  return "\n".join(lines)
+
+
+def render_judge_prompt(
+    tokenizer: Any | None,
+    task: str,
+    history: History,
+    observation: str,
+    response: str,
+    feedback: str,
+    admissible_actions: Sequence[str],
+    k: int,
+) -> str:
+  """`judge_prompt_text` as one user message of the teacher's chat, with the generation prompt."""
+  content = judge_prompt_text(task, history, observation, response, feedback, admissible_actions, k)
+  return render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
