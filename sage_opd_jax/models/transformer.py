@@ -1,0 +1,239 @@
+"""A decoder-only transformer (Qwen3 / Qwen2 / Llama) in Flax NNX.
+
+Layer parameters are stacked along a leading `layers` axis and the blocks run under one
+`jax.lax.scan`: compile time stays flat in depth (Qwen3-8B has 36 layers), and the KV cache
+`[L, B, T, K, H]` rides in the scan carry so each layer scatters its new keys in place.
+The block itself is a pure function of arrays (`_block`); the modules only own parameters.
+
+Shape letters: B batch, S chunk length, T cache slots (or S without a cache), D hidden,
+F intermediate, N query heads, K kv heads, G = N / K query heads per kv head, H head_dim,
+V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sage_opd_jax.models.cache import KVCache
+from sage_opd_jax.models.config import ModelConfig
+
+_INIT_STD = 0.02
+# Masked scores use a finite floor rather than -inf so a query with no visible key (a padding
+# row) gets a uniform softmax instead of NaNs that would poison gradients.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype: jnp.dtype,
+           logical_axes: tuple[str | None, ...], init: str = "normal") -> nnx.Param:
+  """A parameter carrying its logical axis names (see sharding.py) as `logical_axes`."""
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  elif init == "zeros":
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value.astype(dtype), logical_axes=logical_axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis, statistics in float32 (as HF does); returns x's dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_cos_sin(positions_BxS: jax.Array, head_dim: int,
+                 theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape [B, S, H/2] in float32 for the half-split (rotate_half) RoPE."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_BxSxH2 = positions_BxS.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles_BxSxH2), jnp.sin(angles_BxSxH2)
+
+
+def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array) -> jax.Array:
+  """Rotates the two halves of head_dim (HF's rotate_half convention), in float32."""
+  x = x_BxSxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos, sin = cos_BxSxH2[:, :, None, :], sin_BxSxH2[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxSxNxH.dtype)
+
+
+class DecoderLayers(nnx.Module):
+  """All L decoder blocks' parameters, stacked on a leading `layers` axis."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    L, D, F, N, K, H = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
+                        c.num_kv_heads, c.head_dim)
+    pd = c.jnp_param_dtype
+    self.input_norm = _param(rngs, (L, D), pd, ("layers", "norm"), "ones")
+    self.q_proj = _param(rngs, (L, D, N, H), pd, ("layers", "embed", "heads", "head_dim"))
+    self.k_proj = _param(rngs, (L, D, K, H), pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.v_proj = _param(rngs, (L, D, K, H), pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.o_proj = _param(rngs, (L, N, H, D), pd, ("layers", "heads", "head_dim", "embed"))
+    if c.qkv_bias:
+      self.q_bias = _param(rngs, (L, N, H), pd, ("layers", "heads", "head_dim"), "zeros")
+      self.k_bias = _param(rngs, (L, K, H), pd, ("layers", "kv_heads", "head_dim"), "zeros")
+      self.v_bias = _param(rngs, (L, K, H), pd, ("layers", "kv_heads", "head_dim"), "zeros")
+    if c.qk_norm:
+      self.q_norm = _param(rngs, (L, H), pd, ("layers", "head_dim"), "ones")
+      self.k_norm = _param(rngs, (L, H), pd, ("layers", "head_dim"), "ones")
+    self.post_attn_norm = _param(rngs, (L, D), pd, ("layers", "norm"), "ones")
+    self.gate_proj = _param(rngs, (L, D, F), pd, ("layers", "embed", "mlp"))
+    self.up_proj = _param(rngs, (L, D, F), pd, ("layers", "embed", "mlp"))
+    self.down_proj = _param(rngs, (L, F, D), pd, ("layers", "mlp", "embed"))
+
+  def stacked(self) -> dict[str, jax.Array]:
+    """The raw stacked parameter arrays, by name."""
+    return {name: value[...] for name, value in vars(self).items()
+            if isinstance(value, nnx.Param)}
+
+
+def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
+           cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array, allowed_BxSxT: jax.Array,
+           write_kv: Any) -> tuple[jax.Array, Any]:
+  """One pre-norm decoder block: x + attn(norm(x)), then + swiglu(norm(.)).
+
+  `write_kv(k_BxSxKxH, v_BxSxKxH) -> (k_BxTxKxH, v_BxTxKxH, aux)` supplies the keys the chunk
+  attends to: the chunk itself without a cache, the updated layer cache with one.
+  """
+  c = config
+  dt = c.jnp_dtype
+  B, S, _ = x_BxSxD.shape
+  K, G, H = c.num_kv_heads, c.num_groups, c.head_dim
+
+  h = rms_norm(x_BxSxD, p["input_norm"], c.rms_norm_eps)
+  q_BxSxNxH = jnp.einsum("bsd,dnh->bsnh", h, p["q_proj"].astype(dt))
+  k_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["k_proj"].astype(dt))
+  v_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["v_proj"].astype(dt))
+  if c.qkv_bias:
+    q_BxSxNxH += p["q_bias"].astype(dt)
+    k_BxSxKxH += p["k_bias"].astype(dt)
+    v_BxSxKxH += p["v_bias"].astype(dt)
+  if c.qk_norm:
+    q_BxSxNxH = rms_norm(q_BxSxNxH, p["q_norm"], c.rms_norm_eps)
+    k_BxSxKxH = rms_norm(k_BxSxKxH, p["k_norm"], c.rms_norm_eps)
+  q_BxSxNxH = apply_rope(q_BxSxNxH, cos_BxSxH2, sin_BxSxH2)
+  k_BxSxKxH = apply_rope(k_BxSxKxH, cos_BxSxH2, sin_BxSxH2)
+
+  keys_BxTxKxH, values_BxTxKxH, aux = write_kv(k_BxSxKxH, v_BxSxKxH)
+  # Query head n = k * G + g shares kv head k (HF's repeat_kv order).
+  q_BxSxKxGxH = q_BxSxNxH.reshape(B, S, K, G, H) * jnp.asarray(H ** -0.5, dt)
+  scores_BxKxGxSxT = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, keys_BxTxKxH.astype(dt),
+                                preferred_element_type=jnp.float32)
+  scores_BxKxGxSxT = jnp.where(allowed_BxSxT[:, None, None], scores_BxKxGxSxT, _MASK_VALUE)
+  probs_BxKxGxSxT = jax.nn.softmax(scores_BxKxGxSxT, axis=-1).astype(dt)
+  attn_BxSxKxGxH = jnp.einsum("bkgst,btkh->bskgh", probs_BxKxGxSxT, values_BxTxKxH.astype(dt))
+  attn_BxSxNxH = attn_BxSxKxGxH.reshape(B, S, K * G, H)
+  x_BxSxD = x_BxSxD + jnp.einsum("bsnh,nhd->bsd", attn_BxSxNxH, p["o_proj"].astype(dt))
+
+  h = rms_norm(x_BxSxD, p["post_attn_norm"], c.rms_norm_eps)
+  gate_BxSxF = jnp.einsum("bsd,df->bsf", h, p["gate_proj"].astype(dt))
+  up_BxSxF = jnp.einsum("bsd,df->bsf", h, p["up_proj"].astype(dt))
+  mlp_BxSxD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BxSxF) * up_BxSxF,
+                         p["down_proj"].astype(dt))
+  return x_BxSxD + mlp_BxSxD, aux
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `model(ids)` -> float32 logits; with `cache=` also the new cache."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    pd = c.jnp_param_dtype
+    self.embed = _param(rngs, (c.vocab_size, c.hidden_size), pd, ("vocab", "embed"))
+    self.layers = DecoderLayers(config, rngs=rngs)
+    self.final_norm = _param(rngs, (c.hidden_size,), pd, ("norm",), "ones")
+    if not c.tie_embeddings:
+      self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), pd, ("embed", "vocab"))
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+    """Logits [B, S, V] in float32, or (logits, new_cache) when a cache is given."""
+    if cache is None:
+      return self.lm_logits(self.hidden_states(input_ids, positions, attention_mask))
+    hidden_BxSxD, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache)
+    return self.lm_logits(hidden_BxSxD), new_cache
+
+  def lm_logits(self, hidden_BxSxD: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> float32 logits [B, S, V] (usable chunk by chunk)."""
+    dt = self.config.jnp_dtype
+    if self.config.tie_embeddings:
+      return jnp.einsum("bsd,vd->bsv", hidden_BxSxD.astype(dt), self.embed[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("bsd,dv->bsv", hidden_BxSxD.astype(dt), self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+    """Final-normed hidden states [B, S, D] (compute dtype), plus the new cache if given.
+
+    Args:
+      input_ids: [B, S] int token ids.
+      positions: [B, S] RoPE positions; default `arange(S)`, or `cache.lengths[b] + arange(S)`.
+      attention_mask: [B, S], 1 for real tokens and 0 for padding. Without a cache it masks
+        padding keys (combined with causal); with a cache the chunk must be right-padded and
+        the mask only sets how far `lengths` advances.
+      cache: a KVCache to append this chunk to.
+    """
+    c = self.config
+    dt = c.jnp_dtype
+    B, S = input_ids.shape
+    arange_S = jnp.arange(S, dtype=jnp.int32)
+    if attention_mask is None:
+      attention_mask = jnp.ones((B, S), jnp.int32)
+    if positions is None:
+      start_B = cache.lengths if cache is not None else jnp.zeros((B,), jnp.int32)
+      positions = start_B[:, None] + arange_S[None, :]
+    cos_BxSxH2, sin_BxSxH2 = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+
+    x_BxSxD = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+    params = self.layers.stacked()
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+
+    if cache is None:
+      causal_SxS = arange_S[None, :] <= arange_S[:, None]
+      allowed_BxSxT = causal_SxS[None] & (attention_mask[:, None, :] != 0)
+
+      def body(x, xs):
+        p, _ = xs
+        x, _ = _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT,
+                      lambda k, v: (k, v, None))
+        return x, None
+
+      body = jax.checkpoint(body) if c.remat else body
+      x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params, layer_ids))
+      return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps)
+
+    T = cache.max_len
+    slots_BxS = cache.lengths[:, None] + arange_S[None, :]
+    rows_BxS = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S))
+    allowed_BxSxT = jnp.arange(T, dtype=jnp.int32)[None, None, :] <= slots_BxS[:, :, None]
+
+    def cached_body(carry, xs):
+      x, ck, cv = carry
+      p, i = xs
+
+      def write_kv(k_BxSxKxH, v_BxSxKxH):
+        # mode="drop": padding slots past max_len are discarded, never clamped onto history.
+        nk = ck.at[i, rows_BxS, slots_BxS].set(k_BxSxKxH.astype(ck.dtype), mode="drop")
+        nv = cv.at[i, rows_BxS, slots_BxS].set(v_BxSxKxH.astype(cv.dtype), mode="drop")
+        return nk[i], nv[i], (nk, nv)
+
+      x, (ck, cv) = _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT, write_kv)
+      return (x, ck, cv), None
+
+    cached_body = jax.checkpoint(cached_body) if c.remat else cached_body
+    (x_BxSxD, new_k, new_v), _ = jax.lax.scan(
+        cached_body, (x_BxSxD, cache.k, cache.v), (params, layer_ids))
+    new_lengths = cache.lengths + jnp.sum(attention_mask != 0, axis=-1).astype(jnp.int32)
+    new_cache = KVCache(k=new_k, v=new_v, lengths=new_lengths)
+    return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps), new_cache

@@ -1,0 +1,184 @@
+"""Tests for the decoder itself: config validation, KV-cache semantics, masks, dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
+
+
+def _model(arch="qwen3", **overrides):
+  fields = dict(TINY, arch=arch, qk_norm=arch == "qwen3", qkv_bias=arch == "qwen2",
+                tie_embeddings=arch != "llama")
+  fields.update(overrides)
+  model = Transformer(ModelConfig(**fields), rngs=nnx.Rngs(0))
+  if fields["qkv_bias"]:  # zero-initialised biases would hide a bias bug: randomise them
+    for name in ("q_bias", "k_bias", "v_bias"):
+      param = getattr(model.layers, name)
+      param[...] = 0.3 * jax.random.normal(jax.random.key(7), param.shape, param.dtype)
+  return model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fwd(graphdef, state, ids, positions=None, mask=None):
+  return nnx.merge(graphdef, state)(ids, positions, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fwd_cache(graphdef, state, ids, mask, cache):
+  return nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
+
+
+def _ids(key, shape, vocab=TINY["vocab_size"]):
+  return jax.random.randint(jax.random.key(key), shape, 0, vocab)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_prefill_then_decode_matches_full_forward(arch):
+  model = _model(arch)
+  graphdef, state = nnx.split(model)
+  ids = _ids(1, (3, 9))
+  full = _fwd(graphdef, state, ids)
+  cache = init_cache(model.config, 3, 12)
+  ones = lambda s: jnp.ones((3, s), jnp.int32)
+  chunks, _ = [], None
+  logits, cache = _fwd_cache(graphdef, state, ids[:, :5], ones(5), cache)
+  chunks.append(logits)
+  for s in range(5, 9):
+    logits, cache = _fwd_cache(graphdef, state, ids[:, s:s + 1], ones(1), cache)
+    chunks.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(cache.lengths, [9, 9, 9])
+
+
+def test_ragged_right_padded_chunks_match_per_row_full_forward():
+  """Rows append chunks of different real lengths; each row equals its own unpadded forward."""
+  model = _model("qwen3")
+  graphdef, state = nnx.split(model)
+  # Per row: real lengths of three appended chunks (prompt, observation, decode step).
+  chunk_lens = [[3, 4, 1], [5, 1, 1], [1, 6, 1]]
+  rows = [_ids(10 + b, (sum(lens),)) for b, lens in enumerate(chunk_lens)]
+  cache = init_cache(model.config, 3, 16)
+  got = [[] for _ in rows]
+  offsets = [0, 0, 0]
+  for c in range(3):
+    width = max(lens[c] for lens in chunk_lens)
+    ids = np.zeros((3, width), np.int32)
+    mask = np.zeros((3, width), np.int32)
+    for b, lens in enumerate(chunk_lens):
+      n = lens[c]
+      ids[b, :n] = rows[b][offsets[b]:offsets[b] + n]
+      # Padding gets a real token id so that a leak into the history would change logits.
+      ids[b, n:] = 5
+      mask[b, :n] = 1
+    logits, cache = _fwd_cache(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
+    for b, lens in enumerate(chunk_lens):
+      got[b].append(logits[b, :lens[c]])
+      offsets[b] += lens[c]
+  np.testing.assert_array_equal(cache.lengths, [sum(lens) for lens in chunk_lens])
+  for b, row in enumerate(rows):
+    want = _fwd(graphdef, state, row[None])[0]
+    np.testing.assert_allclose(jnp.concatenate(got[b], 0), want, atol=1e-5, rtol=0)
+
+
+def test_padding_mask_without_cache_matches_unpadded():
+  model = _model("qwen2")
+  graphdef, state = nnx.split(model)
+  ids = _ids(3, (2, 8))
+  mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+  padded = _fwd(graphdef, state, ids, None, mask)
+  alone = _fwd(graphdef, state, ids[1:, :5])
+  np.testing.assert_allclose(padded[1, :5], alone[0], atol=1e-5, rtol=0)
+  # Left padding with explicit positions: real tokens see only real tokens.
+  left_ids = jnp.concatenate([jnp.full((1, 3), 7), ids[1:, :5]], axis=1)
+  left_mask = jnp.array([[0] * 3 + [1] * 5], jnp.int32)
+  left_pos = jnp.array([[0] * 3 + list(range(5))], jnp.int32)
+  left = _fwd(graphdef, state, left_ids, left_pos, left_mask)
+  assert np.isfinite(np.asarray(left)).all()
+  np.testing.assert_allclose(left[0, 3:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_hidden_states_then_lm_logits_equals_call():
+  model = _model("llama")
+  ids = _ids(4, (2, 6))
+  hidden = model.hidden_states(ids)
+  assert hidden.shape == (2, 6, TINY["hidden_size"])
+  chunked = jnp.concatenate([model.lm_logits(hidden[:, :3]), model.lm_logits(hidden[:, 3:])], 1)
+  np.testing.assert_allclose(chunked, model(ids), atol=1e-6, rtol=0)
+  assert chunked.dtype == jnp.float32
+
+
+def test_rope_positions_matter_and_are_relative():
+  """Shifting every position by a constant leaves attention (and logits) unchanged."""
+  model = _model("qwen3")
+  graphdef, state = nnx.split(model)
+  ids = _ids(5, (1, 6))
+  base = _fwd(graphdef, state, ids)
+  pos = jnp.arange(6)[None]
+  np.testing.assert_allclose(_fwd(graphdef, state, ids, pos + 11), base, atol=1e-4, rtol=0)
+  scrambled = _fwd(graphdef, state, ids, pos.at[0, 5].set(2))
+  assert np.abs(np.asarray(scrambled[0, 5] - base[0, 5])).max() > 1e-3
+
+
+def test_bf16_close_to_fp32():
+  model32 = _model("qwen3")
+  graphdef, state32 = nnx.split(model32)
+  model16 = _model("qwen3", param_dtype="bfloat16", dtype="bfloat16")
+  g16, state16 = nnx.split(model16)
+  # Same weights, rounded to bf16.
+  state16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state32)
+  ids = _ids(6, (2, 10))
+  want = _fwd(graphdef, state32, ids)
+  got = _fwd(g16, state16, ids)
+  assert got.dtype == jnp.float32
+  assert jax.tree.leaves(state16)[0].dtype == jnp.bfloat16
+  err = np.abs(np.asarray(got - want)).max()
+  assert err < 0.05 * np.abs(np.asarray(want)).max(), err
+  cache = init_cache(model16.config, 2, 12)
+  assert cache.k.dtype == jnp.bfloat16
+  logits, cache = _fwd_cache(g16, state16, ids, jnp.ones((2, 10), jnp.int32), cache)
+  np.testing.assert_allclose(logits, got, atol=2e-2, rtol=0)
+
+
+def test_remat_gradients_equal_plain():
+  ids = _ids(8, (2, 5))
+
+  def loss(model):
+    return jnp.mean(jax.nn.logsumexp(model(ids), axis=-1))
+
+  plain = nnx.grad(loss)(_model("qwen3"))
+  remat = nnx.grad(loss)(_model("qwen3", remat=True))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_config_from_dict_and_errors():
+  cd = ml_collections.ConfigDict(dict(TINY, arch="llama", qk_norm=False, dtype="bfloat16"))
+  config = ModelConfig.from_dict(cd)
+  assert config.arch == "llama" and config.dtype == "bfloat16" and config.num_layers == 2
+  assert ModelConfig(param_dtype=jnp.bfloat16).param_dtype == "bfloat16"
+  hash(config)
+  with pytest.raises(ValueError, match="hidden_sise"):
+    ModelConfig.from_dict(dict(TINY, hidden_sise=3))
+  with pytest.raises(ValueError, match="gpt2"):
+    ModelConfig(arch="gpt2")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    ModelConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="float16"):
+    ModelConfig(dtype="float16")
+
+
+def test_init_cache_shape():
+  config = ModelConfig(**TINY)
+  cache = init_cache(config, 3, 20)
+  assert isinstance(cache, KVCache)
+  assert cache.k.shape == (2, 3, 20, 2, 8) and cache.v.shape == cache.k.shape
+  assert cache.lengths.dtype == jnp.int32 and not cache.lengths.any()
