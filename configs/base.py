@@ -40,7 +40,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.stage = "distill"  # collect_demos | sft | distill | evaluate | export | smoke.
+  config.stage = "distill"  # collect_demos | sft | distill | evaluate | export.
   config.method = "sage_opd"  # A row of METHOD.md section 4 (sage_opd_jax.config.METHODS).
   config.seed = 0  # Seeds the train-state rng and the task order.
 

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-STAGES = ("collect_demos", "sft", "distill", "evaluate", "export", "smoke")
+STAGES = ("collect_demos", "sft", "distill", "evaluate", "export")
 METHODS = (
     "sft",
     "opd",

@@ -10,6 +10,7 @@ those sums are global over devices too without any explicit collective.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import flax
@@ -19,11 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sage_opd_jax import losses
+from sage_opd_jax import models
+from sage_opd_jax.models import sharding
+
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # loss_fn(model, micro_batch, totals) -> (loss, metrics). The loss of one micro-batch is
 # already divided by the global normaliser in `totals`, so micro-batch losses add up
-# to the full-batch loss. Metrics add up the same way, except keys ending in "_max".
+# to the full-batch loss; `_combine_metrics` says how metrics combine.
 LossFn = Callable[[nnx.Module, Batch, Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]
 TotalsFn = Callable[[Batch], Mapping[str, jax.Array]]
 
@@ -87,7 +92,26 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 
 
 def _combine_metrics(stacked: Metrics) -> Metrics:
-  return {k: (v.max(0) if k.endswith("_max") else v.sum(0)) for k, v in stacked.items()}
+  """Micro-batch metrics [M] -> one value each.
+
+  "loss" and counts ("num_*") add up (each micro-batch loss is already divided by the global
+  normaliser); "*_max" takes the max; every other metric is a ratio, averaged with weights
+  "num_tokens" when the loss reports it (exact for token ratios, and for M = 1 always).
+  """
+  weights = stacked.get("num_tokens")
+  if weights is not None:
+    weights = weights / jnp.maximum(weights.sum(), 1.0)
+  combined = {}
+  for key, value in stacked.items():
+    if key == "loss" or key.startswith("num_"):
+      combined[key] = value.sum(0)
+    elif key.endswith("_max"):
+      combined[key] = value.max(0)
+    elif weights is None:
+      combined[key] = value.mean(0)
+    else:
+      combined[key] = jnp.tensordot(weights, value, axes=1)
+  return combined
 
 
 def make_update_fn(
@@ -112,11 +136,10 @@ def make_update_fn(
       return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, _split_micro(batch, micro_batches))
+    grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, _split_micro(batch, micro_batches))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = _combine_metrics(metrics)
-    metrics["loss"] = losses.sum()
+    metrics = _combine_metrics(dict(metrics, loss=micro_losses))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["update_skipped"] = jnp.logical_not(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
     if schedule is not None:
@@ -139,3 +162,42 @@ def jit_update(
       out_shardings=(state_sharding, None),
       donate_argnums=(0,),
   )
+
+
+# ----------------------------------------------------------------------------------------
+# The host loop: rollouts -> teacher scores -> judge -> batch -> update, with eval,
+# metrics, transcripts and checkpoints around it. Everything below is imperative shell.
+# ----------------------------------------------------------------------------------------
+
+
+def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The ("data", "fsdp", "tensor") Mesh over every device; a -1 axis takes what is left."""
+  sizes = {axis: int(mesh_config[axis]) for axis in sharding.MESH_AXES}
+  known = math.prod(size for size in sizes.values() if size != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      if jax.device_count() % known:
+        raise ValueError(f"config.mesh={sizes}: {jax.device_count()} devices do not divide by {known}.")
+      sizes[axis] = jax.device_count() // known
+  return sharding.make_mesh(sizes)
+
+
+def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int) -> nnx.Module:
+  """A model from `section.hf_dir` when set, else randomly initialised from `section.model`."""
+  if section.hf_dir:
+    return models.load_hf_checkpoint(section.hf_dir, mesh=mesh)
+  return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
+
+
+def make_loss_fns(method: str, loss_config: ml_collections.ConfigDict, num_turns: int) -> tuple[LossFn, TotalsFn]:
+  """The (loss_fn, totals_fn) pair of `make_update_fn` for one METHOD.md method."""
+  options = dict(loss_config.to_dict(), method=method, num_turns=num_turns)
+
+  def loss_fn(model, micro, totals):
+    logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
+    return losses.sage_opd_loss(logits_BxSxV, micro, **options, **totals)
+
+  def totals_fn(batch):
+    return losses.loss_totals(batch, **options)
+
+  return loss_fn, totals_fn

@@ -21,7 +21,7 @@ def _optim(**overrides):
 def _mse_loss(model, micro, totals):
   # Sum over this micro-batch divided by the GLOBAL count, so micro losses add up.
   err = (model(micro["x"]) - micro["y"]) ** 2 * micro["mask"][:, None]
-  return err.sum() / totals["count"], {"sq_err": err.sum(), "err_max": err.max()}
+  return err.sum() / totals["count"], {"num_sq_err": err.sum(), "err_max": err.max()}
 
 
 def _totals(batch):
