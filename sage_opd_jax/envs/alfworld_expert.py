@@ -1,0 +1,213 @@
+"""ALFWorld's imitable expert (`HandCodedTWAgent`), driven through the `Env` protocol.
+
+Why this expert and not the planner: the planner (`policy_commands`) knows where every
+hidden object is and goes straight to it, which a policy that sees only observations
+cannot imitate; it is also slow and can hang. The hand-coded expert that ALFWorld's
+DAgger agents learn from explores receptacles with object-placement priors until it
+has seen what it needs, and reads only the game's facts for its predicates.
+
+Three things make it run on these games (alfworld 0.4.2, no `traj_data.json`):
+- Its `reset` reads the task parameters from `traj_data.json`; here they come from the
+  game's folder name (`alfworld.parse_task_folder`), and the env is built with
+  `facts=True`.
+- The engine says `move X to Y` where the expert's state tracking looks for `put`; its
+  last action is given back with `put`, or it never empties its inventory and every
+  pick_two game fails.
+- The env strips ALFWorld's banner from the first observation, and the expert
+  recognises that intro (the receptacle list) by the banner, so its own view of the
+  first observation keeps it.
+
+As in ALFWorld's `AlfredExpert` wrapper, an inadmissible command becomes "look". Its
+fallback when it would repeat itself is a random admissible command; here that is
+drawn from a seeded generator, and only among commands whose every entity has been seen
+in an observation, so that the expert never acts on an object before observing it
+(`unobserved_entities` checks every action it plays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import re
+import time
+from typing import Any, Iterator
+
+import alfworld.gen.constants as alfred_constants
+from alfworld.agents.expert import HandCodedAgentFailed, HandCodedAgentTimeout, HandCodedTWAgent
+from alfworld.agents.expert import handcoded_expert
+
+from sage_opd_jax.envs import base
+
+EXPERT_NAME = "alfworld_handcoded"
+# What the env strips from the first observation, and what the expert looks for there.
+_BANNER = "-= Welcome to TextWorld, ALFRED! =-"
+# ALFWorld names every object and receptacle "<class> <number>", e.g. "countertop 2".
+_ENTITY_RE = re.compile(r"\b[a-z]+ \d+\b")
+
+
+class ExpertError(RuntimeError):
+  """The expert broke one of its own rules (e.g. acted on an unobserved object)."""
+
+
+def task_params(task: base.Task) -> dict[str, Any]:
+  """The expert's task parameters (`traj_data.json`'s layout) from the task's folder name.
+
+  Raises:
+    ValueError: naming the task and field, if the task lacks ALFWorld metadata or names
+      a target the expert does not know.
+  """
+  meta = task.meta
+  if "pddl_params" not in meta or "task_type" not in meta:
+    raise ValueError(f"Task {task.task_id!r}: meta lacks 'pddl_params'/'task_type'; not an ALFWorld task.")
+  params: dict[str, Any] = {"task_type": meta["task_type"]}
+  for key, value in meta["pddl_params"].items():
+    if isinstance(value, str) and value:
+      if value not in alfred_constants.OBJECTS:
+        raise ValueError(f"Task {task.task_id!r}: pddl_params[{key!r}]={value!r} is not an ALFRED object class.")
+      value = value.lower()  # The demangled game names them in lower case.
+    params[key] = value
+  return params
+
+
+def entities(command: str) -> list[str]:
+  """The object and receptacle names a command mentions, e.g. ["apple 1", "fridge 1"]."""
+  return _ENTITY_RE.findall(command)
+
+
+def unobserved_entities(command: str, observed_text: str) -> list[str]:
+  """The entities of `command` that never appear in `observed_text`."""
+  return [e for e in entities(command) if not re.search(rf"\b{re.escape(e)}\b", observed_text)]
+
+
+def tracking_wording(command: str) -> str:
+  """The expert's last command as its state tracking must read it.
+
+  The engine's "move X to Y" is the expert's "put": its tracking pops the inventory
+  only on a command containing "put".
+  """
+  return "put" + command[len("move"):] if command.startswith("move ") else command
+
+
+@contextlib.contextmanager
+def _seeded_module_random(rng: random.Random) -> Iterator[None]:
+  """Makes the expert's `random.choice` calls draw from `rng`, for reproducible demos."""
+  saved = handcoded_expert.random
+  handcoded_expert.random = rng
+  try:
+    yield
+  finally:
+    handcoded_expert.random = saved
+
+
+class ImitableExpert:
+  """One episode of ALFWorld's hand-coded expert on one task.
+
+  Feed it the env's answers: `first_action(observation, info)` after reset, then
+  `next_action(result)` after each step. The env must be built with `facts=True`.
+  """
+
+  def __init__(self, task: base.Task, max_steps: int = 150, seed: int = 0):
+    self.params = task_params(task)
+    agent = HandCodedTWAgent(max_steps=max_steps)
+    self.policy = agent.get_task_policy(self.params)(self.params, max_steps=max_steps)
+    self.rng = random.Random(seed)
+    self.observed_text = ""
+    self.last_action = ""
+
+  def first_action(self, observation: str, info: base.StepInfo) -> str:
+    self.observed_text = observation
+    return self._act(f"{_BANNER}\n\n{observation}", info)
+
+  def next_action(self, result: base.StepResult) -> str:
+    self.observed_text += "\n" + result.observation
+    return self._act(result.observation, result.info)
+
+  def _act(self, observation: str, info: base.StepInfo) -> str:
+    if "facts" not in info.extra:
+      raise ValueError("info.extra['facts'] is missing: build the env with facts=True for the expert.")
+    game_state = {
+        "feedback": observation,
+        "facts": info.extra["facts"],
+        "admissible_commands": info.admissible_actions,
+        "won": info.won,
+    }
+    last = self.last_action
+    with _seeded_module_random(self.rng):
+      action = self.policy.act(game_state, tracking_wording(last))
+    # HandCodedAgent.act's rule: never repeat the last action, nor follow a "look" with
+    # an inadmissible one; a random admissible (and fully observed) command instead.
+    if action == last or (last == "look" and action not in info.admissible_actions):
+      seen = [c for c in info.admissible_actions if not unobserved_entities(c, self.observed_text)]
+      if not seen:
+        raise ExpertError("No admissible command whose entities were all observed.")
+      action = self.rng.choice(sorted(seen))
+    # ALFWorld's own expert wrapper (AlfredExpert) offers "look" when the expert's
+    # command is not admissible (e.g. closing a receptacle it has walked away from).
+    if action not in info.admissible_actions:
+      action = "look"
+    missing = unobserved_entities(action, self.observed_text)
+    if missing:
+      raise ExpertError(f"Expert chose {action!r}, which names unobserved {missing}.")
+    self.last_action = action
+    return action
+
+
+@dataclasses.dataclass
+class Episode:
+  """One expert episode as played in the real engine.
+
+  `observations[0]` is the reset's; `observations[t]` answers `actions[t-1]`.
+  `admissible_actions[t]` and `facts` are those in force when `actions[t]` was chosen.
+  """
+
+  task: base.Task
+  task_text: str
+  observations: list[str]
+  actions: list[str]
+  valid: list[bool]
+  admissible_actions: list[list[str]]
+  won: bool
+  error: str | None  # Why the expert stopped early, if it did (never an engine crash: that raises).
+  seconds: float
+
+
+def run_episode(env: base.Env, task: base.Task, max_steps: int = 150, seed: int = 0) -> Episode:
+  """Plays `task` with the expert until the env ends the episode or the expert gives up.
+
+  `won` is the engine's own verdict on the last step. An engine error (`info.error`)
+  raises, so that a crashed game is never taken for a lost (or won) demonstration.
+  """
+  start = time.perf_counter()
+  observation, info = env.reset(task)
+  expert = ImitableExpert(task, max_steps=max_steps, seed=seed)
+  observations, actions, valid, admissible = [observation], [], [], []
+  won, error = False, None
+  try:
+    action = expert.first_action(observation, info)
+    while True:
+      admissible.append(list(info.admissible_actions))
+      result = env.step(action)
+      if result.info.error is not None:
+        raise RuntimeError(f"Engine error in {task.task_id!r} at turn {len(actions) + 1}: {result.info.error}")
+      actions.append(action)
+      observations.append(result.observation)
+      valid.append(result.info.valid)
+      info = result.info
+      if result.done:
+        won = result.info.won
+        break
+      action = expert.next_action(result)
+  except (HandCodedAgentFailed, HandCodedAgentTimeout, ExpertError) as e:
+    error = f"{type(e).__name__}: {e}"
+  return Episode(
+      task=task,
+      task_text=info.task,
+      observations=observations,
+      actions=actions,
+      valid=valid,
+      admissible_actions=admissible,
+      won=won,
+      error=error,
+      seconds=time.perf_counter() - start,
+  )

@@ -1,0 +1,341 @@
+"""Expert demonstrations and judge examples, collected into JSONL by worker processes.
+
+One output folder per (env, split):
+
+  manifest.json   what was collected, with which settings, and the tallies so far
+  games.jsonl     one line per finished game: its status (won, lost, error, timeout,
+                  crash), turns and seconds; the resume ledger
+  demos.jsonl     one line per WON episode (see `DEMO_KEYS`)
+  judge.jsonl     judge examples from states of won episodes (see `JUDGE_KEYS`)
+
+Each game runs as one `EnvPool` call with a hard time limit, so a game whose engine
+hangs is killed and recorded as "timeout", and collection goes on. Re-running with the
+same folder skips every game in games.jsonl; lines that a killed run wrote for a game
+it did not finish are dropped first.
+
+Judge examples (METHOD.md's oracle labels) come from states of won episodes: the
+expert's action is Skip, an off-plan admissible action is Weak, and an inadmissible
+action is Strong. Each carries the env's own feedback to that action. For Skip that is
+the next observation of the episode; for the other two the env is stepped from a copy
+of the state, made by replaying the episode's prefix after a fresh reset (the engine
+keeps its state inside fast_downward's C library, with no cheap copy to take). The
+replay must reproduce the recorded observations, or the game fails with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import time
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import tqdm
+
+from sage_opd_jax.envs import alfworld_expert
+from sage_opd_jax.envs import base
+from sage_opd_jax.envs import pool as pool_lib
+
+MANIFEST = "manifest.json"
+GAMES = "games.jsonl"
+DEMOS = "demos.jsonl"
+JUDGE = "judge.jsonl"
+STATUSES = ("won", "lost", "error", "timeout", "crash")
+LABELS = ("Skip", "Weak", "Strong")
+# Keys of one demos.jsonl record.
+DEMO_KEYS = (
+    "env", "split", "task_id", "task_type", "task", "expert", "observations", "actions",
+    "valid", "admissible_actions", "won", "num_turns", "seconds",
+)
+# Keys of one judge.jsonl record; `turn` indexes the demo's `observations`/`actions`.
+JUDGE_KEYS = (
+    "env", "split", "task_id", "task_type", "task", "turn", "observation",
+    "admissible_actions", "label", "action", "valid", "feedback",
+)
+# Manifest settings that must match for a re-run to resume a folder.
+_RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "seed", "max_expert_steps")
+
+
+def list_tasks(env: base.Env, split: str) -> list[base.Task]:
+  """A pool call: the split's tasks, in the env's order."""
+  return list(env.tasks(split))
+
+
+def _game_seed(seed: int, task_id: str) -> int:
+  return (seed * 1_000_003 + zlib.crc32(task_id.encode())) % (2**31)
+
+
+def _invalid_candidates(actions: Sequence[str], admissible: Sequence[Sequence[str]], t: int) -> list[str]:
+  """Commands valid somewhere in this game but not at turn t: plausible, yet wrong here."""
+  now = set(admissible[t])
+  seen = {c for turn in admissible for c in turn} | set(actions)
+  return sorted(c for c in seen if c not in now)
+
+
+def _judge_examples(
+    env: base.Env, task: base.Task, episode: alfworld_expert.Episode, num_states: int, rng: random.Random
+) -> list[dict[str, Any]]:
+  """Skip/Weak/Strong examples at `num_states` random states of a won episode."""
+  turns = sorted(rng.sample(range(len(episode.actions)), min(num_states, len(episode.actions))))
+  common = dict(env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text)
+  out = []
+  for t in turns:
+    admissible = episode.admissible_actions[t]
+    expert_action = episode.actions[t]
+    state = dict(common, turn=t, observation=episode.observations[t], admissible_actions=list(admissible))
+    off_plan = sorted(a for a in admissible if a != expert_action)
+    invalid = _invalid_candidates(episode.actions, episode.admissible_actions, t)
+    strong_action = rng.choice(invalid) if invalid else None  # None: an unparseable response.
+    weak_action = rng.choice(off_plan) if off_plan else None
+
+    # Copy the state: replay the prefix, checking that the engine retraces the episode.
+    observation, _ = env.reset(task)
+    if observation != episode.observations[0]:
+      raise RuntimeError(f"{task.task_id}: replayed reset differs from the recorded one.")
+    for i in range(t):
+      replayed = env.step(episode.actions[i])
+      if replayed.observation != episode.observations[i + 1] or replayed.done:
+        raise RuntimeError(f"{task.task_id}: replay diverged at turn {i + 1}.")
+    # The invalid action leaves the engine's state as it was, so the Weak one can follow.
+    strong = env.step(strong_action)
+    if strong.info.valid:
+      raise RuntimeError(f"{task.task_id}: {strong_action!r} was meant to be invalid at turn {t}.")
+    out.append(dict(state, label="Skip", action=expert_action, valid=episode.valid[t], feedback=episode.observations[t + 1]))
+    out.append(dict(state, label="Strong", action=strong_action, valid=False, feedback=strong.observation))
+    if weak_action is not None and not strong.done:
+      weak = env.step(weak_action)
+      if weak.info.error is not None:
+        raise RuntimeError(f"{task.task_id}: engine error on {weak_action!r}: {weak.info.error}")
+      out.append(dict(state, label="Weak", action=weak_action, valid=weak.info.valid, feedback=weak.observation))
+  return out
+
+
+def expert_game(
+    env: base.Env, task: base.Task, seed: int, judge_states: int, max_expert_steps: int
+) -> dict[str, Any]:
+  """A pool call: one expert episode on `task`, and judge examples if it was won.
+
+  Returns {"status", "turns", "seconds", "error", "demo" (won only), "judge"}.
+  """
+  rng = random.Random(_game_seed(seed, task.task_id))
+  episode = alfworld_expert.run_episode(env, task, max_steps=max_expert_steps, seed=rng.randrange(2**31))
+  result: dict[str, Any] = dict(
+      status="won" if episode.won else "lost",
+      turns=len(episode.actions),
+      seconds=episode.seconds,
+      error=episode.error,
+      demo=None,
+      judge=[],
+  )
+  if episode.won:
+    result["demo"] = dict(
+        env=task.env,
+        split=task.split,
+        task_id=task.task_id,
+        task_type=task.task_type,
+        task=episode.task_text,
+        expert=alfworld_expert.EXPERT_NAME,
+        observations=episode.observations,
+        actions=episode.actions,
+        valid=episode.valid,
+        admissible_actions=episode.admissible_actions,
+        won=True,
+        num_turns=len(episode.actions),
+        seconds=episode.seconds,
+    )
+    if judge_states > 0:
+      start = time.perf_counter()
+      result["judge"] = _judge_examples(env, task, episode, judge_states, rng)
+      result["judge_seconds"] = time.perf_counter() - start
+  return result
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  """Every complete line; a torn last line (a killed writer) is dropped."""
+  if not path.exists():
+    return []
+  records = []
+  with path.open() as f:
+    for line in f:
+      if not line.endswith("\n"):
+        break
+      records.append(json.loads(line))
+  return records
+
+
+def _rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  with tmp.open("w") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, path)
+
+
+def _summary(games: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  counts = {s: sum(g["status"] == s for g in games) for s in STATUSES}
+  won = [g for g in games if g["status"] == "won"]
+  played = counts["won"] + counts["lost"]
+  return dict(
+      games_done=len(games),
+      **{f"games_{s}": n for s, n in counts.items()},
+      success_rate=counts["won"] / played if played else None,
+      mean_turns_won=sum(g["turns"] for g in won) / len(won) if won else None,
+  )
+
+
+@dataclasses.dataclass
+class CollectResult:
+  out_dir: pathlib.Path
+  manifest: dict[str, Any]
+  new_games: int  # Games finished by this run (the rest were skipped as done).
+  seconds: float
+
+
+def collect(
+    out_dir: str | os.PathLike[str],
+    split: str,
+    env_kwargs: Mapping[str, Any],
+    *,
+    env_name: str = "alfworld",
+    num_workers: int = 2,
+    game_timeout_s: float = 120.0,
+    limit: int | None = None,
+    judge_states: int = 2,
+    seed: int = 0,
+    max_expert_steps: int = 150,
+    retry_failed: bool = False,
+    game_fn: Callable[..., dict[str, Any]] = expert_game,
+    imports: Sequence[str] = (),
+    progress: bool = True,
+) -> CollectResult:
+  """Collects expert demonstrations (and judge examples) for one split into `out_dir`.
+
+  Args:
+    out_dir: output folder; an existing one is resumed (its settings must match).
+    split: the env's split, e.g. "train".
+    env_kwargs: the env's constructor arguments (facts are switched on for the expert).
+    env_name: registered env name.
+    num_workers: worker processes.
+    game_timeout_s: hard limit per game (the episode and its judge replays).
+    limit: only the first `limit` games of the split's order; None takes all.
+    judge_states: states per won episode that get judge examples; 0 for none.
+    seed: seeds the expert's random choices and the judge examples, per game.
+    max_expert_steps: the expert's own step budget.
+    retry_failed: on resume, run again the games that ended in error/timeout/crash.
+    game_fn: the pool call that plays one game (tests inject failures through it).
+    imports: modules the workers import first (e.g. one registering a test env).
+    progress: show a tqdm bar.
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  env_kwargs = {**env_kwargs, "facts": True}
+  settings = dict(
+      env=env_name, split=split, expert=alfworld_expert.EXPERT_NAME, env_kwargs=env_kwargs,
+      judge_states=judge_states, seed=seed, max_expert_steps=max_expert_steps,
+  )
+  manifest_path = out / MANIFEST
+  if manifest_path.exists():
+    previous = json.loads(manifest_path.read_text())
+    for key in _RESUME_KEYS:
+      if previous.get(key) != json.loads(json.dumps(settings[key])):
+        raise ValueError(
+            f"{manifest_path}: {key}={previous.get(key)!r} but this run has {settings[key]!r}; "
+            "use another out_dir or the same settings."
+        )
+
+  games = _read_jsonl(out / GAMES)
+  if retry_failed:
+    games = [g for g in games if g["status"] in ("won", "lost")]
+  finished = {g["task_id"] for g in games}
+  # Drop what a killed run wrote for games it did not finish (and torn lines).
+  _rewrite_jsonl(out / GAMES, games)
+  _rewrite_jsonl(out / DEMOS, [r for r in _read_jsonl(out / DEMOS) if r["task_id"] in finished])
+  _rewrite_jsonl(out / JUDGE, [r for r in _read_jsonl(out / JUDGE) if r["task_id"] in finished])
+
+  start = time.perf_counter()
+  new_games = 0
+  with pool_lib.EnvPool(env_name, env_kwargs, num_workers=num_workers, imports=imports) as pool:
+    pool.submit(0, "call", (list_tasks, dict(split=split)))
+    (_, tasks), = pool.gather().items()
+    if isinstance(tasks, pool_lib.WorkerError):
+      raise RuntimeError(f"Listing the tasks of split {split!r} failed:\n{tasks.message}")
+    tasks = tasks[:limit] if limit is not None else tasks
+    todo = [t for t in tasks if t.task_id not in finished]
+    calls = [dict(task=t, seed=seed, judge_states=judge_states, max_expert_steps=max_expert_steps) for t in todo]
+    bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"demos {split}", disable=not progress)
+    with (out / GAMES).open("a") as games_f, (out / DEMOS).open("a") as demos_f, (out / JUDGE).open("a") as judge_f:
+      for index, result in pool.imap_unordered(game_fn, calls, timeout_s=game_timeout_s):
+        task = todo[index]
+        if isinstance(result, pool_lib.WorkerError):
+          status = "error" if result.kind == "exception" else result.kind
+          line = dict(task_id=task.task_id, task_type=task.task_type, status=status, turns=0, seconds=None,
+                      error=result.message[-2000:])
+        else:
+          for example in result["judge"]:
+            judge_f.write(json.dumps(example) + "\n")
+          if result["demo"] is not None:
+            demos_f.write(json.dumps(result["demo"]) + "\n")
+          line = dict(task_id=task.task_id, task_type=task.task_type, status=result["status"],
+                      turns=result["turns"], seconds=result["seconds"], error=result["error"],
+                      judge_seconds=result.get("judge_seconds"))
+        # The ledger line goes last: a game counts as finished only once its records are out.
+        judge_f.flush()
+        demos_f.flush()
+        games_f.write(json.dumps(line) + "\n")
+        games_f.flush()
+        games.append(line)
+        new_games += 1
+        bar.update(1)
+        bar.set_postfix({k: v for k, v in _summary(games).items() if k in ("games_won", "games_lost", "games_timeout")})
+    bar.close()
+    respawns = pool.respawns
+
+  seconds = time.perf_counter() - start
+  manifest = dict(
+      settings,
+      games_total=len(tasks),
+      **_summary(games),
+      last_run=dict(new_games=new_games, seconds=seconds, games_per_s=new_games / seconds if seconds else None,
+                    num_workers=num_workers, respawns=respawns, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+      files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
+  )
+  tmp = manifest_path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+  os.replace(tmp, manifest_path)
+  return CollectResult(out_dir=out, manifest=manifest, new_games=new_games, seconds=seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeExample:
+  """One judge training example, with the history the judge prompt shows."""
+
+  task: str
+  history: list[tuple[str, str]]  # (observation, action) pairs before `turn`, oldest first.
+  observation: str
+  admissible_actions: list[str]
+  action: str | None  # None: an unparseable response.
+  feedback: str
+  label: str  # Skip | Weak | Strong.
+  task_id: str
+  turn: int
+
+
+def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int) -> Iterator[JudgeExample]:
+  """Judge examples of a collection folder, each with its last `history_turns` turns."""
+  out = pathlib.Path(out_dir)
+  demos = {d["task_id"]: d for d in _read_jsonl(out / DEMOS)}
+  for record in _read_jsonl(out / JUDGE):
+    demo = demos.get(record["task_id"])
+    if demo is None:
+      raise ValueError(f"{out / JUDGE}: example for {record['task_id']!r} has no demo in {out / DEMOS}.")
+    t = record["turn"]
+    first = max(0, t - history_turns)
+    history = [(demo["observations"][i], demo["actions"][i]) for i in range(first, t)]
+    yield JudgeExample(
+        task=record["task"], history=history, observation=record["observation"],
+        admissible_actions=record["admissible_actions"], action=record["action"],
+        feedback=record["feedback"], label=record["label"], task_id=record["task_id"], turn=t,
+    )
