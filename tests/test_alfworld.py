@@ -224,8 +224,8 @@ def test_parse_task_folder():
 
 
 def _cached_and_uncached_agree(task: Task, data_dir: pathlib.Path, cache_dir: pathlib.Path) -> None:
-  """Plays `task`'s walkthrough uncached and from a warm disk cache; all output must match."""
-  uncached = AlfworldEnv(data_dir=data_dir, facts=True, grounding_cache=False)
+  """Plays `task`'s walkthrough with no caches and from a warm cache; all output must match."""
+  uncached = AlfworldEnv(data_dir=data_dir, facts=True, grounding_cache=False, parse_memo=False)
   AlfworldEnv(data_dir=data_dir, cache_dir=cache_dir).reset(task)  # Fills the cache.
   cached = AlfworldEnv(data_dir=data_dir, facts=True, cache_dir=cache_dir)
   runs = []
@@ -238,8 +238,10 @@ def _cached_and_uncached_agree(task: Task, data_dir: pathlib.Path, cache_dir: pa
     )
   assert runs[0] == runs[1]
   assert runs[1][-1][-1]  # Won.
-  # Every grounding of the cached reset came from disk or memory, none was recomputed.
+  # Every grounding of the cached reset came from disk or memory, none was recomputed,
+  # and the steps reused parses.
   assert cached.cache.misses == 0 and cached.cache.disk_hits == 2
+  assert cached.parse_memo.hits > 0
 
 
 def test_cached_reset_matches_uncached_fixture(tmp_path):

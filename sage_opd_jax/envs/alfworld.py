@@ -6,24 +6,26 @@ Games are the `game.tw-pddl` files of ALFWorld's `json_2.1.1/` layout:
 
 One TextWorld env is built per `AlfworldEnv` and reused across games (a fresh one costs
 seconds). Resets route fast_downward's grounding through `GroundingCache`, so a game
-that was reset once before (by any process sharing the cache folder) resets fast.
+that was reset once before (by any process sharing the cache folder) resets fast, and
+resets and steps route the engine's TatSu snippet parsing through `ParseMemo`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import random
 import re
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import textworld
 import textworld.gym
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 
-from sage_opd_jax.envs.alfworld_cache import GroundingCache
+from sage_opd_jax.envs.alfworld_cache import GroundingCache, ParseMemo
 from sage_opd_jax.envs.base import NOTHING_HAPPENS, StepInfo, StepResult, Task, register
 
 ENV_NAME = "alfworld"
@@ -168,6 +170,7 @@ class AlfworldEnv:
     facts: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     grounding_cache: bool = True,
+    parse_memo: bool = True,
   ):
     """Builds the env.
 
@@ -181,6 +184,7 @@ class AlfworldEnv:
       cache_dir: where grounded games are cached; None is
         `~/.cache/sage_opd_jax/alfworld_grounding`. Never put it beside the game files.
       grounding_cache: False grounds every reset from scratch (benchmarks, tests).
+      parse_memo: False parses every text snippet from scratch (benchmarks, tests).
     """
     if max_turns < 1:
       raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
@@ -190,6 +194,7 @@ class AlfworldEnv:
     self.seed = seed
     self.facts = facts
     self.cache = GroundingCache(cache_dir) if grounding_cache else None
+    self.parse_memo = ParseMemo() if parse_memo else None
     self._tasks: dict[str, list[Task]] = {}
     self._episode: _Episode | None = None
     self._last_facts: list[Any] = []
@@ -265,11 +270,7 @@ class AlfworldEnv:
       walkthrough = list(json.load(f).get("walkthrough") or [])
 
     self._episode = None
-    if self.cache is not None:
-      with self.cache.installed():
-        self._engine.load([gamefile])
-        observations, infos = self._engine.reset()
-    else:
+    with self._speedups():
       self._engine.load([gamefile])
       observations, infos = self._engine.reset()
 
@@ -302,7 +303,8 @@ class AlfworldEnv:
       observation = NOTHING_HAPPENS
     else:
       try:
-        observations, _, _, infos = self._engine.step([command])
+        with self._speedups():
+          observations, _, _, infos = self._engine.step([command])
         observation = observations[0]
         won = bool(infos["won"][0])
         episode.admissible = list(infos["admissible_commands"][0])
@@ -321,6 +323,15 @@ class AlfworldEnv:
       extra=self._extra(infos, command=command),
     )
     return StepResult(observation=observation, reward=1.0 if won else 0.0, done=episode.done, info=info)
+
+  @contextlib.contextmanager
+  def _speedups(self) -> Iterator[None]:
+    """Installs the enabled engine caches for one engine call."""
+    with contextlib.ExitStack() as stack:
+      for cache in (self.cache, self.parse_memo):
+        if cache is not None:
+          stack.enter_context(cache.installed())
+      yield
 
   def _extra(self, infos: dict[str, Any] | None, command: str | None) -> dict[str, Any]:
     episode = self._episode

@@ -1,4 +1,6 @@
-"""A disk cache for fast_downward's PDDL grounding, the slow part of an ALFWorld reset.
+"""Caches for the slow parts of TextWorld's PDDL engine, which ALFWorld runs on.
+
+`GroundingCache`: a disk cache for fast_downward's PDDL grounding, the slow part of a reset.
 
 TextWorld's `PddlState` calls `fast_downward.pddl2sas(domain, problem, optimize=...)`
 twice per construction, and an ALFWorld reset constructs it twice (once in `load`, once
@@ -13,12 +15,18 @@ The cache is hooked in with `GroundingCache.installed()`, which swaps
 Several worker processes may share one cache folder: entries are written to a temporary
 file in the same folder and then `os.replace`d into place, so a reader sees either no
 entry or a whole one.
+
+`ParseMemo`: the engine's text generation re-parses the same few hundred grammar snippets
+and logic queries with TatSu on every step and reset (about half of a step's time). The
+parse is a pure function of the snippet, so it is memoised in memory, handing out deep
+copies because the engine mutates what it gets. It is installed the same scoped way.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import logging
@@ -31,6 +39,8 @@ from typing import Any, Iterator
 
 import fast_downward
 import fast_downward.interface
+import textworld.envs.pddl.textgen
+import textworld.logic
 
 # Bump when the pickled layout or the key recipe changes.
 _FORMAT_VERSION = 1
@@ -142,3 +152,49 @@ class GroundingCache:
       yield
     finally:
       fast_downward.pddl2sas = previous
+
+
+class ParseMemo:
+  """Memoises TextWorld's two TatSu snippet parsers (text grammar and logic queries)."""
+
+  # The modules whose `_parse_and_convert` the engine calls per derived text and query.
+  _MODULES = (textworld.envs.pddl.textgen, textworld.logic)
+
+  def __init__(self, max_entries: int = 8192):
+    self.max_entries = max_entries
+    self._originals = {module: module._parse_and_convert for module in self._MODULES}  # pylint: disable=protected-access
+    self._memo: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+    self.hits = 0
+    self.misses = 0
+
+  def _memoised(self, module: Any) -> Any:
+    original = self._originals[module]
+
+    def parse_and_convert(*args: Any, **kwargs: Any) -> Any:
+      key = (module.__name__, args, tuple(sorted(kwargs.items())))
+      parsed = self._memo.get(key)
+      if parsed is None:
+        self.misses += 1
+        parsed = original(*args, **kwargs)
+        self._memo[key] = parsed
+        while len(self._memo) > self.max_entries:
+          self._memo.popitem(last=False)
+      else:
+        self.hits += 1
+        self._memo.move_to_end(key)
+      # The engine sets contexts on the symbols it gets; the memoised parse stays pristine.
+      return copy.deepcopy(parsed)
+
+    return parse_and_convert
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[None]:
+    """Routes the engine's snippet parsing through this memo inside the block only."""
+    previous = {module: module._parse_and_convert for module in self._MODULES}  # pylint: disable=protected-access
+    for module in self._MODULES:
+      module._parse_and_convert = self._memoised(module)  # pylint: disable=protected-access
+    try:
+      yield
+    finally:
+      for module, function in previous.items():
+        module._parse_and_convert = function  # pylint: disable=protected-access
