@@ -1,0 +1,138 @@
+"""Teacher scoring: one jitted, chunked forward of the frozen teacher over a rollout batch.
+
+The teacher's per-token signals on the student's own tokens (METHOD.md E1, E6, E10):
+
+  teacher_logprobs [B, S]  log nu(token s | tokens < s)
+  teacher_top1     [B, S]  max_v nu(v | tokens < s)
+  teacher_entropy  [B, S]  H(nu(. | tokens < s)) in nats
+  teacher_topk_ids / teacher_topk_logprobs [B, S, K]   optional, for forward-KL / JSD variants
+
+All are token-aligned like the rest of the batch (entry s describes the distribution that
+predicts token s; entry 0 and padding are 0), so they merge straight into the loss batch.
+
+The LM head is the memory hazard at scale ([B, S, V] float32 for a 150k vocabulary is tens of
+GiB), so the trunk runs once to `hidden_states` and the head + log-softmax statistics run
+chunk by chunk over the sequence under `lax.map`: only `[B, chunk + 1, V]` logits exist at a
+time. Each chunk is handed to `losses.teacher_token_stats`, whose `align_to_tokens` is the
+codebase's one shift; chunks therefore overlap by one position (the logits that predict a
+chunk's first token sit at the previous chunk's last position).
+
+The teacher's params are a separate pytree (`nnx.split(teacher)`), possibly sharded unlike the
+student's; they are read under `stop_gradient` and never trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sage_opd_jax import losses
+
+Array = jax.Array
+Scores = dict[str, Array]
+
+STAT_KEYS = ("teacher_logprobs", "teacher_top1", "teacher_entropy")
+TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
+
+
+def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int) -> Scores:
+  """One window of W = chunk + 1 positions -> token-aligned stats of its last W - 1 tokens."""
+  logits_BxWxV = model.lm_logits(hidden_BxWxD).astype(jnp.float32)
+  stats = losses.teacher_token_stats(logits_BxWxV, tokens_BxW)
+  if top_k:
+    logq_BxWxV = jax.nn.log_softmax(logits_BxWxV, axis=-1)
+    topk_logprobs_BxWxK, topk_ids_BxWxK = jax.lax.top_k(logq_BxWxV, top_k)
+    stats["teacher_topk_logprobs"] = losses.align_to_tokens(topk_logprobs_BxWxK)
+    stats["teacher_topk_ids"] = losses.align_to_tokens(topk_ids_BxWxK.astype(jnp.int32))
+  # Window position 0 only serves as the predictor of position 1; its own entry belongs to the
+  # previous window.
+  return {key: value[:, 1:] for key, value in stats.items()}
+
+
+def score_tokens(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens_BxS: Array,
+    attention_mask_BxS: Array,
+    *,
+    chunk_size: int,
+    top_k: int = 0,
+) -> Scores:
+  """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
+
+  Args:
+    graphdef, state: `nnx.split(teacher)`; the state is read under stop_gradient.
+    tokens_BxS: int token ids, right-padded.
+    attention_mask_BxS: 1 for real tokens, 0 for padding.
+    chunk_size: sequence positions per LM-head chunk; need not divide S.
+    top_k: also return the K most likely teacher tokens per position (0: off).
+
+  Returns:
+    `STAT_KEYS` -> [B, S] float32 (plus `TOPK_KEYS` -> [B, S, K] when top_k > 0). Entry s
+    describes the teacher distribution that predicts token s; entry 0 and padding entries are 0.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"score_tokens: chunk_size must be >= 1, got {chunk_size}.")
+  if top_k < 0:
+    raise ValueError(f"score_tokens: top_k must be >= 0, got {top_k}.")
+  if tokens_BxS.shape != attention_mask_BxS.shape:
+    raise ValueError(
+        f"score_tokens: tokens {tokens_BxS.shape} and attention_mask {attention_mask_BxS.shape} differ.")
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+  batch, seq = tokens_BxS.shape
+  tokens_BxS = tokens_BxS.astype(jnp.int32)
+  hidden_BxSxD = model.hidden_states(tokens_BxS, attention_mask=attention_mask_BxS)
+
+  # One leading dummy position makes window c = padded positions [c*C, c*C + C], i.e. real
+  # positions [c*C - 1, c*C + C): the C tokens of chunk c plus the position predicting the first.
+  num_chunks = -(-seq // chunk_size)
+  pad_right = num_chunks * chunk_size - seq
+  hidden_pad = jnp.pad(hidden_BxSxD, ((0, 0), (1, pad_right), (0, 0)))
+  tokens_pad = jnp.pad(tokens_BxS, ((0, 0), (1, pad_right)))
+
+  def one_chunk(c: Array) -> Scores:
+    start = c * chunk_size
+    hidden_BxWxD = jax.lax.dynamic_slice_in_dim(hidden_pad, start, chunk_size + 1, axis=1)
+    tokens_BxW = jax.lax.dynamic_slice_in_dim(tokens_pad, start, chunk_size + 1, axis=1)
+    return _chunk_stats(model, hidden_BxWxD, tokens_BxW, top_k)
+
+  per_chunk = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # Each [num_chunks, B, C, ...].
+
+  # Token 0 has no predicting position (its window entry came from the dummy) and padding
+  # tokens were never sampled: both are 0.
+  real_BxS = (attention_mask_BxS > 0) & (jnp.arange(seq)[None, :] > 0)
+  scores = {}
+  for key, value in per_chunk.items():
+    value = jnp.moveaxis(value, 0, 1).reshape((batch, num_chunks * chunk_size) + value.shape[3:])
+    value = value[:, :seq]
+    real = real_BxS.reshape(real_BxS.shape + (1,) * (value.ndim - 2))
+    scores[key] = jnp.where(real, value, jnp.zeros((), value.dtype))
+  return scores
+
+
+@functools.lru_cache(maxsize=16)
+def make_scorer(
+    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0
+) -> Callable[[nnx.State, Array, Array], Scores]:
+  """A jitted `(state, tokens_BxS, attention_mask_BxS) -> scores` for one teacher graph.
+
+  One compile per distinct [B, S]: the rollout's bucketed batch shapes are the student's, so
+  the teacher compiles as often as the student's forward does. Sharding follows the inputs:
+  the teacher state may live on its own layout, the token arrays on the batch sharding.
+  Cached per (graphdef, chunk_size, top_k), so repeated calls share one jitted function.
+  """
+  return jax.jit(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k))
+
+
+def score_batch(
+    teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
+    top_k: int = 0
+) -> Scores:
+  """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
+  graphdef, state = nnx.split(teacher)
+  return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k)(
+      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS))

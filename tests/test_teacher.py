@@ -1,0 +1,102 @@
+"""Teacher scoring: chunked, token-aligned statistics against a float64 NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sage_opd_jax import models
+from sage_opd_jax import teacher
+
+VOCAB = 97
+SEQ = 13
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+  config = models.ModelConfig.from_dict(dict(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=8, tie_embeddings=False))
+  return models.Transformer(config, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, size=(3, SEQ)).astype(np.int32)
+  mask = np.ones((3, SEQ), np.int32)
+  mask[1, 9:] = 0  # A right-padded row.
+  mask[2, 4:] = 0
+  tokens[mask == 0] = 0
+  return tokens, mask
+
+
+def _reference(model, tokens, mask, top_k):
+  """Full [B, S, V] logits -> float64 log-softmax; position s - 1 predicts token s."""
+  logits = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), np.float64)
+  logq = logits - logits.max(-1, keepdims=True)
+  logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+  b, s = tokens.shape
+  ref = {name: np.zeros((b, s)) for name in teacher.STAT_KEYS}
+  ref["teacher_topk_ids"] = np.zeros((b, s, top_k), np.int64)
+  ref["teacher_topk_logprobs"] = np.zeros((b, s, top_k))
+  for i in range(b):
+    for j in range(1, s):
+      if not mask[i, j]:
+        continue
+      dist = logq[i, j - 1]
+      ref["teacher_logprobs"][i, j] = dist[tokens[i, j]]
+      ref["teacher_top1"][i, j] = np.exp(dist.max())
+      ref["teacher_entropy"][i, j] = -(np.exp(dist) * dist).sum()
+      order = np.argsort(-dist, kind="stable")[:top_k]
+      ref["teacher_topk_ids"][i, j] = order
+      ref["teacher_topk_logprobs"][i, j] = dist[order]
+  return ref
+
+
+def test_scores_equal_a_direct_full_forward(tiny_teacher, batch):
+  tokens, mask = batch
+  scores = teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=4, top_k=3)
+  ref = _reference(tiny_teacher, tokens, mask, top_k=3)
+  assert set(scores) == set(teacher.STAT_KEYS) | set(teacher.TOPK_KEYS)
+  for key in teacher.STAT_KEYS + ("teacher_topk_logprobs",):
+    assert scores[key].shape == ref[key].shape, key
+    np.testing.assert_allclose(np.asarray(scores[key]), ref[key], atol=2e-5, rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(np.asarray(scores["teacher_topk_ids"]), ref["teacher_topk_ids"])
+  # Token 0 has no predicting position and padding was never sampled: both exactly 0.
+  for key in teacher.STAT_KEYS:
+    assert np.all(np.asarray(scores[key])[:, 0] == 0.0)
+    assert np.all(np.asarray(scores[key])[mask == 0] == 0.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, SEQ + 4])
+def test_chunked_equals_unchunked(tiny_teacher, batch, chunk_size):
+  tokens, mask = batch
+  whole = teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=SEQ, top_k=2)
+  chunked = teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=chunk_size, top_k=2)
+  for key in whole:
+    np.testing.assert_allclose(np.asarray(chunked[key]), np.asarray(whole[key]), rtol=1e-6, atol=1e-5, err_msg=key)
+
+
+def test_teacher_params_get_no_gradient(tiny_teacher, batch):
+  tokens, mask = batch
+  graphdef, state = nnx.split(tiny_teacher)
+
+  def total(state):
+    scores = teacher.score_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), chunk_size=5)
+    return scores["teacher_logprobs"].sum() + scores["teacher_entropy"].sum()
+
+  assert float(total(state)) != 0.0
+  grads = jax.grad(total)(state)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_scorer_is_cached_and_rejects_bad_arguments(tiny_teacher, batch):
+  tokens, mask = batch
+  graphdef, _ = nnx.split(tiny_teacher)
+  assert teacher.make_scorer(graphdef, chunk_size=4) is teacher.make_scorer(graphdef, chunk_size=4)
+  with pytest.raises(ValueError, match="chunk_size"):
+    teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=0)
+  with pytest.raises(ValueError, match="attention_mask"):
+    teacher.score_batch(tiny_teacher, tokens, mask[:, :-1], chunk_size=4)
