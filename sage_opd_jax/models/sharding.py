@@ -1,0 +1,144 @@
+"""Logical parameter axes -> mesh axes, the device mesh, and building a model onto it.
+
+Every parameter carries `logical_axes` metadata (one name per dimension, set in
+transformer.py). `LOGICAL_RULES` maps each logical name to a mesh axis or to None
+(replicated). The mesh always has the three axes ("data", "fsdp", "tensor"):
+  * fsdp shards the hidden ("embed") dimension of every weight matrix; the batch is split
+    over ("data", "fsdp"), so fsdp is ZeRO-3-style data parallelism.
+  * tensor shards heads, kv heads, the MLP width and the vocabulary (Megatron-style).
+  * data replicates parameters.
+A dimension whose size the mesh axis does not divide is an error naming the parameter, never
+a silent replication.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sage_opd_jax.models.config import ModelConfig
+from sage_opd_jax.models.transformer import Transformer
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes ("data", "fsdp", "tensor") from e.g. {"fsdp": 4, "tensor": 2}.
+
+  Missing axes have size 1; the sizes must multiply to the number of devices (all of
+  `jax.devices()` by default).
+  """
+  unknown = sorted(set(axes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"make_mesh: unknown mesh axes {unknown}; known: {MESH_AXES}")
+  shape = tuple(int(axes.get(name, 1)) for name in MESH_AXES)
+  if any(size <= 0 for size in shape):
+    raise ValueError(f"make_mesh: axis sizes must be positive, got {dict(axes)}")
+  devices = list(jax.devices() if devices is None else devices)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"make_mesh: axes {dict(zip(MESH_AXES, shape))} need {math.prod(shape)} "
+                     f"devices, have {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None],
+                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
+  """PartitionSpec for a tuple of logical axis names."""
+  mesh_axes = []
+  for name in logical_axes:
+    if name is None:
+      mesh_axes.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f"no sharding rule for logical axis {name!r}; rules: {sorted(rules)}")
+    mesh_axes.append(rules[name])
+  return PartitionSpec(*mesh_axes)
+
+
+def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   name: str = "<array>",
+                   rules: Mapping[str, str | None] = LOGICAL_RULES) -> NamedSharding:
+  """The NamedSharding of one array; a dimension the mesh axis does not divide is an error."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"{name}: logical axes {tuple(logical_axes)} do not match shape "
+                     f"{tuple(shape)}")
+  spec = logical_to_spec(logical_axes, rules)
+  for dim, (size, axis) in enumerate(zip(shape, spec)):
+    if axis is not None and size % mesh.shape[axis]:
+      raise ValueError(f"{name}: dimension {dim} ({logical_axes[dim]}={size}) is not divisible "
+                       f"by mesh axis {axis!r} of size {mesh.shape[axis]}")
+  return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: Any, mesh: Mesh,
+                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> Any:
+  """The state's structure with each Variable's value replaced by its NamedSharding.
+
+  Works for any nnx State (model params, optimizer state): Variables carrying
+  `logical_axes` metadata are sharded by the rules, the rest (step counters) replicated.
+  """
+
+  def one(path, variable):
+    if not isinstance(variable, nnx.Variable):
+      return NamedSharding(mesh, PartitionSpec())
+    axes = variable.get_metadata().get("logical_axes")
+    if axes is None:
+      return variable.replace(value=NamedSharding(mesh, PartitionSpec()))
+    value = variable.get_value()
+    return variable.replace(
+        value=named_sharding(axes, value.shape, mesh, jax.tree_util.keystr(path), rules))
+
+  return jax.tree_util.tree_map_with_path(
+      one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a [B, ...] batch array: B split over ("data", "fsdp")."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: no parameter memory is allocated."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
+  """A randomly initialised model, its params created directly in their shardings."""
+  if mesh is None:
+    return Transformer(config, rngs=nnx.Rngs(seed))
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  shardings = state_shardings(abstract_state, mesh)
+
+  def init():
+    return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
+  """Moves an existing model's params onto the mesh (e.g. a model built unsharded)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
