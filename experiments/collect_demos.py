@@ -36,6 +36,7 @@ def main(argv):
       seed=_SEED.value,
       task_types=_TASK_TYPES.value,
       cache_dir=_CACHE_DIR.value,
+      facts=True,  # The expert's predicates read the game's facts.
   )
   result = demos.collect(
       _OUT_DIR.value,

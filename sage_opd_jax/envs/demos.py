@@ -216,7 +216,7 @@ def collect(
   Args:
     out_dir: output folder; an existing one is resumed (its settings must match).
     split: the env's split, e.g. "train".
-    env_kwargs: the env's constructor arguments (facts are switched on for the expert).
+    env_kwargs: the env's constructor arguments; the ALFWorld expert needs facts=True.
     env_name: registered env name.
     num_workers: worker processes.
     game_timeout_s: hard limit per game (the episode and its judge replays).
@@ -231,7 +231,9 @@ def collect(
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  env_kwargs = {**env_kwargs, "facts": True}
+  env_kwargs = dict(env_kwargs)
+  if game_fn is expert_game and not env_kwargs.get("facts"):
+    raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
   settings = dict(
       env=env_name, split=split, expert=alfworld_expert.EXPERT_NAME, env_kwargs=env_kwargs,
       judge_states=judge_states, seed=seed, max_expert_steps=max_expert_steps,

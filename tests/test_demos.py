@@ -1,0 +1,159 @@
+"""Demonstration and judge-example collection: records, judge feedback, resume, failures.
+
+Collection runs the real expert on the real engine over the fixture games
+(tests/fixtures/alfworld). Hangs, crashes and engine exceptions are injected through
+a small scripted env registered here (workers import this module), since what is
+under test there is the collection's supervision, not the game.
+"""
+
+import json
+import os
+import time
+
+import pytest
+
+from sage_opd_jax import envs
+from sage_opd_jax.envs import demos
+
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "alfworld")
+_MODULE = __name__
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory):
+  """One collection over the fixture games' valid_seen split (both won by the expert)."""
+  out = tmp_path_factory.mktemp("demos")
+  kwargs = dict(data_dir=FIXTURE_DIR, max_turns=30, facts=True, cache_dir=str(tmp_path_factory.mktemp("grounding")))
+  result = demos.collect(out, "valid_seen", kwargs, num_workers=2, judge_states=3, game_timeout_s=120, progress=False)
+  return out, kwargs, result
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_demo_records_have_the_schema_and_are_consistent(fixture_run):
+  out, _, result = fixture_run
+  assert result.manifest["games_total"] == 2 and result.manifest["games_won"] == 2
+  assert result.manifest["success_rate"] == 1.0
+  records = _lines(out / demos.DEMOS)
+  assert sorted(r["task_id"] for r in records) == sorted(g["task_id"] for g in _lines(out / demos.GAMES))
+  for r in records:
+    assert tuple(sorted(r)) == tuple(sorted(demos.DEMO_KEYS))
+    assert r["won"] and r["split"] == "valid_seen" and r["task"].startswith("Your task is to:")
+    assert r["task_type"] == r["task_id"].split("-")[0]
+    assert r["num_turns"] == len(r["actions"]) == len(r["valid"]) == len(r["admissible_actions"])
+    assert len(r["observations"]) == len(r["actions"]) + 1
+    assert all(a in adm for a, adm in zip(r["actions"], r["admissible_actions"]))
+    assert all(r["valid"])
+
+
+def test_judge_examples_carry_the_envs_own_feedback(fixture_run):
+  out, kwargs, _ = fixture_run
+  demo_by_id = {r["task_id"]: r for r in _lines(out / demos.DEMOS)}
+  examples = _lines(out / demos.JUDGE)
+  assert {e["label"] for e in examples} == set(demos.LABELS)
+  env = envs.make("alfworld", **kwargs)
+  tasks = {t.task_id: t for t in env.tasks("valid_seen")}
+  for e in examples:
+    assert tuple(sorted(e)) == tuple(sorted(demos.JUDGE_KEYS))
+    demo, t = demo_by_id[e["task_id"]], e["turn"]
+    assert e["observation"] == demo["observations"][t]
+    assert e["admissible_actions"] == demo["admissible_actions"][t]
+    if e["label"] == "Skip":
+      assert e["action"] == demo["actions"][t] and e["feedback"] == demo["observations"][t + 1]
+      continue
+    if e["label"] == "Strong":
+      assert e["action"] not in e["admissible_actions"] and not e["valid"]
+    else:
+      assert e["action"] in e["admissible_actions"] and e["action"] != demo["actions"][t] and e["valid"]
+    # Reference: a fresh env in this process, replaying the demo up to the state.
+    env.reset(tasks[e["task_id"]])
+    for action in demo["actions"][:t]:
+      env.step(action)
+    assert env.step(e["action"]).observation == e["feedback"], e
+  env.close()
+  loaded = list(demos.load_judge_examples(out, history_turns=2))
+  assert len(loaded) == len(examples)
+  for example in loaded:
+    demo = demo_by_id[example.task_id]
+    assert len(example.history) == min(2, example.turn)
+    if example.history:
+      assert example.history[-1] == (demo["observations"][example.turn - 1], demo["actions"][example.turn - 1])
+
+
+def test_rerun_skips_finished_games_and_drops_unfinished_records(fixture_run):
+  out, kwargs, _ = fixture_run
+  before = {name: (out / name).read_text() for name in (demos.GAMES, demos.DEMOS, demos.JUDGE)}
+  again = demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=3, progress=False)
+  assert again.new_games == 0
+  assert {name: (out / name).read_text() for name in before} == before
+  # A run killed after writing a game's records but before its ledger line.
+  games = before[demos.GAMES].splitlines(keepends=True)
+  (out / demos.GAMES).write_text("".join(games[:-1]))
+  redone = demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=3, progress=False)
+  assert redone.new_games == 1
+  task_ids = [r["task_id"] for r in _lines(out / demos.DEMOS)]
+  assert len(task_ids) == len(set(task_ids)) == 2
+  assert redone.manifest["games_done"] == 2
+
+
+def test_resume_with_other_settings_is_refused(fixture_run):
+  out, kwargs, _ = fixture_run
+  with pytest.raises(ValueError, match="judge_states"):
+    demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=1, progress=False)
+  with pytest.raises(ValueError, match="facts"):
+    demos.collect(out, "valid_seen", {**kwargs, "facts": False}, num_workers=1, judge_states=3, progress=False)
+
+
+# --- injected failures ---------------------------------------------------------------
+
+
+@envs.register("demos_test")
+class FaultyEnv:
+  """Six one-step games; t1's step hangs, t3's raises, t4's kills the worker."""
+
+  def tasks(self, split):
+    return [envs.Task("demos_test", split, f"t{i}", "one_step") for i in range(6)]
+
+  def reset(self, task):
+    self.task = task
+    return "start", envs.StepInfo(task="win", admissible_actions=["win"])
+
+  def step(self, action):
+    if self.task.task_id == "t1":
+      time.sleep(3600)
+    if self.task.task_id == "t3":
+      raise RuntimeError("injected engine failure")
+    if self.task.task_id == "t4":
+      os._exit(7)
+    return envs.StepResult("won", 1.0, True, envs.StepInfo(task="win", admissible_actions=[], won=True))
+
+  def close(self):
+    pass
+
+
+def one_step_game(env, task, seed, judge_states, max_expert_steps):
+  """A `game_fn` that plays the scripted env's one-step game."""
+  del seed, judge_states, max_expert_steps
+  observation, _ = env.reset(task)
+  result = env.step("win")
+  demo = dict(task_id=task.task_id, observations=[observation, result.observation], actions=["win"])
+  return dict(status="won", turns=1, seconds=0.0, error=None, demo=demo, judge=[])
+
+
+def test_hang_crash_and_exception_are_skipped_and_collection_goes_on(tmp_path):
+  def run(**kw):
+    return demos.collect(tmp_path, "train", {}, env_name="demos_test", num_workers=2, game_timeout_s=3.0,
+                         game_fn=one_step_game, imports=(_MODULE,), progress=False, **kw)
+
+  result = run()
+  status = {g["task_id"]: g["status"] for g in _lines(tmp_path / demos.GAMES)}
+  assert status == {"t0": "won", "t1": "timeout", "t2": "won", "t3": "error", "t4": "crash", "t5": "won"}
+  errors = {g["task_id"]: g["error"] for g in _lines(tmp_path / demos.GAMES)}
+  assert "injected engine failure" in errors["t3"] and "exit code 7" in errors["t4"]
+  assert sorted(r["task_id"] for r in _lines(tmp_path / demos.DEMOS)) == ["t0", "t2", "t5"]
+  assert result.manifest["last_run"]["respawns"] == 2  # The hung and the crashed worker.
+  assert run().new_games == 0  # Failed games count as finished...
+  assert run(retry_failed=True).new_games == 3  # ...unless asked to retry them.
