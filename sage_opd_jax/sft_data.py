@@ -1,0 +1,260 @@
+"""SFT data for one model that both acts and judges (the CPU pipeline's teacher).
+
+Two kinds of samples, tokenized and padded into the rollout batch's layout (`tokens`,
+`attention_mask`, `turn_ids`, all `[N, S]`), so that the `sft` loss (cross-entropy on the
+tokens with `turn_ids > 0`) consumes them unchanged:
+
+* **acting**: an expert demonstration as the multi-turn chat transcript the student sees while
+  acting (`prompts.episode_segments`): system, user(task + o_1), assistant(y_1), user(o_2), ...
+  Turn k's response tokens (the expert's `<think></think><action>a_k</action>` and the
+  end-of-turn token) carry `turn_ids == k`; everything else is 0.
+* **judge**: a judge question about one step (`prompts.render_judge_prompt`, the feedback in
+  it) answered with one word, Skip/Weak/Strong, plus the end-of-turn token; only the answer
+  carries `turn_ids == 1`.
+
+Each segment is tokenized on its own and the ids are concatenated, as the sampler builds a
+rollout (generated ids, then the encoded next observation), so the model is trained on the
+token sequences it will see.
+
+Host side only: numpy and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from sage_opd_jax import prompts
+from sage_opd_jax.envs import demos
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Demonstration:
+  """One expert episode: `observations[t]` precedes `actions[t]`.
+
+  `observations` may hold one more entry than `actions` (the answer to the last action); it is
+  not part of the transcript, since no response follows it.
+  """
+
+  task_text: str
+  observations: Sequence[str]
+  actions: Sequence[str]
+  admissible_actions: Sequence[Sequence[str]] | None = None  # Per turn, shown with o_t.
+  thoughts: Sequence[str] | None = None  # Per turn, inside <think></think>; empty if None.
+
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> "Demonstration":
+    """From one `demos.jsonl` record (`envs.demos.DEMO_KEYS`)."""
+    for key in ("task", "observations", "actions", "admissible_actions"):
+      if key not in record:
+        raise ValueError(f"demo record {record.get('task_id', '?')!r} lacks the key {key!r}.")
+    return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
+               admissible_actions=record["admissible_actions"])
+
+
+def read_demonstrations(out_dir: str | os.PathLike[str]) -> list[Demonstration]:
+  """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl)."""
+  path = pathlib.Path(out_dir) / demos.DEMOS
+  if not path.exists():
+    raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
+  with path.open() as f:
+    return [Demonstration.from_record(json.loads(line)) for line in f if line.strip()]
+
+
+class JudgeExampleLike(Protocol):
+  """A labelled judged step, as `envs.demos.JudgeExample` holds it."""
+
+  task: str
+  history: Sequence[tuple[str, str | None]]  # (observation, action) before this turn, oldest first.
+  observation: str  # o_t.
+  admissible_actions: Sequence[str]  # At o_t.
+  action: str | None  # The judged action; None stands for an unparseable response.
+  feedback: str  # The env's answer to it.
+  label: str | int  # "Skip"/"Weak"/"Strong", or the prompts.SKIP/WEAK/STRONG code.
+
+
+def label_code(label: str | int) -> int:
+  """A label name ("Skip", any case) or code -> prompts.SKIP/WEAK/STRONG."""
+  if isinstance(label, str):
+    names = [n.lower() for n in prompts.LABEL_NAMES]
+    if label.lower() not in names:
+      raise ValueError(f"judge example label {label!r}: must be one of {prompts.LABEL_NAMES}.")
+    return names.index(label.lower())
+  if label not in (prompts.SKIP, prompts.WEAK, prompts.STRONG):
+    raise ValueError(f"judge example label {label!r}: must be prompts.SKIP, WEAK or STRONG.")
+  return int(label)
+
+
+def expert_response(action: str | None, thought: str = "") -> str:
+  """The response an action is trained as, in the acting format; None gives no action tag."""
+  think = f"{prompts.THINK_OPEN}{thought}{prompts.THINK_CLOSE}"
+  if action is None:
+    return think
+  return f"{think}{prompts.ACTION_OPEN}{action}{prompts.ACTION_CLOSE}"
+
+
+def _end_of_turn(layout: prompts.ChatLayout) -> str:
+  """The text that closes an assistant message (e.g. "<|im_end|>"), as `episode_segments` trains it."""
+  return layout.after_assistant.split("\n", 1)[0]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenize_segments(tokenizer: Any, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+  """(text, is_response) pieces -> (ids, turn ids): the k-th response piece gets turn id k."""
+  ids: list[int] = []
+  turn_ids: list[int] = []
+  turn = 0
+  for text, is_response in segments:
+    piece = _encode(tokenizer, text)
+    if is_response:
+      turn += 1
+    ids.extend(piece)
+    turn_ids.extend([turn if is_response else 0] * len(piece))
+  return ids, turn_ids
+
+
+def acting_segments(
+    layout: prompts.ChatLayout, demo: Demonstration, show_admissible: bool = True
+) -> list[tuple[str, bool]]:
+  """The demonstration's chat transcript as (text, is_response) pieces."""
+  num = len(demo.actions)
+  if num == 0:
+    raise ValueError("Demonstration.actions is empty: an episode needs at least one action.")
+  if len(demo.observations) not in (num, num + 1):
+    raise ValueError(
+        f"Demonstration has {len(demo.observations)} observations for {num} actions; expected {num} or {num + 1}.")
+  if demo.thoughts is not None and len(demo.thoughts) != num:
+    raise ValueError(f"Demonstration.thoughts has {len(demo.thoughts)} entries for {num} actions.")
+  admissible = None
+  if show_admissible:
+    if demo.admissible_actions is None or len(demo.admissible_actions) != num:
+      raise ValueError(
+          "show_admissible=True needs Demonstration.admissible_actions with one list per action; got "
+          f"{None if demo.admissible_actions is None else len(demo.admissible_actions)} for {num} actions.")
+    admissible = [list(a) for a in demo.admissible_actions]
+  thoughts = demo.thoughts if demo.thoughts is not None else [""] * num
+  responses = [expert_response(a, th) for a, th in zip(demo.actions, thoughts)]
+  return prompts.episode_segments(layout, demo.task_text, list(demo.observations[:num]), responses, admissible)
+
+
+def judge_prompt(tokenizer: Any, example: JudgeExampleLike, history_turns: int) -> str:
+  """The judge question about `example`, rendered with the generation prompt."""
+  return prompts.render_judge_prompt(
+      tokenizer, example.task, list(example.history), example.observation,
+      expert_response(example.action), example.feedback, list(example.admissible_actions), history_turns)
+
+
+def judge_segments(
+    layout: prompts.ChatLayout, example: JudgeExampleLike, history_turns: int
+) -> list[tuple[str, bool]]:
+  """The judge question and its one-word answer (with the end-of-turn text)."""
+  answer = prompts.LABEL_NAMES[label_code(example.label)] + _end_of_turn(layout)
+  return [(judge_prompt(layout.tokenizer, example, history_turns), False), (answer, True)]
+
+
+def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+  """The longest prefix of whole turns that fits `seq_len` (ends right after a response)."""
+  if len(ids) <= seq_len:
+    return ids, turn_ids
+  cut = 0
+  for s in range(min(len(ids), seq_len)):
+    # A response token followed by a non-response token (or the end) closes a turn.
+    if turn_ids[s] > 0 and (s + 1 == len(ids) or turn_ids[s + 1] != turn_ids[s]):
+      cut = s + 1
+  return ids[:cut], turn_ids[:cut]
+
+
+def pad_examples(
+    examples: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+  """Right-pads (ids, turn ids) pairs to `[N, seq_len]` arrays of the rollout batch's layout."""
+  n = len(examples)
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  attention_mask = np.zeros((n, seq_len), np.int32)
+  turn_ids = np.zeros((n, seq_len), np.int32)
+  for i, (ids, tids) in enumerate(examples):
+    if len(ids) > seq_len:
+      raise ValueError(f"examples[{i}] has {len(ids)} tokens, more than seq_len={seq_len}.")
+    tokens[i, : len(ids)] = ids
+    attention_mask[i, : len(ids)] = 1
+    turn_ids[i, : len(tids)] = tids
+  return {"tokens": tokens, "attention_mask": attention_mask, "turn_ids": turn_ids}
+
+
+@dataclasses.dataclass
+class SftData:
+  """Padded SFT arrays, `[N, S]` unless noted, plus what the build had to drop or cut.
+
+  Attributes:
+    arrays: `tokens`, `attention_mask`, `turn_ids` (int32 [N, S]), `num_turns` (int32 [N], the
+      highest turn id of the row) and `is_judge` (bool [N]).
+    num_truncated: acting episodes cut to their first whole turns to fit `seq_len`.
+    num_dropped: samples dropped because not even one turn (or the judge question) fits.
+  """
+
+  arrays: dict[str, np.ndarray]
+  num_truncated: int = 0
+  num_dropped: int = 0
+
+
+def build_sft_data(
+    tokenizer: Any,
+    demonstrations: Iterable[Demonstration],
+    judge_examples: Iterable[JudgeExampleLike],
+    seq_len: int,
+    *,
+    history_turns: int = 2,
+    show_admissible: bool = True,
+    seed: int | None = 0,
+) -> SftData:
+  """Acting and judge samples for one model, shuffled together.
+
+  Args:
+    tokenizer: the shared tokenizer; it must have a chat template and a pad token.
+    demonstrations: expert episodes (acting samples).
+    judge_examples: labelled judge questions (judge samples), e.g.
+      `envs.demos.load_judge_examples(out_dir, history_turns)`.
+    seq_len: S, the padded length; longer acting episodes keep their first whole turns.
+    history_turns: the judge prompt's history window (config.judge.history_turns).
+    show_admissible: list the admissible actions with each observation (as the rollout does).
+    seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
+  """
+  if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
+    raise ValueError("build_sft_data: `tokenizer` must be given and have a pad_token_id.")
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  examples: list[tuple[list[int], list[int]]] = []
+  is_judge: list[bool] = []
+  truncated = dropped = 0
+  for demo in demonstrations:
+    ids, tids = tokenize_segments(tokenizer, acting_segments(layout, demo, show_admissible))
+    fitted, fitted_tids = _fit_turns(ids, tids, seq_len)
+    if not any(fitted_tids):
+      dropped += 1
+      continue
+    truncated += len(fitted) < len(ids)
+    examples.append((fitted, fitted_tids))
+    is_judge.append(False)
+  for example in judge_examples:
+    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns))
+    if len(ids) > seq_len:
+      dropped += 1
+      continue
+    examples.append((ids, tids))
+    is_judge.append(True)
+  if seed is not None:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    examples = [examples[i] for i in order]
+    is_judge = [is_judge[i] for i in order]
+  arrays = pad_examples(examples, seq_len, int(tokenizer.pad_token_id))
+  arrays["num_turns"] = arrays["turn_ids"].max(axis=1, initial=0).astype(np.int32)
+  arrays["is_judge"] = np.asarray(is_judge, bool)
+  return SftData(arrays=arrays, num_truncated=int(truncated), num_dropped=int(dropped))

@@ -1,0 +1,108 @@
+"""SFT data: the loss masks land exactly on the assistant tokens, in the rollout batch's layout."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sage_opd_jax import losses
+from sage_opd_jax import prompts
+from sage_opd_jax import sft_data
+from sage_opd_jax import tokenization
+from sage_opd_jax.envs import demos
+
+TASK = "Your task is to: put a pen in the drawer."
+DEMO = sft_data.Demonstration(
+    task_text=TASK,
+    observations=[
+        "You are in the middle of a room. You see a desk 1 and a drawer 2.",
+        "You arrive at desk 1. On the desk 1, you see a pen 1.",
+        "You pick up the pen 1 from the desk 1.",
+        "You won!",
+    ],
+    actions=["go to desk 1", "take pen 1 from desk 1", "move pen 1 to drawer 2"],
+    admissible_actions=[["go to desk 1", "go to drawer 2"], ["take pen 1 from desk 1", "look"],
+                        ["move pen 1 to drawer 2", "go to drawer 2"]],
+)
+JUDGE = demos.JudgeExample(
+    task=TASK, history=[(DEMO.observations[0], DEMO.actions[0])], observation=DEMO.observations[1],
+    admissible_actions=list(DEMO.admissible_actions[1]), action="look", feedback="You see a desk 1.",
+    label="Weak", task_id="fixture", turn=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  texts = [TASK, *DEMO.observations, *(a for acts in DEMO.admissible_actions for a in acts), JUDGE.feedback,
+           *tokenization.prompt_texts()]
+  return tokenization.build_word_tokenizer(texts, tmp_path_factory.mktemp("tok"))
+
+
+def _turn_text(tokenizer, tokens, turn_ids, k):
+  return tokenizer.decode(tokens[turn_ids == k].tolist())
+
+
+def test_acting_masks_cover_exactly_the_assistant_responses(tokenizer):
+  data = sft_data.build_sft_data(tokenizer, [DEMO], [], seq_len=400, seed=None)
+  tokens, mask, turn_ids = (data.arrays[k][0] for k in ("tokens", "attention_mask", "turn_ids"))
+  assert data.num_truncated == data.num_dropped == 0
+  for k, action in enumerate(DEMO.actions, start=1):
+    assert _turn_text(tokenizer, tokens, turn_ids, k) == f"<think></think><action>{action}</action><|im_end|>"
+  assert data.arrays["num_turns"].tolist() == [3]
+  # Everything else is the prompt: the whole row decodes to the ChatML transcript (which ends
+  # with the template's newline after the last message; the sample stops at its end-of-turn).
+  messages = prompts.episode_messages(
+      TASK, DEMO.observations[:3], [sft_data.expert_response(a) for a in DEMO.actions], DEMO.admissible_actions)
+  n = int(mask.sum())
+  transcript = prompts.render_chat(tokenizer, messages, add_generation_prompt=False)
+  assert tokenizer.decode(tokens[:n].tolist()) + "\n" == transcript
+  assert np.all(tokens[n:] == tokenizer.pad_token_id) and np.all(turn_ids[n:] == 0) and np.all(mask[:n] == 1)
+  # Observation and template tokens between the turns carry no turn id.
+  assert "Observation: You arrive at desk 1" in tokenizer.decode(tokens[:n][turn_ids[:n] == 0].tolist())
+
+
+def test_judge_sample_masks_only_the_label_word(tokenizer):
+  data = sft_data.build_sft_data(tokenizer, [], [JUDGE], seq_len=400, history_turns=2, seed=None)
+  tokens, mask, turn_ids = (data.arrays[k][0] for k in ("tokens", "attention_mask", "turn_ids"))
+  assert data.arrays["is_judge"].tolist() == [True]
+  assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Weak<|im_end|>"
+  assert set(np.unique(turn_ids).tolist()) == {0, 1}
+  prompt = prompts.render_judge_prompt(
+      tokenizer, TASK, JUDGE.history, JUDGE.observation, "<think></think><action>look</action>", JUDGE.feedback,
+      JUDGE.admissible_actions, 2)
+  assert tokenizer.decode(tokens[(turn_ids == 0) & (mask == 1)].tolist()) == prompt
+  assert "The environment's feedback to it:\nYou see a desk 1." in prompt
+
+
+def test_long_episodes_keep_their_first_whole_turns(tokenizer):
+  full = sft_data.build_sft_data(tokenizer, [DEMO], [], seq_len=400, seed=None)
+  turn_ids = full.arrays["turn_ids"][0]
+  end_of_turn_2 = int(np.flatnonzero(turn_ids == 2)[-1]) + 1
+  cut = sft_data.build_sft_data(tokenizer, [DEMO], [], seq_len=end_of_turn_2 + 3, seed=None)
+  assert cut.num_truncated == 1 and cut.num_dropped == 0
+  assert cut.arrays["num_turns"].tolist() == [2]
+  np.testing.assert_array_equal(cut.arrays["tokens"][0, :end_of_turn_2], full.arrays["tokens"][0, :end_of_turn_2])
+  assert cut.arrays["attention_mask"][0].sum() == end_of_turn_2
+  # Too short for even the first turn, or for the judge question: dropped and counted.
+  tiny = sft_data.build_sft_data(tokenizer, [DEMO], [JUDGE], seq_len=20, seed=None)
+  assert tiny.num_dropped == 2 and tiny.arrays["tokens"].shape == (0, 20)
+
+
+def test_batch_feeds_the_sft_loss(tokenizer):
+  data = sft_data.build_sft_data(tokenizer, [DEMO, DEMO], [JUDGE], seq_len=400, seed=1)
+  arrays = data.arrays
+  assert arrays["tokens"].shape == (3, 400) and arrays["is_judge"].sum() == 1
+  batch = {k: jnp.asarray(arrays[k]) for k in ("tokens", "turn_ids")}
+  losses.validate_batch(batch, num_turns=3)
+  # Uniform logits: the SFT loss is log V on every masked token, and only those count.
+  vocab = len(tokenizer)
+  loss, metrics = losses.sage_opd_loss(jnp.zeros((3, 400, vocab)), batch, method="sft", num_turns=3)
+  assert float(metrics["num_tokens"]) == float((arrays["turn_ids"] > 0).sum())
+  np.testing.assert_allclose(float(loss), np.log(vocab), rtol=1e-6)
+
+
+def test_bad_inputs_name_the_problem(tokenizer):
+  with pytest.raises(ValueError, match="label"):
+    sft_data.label_code("Maybe")
+  bad = sft_data.Demonstration(task_text=TASK, observations=DEMO.observations, actions=DEMO.actions)
+  with pytest.raises(ValueError, match="admissible_actions"):
+    sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400)
+  assert sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400, show_admissible=False).arrays["tokens"].shape[0] == 1
