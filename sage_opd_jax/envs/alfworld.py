@@ -152,6 +152,7 @@ class _Episode:
   walkthrough: list[str]
   admissible: list[str]
   task_text: str
+  facts: list[Any]  # The state's facts; empty unless the env requests them.
   turn: int = 0
   done: bool = False
 
@@ -197,7 +198,6 @@ class AlfworldEnv:
     self.parse_memo = ParseMemo() if parse_memo else None
     self._tasks: dict[str, list[Task]] = {}
     self._episode: _Episode | None = None
-    self._last_facts: list[Any] = []
 
     # policy_commands stays off: the planner replans on every step, is slow and can hang.
     request_infos = textworld.EnvInfos(
@@ -277,13 +277,17 @@ class AlfworldEnv:
     observation = _strip_banner(observations[0])
     admissible = list(infos["admissible_commands"][0])
     self._episode = _Episode(
-      task=task, walkthrough=walkthrough, admissible=admissible, task_text=_task_text(observation)
+      task=task,
+      walkthrough=walkthrough,
+      admissible=admissible,
+      task_text=_task_text(observation),
+      facts=list(infos["facts"][0]) if self.facts else [],
     )
     info = StepInfo(
       task=self._episode.task_text,
       admissible_actions=list(admissible),
       won=bool(infos["won"][0]),
-      extra=self._extra(infos, command=None),
+      extra=self._extra(command=None),
     )
     return observation, info
 
@@ -296,7 +300,7 @@ class AlfworldEnv:
     episode.turn += 1
 
     command = None if action_text is None else canonical_command(action_text, episode.admissible)
-    won, error, infos = False, None, None
+    won, error = False, None
     if command is None:
       # The engine answers a non-admissible command with this text and an unchanged state,
       # so it is answered here without the engine's cost.
@@ -308,9 +312,11 @@ class AlfworldEnv:
         observation = observations[0]
         won = bool(infos["won"][0])
         episode.admissible = list(infos["admissible_commands"][0])
+        if self.facts:
+          episode.facts = list(infos["facts"][0])
       except Exception as e:  # pylint: disable=broad-except
         # An engine crash fails this episode only; the error is reported in the info.
-        observation, error, infos = NOTHING_HAPPENS, f"{type(e).__name__}: {e}", None
+        observation, error = NOTHING_HAPPENS, f"{type(e).__name__}: {e}"
 
     episode.done = won or error is not None or episode.turn >= self.max_turns
     info = StepInfo(
@@ -320,7 +326,7 @@ class AlfworldEnv:
       lost=episode.done and not won,
       valid=command is not None,
       error=error,
-      extra=self._extra(infos, command=command),
+      extra=self._extra(command=command),
     )
     return StepResult(observation=observation, reward=1.0 if won else 0.0, done=episode.done, info=info)
 
@@ -333,7 +339,7 @@ class AlfworldEnv:
           stack.enter_context(cache.installed())
       yield
 
-  def _extra(self, infos: dict[str, Any] | None, command: str | None) -> dict[str, Any]:
+  def _extra(self, command: str | None) -> dict[str, Any]:
     episode = self._episode
     extra: dict[str, Any] = {
       "gamefile": episode.task.meta["gamefile"],
@@ -344,8 +350,7 @@ class AlfworldEnv:
     }
     if self.facts:
       # After an invalid command the state, hence its facts, did not change.
-      extra["facts"] = list(infos["facts"][0]) if infos is not None else self._last_facts
-      self._last_facts = extra["facts"]
+      extra["facts"] = list(episode.facts)
     return extra
 
   def close(self) -> None:
