@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 from sage_opd_jax.envs.alfworld import AlfworldEnv
+from sage_opd_jax.envs.base import Task
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -32,10 +33,9 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
   return time.perf_counter() - start, out
 
 
-def _walkthrough_step_times(env: AlfworldEnv, task) -> list[float]:
+def _walkthrough_step_times(env: AlfworldEnv, task: Task) -> list[float]:
   _, info = env.reset(task)
-  times = [_timed(env.step, action)[0] for action in info.extra["walkthrough"]]
-  return times
+  return [_timed(env.step, action)[0] for action in info.extra["walkthrough"]]
 
 
 def main() -> None:

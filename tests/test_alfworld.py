@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import pickle
+import subprocess
 import sys
 import zlib
 
@@ -272,6 +273,33 @@ def test_grounding_cache_returns_what_fast_downward_computes(tmp_path, caplog):
     assert fresh.pddl2sas(domain, problem)[1] == sas_by_optimize[False]
   assert fresh.misses == 1 and "Unreadable grounding cache entry" in caplog.text
   assert pickle.loads(zlib.decompress(path.read_bytes()))[1] == sas_by_optimize[False]
+
+
+_GROUND_IN_A_WORKER = """
+import sys
+sys.path.insert(0, {fixtures!r})
+import make_alfworld_fixture as fixture
+from sage_opd_jax.envs.alfworld_cache import GroundingCache
+data = fixture.game_json(fixture.GAMES[0])
+cache = GroundingCache({cache_dir!r})
+for optimize in (False, True):
+  cache.pddl2sas(data["pddl_domain"], data["pddl_problem"], optimize=optimize)
+"""
+
+
+def test_grounding_cache_shared_by_concurrent_processes(tmp_path):
+  script = _GROUND_IN_A_WORKER.format(fixtures=str(FIXTURE_DIR.parent), cache_dir=str(tmp_path))
+  workers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(2)]
+  for worker in workers:
+    _, stderr = worker.communicate(timeout=120)
+    assert worker.returncode == 0, stderr.decode()
+  # Whichever worker's write landed last, each entry is whole and right.
+  data = fixture.game_json(fixture.GAMES[0])
+  reader = GroundingCache(tmp_path)
+  for optimize in (False, True):
+    expected = fast_downward.interface.pddl2sas(data["pddl_domain"], data["pddl_problem"], optimize=optimize)[1]
+    assert reader.pddl2sas(data["pddl_domain"], data["pddl_problem"], optimize=optimize)[1] == expected
+  assert reader.misses == 0 and sorted(p.name.startswith(".tmp") for p in tmp_path.iterdir()) == [False, False]
 
 
 def test_grounding_cache_is_installed_only_inside_the_block(tmp_path):
