@@ -51,6 +51,7 @@ _MOVE_RE = re.compile(r"move (?P<obj>.+?) to (?P<recep>.+)")
 
 
 def missing_data_message(looked_at: str) -> str:
+  """The missing-data error text: where data was looked for, and how to get it."""
   return (
     f"ALFWorld game files not found: looked for {looked_at} (the `data_dir` argument, else "
     f"$ALFWORLD_DATA), expecting {DATA_SUBDIR}/<split>/<task folder>/<trial>/{GAME_FILE} inside. "
@@ -110,6 +111,7 @@ def parse_task_folder(folder: str) -> dict[str, Any]:
 
 
 def _normalize(command: str) -> str:
+  """Lower case, single spaces: the form commands are compared in."""
   return " ".join(command.lower().split())
 
 

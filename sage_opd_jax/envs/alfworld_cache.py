@@ -20,6 +20,9 @@ entry or a whole one.
 and logic queries with TatSu on every step and reset (about half of a step's time). The
 parse is a pure function of the snippet, so it is memoised in memory, handing out deep
 copies because the engine mutates what it gets. It is installed the same scoped way.
+
+Both swap module attributes while installed, so, like the envs, they are not thread-safe:
+one env per process (or per thread that never overlaps another's engine calls).
 """
 
 from __future__ import annotations
