@@ -312,12 +312,12 @@ def test_grounding_cache_is_installed_only_inside_the_block(tmp_path):
   assert fast_downward.pddl2sas is original
 
 
-def test_real_split_sizes():
+def test_real_split_sizes(tmp_path):
   data_dir = _real_data_dir()
-  env = AlfworldEnv(data_dir=data_dir)
-  sizes = {split: len(env.tasks(split)) for split in ("valid_seen", "valid_unseen", "valid_train")}
-  assert sizes == {"valid_seen": 140, "valid_unseen": 134, "valid_train": 200}
-  seeded = [t.task_id for t in AlfworldEnv(data_dir=data_dir, seed=1).tasks("valid_unseen")]
+  env = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path)
+  sizes = {split: len(env.tasks(split)) for split in ("train", "valid_seen", "valid_unseen", "valid_train")}
+  assert sizes == {"train": 3553, "valid_seen": 140, "valid_unseen": 134, "valid_train": 200}
+  seeded = [t.task_id for t in AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path, seed=1).tasks("valid_unseen")]
   assert seeded != [t.task_id for t in env.tasks("valid_unseen")]
   assert sorted(seeded) == sorted(t.task_id for t in env.tasks("valid_unseen"))
 

@@ -79,8 +79,8 @@ class GroundingCache:
   """Caches `fast_downward.pddl2sas` results on disk, keyed by content and versions."""
 
   def __init__(self, cache_dir: str | os.PathLike[str] | None = None):
+    # Created on the first write, so an env that never resets leaves no trace.
     self.cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    self.cache_dir.mkdir(parents=True, exist_ok=True)
     self._versions = _engine_versions()
     self._memory: collections.OrderedDict[str, bytes] = collections.OrderedDict()
     # Counters for benchmarks and tests: where each `pddl2sas` call was answered from.
@@ -143,6 +143,7 @@ class GroundingCache:
       return None, None
 
   def _write(self, path: pathlib.Path, blob: bytes) -> None:
+    self.cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".pkl")
     try:
       with os.fdopen(fd, "wb") as f:
