@@ -8,6 +8,7 @@ from flax import nnx
 
 from sage_opd_jax import models
 from sage_opd_jax import teacher
+from sage_opd_jax.models import sharding
 
 VOCAB = 97
 SEQ = 13
@@ -100,3 +101,20 @@ def test_scorer_is_cached_and_rejects_bad_arguments(tiny_teacher, batch):
     teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=0)
   with pytest.raises(ValueError, match="attention_mask"):
     teacher.score_batch(tiny_teacher, tokens, mask[:, :-1], chunk_size=4)
+
+
+def test_sharded_teacher_scores_like_the_unsharded_one(batch):
+  config = models.ModelConfig.from_dict(dict(
+      vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+      head_dim=8, tie_embeddings=False))
+  model = models.Transformer(config, rngs=nnx.Rngs(5))
+  tokens = np.concatenate([batch[0], batch[0][:1]]) % 96  # B = 4: divisible by data x fsdp.
+  mask = np.concatenate([batch[1], batch[1][:1]])
+  expected = teacher.score_batch(model, tokens, mask, chunk_size=4)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = sharding.shard_model(model, mesh)
+  placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, mask)]
+  got = teacher.score_batch(sharded, *placed, chunk_size=4)
+  for key in teacher.STAT_KEYS:
+    assert len(got[key].sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), rtol=1e-5, atol=1e-5, err_msg=key)
