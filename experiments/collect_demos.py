@@ -21,7 +21,8 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Env worker processes.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N games of the split's seeded order.")
 _MAX_TURNS = flags.DEFINE_integer("max_turns", 30, "Env turn limit of an expert episode.")
 _GAME_TIMEOUT_S = flags.DEFINE_float("game_timeout_s", 120.0, "Hard limit per game; a hung game is killed and skipped.")
-_JUDGE_STATES = flags.DEFINE_integer("judge_states", 2, "States per won episode with Skip/Weak/Strong examples.")
+_JUDGE_STATES = flags.DEFINE_integer("judge_states", 4, "States per won episode with Skip/Weak/Strong examples.")
+_BRANCH = flags.DEFINE_enum("branch", "snapshot", ["snapshot", "replay"], "How judge examples step a copy of a state.")
 _SEED = flags.DEFINE_integer("seed", 0, "Task order and expert/judge randomness.")
 _TASK_TYPES = flags.DEFINE_list("task_types", None, "Restrict to these task types (names).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "PDDL grounding cache; default under ~/.cache.")
@@ -46,6 +47,7 @@ def main(argv):
       game_timeout_s=_GAME_TIMEOUT_S.value,
       limit=_LIMIT.value,
       judge_states=_JUDGE_STATES.value,
+      branch=_BRANCH.value,
       seed=_SEED.value,
       retry_failed=_RETRY_FAILED.value,
   )

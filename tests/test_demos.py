@@ -19,13 +19,23 @@ FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "alfworld")
 _MODULE = __name__
 
 
+def _fixture_collection(tmp_path_factory, branch):
+  out = tmp_path_factory.mktemp(f"demos_{branch}")
+  kwargs = dict(data_dir=FIXTURE_DIR, max_turns=30, facts=True, cache_dir=str(tmp_path_factory.mktemp("grounding")))
+  result = demos.collect(out, "valid_seen", kwargs, num_workers=2, judge_states=3, branch=branch,
+                         game_timeout_s=120, progress=False)
+  return out, kwargs, result
+
+
 @pytest.fixture(scope="module")
 def fixture_run(tmp_path_factory):
   """One collection over the fixture games' valid_seen split (both won by the expert)."""
-  out = tmp_path_factory.mktemp("demos")
-  kwargs = dict(data_dir=FIXTURE_DIR, max_turns=30, facts=True, cache_dir=str(tmp_path_factory.mktemp("grounding")))
-  result = demos.collect(out, "valid_seen", kwargs, num_workers=2, judge_states=3, game_timeout_s=120, progress=False)
-  return out, kwargs, result
+  return _fixture_collection(tmp_path_factory, "snapshot")
+
+
+@pytest.fixture(scope="module")
+def fixture_run_replay(tmp_path_factory):
+  return _fixture_collection(tmp_path_factory, "replay")
 
 
 def _lines(path):
@@ -49,8 +59,9 @@ def test_demo_records_have_the_schema_and_are_consistent(fixture_run):
     assert all(r["valid"])
 
 
-def test_judge_examples_carry_the_envs_own_feedback(fixture_run):
-  out, kwargs, _ = fixture_run
+@pytest.mark.parametrize("run", ["fixture_run", "fixture_run_replay"])
+def test_judge_examples_carry_the_envs_own_feedback(run, request):
+  out, kwargs, _ = request.getfixturevalue(run)
   demo_by_id = {r["task_id"]: r for r in _lines(out / demos.DEMOS)}
   examples = _lines(out / demos.JUDGE)
   assert {e["label"] for e in examples} == set(demos.LABELS)
@@ -134,9 +145,9 @@ class FaultyEnv:
     pass
 
 
-def one_step_game(env, task, seed, judge_states, max_expert_steps):
+def one_step_game(env, task, seed, judge_states, max_expert_steps, branch):
   """A `game_fn` that plays the scripted env's one-step game."""
-  del seed, judge_states, max_expert_steps
+  del seed, judge_states, max_expert_steps, branch
   observation, _ = env.reset(task)
   result = env.step("win")
   demo = dict(task_id=task.task_id, observations=[observation, result.observation], actions=["win"])

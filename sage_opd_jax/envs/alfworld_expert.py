@@ -26,17 +26,20 @@ in an observation, so that the expert never acts on an object before observing i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import random
 import re
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import alfworld.gen.constants as alfred_constants
 from alfworld.agents.expert import HandCodedAgentFailed, HandCodedAgentTimeout, HandCodedTWAgent
 from alfworld.agents.expert import handcoded_expert
+from textworld.envs.pddl.pddl import PddlEnv
 
+from sage_opd_jax.envs import alfworld as alfworld_env
 from sage_opd_jax.envs import base
 
 EXPERT_NAME = "alfworld_handcoded"
@@ -153,6 +156,57 @@ class ImitableExpert:
     return action
 
 
+def _pddl_env(env: alfworld_env.AlfworldEnv) -> PddlEnv:
+  """The innermost TextWorld env under AlfworldEnv's wrappers."""
+  layer = env._engine.envs[0]  # pylint: disable=protected-access
+  while not isinstance(layer, PddlEnv):
+    layer = layer.__dict__.get("_wrapped_env")
+    if layer is None:
+      raise TypeError("AlfworldEnv's engine has no PddlEnv inside; cannot copy its state.")
+  return layer
+
+
+def peek(env: base.Env, action: str | None) -> tuple[str, bool]:
+  """Steps a copy of the current state: returns (the env's feedback to `action`, valid).
+
+  The episode is left exactly as it was: the env's turn count and admissible commands,
+  and the engine's state. An inadmissible (or None) action is answered as
+  `AlfworldEnv.step` answers it, without the engine. An admissible one is played on the
+  engine and undone: fast_downward keeps the game state in its C library with a
+  registry of visited states (`get_state_id`/`set_state_id` return to one), and
+  TextWorld's Python-side copy of the facts and last game state are restored beside
+  it. This costs one engine step (~0.03 s); the alternative, a reset and a replay of
+  the prefix, costs about a second. `tests/test_demos.py` checks it against a replay.
+  """
+  if not isinstance(env, alfworld_env.AlfworldEnv):
+    raise TypeError(f"peek needs an AlfworldEnv, got {type(env).__name__}.")
+  episode = env._episode  # pylint: disable=protected-access
+  if episode is None or episode.done:
+    raise RuntimeError("peek needs an episode in progress: reset first.")
+  command = None if action is None else alfworld_env.canonical_command(action, episode.admissible)
+  if command is None:
+    return base.NOTHING_HAPPENS, False
+  pddl = _pddl_env(env)
+  state = pddl._pddl_state  # pylint: disable=protected-access
+  saved_id = pddl.downward_lib.get_state_id()
+  saved_env = (pddl.state, pddl.prev_state, pddl._last_action, pddl._moves)  # pylint: disable=protected-access
+  saved_logic = (
+      collections.defaultdict(set, {k: set(v) for k, v in state._facts.items()}),
+      dict(state._vars_by_name),
+      collections.defaultdict(set, {k: set(v) for k, v in state._vars_by_type.items()}),
+      collections.Counter(state._var_counts),
+      dict(state._operators),
+  )  # pylint: disable=protected-access
+  try:
+    game_state, _, _ = pddl.step(command)
+    return game_state.feedback, True
+  finally:
+    pddl.downward_lib.set_state_id(saved_id)
+    pddl.state, pddl.prev_state, pddl._last_action, pddl._moves = saved_env  # pylint: disable=protected-access
+    (state._facts, state._vars_by_name, state._vars_by_type, state._var_counts,
+     state._operators) = saved_logic  # pylint: disable=protected-access
+
+
 @dataclasses.dataclass
 class Episode:
   """One expert episode as played in the real engine.
@@ -172,11 +226,19 @@ class Episode:
   seconds: float
 
 
-def run_episode(env: base.Env, task: base.Task, max_steps: int = 150, seed: int = 0) -> Episode:
+def run_episode(
+    env: base.Env,
+    task: base.Task,
+    max_steps: int = 150,
+    seed: int = 0,
+    before_step: Callable[[int, base.StepInfo, str], None] | None = None,
+) -> Episode:
   """Plays `task` with the expert until the env ends the episode or the expert gives up.
 
   `won` is the engine's own verdict on the last step. An engine error (`info.error`)
   raises, so that a crashed game is never taken for a lost (or won) demonstration.
+  `before_step(turn, info, expert_action)`, if given, runs before each step, while
+  the env is in the state the expert acts on (e.g. to `peek` at other actions).
   """
   start = time.perf_counter()
   observation, info = env.reset(task)
@@ -187,6 +249,8 @@ def run_episode(env: base.Env, task: base.Task, max_steps: int = 150, seed: int 
     action = expert.first_action(observation, info)
     while True:
       admissible.append(list(info.admissible_actions))
+      if before_step is not None:
+        before_step(len(actions), info, action)
       result = env.step(action)
       if result.info.error is not None:
         raise RuntimeError(f"Engine error in {task.task_id!r} at turn {len(actions) + 1}: {result.info.error}")

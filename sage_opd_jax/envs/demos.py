@@ -16,10 +16,12 @@ it did not finish are dropped first.
 Judge examples (METHOD.md's oracle labels) come from states of won episodes: the
 expert's action is Skip, an off-plan admissible action is Weak, and an inadmissible
 action is Strong. Each carries the env's own feedback to that action. For Skip that is
-the next observation of the episode; for the other two the env is stepped from a copy
-of the state, made by replaying the episode's prefix after a fresh reset (the engine
-keeps its state inside fast_downward's C library, with no cheap copy to take). The
-replay must reproduce the recorded observations, or the game fails with an error.
+the next observation of the episode; for Weak the env is stepped from a copy of the
+state. Two ways to copy it (`branch`): "snapshot" steps ALFWorld's engine and undoes
+the step (`alfworld_expert.peek`, ~0.03 s), "replay" resets the game and replays the
+prefix (any env, ~1 s per state; the replay must retrace the episode or the game
+fails). An inadmissible action leaves the state unchanged, and the env answers it
+"Nothing happens.".
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import tqdm
 
+from sage_opd_jax.envs import alfworld as alfworld_env
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import pool as pool_lib
@@ -44,6 +47,7 @@ GAMES = "games.jsonl"
 DEMOS = "demos.jsonl"
 JUDGE = "judge.jsonl"
 STATUSES = ("won", "lost", "error", "timeout", "crash")
+BRANCHES = ("snapshot", "replay")  # How judge examples step a copy of a state.
 LABELS = ("Skip", "Weak", "Strong")
 # Keys of one demos.jsonl record.
 DEMO_KEYS = (
@@ -56,7 +60,7 @@ JUDGE_KEYS = (
     "admissible_actions", "label", "action", "valid", "feedback",
 )
 # Manifest settings that must match for a re-run to resume a folder.
-_RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "seed", "max_expert_steps")
+_RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps")
 
 
 def list_tasks(env: base.Env, split: str) -> list[base.Task]:
@@ -75,23 +79,45 @@ def _invalid_candidates(actions: Sequence[str], admissible: Sequence[Sequence[st
   return sorted(c for c in seen if c not in now)
 
 
-def _judge_examples(
-    env: base.Env, task: base.Task, episode: alfworld_expert.Episode, num_states: int, rng: random.Random
+def _weak_choice(admissible: Sequence[str], expert_action: str, rng: random.Random) -> str | None:
+  off_plan = sorted(a for a in admissible if a != expert_action)
+  return rng.choice(off_plan) if off_plan else None
+
+
+def _examples_at(
+    task: base.Task,
+    episode: alfworld_expert.Episode,
+    t: int,
+    weak: tuple[str, str, bool] | None,
+    strong: tuple[str | None, str, bool],
 ) -> list[dict[str, Any]]:
-  """Skip/Weak/Strong examples at `num_states` random states of a won episode."""
-  turns = sorted(rng.sample(range(len(episode.actions)), min(num_states, len(episode.actions))))
-  common = dict(env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text)
+  """The Skip/Weak/Strong records of turn t; weak/strong are (action, feedback, valid)."""
+  state = dict(
+      env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text,
+      turn=t, observation=episode.observations[t], admissible_actions=list(episode.admissible_actions[t]),
+  )
+  if strong[2]:
+    raise RuntimeError(f"{task.task_id}: {strong[0]!r} was meant to be invalid at turn {t}.")
+  out = [dict(state, label="Skip", action=episode.actions[t], valid=episode.valid[t], feedback=episode.observations[t + 1]),
+         dict(state, label="Strong", action=strong[0], valid=False, feedback=strong[1])]
+  if weak is not None:
+    out.append(dict(state, label="Weak", action=weak[0], valid=weak[2], feedback=weak[1]))
+  return out
+
+
+def _judge_by_replay(
+    env: base.Env, task: base.Task, episode: alfworld_expert.Episode, turns: Sequence[int], rng: random.Random
+) -> list[dict[str, Any]]:
+  """Judge examples whose state copies are made by a fresh reset and a replay of the prefix.
+
+  Works for any env; costs a reset and t steps per state. The replay must retrace the
+  recorded episode, or this raises.
+  """
   out = []
   for t in turns:
-    admissible = episode.admissible_actions[t]
-    expert_action = episode.actions[t]
-    state = dict(common, turn=t, observation=episode.observations[t], admissible_actions=list(admissible))
-    off_plan = sorted(a for a in admissible if a != expert_action)
+    weak_action = _weak_choice(episode.admissible_actions[t], episode.actions[t], rng)
     invalid = _invalid_candidates(episode.actions, episode.admissible_actions, t)
     strong_action = rng.choice(invalid) if invalid else None  # None: an unparseable response.
-    weak_action = rng.choice(off_plan) if off_plan else None
-
-    # Copy the state: replay the prefix, checking that the engine retraces the episode.
     observation, _ = env.reset(task)
     if observation != episode.observations[0]:
       raise RuntimeError(f"{task.task_id}: replayed reset differs from the recorded one.")
@@ -101,55 +127,79 @@ def _judge_examples(
         raise RuntimeError(f"{task.task_id}: replay diverged at turn {i + 1}.")
     # The invalid action leaves the engine's state as it was, so the Weak one can follow.
     strong = env.step(strong_action)
-    if strong.info.valid:
-      raise RuntimeError(f"{task.task_id}: {strong_action!r} was meant to be invalid at turn {t}.")
-    out.append(dict(state, label="Skip", action=expert_action, valid=episode.valid[t], feedback=episode.observations[t + 1]))
-    out.append(dict(state, label="Strong", action=strong_action, valid=False, feedback=strong.observation))
+    weak = None
     if weak_action is not None and not strong.done:
-      weak = env.step(weak_action)
-      if weak.info.error is not None:
-        raise RuntimeError(f"{task.task_id}: engine error on {weak_action!r}: {weak.info.error}")
-      out.append(dict(state, label="Weak", action=weak_action, valid=weak.info.valid, feedback=weak.observation))
+      result = env.step(weak_action)
+      if result.info.error is not None:
+        raise RuntimeError(f"{task.task_id}: engine error on {weak_action!r}: {result.info.error}")
+      weak = (weak_action, result.observation, result.info.valid)
+    out += _examples_at(task, episode, t, weak, (strong_action, strong.observation, strong.info.valid))
   return out
 
 
 def expert_game(
-    env: base.Env, task: base.Task, seed: int, judge_states: int, max_expert_steps: int
+    env: base.Env,
+    task: base.Task,
+    seed: int,
+    judge_states: int,
+    max_expert_steps: int,
+    branch: str = "snapshot",
 ) -> dict[str, Any]:
   """A pool call: one expert episode on `task`, and judge examples if it was won.
 
-  Returns {"status", "turns", "seconds", "error", "demo" (won only), "judge"}.
+  With branch="snapshot" the Weak action of every turn is `peek`ed at during the
+  episode (one undone engine step each) and `judge_states` turns are kept; with
+  "replay", `judge_states` turns are replayed after the episode (see `_judge_by_replay`).
+  Returns {"status", "turns", "seconds", "cpu_seconds", "error", "demo" (won only),
+  "judge", "judge_seconds"}.
   """
+  if branch not in BRANCHES:
+    raise ValueError(f"branch={branch!r}: must be one of {BRANCHES}.")
+  cpu_start, start = time.process_time(), time.perf_counter()
   rng = random.Random(_game_seed(seed, task.task_id))
-  episode = alfworld_expert.run_episode(env, task, max_steps=max_expert_steps, seed=rng.randrange(2**31))
+  expert_seed = rng.randrange(2**31)
+  peeked: dict[int, tuple[str, str, bool]] = {}
+  peek_seconds = 0.0
+
+  def peek_weak(t: int, info: base.StepInfo, expert_action: str) -> None:
+    nonlocal peek_seconds
+    weak_action = _weak_choice(info.admissible_actions, expert_action, rng)
+    if weak_action is not None:
+      peek_start = time.perf_counter()
+      peeked[t] = (weak_action, *alfworld_expert.peek(env, weak_action))
+      peek_seconds += time.perf_counter() - peek_start
+
+  snapshot = judge_states > 0 and branch == "snapshot"
+  episode = alfworld_expert.run_episode(
+      env, task, max_steps=max_expert_steps, seed=expert_seed, before_step=peek_weak if snapshot else None
+  )
   result: dict[str, Any] = dict(
-      status="won" if episode.won else "lost",
-      turns=len(episode.actions),
-      seconds=episode.seconds,
-      error=episode.error,
-      demo=None,
-      judge=[],
+      status="won" if episode.won else "lost", turns=len(episode.actions), error=episode.error, demo=None,
+      judge=[], judge_seconds=peek_seconds,
   )
   if episode.won:
     result["demo"] = dict(
-        env=task.env,
-        split=task.split,
-        task_id=task.task_id,
-        task_type=task.task_type,
-        task=episode.task_text,
-        expert=alfworld_expert.EXPERT_NAME,
-        observations=episode.observations,
-        actions=episode.actions,
-        valid=episode.valid,
-        admissible_actions=episode.admissible_actions,
-        won=True,
-        num_turns=len(episode.actions),
-        seconds=episode.seconds,
+        env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text,
+        expert=alfworld_expert.EXPERT_NAME, observations=episode.observations, actions=episode.actions,
+        valid=episode.valid, admissible_actions=episode.admissible_actions, won=True,
+        num_turns=len(episode.actions), seconds=episode.seconds,
     )
-    if judge_states > 0:
-      start = time.perf_counter()
-      result["judge"] = _judge_examples(env, task, episode, judge_states, rng)
-      result["judge_seconds"] = time.perf_counter() - start
+    turns = sorted(rng.sample(range(len(episode.actions)), min(judge_states, len(episode.actions))))
+    if snapshot:
+      for t in turns:
+        invalid = _invalid_candidates(episode.actions, episode.admissible_actions, t)
+        strong_action = rng.choice(invalid) if invalid else None
+        # An inadmissible command leaves the state as it is; peek answers it as the env does.
+        strong = (strong_action, base.NOTHING_HAPPENS, False)
+        if strong_action is not None and alfworld_env.canonical_command(strong_action, episode.admissible_actions[t]):
+          raise RuntimeError(f"{task.task_id}: {strong_action!r} is admissible at turn {t}.")
+        result["judge"] += _examples_at(task, episode, t, peeked.get(t), strong)
+    elif turns:
+      judge_start = time.perf_counter()
+      result["judge"] = _judge_by_replay(env, task, episode, turns, rng)
+      result["judge_seconds"] = time.perf_counter() - judge_start
+  result["seconds"] = time.perf_counter() - start
+  result["cpu_seconds"] = time.process_time() - cpu_start
   return result
 
 
@@ -203,7 +253,8 @@ def collect(
     num_workers: int = 2,
     game_timeout_s: float = 120.0,
     limit: int | None = None,
-    judge_states: int = 2,
+    judge_states: int = 4,
+    branch: str = "snapshot",
     seed: int = 0,
     max_expert_steps: int = 150,
     retry_failed: bool = False,
@@ -222,6 +273,8 @@ def collect(
     game_timeout_s: hard limit per game (the episode and its judge replays).
     limit: only the first `limit` games of the split's order; None takes all.
     judge_states: states per won episode that get judge examples; 0 for none.
+    branch: how judge examples step a copy of a state: "snapshot" (ALFWorld's engine,
+      `alfworld_expert.peek`) or "replay" (any env; a reset and a replay per state).
     seed: seeds the expert's random choices and the judge examples, per game.
     max_expert_steps: the expert's own step budget.
     retry_failed: on resume, run again the games that ended in error/timeout/crash.
@@ -229,6 +282,8 @@ def collect(
     imports: modules the workers import first (e.g. one registering a test env).
     progress: show a tqdm bar.
   """
+  if branch not in BRANCHES:
+    raise ValueError(f"branch={branch!r}: must be one of {BRANCHES}.")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   env_kwargs = dict(env_kwargs)
@@ -236,7 +291,7 @@ def collect(
     raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
   settings = dict(
       env=env_name, split=split, expert=alfworld_expert.EXPERT_NAME, env_kwargs=env_kwargs,
-      judge_states=judge_states, seed=seed, max_expert_steps=max_expert_steps,
+      judge_states=judge_states, branch=branch, seed=seed, max_expert_steps=max_expert_steps,
   )
   manifest_path = out / MANIFEST
   if manifest_path.exists():
@@ -266,7 +321,8 @@ def collect(
       raise RuntimeError(f"Listing the tasks of split {split!r} failed:\n{tasks.message}")
     tasks = tasks[:limit] if limit is not None else tasks
     todo = [t for t in tasks if t.task_id not in finished]
-    calls = [dict(task=t, seed=seed, judge_states=judge_states, max_expert_steps=max_expert_steps) for t in todo]
+    calls = [dict(task=t, seed=seed, judge_states=judge_states, max_expert_steps=max_expert_steps, branch=branch)
+             for t in todo]
     bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"demos {split}", disable=not progress)
     with (out / GAMES).open("a") as games_f, (out / DEMOS).open("a") as demos_f, (out / JUDGE).open("a") as judge_f:
       for index, result in pool.imap_unordered(game_fn, calls, timeout_s=game_timeout_s):
@@ -281,8 +337,8 @@ def collect(
           if result["demo"] is not None:
             demos_f.write(json.dumps(result["demo"]) + "\n")
           line = dict(task_id=task.task_id, task_type=task.task_type, status=result["status"],
-                      turns=result["turns"], seconds=result["seconds"], error=result["error"],
-                      judge_seconds=result.get("judge_seconds"))
+                      turns=result["turns"], seconds=result["seconds"], cpu_seconds=result.get("cpu_seconds"),
+                      judge_seconds=result.get("judge_seconds"), error=result["error"])
         # The ledger line goes last: a game counts as finished only once its records are out.
         judge_f.flush()
         demos_f.flush()
