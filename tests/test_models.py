@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
+from sage_opd_jax.models import KVCache, ModelConfig, Transformer, create_model, init_cache
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
@@ -19,7 +19,7 @@ def _model(arch="qwen3", **overrides):
   fields = dict(TINY, arch=arch, qk_norm=arch == "qwen3", qkv_bias=arch == "qwen2",
                 tie_embeddings=arch != "llama")
   fields.update(overrides)
-  model = Transformer(ModelConfig(**fields), rngs=nnx.Rngs(0))
+  model = create_model(ModelConfig(**fields), seed=0)
   if fields["qkv_bias"]:  # zero-initialised biases would hide a bias bug: randomise them
     for name in ("q_bias", "k_bias", "v_bias"):
       param = getattr(model.layers, name)
@@ -131,8 +131,8 @@ def test_rope_positions_matter_and_are_relative():
 def test_bf16_close_to_fp32():
   model32 = _model("qwen3")
   graphdef, state32 = nnx.split(model32)
-  model16 = _model("qwen3", param_dtype="bfloat16", dtype="bfloat16")
-  g16, state16 = nnx.split(model16)
+  config16 = model32.config.replace(param_dtype="bfloat16", dtype="bfloat16")
+  g16, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config16, rngs=nnx.Rngs(0))))
   # Same weights, rounded to bf16.
   state16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state32)
   ids = _ids(6, (2, 10))
@@ -142,7 +142,7 @@ def test_bf16_close_to_fp32():
   assert jax.tree.leaves(state16)[0].dtype == jnp.bfloat16
   err = np.abs(np.asarray(got - want)).max()
   assert err < 0.05 * np.abs(np.asarray(want)).max(), err
-  cache = init_cache(model16.config, 2, 12)
+  cache = init_cache(config16, 2, 12)
   assert cache.k.dtype == jnp.bfloat16
   logits, cache = _fwd_cache(g16, state16, ids, jnp.ones((2, 10), jnp.int32), cache)
   np.testing.assert_allclose(logits, got, atol=2e-2, rtol=0)
@@ -154,8 +154,13 @@ def test_remat_gradients_equal_plain():
   def loss(model):
     return jnp.mean(jax.nn.logsumexp(model(ids), axis=-1))
 
-  plain = nnx.grad(loss)(_model("qwen3"))
-  remat = nnx.grad(loss)(_model("qwen3", remat=True))
+  model = _model("qwen3")
+  graphdef, state = nnx.split(model)
+  remat_graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: Transformer(model.config.replace(remat=True), rngs=nnx.Rngs(0))))
+  grad = jax.jit(jax.grad(lambda s, g: loss(nnx.merge(g, s))), static_argnums=1)
+  plain = grad(state, graphdef)
+  remat = grad(state, remat_graphdef)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 

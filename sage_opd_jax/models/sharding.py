@@ -125,16 +125,18 @@ def abstract_model(config: ModelConfig) -> Transformer:
 
 
 def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
-  """A randomly initialised model, its params created directly in their shardings."""
-  if mesh is None:
-    return Transformer(config, rngs=nnx.Rngs(seed))
+  """A randomly initialised model, its params created directly in their shardings.
+
+  Initialisation runs as one jitted computation (eager NNX init would compile every
+  parameter's initialiser separately); without a mesh the params land on the default device.
+  """
   graphdef, abstract_state = nnx.split(abstract_model(config))
-  shardings = state_shardings(abstract_state, mesh)
 
   def init():
     return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
 
-  state = jax.jit(init, out_shardings=shardings)()
+  out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+  state = jax.jit(init, out_shardings=out_shardings)()
   return nnx.merge(graphdef, state)
 
 

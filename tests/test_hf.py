@@ -1,0 +1,311 @@
+"""HF weights in and out: parity with transformers' PyTorch models, round trips, sharding, errors."""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from flax import nnx
+
+from sage_opd_jax.models import (ModelConfig, batch_sharding, create_model, load_hf_checkpoint,
+                                 load_tokenizer, make_mesh, save_hf_checkpoint)
+
+VOCAB = 300
+# (arch, transformers config class, tied embeddings)
+ARCHS = {"qwen3": (transformers.Qwen3Config, True), "qwen2": (transformers.Qwen2Config, False),
+         "llama": (transformers.LlamaConfig, False)}
+
+
+def _hf_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+  config_cls, tied = ARCHS[arch]
+  kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                tie_word_embeddings=tied, rope_theta=50_000.0, rms_norm_eps=1e-6)
+  if arch != "qwen2":  # Qwen2Config derives head_dim = hidden / heads
+    kwargs["head_dim"] = 16
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs),
+                                                        dtype=torch.float32).eval()
+  with torch.no_grad():
+    # HF initialises norms to 1 and biases to 0, which would hide a swapped or dropped
+    # norm/bias in the key map: randomise every tensor.
+    for p in model.parameters():
+      if p.dim() > 1:
+        p.normal_(0.0, 0.1)
+      else:
+        p.uniform_(0.5, 1.5)
+  return model
+
+
+def _torch_logits(model, ids, mask=None) -> np.ndarray:
+  with torch.no_grad():
+    kwargs = {} if mask is None else {"attention_mask": torch.tensor(np.asarray(mask))}
+    return model(torch.tensor(np.asarray(ids)), **kwargs).logits.float().numpy()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fwd(graphdef, state, ids, mask=None):
+  return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+
+def _logits(model, ids, mask=None) -> np.ndarray:
+  graphdef, state = nnx.split(model)
+  return np.asarray(_fwd(graphdef, state, jnp.asarray(ids), mask if mask is None
+                         else jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """arch -> (torch model, saved checkpoint dir)."""
+  out = {}
+  for arch in ARCHS:
+    model = _hf_model(arch)
+    path = str(tmp_path_factory.mktemp(arch))
+    model.save_pretrained(path)
+    out[arch] = (model, path)
+  return out
+
+
+def _ids(seed, shape):
+  return np.random.RandomState(seed).randint(0, VOCAB, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_parity_with_transformers(hf_dirs, arch):
+  torch_model, path = hf_dirs[arch]
+  model = load_hf_checkpoint(path)
+  assert model.config.arch == arch and model.config.tie_embeddings == ARCHS[arch][1]
+  assert model.config.rope_theta == 50_000.0
+  ids = _ids(1, (2, 13))
+  np.testing.assert_allclose(_logits(model, ids), _torch_logits(torch_model, ids),
+                             atol=1e-4, rtol=0)
+  # Right-padded row 0 and left-padded row 1: compare real positions only (HF, like us,
+  # uses arange positions when none are given).
+  mask = np.ones((2, 13), np.int32)
+  mask[0, 9:] = 0
+  mask[1, :4] = 0
+  got, want = _logits(model, ids, mask), _torch_logits(torch_model, ids, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_round_trip_through_transformers(hf_dirs, arch, tmp_path):
+  _, path = hf_dirs[arch]
+  model = load_hf_checkpoint(path)
+  # Train-like perturbation so the round trip cannot pass by re-reading the source files.
+  model.layers.q_proj[...] = model.layers.q_proj[...] * 1.5
+  save_hf_checkpoint(model, tmp_path / "out", source=path)
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "out"), dtype=torch.float32, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert type(reloaded).__name__ == type(hf_dirs[arch][0]).__name__
+  ids = _ids(2, (2, 9))
+  ours = _logits(model, ids)
+  np.testing.assert_allclose(_torch_logits(reloaded.eval(), ids), ours, atol=1e-4, rtol=0)
+  again = load_hf_checkpoint(tmp_path / "out")
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sharded_index_both_ways(hf_dirs, tmp_path):
+  """Reads HF's own multi-file index, and writes one that transformers reads."""
+  torch_model, _ = hf_dirs["llama"]
+  torch_model.save_pretrained(tmp_path / "hf_sharded", max_shard_size="60KB")
+  files = os.listdir(tmp_path / "hf_sharded")
+  assert "model.safetensors.index.json" in files
+  assert sum(f.endswith(".safetensors") for f in files) > 1
+  model = load_hf_checkpoint(tmp_path / "hf_sharded")
+  ids = _ids(3, (1, 7))
+  ours = _logits(model, ids)
+  np.testing.assert_allclose(ours, _torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+  save_hf_checkpoint(model, tmp_path / "ours_sharded", max_shard_bytes=60_000)
+  files = os.listdir(tmp_path / "ours_sharded")
+  assert "model.safetensors.index.json" in files
+  assert sum(f.endswith(".safetensors") for f in files) > 1
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "ours_sharded"), dtype=torch.float32).eval()
+  np.testing.assert_allclose(_torch_logits(reloaded, ids), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("axes", [{"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_forward_equals_unsharded(hf_dirs, axes, tmp_path):
+  assert len(jax.devices()) == 8
+  _, path = hf_dirs["qwen3"]
+  mesh = make_mesh(axes)
+  sharded = load_hf_checkpoint(path, mesh=mesh)
+  q_proj = sharded.layers.q_proj[...]
+  assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  # Each device holds only its block: [L, D/fsdp, N/tensor, H].
+  shard_shape = q_proj.addressable_shards[0].data.shape
+  assert shard_shape == (2, 64 // axes["fsdp"], 4 // axes["tensor"], 16)
+  ids = _ids(4, (8, 10))
+  want = _logits(load_hf_checkpoint(path), ids)
+  graphdef, state = nnx.split(sharded)
+  got = _fwd(graphdef, state, jax.device_put(jnp.asarray(ids), batch_sharding(mesh)))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  # Saving gathers the shards back into the original tensors.
+  save_hf_checkpoint(sharded, tmp_path / "from_sharded")
+  want_tensors = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+  got_tensors = safetensors.numpy.load_file(str(tmp_path / "from_sharded/model.safetensors"))
+  assert set(got_tensors) == set(want_tensors)
+  for key, value in want_tensors.items():
+    np.testing.assert_array_equal(got_tensors[key], value, err_msg=key)
+
+
+def test_create_model_on_mesh_equals_unsharded():
+  config = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+  mesh = make_mesh({"fsdp": 4, "tensor": 2})
+  sharded = create_model(config, mesh, seed=3)
+  plain = create_model(config, None, seed=3)
+  assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match="kv_heads=2.*tensor"):
+    create_model(config, make_mesh({"tensor": 8}))
+  with pytest.raises(ValueError, match="need 6 devices"):
+    make_mesh({"fsdp": 3, "tensor": 2})
+  with pytest.raises(ValueError, match="model"):
+    make_mesh({"model": 8})
+
+
+def test_bf16_checkpoint_and_bf16_compute(hf_dirs, tmp_path):
+  torch_model, path = hf_dirs["qwen2"]
+  bf16_model = _hf_model("qwen2").to(torch.bfloat16)
+  bf16_model.save_pretrained(tmp_path / "bf16")
+  # bf16 weights read exactly and computed in fp32: matches torch fp32 on the same weights.
+  model = load_hf_checkpoint(tmp_path / "bf16", dtype="float32")
+  assert model.layers.q_proj[...].dtype == jnp.float32
+  ids = _ids(5, (2, 9))
+  # A fresh fp32 load: bf16_model.float() would keep RoPE's bf16-rounded inv_freq buffer.
+  want = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "bf16"), dtype=torch.float32).eval(), ids)
+  np.testing.assert_allclose(_logits(model, ids), want, atol=1e-4, rtol=0)
+  # bf16 params and compute: close to fp32 at a loose tolerance, logits still fp32.
+  bf16 = load_hf_checkpoint(path, dtype="bfloat16")
+  assert bf16.layers.q_proj[...].dtype == jnp.bfloat16
+  got = _logits(bf16, ids)
+  assert got.dtype == np.float32
+  full = _torch_logits(torch_model, ids)
+  assert np.abs(got - full).max() < 0.05 * np.abs(full).max()
+  save_hf_checkpoint(bf16, tmp_path / "bf16_out")
+  with open(tmp_path / "bf16_out/config.json") as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16_out"))
+  assert reloaded.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _copy(path, tmp_path, name="bad"):
+  dst = tmp_path / name
+  shutil.copytree(path, dst)
+  return dst
+
+
+def _rewrite_tensors(ckpt, edit):
+  file = os.path.join(ckpt, "model.safetensors")
+  tensors = edit(safetensors.numpy.load_file(file))
+  safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_error_nonexistent_path(tmp_path):
+  missing = str(tmp_path / "no_such_ckpt")
+  with pytest.raises(ValueError, match="no_such_ckpt"):
+    load_hf_checkpoint(missing)
+
+
+def test_error_unsupported_architecture(hf_dirs, tmp_path):
+  ckpt = _copy(hf_dirs["llama"][1], tmp_path)
+  with open(ckpt / "config.json") as f:
+    config = json.load(f)
+  config["model_type"] = "gpt_neox"
+  with open(ckpt / "config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match="gpt_neox"):
+    load_hf_checkpoint(ckpt)
+  with pytest.raises(ValueError, match="mistral"):
+    ModelConfig.from_hf(transformers.MistralConfig())
+
+
+def test_error_unsupported_rope_scaling():
+  config = transformers.LlamaConfig(rope_parameters={
+      "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+  with pytest.raises(ValueError, match="llama3"):
+    ModelConfig.from_hf(config)
+
+
+def test_error_missing_tensor(hf_dirs, tmp_path):
+  ckpt = _copy(hf_dirs["qwen3"][1], tmp_path)
+  _rewrite_tensors(ckpt, lambda t: {k: v for k, v in t.items()
+                                    if k != "model.layers.1.self_attn.k_norm.weight"})
+  with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.self_attn\.k_norm\.weight"):
+    load_hf_checkpoint(ckpt)
+
+
+def test_error_extra_tensor(hf_dirs, tmp_path):
+  ckpt = _copy(hf_dirs["llama"][1], tmp_path)
+  _rewrite_tensors(ckpt, lambda t: {**t, "model.layers.0.self_attn.q_norm.weight":
+                                    np.ones(16, np.float32)})
+  with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.0\.self_attn\.q_norm"):
+    load_hf_checkpoint(ckpt)
+
+
+def test_error_shape_mismatch(hf_dirs, tmp_path):
+  ckpt = _copy(hf_dirs["qwen2"][1], tmp_path)
+  key = "model.layers.0.mlp.up_proj.weight"
+  _rewrite_tensors(ckpt, lambda t: {**t, key: np.zeros((95, 64), np.float32)})
+  with pytest.raises(ValueError, match=r"up_proj\.weight.*\(95, 64\).*\(96, 64\)"):
+    load_hf_checkpoint(ckpt)
+
+
+def test_error_tied_checkpoint_with_different_lm_head(hf_dirs, tmp_path):
+  ckpt = _copy(hf_dirs["qwen3"][1], tmp_path)
+  _rewrite_tensors(ckpt, lambda t: {**t, "lm_head.weight": np.zeros((VOCAB, 64), np.float32)})
+  with pytest.raises(ValueError, match="lm_head.weight"):
+    load_hf_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _save_tiny_tokenizer(path, chat_template):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  words = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "go", "north"]
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                             eos_token="<eos>")
+  if chat_template:
+    tok.chat_template = chat_template
+  tok.save_pretrained(path)
+
+
+def test_load_tokenizer_with_chat_template(tmp_path):
+  template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+              "<|im_end|> {% endfor %}")
+  _save_tiny_tokenizer(tmp_path / "tok", template)
+  tok = load_tokenizer(tmp_path / "tok")
+  text = tok.apply_chat_template([{"role": "user", "content": "go north"}], tokenize=False)
+  assert text == "<|im_start|> user go north <|im_end|> "
+  assert tok.encode("go north", add_special_tokens=False) == [6, 7]
+
+  _save_tiny_tokenizer(tmp_path / "plain", None)
+  with pytest.raises(ValueError, match="chat_template"):
+    load_tokenizer(tmp_path / "plain")
+  assert load_tokenizer(tmp_path / "plain", require_chat_template=False).eos_token == "<eos>"
+  with pytest.raises(ValueError, match="nowhere"):
+    load_tokenizer(tmp_path / "nowhere")
