@@ -40,7 +40,9 @@ def _walkthrough_step_times(env: AlfworldEnv, task: Task) -> list[float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--games", type=int, default=8, help="games to time (the split's first, seed 0)")
+  parser.add_argument(
+    "--games", type=int, default=8, help="games to time (the split's first, seed 0)"
+  )
   parser.add_argument("--split", default="valid_unseen")
   parser.add_argument("--data_dir", default=None, help="holds json_2.1.1/; default $ALFWORLD_DATA")
   args = parser.parse_args()
@@ -70,7 +72,7 @@ def main() -> None:
       times["step"] += _walkthrough_step_times(cached, task)
       times["step_facts"] += _walkthrough_step_times(with_facts, task)
     if cached.cache.misses:
-      raise RuntimeError(f"The cached env regrounded {cached.cache.misses} times; the cache missed.")
+      raise RuntimeError(f"The cached env regrounded {cached.cache.misses} times: a cache miss.")
 
   print(f"{len(tasks)} {args.split} games, {len(times['step'])} walkthrough steps")
   print(f"{'what':<34}{'median s':>10}{'min s':>8}{'max s':>8}")

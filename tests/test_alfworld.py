@@ -47,7 +47,8 @@ def _real_data_dir() -> pathlib.Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """One env over the fixture games, shared by the tests (resets are the slow part)."""
-  env = make("alfworld", data_dir=FIXTURE_DIR, cache_dir=tmp_path_factory.mktemp("grounding"), facts=True)
+  cache_dir = tmp_path_factory.mktemp("grounding")
+  env = make("alfworld", data_dir=FIXTURE_DIR, cache_dir=cache_dir, facts=True)
   yield env
   env.close()
 
@@ -75,7 +76,8 @@ def test_fixture_walkthrough_wins(env, trial):
   assert info.task == f"Your task is to: {game.task_text}."
   assert obs.endswith(info.task) and "Welcome to TextWorld" not in obs
   # Every receptacle of the kitchen is one "go to" away at the start.
-  assert {"go to cabinet 1", "go to countertop 1", "go to diningtable 1"} <= set(info.admissible_actions)
+  kitchen = {"go to cabinet 1", "go to countertop 1", "go to diningtable 1"}
+  assert kitchen <= set(info.admissible_actions)
   assert info.extra["walkthrough"] == list(game.walkthrough)
   assert info.extra["gamefile"] == str(fixture.game_path(game))
 
@@ -130,8 +132,12 @@ def test_engine_itself_answers_nothing_happens():
 
 @pytest.mark.parametrize(
   "spoken",
-  ["put apple 1 in/on countertop 1", "  PUT Apple 1   on CounterTop 1. ", "put apple 1 in countertop 1",
-   "Move apple 1 to countertop 1"],
+  [
+    "put apple 1 in/on countertop 1",
+    "  PUT Apple 1   on CounterTop 1. ",
+    "put apple 1 in countertop 1",
+    "Move apple 1 to countertop 1",
+  ],
 )
 def test_put_and_move_wordings_win(env, spoken):
   env.reset(_task(env, "trial_fixture_a"))
@@ -205,7 +211,7 @@ def test_task_listing_order_and_filters(tmp_path):
 
   (two,) = AlfworldEnv(data_dir=FIXTURE_DIR, cache_dir=tmp_path, task_types=[6]).tasks("valid_seen")
   assert two.task_type == "pick_two_obj_and_place" and two.meta["object"] == "Apple"
-  assert two.meta["recep"] == "CounterTop" and two.meta["scene"] == 901 and two.meta["mrecep"] is None
+  assert (two.meta["recep"], two.meta["scene"], two.meta["mrecep"]) == ("CounterTop", 901, None)
   with pytest.raises(ValueError, match="task_types"):
     AlfworldEnv(data_dir=FIXTURE_DIR, task_types=["pick_and_juggle"])
   with pytest.raises(ValueError, match="split"):
@@ -241,7 +247,10 @@ def _cached_and_uncached_agree(task: Task, data_dir: pathlib.Path, cache_dir: pa
     steps = _play(env, info.extra["walkthrough"])
     runs.append(
       [(obs, info.admissible_actions, info.extra["facts"])]
-      + [(r.observation, r.info.admissible_actions, r.info.extra["facts"], r.info.won) for r in steps]
+      + [
+        (r.observation, r.info.admissible_actions, r.info.extra["facts"], r.info.won)
+        for r in steps
+      ]
     )
   assert runs[0] == runs[1]
   assert runs[1][-1][-1]  # Won.
@@ -262,12 +271,13 @@ def test_grounding_cache_returns_what_fast_downward_computes(tmp_path, caplog):
   cache = GroundingCache(tmp_path)
   sas_by_optimize = {}
   for optimize in (False, True):
-    _, sas_by_optimize[optimize] = fast_downward.interface.pddl2sas(domain, problem, optimize=optimize)
-    assert cache.pddl2sas(domain, problem, optimize=optimize)[1] == sas_by_optimize[optimize]
-    assert GroundingCache(tmp_path).pddl2sas(domain, problem, optimize=optimize)[1] == sas_by_optimize[optimize]
+    _, sas = fast_downward.interface.pddl2sas(domain, problem, optimize=optimize)
+    sas_by_optimize[optimize] = sas
+    assert cache.pddl2sas(domain, problem, optimize=optimize)[1] == sas
+    assert GroundingCache(tmp_path).pddl2sas(domain, problem, optimize=optimize)[1] == sas
   assert cache.misses == 2
   # Two whole entries, no temporary files left behind.
-  assert sorted(p.suffix for p in tmp_path.iterdir() if not p.name.startswith(".tmp")) == [".pkl", ".pkl"]
+  assert sorted(p.name[-4:] for p in tmp_path.iterdir()) == [".pkl", ".pkl"]
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
   # A truncated entry (not one the cache wrote) is recomputed, logged and replaced.
@@ -294,17 +304,20 @@ for optimize in (False, True):
 
 def test_grounding_cache_shared_by_concurrent_processes(tmp_path):
   script = _GROUND_IN_A_WORKER.format(fixtures=str(FIXTURE_DIR.parent), cache_dir=str(tmp_path))
-  workers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(2)]
+  command = [sys.executable, "-c", script]
+  workers = [subprocess.Popen(command, stderr=subprocess.PIPE) for _ in range(2)]
   for worker in workers:
     _, stderr = worker.communicate(timeout=120)
     assert worker.returncode == 0, stderr.decode()
   # Whichever worker's write landed last, each entry is whole and right.
   data = fixture.game_json(fixture.GAMES[0])
+  domain, problem = data["pddl_domain"], data["pddl_problem"]
   reader = GroundingCache(tmp_path)
   for optimize in (False, True):
-    expected = fast_downward.interface.pddl2sas(data["pddl_domain"], data["pddl_problem"], optimize=optimize)[1]
-    assert reader.pddl2sas(data["pddl_domain"], data["pddl_problem"], optimize=optimize)[1] == expected
-  assert reader.misses == 0 and sorted(p.name.startswith(".tmp") for p in tmp_path.iterdir()) == [False, False]
+    expected = fast_downward.interface.pddl2sas(domain, problem, optimize=optimize)[1]
+    assert reader.pddl2sas(domain, problem, optimize=optimize)[1] == expected
+  assert reader.misses == 0
+  assert sorted(p.name.startswith(".tmp") for p in tmp_path.iterdir()) == [False, False]
 
 
 def test_grounding_cache_is_installed_only_inside_the_block(tmp_path):
@@ -320,9 +333,11 @@ def test_grounding_cache_is_installed_only_inside_the_block(tmp_path):
 def test_real_split_sizes(tmp_path):
   data_dir = _real_data_dir()
   env = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path)
-  sizes = {split: len(env.tasks(split)) for split in ("train", "valid_seen", "valid_unseen", "valid_train")}
+  splits = ("train", "valid_seen", "valid_unseen", "valid_train")
+  sizes = {split: len(env.tasks(split)) for split in splits}
   assert sizes == {"train": 3553, "valid_seen": 140, "valid_unseen": 134, "valid_train": 200}
-  seeded = [t.task_id for t in AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path, seed=1).tasks("valid_unseen")]
+  reseeded = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path, seed=1)
+  seeded = [t.task_id for t in reseeded.tasks("valid_unseen")]
   assert seeded != [t.task_id for t in env.tasks("valid_unseen")]
   assert sorted(seeded) == sorted(t.task_id for t in env.tasks("valid_unseen"))
 

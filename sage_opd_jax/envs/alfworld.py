@@ -65,7 +65,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
   if data_dir is None:
     data_dir = os.environ.get("ALFWORLD_DATA")
     if not data_dir:
-      raise FileNotFoundError(missing_data_message("nothing: data_dir=None and ALFWORLD_DATA is unset"))
+      raise FileNotFoundError(
+        missing_data_message("nothing: data_dir=None and ALFWORLD_DATA is unset")
+      )
   path = pathlib.Path(data_dir).expanduser()
   if not (path / DATA_SUBDIR).is_dir():
     raise FileNotFoundError(missing_data_message(str(path / DATA_SUBDIR)))
@@ -298,7 +300,9 @@ class AlfworldEnv:
     if episode is None:
       raise RuntimeError("AlfworldEnv.step called before reset.")
     if episode.done:
-      raise RuntimeError(f"AlfworldEnv.step called after episode {episode.task.task_id!r} ended; reset first.")
+      raise RuntimeError(
+        f"AlfworldEnv.step called after episode {episode.task.task_id!r} ended; reset first."
+      )
     episode.turn += 1
 
     command = None if action_text is None else canonical_command(action_text, episode.admissible)
@@ -330,7 +334,8 @@ class AlfworldEnv:
       error=error,
       extra=self._extra(command=command),
     )
-    return StepResult(observation=observation, reward=1.0 if won else 0.0, done=episode.done, info=info)
+    reward = 1.0 if won else 0.0
+    return StepResult(observation=observation, reward=reward, done=episode.done, info=info)
 
   @contextlib.contextmanager
   def _speedups(self) -> Iterator[None]:

@@ -101,7 +101,9 @@ class GroundingCache:
   def path(self, key: str) -> pathlib.Path:
     return self.cache_dir / f"{key}.pkl"
 
-  def pddl2sas(self, domain: str, problem: str, verbose: bool = False, optimize: bool = False) -> tuple[Any, str]:
+  def pddl2sas(
+    self, domain: str, problem: str, verbose: bool = False, optimize: bool = False
+  ) -> tuple[Any, str]:
     """Drop-in for `fast_downward.pddl2sas`: returns a fresh `(task, sas)` pair."""
     key = self.key(domain, problem, optimize)
     blob = self._memory.get(key)
@@ -173,7 +175,8 @@ class ParseMemo:
 
   def __init__(self, max_entries: int = 8192):
     self.max_entries = max_entries
-    self._originals = {module: module._parse_and_convert for module in self._MODULES}  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    self._originals = {module: module._parse_and_convert for module in self._MODULES}
     self._memo: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
     self.hits = 0
     self.misses = 0
@@ -201,7 +204,8 @@ class ParseMemo:
   @contextlib.contextmanager
   def installed(self) -> Iterator[None]:
     """Routes the engine's snippet parsing through this memo inside the block only."""
-    previous = {module: module._parse_and_convert for module in self._MODULES}  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    previous = {module: module._parse_and_convert for module in self._MODULES}
     for module in self._MODULES:
       module._parse_and_convert = self._memoised(module)  # pylint: disable=protected-access
     try:
