@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,16 +67,37 @@ def read_demonstrations(out_dir: str | os.PathLike[str]) -> list[Demonstration]:
     return [Demonstration.from_record(json.loads(line)) for line in f if line.strip()]
 
 
-class JudgeExampleLike(Protocol):
-  """A labelled judged step, as `envs.demos.JudgeExample` holds it."""
+@dataclasses.dataclass(frozen=True)
+class JudgeExample:
+  """One judged step with its known label (the fields of METHOD.md section 5's prompt).
 
-  task: str
-  history: Sequence[tuple[str, str | None]]  # (observation, action) before this turn, oldest first.
-  observation: str  # o_t.
-  admissible_actions: Sequence[str]  # At o_t.
-  action: str | None  # The judged action; None stands for an unparseable response.
-  feedback: str  # The env's answer to it.
-  label: str | int  # "Skip"/"Weak"/"Strong", or the prompts.SKIP/WEAK/STRONG code.
+  Attributes:
+    task_text: the task.
+    history: the turns before this one as (observation, action), oldest first.
+    observation: o_t.
+    action: the judged action; None stands for an unparseable response (no action tag).
+    feedback: the env's answer to it, o_{t+1}.
+    admissible_actions: the admissible actions at o_t.
+    label: prompts.SKIP / WEAK / STRONG.
+  """
+
+  task_text: str
+  history: Sequence[tuple[str, str | None]]
+  observation: str
+  action: str | None
+  feedback: str
+  admissible_actions: Sequence[str]
+  label: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "label", label_code(self.label))
+
+  @classmethod
+  def from_demo(cls, example: Any) -> "JudgeExample":
+    """From an `envs.demos.JudgeExample` (as `envs.demos.load_judge_examples` yields them)."""
+    return cls(task_text=example.task, history=list(example.history), observation=example.observation,
+               action=example.action, feedback=example.feedback,
+               admissible_actions=list(example.admissible_actions), label=label_code(example.label))
 
 
 def label_code(label: str | int) -> int:
@@ -146,18 +167,18 @@ def acting_segments(
   return prompts.episode_segments(layout, demo.task_text, list(demo.observations[:num]), responses, admissible)
 
 
-def judge_prompt(tokenizer: Any, example: JudgeExampleLike, history_turns: int) -> str:
+def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int) -> str:
   """The judge question about `example`, rendered with the generation prompt."""
   return prompts.render_judge_prompt(
-      tokenizer, example.task, list(example.history), example.observation,
+      tokenizer, example.task_text, list(example.history), example.observation,
       expert_response(example.action), example.feedback, list(example.admissible_actions), history_turns)
 
 
 def judge_segments(
-    layout: prompts.ChatLayout, example: JudgeExampleLike, history_turns: int
+    layout: prompts.ChatLayout, example: JudgeExample, history_turns: int
 ) -> list[tuple[str, bool]]:
   """The judge question and its one-word answer (with the end-of-turn text)."""
-  answer = prompts.LABEL_NAMES[label_code(example.label)] + _end_of_turn(layout)
+  answer = prompts.LABEL_NAMES[example.label] + _end_of_turn(layout)
   return [(judge_prompt(layout.tokenizer, example, history_turns), False), (answer, True)]
 
 
@@ -209,7 +230,7 @@ class SftData:
 def build_sft_data(
     tokenizer: Any,
     demonstrations: Iterable[Demonstration],
-    judge_examples: Iterable[JudgeExampleLike],
+    judge_examples: Iterable[JudgeExample],
     seq_len: int,
     *,
     history_turns: int = 2,
@@ -221,8 +242,8 @@ def build_sft_data(
   Args:
     tokenizer: the shared tokenizer; it must have a chat template and a pad token.
     demonstrations: expert episodes (acting samples).
-    judge_examples: labelled judge questions (judge samples), e.g.
-      `envs.demos.load_judge_examples(out_dir, history_turns)`.
+    judge_examples: labelled judge questions (judge samples), e.g. `JudgeExample.from_demo`
+      of each of `envs.demos.load_judge_examples(out_dir, history_turns)`.
     seq_len: S, the padded length; longer acting episodes keep their first whole turns.
     history_turns: the judge prompt's history window (config.judge.history_turns).
     show_admissible: list the admissible actions with each observation (as the rollout does).

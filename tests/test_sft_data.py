@@ -23,15 +23,15 @@ DEMO = sft_data.Demonstration(
     admissible_actions=[["go to desk 1", "go to drawer 2"], ["take pen 1 from desk 1", "look"],
                         ["move pen 1 to drawer 2", "go to drawer 2"]],
 )
-JUDGE = demos.JudgeExample(
+JUDGE = sft_data.JudgeExample.from_demo(demos.JudgeExample(
     task=TASK, history=[(DEMO.observations[0], DEMO.actions[0])], observation=DEMO.observations[1],
     admissible_actions=list(DEMO.admissible_actions[1]), action="look", feedback="You see a desk 1.",
-    label="Weak", task_id="fixture", turn=1)
+    label="Weak", task_id="fixture", turn=1))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  texts = [TASK, *DEMO.observations, *(a for acts in DEMO.admissible_actions for a in acts), JUDGE.feedback,
+  texts = [TASK, *DEMO.observations, *(a for acts in DEMO.admissible_actions for a in acts), JUDGE.feedback, "Nothing happens.",
            *tokenization.prompt_texts()]
   return tokenization.build_word_tokenizer(texts, tmp_path_factory.mktemp("tok"))
 
@@ -99,9 +99,25 @@ def test_batch_feeds_the_sft_loss(tokenizer):
   np.testing.assert_allclose(float(loss), np.log(vocab), rtol=1e-6)
 
 
+def test_unparseable_judge_example_has_no_action_tag(tokenizer):
+  example = sft_data.JudgeExample(
+      task_text=TASK, history=[], observation=DEMO.observations[0], action=None, feedback="Nothing happens.",
+      admissible_actions=DEMO.admissible_actions[0], label="strong")
+  assert example.label == prompts.STRONG
+  data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, seed=None)
+  tokens, turn_ids = data.arrays["tokens"][0], data.arrays["turn_ids"][0]
+  prompt = tokenizer.decode(tokens[(turn_ids == 0) & (data.arrays["attention_mask"][0] == 1)].tolist())
+  assert "The agent's latest response:\n<think></think>\nThe environment's feedback to it:\nNothing happens." in prompt
+  assert prompts.parse_action(prompt.split("latest response:")[1].split("The environment")[0]) is None
+  assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Strong<|im_end|>"
+
+
 def test_bad_inputs_name_the_problem(tokenizer):
   with pytest.raises(ValueError, match="label"):
     sft_data.label_code("Maybe")
+  with pytest.raises(ValueError, match="label"):
+    sft_data.JudgeExample(task_text=TASK, history=[], observation="", action="look", feedback="",
+                          admissible_actions=[], label=7)
   bad = sft_data.Demonstration(task_text=TASK, observations=DEMO.observations, actions=DEMO.actions)
   with pytest.raises(ValueError, match="admissible_actions"):
     sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400)

@@ -1,0 +1,476 @@
+"""The turn-level judge (METHOD.md E5 and section 5): one Skip/Weak/Strong label per turn.
+
+After the environment has answered every turn of a rollout batch, each turn is labelled:
+
+* a turn whose action was unparseable or invalid is Strong without asking the teacher (and
+  costs no teacher call);
+* every other turn is labelled by `config.judge.mode`:
+  - `prompt` (default, the paper's): the teacher reads the judge prompt of `prompts.py`, with the
+    env's feedback in it, and answers greedily in a few tokens; all turns of all episodes go
+    through the sampler together. `prompts.parse_judge_label` reads the answer tolerantly, and
+    anything unclear is Strong.
+  - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
+    forward of `teacher.py`) against two thresholds: above the first Skip, above the second
+    Weak, else Strong. Cheap, and usable with tiny teachers.
+  - `oracle`: the env expert's labels (equal to the expert's action -> Skip, valid but
+    different -> Weak, invalid -> Strong). Analysis only: it is not verifier-free, so it says so
+    in its metrics (`judge/oracle_mode`) and in the log.
+
+Labels come back as `labels [B, T] int32` in the loss's layout: column k - 1 is turn k, the turn
+whose tokens carry `turn_ids == k`. Columns past an episode's last turn are Strong padding; those
+turns have no tokens, so they never weigh anything.
+
+Host side (numpy and Python objects): the judge runs between the rollout and the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sage_opd_jax import losses
+from sage_opd_jax import prompts
+from sage_opd_jax import sampling
+from sage_opd_jax import sft_data
+
+MODES = ("prompt", "likelihood", "oracle")
+
+_log = logging.getLogger(__name__)
+
+
+class JudgedTurn(Protocol):
+  """What the judge reads of a turn (the rollout's `Turn` provides it)."""
+
+  observation: str  # o_t, what the student saw before acting.
+  response: str  # y_t, the raw generated text.
+  action: str | None  # The parsed action, or None if unparseable.
+  feedback: str  # o_{t+1}, the env's answer.
+  admissible: Sequence[str]  # Admissible actions at turn t.
+  valid: bool  # Parseable and admissible.
+  expert_action: str | None  # The env expert's action at this state, if known.
+
+
+class JudgedEpisode(Protocol):
+  task_text: str
+  turns: Sequence[JudgedTurn]
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+  """The judge's settings; `from_config(config.judge)` reads the run config.
+
+  Attributes:
+    mode: one of MODES.
+    history_turns: past (observation, action) pairs shown in the judge prompt.
+    max_new_tokens: tokens the teacher may answer with (`prompt` mode).
+    likelihood_thresholds: (skip_above, weak_above) mean action log-probs (`likelihood` mode).
+    batch_size: judge prompts per sampler call; bounds the judge's KV-cache memory.
+  """
+
+  mode: str = "prompt"
+  history_turns: int = 2
+  max_new_tokens: int = 4
+  likelihood_thresholds: tuple[float, float] = (-0.5, -2.0)
+  batch_size: int = 64
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"JudgeConfig.mode={self.mode!r}: must be one of {MODES}.")
+    if self.history_turns < 0:
+      raise ValueError(f"JudgeConfig.history_turns={self.history_turns}: must be >= 0.")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"JudgeConfig.max_new_tokens={self.max_new_tokens}: must be >= 1.")
+    if self.batch_size < 1:
+      raise ValueError(f"JudgeConfig.batch_size={self.batch_size}: must be >= 1.")
+    skip_above, weak_above = self.likelihood_thresholds
+    if not skip_above > weak_above:
+      raise ValueError(
+          f"JudgeConfig.likelihood_thresholds={self.likelihood_thresholds}: the Skip threshold must "
+          "exceed the Weak threshold.")
+    object.__setattr__(self, "likelihood_thresholds", (float(skip_above), float(weak_above)))
+
+  @classmethod
+  def from_config(cls, judge: Mapping[str, Any], batch_size: int = 64) -> "JudgeConfig":
+    """From the run config's `judge` section (`config.judge`)."""
+    return cls(
+        mode=judge["mode"],
+        history_turns=int(judge["history_turns"]),
+        max_new_tokens=int(judge["max_new_tokens"]),
+        likelihood_thresholds=tuple(judge["likelihood_thresholds"]),
+        batch_size=batch_size,
+    )
+
+
+@dataclasses.dataclass
+class JudgeResult:
+  """The labels of a batch and how they were obtained.
+
+  Attributes:
+    labels: [B, T] int32 label codes (`prompts.SKIP/WEAK/STRONG`); Strong past each episode.
+    asked: [B, T] bool, the turns whose label came from the judge mode (valid turns); the rest
+      are invalid turns (Strong by rule) or padding.
+    answers: per episode, per turn, the teacher's raw answer in `prompt` mode, else None.
+    num_prompts: judge prompts sent to the teacher.
+  """
+
+  labels: np.ndarray
+  asked: np.ndarray
+  answers: list[list[str | None]]
+  num_prompts: int = 0
+
+
+# ------------------------------------------------------------------------------------------
+# Turn bookkeeping.
+
+
+def _check_turns(episodes: Sequence[JudgedEpisode], num_turns: int) -> None:
+  for b, episode in enumerate(episodes):
+    if len(episode.turns) > num_turns:
+      raise ValueError(f"episodes[{b}] has {len(episode.turns)} turns, more than num_turns={num_turns}.")
+
+
+def _real_turns(episodes: Sequence[JudgedEpisode], num_turns: int) -> np.ndarray:
+  """[B, T] bool: the turns that exist."""
+  real = np.zeros((len(episodes), num_turns), bool)
+  for b, episode in enumerate(episodes):
+    real[b, : len(episode.turns)] = True
+  return real
+
+
+def _valid_turns(episodes: Sequence[JudgedEpisode], num_turns: int) -> np.ndarray:
+  """[B, T] bool: turns with a parseable, admissible action (the ones a judge is asked about)."""
+  valid = np.zeros((len(episodes), num_turns), bool)
+  for b, episode in enumerate(episodes):
+    for t, turn in enumerate(episode.turns):
+      valid[b, t] = bool(turn.valid) and turn.action is not None
+  return valid
+
+
+def _same_action(a: str, b: str) -> bool:
+  """Env commands compare case- and whitespace-insensitively ("Go to  Desk 1" == "go to desk 1")."""
+  return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+# ------------------------------------------------------------------------------------------
+# Oracle labels (METHOD.md section 5).
+
+
+def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np.ndarray, np.ndarray]:
+  """The env expert's labels of every turn, where it can give them.
+
+  Returns:
+    labels: [B, T] int32: Strong for invalid turns, Skip where the action equals the expert's,
+      Weak where it is valid but different; Strong where there is no oracle label.
+    known: [B, T] bool: the turns that have an oracle label (invalid turns always do; valid
+      ones when the turn carries `expert_action`).
+  """
+  _check_turns(episodes, num_turns)
+  labels = np.full((len(episodes), num_turns), prompts.STRONG, np.int32)
+  known = np.zeros((len(episodes), num_turns), bool)
+  valid = _valid_turns(episodes, num_turns)
+  for b, episode in enumerate(episodes):
+    for t, turn in enumerate(episode.turns):
+      if not valid[b, t]:
+        known[b, t] = True
+      elif getattr(turn, "expert_action", None) is not None:
+        known[b, t] = True
+        labels[b, t] = prompts.SKIP if _same_action(turn.action, turn.expert_action) else prompts.WEAK
+  return labels, known
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt mode.
+
+
+def judge_prompt_texts(
+    episodes: Sequence[JudgedEpisode], tokenizer: Any, history_turns: int, asked: np.ndarray
+) -> list[tuple[int, int, str]]:
+  """(b, t, rendered judge prompt) for every asked turn, in row-major order (METHOD.md s.5)."""
+  out = []
+  for b, episode in enumerate(episodes):
+    history: list[tuple[str, str | None]] = []
+    for t, turn in enumerate(episode.turns):
+      if asked[b, t]:
+        text = prompts.render_judge_prompt(
+            tokenizer, episode.task_text, history, turn.observation, turn.response, turn.feedback,
+            list(turn.admissible), history_turns)
+        out.append((b, t, text))
+      history.append((turn.observation, turn.action))
+  return out
+
+
+def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
+  """Token ids that end the judge's answer: EOS and the chat template's end-of-turn token."""
+  ids = set()
+  if getattr(tokenizer, "eos_token_id", None) is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  end_of_turn = prompts.ChatLayout.from_tokenizer(tokenizer).after_assistant.split("\n", 1)[0]
+  if end_of_turn:
+    end_ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
+    if len(end_ids) == 1:
+      ids.add(int(end_ids[0]))
+  return tuple(sorted(ids))
+
+
+def _pad_id(tokenizer: Any) -> int:
+  for name in ("pad_token_id", "eos_token_id"):
+    value = getattr(tokenizer, name, None)
+    if value is not None:
+      return int(value)
+  raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither pad_token_id nor eos_token_id.")
+
+
+def ask_teacher(
+    teacher: nnx.Module,
+    tokenizer: Any,
+    prompt_texts: Sequence[str],
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+  """The teacher's greedy answers to `prompt_texts` (decoded, special tokens dropped)."""
+  if not prompt_texts:
+    return []
+  config = sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=_stop_ids(tokenizer),
+      pad_id=_pad_id(tokenizer))
+  answers: list[str] = []
+  for start in range(0, len(prompt_texts), batch_size):
+    # `sampling.sample` buckets the batch (powers of two) and the prompt length, so the
+    # remainder call compiles at most a handful of extra shapes.
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompt_texts[start:start + batch_size]]
+    out = sampling.sample(teacher, ids, jax.random.fold_in(rng, start), config)
+    for row in range(len(ids)):
+      answers.append(tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True))
+  return answers
+
+
+# ------------------------------------------------------------------------------------------
+# Likelihood mode.
+
+# The action as `prompts.parse_action` finds it: after the LAST opening tag, up to the next
+# closing tag (or the end of the response).
+_ACTION_OPEN_RE = re.compile(r"<\s*action\s*>", re.IGNORECASE)
+_ACTION_CLOSE_RE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
+
+
+def _action_char_span(text: str) -> tuple[int, int] | None:
+  opens = list(_ACTION_OPEN_RE.finditer(text))
+  if not opens:
+    return None
+  start = opens[-1].end()
+  close = _ACTION_CLOSE_RE.search(text, start)
+  end = close.start() if close is not None else len(text)
+  # Surrounding whitespace is not part of the command.
+  while start < end and text[start].isspace():
+    start += 1
+  while end > start and text[end - 1].isspace():
+    end -= 1
+  return (start, end) if end > start else None
+
+
+def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenizer: Any) -> np.ndarray:
+  """[B, S] bool: the response tokens that spell each turn's action command.
+
+  A token counts when its decoded characters overlap the command between the last
+  `<action>` tag and its closing tag (think text, tags and end-of-turn tokens do not count).
+  Character offsets come from decoding growing prefixes, which is exact for any tokenizer whose
+  decode of a prefix is a prefix of the decode (byte-level BPE, word-level).
+  """
+  tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
+  mask = np.zeros(tokens_BxS.shape, bool)
+  for b in range(tokens_BxS.shape[0]):
+    for k in np.unique(turn_ids_BxS[b]):
+      if k <= 0:
+        continue
+      positions = np.flatnonzero(turn_ids_BxS[b] == k)
+      ids = tokens_BxS[b, positions].tolist()
+      text = tokenizer.decode(ids)
+      span = _action_char_span(text)
+      if span is None:
+        continue
+      ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
+      starts = [0] + ends[:-1]
+      for j, pos in enumerate(positions):
+        mask[b, pos] = starts[j] < span[1] and ends[j] > span[0]
+  return mask
+
+
+def likelihood_labels(
+    teacher_logprobs_BxS: Any,
+    action_mask_BxS: np.ndarray,
+    turn_ids_BxS: np.ndarray,
+    num_turns: int,
+    thresholds: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+  """Labels from the teacher's mean log-prob of each turn's action tokens.
+
+  Returns:
+    labels: [B, T] int32: Skip if the mean > thresholds[0], Weak if > thresholds[1], else
+      Strong; Strong for turns without action tokens.
+    mean_logprob: [B, T] float32 (0 for turns without action tokens).
+  """
+  action_turn_ids = jnp.where(jnp.asarray(action_mask_BxS), jnp.asarray(turn_ids_BxS), 0)
+  mean_BxT = np.asarray(losses.turn_mean(jnp.asarray(teacher_logprobs_BxS), action_turn_ids, num_turns))
+  has_action = np.asarray(losses.turn_lengths(action_turn_ids, num_turns)) > 0
+  skip_above, weak_above = thresholds
+  labels = np.where(mean_BxT > skip_above, prompts.SKIP, np.where(mean_BxT > weak_above, prompts.WEAK,
+                                                                  prompts.STRONG))
+  labels = np.where(has_action, labels, prompts.STRONG).astype(np.int32)
+  return labels, mean_BxT.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# The judge.
+
+
+def judge_batch(
+    episodes: Sequence[JudgedEpisode],
+    num_turns: int,
+    config: JudgeConfig,
+    *,
+    teacher: nnx.Module | None = None,
+    tokenizer: Any = None,
+    rng: jax.Array | None = None,
+    tokens_BxS: np.ndarray | None = None,
+    turn_ids_BxS: np.ndarray | None = None,
+    teacher_logprobs_BxS: Any = None,
+) -> JudgeResult:
+  """Labels every turn of a rollout batch.
+
+  Args:
+    episodes: the rollout's host-side episodes, row b of the batch is episodes[b].
+    num_turns: T, the width of the batch's per-turn arrays.
+    config: the judge settings.
+    teacher, tokenizer, rng: the teacher model, the shared tokenizer and a key (`prompt` mode).
+    tokens_BxS, turn_ids_BxS, teacher_logprobs_BxS: the batch's tokens, turn ids and the
+      teacher's token log-probs from `teacher.score_tokens` (`likelihood` mode; it also needs
+      the tokenizer to find the action tokens).
+
+  Returns:
+    A `JudgeResult`; invalid turns are Strong and never reach the teacher.
+  """
+  _check_turns(episodes, num_turns)
+  asked = _valid_turns(episodes, num_turns)
+  labels = np.full((len(episodes), num_turns), prompts.STRONG, np.int32)
+  answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
+  num_prompts = 0
+
+  if config.mode == "prompt":
+    if teacher is None or tokenizer is None or rng is None:
+      raise ValueError("judge_batch: mode='prompt' needs `teacher`, `tokenizer` and `rng`.")
+    requests = judge_prompt_texts(episodes, tokenizer, config.history_turns, asked)
+    replies = ask_teacher(teacher, tokenizer, [text for _, _, text in requests], rng,
+                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    num_prompts = len(requests)
+    for (b, t, _), reply in zip(requests, replies):
+      labels[b, t] = prompts.parse_judge_label(reply)
+      answers[b][t] = reply
+  elif config.mode == "likelihood":
+    for name, value in (("tokens_BxS", tokens_BxS), ("turn_ids_BxS", turn_ids_BxS),
+                        ("teacher_logprobs_BxS", teacher_logprobs_BxS), ("tokenizer", tokenizer)):
+      if value is None:
+        raise ValueError(f"judge_batch: mode='likelihood' needs `{name}`.")
+    mask = action_token_mask(tokens_BxS, turn_ids_BxS, tokenizer)
+    scored, _ = likelihood_labels(teacher_logprobs_BxS, mask, turn_ids_BxS, num_turns,
+                                  config.likelihood_thresholds)
+    labels = np.where(asked, scored, prompts.STRONG).astype(np.int32)
+  else:
+    _log.warning("judge.mode='oracle': labels come from the environment's expert. This is for "
+                "analysis only; it is not SAGE-OPD's verifier-free judge.")
+    oracle, known = oracle_labels(episodes, num_turns)
+    missing = np.argwhere(asked & ~known)
+    if len(missing):
+      b, t = missing[0]
+      raise ValueError(
+          f"judge.mode='oracle' needs expert_action on every valid turn; episodes[{b}].turns[{t}] has none.")
+    labels = oracle
+  return JudgeResult(labels=labels, asked=asked, answers=answers, num_prompts=num_prompts)
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics and held-out evaluation.
+
+
+def judge_metrics(
+    result: JudgeResult,
+    episodes: Sequence[JudgedEpisode],
+    mode: str,
+    confidence_BxT: Any = None,
+) -> dict[str, float]:
+  """Scalar judge metrics of one batch (keys `judge/...`).
+
+  - label mix over the real turns (`skip_frac`, `weak_frac`, `strong_frac`);
+  - `asked_frac` (turns sent to the judge mode) and `num_prompts` (teacher calls);
+  - agreement with the env expert's oracle labels where the turns have them: `oracle_accuracy`
+    over the judged (valid) turns, the judge's own accuracy, and `oracle_accuracy_all` over
+    every turn with an oracle label (invalid turns agree by rule), with their counts;
+  - `confidence_<label>`: the mean turn confidence c_t by label, when `confidence_BxT` is given;
+  - `oracle_mode`: 1 when the labels ARE the oracle (analysis only), else 0.
+  """
+  num_turns = result.labels.shape[1]
+  real = _real_turns(episodes, num_turns)
+  labels = result.labels
+  metrics: dict[str, float] = {"judge/oracle_mode": float(mode == "oracle")}
+  total = max(int(real.sum()), 1)
+  for code, name in enumerate(prompts.LABEL_NAMES):
+    metrics[f"judge/{name.lower()}_frac"] = float(np.sum(real & (labels == code)) / total)
+  metrics["judge/asked_frac"] = float(np.sum(result.asked & real) / total)
+  metrics["judge/num_prompts"] = float(result.num_prompts)
+
+  oracle, known = oracle_labels(episodes, num_turns)
+  judged_known = known & result.asked
+  metrics["judge/oracle_count"] = float(judged_known.sum())
+  if judged_known.any():
+    metrics["judge/oracle_accuracy"] = float(np.mean(labels[judged_known] == oracle[judged_known]))
+  all_known = known & real
+  if all_known.any():
+    metrics["judge/oracle_accuracy_all"] = float(np.mean(labels[all_known] == oracle[all_known]))
+
+  if confidence_BxT is not None:
+    confidence = np.asarray(confidence_BxT, np.float64)
+    if confidence.shape != labels.shape:
+      raise ValueError(f"judge_metrics: confidence_BxT has shape {confidence.shape}; expected {labels.shape}.")
+    for code, name in enumerate(prompts.LABEL_NAMES):
+      hit = real & (labels == code)
+      if hit.any():
+        metrics[f"judge/confidence_{name.lower()}"] = float(confidence[hit].mean())
+  return metrics
+
+
+def judge_accuracy(
+    teacher: nnx.Module,
+    tokenizer: Any,
+    examples: Sequence[sft_data.JudgeExampleLike],
+    rng: jax.Array,
+    *,
+    history_turns: int,
+    max_new_tokens: int = 4,
+    batch_size: int = 64,
+) -> dict[str, float]:
+  """The prompted judge's accuracy against labelled judge examples (e.g. of held-out games).
+
+  The questions are rendered exactly as the SFT data trains them (`sft_data.judge_prompt`).
+  Returns `judge_eval/accuracy`, the per-label recall `judge_eval/recall_<label>` (for labels
+  present), the predicted label mix `judge_eval/pred_<label>_frac` and `judge_eval/count`.
+  """
+  if not examples:
+    raise ValueError("judge_accuracy: `examples` is empty.")
+  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns) for ex in examples]
+  replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  predicted = np.asarray([prompts.parse_judge_label(r) for r in replies], np.int32)
+  truth = np.asarray([ex.label for ex in examples], np.int32)
+  metrics = {"judge_eval/accuracy": float(np.mean(predicted == truth)), "judge_eval/count": float(len(truth))}
+  for code, name in enumerate(prompts.LABEL_NAMES):
+    if (truth == code).any():
+      metrics[f"judge_eval/recall_{name.lower()}"] = float(np.mean(predicted[truth == code] == code))
+    metrics[f"judge_eval/pred_{name.lower()}_frac"] = float(np.mean(predicted == code))
+  return metrics
