@@ -101,6 +101,19 @@ def test_facts_follow_the_state(env):
   assert not invalid.info.valid and invalid.info.extra["facts"] == result.info.extra["facts"]
 
 
+def test_planner_commands_when_requested_win(tmp_path):
+  env = AlfworldEnv(data_dir=FIXTURE_DIR, cache_dir=tmp_path, policy_commands=True)
+  _, info = env.reset(_task(env, "trial_fixture_b"))
+  # After each step the planner replans from the new state; following it wins.
+  plan, results = info.extra["policy_commands"], []
+  while plan and not (results and results[-1].done) and len(results) < 20:
+    results.append(env.step(plan[0]))
+    plan = results[-1].info.extra["policy_commands"]
+  assert results[-1].info.won and all(r.info.valid for r in results)
+  assert len(results) <= len(GAMES_BY_TRIAL["trial_fixture_b"].walkthrough)
+  env.close()
+
+
 def test_none_and_invalid_commands_answer_nothing_happens(env):
   _, info = env.reset(_task(env, "trial_fixture_a"))
   for action in (None, "fly to the moon", "take apple 1 from diningtable 1", ""):

@@ -157,6 +157,7 @@ class _Episode:
   admissible: list[str]
   task_text: str
   facts: list[Any]  # The state's facts; empty unless the env requests them.
+  plan: list[str]  # The planner's commands from this state; empty unless requested.
   turn: int = 0
   done: bool = False
 
@@ -173,6 +174,7 @@ class AlfworldEnv:
     task_types: Sequence[str | int] | None = None,
     seed: int = 0,
     facts: bool = False,
+    policy_commands: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     grounding_cache: bool = True,
     parse_memo: bool = True,
@@ -186,6 +188,9 @@ class AlfworldEnv:
       seed: shuffles each split's task order, reproducibly.
       facts: also return the game's facts in `info.extra["facts"]` (the hand-coded
         expert reads them; they cost time on every step).
+      policy_commands: also return fast_downward's plan from the current state in
+        `info.extra["policy_commands"]`. Off by default: it replans on every step, takes
+        0.3-8 s a call on ALFWorld games and can hang in C code.
       cache_dir: where grounded games are cached; None is
         `~/.cache/sage_opd_jax/alfworld_grounding`. Never put it beside the game files.
       grounding_cache: False grounds every reset from scratch (benchmarks, tests).
@@ -198,14 +203,18 @@ class AlfworldEnv:
     self.task_types = self._resolve_task_types(task_types)
     self.seed = seed
     self.facts = facts
+    self.policy_commands = policy_commands
     self.cache = GroundingCache(cache_dir) if grounding_cache else None
     self.parse_memo = ParseMemo() if parse_memo else None
     self._tasks: dict[str, list[Task]] = {}
     self._episode: _Episode | None = None
 
-    # policy_commands stays off: the planner replans on every step, is slow and can hang.
     request_infos = textworld.EnvInfos(
-      won=True, admissible_commands=True, facts=facts, policy_commands=False, extras=["gamefile"]
+      won=True,
+      admissible_commands=True,
+      facts=facts,
+      policy_commands=policy_commands,
+      extras=["gamefile"],
     )
     env_id = textworld.gym.register_games(
       [],
@@ -286,6 +295,7 @@ class AlfworldEnv:
       admissible=admissible,
       task_text=_task_text(observation),
       facts=list(infos["facts"][0]) if self.facts else [],
+      plan=list(infos["policy_commands"][0]) if self.policy_commands else [],
     )
     info = StepInfo(
       task=self._episode.task_text,
@@ -320,6 +330,8 @@ class AlfworldEnv:
         episode.admissible = list(infos["admissible_commands"][0])
         if self.facts:
           episode.facts = list(infos["facts"][0])
+        if self.policy_commands:
+          episode.plan = list(infos["policy_commands"][0])
       except Exception as e:  # pylint: disable=broad-except
         # An engine crash fails this episode only; the error is reported in the info.
         observation, error = NOTHING_HAPPENS, f"{type(e).__name__}: {e}"
@@ -358,6 +370,8 @@ class AlfworldEnv:
     if self.facts:
       # After an invalid command the state, hence its facts, did not change.
       extra["facts"] = list(episode.facts)
+    if self.policy_commands:
+      extra["policy_commands"] = list(episode.plan)
     return extra
 
   def close(self) -> None:
