@@ -192,7 +192,8 @@ class AlfworldEnv:
         `info.extra["policy_commands"]`. Off by default: it replans on every step, takes
         0.3-8 s a call on ALFWorld games and can hang in C code.
       cache_dir: where grounded games are cached; None is
-        `~/.cache/sage_opd_jax/alfworld_grounding`. Never put it beside the game files.
+        `${XDG_CACHE_HOME:-~/.cache}/sage_opd_jax/alfworld_grounding`. Never put it
+        beside the game files (read-only in CI, and never to be committed).
       grounding_cache: False grounds every reset from scratch (benchmarks, tests).
       parse_memo: False parses every text snippet from scratch (benchmarks, tests).
     """
@@ -274,6 +275,11 @@ class AlfworldEnv:
     return list(self._tasks[split])
 
   def reset(self, task: Task) -> tuple[str, StepInfo]:
+    """Loads `task`'s game on the shared engine; returns the room and task description.
+
+    `info.extra["walkthrough"]` is the game file's own winning command list (empty if
+    the file has none).
+    """
     if task.env != ENV_NAME:
       raise ValueError(f"Task {task.task_id!r} is for env {task.env!r}, not {ENV_NAME!r}.")
     gamefile = task.meta.get("gamefile")
@@ -306,6 +312,7 @@ class AlfworldEnv:
     return observation, info
 
   def step(self, action_text: str | None) -> StepResult:
+    """Plays one command (see `canonical_command`); None is an unparseable response."""
     episode = self._episode
     if episode is None:
       raise RuntimeError("AlfworldEnv.step called before reset.")
@@ -375,4 +382,5 @@ class AlfworldEnv:
     return extra
 
   def close(self) -> None:
+    """Releases the engine."""
     self._engine.close()
