@@ -159,7 +159,7 @@ def _turn_sum(x_BxS: Array, turn_ids: Array, num_turns: int) -> Array:
 
 def turn_lengths(turn_ids: Array, num_turns: int) -> Array:
   """[B, S] int -> [B, T] int32: L_t, the number of response tokens of turn t."""
-  return _turn_sum(jnp.ones(turn_ids.shape, jnp.int32), turn_ids, num_turns)
+  return _turn_sum(jnp.ones_like(turn_ids, jnp.int32), turn_ids, num_turns)
 
 
 def turn_mean(x_BxS: Array, turn_ids: Array, num_turns: int) -> Array:
@@ -594,7 +594,7 @@ def sage_opd_loss(
     tokens: int, the episode's tokens. Always.
     turn_ids: int, 0 off-response, k for turn k. Always.
     labels: [B, T] int Label codes (E5). Methods with intervention; also sets T.
-    teacher_logprobs: log nu(token). estimator="sampled".
+    teacher_logprobs: log nu(token). estimator="sampled" (or computed from teacher_logits).
     behaviour_logprobs: log pi_old(token), from the sampler. estimator="sampled" with
       old_logprobs="batch"; old_logprobs="current" uses stop_gradient(log pi_theta)
       instead (one update per batch: r = 1 exactly).
@@ -653,7 +653,7 @@ def sage_opd_loss(
     loss_BxS = -w_BxS * student_logp_BxS
     divergence_BxS = None
   elif estimator == "sampled":
-    teacher_logp = _float(_require(batch, "teacher_logprobs", "estimator='sampled'"))
+    teacher_logp = _float(_teacher_stat(batch, "teacher_logprobs", "estimator='sampled'"))
     if old_logprobs == "batch":
       old_logp = _float(_require(batch, "behaviour_logprobs", "estimator='sampled' (PPO ratio)"))
     else:
