@@ -81,8 +81,8 @@ def test_judge_examples_carry_the_envs_own_feedback(run, request):
       assert e["action"] in e["admissible_actions"] and e["action"] != demo["actions"][t] and e["valid"]
     # Reference: a fresh env in this process, replaying the demo up to the state.
     env.reset(tasks[e["task_id"]])
-    for action in demo["actions"][:t]:
-      env.step(action)
+    for i, action in enumerate(demo["actions"][:t]):
+      assert env.step(action).observation == demo["observations"][i + 1]
     assert env.step(e["action"]).observation == e["feedback"], e
   env.close()
   loaded = list(demos.load_judge_examples(out, history_turns=2))

@@ -93,6 +93,31 @@ def test_expert_is_reproducible_for_a_seed(fixture_env):
   assert first.actions == again.actions and first.observations == again.observations
 
 
+def test_peek_answers_like_a_step_and_leaves_the_episode_unchanged(fixture_env):
+  task = next(t for t in _fixture_tasks(fixture_env) if t.task_type == "pick_two_obj_and_place")
+  plain = alfworld_expert.run_episode(fixture_env, task, seed=1)
+  peeked = {}
+
+  def peek_everything(turn, info, expert_action):
+    del expert_action
+    for command in info.admissible_actions + ["take unicorn 1 from countertop 1", None]:
+      peeked[turn, command] = alfworld_expert.peek(fixture_env, command)
+
+  with_peeks = alfworld_expert.run_episode(fixture_env, task, seed=1, before_step=peek_everything)
+  assert with_peeks.won and with_peeks.actions == plain.actions
+  assert with_peeks.observations == plain.observations
+  assert with_peeks.admissible_actions == plain.admissible_actions
+  # Reference: the feedback of really stepping the command after replaying the prefix.
+  for turn in (0, len(plain.actions) // 2, len(plain.actions) - 1):
+    others = [c for c in plain.admissible_actions[turn] if c not in ("help", plain.actions[turn])]
+    for command in [plain.actions[turn]] + others[-2:] + ["take unicorn 1 from countertop 1", None]:
+      fixture_env.reset(task)
+      for action in plain.actions[:turn]:
+        fixture_env.step(action)
+      result = fixture_env.step(command)
+      assert peeked[turn, command] == (result.observation, result.info.valid), (turn, command)
+
+
 def test_env_without_facts_is_refused(tmp_path):
   env = envs.make("alfworld", data_dir=FIXTURE_DIR, facts=False, cache_dir=str(tmp_path))
   with pytest.raises(ValueError, match="facts=True"):

@@ -198,7 +198,8 @@ def peek(env: base.Env, action: str | None) -> tuple[str, bool]:
       dict(state._operators),
   )  # pylint: disable=protected-access
   try:
-    game_state, _, _ = pddl.step(command)
+    with env._speedups():  # The env's parse memo, as for its own steps. pylint: disable=protected-access
+      game_state, _, _ = pddl.step(command)
     return game_state.feedback, True
   finally:
     pddl.downward_lib.set_state_id(saved_id)
