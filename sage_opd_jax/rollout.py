@@ -1,0 +1,674 @@
+"""Multi-turn rollouts: B lockstep episodes in env worker processes -> one `RolloutBatch`.
+
+Host loop (the imperative shell around `sampling.EpisodeCache`, the jitted sampler):
+
+* **Lockstep.** Every live episode of a group takes its turn t in one `generate` call. An
+  episode that ends (won, lost, env failure, turn limit, context budget) passes None from then
+  on: the `EpisodeCache` releases its row and compacts the live rows into a smaller batch, so
+  finished episodes stop costing decode compute.
+* **Overlap of env and model time: a two-group pipeline.** The B episodes are split into
+  `pipeline_groups` (default 2) contiguous groups, each with its own `EpisodeCache`. While
+  group A generates, group B's env steps run in the pool's worker processes, and the other way
+  round:
+
+      main:     gen A(t) | gen B(t) | gen A(t+1) | gen B(t+1) | ...
+      workers:           | env A(t) | env B(t)   | env A(t+1) | ...
+
+  A group's responses all come back from one `generate` call at once, so "submit each row's
+  step as soon as its response is ready" gains nothing over a whole-group submit; two groups
+  are the simplest split that hides the env time behind the other group's generation, at the
+  cost of two half-size decode calls per turn instead of one. `pipeline_groups=1` is the
+  sequential baseline. `RolloutStats` reports the model, env-wait and wall times;
+  `benchmarks/bench_rollout.py` measures the overlap.
+* **Envs.** The engine owns an `EnvPool` of `num_workers` processes; episode e lives in worker
+  e % num_workers (`envs.multi_env` hosts several envs per worker when B > num_workers), and a
+  lockstep round sends one batched call per worker. A crashed or hung worker fails only the
+  episodes it hosts; an env exception only its own episode (`Episode.error`).
+
+**What the student saw vs. the transcript.** The chat layout is `prompts`' multi-turn one:
+P = `episode_start_text(task, o_1)`, then per turn t the sampled response y_t and
+n_t = `next_turn_text(o_{t+1})`. Everything is concatenated at the token level (generated ids
+are never re-tokenised). With history window k, turn t's context is
+`P + (y_i + n_i for the last k turns before t)`; P (task and o_1) always stays. `tokens` of
+the batch is the WHOLE transcript `P + y_1 + n_1 + ... + y_T`, which the teacher and the loss
+score; `behaviour_logprobs` are the sampler's, under the context actually used. When
+t - 1 <= k (or k is None) the context is exactly the transcript's prefix, so the behaviour
+log-probs are those of the transcript; for later turns (`truncated[b, t]`) they are
+log-probs under the shorter windowed context, and a loss that needs log pi_old of the
+transcript itself (a PPO ratio against the full history) must recompute it. With one update
+per batch (E4's r = 1) only the sampled tokens matter and the mismatch is harmless.
+
+**The `opd_two_rollout` hook** (METHOD.md section 4): `intervene(states)` is called once per
+group per turn, after the student generated and before the env steps, with one `TurnState` per
+live episode. It returns `{episode index: replacement response}` (text, or token ids of the
+student's tokenizer). A replaced response is what the env acts on and what the transcript
+holds; its tokens get behaviour log-prob 0 (the student did not sample them: recompute
+pi_old if needed) and the turn is flagged `intervened[b, t]`. The next turn's context holds the
+replaced tokens: the `EpisodeCache` re-encodes that row from the first differing token.
+
+**Determinism.** Group g's turn-t key is `fold_in(fold_in(rng, g), t)`; env results are
+gathered per group before its next generate, so the same key and tasks (and deterministic envs)
+give an identical batch, whatever order the workers answer in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from sage_opd_jax import prompts
+from sage_opd_jax import sampling
+from sage_opd_jax.envs import base
+from sage_opd_jax.envs import multi_env
+from sage_opd_jax.envs import pool as pool_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side records.
+
+
+@dataclasses.dataclass
+class Turn:
+  """One student turn, host side.
+
+  Attributes:
+    observation: o_t, the env's text the student saw before acting.
+    admissible: the admissible actions at o_t.
+    response: the generated (or intervened) response text, decoded from `response_tokens`.
+    response_tokens: its token ids, as they appear in the transcript.
+    response_logprobs: [len(response_tokens)] float32 behaviour log-probs (0 if intervened).
+    action: the parsed action, or None when unparseable.
+    feedback: o_{t+1}, the env's answer ("" if the env failed).
+    valid: parseable and accepted by the env as admissible.
+    repeated: parseable and equal to the previous turn's action.
+    won: the episode was won by this turn.
+    done: the episode ended after this turn.
+    intervened: the response was replaced by the `intervene` hook.
+    truncated: the context dropped earlier turns (history window k < t - 1).
+    expert_action: the env expert's action at o_t when known (not filled by the rollout yet).
+    next_tokens: the tokens of n_t (rest of the assistant message, user(o_{t+1}), generation
+      prompt), which follow `response_tokens` in the transcript unless this is the last turn.
+  """
+
+  observation: str
+  admissible: list[str]
+  response: str = ""
+  response_tokens: list[int] = dataclasses.field(default_factory=list)
+  response_logprobs: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0,), np.float32))
+  action: str | None = None
+  feedback: str = ""
+  valid: bool = False
+  repeated: bool = False
+  won: bool = False
+  done: bool = False
+  intervened: bool = False
+  truncated: bool = False
+  expert_action: str | None = None
+  next_tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Episode:
+  """One episode, host side: its task, turns and the transcript's first piece.
+
+  Attributes:
+    task: the env task.
+    task_text: the task as the env states it ("Your task is to: ...").
+    turns: the student's turns in order.
+    prompt_tokens: P, the tokens of the first prompt (system, user(task + o_1), gen prompt).
+    won: the episode was won.
+    error: why the episode failed (env crash/timeout/exception, context budget), else None.
+  """
+
+  task: base.Task
+  task_text: str = ""
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+  prompt_tokens: list[int] = dataclasses.field(default_factory=list)
+  won: bool = False
+  error: str | None = None
+  finished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnState:
+  """What the `intervene` hook sees of a live episode's current turn (read-only)."""
+
+  episode: int  # Row b of the batch.
+  turn: int  # t, from 1.
+  task: base.Task
+  task_text: str
+  history: tuple[Turn, ...]  # Turns 1..t-1.
+  observation: str  # o_t.
+  admissible: tuple[str, ...]
+  response: str  # The student's y_t.
+  action: str | None  # Parsed from it.
+
+
+Intervene = Callable[[Sequence[TurnState]], Mapping[int, "str | Sequence[int]"]]
+
+
+@dataclasses.dataclass
+class RolloutStats:
+  """Where the wall time of one rollout went (seconds).
+
+  model_s: inside `EpisodeCache.generate` (compiles included, results fetched to the host).
+  env_wait_s: the main thread blocked waiting for env results (env time NOT hidden).
+  env_busy_s: the workers' own time on resets and steps, summed over workers.
+  wall_s: the whole rollout. generate_calls: decode calls; turns: student turns taken.
+  """
+
+  model_s: float = 0.0
+  env_wait_s: float = 0.0
+  env_busy_s: float = 0.0
+  wall_s: float = 0.0
+  generate_calls: int = 0
+  turns: int = 0
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+  """The rollout contract: padded host arrays plus the host-side episodes.
+
+  Token-level `[B, S]` (entry s describes token s): `tokens` int32 (pad id after the end),
+  `attention_mask` int32, `turn_ids` int32 (k >= 1 on turn k's response tokens, else 0),
+  `behaviour_logprobs` float32 (log pi_old of token s given the context the sampler used; 0
+  off response tokens and on intervened turns). Per turn `[B, T]`, column t-1 is turn t,
+  T = the turn limit: `response_lengths` int32, `valid`, `repeated`, `intervened`, `truncated`
+  bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (env error or context
+  budget; the reason is in `episodes[b].error`).
+  """
+
+  tokens: np.ndarray
+  attention_mask: np.ndarray
+  turn_ids: np.ndarray
+  behaviour_logprobs: np.ndarray
+  response_lengths: np.ndarray
+  valid: np.ndarray
+  repeated: np.ndarray
+  intervened: np.ndarray
+  truncated: np.ndarray
+  num_turns: np.ndarray
+  won: np.ndarray
+  failed: np.ndarray
+  episodes: list[Episode]
+  stats: RolloutStats = dataclasses.field(default_factory=RolloutStats)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The numpy arrays by name (what the teacher, the loss and the update consume)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)}
+
+
+def assemble_batch(episodes: Sequence[Episode], max_turns: int, pad_id: int,
+                   seq_len: int | None = None) -> RolloutBatch:
+  """Pads the episodes' transcripts into the `RolloutBatch` arrays (pure host code).
+
+  Args:
+    episodes: row b is episodes[b]; its transcript is `prompt_tokens`, then per turn its
+      response tokens and, except after the last turn, its `next_tokens`.
+    max_turns: T, the per-turn arrays' width.
+    pad_id: fills `tokens` past each row's end.
+    seq_len: S; None picks `sampling.bucket_length` of the longest transcript (a handful of
+      shapes per run for the jitted consumers).
+
+  Returns:
+    The batch, with `episodes` as given and empty stats.
+  """
+  num = len(episodes)
+  rows = []
+  for b, episode in enumerate(episodes):
+    if len(episode.turns) > max_turns:
+      raise ValueError(f"episodes[{b}] has {len(episode.turns)} turns, more than max_turns={max_turns}.")
+    ids, tids, lps = list(episode.prompt_tokens), [0] * len(episode.prompt_tokens), [0.0] * len(
+        episode.prompt_tokens)
+    for t, turn in enumerate(episode.turns, start=1):
+      if len(turn.response_logprobs) != len(turn.response_tokens):
+        raise ValueError(f"episodes[{b}].turns[{t - 1}]: {len(turn.response_logprobs)} log-probs for "
+                         f"{len(turn.response_tokens)} response tokens.")
+      ids += turn.response_tokens
+      tids += [t] * len(turn.response_tokens)
+      lps += [float(x) for x in turn.response_logprobs]
+      if t < len(episode.turns):
+        ids += turn.next_tokens
+        tids += [0] * len(turn.next_tokens)
+        lps += [0.0] * len(turn.next_tokens)
+    rows.append((ids, tids, lps))
+  longest = max([len(r[0]) for r in rows] + [1])
+  if seq_len is None:
+    seq_len = sampling.bucket_length(longest)
+  elif longest > seq_len:
+    raise ValueError(f"seq_len={seq_len} is shorter than the longest transcript ({longest} tokens).")
+
+  tokens = np.full((num, seq_len), pad_id, np.int32)
+  attention_mask = np.zeros((num, seq_len), np.int32)
+  turn_ids = np.zeros((num, seq_len), np.int32)
+  logprobs = np.zeros((num, seq_len), np.float32)
+  per_turn = {name: np.zeros((num, max_turns), bool)
+              for name in ("valid", "repeated", "intervened", "truncated")}
+  response_lengths = np.zeros((num, max_turns), np.int32)
+  for b, (ids, tids, lps) in enumerate(rows):
+    tokens[b, : len(ids)] = ids
+    attention_mask[b, : len(ids)] = 1
+    turn_ids[b, : len(ids)] = tids
+    logprobs[b, : len(ids)] = lps
+    for t, turn in enumerate(episodes[b].turns):
+      response_lengths[b, t] = len(turn.response_tokens)
+      for name, array in per_turn.items():
+        array[b, t] = getattr(turn, name)
+  return RolloutBatch(
+      tokens=tokens, attention_mask=attention_mask, turn_ids=turn_ids,
+      behaviour_logprobs=logprobs, response_lengths=response_lengths, **per_turn,
+      num_turns=np.asarray([len(e.turns) for e in episodes], np.int32).reshape(num),
+      won=np.asarray([e.won for e in episodes], bool).reshape(num),
+      failed=np.asarray([e.error is not None for e in episodes], bool).reshape(num),
+      episodes=list(episodes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How episodes are played (from config.env / config.sampling).
+
+  Attributes:
+    max_turns: the turn limit T (config.env.max_turns).
+    history_turns: k, past turns kept in the context (config.env.history_turns); None keeps
+      the whole history. 0 keeps only P and the current observation.
+    constrained: restrict each action to the env's admissible ones (config.sampling.constrained)
+      through the sampler's token trie: the allowed strings are `<action>a</action>` (decoding
+      constrained from the first token) or, when the sampling config has a
+      `constraint_trigger` (e.g. the `<action>` token), `a</action>` after the trigger.
+    show_admissible: list the admissible actions with each observation in the prompt.
+    pipeline_groups: groups of the env/model pipeline; 1 is fully sequential.
+    max_context_tokens: an episode whose next context plus response would exceed this ends
+      (failed, `Episode.error` says why); None uses the model's max_position_embeddings.
+    system_prompt: the chat's system message.
+    min_cache_len: the smallest KV-cache length bucket.
+    progress: show a tqdm bar (episodes finished).
+  """
+
+  max_turns: int
+  history_turns: int | None = None
+  constrained: bool = False
+  show_admissible: bool = True
+  pipeline_groups: int = 2
+  max_context_tokens: int | None = None
+  system_prompt: str = prompts.DEFAULT_SYSTEM_PROMPT
+  min_cache_len: int = 256
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.max_turns < 1:
+      raise ValueError(f"RolloutConfig.max_turns must be >= 1, got {self.max_turns}")
+    if self.history_turns is not None and self.history_turns < 0:
+      raise ValueError(f"RolloutConfig.history_turns must be >= 0 or None, got {self.history_turns}")
+    if self.pipeline_groups < 1:
+      raise ValueError(f"RolloutConfig.pipeline_groups must be >= 1, got {self.pipeline_groups}")
+
+
+def default_sampling_config(tokenizer: Any, max_new_tokens: int, temperature: float = 1.0,
+                            top_k: int = 0, top_p: float = 1.0) -> sampling.SamplingConfig:
+  """Decoding settings for acting: stop at the tokenizer's EOS or right after `</action>`."""
+  if tokenizer.eos_token_id is None:
+    raise ValueError("tokenizer has no eos_token_id; the sampler needs one to stop a turn.")
+  close = tuple(_encode(tokenizer, prompts.ACTION_CLOSE))
+  return sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      eos_ids=(int(tokenizer.eos_token_id),), stop_sequences=(close,),
+      pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+  return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Env requests: one batched call per worker and lockstep round.
+
+
+class _EnvDispatcher:
+  """Routes episode resets/steps to the pool; episode e lives in worker e % W."""
+
+  def __init__(self, pool: pool_lib.EnvPool, env_name: str, env_kwargs: Mapping[str, Any],
+               run_id: int):
+    self._pool = pool
+    self._env_name = env_name
+    self._env_kwargs = dict(env_kwargs)
+    self._run_id = run_id
+    self._queue: list[list[list[tuple[int, str, Any]]]] = [[] for _ in range(pool.num_workers)]
+    self._inflight: dict[int, list[int]] = {}
+    self._results: dict[int, base.StepResult] = {}
+    self.busy_s = 0.0
+    self.wait_s = 0.0
+
+  def request(self, items: Sequence[tuple[int, str, Any]]) -> None:
+    """Queues (episode, op, arg) requests: one call per worker, after its earlier calls."""
+    workers = self._pool.num_workers
+    for w in range(workers):
+      mine = [item for item in items if item[0] % workers == w]
+      if mine:
+        self._queue[w].append(mine)
+    self._pump()
+
+  def _pump(self) -> None:
+    workers = self._pool.num_workers
+    for w in range(workers):
+      if w in self._inflight or not self._queue[w]:
+        continue
+      items = self._queue[w].pop(0)
+      requests = [(e // workers, (self._run_id, e), op, arg) for e, op, arg in items]
+      timeout = None if self._pool.timeout_s is None else self._pool.timeout_s * len(items)
+      self._pool.submit(w, "call", (multi_env.run_requests, dict(
+          env_name=self._env_name, env_kwargs=self._env_kwargs, requests=requests)),
+                        timeout_s=timeout)
+      self._inflight[w] = [e for e, _, _ in items]
+
+  def wait(self, episodes: Sequence[int]) -> dict[int, base.StepResult]:
+    """Blocks until every episode in `episodes` has its result; returns them."""
+    start = time.perf_counter()
+    while not all(e in self._results for e in episodes):
+      if not self._inflight:
+        raise RuntimeError(f"episodes {sorted(set(episodes) - set(self._results))} wait for env "
+                           "results but nothing is in flight (an episode was never submitted).")
+      for w, value in self._pool.poll(wait_s=None):
+        owners = self._inflight.pop(w)
+        if isinstance(value, pool_lib.WorkerError):
+          for e in owners:
+            self._results[e] = pool_lib.failed_step(f"{value.kind}: {value.message}")
+        else:
+          results, busy = value
+          self.busy_s += busy
+          for e, result in zip(owners, results):
+            self._results[e] = result
+      self._pump()
+    self.wait_s += time.perf_counter() - start
+    return {e: self._results.pop(e) for e in episodes}
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine.
+
+
+class RolloutEngine:
+  """Plays B episodes of an env with a model, in lockstep, into a `RolloutBatch`.
+
+  Owns the env worker pool (build it once per run, close it at the end):
+
+    with RolloutEngine(tokenizer, RolloutConfig(max_turns=30, history_turns=2),
+                       default_sampling_config(tokenizer, 64), env_name="alfworld",
+                       env_kwargs={"data_dir": d}, num_workers=2, timeout_s=60) as engine:
+      batch = engine.run(model, tasks, jax.random.key(0))
+  """
+
+  def __init__(
+      self,
+      tokenizer: Any,
+      config: RolloutConfig,
+      sampling_config: sampling.SamplingConfig,
+      *,
+      env_name: str,
+      env_kwargs: Mapping[str, Any] | None = None,
+      num_workers: int = 1,
+      timeout_s: float | None = None,
+      imports: Sequence[str] = (),
+      cache_kwargs: Mapping[str, Any] | None = None,
+  ):
+    """Starts the env workers.
+
+    Args:
+      tokenizer: the student's tokenizer (a chat template, `encode`/`decode`, eos and pad ids).
+      config: the rollout settings.
+      sampling_config: decoding settings (see `default_sampling_config`).
+      env_name: registered env name (`envs.make`).
+      env_kwargs: the env's constructor arguments (picklable).
+      num_workers: env worker processes (config.env.num_workers); may be fewer than B.
+      timeout_s: hard limit of one env reset/step (config.env.step_timeout_s).
+      imports: modules each worker imports first (an env registered outside `envs`).
+      cache_kwargs: extra `sampling.EpisodeCache` arguments (min_batch, batch_sharding, ...).
+    """
+    self.tokenizer = tokenizer
+    self.config = config
+    self.sampling_config = sampling_config
+    self.layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+    self._env_name = env_name
+    self._env_kwargs = dict(env_kwargs or {})
+    self._cache_kwargs = dict(cache_kwargs or {})
+    self._runs = itertools.count()
+    self._pad_id = sampling_config.pad_id
+    self.pool = pool_lib.EnvPool(env_name, self._env_kwargs, num_workers=num_workers,
+                                 timeout_s=timeout_s, imports=imports)
+
+  def close(self) -> None:
+    self.pool.close()
+
+  def __enter__(self) -> RolloutEngine:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+  # --- prompt pieces --------------------------------------------------------------------------
+
+  def _next_tokens(self, cfg: RolloutConfig, observation: str, admissible: Sequence[str],
+                   response_end: str) -> list[int]:
+    text = prompts.next_turn_text(self.layout, observation,
+                                  list(admissible) if cfg.show_admissible else None,
+                                  response_end=response_end)
+    return _encode(self.tokenizer, text)
+
+  def _response_end(self, sampler: sampling.SamplingConfig, response_tokens: Sequence[int]
+                    ) -> str:
+    """The end-of-turn text the response already holds (its final EOS token), else ""."""
+    if response_tokens and response_tokens[-1] in sampler.eos_ids:
+      return _decode(self.tokenizer, response_tokens[-1:])
+    return ""
+
+  def _context(self, cfg: RolloutConfig, episode: Episode, observation: str,
+               admissible: Sequence[str]) -> tuple[list[int], bool]:
+    """Turn t's context tokens under the history window, and whether it dropped turns."""
+    k = cfg.history_turns
+    past = episode.turns
+    if k is None or len(past) <= k:
+      kept, truncated = past, False
+    else:
+      kept, truncated = past[len(past) - k:] if k else [], True
+    context = list(episode.prompt_tokens)
+    for turn in kept:
+      context += turn.response_tokens + turn.next_tokens
+    if truncated and not kept:  # k = 0: P, an empty assistant message, then o_t.
+      context += self._next_tokens(cfg, observation, admissible, response_end="")
+    return context, truncated
+
+  def _allowed(self, sampler: sampling.SamplingConfig, admissible: Sequence[str]
+               ) -> list[list[int]] | None:
+    if not admissible:
+      return None
+    head = "" if sampler.constraint_trigger else prompts.ACTION_OPEN
+    return [_encode(self.tokenizer, f"{head}{a}{prompts.ACTION_CLOSE}")
+            for a in dict.fromkeys(admissible)]
+
+  # --- the loop -------------------------------------------------------------------------------
+
+  def run(
+      self,
+      model: nnx.Module,
+      tasks: Sequence[base.Task],
+      rng: jax.Array,
+      *,
+      intervene: Intervene | None = None,
+      seq_len: int | None = None,
+      config: RolloutConfig | None = None,
+      sampling_config: sampling.SamplingConfig | None = None,
+  ) -> RolloutBatch:
+    """Plays one episode per task with `model` and returns the batch.
+
+    Args:
+      model: the student `models.Transformer` (read only).
+      tasks: B tasks; row b of the batch plays tasks[b].
+      rng: a `jax.random` key; the same key and tasks give the same batch.
+      intervene: optional `opd_two_rollout` hook (see the module docstring).
+      seq_len: pad the batch to this S (default: a bucket of the longest transcript).
+      config: overrides the engine's rollout settings for this call (e.g. eval's turn limit).
+      sampling_config: overrides its decoding settings (e.g. greedy eval); same pad id.
+
+    Returns:
+      The `RolloutBatch`, with timings in `stats`.
+    """
+    start = time.perf_counter()
+    num = len(tasks)
+    if num < 1:
+      raise ValueError("tasks is empty; a rollout needs >= 1 task.")
+    cfg = config or self.config
+    sampler = sampling_config or self.sampling_config
+    if sampler.pad_id != self._pad_id:
+      raise ValueError(f"sampling_config.pad_id={sampler.pad_id} differs from the engine's {self._pad_id}.")
+    budget = cfg.max_context_tokens or model.config.max_position_embeddings
+    groups = min(cfg.pipeline_groups, num)
+    members = [[e for e in range(num) if e * groups // num == g] for g in range(groups)]
+    caches = [sampling.EpisodeCache(model, len(m), min_len=cfg.min_cache_len, **self._cache_kwargs)
+              for m in members]
+    episodes = [Episode(task=task) for task in tasks]
+    current: dict[int, tuple[str, list[str]]] = {}  # e -> (o_t, admissible) of a live episode.
+    stats = RolloutStats()
+    dispatcher = _EnvDispatcher(self.pool, self._env_name, self._env_kwargs, next(self._runs))
+    bar = tqdm.tqdm(total=num, desc="rollout", unit="ep", disable=not cfg.progress, leave=False)
+
+    def finish(e: int, error: str | None = None) -> None:
+      episodes[e].finished = True
+      if error is not None and episodes[e].error is None:
+        episodes[e].error = error
+      bar.update(1)
+
+    def absorb(e: int, result: base.StepResult) -> None:
+      episode = episodes[e]
+      if not episode.turns:  # A reset.
+        if result.done:
+          finish(e, result.info.error or "the reset ended the episode")
+          return
+        episode.task_text = result.info.task
+        admissible = list(result.info.admissible_actions)
+        episode.prompt_tokens = _encode(self.tokenizer, prompts.episode_start_text(
+            self.layout, episode.task_text, result.observation,
+            admissible if cfg.show_admissible else None, cfg.system_prompt))
+        current[e] = (result.observation, admissible)
+        return
+      turn = episode.turns[-1]
+      turn.feedback = result.observation
+      turn.valid = turn.action is not None and bool(result.info.valid) and result.info.error is None
+      turn.won = bool(result.info.won)
+      episode.won = episode.won or turn.won
+      turn.done = bool(result.done) or len(episode.turns) >= cfg.max_turns
+      if turn.done:
+        current.pop(e, None)
+        finish(e, result.info.error)
+        return
+      admissible = list(result.info.admissible_actions)
+      turn.next_tokens = self._next_tokens(cfg, result.observation, admissible,
+                                           self._response_end(sampler, turn.response_tokens))
+      current[e] = (result.observation, admissible)
+
+    for g in range(groups):
+      dispatcher.request([(e, "reset", tasks[e]) for e in members[g]])
+    pending = [list(m) for m in members]
+    turn_of = [0] * groups
+    while any(pending):
+      for g in range(groups):
+        if not pending[g]:
+          continue
+        for e, result in sorted(dispatcher.wait(pending[g]).items()):
+          absorb(e, result)
+        pending[g] = []
+        contexts: list[list[int] | None] = [None] * len(members[g])
+        allowed: list[Any] = [None] * len(members[g])
+        truncated: dict[int, bool] = {}
+        for i, e in enumerate(members[g]):
+          if episodes[e].finished:
+            continue
+          observation, admissible = current[e]
+          context, truncated[e] = self._context(cfg, episodes[e], observation, admissible)
+          if len(context) + sampler.max_new_tokens + 1 > budget:
+            current.pop(e)
+            finish(e, f"context budget: {len(context)} context tokens + max_new_tokens="
+                   f"{sampler.max_new_tokens} exceed max_context_tokens={budget}")
+            continue
+          contexts[i] = context
+          if cfg.constrained:
+            allowed[i] = self._allowed(sampler, admissible)
+        live = [e for i, e in enumerate(members[g]) if contexts[i] is not None]
+        if not live:
+          continue
+        turn_of[g] += 1
+        key = jax.random.fold_in(jax.random.fold_in(rng, g), turn_of[g])
+        tick = time.perf_counter()
+        out = caches[g].generate(contexts, key, sampler,
+                                 allowed=allowed if cfg.constrained else None)
+        stats.model_s += time.perf_counter() - tick
+        stats.generate_calls += 1
+
+        new_turns: dict[int, Turn] = {}
+        for i, e in enumerate(members[g]):
+          if contexts[i] is None:
+            continue
+          n = int(out.lengths[i])
+          ids = out.tokens[i, :n].tolist()
+          observation, admissible = current[e]
+          text = _decode(self.tokenizer, ids)
+          new_turns[e] = Turn(observation=observation, admissible=admissible, response=text,
+                              response_tokens=ids,
+                              response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
+                              action=prompts.parse_action(text), truncated=truncated[e])
+        if intervene is not None:
+          self._apply_intervention(intervene, episodes, new_turns)
+        for e in live:
+          turn = new_turns[e]
+          previous = episodes[e].turns[-1] if episodes[e].turns else None
+          turn.repeated = (turn.action is not None and previous is not None
+                           and previous.action == turn.action)
+          episodes[e].turns.append(turn)
+          stats.turns += 1
+        dispatcher.request([(e, "step", new_turns[e].action) for e in live])
+        pending[g] = live
+        bar.set_postfix(turn=max(turn_of), live=len(current), won=sum(ep.won for ep in episodes))
+    bar.close()
+
+    batch = assemble_batch(episodes, cfg.max_turns, self._pad_id, seq_len=seq_len)
+    stats.env_wait_s, stats.env_busy_s = dispatcher.wait_s, dispatcher.busy_s
+    stats.wall_s = time.perf_counter() - start
+    batch.stats = stats
+    return batch
+
+  def _apply_intervention(self, intervene: Intervene, episodes: Sequence[Episode],
+                          new_turns: dict[int, Turn]) -> None:
+    states = [TurnState(episode=e, turn=len(episodes[e].turns) + 1, task=episodes[e].task,
+                        task_text=episodes[e].task_text, history=tuple(episodes[e].turns),
+                        observation=turn.observation, admissible=tuple(turn.admissible),
+                        response=turn.response, action=turn.action)
+              for e, turn in sorted(new_turns.items())]
+    for e, replacement in dict(intervene(states)).items():
+      if e not in new_turns:
+        raise ValueError(f"intervene returned episode {e}, which is not live this turn "
+                         f"(live: {sorted(new_turns)}).")
+      ids = (_encode(self.tokenizer, replacement) if isinstance(replacement, str)
+             else [int(t) for t in replacement])
+      if not ids:
+        raise ValueError(f"intervene returned an empty response for episode {e}.")
+      turn = new_turns[e]
+      turn.response_tokens = ids
+      turn.response_logprobs = np.zeros((len(ids),), np.float32)
+      turn.response = _decode(self.tokenizer, ids)
+      turn.action = prompts.parse_action(turn.response)
+      turn.intervened = True

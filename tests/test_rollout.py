@@ -1,0 +1,273 @@
+"""Tests of the rollout engine on the real ALFWorld engine (fixture games) and a tiny model.
+
+The env workers play the hand-written fixture games of `tests/fixtures/alfworld/`; the model is
+a tiny random Qwen3-shaped Transformer over the project's ALFWorld word-level tokenizer, built
+from the fixture games. Reference log-probs are recomputed here with a plain full forward pass
+(no cache) and a float64 NumPy log-softmax.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from transformers import AutoTokenizer
+
+from sage_opd_jax import models, prompts, rollout, tokenization
+from sage_opd_jax.envs import NOTHING_HAPPENS, base
+from sage_opd_jax.envs.alfworld import AlfworldEnv
+
+FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
+_MODULE = __name__  # Crash-test workers import this module to register "alfworld_crash_test".
+MAX_NEW = 16
+# Trial a's winning commands (tests/fixtures/make_alfworld_fixture.py).
+WALKTHROUGH_A = ("go to diningtable 1", "take apple 1 from diningtable 1", "go to countertop 1",
+                 "move apple 1 to countertop 1")
+
+
+@base.register("alfworld_crash_test")
+class CrashingAlfworld(AlfworldEnv):
+  """ALFWorld whose worker process dies (as a native crash would) on the command "inventory"."""
+
+  def step(self, action_text):
+    if action_text == "inventory":
+      os._exit(7)
+    return super().step(action_text)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  path = tokenization.build_alfworld_tokenizer(FIXTURE_DATA, tmp_path_factory.mktemp("tok") / "t")
+  return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+  config = models.ModelConfig.from_dict(dict(
+      arch="qwen3", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+      num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=False))
+  graphdef, state = nnx.split(models.Transformer(config, rngs=nnx.Rngs(0)))
+  # Sharper than at init, so that sampled responses differ visibly between keys.
+  return nnx.merge(graphdef, jax.tree.map(lambda x: 3.0 * x, state))
+
+
+@pytest.fixture(scope="module")
+def env_kwargs(tmp_path_factory):
+  return dict(data_dir=str(FIXTURE_DATA), cache_dir=str(tmp_path_factory.mktemp("grounding")))
+
+
+@pytest.fixture(scope="module")
+def tasks(env_kwargs):
+  env = AlfworldEnv(**env_kwargs)
+  by_trial = {t.meta["trial"]: t for t in env.tasks("valid_seen") + env.tasks("train")}
+  env.close()
+  return [by_trial["trial_fixture_a"], by_trial["trial_fixture_b"], by_trial["trial_fixture_c"]]
+
+
+def _config(**overrides) -> rollout.RolloutConfig:
+  return rollout.RolloutConfig(**{**dict(max_turns=3, history_turns=None, progress=False,
+                                         min_cache_len=512), **overrides})
+
+
+@pytest.fixture(scope="module")
+def engine(tok, env_kwargs):
+  with rollout.RolloutEngine(tok, _config(), rollout.default_sampling_config(tok, MAX_NEW),
+                             env_name="alfworld", env_kwargs=env_kwargs, num_workers=2,
+                             timeout_s=60.0) as eng:
+    yield eng
+
+
+def _reference_logprobs(model, ids) -> np.ndarray:
+  """[len(ids)] float64: entry s = log p(ids[s] | ids[:s]) by one full forward; entry 0 is 0."""
+  logits = np.asarray(model(jnp.asarray([list(ids)], jnp.int32))[0], np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  out = np.zeros(len(ids))
+  out[1:] = logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+  return out
+
+
+def _decode(tok, ids) -> str:
+  return tok.decode([int(i) for i in ids], skip_special_tokens=False,
+                    clean_up_tokenization_spaces=False)
+
+
+def _forced(responses_by_turn):
+  """An `intervene` hook that answers turn t of every episode with responses_by_turn[t - 1]."""
+  def hook(states):
+    return {s.episode: responses_by_turn[s.turn - 1] for s in states}
+  return hook
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch layout.
+
+
+def test_turn_ids_of_a_hand_written_two_turn_transcript(tok):
+  layout = prompts.ChatLayout.from_tokenizer(tok)
+  enc = lambda text: tok.encode(text, add_special_tokens=False)
+  start = prompts.episode_start_text(layout, "Your task is to: put an apple in countertop.",
+                                     "You see a cabinet 1.", ["go to cabinet 1", "look"])
+  y1 = "<think>the apple is in cabinet 1</think><action>go to cabinet 1</action>"
+  n1 = prompts.next_turn_text(layout, "You arrive at cabinet 1.", ["open cabinet 1"])
+  y2 = "<think>open the cabinet 1</think><action>open cabinet 1</action><|im_end|>"
+  turns = [
+      rollout.Turn(observation="o1", admissible=[], response=y1, response_tokens=enc(y1),
+                   response_logprobs=-np.arange(1, len(enc(y1)) + 1, dtype=np.float32),
+                   next_tokens=enc(n1)),
+      rollout.Turn(observation="o2", admissible=[], response=y2, response_tokens=enc(y2),
+                   response_logprobs=np.full(len(enc(y2)), -0.5, np.float32),
+                   next_tokens=enc("never part of the transcript")),
+  ]
+  episode = rollout.Episode(task=base.Task("alfworld", "train", "x", "y"), turns=turns,
+                            prompt_tokens=enc(start))
+  empty = rollout.Episode(task=base.Task("alfworld", "train", "z", "y"))
+  batch = rollout.assemble_batch([episode, empty], max_turns=4, pad_id=tok.pad_token_id)
+
+  length = len(enc(start)) + len(enc(y1)) + len(enc(n1)) + len(enc(y2))
+  assert batch.tokens.shape == batch.turn_ids.shape == (2, batch.tokens.shape[1])
+  assert batch.tokens.shape[1] >= length
+  row = batch.tokens[0]
+  assert _decode(tok, row[:length]) == start + y1 + n1 + y2
+  assert _decode(tok, row[batch.turn_ids[0] == 1]) == y1
+  assert _decode(tok, row[batch.turn_ids[0] == 2]) == y2
+  # No shift: turn 1 starts right after the prompt, turn 2 right after n1.
+  first = len(enc(start))
+  assert np.flatnonzero(batch.turn_ids[0] == 1)[0] == first
+  assert np.flatnonzero(batch.turn_ids[0] == 2)[0] == first + len(enc(y1)) + len(enc(n1))
+  # Prompt and observation tokens are masked out of the turns.
+  assert _decode(tok, row[(batch.turn_ids[0] == 0) & (batch.attention_mask[0] == 1)]) == start + n1
+  np.testing.assert_array_equal(batch.attention_mask[0], np.arange(row.size) < length)
+  np.testing.assert_array_equal(row[length:], tok.pad_token_id)
+  np.testing.assert_array_equal(batch.behaviour_logprobs[0][batch.turn_ids[0] == 1],
+                                turns[0].response_logprobs)
+  assert np.all(batch.behaviour_logprobs[0][batch.turn_ids[0] == 0] == 0)
+  np.testing.assert_array_equal(batch.response_lengths,
+                                [[len(enc(y1)), len(enc(y2)), 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch.num_turns, [2, 0])
+  assert not batch.attention_mask[1].any()
+  dtypes = {k: v.dtype for k, v in batch.arrays().items()}
+  assert dtypes == dict(tokens=np.int32, attention_mask=np.int32, turn_ids=np.int32,
+                        behaviour_logprobs=np.float32, response_lengths=np.int32, valid=bool,
+                        repeated=bool, intervened=bool, truncated=bool, num_turns=np.int32,
+                        won=bool, failed=bool)
+  assert batch.valid.shape == batch.repeated.shape == (2, 4) and batch.won.shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole rollouts on the fixture games.
+
+
+def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, tok, tasks):
+  responses = [f"<think>step {i}</think><action>{a}</action>" for i, a in enumerate(WALKTHROUGH_A)]
+  batch = engine.run(model, tasks[:1], jax.random.key(0), intervene=_forced(responses),
+                     config=_config(max_turns=6))
+  (episode,) = batch.episodes
+  assert batch.won[0] and episode.won and batch.num_turns[0] == 4 and not batch.failed[0]
+  assert [t.action for t in episode.turns] == list(WALKTHROUGH_A)
+  assert batch.valid[0, :4].all() and batch.intervened[0, :4].all() and not batch.valid[0, 4:].any()
+  assert "You pick up the apple 1" in episode.turns[1].feedback
+  # An independent rendering of the whole chat: task + o_1, then y_t and user(o_{t+1}).
+  layout = prompts.ChatLayout.from_tokenizer(tok)
+  text = prompts.episode_start_text(layout, episode.task_text, episode.turns[0].observation,
+                                    episode.turns[0].admissible)
+  for t, turn in enumerate(episode.turns):
+    text += responses[t]
+    if t + 1 < len(episode.turns):
+      text += prompts.next_turn_text(layout, turn.feedback, episode.turns[t + 1].admissible)
+  length = int(batch.attention_mask[0].sum())
+  assert _decode(tok, batch.tokens[0, :length]) == text
+  for t in range(4):
+    assert _decode(tok, batch.tokens[0][batch.turn_ids[0] == t + 1]) == responses[t]
+  assert np.all(batch.behaviour_logprobs == 0)  # Intervened tokens were not sampled.
+
+
+def test_unparseable_response_is_an_invalid_turn_and_the_episode_goes_on(engine, model, tasks):
+  responses = ["<think>no action here</think>", "<action>go to cabinet 1</action>",
+               "<action>go to cabinet 1</action>"]
+  batch = engine.run(model, tasks[:2], jax.random.key(0), intervene=_forced(responses))
+  for b, episode in enumerate(batch.episodes):
+    first, second, third = episode.turns
+    assert first.action is None and not first.valid and first.feedback == NOTHING_HAPPENS
+    assert second.action == "go to cabinet 1" and second.valid
+    assert second.feedback.startswith("You arrive at cabinet 1")
+    assert batch.num_turns[b] == 3 and not batch.failed[b]
+    np.testing.assert_array_equal(batch.valid[b], [False, True, False])  # Not admissible there.
+    np.testing.assert_array_equal(batch.repeated[b], [False, False, True])
+
+
+def test_behaviour_logprobs_equal_a_full_recompute_of_the_transcript(engine, model, tok, tasks):
+  batch = engine.run(model, tasks, jax.random.key(1), config=_config(pipeline_groups=3))
+  assert batch.stats.turns == 9 and batch.num_turns.tolist() == [3, 3, 3]
+  for b, episode in enumerate(batch.episodes):
+    length = int(batch.attention_mask[b].sum())
+    response = batch.turn_ids[b, :length] > 0
+    assert response.sum() == batch.response_lengths[b].sum() > 0
+    reference = _reference_logprobs(model, batch.tokens[b, :length])
+    np.testing.assert_allclose(batch.behaviour_logprobs[b, :length][response], reference[response],
+                               atol=2e-4)
+    assert np.all(batch.behaviour_logprobs[b][batch.turn_ids[b] == 0] == 0)
+    for t, turn in enumerate(episode.turns, start=1):
+      assert _decode(tok, batch.tokens[b][batch.turn_ids[b] == t]) == turn.response
+      assert turn.action == prompts.parse_action(turn.response) and not turn.truncated
+
+
+def test_history_window_logprobs_use_the_windowed_context(engine, model, tasks):
+  batch = engine.run(model, tasks[:2], jax.random.key(2), config=_config(history_turns=1))
+  np.testing.assert_array_equal(batch.truncated, [[False, False, True]] * 2)
+  for b, episode in enumerate(batch.episodes):
+    first, second, third = episode.turns
+    # What the student saw at turn 3: P, then only turn 2 and o_3.
+    context = (episode.prompt_tokens + second.response_tokens + second.next_tokens
+               + third.response_tokens)
+    reference = _reference_logprobs(model, context)[-len(third.response_tokens):]
+    np.testing.assert_allclose(third.response_logprobs, reference, atol=2e-4)
+    np.testing.assert_allclose(batch.behaviour_logprobs[b][batch.turn_ids[b] == 3],
+                               third.response_logprobs)
+    # The transcript itself keeps turn 1.
+    assert batch.response_lengths[b, 0] == len(first.response_tokens) > 0
+
+
+def test_same_key_same_batch_other_key_other_batch(engine, model, tasks):
+  first = engine.run(model, tasks, jax.random.key(3))
+  again = engine.run(model, tasks, jax.random.key(3))
+  other = engine.run(model, tasks, jax.random.key(4))
+  for name, array in first.arrays().items():
+    np.testing.assert_array_equal(array, again.arrays()[name], err_msg=name)
+  assert [t.response for e in first.episodes for t in e.turns] == [
+      t.response for e in again.episodes for t in e.turns]
+  assert not np.array_equal(first.tokens[:, :64], other.tokens[:, :64]) or not np.array_equal(
+      first.tokens, other.tokens)
+
+
+def test_constrained_decoding_only_plays_admissible_actions(engine, model, tasks):
+  batch = engine.run(model, tasks[:1], jax.random.key(5), config=_config(constrained=True,
+                                                                          max_turns=2))
+  assert batch.valid.all()
+  for episode in batch.episodes:
+    for turn in episode.turns:
+      assert turn.action in turn.admissible
+      assert turn.response == f"<action>{turn.action}</action>"
+
+
+def test_crashed_worker_fails_its_episodes_and_the_others_complete(tok, model, env_kwargs, tasks):
+  # Three episodes on two workers: worker 0 hosts episodes 0 and 2, worker 1 episode 1.
+  def hook(states):
+    return {s.episode: "<action>inventory</action>" for s in states if s.episode == 0 and s.turn == 2}
+
+  with rollout.RolloutEngine(tok, _config(), rollout.default_sampling_config(tok, MAX_NEW),
+                             env_name="alfworld_crash_test", env_kwargs=env_kwargs, num_workers=2,
+                             timeout_s=60.0, imports=(_MODULE,)) as eng:
+    batch = eng.run(model, tasks, jax.random.key(6), intervene=hook,
+                    config=_config(pipeline_groups=3))
+    assert eng.pool.respawns == 1
+  crashed, other, neighbour = batch.episodes
+  assert batch.failed.tolist() == [True, False, True]
+  assert "exit code 7" in crashed.error and batch.num_turns[0] == 2 and crashed.turns[-1].done
+  assert "state lost" in neighbour.error  # Its env died with worker 0.
+  assert other.error is None and batch.num_turns[1] == 3 and len(other.turns) == 3
