@@ -370,16 +370,12 @@ def episode_segments(
       model learns to stop (default: the template's own, e.g. "<|im_end|>", taken as
       `after_assistant` up to its first newline). Pass "" to not train it.
   """
+  # Validates the lengths with the same messages as the full rendering.
+  episode_messages(task, observations, responses, admissible_actions, system_prompt)
   if response_end is None:
     response_end = layout.after_assistant.split("\n", 1)[0]
   acts = admissible_actions if admissible_actions is not None else [None] * len(observations)
-  if len(acts) != len(observations):
-    raise ValueError(
-        f"admissible_actions has {len(acts)} entries for {len(observations)} observations."
-    )
   segments = [(episode_start_text(layout, task, observations[0], acts[0], system_prompt), False)]
-  if len(responses) not in (len(observations), len(observations) - 1):
-    raise ValueError(f"got {len(observations)} observations and {len(responses)} responses.")
   for t, response in enumerate(responses):
     segments.append((response + response_end, True))
     if t + 1 < len(observations):

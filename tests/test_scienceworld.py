@@ -75,6 +75,25 @@ def test_turn_limit_loses():
     e.close()
 
 
+def test_engine_exception_fails_the_episode(env, monkeypatch):
+  # An injected failure inside the engine's step. (Killing the JVM works too, but py4j's
+  # reconnect storm then trips a CPython 3.11 compiler bug later in the pytest process.)
+  def crash(action):
+    raise OSError(f"injected engine failure on {action!r}")
+
+  task = env.tasks("train")[0]
+  env.reset(task)
+  monkeypatch.setattr(env._engine, "step", crash)
+  crashed = env.step("look around")
+  assert crashed.done and crashed.info.lost and not crashed.info.valid
+  assert "injected engine failure" in crashed.info.error
+  with pytest.raises(RuntimeError, match="reset"):
+    env.step("look around")
+  monkeypatch.undo()
+  env.reset(task)  # The env itself is still usable.
+  assert env.step("look around").info.valid
+
+
 @pytest.mark.parametrize("task_type", [FIND, LIFESPAN])
 def test_gold_path_wins(env, task_type):
   task = env.make_task(task_type, env.variations(task_type, "test")[0], "test")

@@ -14,6 +14,8 @@ number in this protocol.
 Scores run 0..100; `reward` is the score gain of a step divided by 100. The episode
 is won when the engine completes it with score 100, and lost when it completes
 otherwise (a negative score, e.g. focusing on a wrong object) or at the turn limit.
+An exception from the engine (e.g. the JVM died) ends the episode lost with
+`info.error` set; after a dead JVM the env must be rebuilt.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ class ScienceWorldEnv:
   # -- Tasks -----------------------------------------------------------------
 
   def variations(self, task_type: str, split: str) -> list[int]:
-    """The variation indices of `task_type` in `split`, sorted (cached: a load costs ~0.1-0.4 s)."""
+    """The variation indices of `task_type` in `split`, sorted.
+
+    Cached per task type: the first call loads the task (~0.1-0.4 s), which ends any
+    running episode, so list tasks before resetting.
+    """
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
     key = (task_type, split)
@@ -166,37 +172,48 @@ class ScienceWorldEnv:
       raise RuntimeError("step() called with no running episode; call reset(task) first.")
     self._turns += 1
     extra: dict = {}
-    valid = action_text is not None
-    engine_done = False
     if action_text is None:
-      observation = NOTHING_HAPPENS
+      observation, valid, reward, engine_done, admissible = NOTHING_HAPPENS, False, 0.0, False, None
     else:
-      observation, _, engine_done, engine_info = self._engine.step(action_text)
-      if observation.startswith(_AMBIGUOUS):
-        extra["ambiguous"] = observation
-        observation, _, engine_done, engine_info = self._engine.step("0")
-      if observation.startswith(_REJECTIONS):
-        valid = False
-        extra["engine_observation"] = observation
-        observation = NOTHING_HAPPENS
-      score = int(engine_info["score"])
-    reward = 0.0
-    if action_text is not None:
-      reward = (score - self._score) / _MAX_SCORE
-      self._score = score
+      try:
+        observation, valid, reward, engine_done, admissible = self._engine_step(action_text, extra)
+      except Exception as e:  # pylint: disable=broad-except
+        # A crash in the JVM or the bridge to it fails this episode, not the run.
+        self._done = True
+        info = StepInfo(task=self._task_text, admissible_actions=[], lost=True, valid=False,
+                        error=f"{type(e).__name__}: {e}", extra={"score": self._score})
+        return StepResult(observation=NOTHING_HAPPENS, reward=0.0, done=True, info=info)
     won = engine_done and self._score >= _MAX_SCORE
     lost = not won and (engine_done or self._turns >= self._max_steps)
     self._done = won or lost
     extra["score"] = self._score
+    if self._done:
+      admissible = []
+    elif admissible is None:
+      admissible = self._admissible()
     info = StepInfo(
-        task=self._task_text,
-        admissible_actions=[] if self._done else self._admissible(),
-        won=won,
-        lost=lost,
-        valid=valid,
-        extra=extra,
+        task=self._task_text, admissible_actions=admissible, won=won, lost=lost, valid=valid, extra=extra
     )
     return StepResult(observation=observation, reward=reward, done=self._done, info=info)
+
+  def _engine_step(self, action: str, extra: dict) -> tuple[str, bool, float, bool, list[str]]:
+    """(observation, valid, reward, engine done, admissible actions) of one engine command."""
+    observation, _, engine_done, engine_info = self._engine.step(action)
+    if observation.startswith(_AMBIGUOUS):
+      extra["ambiguous"] = observation
+      observation, _, engine_done, engine_info = self._engine.step("0")
+    valid = not observation.startswith(_REJECTIONS)
+    if not valid:
+      extra["engine_observation"] = observation
+      observation = NOTHING_HAPPENS
+    score = int(engine_info["score"])
+    reward = (score - self._score) / _MAX_SCORE
+    self._score = score
+    # The engine's step already listed the valid combinations; reuse them.
+    admissible = list(engine_info["valid"])
+    if self._max_admissible is not None:
+      admissible = admissible[:self._max_admissible]
+    return observation, valid, reward, engine_done, admissible
 
   def close(self) -> None:
     self._engine.close()
@@ -216,11 +233,24 @@ class Demonstration:
 
 
 def gold_demonstration(env: ScienceWorldEnv, task: Task) -> Demonstration:
-  """Plays the gold path of `task` in the real engine, stopping when the episode ends."""
+  """Plays the gold path of `task` in the real engine, stopping when the episode ends.
+
+  The gold path answers the engine's ambiguity questions with a number ("0"). The
+  env already answers "0" itself, so such an answer is dropped; any other number
+  would need a reading the env does not pick, and raises.
+  """
   observation, info, actions = env.reset_with_gold(task)
   demo = Demonstration(task, info.task, [observation], [], [], [], won=False)
+  after_ambiguity = False
   for action in actions:
+    if after_ambiguity and action.strip().isdigit():
+      if action.strip() != "0":
+        raise ValueError(f"gold path of {task.task_id!r} picks reading {action!r} of an ambiguous command; "
+                         "the env always picks reading 0.")
+      after_ambiguity = False
+      continue
     result = env.step(action)
+    after_ambiguity = "ambiguous" in result.info.extra
     demo.actions.append(action)
     demo.valid.append(result.info.valid)
     demo.rewards.append(result.reward)
