@@ -31,7 +31,8 @@ JUDGE = sft_data.JudgeExample.from_demo(demos.JudgeExample(
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  texts = [TASK, *DEMO.observations, *(a for acts in DEMO.admissible_actions for a in acts), JUDGE.feedback, "Nothing happens.",
+  texts = [TASK, *DEMO.observations, *(a for acts in DEMO.admissible_actions for a in acts), JUDGE.feedback,
+           "Nothing happens.",
            *tokenization.prompt_texts()]
   return tokenization.build_word_tokenizer(texts, tmp_path_factory.mktemp("tok"))
 
@@ -121,4 +122,5 @@ def test_bad_inputs_name_the_problem(tokenizer):
   bad = sft_data.Demonstration(task_text=TASK, observations=DEMO.observations, actions=DEMO.actions)
   with pytest.raises(ValueError, match="admissible_actions"):
     sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400)
-  assert sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400, show_admissible=False).arrays["tokens"].shape[0] == 1
+  data = sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400, show_admissible=False)
+  assert data.arrays["tokens"].shape[0] == 1

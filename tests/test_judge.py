@@ -1,0 +1,282 @@
+"""The turn-level judge: modes, the invalid-action bypass, and labels landing on their turns.
+
+The batch is hand-built the way the rollout builds it (`rollout.assemble_batch` over
+`rollout.Episode`s whose tokens come from `prompts`' multi-turn layout): two episodes of three
+turns each, in a batch of T = 4 turn columns (the last is padding).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base as base_config
+from sage_opd_jax import judge
+from sage_opd_jax import losses
+from sage_opd_jax import models
+from sage_opd_jax import prompts
+from sage_opd_jax import rollout
+from sage_opd_jax import sft_data
+from sage_opd_jax import teacher
+from sage_opd_jax import tokenization
+from sage_opd_jax.envs import base as env_base
+from sage_opd_jax.envs import demos
+
+SKIP, WEAK, STRONG = prompts.SKIP, prompts.WEAK, prompts.STRONG
+NUM_TURNS = 4  # T: one more column than any episode has turns.
+TASK = "Your task is to: put a pen in the drawer."
+ADMISSIBLE = ["go to desk 1", "go to drawer 2", "look", "take pen 1 from desk 1"]
+
+# (observation, response, parsed action, valid, expert action, feedback) per turn, and the
+# oracle label each turn must get (METHOD.md section 5).
+EPISODES = [
+    [
+        ("You are in a room. You see a desk 1 and a drawer 2.",
+         "<think>desk first</think><action>go to desk 1</action>",
+         "go to desk 1", True, "go to desk 1", "You arrive at desk 1. You see a pen 1."),
+        ("You arrive at desk 1. You see a pen 1.", "<think>hmm</think><action>look</action>",
+         "look", True, "take pen 1 from desk 1", "You are facing the desk 1."),
+        ("You are facing the desk 1.", "<think>fly</think><action>fly to the moon</action>",
+         "fly to the moon", False, "take pen 1 from desk 1", "Nothing happens."),
+    ],
+    [
+        ("You are in a room. You see a desk 1 and a drawer 2.", "<think>no idea</think>",
+         None, False, "go to desk 1", "Nothing happens."),
+        ("Nothing happens.", "<think>drawer</think><action>go to drawer 2</action>",
+         "go to drawer 2", True, "go to drawer 2", "You arrive at drawer 2. The drawer 2 is closed."),
+        ("You arrive at drawer 2. The drawer 2 is closed.", "<think>look</think><action>look</action>",
+         "look", True, "open drawer 2", "You are facing the drawer 2."),
+    ],
+]
+ORACLE = np.array([[SKIP, WEAK, STRONG, STRONG], [STRONG, SKIP, WEAK, STRONG]])
+VALID = np.array([[True, True, False, False], [False, True, True, False]])
+
+
+def _texts():
+  words = [TASK, *ADMISSIBLE, "open drawer 2", "fly to the moon", *tokenization.prompt_texts()]
+  for turns in EPISODES:
+    for observation, response, _, _, _, feedback in turns:
+      words += [observation, response, feedback]
+  return words
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return tokenization.build_word_tokenizer(_texts(), tmp_path_factory.mktemp("tok"))
+
+
+def _encode(tokenizer, text):
+  return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _episodes(tokenizer, expert=True):
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  out = []
+  for turns in EPISODES:
+    episode = rollout.Episode(task=env_base.Task("alfworld", "train", "fixture", "pick_and_place_simple"),
+                              task_text=TASK)
+    episode.prompt_tokens = _encode(tokenizer, prompts.episode_start_text(layout, TASK, turns[0][0], ADMISSIBLE))
+    for observation, response, action, valid, expert_action, feedback in turns:
+      ids = _encode(tokenizer, response)
+      episode.turns.append(rollout.Turn(
+          observation=observation, admissible=list(ADMISSIBLE), response=response, response_tokens=ids,
+          response_logprobs=np.zeros(len(ids), np.float32), action=action, feedback=feedback, valid=valid,
+          expert_action=expert_action if expert else None,
+          next_tokens=_encode(tokenizer, prompts.next_turn_text(layout, feedback, ADMISSIBLE))))
+    out.append(episode)
+  return out
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+  return rollout.assemble_batch(_episodes(tokenizer), max_turns=NUM_TURNS, pad_id=tokenizer.pad_token_id)
+
+
+def _tiny_config(tokenizer):
+  return models.ModelConfig.from_dict(dict(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_layers=1, num_heads=2,
+      num_kv_heads=1, head_dim=16, tie_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def weak_teacher(tokenizer):
+  """A real Transformer whose weights make it answer "Weak" to every prompt.
+
+  With every block's output projections at zero the residual stream is the current token's
+  embedding, so the next token depends on the current one only; the LM head then maps the
+  generation prompt's final newline to "Weak", and "Weak" to the end-of-turn token.
+  """
+  model = models.Transformer(_tiny_config(tokenizer), rngs=nnx.Rngs(0))
+  model.layers.o_proj[...] = jnp.zeros_like(model.layers.o_proj[...])
+  model.layers.down_proj[...] = jnp.zeros_like(model.layers.down_proj[...])
+  embed = np.asarray(model.embed[...], np.float64)
+  head = 0.01 * np.random.default_rng(0).standard_normal(model.lm_head[...].shape)
+  (newline,) = _encode(tokenizer, "\n")
+  (weak,) = _encode(tokenizer, "Weak")
+  (end,) = _encode(tokenizer, "<|im_end|>")
+  for src, dst in ((newline, weak), (weak, end)):
+    head[:, dst] += 10.0 * embed[src] / np.linalg.norm(embed[src])
+  model.lm_head[...] = jnp.asarray(head, jnp.float32)
+  return model
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tokenizer):
+  return models.Transformer(_tiny_config(tokenizer), rngs=nnx.Rngs(7))
+
+
+def _turn_tokens(batch, b, k):
+  return batch.tokens[b][batch.turn_ids[b] == k]
+
+
+def test_batch_fixture_puts_each_response_on_its_turn(tokenizer, batch):
+  for b, turns in enumerate(EPISODES):
+    for k, (_, response, *_) in enumerate(turns, start=1):
+      assert tokenizer.decode(_turn_tokens(batch, b, k).tolist()) == response
+  assert batch.turn_ids.max() == 3 and not (batch.turn_ids == NUM_TURNS).any()
+
+
+def test_oracle_labels_weight_exactly_their_own_turns(tokenizer, batch, caplog):
+  config = judge.JudgeConfig(mode="oracle")
+  with caplog.at_level(logging.WARNING):
+    result = judge.judge_batch(batch.episodes, NUM_TURNS, config)
+  assert "analysis only" in caplog.text
+  np.testing.assert_array_equal(result.labels, ORACLE)
+  assert result.num_prompts == 0
+  assert judge.judge_metrics(result, batch.episodes, config.mode)["judge/oracle_mode"] == 1.0
+
+  # Through turn_ids into the loss's turn weights (E5, E7, E8 with c = 1), token by token.
+  turn_ids = jnp.asarray(batch.turn_ids)
+  lengths = losses.turn_lengths(turn_ids, NUM_TURNS)
+  w_BxT = losses.sage_turn_weights(losses.intervention_weights(jnp.asarray(result.labels), alpha=0.5),
+                                   (lengths > 0).astype(jnp.float32), lengths)
+  w_BxS = np.asarray(losses.turns_to_tokens(w_BxT, turn_ids))
+  intervention = {SKIP: 0.0, WEAK: 0.5, STRONG: 1.0}
+  response_lengths = [[len(_encode(tokenizer, t[1])) for t in turns] for turns in EPISODES]
+  num_tokens = sum(map(sum, response_lengths))
+  weighted = sum(n * intervention[ORACLE[b, t]] for b, ns in enumerate(response_lengths) for t, n in enumerate(ns))
+  for b, turns in enumerate(EPISODES):
+    for k in range(1, len(turns) + 1):
+      expected = intervention[ORACLE[b, k - 1]] * num_tokens / weighted
+      np.testing.assert_allclose(w_BxS[b][batch.turn_ids[b] == k], expected, rtol=1e-6)
+    assert np.all(w_BxS[b][batch.turn_ids[b] == 0] == 0.0)
+
+  # And through the whole loss: only the logits that predict a Weak or Strong turn's tokens
+  # (position s - 1 for token s) get a gradient; a Skip turn's never do.
+  rng = np.random.default_rng(0)
+  shape = batch.tokens.shape
+  loss_batch = {
+      "tokens": jnp.asarray(batch.tokens), "turn_ids": turn_ids, "labels": jnp.asarray(result.labels),
+      "teacher_logprobs": jnp.asarray(-rng.uniform(0.5, 3.0, shape), jnp.float32),
+  }
+  logits = jnp.asarray(rng.standard_normal(shape + (len(tokenizer),)), jnp.float32)
+  grads = jax.grad(lambda x: losses.sage_opd_loss(
+      x, loss_batch, method="sage_opd_no_confidence", old_logprobs="current")[0])(logits)
+  has_grad = np.abs(np.asarray(grads)).sum(-1) > 0
+  expected = np.zeros(shape, bool)
+  for b in range(shape[0]):
+    for s in range(1, shape[1]):
+      k = batch.turn_ids[b, s]
+      expected[b, s - 1] = k > 0 and ORACLE[b, k - 1] != SKIP
+  np.testing.assert_array_equal(has_grad, expected)
+
+
+def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher):
+  config = judge.JudgeConfig(mode="prompt", history_turns=2, max_new_tokens=3, batch_size=3)
+  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer,
+                             rng=jax.random.key(0))
+  # Invalid and unparseable turns are Strong without a teacher call.
+  assert result.num_prompts == int(VALID.sum()) == 4
+  np.testing.assert_array_equal(result.asked, VALID)
+  np.testing.assert_array_equal(result.labels, np.where(VALID, WEAK, STRONG))
+  for b, turns in enumerate(EPISODES):
+    for t in range(len(turns)):
+      assert (result.answers[b][t] == "Weak") if VALID[b, t] else result.answers[b][t] is None
+
+  # Each prompt carries its own turn's response and feedback.
+  texts = judge.judge_prompt_texts(batch.episodes, tokenizer, 2, result.asked)
+  assert [(b, t) for b, t, _ in texts] == [tuple(i) for i in np.argwhere(VALID)]
+  for b, t, text in texts:
+    _, response, _, _, _, feedback = EPISODES[b][t]
+    assert f"The agent's latest response:\n{response}\nThe environment's feedback to it:\n{feedback}" in text
+
+  confidence = np.tile([0.2, 0.4, 0.6, 0.8], (2, 1))
+  metrics = judge.judge_metrics(result, batch.episodes, config.mode, confidence_BxT=confidence)
+  assert metrics["judge/oracle_mode"] == 0.0
+  assert metrics["judge/weak_frac"] == pytest.approx(4 / 6) and metrics["judge/strong_frac"] == pytest.approx(2 / 6)
+  assert metrics["judge/skip_frac"] == 0.0 and metrics["judge/num_prompts"] == 4.0
+  # Oracle on the judged turns: Skip, Weak, Skip, Weak -> 2 of 4 agree with "Weak".
+  assert metrics["judge/oracle_accuracy"] == pytest.approx(0.5)
+  assert metrics["judge/oracle_accuracy_all"] == pytest.approx(4 / 6)
+  # Weak turns: (0,0) (0,1) (1,1) (1,2); Strong turns: (0,2) (1,0).
+  assert metrics["judge/confidence_weak"] == pytest.approx((0.2 + 0.4 + 0.4 + 0.6) / 4)
+  assert metrics["judge/confidence_strong"] == pytest.approx((0.6 + 0.2) / 2)
+  assert "judge/confidence_skip" not in metrics
+
+
+def test_likelihood_mode_thresholds_the_mean_action_logprob(tokenizer, batch, random_teacher):
+  scores = teacher.score_batch(random_teacher, batch.tokens, batch.attention_mask, chunk_size=32)
+  logp = np.asarray(scores["teacher_logprobs"], np.float64)
+  # Reference: the action's tokens sit between the <action> and </action> tokens of the turn.
+  (open_id,), (close_id,) = _encode(tokenizer, "<action>"), _encode(tokenizer, "</action>")
+  means = {}
+  for b, t in np.argwhere(VALID):
+    positions = np.flatnonzero(batch.turn_ids[b] == t + 1)
+    ids = batch.tokens[b, positions].tolist()
+    start, end = ids.index(open_id) + 1, ids.index(close_id)
+    assert tokenizer.decode(ids[start:end]) == EPISODES[b][t][2]
+    means[b, t] = logp[b, positions[start:end]].mean()
+  order = sorted(means, key=means.get)
+  values = [means[k] for k in order]
+  thresholds = ((values[2] + values[3]) / 2, (values[0] + values[1]) / 2)
+  expected = np.full((2, NUM_TURNS), STRONG)
+  expected[order[3]] = SKIP
+  expected[order[1]] = expected[order[2]] = WEAK
+
+  config = judge.JudgeConfig(mode="likelihood", likelihood_thresholds=thresholds)
+  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, tokenizer=tokenizer, tokens_BxS=batch.tokens,
+                             turn_ids_BxS=batch.turn_ids, teacher_logprobs_BxS=scores["teacher_logprobs"])
+  np.testing.assert_array_equal(result.labels, expected)
+  assert result.num_prompts == 0
+
+  # The action mask holds exactly each parseable turn's command.
+  mask = judge.action_token_mask(batch.tokens, batch.turn_ids, tokenizer)
+  for b, turns in enumerate(EPISODES):
+    for k, (_, response, *_) in enumerate(turns, start=1):
+      got = tokenizer.decode(batch.tokens[b][mask[b] & (batch.turn_ids[b] == k)].tolist())
+      assert got == (prompts.parse_action(response, lowercase=False) or "")
+  assert not (mask & (batch.turn_ids == 0)).any()
+
+
+def test_judge_accuracy_on_labelled_examples(tokenizer, weak_teacher):
+  state = dict(task=TASK, history=[], observation=EPISODES[0][0][0], admissible_actions=ADMISSIBLE,
+               feedback="Nothing happens.", task_id="fixture", turn=0)
+  examples = [sft_data.JudgeExample.from_demo(demos.JudgeExample(action=a, label=label, **state))
+              for a, label in (("look", "Weak"), ("go to desk 1", "Skip"), ("fly to the moon", "Strong"),
+                               ("go to drawer 2", "Weak"))]
+  metrics = judge.judge_accuracy(weak_teacher, tokenizer, examples, jax.random.key(1), history_turns=2)
+  assert metrics["judge_eval/accuracy"] == pytest.approx(0.5)
+  assert metrics["judge_eval/recall_weak"] == 1.0 and metrics["judge_eval/recall_skip"] == 0.0
+  assert metrics["judge_eval/pred_weak_frac"] == 1.0 and metrics["judge_eval/count"] == 4.0
+
+
+def test_config_and_missing_inputs_are_errors(tokenizer):
+  config = judge.JudgeConfig.from_config(base_config.get_config().judge)
+  assert config.mode == "prompt" and config.likelihood_thresholds == (-0.5, -2.0)
+  with pytest.raises(ValueError, match="mode"):
+    judge.JudgeConfig(mode="vibes")
+  with pytest.raises(ValueError, match="likelihood_thresholds"):
+    judge.JudgeConfig(likelihood_thresholds=(-2.0, -0.5))
+  episodes = _episodes(tokenizer, expert=False)
+  with pytest.raises(ValueError, match="expert_action"):
+    judge.judge_batch(episodes, NUM_TURNS, judge.JudgeConfig(mode="oracle"))
+  with pytest.raises(ValueError, match="teacher"):
+    judge.judge_batch(episodes, NUM_TURNS, judge.JudgeConfig(mode="prompt"))
+  with pytest.raises(ValueError, match="teacher_logprobs"):
+    judge.judge_batch(episodes, NUM_TURNS, judge.JudgeConfig(mode="likelihood"), tokenizer=tokenizer,
+                      tokens_BxS=np.zeros((2, 8), np.int32), turn_ids_BxS=np.zeros((2, 8), np.int32))
+  with pytest.raises(ValueError, match="num_turns"):
+    judge.judge_batch(episodes, 2, judge.JudgeConfig(mode="oracle"))
