@@ -163,6 +163,12 @@ def _format_actions(actions: Sequence[str]) -> str:
   return "[" + ", ".join(actions) + "]"
 
 
+_ANSWER_INSTRUCTION = (
+    f"Now take your turn. First think step by step about the situation inside {THINK_OPEN} {THINK_CLOSE}; "
+    f"then give exactly one admissible action inside {ACTION_OPEN} {ACTION_CLOSE}."
+)
+
+
 def acting_prompt_text(
     task: str,
     history: History,
@@ -195,12 +201,6 @@ def acting_prompt_text(
     lines.append(f"Your admissible actions now are: {_format_actions(admissible_actions)}")
   lines.append(_ANSWER_INSTRUCTION)
   return "\n".join(lines)
-
-
-_ANSWER_INSTRUCTION = (
-    f"Now take your turn. First think step by step about the situation inside {THINK_OPEN} {THINK_CLOSE}; "
-    f"then give exactly one admissible action inside {ACTION_OPEN} {ACTION_CLOSE}."
-)
 
 
 def render_acting_prompt(
