@@ -27,6 +27,7 @@ PPO surrogate -> `sage_opd_loss`, which composes them for every row of METHOD.md
 
 import enum
 import functools
+import inspect
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -137,12 +138,41 @@ def jsd(student_logits: Array, teacher_logits: Array, beta: float = 0.5) -> Arra
   With M = beta * nu + (1 - beta) * pi: JSD_beta = beta KL(nu || M) + (1 - beta) KL(pi || M).
   beta must lie strictly inside (0, 1); both ends are identically zero.
   """
+  return align_to_tokens(_jsd(_log_softmax(student_logits), _log_softmax(teacher_logits), beta))
+
+
+def _jsd(logp: Array, logq: Array, beta: float) -> Array:
+  """[..., V] x2 -> [...]: beta KL(q || M) + (1 - beta) KL(p || M), M = beta q + (1 - beta) p."""
   if not 0.0 < beta < 1.0:
     raise ValueError(f"jsd: beta must be in (0, 1), got {beta}.")
-  logp = _log_softmax(student_logits)
-  logq = _log_softmax(teacher_logits)
   logm = jnp.logaddexp(jnp.log(beta) + logq, jnp.log1p(-beta) + logp)
-  return align_to_tokens(beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm))
+  return beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
+
+
+def topk_divergence(
+    student_logits: Array,
+    teacher_topk_ids: Array,
+    teacher_topk_logprobs: Array,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+) -> Array:
+  """[B, S, V], [B, S, K] int, [B, S, K] -> [B, S]: E2/E10 on the teacher's top-k support.
+
+  The top-k arrays are token-aligned (entry s: the teacher's k most likely tokens at s).
+  [ours] Both distributions are renormalised over those K tokens and the divergence is
+  taken there, so it is a proper divergence, and with K = V it is the exact one.
+  """
+  logp_BxSxV = align_to_tokens(_log_softmax(student_logits))
+  logp_BxSxK = jnp.take_along_axis(logp_BxSxV, teacher_topk_ids.astype(jnp.int32), axis=-1)
+  logp_BxSxK = jax.nn.log_softmax(logp_BxSxK, axis=-1)
+  logq_BxSxK = jax.nn.log_softmax(_float(teacher_topk_logprobs), axis=-1)
+  if divergence == "reverse_kl":
+    return _kl(logp_BxSxK, logq_BxSxK)
+  if divergence == "forward_kl":
+    return _kl(logq_BxSxK, logp_BxSxK)
+  if divergence == "jsd":
+    return _jsd(logp_BxSxK, logq_BxSxK, beta)
+  raise ValueError(f"topk_divergence: unknown divergence {divergence!r}; expected one of {DIVERGENCES}.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -489,6 +519,29 @@ def _sage_opd_no_norm(batch: Batch, options: ScoreOptions) -> Array:
 # ----------------------------------------------------------------------------------------
 
 
+def _full_divergence(student_logits: Array, batch: Batch, divergence: str, beta: float) -> Array:
+  """-> [B, S]: (E2)/(E10) from teacher_logits (exact) or else from the teacher's top-k."""
+  if "teacher_logits" in batch:
+    teacher_logits = batch["teacher_logits"]
+    if divergence == "reverse_kl":
+      return full_reverse_kl(student_logits, teacher_logits)
+    if divergence == "forward_kl":
+      return forward_kl(student_logits, teacher_logits)
+    return jsd(student_logits, teacher_logits, beta)
+  if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
+    return topk_divergence(student_logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+                           divergence, beta)
+  raise ValueError("batch['teacher_logits'] (or batch['teacher_topk_ids'] and "
+                   "batch['teacher_topk_logprobs']) is missing; needed for estimator='full' (E2/E10).")
+
+
+def _check_unused(fn_name: str, options: Mapping[str, object]) -> None:
+  """The loss config may be passed whole, but a misspelt option must not vanish."""
+  unknown = set(options) - set(_LOSS_OPTIONS)
+  if unknown:
+    raise ValueError(f"{fn_name}: unknown loss option(s) {sorted(unknown)}; known: {_LOSS_OPTIONS}.")
+
+
 def _check_options(estimator: str, divergence: str, aggregation: str, confidence: str) -> None:
   for arg, value, allowed in (
       ("estimator", estimator, ESTIMATORS),
@@ -511,8 +564,9 @@ def _check_shapes(student_logits: Array, batch: Batch) -> None:
               "teacher_top1", "teacher_entropy"):
     if key in batch and tuple(batch[key].shape) != tuple(bs):
       raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}; expected {bs} (= logits [B, S]).")
-  if "teacher_logits" in batch and tuple(batch["teacher_logits"].shape[:2]) != tuple(bs):
-    raise ValueError(f"batch['teacher_logits'] has shape {batch['teacher_logits'].shape}; expected {bs} + (V,).")
+  for key in ("teacher_logits", "teacher_topk_ids", "teacher_topk_logprobs"):
+    if key in batch and tuple(batch[key].shape[:2]) != tuple(bs):
+      raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}; expected {bs} + (V or K,).")
   if "labels" in batch and (batch["labels"].ndim != 2 or batch["labels"].shape[0] != bs[0]):
     raise ValueError(f"batch['labels'] has shape {batch['labels'].shape}; expected ({bs[0]}, T).")
 
@@ -551,9 +605,10 @@ def loss_totals(
   over `axis_name`), then pass the sums to each micro-batch's `sage_opd_loss(**totals)`.
   Returns scalars `global_num_tokens` (N), `global_weight_sum` (sum of s over response
   tokens = sum_t L_t s_t) and `global_num_sequences` (rows with >= 1 response token).
-  Other loss options are accepted and ignored, so the loss config can be passed whole.
+  The other `sage_opd_loss` options are accepted and ignored, so the loss config can be
+  passed whole; unknown names raise.
   """
-  del unused_options
+  _check_unused("loss_totals", unused_options)
   variant = _variant(method)
   options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
   mask_BxS = response_mask(batch["turn_ids"], options.num_turns).astype(jnp.float32)
@@ -564,6 +619,38 @@ def loss_totals(
       "global_num_sequences": jnp.sum(jnp.any(mask_BxS > 0, axis=1).astype(jnp.float32)),
   }
   return _psum(totals, axis_name)
+
+
+def token_weights(
+    batch: Batch,
+    *,
+    method: str = "sage_opd",
+    alpha: float = 0.5,
+    confidence: str = "turn_mean_top1",
+    num_turns: int | None = None,
+    teacher_vocab_size: int | None = None,
+    axis_name: str | None = None,
+    global_num_tokens: Array | None = None,
+    global_weight_sum: Array | None = None,
+    **unused_options,
+) -> Array:
+  """-> w [B, S]: each response token's weight under `method` ((E7), then (E8) unless the
+  method opts out); 0 off response tokens. Under stop-gradient: weights are never trained.
+
+  `sage_opd_loss` weighs its per-token loss with exactly this; it is public so that logs and
+  transcripts show the weights the update used. The other `sage_opd_loss` options are
+  accepted and ignored; unknown names raise.
+  """
+  _check_unused("token_weights", unused_options)
+  variant = _variant(method)
+  batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
+  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
+  mask_BxS = response_mask(batch["turn_ids"], options.num_turns)
+  score_BxS = jnp.where(mask_BxS, _float(variant.score_fn(batch, options)), 0.0)
+  if variant.normalize:
+    score_BxS = _normalise(score_BxS, mask_BxS.astype(jnp.float32), axis_name, global_num_tokens,
+                           global_weight_sum)
+  return jax.lax.stop_gradient(score_BxS)
 
 
 def sage_opd_loss(
@@ -599,8 +686,10 @@ def sage_opd_loss(
       old_logprobs="batch"; old_logprobs="current" uses stop_gradient(log pi_theta)
       instead (one update per batch: r = 1 exactly).
     teacher_top1, teacher_entropy: per-token max_v nu and H(nu), for the confidence modes.
-    teacher_logits: [B, S, V], optional. Needed for estimator="full" (E2, E10); when given,
+    teacher_logits: [B, S, V], optional. Exact estimator="full" (E2, E10); when given,
       missing teacher_* statistics are computed from it.
+    teacher_topk_ids, teacher_topk_logprobs: [B, S, K], estimator="full" without
+      teacher_logits: the divergence on the teacher's top-k support (`topk_divergence`).
   Everything from the batch is under stop-gradient; only `student_logits` is trained.
 
   Options (the names of config.loss, so `**config.loss` can be passed):
@@ -636,14 +725,11 @@ def sage_opd_loss(
   options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
   mask_BxS = response_mask(turn_ids, options.num_turns)
   maskf_BxS = mask_BxS.astype(jnp.float32)
-
-  # Token weights w: (E7) scores, then (E8) unless the variant opts out.
-  score_BxS = jnp.where(mask_BxS, _float(variant.score_fn(batch, options)), 0.0)
-  if variant.normalize:
-    w_BxS = _normalise(score_BxS, maskf_BxS, axis_name, global_num_tokens, global_weight_sum)
-  else:
-    w_BxS = score_BxS
-  w_BxS = jax.lax.stop_gradient(w_BxS)
+  w_BxS = token_weights(
+      batch, method=method, alpha=alpha, confidence=confidence, num_turns=options.num_turns,
+      teacher_vocab_size=teacher_vocab_size, axis_name=axis_name,
+      global_num_tokens=global_num_tokens, global_weight_sum=global_weight_sum,
+  )
   trained_BxS = w_BxS > 0
 
   # Per-token loss l (w already folded in) and the per-token divergence for the metrics.
@@ -673,13 +759,7 @@ def sage_opd_loss(
         _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name),
     )
   else:
-    teacher_logits = _require(batch, "teacher_logits", "estimator='full' (E2/E10)")
-    if divergence == "reverse_kl":
-      divergence_BxS = full_reverse_kl(student_logits, teacher_logits)
-    elif divergence == "forward_kl":
-      divergence_BxS = forward_kl(student_logits, teacher_logits)
-    else:
-      divergence_BxS = jsd(student_logits, teacher_logits, jsd_beta)
+    divergence_BxS = _full_divergence(student_logits, batch, divergence, jsd_beta)
     loss_BxS = w_BxS * divergence_BxS
   loss_BxS = jnp.where(mask_BxS, loss_BxS, 0.0)
 
@@ -733,6 +813,13 @@ def sage_opd_loss(
                           turn_lengths(turn_ids, options.num_turns).astype(jnp.float32))
         metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
   return loss, metrics
+
+
+# The keyword options of `sage_opd_loss`; `loss_totals` and `token_weights` accept them all.
+_LOSS_OPTIONS = tuple(
+    name for name, p in inspect.signature(sage_opd_loss).parameters.items()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def validate_batch(batch: Batch, num_turns: int) -> None:
