@@ -235,8 +235,13 @@ def ask_teacher(
     *,
     max_new_tokens: int,
     batch_size: int,
+    sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
-  """The teacher's greedy answers to `prompt_texts` (decoded, special tokens dropped)."""
+  """The teacher's greedy answers to `prompt_texts` (decoded, special tokens dropped).
+
+  `sampler_kwargs` go to `sampling.sample`'s cache (e.g. `batch_sharding` and `min_batch` for
+  a teacher on a Mesh).
+  """
   if not prompt_texts:
     return []
   config = sampling.SamplingConfig(
@@ -247,7 +252,7 @@ def ask_teacher(
     # `sampling.sample` buckets the batch (powers of two) and the prompt length, so the
     # remainder call compiles at most a handful of extra shapes.
     ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompt_texts[start:start + batch_size]]
-    out = sampling.sample(teacher, ids, jax.random.fold_in(rng, start), config)
+    out = sampling.sample(teacher, ids, jax.random.fold_in(rng, start), config, **(sampler_kwargs or {}))
     for row in range(len(ids)):
       answers.append(tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True))
   return answers
@@ -343,6 +348,7 @@ def judge_batch(
     tokens_BxS: np.ndarray | None = None,
     turn_ids_BxS: np.ndarray | None = None,
     teacher_logprobs_BxS: Any = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> JudgeResult:
   """Labels every turn of a rollout batch.
 
@@ -354,6 +360,7 @@ def judge_batch(
     tokens_BxS, turn_ids_BxS, teacher_logprobs_BxS: the batch's tokens, turn ids and the
       teacher's token log-probs from `teacher.score_tokens` (`likelihood` mode; it also needs
       the tokenizer to find the action tokens).
+    sampler_kwargs: passed to `ask_teacher` (`prompt` mode).
 
   Returns:
     A `JudgeResult`; invalid turns are Strong and never reach the teacher.
@@ -369,7 +376,8 @@ def judge_batch(
       raise ValueError("judge_batch: mode='prompt' needs `teacher`, `tokenizer` and `rng`.")
     requests = judge_prompt_texts(episodes, tokenizer, config.history_turns, asked)
     replies = ask_teacher(teacher, tokenizer, [text for _, _, text in requests], rng,
-                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                          sampler_kwargs=sampler_kwargs)
     num_prompts = len(requests)
     for (b, t, _), reply in zip(requests, replies):
       labels[b, t] = prompts.parse_judge_label(reply)
@@ -455,6 +463,7 @@ def judge_accuracy(
     history_turns: int,
     max_new_tokens: int = 4,
     batch_size: int = 64,
+    sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
   """The prompted judge's accuracy against labelled judge examples (e.g. of held-out games).
 
@@ -465,7 +474,8 @@ def judge_accuracy(
   if not examples:
     raise ValueError("judge_accuracy: `examples` is empty.")
   texts = [sft_data.judge_prompt(tokenizer, ex, history_turns) for ex in examples]
-  replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        sampler_kwargs=sampler_kwargs)
   predicted = np.asarray([prompts.parse_judge_label(r) for r in replies], np.int32)
   truth = np.asarray([ex.label for ex in examples], np.int32)
   metrics = {"judge_eval/accuracy": float(np.mean(predicted == truth)), "judge_eval/count": float(len(truth))}

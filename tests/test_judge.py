@@ -101,13 +101,12 @@ def _tiny_config(tokenizer):
       num_kv_heads=1, head_dim=16, tie_embeddings=False))
 
 
-@pytest.fixture(scope="module")
-def weak_teacher(tokenizer):
-  """A real Transformer whose weights make it answer "Weak" to every prompt.
+def _answering_teacher(tokenizer, word):
+  """A real Transformer whose weights make it answer `word` to every prompt.
 
   With every block's output projections at zero the residual stream is the current token's
   embedding, so the next token depends on the current one only; the LM head then maps the
-  generation prompt's final newline to "Weak", and "Weak" to the end-of-turn token.
+  generation prompt's final newline to `word`, and `word` to the end-of-turn token.
   """
   model = models.Transformer(_tiny_config(tokenizer), rngs=nnx.Rngs(0))
   model.layers.o_proj[...] = jnp.zeros_like(model.layers.o_proj[...])
@@ -115,12 +114,17 @@ def weak_teacher(tokenizer):
   embed = np.asarray(model.embed[...], np.float64)
   head = 0.01 * np.random.default_rng(0).standard_normal(model.lm_head[...].shape)
   (newline,) = _encode(tokenizer, "\n")
-  (weak,) = _encode(tokenizer, "Weak")
+  (answer,) = _encode(tokenizer, word)
   (end,) = _encode(tokenizer, "<|im_end|>")
-  for src, dst in ((newline, weak), (weak, end)):
+  for src, dst in ((newline, answer), (answer, end)):
     head[:, dst] += 10.0 * embed[src] / np.linalg.norm(embed[src])
   model.lm_head[...] = jnp.asarray(head, jnp.float32)
   return model
+
+
+@pytest.fixture(scope="module")
+def weak_teacher(tokenizer):
+  return _answering_teacher(tokenizer, "Weak")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +221,14 @@ def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher)
   assert "judge/confidence_skip" not in metrics
 
 
+def test_an_unclear_answer_is_strong(tokenizer, batch):
+  config = judge.JudgeConfig(mode="prompt", max_new_tokens=3, batch_size=3)
+  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=_answering_teacher(tokenizer, "desk"),
+                             tokenizer=tokenizer, rng=jax.random.key(0))
+  assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == ["desk"] * 4
+  np.testing.assert_array_equal(result.labels, np.full((2, NUM_TURNS), STRONG))
+
+
 def test_likelihood_mode_thresholds_the_mean_action_logprob(tokenizer, batch, random_teacher):
   scores = teacher.score_batch(random_teacher, batch.tokens, batch.attention_mask, chunk_size=32)
   logp = np.asarray(scores["teacher_logprobs"], np.float64)
@@ -257,7 +269,8 @@ def test_judge_accuracy_on_labelled_examples(tokenizer, weak_teacher):
   examples = [sft_data.JudgeExample.from_demo(demos.JudgeExample(action=a, label=label, **state))
               for a, label in (("look", "Weak"), ("go to desk 1", "Skip"), ("fly to the moon", "Strong"),
                                ("go to drawer 2", "Weak"))]
-  metrics = judge.judge_accuracy(weak_teacher, tokenizer, examples, jax.random.key(1), history_turns=2)
+  metrics = judge.judge_accuracy(weak_teacher, tokenizer, examples, jax.random.key(1), history_turns=2,
+                                 sampler_kwargs=dict(min_len=64))
   assert metrics["judge_eval/accuracy"] == pytest.approx(0.5)
   assert metrics["judge_eval/recall_weak"] == 1.0 and metrics["judge_eval/recall_skip"] == 0.0
   assert metrics["judge_eval/pred_weak_frac"] == 1.0 and metrics["judge_eval/count"] == 4.0
