@@ -15,14 +15,17 @@ from absl import app, flags
 from sage_opd_jax.envs import demos
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder (resumed if it exists).", required=True)
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "valid_seen", "valid_unseen", "valid_train"], "ALFWorld split.")
+_SPLIT = flags.DEFINE_enum(
+    "split", "train", ["train", "valid_seen", "valid_unseen", "valid_train"], "ALFWorld split.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder holding json_2.1.1/; default $ALFWORLD_DATA.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Env worker processes.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N games of the split's seeded order.")
-_MAX_TURNS = flags.DEFINE_integer("max_turns", 30, "Env turn limit of an expert episode.")
-_GAME_TIMEOUT_S = flags.DEFINE_float("game_timeout_s", 120.0, "Hard limit per game; a hung game is killed and skipped.")
+_MAX_TURNS = flags.DEFINE_integer("max_turns", 50, "Turn limit of an expert episode.")
+_GAME_TIMEOUT_S = flags.DEFINE_float(
+    "game_timeout_s", 120.0, "Hard limit per game; a hung game is killed and skipped.")
 _JUDGE_STATES = flags.DEFINE_integer("judge_states", 4, "States per won episode with Skip/Weak/Strong examples.")
-_BRANCH = flags.DEFINE_enum("branch", "snapshot", ["snapshot", "replay"], "How judge examples step a copy of a state.")
+_BRANCH = flags.DEFINE_enum(
+    "branch", "snapshot", ["snapshot", "replay"], "How judge examples step a copy of a state.")
 _SEED = flags.DEFINE_integer("seed", 0, "Task order and expert/judge randomness.")
 _TASK_TYPES = flags.DEFINE_list("task_types", None, "Restrict to these task types (names).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "PDDL grounding cache; default under ~/.cache.")

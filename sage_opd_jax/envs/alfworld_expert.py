@@ -171,12 +171,15 @@ def peek(env: base.Env, action: str | None) -> tuple[str, bool]:
 
   The episode is left exactly as it was: the env's turn count and admissible commands,
   and the engine's state. An inadmissible (or None) action is answered as
-  `AlfworldEnv.step` answers it, without the engine. An admissible one is played on the
-  engine and undone: fast_downward keeps the game state in its C library with a
+  `AlfworldEnv.step` answers it, without the engine. An admissible one is applied on
+  the engine and undone: fast_downward keeps the game state in its C library with a
   registry of visited states (`get_state_id`/`set_state_id` return to one), and
-  TextWorld's Python-side copy of the facts and last game state are restored beside
-  it. This costs one engine step (~0.03 s); the alternative, a reset and a replay of
-  the prefix, costs about a second. `tests/test_demos.py` checks it against a replay.
+  TextWorld's Python-side facts are restored beside it.
+
+  Only the feedback is derived, as `PddlEnv.step` derives it; the next state's
+  admissible commands, ~90% of a step's cost, are not. A peek costs a few ms; the
+  alternative, a reset and a replay of the prefix, about a second. TextWorld 1.7.0's
+  internals are assumed; `tests/test_expert.py` pins peeks against real steps.
   """
   if not isinstance(env, alfworld_env.AlfworldEnv):
     raise TypeError(f"peek needs an AlfworldEnv, got {type(env).__name__}.")
@@ -187,25 +190,30 @@ def peek(env: base.Env, action: str | None) -> tuple[str, bool]:
   if command is None:
     return base.NOTHING_HAPPENS, False
   pddl = _pddl_env(env)
-  state = pddl._pddl_state  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  state = pddl._pddl_state
+  engine_action = pddl.state["_valid_actions"][pddl.state["_valid_commands"].index(command)]
   saved_id = pddl.downward_lib.get_state_id()
-  saved_env = (pddl.state, pddl.prev_state, pddl._last_action, pddl._moves)  # pylint: disable=protected-access
   saved_logic = (
       collections.defaultdict(set, {k: set(v) for k, v in state._facts.items()}),
       dict(state._vars_by_name),
       collections.defaultdict(set, {k: set(v) for k, v in state._vars_by_type.items()}),
       collections.Counter(state._var_counts),
-      dict(state._operators),
-  )  # pylint: disable=protected-access
+  )
   try:
-    with env._speedups():  # The env's parse memo, as for its own steps. pylint: disable=protected-access
-      game_state, _, _ = pddl.step(command)
-    return game_state.feedback, True
+    with env._speedups():  # The env's parse memo, as for its own steps.
+      state.apply(engine_action)
+      context = {
+          "state": state,
+          "facts": list(state.facts),
+          "variables": {ph.name: pddl._entity_infos[var.name] for ph, var in engine_action.mapping.items()},
+          "mapping": engine_action.mapping,
+          "entity_infos": pddl._entity_infos,
+      }
+      return pddl._logic.grammar.derive(engine_action.feedback_rule, context), True
   finally:
     pddl.downward_lib.set_state_id(saved_id)
-    pddl.state, pddl.prev_state, pddl._last_action, pddl._moves = saved_env  # pylint: disable=protected-access
-    (state._facts, state._vars_by_name, state._vars_by_type, state._var_counts,
-     state._operators) = saved_logic  # pylint: disable=protected-access
+    state._facts, state._vars_by_name, state._vars_by_type, state._var_counts = saved_logic
 
 
 @dataclasses.dataclass

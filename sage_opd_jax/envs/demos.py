@@ -98,8 +98,9 @@ def _examples_at(
   )
   if strong[2]:
     raise RuntimeError(f"{task.task_id}: {strong[0]!r} was meant to be invalid at turn {t}.")
-  out = [dict(state, label="Skip", action=episode.actions[t], valid=episode.valid[t], feedback=episode.observations[t + 1]),
-         dict(state, label="Strong", action=strong[0], valid=False, feedback=strong[1])]
+  skip = dict(state, label="Skip", action=episode.actions[t], valid=episode.valid[t],
+              feedback=episode.observations[t + 1])
+  out = [skip, dict(state, label="Strong", action=strong[0], valid=False, feedback=strong[1])]
   if weak is not None:
     out.append(dict(state, label="Weak", action=weak[0], valid=weak[2], feedback=weak[1]))
   return out
@@ -347,7 +348,9 @@ def collect(
         games.append(line)
         new_games += 1
         bar.update(1)
-        bar.set_postfix({k: v for k, v in _summary(games).items() if k in ("games_won", "games_lost", "games_timeout")})
+        tally = _summary(games)
+        bar.set_postfix(won=tally["games_won"], lost=tally["games_lost"], failed=len(games) - tally["games_won"]
+                        - tally["games_lost"])
     bar.close()
     respawns = pool.respawns
 
@@ -357,7 +360,8 @@ def collect(
       games_total=len(tasks),
       **_summary(games),
       last_run=dict(new_games=new_games, seconds=seconds, games_per_s=new_games / seconds if seconds else None,
-                    num_workers=num_workers, respawns=respawns, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                    num_workers=num_workers, respawns=respawns,
+                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
       files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
   )
   tmp = manifest_path.with_suffix(".tmp")
