@@ -67,6 +67,11 @@ def count_calls(env, task_id: str, action: str) -> str:
   return result.observation.split(" pid=")[0]
 
 
+def unpicklable_result(env):
+  del env
+  return lambda: None
+
+
 @pytest.fixture
 def pool():
   with pool_lib.EnvPool("pool_test", {"goal": 3}, num_workers=2, timeout_s=20.0, imports=(_MODULE,)) as p:
@@ -145,6 +150,14 @@ def test_imap_unordered_reports_failures_and_finishes_the_rest(pool):
   assert isinstance(got[3], pool_lib.WorkerError) and got[3].kind == "exception"
   assert "injected engine failure" in got[3].message
   assert isinstance(got[4], pool_lib.WorkerError) and got[4].kind == "crash"
+
+
+def test_unpicklable_result_is_an_error_not_a_crash(pool):
+  pool.submit(0, "call", (unpicklable_result, {}))
+  got = pool.gather()[0]
+  assert isinstance(got, pool_lib.WorkerError) and got.kind == "exception"
+  assert "pickle" in got.message.lower()
+  assert pool.respawns == 0
 
 
 def test_close_stops_every_worker():

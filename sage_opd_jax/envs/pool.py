@@ -86,10 +86,13 @@ def _worker_main(
         else:  # "call": run fn(env, **kwargs) next to the env, e.g. a whole expert episode.
           fn, kwargs = arg
           value = fn(env, **kwargs)
+        reply = ("ok", value)
       except Exception:
+        reply = ("error", traceback.format_exc())
+      try:
+        conn.send(reply)
+      except Exception:  # An unpicklable result; pickling fails before any byte is sent.
         conn.send(("error", traceback.format_exc()))
-      else:
-        conn.send(("ok", value))
   finally:
     env.close()
 
