@@ -253,6 +253,57 @@ def test_token_level_functions_match_reference(shape):
   close(stats["teacher_entropy"], ent)
 
 
+def ref_topk(teacher_logits, k):
+  """Token-aligned teacher top-k ids and log-probs [B, S, K]; entry 0 is 0."""
+  b, s, _ = teacher_logits.shape
+  ids, logprobs = np.zeros((b, s, k), np.int32), np.zeros((b, s, k))
+  for i in range(b):
+    for j in range(1, s):
+      logq = ref_log_softmax(teacher_logits[i, j - 1])
+      ids[i, j] = np.argsort(-logq, kind="stable")[:k]
+      logprobs[i, j] = logq[ids[i, j]]
+  return ids, logprobs
+
+
+def ref_topk_divergence(student_logits, ids, teacher_logprobs, kind, beta=0.5):
+  """Both distributions renormalised over the teacher's top-k ids."""
+  b, s, _ = student_logits.shape
+  out = np.zeros((b, s))
+  for i in range(b):
+    for j in range(1, s):
+      p = np.exp(ref_log_softmax(student_logits[i, j - 1]))[ids[i, j]]
+      q = np.exp(teacher_logprobs[i, j])
+      p, q = p / p.sum(), q / q.sum()
+      kl = lambda a, c: float(np.sum(a * np.log(a / c)))
+      m = beta * q + (1 - beta) * p
+      out[i, j] = {"reverse_kl": kl(p, q), "forward_kl": kl(q, p),
+                   "jsd": beta * kl(q, m) + (1 - beta) * kl(p, m)}[kind]
+  return out
+
+
+@SETTINGS
+@hypothesis.given(shapes, st.integers(1, 5), st.sampled_from(losses.DIVERGENCES))
+def test_topk_divergence_matches_reference(shape, k, kind):
+  seed, b, s, v, t = shape
+  k = min(k, v)
+  ref_logits, logits, raw, _ = random_case(seed, b, s, v, t)
+  ids, logprobs = ref_topk(raw["teacher_logits"], k)
+  got = losses.topk_divergence(logits, jnp.asarray(ids), jnp.asarray(logprobs, jnp.float32), kind, 0.4)
+  close(got, ref_topk_divergence(ref_logits, ids, logprobs, kind, 0.4))
+
+
+@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+def test_topk_with_k_equal_v_is_the_exact_loss(divergence):
+  _, logits, raw, batch = _opd_batch(8)
+  ids, logprobs = ref_topk(raw["teacher_logits"], 5)
+  topk_batch = {k: v for k, v in batch.items() if k != "teacher_logits"}
+  topk_batch.update(teacher_topk_ids=jnp.asarray(ids), teacher_topk_logprobs=jnp.asarray(logprobs, jnp.float32))
+  fn = lambda bt: loss_and_grad(estimator="full", divergence=divergence)(logits, bt)
+  ((loss, _), grad), ((loss_k, _), grad_k) = fn(batch), fn(topk_batch)
+  close(loss_k, float(loss), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_k, grad, rtol=1e-4, atol=1e-6)
+
+
 def test_first_position_is_zero_and_bf16_logits_are_upcast():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.bfloat16)
@@ -388,6 +439,7 @@ def test_metrics_match_reference():
   close(metrics["confidence_mean"], c[nonempty].mean())
   w_bt = ref_turn_weights(ref_intervention(labels, 0.5), c, lengths)
   w_tok = np.array([[w_bt[i, tt - 1] if tt > 0 else 0.0 for tt in row] for i, row in enumerate(turn_ids)])
+  close(losses.token_weights(batch), w_tok)  # The weights the trainer logs are the loss's.
   close(metrics["weight_mean"], w_tok.sum() / (turn_ids > 0).sum())
   trained = w_tok > 0
   kl = ref_divergence(ref_logits, raw["teacher_logits"], "reverse_kl")
@@ -656,6 +708,10 @@ def test_bad_options_and_batches_raise_value_errors_naming_them():
     losses.sage_opd_loss(logits, {k: v for k, v in batch.items() if k != "labels"}, num_turns=3)
   with pytest.raises(ValueError, match="behaviour_logprobs"):
     losses.sage_opd_loss(logits, dict(batch, behaviour_logprobs=batch["behaviour_logprobs"][:, 1:]))
+  with pytest.raises(ValueError, match="teacher_topk_ids"):
+    losses.sage_opd_loss(logits, {k: v for k, v in batch.items() if k != "teacher_logits"}, estimator="full")
+  with pytest.raises(ValueError, match="alhpa"):
+    losses.loss_totals(batch, alhpa=0.3)
   with pytest.raises(ValueError, match="beta"):
     losses.jsd(logits, logits, 1.0)
   with pytest.raises(ValueError, match="turn_ids"):
