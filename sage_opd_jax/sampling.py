@@ -271,11 +271,16 @@ def sampling_logits(logits_BxV: jax.Array, config: SamplingConfig,
 def _choose(logits_BxV: jax.Array, key: jax.Array, config: SamplingConfig
             ) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row from the sampling logits; returns (token_B, logprob_B)."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   if config.greedy:
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   else:
-    token_B = jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
-  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    # Inverse-CDF sampling: one uniform per row instead of V Gumbel draws (the RNG would cost
+    # more than the rest of the step on CPU). u lies in (0, 1], so the chosen token is the
+    # first whose CDF reaches u * total > 0: never a zero-probability one.
+    cdf_BxV = jnp.cumsum(jnp.exp(logp_BxV), axis=-1)
+    u_Bx1 = 1.0 - jax.random.uniform(key, (logits_BxV.shape[0], 1), jnp.float32)
+    token_B = jnp.sum(cdf_BxV < u_Bx1 * cdf_BxV[:, -1:], axis=-1).astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 

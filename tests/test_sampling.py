@@ -295,6 +295,28 @@ def test_finished_episodes_release_rows_and_compact(model):
     episodes.generate([[1], None, None, None], jax.random.key(2), config)
 
 
+def test_sharded_params_sample_the_same_tokens(model):
+  """Params over a (data, fsdp, tensor) = (2, 2, 2) mesh of the 8 fake devices, batch split."""
+  from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top
+
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = sharding.shard_model(_tiny_model(), mesh)
+  assert not sharded.layers.q_proj[...].sharding.is_fully_replicated
+  config = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0)
+  plain = sampling.EpisodeCache(model, len(PROMPTS), min_len=32)
+  split = sampling.EpisodeCache(sharded, len(PROMPTS), min_len=32, min_batch=4,
+                                batch_sharding=sharding.batch_sharding(mesh))
+  contexts = [list(p) for p in PROMPTS]
+  for turn in range(2):
+    want = plain.generate(contexts, jax.random.key(turn), config)
+    got = split.generate(contexts, jax.random.key(turn), config)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=5e-5)
+    contexts = [c + want.tokens[e, :want.lengths[e]].tolist() + [9, 10]
+                for e, c in enumerate(contexts)]
+
+
 def test_bucketing_bounds_the_number_of_compiles(model):
   config = sampling.SamplingConfig(max_new_tokens=2, temperature=0.0, eos_ids=(0,))
   lengths = range(1, 41, 3)
