@@ -40,7 +40,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.stage = "distill"  # collect_demos | sft | distill | evaluate | export.
+  config.stage = "distill"  # pipeline | collect_demos | sft | distill | evaluate | export.
   config.method = "sage_opd"  # A row of METHOD.md section 4 (sage_opd_jax.config.METHODS).
   config.seed = 0  # Seeds the train-state rng and the task order.
 
@@ -56,6 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.env.step_timeout_s = 60.0  # A worker call slower than this is killed and fails the episode.
 
   config.tokenizer_dir = ""  # HF tokenizer directory shared by student and teacher.
+
+  config.demos = ml_collections.ConfigDict()
+  config.demos.split = "train"  # Split the collect_demos stage plays with the expert.
+  config.demos.limit = 0  # Games to play (the split's seeded order); 0 means all.
+  config.demos.judge_states = 2  # States per won episode that yield judge examples.
+  config.demos.game_timeout_s = 120.0  # A game (and its judge replays) slower than this is killed.
+
+  config.sft = ml_collections.ConfigDict()
+  config.sft.demos_dir = ""  # A collect_demos output folder (demos.jsonl, judge.jsonl).
+  config.sft.max_demos = 0  # Train on at most this many demonstrations; 0 means all.
+  config.sft.judge_examples = False  # Also train on judge examples (a teacher that acts and judges).
 
   config.student = ml_collections.ConfigDict()
   config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.
@@ -110,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_ckpts = 2  # Checkpoints kept.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_episodes = 16  # Episodes per split per eval (a fixed subset of the split).
+  config.eval.num_episodes = 16  # Episodes per split per eval (a fixed subset of the split); 0: no eval.
   config.eval.temperatures = (0.0,)  # 0.0 is greedy; METHOD.md also uses 0.4.
   config.eval.num_seeds = 1  # Sampling seeds per temperature above 0.
   config.eval.num_transcripts = 3  # Transcripts written per eval, with judge labels and weights.

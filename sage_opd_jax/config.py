@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-STAGES = ("collect_demos", "sft", "distill", "evaluate", "export")
+STAGES = ("pipeline", "collect_demos", "sft", "distill", "evaluate", "export")
 METHODS = (
     "sft",
     "opd",
@@ -97,6 +97,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive(config, key)
   _positive(config, "env.history_turns", allow_zero=True)
 
+  _one_of(config, "demos.split", SPLITS[env])
+  _positive(config, "demos.limit", allow_zero=True)
+  _positive(config, "demos.judge_states", allow_zero=True)
+  _positive(config, "demos.game_timeout_s")
+  _positive(config, "sft.max_demos", allow_zero=True)
+  if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
+    raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
+
   _validate_model(config, "student")
   _validate_model(config, "teacher")
   if not _get(config, "student.hf_dir") and not _get(config, "teacher.hf_dir"):
@@ -154,12 +162,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if batch % micro:
     raise ConfigError(f"config.train.batch_episodes={batch} is not divisible by config.train.micro_batches={micro}.")
 
-  _positive(config, "eval.num_episodes")
+  _positive(config, "eval.num_episodes", allow_zero=True)
   _positive(config, "eval.num_seeds")
   _positive(config, "eval.num_transcripts", allow_zero=True)
   for t in _get(config, "eval.temperatures"):
     if t < 0:
       raise ConfigError(f"config.eval.temperatures contains {t!r}: temperatures must be >= 0 (0 is greedy).")
+
+  if "pipeline" in config:
+    for key in ("teacher_steps", "student_steps", "student_demos", "distill_steps", "heldout_games",
+                "sft_learning_rate"):
+      _positive(config, f"pipeline.{key}")
+    for method in _get(config, "pipeline.methods"):
+      if method not in METHODS:
+        raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {METHODS}.")
+    _one_of(config, "pipeline.heldout_split", SPLITS[env])
+  elif _get(config, "stage") == "pipeline":
+    raise ConfigError("config.stage='pipeline' needs a config.pipeline section (see configs/alfworld_cpu.py).")
 
   sizes = {axis: _get(config, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
   if sum(size == -1 for size in sizes.values()) > 1:

@@ -3,7 +3,8 @@ r"""The command line: one config, one workdir, one stage.
   python -m sage_opd_jax.main --config=configs/alfworld_cpu.py:sage_opd \
       --config.train.num_steps=100 --workdir=workdirs/sage_opd
 
-`config.stage` picks what runs: collect_demos | sft | distill | evaluate | export.
+`config.stage` picks what runs: pipeline (every stage below, resumable) | collect_demos |
+sft | distill | evaluate | export.
 The config is validated (`sage_opd_jax.config.validate`) before anything is built or
 compiled; a workdir that already holds checkpoints resumes from the latest one.
 """
@@ -43,10 +44,14 @@ def run(config, workdir: str) -> None:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   stage = config.stage
-  if stage == "collect_demos":
-    from sage_opd_jax.envs import demos
+  if stage == "pipeline":
+    from sage_opd_jax import pipeline
 
-    demos.run_stage(config, workdir)
+    pipeline.run(config, workdir)
+  elif stage == "collect_demos":
+    from sage_opd_jax import pipeline
+
+    pipeline.collect_stage(config, workdir)
   elif stage in ("sft", "distill"):
     from sage_opd_jax import train
 

@@ -150,6 +150,7 @@ class TurnState:
   admissible: tuple[str, ...]
   response: str  # The student's y_t.
   action: str | None  # Parsed from it.
+  context: tuple[int, ...] = ()  # The token ids y_t was sampled from (a replacement continues them).
 
 
 Intervene = Callable[[Sequence[TurnState]], Mapping[int, "str | Sequence[int]"]]
@@ -632,7 +633,8 @@ class RolloutEngine:
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
                               action=prompts.parse_action(text), truncated=truncated[e])
         if intervene is not None:
-          self._apply_intervention(intervene, episodes, new_turns)
+          self._apply_intervention(intervene, episodes, new_turns,
+                                   {e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})
         for e in live:
           turn = new_turns[e]
           previous = episodes[e].turns[-1] if episodes[e].turns else None
@@ -652,11 +654,11 @@ class RolloutEngine:
     return batch
 
   def _apply_intervention(self, intervene: Intervene, episodes: Sequence[Episode],
-                          new_turns: dict[int, Turn]) -> None:
+                          new_turns: dict[int, Turn], contexts: Mapping[int, Sequence[int]]) -> None:
     states = [TurnState(episode=e, turn=len(episodes[e].turns) + 1, task=episodes[e].task,
                         task_text=episodes[e].task_text, history=tuple(episodes[e].turns),
                         observation=turn.observation, admissible=tuple(turn.admissible),
-                        response=turn.response, action=turn.action)
+                        response=turn.response, action=turn.action, context=tuple(contexts[e]))
               for e, turn in sorted(new_turns.items())]
     for e, replacement in dict(intervene(states)).items():
       if e not in new_turns:

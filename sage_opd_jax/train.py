@@ -10,18 +10,36 @@ those sums are global over devices too without any explicit collective.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from typing import Any, Callable, Mapping
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+import tqdm
 
+from sage_opd_jax import checkpoints
+from sage_opd_jax import config as config_lib
+from sage_opd_jax import evaluation
+from sage_opd_jax import judge as judge_lib
 from sage_opd_jax import losses
 from sage_opd_jax import models
+from sage_opd_jax import prompts
+from sage_opd_jax import rollout as rollout_lib
+from sage_opd_jax import sampling
+from sage_opd_jax import sft_data
+from sage_opd_jax import teacher as teacher_lib
+from sage_opd_jax import writers
+from sage_opd_jax.envs import base
+from sage_opd_jax.envs import demos as demos_lib
 from sage_opd_jax.models import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -171,15 +189,23 @@ def jit_update(
 
 
 def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The ("data", "fsdp", "tensor") Mesh over every device; a -1 axis takes what is left."""
+  """The ("data", "fsdp", "tensor") Mesh; a -1 axis takes every device the others leave.
+
+  Without a -1 axis the mesh is exactly the sizes given, over the first devices (a warning
+  says so when that leaves devices idle).
+  """
   sizes = {axis: int(mesh_config[axis]) for axis in sharding.MESH_AXES}
   known = math.prod(size for size in sizes.values() if size != -1)
+  devices = jax.devices()
+  if known > len(devices) or (-1 in sizes.values() and len(devices) % known):
+    raise config_lib.ConfigError(f"config.mesh={sizes} does not fit the {len(devices)} devices.")
   for axis, size in sizes.items():
     if size == -1:
-      if jax.device_count() % known:
-        raise ValueError(f"config.mesh={sizes}: {jax.device_count()} devices do not divide by {known}.")
-      sizes[axis] = jax.device_count() // known
-  return sharding.make_mesh(sizes)
+      sizes[axis] = len(devices) // known
+  used = math.prod(sizes.values())
+  if used < len(devices):
+    logging.warning("config.mesh=%s uses %d of %d devices.", sizes, used, len(devices))
+  return sharding.make_mesh(sizes, devices[:used])
 
 
 def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int) -> nnx.Module:
@@ -189,7 +215,8 @@ def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed
   return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
 
 
-def make_loss_fns(method: str, loss_config: ml_collections.ConfigDict, num_turns: int) -> tuple[LossFn, TotalsFn]:
+def make_loss_fns(method: str, loss_config: ml_collections.ConfigDict, num_turns: int | None
+                  ) -> tuple[LossFn, TotalsFn]:
   """The (loss_fn, totals_fn) pair of `make_update_fn` for one METHOD.md method."""
   options = dict(loss_config.to_dict(), method=method, num_turns=num_turns)
 
@@ -201,3 +228,447 @@ def make_loss_fns(method: str, loss_config: ml_collections.ConfigDict, num_turns
     return losses.loss_totals(batch, **options)
 
   return loss_fn, totals_fn
+
+
+def _place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """Puts every leaf of the state on the mesh; returns it with its sharding pytree.
+
+  Params (and the Adam moments built from them) already carry their NamedShardings;
+  counters and the rng are replicated.
+  """
+  replicated = sharding.replicated(mesh)
+
+  def leaf_sharding(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+  shardings = jax.tree.map(leaf_sharding, state)
+  return jax.device_put(state, shardings), shardings
+
+
+# Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
+_TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
+               "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
+_TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
+
+
+class SftSource:
+  """Off-policy batches from expert demonstrations (and judge examples), METHOD.md's `sft`.
+
+  Row order is a fresh permutation per epoch, seeded by (seed, epoch), so the batch of any
+  step is a pure function of the step: resuming needs no data cursor beyond it.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any):
+    demos_dir = pathlib.Path(config.sft.demos_dir)
+    if not (demos_dir / demos_lib.DEMOS).exists():
+      raise FileNotFoundError(
+          f"config.sft.demos_dir={str(demos_dir)!r} has no {demos_lib.DEMOS}; run the collect_demos stage first."
+      )
+    demonstrations = [
+        sft_data.Demonstration(task_text=r["task"], observations=r["observations"], actions=r["actions"],
+                               admissible_actions=r["admissible_actions"])
+        for r in demos_lib.read_jsonl(demos_dir / demos_lib.DEMOS)
+    ]
+    if config.sft.max_demos:
+      demonstrations = demonstrations[: config.sft.max_demos]
+    judge_examples = []
+    if config.sft.judge_examples:
+      judge_examples = [
+          sft_data.JudgeExample(task_text=ex.task, history=ex.history, observation=ex.observation,
+                                action=ex.action or "", feedback=ex.feedback,
+                                admissible_actions=ex.admissible_actions,
+                                label=prompts.LABEL_NAMES.index(ex.label))
+          for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)
+      ]
+    data = sft_data.build_sft_data(
+        tokenizer, demonstrations, judge_examples, config.train.max_seq_len,
+        history_turns=config.judge.history_turns, seed=config.seed,
+    )
+    self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
+    self.num_rows = len(self.arrays["tokens"])
+    self.batch_size = config.train.batch_episodes
+    self.seed = config.seed
+    if self.num_rows < self.batch_size:
+      raise ValueError(
+          f"{self.num_rows} SFT samples from {demos_dir} are fewer than config.train.batch_episodes="
+          f"{self.batch_size}."
+      )
+    self.info = {"sft/samples": self.num_rows, "sft/demos": len(demonstrations),
+                 "sft/judge_examples": len(judge_examples), "sft/truncated": data.num_truncated,
+                 "sft/dropped": data.num_dropped}
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    per_epoch = self.num_rows // self.batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+    rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+    return {k: v[rows] for k, v in self.arrays.items()}
+
+
+class DistillSource:
+  """On-policy batches: student rollouts, teacher scores and (SAGE variants) judge labels.
+
+  The student's tasks come from the train split in a per-epoch permutation seeded like
+  `SftSource`; every random draw of step `s` uses `fold_in(key(seed), s)`, so a resumed
+  run replays exactly the batches an uninterrupted one would have seen.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, teacher: nnx.Module,
+               engine: rollout_lib.RolloutEngine, tasks: Sequence[base.Task]):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.teacher = teacher
+    self.engine = engine
+    self.tasks = list(tasks)
+    self.batch_size = config.train.batch_episodes
+    if len(self.tasks) < self.batch_size:
+      raise ValueError(f"{len(self.tasks)} train tasks are fewer than config.train.batch_episodes={self.batch_size}.")
+    self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
+    self.uses_labels = config.method in ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm")
+
+  def tasks_for(self, step: int) -> list[base.Task]:
+    per_epoch = len(self.tasks) // self.batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.tasks))
+    return [self.tasks[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]]
+
+  def batch(self, step: int, student: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, float], Any]:
+    """-> (loss arrays, host metrics, the rollout batch, for transcripts)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+    rollout_key, judge_key, intervene_key = jax.random.split(key, 3)
+    tasks = self.tasks_for(step)
+    seq_len = self.config.train.max_seq_len
+    timer = _Timer()
+    metrics: dict[str, float] = {}
+    with timer("rollout"):
+      batch = self.engine.run(student, tasks, rollout_key, seq_len=seq_len)
+    metrics.update(rollout_metrics([batch], prefix="rollout/"))
+    if self.config.method == "opd_two_rollout":
+      # METHOD.md section 4: a second rollout of the same tasks in which the teacher
+      # replaces every turn it judges Strong, before the env steps; both train with OPD.
+      with timer("rollout_intervened"):
+        second = self.engine.run(student, tasks, jax.random.fold_in(rollout_key, 1), seq_len=seq_len,
+                                 intervene=self.intervention_hook(intervene_key))
+      metrics["rollout/intervened_frac"] = float(second.intervened.sum() / max(second.num_turns.sum(), 1))
+      batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
+                                         self.engine.sampling_config.pad_id, seq_len=seq_len)
+    arrays = batch.arrays()
+    with timer("teacher"):
+      scores = teacher_lib.score_batch(self.teacher, arrays["tokens"], arrays["attention_mask"],
+                                       chunk_size=self.config.teacher.score_chunk)
+      arrays.update(jax.device_get(scores))
+    if self.uses_labels:
+      with timer("judge"):
+        judged = judge_lib.judge_batch(
+            batch.episodes, arrays["valid"].shape[1], self.judge_config, teacher=self.teacher,
+            tokenizer=self.tokenizer, rng=judge_key, tokens_BxS=arrays["tokens"], turn_ids_BxS=arrays["turn_ids"],
+            teacher_logprobs_BxS=arrays["teacher_logprobs"],
+        )
+      arrays["labels"] = judged.labels
+      metrics.update(judge_lib.judge_metrics(judged, batch.episodes, self.judge_config.mode))
+    metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
+    return arrays, metrics, batch
+
+  def intervention_hook(self, key: jax.Array) -> rollout_lib.Intervene:
+    """The `opd_two_rollout` hook: Strong turns get the teacher's own response.
+
+    The env has not answered yet when the hook runs, so the judge sees the turn without
+    feedback: an unparseable or inadmissible action is Strong by rule (E5), and the rest
+    go to the prompted judge with the feedback marked as not yet known.
+    """
+    calls = iter(range(1 << 30))
+
+    def hook(states: Sequence[rollout_lib.TurnState]) -> dict[int, list[int]]:
+      call_key = jax.random.fold_in(key, next(calls))
+      strong = [s for s in states if s.action is None or s.action not in s.admissible]
+      asked = [s for s in states if s not in strong]
+      if asked and self.judge_config.mode == "prompt":
+        texts = [
+            prompts.render_judge_prompt(
+                self.tokenizer, s.task_text, [(t.observation, t.action) for t in s.history], s.observation,
+                s.response, "(not executed yet)", list(s.admissible), self.judge_config.history_turns)
+            for s in asked
+        ]
+        answers = judge_lib.ask_teacher(self.teacher, self.tokenizer, texts, jax.random.fold_in(call_key, 0),
+                                        max_new_tokens=self.judge_config.max_new_tokens,
+                                        batch_size=self.judge_config.batch_size)
+        strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == prompts.STRONG]
+      if not strong:
+        return {}
+      out = sampling.sample(self.teacher, [list(s.context) for s in strong], jax.random.fold_in(call_key, 1),
+                            sampling_config(self.config, self.tokenizer, self.config.sampling.temperature))
+      return {s.episode: out.tokens[i, : out.lengths[i]].tolist() for i, s in enumerate(strong)}
+
+    return hook
+
+
+class _Timer:
+  """Accumulates wall seconds per named phase: `with timer("rollout"): ...`."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any) -> rollout_lib.RolloutEngine:
+  """The rollout engine (and its env worker pool) of a run; close it at the end."""
+  settings = rollout_lib.RolloutConfig(
+      max_turns=config.env.max_turns,
+      history_turns=config.env.history_turns,
+      constrained=config.sampling.constrained,
+      # An episode whose transcript would outgrow the update's static length ends there.
+      max_context_tokens=config.train.max_seq_len,
+  )
+  return rollout_lib.RolloutEngine(
+      tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),
+      env_name=config.env.name, env_kwargs=env_kwargs(config), num_workers=config.env.num_workers,
+      timeout_s=config.env.step_timeout_s,
+  )
+
+
+def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperature: float) -> sampling.SamplingConfig:
+  return rollout_lib.default_sampling_config(
+      tokenizer, config.sampling.max_new_tokens, temperature=temperature,
+      top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+  )
+
+
+def rollout_metrics(batches: Sequence[Any], prefix: str) -> dict[str, float]:
+  """METHOD.md section 6 metrics over the episodes of one or more rollout batches."""
+  width = max(b.valid.shape[1] for b in batches)
+
+  def cat(key, pad_turns=False):
+    parts = [np.asarray(getattr(b, key)) for b in batches]
+    if pad_turns:
+      parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
+    return np.concatenate(parts)
+
+  return evaluation.episode_metrics(
+      won_B=cat("won"), num_turns_B=cat("num_turns"), valid_BxT=cat("valid", True),
+      repeated_BxT=cat("repeated", True), task_types=[e.task.task_type for b in batches for e in b.episodes],
+      prefix=prefix,
+  )
+
+
+def eval_tasks(env: base.Env, config: ml_collections.ConfigDict) -> dict[str, list[base.Task]]:
+  """The fixed evaluation subset: the first `eval.num_episodes` tasks of each split's seeded order."""
+  return {split: list(env.tasks(split))[: config.eval.num_episodes] for split in config.env.eval_splits}
+
+
+def evaluate(config, model, tokenizer, engine, tasks_by_split, *, step: int, workdir: pathlib.Path,
+             writer: writers.MetricWriter) -> dict[str, float]:
+  """Success, turns, invalid and repeated rates per split and temperature; writes transcripts."""
+  metrics: dict[str, float] = {}
+  for split, tasks in tasks_by_split.items():
+    for temperature in config.eval.temperatures:
+      seeds = range(config.eval.num_seeds) if temperature > 0 else range(1)
+      runs = []
+      for seed in seeds:
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1_000_003), seed)
+        tag = f"eval/{split}/t{temperature:g}"
+        batches = [
+            engine.run(model, tasks[i : i + config.train.batch_episodes], jax.random.fold_in(key, i),
+                       sampling_config=sampling_config(config, tokenizer, temperature))
+            for i in range(0, len(tasks), config.train.batch_episodes)
+        ]
+        runs.append(rollout_metrics(batches, prefix=""))
+        if seed == 0 and config.eval.num_transcripts:
+          transcripts = [transcript(e) for b in batches for e in b.episodes][: config.eval.num_transcripts]
+          writers.write_transcripts(workdir / "transcripts" / f"step{step}_{split}_t{temperature:g}.jsonl", transcripts)
+      for k, (mean, std) in evaluation.mean_and_std(runs).items():
+        metrics[f"{tag}/{k}"] = mean
+        if len(runs) > 1:
+          metrics[f"{tag}/{k}_std"] = std
+  writer.write(step, metrics)
+  return metrics
+
+
+def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Constructor arguments of the configured environment."""
+  kwargs: dict[str, Any] = {"max_turns": config.env.max_turns, "seed": config.seed}
+  if config.env.name == "alfworld":
+    kwargs.update(data_dir=config.env.data_dir or None, task_types=list(config.env.task_types) or None)
+  return kwargs
+
+
+def _host_state(config: ml_collections.ConfigDict, step: int, batch_size: int) -> dict[str, Any]:
+  # The task cursor is derivable from the step; it is saved so the checkpoint says where
+  # the data stood without re-deriving it, and checked on resume.
+  return {"step": step, "task_cursor": step * batch_size, "config": config.to_dict()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """The `sft` and `distill` stages: resume, loop, evaluate, checkpoint, export at the end."""
+  workdir = pathlib.Path(workdir)
+  stage = config.stage
+  method = "sft" if stage == "sft" else config.method
+  mesh = mesh_from_config(config.mesh)
+  if not config.tokenizer_dir:
+    raise config_lib.ConfigError(f"config.tokenizer_dir is empty: the {stage} stage needs the shared tokenizer.")
+  tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  student = load_model(config.student, mesh, config.seed)
+  _check_vocab(student, tokenizer, "config.student")
+  graphdef = nnx.graphdef(student)
+  num_steps, batch_size = config.train.num_steps, config.train.batch_episodes
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise config_lib.ConfigError(
+        f"config.train.batch_episodes={batch_size} must divide over the mesh's data x fsdp = {shards} shards.")
+  schedule = learning_rate_schedule(config.optim, num_steps)
+  tx = make_optimizer(config.optim, num_steps)
+  state, state_sharding = _place_state(init_train_state(student, tx, config.seed), mesh)
+  del student  # The state owns the params now; the update donates them.
+
+  checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=config.train.ckpt_every,
+                                          keep=config.train.keep_ckpts)
+  restored = checkpointer.restore(checkpoints.abstract_like(state))
+  if restored is not None:
+    state, host = restored
+    if host["task_cursor"] != int(state.step) * batch_size:
+      raise ValueError(f"Checkpoint in {workdir} has task_cursor={host['task_cursor']} at step {int(state.step)}: "
+                       f"it was written with another config.train.batch_episodes.")
+    logging.info("Resuming %s from step %d.", workdir, int(state.step))
+
+  # SFT trains every response token of a demonstration, however many turns it has.
+  loss_fn, totals_fn = make_loss_fns(method, config.loss, None if stage == "sft" else config.env.max_turns)
+  update = jit_update(
+      make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches, schedule=schedule),
+      state_sharding, sharding.batch_sharding(mesh),
+  )
+  writer = writers.MetricWriter(workdir)
+  engine = None
+  try:
+    if stage == "distill" or config.eval.num_episodes:
+      engine = make_rollout_engine(config, tokenizer)
+      env = base.make(config.env.name, **env_kwargs(config))
+      train_tasks, tasks_by_split = env.tasks(config.env.train_split), eval_tasks(env, config)
+      env.close()
+    if stage == "sft":
+      source = SftSource(config, tokenizer)
+      writer.write(int(state.step), source.info)
+    else:
+      teacher = load_model(config.teacher, mesh, config.seed + 1)
+      _check_vocab(teacher, tokenizer, "config.teacher")
+      source = DistillSource(config, tokenizer, teacher, engine, train_tasks)
+
+    metrics: dict[str, float] = {}
+    start = int(state.step)
+    for step in tqdm.trange(start, num_steps, initial=start, total=num_steps, desc=f"{stage} {method}"):
+      timer = _Timer()
+      with timer("data"):
+        if stage == "sft":
+          arrays, host_metrics, rollout = source.batch(step), {}, None
+        else:
+          arrays, host_metrics, rollout = source.batch(step, nnx.merge(graphdef, state.params))
+      with timer("update"):
+        state, train_metrics = update(state, {k: arrays[k] for k in _loss_keys(arrays)})
+        train_metrics = jax.device_get(train_metrics)
+      metrics = {f"train/{k}": v for k, v in train_metrics.items()}
+      metrics.update(host_metrics)
+      metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
+      if (step + 1) % config.train.log_every == 0 or step + 1 == num_steps:
+        writer.write(step + 1, metrics)
+      checkpointer.save(step + 1, state, _host_state(config, step + 1, batch_size), force=step + 1 == num_steps)
+      if config.eval.num_episodes and ((step + 1) % config.train.eval_every == 0 or step + 1 == num_steps):
+        metrics.update(evaluate(config, nnx.merge(graphdef, state.params), tokenizer, engine, tasks_by_split,
+                                step=step + 1, workdir=workdir, writer=writer))
+        if rollout is not None and config.eval.num_transcripts:
+          writers.write_transcripts(workdir / "transcripts" / f"step{step + 1}_train.jsonl",
+                                    train_transcripts(rollout, arrays, config))
+    checkpointer.wait()
+    models.save_hf_checkpoint(nnx.merge(graphdef, state.params), workdir / "hf")
+    return metrics
+  finally:
+    checkpointer.close()
+    writer.close()
+    if engine is not None:
+      engine.close()
+
+
+def _loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+  """The batch keys the update consumes: token- and turn-level arrays only."""
+  return [k for k in arrays if k in _TOKEN_KEYS or k in _TURN_KEYS]
+
+
+def _check_vocab(model: nnx.Module, tokenizer: Any, key: str) -> None:
+  if len(tokenizer) > model.config.vocab_size:
+    raise ValueError(f"{key}: the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                     f"{len(tokenizer)} tokens (config.tokenizer_dir).")
+
+
+def transcript(episode: Any, labels_T: np.ndarray | None = None, weights_T: np.ndarray | None = None) -> dict:
+  """One episode as a readable record: per turn the observation, response, action, feedback,
+  validity and, when given, the judge label and the turn weight w_t."""
+  turns = []
+  for t, turn in enumerate(episode.turns):
+    row = {"turn": t + 1, "observation": turn.observation, "response": turn.response, "action": turn.action,
+           "feedback": turn.feedback, "valid": turn.valid, "repeated": turn.repeated}
+    if labels_T is not None:
+      row["label"] = prompts.LABEL_NAMES[int(labels_T[t])]
+    if weights_T is not None:
+      row["weight"] = float(weights_T[t])
+    turns.append(row)
+  return {"task_id": episode.task.task_id, "task_type": episode.task.task_type, "task": episode.task_text,
+          "won": episode.won, "error": episode.error, "turns": turns}
+
+
+def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml_collections.ConfigDict) -> list[dict]:
+  """The first `eval.num_transcripts` training episodes with their labels and turn weights w_t."""
+  num_turns = arrays["valid"].shape[1]
+  options = dict(config.loss.to_dict(), method=config.method, num_turns=num_turns)
+  batch = {k: jnp.asarray(arrays[k]) for k in _loss_keys(arrays)}
+  weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, **options), batch["turn_ids"], num_turns))
+  labels = arrays.get("labels")
+  return [
+      transcript(e, None if labels is None else labels[b], weights_BxT[b])
+      for b, e in enumerate(rollout.episodes[: config.eval.num_transcripts])
+  ]
+
+
+def evaluate_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """The `evaluate` stage: the student of `config.student` on the eval splits."""
+  workdir = pathlib.Path(workdir)
+  mesh = mesh_from_config(config.mesh)
+  if not config.tokenizer_dir:
+    raise config_lib.ConfigError("config.tokenizer_dir is empty: the evaluate stage needs the shared tokenizer.")
+  tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  student = load_model(config.student, mesh, config.seed)
+  _check_vocab(student, tokenizer, "config.student")
+  env = base.make(config.env.name, **env_kwargs(config))
+  tasks_by_split = eval_tasks(env, config)
+  env.close()
+  writer = writers.MetricWriter(workdir)
+  try:
+    with make_rollout_engine(config, tokenizer) as engine:
+      return evaluate(config, student, tokenizer, engine, tasks_by_split, step=0, workdir=workdir, writer=writer)
+  finally:
+    writer.close()
+
+
+def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+  """The `export` stage: the latest checkpoint of `workdir` as a Hugging Face directory."""
+  workdir = pathlib.Path(workdir)
+  mesh = mesh_from_config(config.mesh)
+  student = load_model(config.student, mesh, config.seed)
+  graphdef = nnx.graphdef(student)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  state, _ = _place_state(init_train_state(student, tx, config.seed), mesh)
+  checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=1, keep=config.train.keep_ckpts)
+  try:
+    restored = checkpointer.restore(checkpoints.abstract_like(state))
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'} to export.")
+  out = workdir / "hf"
+  models.save_hf_checkpoint(nnx.merge(graphdef, restored[0].params), out)
+  logging.info("Exported step %d to %s.", int(restored[0].step), out)
+  return out

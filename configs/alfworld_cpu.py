@@ -1,0 +1,66 @@
+"""The CPU mini-reproduction on ALFWorld: tiny teacher and student trained here, every method.
+
+Whole pipeline (tokenizer, demos, teacher, student warm start, methods x seeds, results):
+
+  python -m sage_opd_jax.main --config=configs/alfworld_cpu.py --workdir=workdirs/alfworld_cpu
+
+One method on its own, from the pipeline's teacher and student (e.g. an ablation):
+
+  python -m sage_opd_jax.main --config=configs/alfworld_cpu.py:sage_opd_no_norm \\
+      --config.stage=distill --workdir=workdirs/alfworld_cpu/runs/sage_opd_no_norm/seed0 \\
+      --config.tokenizer_dir=workdirs/alfworld_cpu/tokenizer \\
+      --config.teacher.hf_dir=workdirs/alfworld_cpu/teacher/hf \\
+      --config.student.hf_dir=workdirs/alfworld_cpu/student_sft/hf
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.stage = "pipeline"
+  config.method = method
+  config.env.task_types = ("pick_and_place_simple", "look_at_obj_in_light")  # Where a tiny teacher succeeds.
+  config.env.max_turns = 30
+  config.env.history_turns = 2
+  config.env.num_workers = 2
+
+  config.student.model = base.tiny_model(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                                         num_kv_heads=2, head_dim=32, max_position_embeddings=1024)
+  config.teacher.model = base.tiny_model(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                                         num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
+
+  config.demos.limit = 0  # Every train game of the chosen task types.
+  config.train.batch_episodes = 8
+  config.train.max_seq_len = 1024
+  config.train.eval_every = 10
+  config.train.ckpt_every = 5
+  config.optim.learning_rate = 1e-4
+  config.eval.num_episodes = 32
+  config.eval.temperatures = (0.0,)
+
+  config.pipeline = pipeline_config(
+      teacher_steps=3000, student_steps=200, student_demos=100, distill_steps=40,
+      methods=("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
+               "sage_opd_no_norm"),
+      seeds=(0, 1, 2), heldout_games=20,
+  )
+  return config
+
+
+def pipeline_config(**values) -> ml_collections.ConfigDict:
+  """The budgets of `sage_opd_jax.pipeline` (shared with the quickstart)."""
+  p = ml_collections.ConfigDict()
+  p.teacher_steps = 3000  # SFT updates of the teacher on demos and judge examples.
+  p.student_steps = 200  # SFT updates of the student's warm start.
+  p.student_demos = 100  # Demonstrations in the student's warm-start slice.
+  p.sft_learning_rate = 1e-3  # Peak learning rate of both SFT stages.
+  p.distill_steps = 40  # Updates of every method and seed, from the same student.
+  p.methods = ("sft", "opd", "sage_opd")  # Rows of METHOD.md section 4 to run.
+  p.seeds = (0, 1, 2)  # Seeds per method.
+  p.heldout_split = "valid_seen"  # Split whose judge examples measure the judge's accuracy.
+  p.heldout_games = 20  # Games of that split collected for it.
+  p.update(values)
+  return p

@@ -1,0 +1,57 @@
+"""Paper scale on ALFWorld: a Qwen3-8B teacher distilled into a Qwen3 student on TPU or GPU.
+
+  # Single host (e.g. 8 GPUs or a v5e-8): one process, FSDP over every local device.
+  python -m sage_opd_jax.main --config=configs/alfworld_paper.py:sage_opd,0.6b \\
+      --config.teacher.hf_dir=/ckpt/Qwen3-8B --config.student.hf_dir=/ckpt/Qwen3-0.6B \\
+      --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/alfworld_sage_opd_0.6b
+
+  # Multi-host pod: the same command on every host; `jax.distributed.initialize()` joins
+  # them (the launcher sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or SLURM does).
+  ... --config.mesh.data=-1 --config.mesh.fsdp=8
+
+The argument is `<method>,<student size>`: a row of METHOD.md section 4 and one of 0.6b, 1.7b,
+4b. Weights come from local Hugging Face directories (`huggingface-cli download Qwen/Qwen3-8B
+--local-dir /ckpt/Qwen3-8B`); teacher and student share Qwen3's tokenizer. See
+docs/reproducing.md for memory and which parts have been run versus shape-checked.
+"""
+
+import ml_collections
+
+from configs import base
+
+# Qwen3 student sizes: the hf_dir must hold the matching checkpoint.
+STUDENT_SIZES = ("0.6b", "1.7b", "4b")
+
+
+def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
+  method, size = arg.split(",")
+  if size not in STUDENT_SIZES:
+    raise ValueError(f"alfworld_paper: student size {size!r} must be one of {STUDENT_SIZES}.")
+  config = base.get_config()
+  config.stage = "distill"
+  config.method = method
+  config.env.max_turns = 50  # METHOD.md section 7, paper scale.
+  config.env.history_turns = 3
+  config.env.num_workers = 16
+  config.teacher.hf_dir = ""  # Required: a local Qwen3-8B directory.
+  config.student.hf_dir = ""  # Required: a local Qwen3-{size} directory.
+  config.teacher.score_chunk = 512  # [B, 512, 151936] float32 logits at a time, not [B, S, V].
+  config.sampling.temperature = 1.0
+  config.sampling.max_new_tokens = 512  # Room for <think> before <action>.
+  config.optim.learning_rate = 1e-6
+  config.optim.warmup_steps = 10
+  config.optim.grad_clip = 1.0
+  config.optim.weight_decay = 0.0
+  config.train.num_steps = 200
+  config.train.batch_episodes = 64  # 64 episodes x group 1.
+  config.train.micro_batches = 8
+  config.train.max_seq_len = 4096  # Max 4k tokens per episode.
+  config.train.eval_every = 20
+  config.train.ckpt_every = 10
+  config.eval.num_episodes = 134  # All of valid_unseen (and 134 of valid_seen's 140).
+  config.eval.temperatures = (0.0, 0.4)
+  config.eval.num_seeds = 3
+  config.mesh.data = 1
+  config.mesh.fsdp = -1  # Every device: params, grads and Adam moments sharded (ZeRO-3).
+  config.mesh.tensor = 1
+  return config

@@ -1,0 +1,120 @@
+"""The whole CPU pipeline of the paper's comparison, one resumable stage after another.
+
+  1. tokenizer      a word-level tokenizer over every ALFWorld game's names (all splits);
+  2. demos          imitable-expert demonstrations and judge examples (train, and a
+                    held-out valid_seen slice for the judge's accuracy);
+  3. teacher        SFT of the teacher on acting and judging, then its own evaluation;
+  4. student_sft    a short SFT warm start of the student on a small slice of the demos;
+  5. runs           from that same student, each method x seed for the same updates;
+  6. results        a markdown table, a CSV and plots of what the runs measured.
+
+Every stage writes into its own folder under the workdir and is skipped when its output is
+complete, so an interrupted pipeline resumes where it stopped (a half-finished training
+stage resumes from its last checkpoint). `config.pipeline` sets the budgets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+
+from sage_opd_jax import config as config_lib
+from sage_opd_jax import results
+from sage_opd_jax import tokenization
+from sage_opd_jax import train
+from sage_opd_jax.envs import alfworld
+from sage_opd_jax.envs import demos as demos_lib
+
+
+def _derive(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-key `changes` applied, validated."""
+  derived = copy.deepcopy(config)
+  derived.unlock()
+  for key, value in changes.items():
+    node = derived
+    *parents, leaf = key.split("__")
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise config_lib.ConfigError(f"pipeline: config.{'.'.join(parents + [leaf])} does not exist.")
+    node[leaf] = value
+  derived.lock()
+  return config_lib.validate(derived)
+
+
+def _done(run_dir: pathlib.Path) -> bool:
+  return (run_dir / "hf" / "config.json").exists()
+
+
+def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """The `collect_demos` stage: `config.demos` games of the expert into `workdir`."""
+  return _collect(config, pathlib.Path(workdir), config.demos.split, config.demos.limit)
+
+
+def _collect(config, out_dir: pathlib.Path, split: str, limit: int) -> dict[str, Any]:
+  result = demos_lib.collect(
+      out_dir, split, train.env_kwargs(config), env_name=config.env.name, num_workers=config.env.num_workers,
+      game_timeout_s=config.demos.game_timeout_s, limit=limit or None, judge_states=config.demos.judge_states,
+      seed=config.seed,
+  )
+  return result.manifest
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+  """Runs (or resumes) every stage; returns the results folder."""
+  root = pathlib.Path(workdir)
+  p = config.pipeline
+  start = time.time()
+  data_dir = alfworld.resolve_data_dir(config.env.data_dir or None)  # A clear error when missing.
+
+  logging.info("[1/6] tokenizer")
+  tokenizer_dir = tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
+  vocab_size = results.padded_vocab_size(tokenizer_dir)
+  base = _derive(config, tokenizer_dir=tokenizer_dir, env__data_dir=str(data_dir),
+                 student__model__vocab_size=vocab_size, teacher__model__vocab_size=vocab_size)
+
+  logging.info("[2/6] demonstrations")
+  train_demos = root / "demos" / base.demos.split
+  _collect(base, train_demos, base.demos.split, base.demos.limit)
+  heldout_demos = root / "demos" / p.heldout_split
+  _collect(base, heldout_demos, p.heldout_split, p.heldout_games)
+
+  logging.info("[3/6] teacher SFT (acting and judging)")
+  teacher_dir = root / "teacher"
+  if not _done(teacher_dir):
+    train.train(_derive(base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
+                        sft__judge_examples=True, train__num_steps=p.teacher_steps,
+                        optim__learning_rate=p.sft_learning_rate), teacher_dir)
+  teacher_eval = root / "teacher_eval"
+  if not (teacher_eval / "metrics.jsonl").exists():
+    teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
+    train.evaluate_stage(teacher_cfg, teacher_eval)
+    results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval)
+
+  logging.info("[4/6] student warm start")
+  student_dir = root / "student_sft"
+  if not _done(student_dir):
+    train.train(_derive(base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
+                        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate), student_dir)
+
+  logging.info("[5/6] methods x seeds")
+  for method in p.methods:
+    for seed in p.seeds:
+      run_dir = root / "runs" / method / f"seed{seed}"
+      if _done(run_dir):
+        continue
+      changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=str(student_dir / "hf"),
+                     teacher__hf_dir=str(teacher_dir / "hf"), train__num_steps=p.distill_steps)
+      if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
+        changes.update(stage="sft", sft__demos_dir=str(train_demos), student__hf_dir=str(student_dir / "hf"))
+      train.train(_derive(base, **changes), run_dir)
+
+  logging.info("[6/6] results")
+  out = results.write_results(root, base, wall_s=time.time() - start)
+  logging.info("Results in %s", out)
+  return out
