@@ -420,7 +420,8 @@ def judge_metrics(
   - `asked_frac` (turns sent to the judge mode) and `num_prompts` (teacher calls);
   - agreement with the env expert's oracle labels where the turns have them: `oracle_accuracy`
     over the judged (valid) turns, the judge's own accuracy, and `oracle_accuracy_all` over
-    every turn with an oracle label (invalid turns agree by rule), with their counts;
+    every turn with an oracle label (invalid turns agree by rule); both only when some judged
+    turn has an expert action, with `oracle_count` the judged turns that do;
   - `confidence_<label>`: the mean turn confidence c_t by label, when `confidence_BxT` is given;
   - `oracle_mode`: 1 when the labels ARE the oracle (analysis only), else 0.
   """
@@ -437,10 +438,11 @@ def judge_metrics(
   oracle, known = oracle_labels(episodes, num_turns)
   judged_known = known & result.asked
   metrics["judge/oracle_count"] = float(judged_known.sum())
+  # Without any expert action only the invalid turns have oracle labels, and those agree by
+  # rule: no accuracy is reported then, rather than a vacuous 1.0.
   if judged_known.any():
     metrics["judge/oracle_accuracy"] = float(np.mean(labels[judged_known] == oracle[judged_known]))
-  all_known = known & real
-  if all_known.any():
+    all_known = known & real
     metrics["judge/oracle_accuracy_all"] = float(np.mean(labels[all_known] == oracle[all_known]))
 
   if confidence_BxT is not None:

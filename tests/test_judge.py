@@ -286,6 +286,12 @@ def test_config_and_missing_inputs_are_errors(tokenizer):
   episodes = _episodes(tokenizer, expert=False)
   with pytest.raises(ValueError, match="expert_action"):
     judge.judge_batch(episodes, NUM_TURNS, judge.JudgeConfig(mode="oracle"))
+  # Without expert actions there is no oracle accuracy to report (invalid turns agree by rule).
+  labels = np.where(VALID, WEAK, STRONG)
+  result = judge.JudgeResult(labels=labels, asked=VALID, answers=[[None] * 3, [None] * 3])
+  metrics = judge.judge_metrics(result, episodes, "prompt")
+  assert metrics["judge/oracle_count"] == 0.0 and "judge/oracle_accuracy" not in metrics
+  assert "judge/oracle_accuracy_all" not in metrics
   with pytest.raises(ValueError, match="teacher"):
     judge.judge_batch(episodes, NUM_TURNS, judge.JudgeConfig(mode="prompt"))
   with pytest.raises(ValueError, match="teacher_logprobs"):
