@@ -229,11 +229,20 @@ def _summary(games: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   counts = {s: sum(g["status"] == s for g in games) for s in STATUSES}
   won = [g for g in games if g["status"] == "won"]
   played = counts["won"] + counts["lost"]
+  timed = [g for g in games if g.get("cpu_seconds") is not None]
+
+  def mean(key: str) -> float | None:
+    return sum(g[key] for g in timed) / len(timed) if timed else None
+
   return dict(
       games_done=len(games),
       **{f"games_{s}": n for s, n in counts.items()},
       success_rate=counts["won"] / played if played else None,
       mean_turns_won=sum(g["turns"] for g in won) / len(won) if won else None,
+      # Per played game, in its worker: wall time, CPU time, and the judge's share of it.
+      mean_seconds=mean("seconds"),
+      mean_cpu_seconds=mean("cpu_seconds"),
+      mean_judge_seconds=mean("judge_seconds"),
   )
 
 
@@ -362,6 +371,7 @@ def collect(
       last_run=dict(new_games=new_games, seconds=seconds, games_per_s=new_games / seconds if seconds else None,
                     num_workers=num_workers, respawns=respawns,
                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+      judge_examples=len(_read_jsonl(out / JUDGE)),
       files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
   )
   tmp = manifest_path.with_suffix(".tmp")
