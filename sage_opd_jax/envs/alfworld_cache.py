@@ -48,7 +48,7 @@ import textworld.logic
 
 # Bump when the pickled layout or the key recipe changes.
 _FORMAT_VERSION = 2
-# The SAS text compresses ~10x at a millisecond's cost: ~70 KB per game instead of ~800 KB.
+# The SAS text compresses ~8x at a millisecond's cost: ~110 KB per game instead of ~800 KB.
 _ZLIB_LEVEL = 3
 # The reset right after a load grounds the same problem again; keeping the last few
 # entries' bytes in memory serves those without touching the disk.
