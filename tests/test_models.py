@@ -9,22 +9,34 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sage_opd_jax.models import KVCache, ModelConfig, Transformer, create_model, init_cache
+from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
 
 
-def _model(arch="qwen3", **overrides):
+def _model(arch="qwen3", seed=0, **overrides):
+  """A tiny model with host-drawn random weights (no init compile; norms and biases random too,
+  so that a dropped norm or bias cannot go unnoticed)."""
   fields = dict(TINY, arch=arch, qk_norm=arch == "qwen3", qkv_bias=arch == "qwen2",
                 tie_embeddings=arch != "llama")
   fields.update(overrides)
-  model = create_model(ModelConfig(**fields), seed=0)
-  if fields["qkv_bias"]:  # zero-initialised biases would hide a bias bug: randomise them
-    for name in ("q_bias", "k_bias", "v_bias"):
-      param = getattr(model.layers, name)
-      param[...] = 0.3 * jax.random.normal(jax.random.key(7), param.shape, param.dtype)
-  return model
+  config = ModelConfig(**fields)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, variable):
+    name = jax.tree_util.keystr(path)
+    shape = variable.get_value().shape
+    if "norm" in name:
+      value = 1.0 + 0.2 * rng.standard_normal(shape)
+    else:
+      value = (0.3 if "bias" in name else 0.1) * rng.standard_normal(shape)
+    return variable.replace(value=jnp.asarray(value, config.param_dtype))
+
+  state = jax.tree_util.tree_map_with_path(draw, abstract,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -187,3 +199,34 @@ def test_init_cache_shape():
   assert isinstance(cache, KVCache)
   assert cache.k.shape == (2, 3, 20, 2, 8) and cache.v.shape == cache.k.shape
   assert cache.lengths.dtype == jnp.int32 and not cache.lengths.any()
+
+
+# Public Qwen3 config.json values (Qwen/Qwen3-0.6B and Qwen/Qwen3-8B).
+QWEN3_0_6B = dict(arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                  num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                  rms_norm_eps=1e-6, qk_norm=True, qkv_bias=False, tie_embeddings=True,
+                  max_position_embeddings=40960, param_dtype="bfloat16", dtype="bfloat16")
+QWEN3_8B = dict(QWEN3_0_6B, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                num_heads=32, num_kv_heads=8, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("fields,total_b,non_embedding_b", [
+    (QWEN3_0_6B, 0.6, 0.44), (QWEN3_8B, 8.2, 6.95)])
+def test_real_size_parameter_count(fields, total_b, non_embedding_b):
+  """eval_shape (no allocation) of the real configs against a closed form and the model cards."""
+  config = ModelConfig(**fields)
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  count = sum(int(np.prod(leaf.shape)) for leaf in leaves)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+  V, D, F, L = (fields["vocab_size"], fields["hidden_size"], fields["intermediate_size"],
+                fields["num_layers"])
+  N, K, H = fields["num_heads"], fields["num_kv_heads"], fields["head_dim"]
+  per_layer = (D * N * H + 2 * D * K * H + N * H * D  # q, k, v, o
+               + 3 * D * F                            # gate, up, down
+               + 2 * D + 2 * H)                       # two RMSNorms, q/k norms
+  embeddings = V * D * (1 if fields["tie_embeddings"] else 2)
+  assert count == embeddings + L * per_layer + D
+  # The model cards' rounded figures ("0.6B, non-embedding 0.44B"; "8.2B, 6.95B").
+  assert round(count / 1e9, 1) == total_b
+  assert round((count - embeddings) / 1e9, 2) == non_embedding_b

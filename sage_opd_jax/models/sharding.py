@@ -13,11 +13,13 @@ a silent replication.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -124,19 +126,26 @@ def abstract_model(config: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: ModelConfig, mesh: Mesh | None) -> Callable[[jax.Array], Any]:
+  """The compiled initialiser of a (config, mesh) pair, reused across seeds."""
+  _, abstract_state = nnx.split(abstract_model(config))
+
+  def init(seed):
+    return nnx.split(Transformer(config, rngs=nnx.Rngs(jax.random.key(seed))))[1]
+
+  out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+  return jax.jit(init, out_shardings=out_shardings)
+
+
 def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
   """A randomly initialised model, its params created directly in their shardings.
 
   Initialisation runs as one jitted computation (eager NNX init would compile every
   parameter's initialiser separately); without a mesh the params land on the default device.
   """
-  graphdef, abstract_state = nnx.split(abstract_model(config))
-
-  def init():
-    return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
-
-  out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
-  state = jax.jit(init, out_shardings=out_shardings)()
+  graphdef, _ = nnx.split(abstract_model(config))
+  state = _jitted_init(config, mesh)(jnp.asarray(seed, jnp.uint32))
   return nnx.merge(graphdef, state)
 
 
