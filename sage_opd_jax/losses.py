@@ -761,7 +761,8 @@ def sage_opd_loss(
   else:
     divergence_BxS = _full_divergence(student_logits, batch, divergence, jsd_beta)
     loss_BxS = w_BxS * divergence_BxS
-  loss_BxS = jnp.where(mask_BxS, loss_BxS, 0.0)
+  # Untrained tokens (w = 0) add exactly 0, even where a divergence is inf (-inf teacher logits).
+  loss_BxS = jnp.where(trained_BxS, loss_BxS, 0.0)
 
   # Aggregation, with global denominators.
   if global_num_tokens is not None:
