@@ -71,14 +71,15 @@ class JudgeConfig:
     history_turns: past (observation, action) pairs shown in the judge prompt.
     max_new_tokens: tokens the teacher may answer with (`prompt` mode).
     likelihood_thresholds: (skip_above, weak_above) mean action log-probs (`likelihood` mode).
-    batch_size: judge prompts per sampler call; bounds the judge's KV-cache memory.
+    batch_size: the most judge prompts per sampler call, a cap on the judge's KV-cache memory
+      at scale; None sends every prompt of the batch in one call.
   """
 
   mode: str = "prompt"
   history_turns: int = 2
   max_new_tokens: int = 4
   likelihood_thresholds: tuple[float, float] = (-0.5, -2.0)
-  batch_size: int = 64
+  batch_size: int | None = None
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -87,7 +88,7 @@ class JudgeConfig:
       raise ValueError(f"JudgeConfig.history_turns={self.history_turns}: must be >= 0.")
     if self.max_new_tokens < 1:
       raise ValueError(f"JudgeConfig.max_new_tokens={self.max_new_tokens}: must be >= 1.")
-    if self.batch_size < 1:
+    if self.batch_size is not None and self.batch_size < 1:
       raise ValueError(f"JudgeConfig.batch_size={self.batch_size}: must be >= 1.")
     skip_above, weak_above = self.likelihood_thresholds
     if not skip_above > weak_above:
@@ -97,7 +98,7 @@ class JudgeConfig:
     object.__setattr__(self, "likelihood_thresholds", (float(skip_above), float(weak_above)))
 
   @classmethod
-  def from_config(cls, judge: Mapping[str, Any], batch_size: int = 64) -> "JudgeConfig":
+  def from_config(cls, judge: Mapping[str, Any], batch_size: int | None = None) -> "JudgeConfig":
     """From the run config's `judge` section (`config.judge`)."""
     return cls(
         mode=judge["mode"],
@@ -234,7 +235,7 @@ def ask_teacher(
     rng: jax.Array,
     *,
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
   """The teacher's greedy answers to `prompt_texts` (decoded, special tokens dropped).
@@ -242,16 +243,19 @@ def ask_teacher(
   `sampler_kwargs` go to `sampling.sample`'s cache (e.g. `batch_sharding` and `min_batch` for
   a teacher on a Mesh).
   """
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"ask_teacher: batch_size={batch_size}: must be >= 1 (or None for one call).")
   if not prompt_texts:
     return []
   config = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=_stop_ids(tokenizer),
       pad_id=_pad_id(tokenizer))
   answers: list[str] = []
-  for start in range(0, len(prompt_texts), batch_size):
+  step = batch_size or len(prompt_texts)
+  for start in range(0, len(prompt_texts), step):
     # `sampling.sample` buckets the batch (powers of two) and the prompt length, so the
     # remainder call compiles at most a handful of extra shapes.
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompt_texts[start:start + batch_size]]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompt_texts[start:start + step]]
     out = sampling.sample(teacher, ids, jax.random.fold_in(rng, start), config, **(sampler_kwargs or {}))
     for row in range(len(ids)):
       answers.append(tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True))
@@ -464,7 +468,7 @@ def judge_accuracy(
     *,
     history_turns: int,
     max_new_tokens: int = 4,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
   """The prompted judge's accuracy against labelled judge examples (e.g. of held-out games).
