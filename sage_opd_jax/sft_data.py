@@ -182,14 +182,16 @@ def judge_segments(
   return [(judge_prompt(layout.tokenizer, example, history_turns), False), (answer, True)]
 
 
-def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:
-  """The longest prefix of whole turns that fits `seq_len` (ends right after a response)."""
-  if len(ids) <= seq_len:
+def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int,
+               max_turns: int | None = None) -> tuple[list[int], list[int]]:
+  """The longest prefix of whole turns, at most `max_turns` of them, that fits `seq_len`."""
+  limit = max(turn_ids, default=0) if max_turns is None else max_turns
+  if len(ids) <= seq_len and max(turn_ids, default=0) <= limit:
     return ids, turn_ids
   cut = 0
   for s in range(min(len(ids), seq_len)):
     # A response token followed by a non-response token (or the end) closes a turn.
-    if turn_ids[s] > 0 and (s + 1 == len(ids) or turn_ids[s + 1] != turn_ids[s]):
+    if 0 < turn_ids[s] <= limit and (s + 1 == len(ids) or turn_ids[s + 1] != turn_ids[s]):
       cut = s + 1
   return ids[:cut], turn_ids[:cut]
 
@@ -218,7 +220,8 @@ class SftData:
   Attributes:
     arrays: `tokens`, `attention_mask`, `turn_ids` (int32 [N, S]), `num_turns` (int32 [N], the
       highest turn id of the row) and `is_judge` (bool [N]).
-    num_truncated: acting episodes cut to their first whole turns to fit `seq_len`.
+    num_truncated: acting episodes cut to their first whole turns to fit `seq_len` or
+      `max_turns`.
     num_dropped: samples dropped because not even one turn (or the judge question) fits.
   """
 
@@ -235,6 +238,7 @@ def build_sft_data(
     *,
     history_turns: int = 2,
     show_admissible: bool = True,
+    max_turns: int | None = None,
     seed: int | None = 0,
 ) -> SftData:
   """Acting and judge samples for one model, shuffled together.
@@ -247,6 +251,8 @@ def build_sft_data(
     seq_len: S, the padded length; longer acting episodes keep their first whole turns.
     history_turns: the judge prompt's history window (config.judge.history_turns).
     show_admissible: list the admissible actions with each observation (as the rollout does).
+    max_turns: keep at most this many turns of an acting episode (the env's turn limit, so that
+      no turn id exceeds the loss's `num_turns`); None keeps them all.
     seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
   """
   if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
@@ -257,7 +263,7 @@ def build_sft_data(
   truncated = dropped = 0
   for demo in demonstrations:
     ids, tids = tokenize_segments(tokenizer, acting_segments(layout, demo, show_admissible))
-    fitted, fitted_tids = _fit_turns(ids, tids, seq_len)
+    fitted, fitted_tids = _fit_turns(ids, tids, seq_len, max_turns)
     if not any(fitted_tids):
       dropped += 1
       continue

@@ -82,6 +82,11 @@ def test_long_episodes_keep_their_first_whole_turns(tokenizer):
   assert cut.arrays["num_turns"].tolist() == [2]
   np.testing.assert_array_equal(cut.arrays["tokens"][0, :end_of_turn_2], full.arrays["tokens"][0, :end_of_turn_2])
   assert cut.arrays["attention_mask"][0].sum() == end_of_turn_2
+  # A turn limit cuts the same way: turn ids never exceed it.
+  limited = sft_data.build_sft_data(tokenizer, [DEMO], [], seq_len=400, max_turns=2, seed=None)
+  assert limited.num_truncated == 1 and limited.arrays["turn_ids"].max() == 2
+  assert limited.arrays["attention_mask"][0].sum() == end_of_turn_2
+  np.testing.assert_array_equal(limited.arrays["tokens"][0, :end_of_turn_2], full.arrays["tokens"][0, :end_of_turn_2])
   # Too short for even the first turn, or for the judge question: dropped and counted.
   tiny = sft_data.build_sft_data(tokenizer, [DEMO], [JUDGE], seq_len=20, seed=None)
   assert tiny.num_dropped == 2 and tiny.arrays["tokens"].shape == (0, 20)
