@@ -14,8 +14,9 @@ import torch
 import transformers
 from flax import nnx
 
-from sage_opd_jax.models import (ModelConfig, batch_sharding, create_model, load_hf_checkpoint,
-                                 load_tokenizer, make_mesh, save_hf_checkpoint)
+from sage_opd_jax.models import (ModelConfig, Transformer, batch_sharding, create_model,
+                                 load_hf_checkpoint, load_tokenizer, make_mesh,
+                                 save_hf_checkpoint)
 
 VOCAB = 300
 # (arch, transformers config class, tied embeddings)
@@ -283,6 +284,14 @@ def test_error_tied_checkpoint_with_different_lm_head(hf_dirs, tmp_path):
   _rewrite_tensors(ckpt, lambda t: {**t, "lm_head.weight": np.zeros((VOCAB, 64), np.float32)})
   with pytest.raises(ValueError, match="lm_head.weight"):
     load_hf_checkpoint(ckpt)
+
+
+def test_error_saving_config_hf_cannot_express(tmp_path):
+  config = ModelConfig(arch="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                       num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="qk_norm"):
+    save_hf_checkpoint(model, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -302,6 +302,12 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
   c = config
   if c.arch == "qwen2" and c.head_dim * c.num_heads != c.hidden_size:
     raise ValueError(f"qwen2 cannot express head_dim={c.head_dim} != hidden_size/num_heads")
+  # transformers fixes these per architecture; a mismatched config would load with missing
+  # or ignored tensors.
+  if c.qk_norm != (c.arch == "qwen3"):
+    raise ValueError(f"HF {c.arch} cannot express qk_norm={c.qk_norm}")
+  if c.qkv_bias != (c.arch == "qwen2"):
+    raise ValueError(f"HF {c.arch} cannot express qkv_bias={c.qkv_bias}")
   fields = dict(
       model_type=c.arch,
       architectures=[_HF_ARCHITECTURES[c.arch]],
@@ -318,7 +324,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
       rope_theta=c.rope_theta,
       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
       tie_word_embeddings=c.tie_embeddings,
-      attention_bias=c.qkv_bias if c.arch != "qwen2" else True,
+      attention_bias=False,
       torch_dtype=c.param_dtype,
       dtype=c.param_dtype,
   )
