@@ -326,3 +326,26 @@ def test_load_tokenizer_with_chat_template(tmp_path):
   assert load_tokenizer(tmp_path / "plain", require_chat_template=False).eos_token == "<eos>"
   with pytest.raises(ValueError, match="nowhere"):
     load_tokenizer(tmp_path / "nowhere")
+
+
+def test_from_hf_reads_a_published_qwen3_config_json(tmp_path):
+  """The Qwen/Qwen3-0.6B config.json as published (transformers 4.51 layout: top-level
+  rope_theta, rope_scaling null), read through transformers 5."""
+  published = {
+      "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+      "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+      "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+      "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+      "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+      "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+      "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+      "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+      "vocab_size": 151936}
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(published, f)
+  config = ModelConfig.from_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+  assert config == ModelConfig(
+      arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+      num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+      qk_norm=True, qkv_bias=False, tie_embeddings=True, max_position_embeddings=40960,
+      param_dtype="bfloat16", dtype="bfloat16")
