@@ -86,6 +86,30 @@ def test_pick_two_needs_the_put_wording_fix(fixture_env, monkeypatch):
   assert "move apple 1 to countertop 1" in episode.actions  # It did deliver the first one.
 
 
+def test_expert_shadows_another_agents_episode_and_takes_over(fixture_env):
+  """The expert tracks what the env played, so it can name the next action after anyone's."""
+  task = next(t for t in _fixture_tasks(fixture_env) if t.task_type == "pick_two_obj_and_place")
+  observation, info = fixture_env.reset(task)
+  expert = alfworld_expert.ImitableExpert(task, seed=0)
+  suggestion = expert.first_action(observation, info)
+  # Another agent: a detour, an invalid command, then one apple to the right place.
+  other = ["go to cabinet 1", "take unicorn 1 from cabinet 1", "go to diningtable 1",
+           "take apple 1 from diningtable 1", "go to countertop 1", "put apple 1 in/on countertop 1"]
+  for action in other:
+    result = fixture_env.step(action)
+    suggestion = expert.next_action(result)
+  assert result.info.extra["command"] == "move apple 1 to countertop 1" and not result.done
+  observations = [result.observation]
+  for _ in range(20):  # The expert takes over and must finish: fetch the second apple.
+    result = fixture_env.step(suggestion)
+    observations.append(result.observation)
+    if result.done:
+      break
+    suggestion = expert.next_action(result)
+  assert result.info.won, observations
+  assert any("apple 2" in o for o in observations)
+
+
 def test_expert_is_reproducible_for_a_seed(fixture_env):
   task = _fixture_tasks(fixture_env)[1]
   first = alfworld_expert.run_episode(fixture_env, task, seed=3)

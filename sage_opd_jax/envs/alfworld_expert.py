@@ -108,6 +108,11 @@ class ImitableExpert:
 
   Feed it the env's answers: `first_action(observation, info)` after reset, then
   `next_action(result)` after each step. The env must be built with `facts=True`.
+
+  Its state tracking follows the command the env actually played
+  (`info.extra["command"]`), not the one it suggested, so it can also shadow another
+  agent's episode and name the expert's action at each of its states (oracle labels,
+  DAgger): step the env with any action, then ask `next_action(result)`.
   """
 
   def __init__(self, task: base.Task, max_steps: int = 150, seed: int = 0):
@@ -116,14 +121,17 @@ class ImitableExpert:
     self.policy = agent.get_task_policy(self.params)(self.params, max_steps=max_steps)
     self.rng = random.Random(seed)
     self.observed_text = ""
-    self.last_action = ""
+    self.last_played = ""  # The last command the env played; "" before any or after an invalid one.
 
   def first_action(self, observation: str, info: base.StepInfo) -> str:
     self.observed_text = observation
     return self._act(f"{_BANNER}\n\n{observation}", info)
 
   def next_action(self, result: base.StepResult) -> str:
+    if "command" not in result.info.extra:
+      raise ValueError("info.extra['command'] is missing: the expert follows AlfworldEnv's played command.")
     self.observed_text += "\n" + result.observation
+    self.last_played = result.info.extra["command"] or ""
     return self._act(result.observation, result.info)
 
   def _act(self, observation: str, info: base.StepInfo) -> str:
@@ -135,7 +143,7 @@ class ImitableExpert:
         "admissible_commands": info.admissible_actions,
         "won": info.won,
     }
-    last = self.last_action
+    last = self.last_played
     with _seeded_module_random(self.rng):
       action = self.policy.act(game_state, tracking_wording(last))
     # HandCodedAgent.act's rule: never repeat the last action, nor follow a "look" with
@@ -152,7 +160,6 @@ class ImitableExpert:
     missing = unobserved_entities(action, self.observed_text)
     if missing:
       raise ExpertError(f"Expert chose {action!r}, which names unobserved {missing}.")
-    self.last_action = action
     return action
 
 
