@@ -527,6 +527,7 @@ class EpisodeCache:
       num_episodes: int,
       *,
       min_len: int = 256,
+      min_chunk: int = 16,
       min_batch: int = 1,
       compact: bool = True,
       reuse: bool = True,
@@ -539,6 +540,8 @@ class EpisodeCache:
       model: the `models.Transformer` to sample from (its params are read, never changed).
       num_episodes: E, the episodes driven in lockstep.
       min_len: the smallest cache length bucket; the cache grows by buckets as contexts grow.
+      min_chunk: the smallest chunk-width bucket; a larger one trades padded prefill work for
+        fewer compiled shapes (a turn's observation and the first prompt share one width).
       min_batch: the smallest batch to compact to (the batch-sharding size under a Mesh).
       compact: gather live episodes into a smaller power-of-two batch when they fit one.
       reuse: False re-encodes every context from scratch (the no-reuse benchmark baseline).
@@ -552,6 +555,7 @@ class EpisodeCache:
     self._vocab = model.config.vocab_size
     self._cache_dtype = cache_dtype
     self._min_len = min_len
+    self._min_chunk = min_chunk
     self._min_batch = max(1, min_batch)
     self._compact = compact
     self._reuse = reuse
@@ -664,7 +668,7 @@ class EpisodeCache:
       chunks[row] = ctx[keep[row]:]
       active[row] = True
     chunk_lengths = np.asarray([len(c) for c in chunks], np.int32)
-    width = bucket_length(int(chunk_lengths.max()))
+    width = bucket_length(int(chunk_lengths.max()), self._min_chunk)
     chunk = np.full((batch, width), config.pad_id, np.int32)
     for row, toks in enumerate(chunks):
       chunk[row, : len(toks)] = toks
