@@ -170,11 +170,32 @@ def test_remat_gradients_equal_plain():
   graphdef, state = nnx.split(model)
   remat_graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: Transformer(model.config.replace(remat=True), rngs=nnx.Rngs(0))))
+  chunked_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(
+      model.config.replace(remat=True, attention_chunk=2), rngs=nnx.Rngs(0))))
   grad = jax.jit(jax.grad(lambda s, g: loss(nnx.merge(g, s))), static_argnums=1)
   plain = grad(state, graphdef)
-  remat = grad(state, remat_graphdef)
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  for other in (remat_graphdef, chunked_graphdef):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grad(state, other))):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_attention_chunk_matches_whole_sequence():
+  """Query blocks of 4 over S=10 (a padded last block), with and without a cache."""
+  model = _model("qwen2")
+  graphdef, state = nnx.split(model)
+  chunked, _ = nnx.split(nnx.eval_shape(lambda: Transformer(
+      model.config.replace(attention_chunk=4), rngs=nnx.Rngs(0))))
+  ids = _ids(9, (2, 10))
+  mask = jnp.array([[1] * 10, [1] * 7 + [0] * 3], jnp.int32)
+  np.testing.assert_allclose(_fwd(chunked, state, ids, None, mask),
+                             _fwd(graphdef, state, ids, None, mask), atol=1e-5, rtol=0)
+  cache = init_cache(model.config, 2, 16)
+  want, want_cache = _fwd_cache(graphdef, state, ids, mask, cache)
+  got, got_cache = _fwd_cache(chunked, state, ids, mask, cache)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match="attention_chunk"):
+    ModelConfig(attention_chunk=-1)
 
 
 def test_config_from_dict_and_errors():

@@ -47,6 +47,9 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
     dtype: compute dtype of activations and matmuls; logits are always returned in float32.
     remat: rematerialise each block in the backward pass (jax.checkpoint).
+    attention_chunk: if > 0, queries are processed in blocks of this many tokens, bounding
+      the attention score buffer to B x N x attention_chunk x T (long-sequence teacher
+      scoring and training); 0 processes the whole chunk at once.
   """
 
   arch: str = "qwen3"
@@ -66,6 +69,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_chunk: int = 0
 
   def __post_init__(self):
     if self.arch not in SUPPORTED_ARCHS:
@@ -76,6 +80,9 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name}: must be a positive int, got {value!r}")
+    if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
+      raise ValueError(f"ModelConfig.attention_chunk: must be an int >= 0, got "
+                       f"{self.attention_chunk!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")

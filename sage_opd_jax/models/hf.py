@@ -250,7 +250,7 @@ def _assemble(entry: _Entry, reader: _SafetensorsReader, num_layers: int,
 
 def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
                        mesh: Mesh | None = None, *, param_dtype: Any = None,
-                       remat: bool = False) -> Transformer:
+                       **overrides: Any) -> Transformer:
   """Loads a local HF Qwen3 / Qwen2 / Llama checkpoint into a Transformer.
 
   Args:
@@ -260,7 +260,8 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
     mesh: place each parameter straight into its sharding on this mesh (see sharding.py);
       None puts everything on the first device.
     param_dtype: parameter storage dtype, default `dtype`.
-    remat: ModelConfig.remat.
+    **overrides: further ModelConfig fields that the checkpoint does not fix, e.g.
+      `remat=True` or `attention_chunk=1024`.
 
   Raises:
     ValueError: the path is missing, the architecture unsupported, a tensor missing, extra
@@ -269,7 +270,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
   path = os.fspath(path)
   config = ModelConfig.from_hf(path, dtype=dtype,
                                param_dtype=dtype if param_dtype is None else param_dtype,
-                               remat=remat)
+                               **overrides)
   reader = _SafetensorsReader(_checkpoint_files(path))
   _check_tensors(reader, config, path)
 

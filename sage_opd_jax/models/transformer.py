@@ -65,6 +65,38 @@ def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Arra
   return out.astype(x_BxSxNxH.dtype)
 
 
+def _attend(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+            allowed_BxSxT: jax.Array) -> jax.Array:
+  """Masked softmax attention, scores and softmax in float32; returns [B, S, K, G, H]."""
+  scores_BxKxGxSxT = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, k_BxTxKxH,
+                                preferred_element_type=jnp.float32)
+  scores_BxKxGxSxT = jnp.where(allowed_BxSxT[:, None, None], scores_BxKxGxSxT, _MASK_VALUE)
+  probs_BxKxGxSxT = jax.nn.softmax(scores_BxKxGxSxT, axis=-1).astype(q_BxSxKxGxH.dtype)
+  return jnp.einsum("bkgst,btkh->bskgh", probs_BxKxGxSxT, v_BxTxKxH)
+
+
+def attention(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+              allowed_BxSxT: jax.Array, chunk: int = 0) -> jax.Array:
+  """GQA attention; with 0 < chunk < S, queries go in blocks of `chunk` under lax.map.
+
+  Blocking bounds the float32 score buffer to [B, K, G, chunk, T] instead of S x T, and
+  each block is rematerialised in the backward pass, so the saved residuals stay O(S).
+  The last block is padded with masked queries that are dropped afterwards.
+  """
+  B, S, K, G, H = q_BxSxKxGxH.shape
+  if chunk <= 0 or S <= chunk:
+    return _attend(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT)
+  n = -(-S // chunk)
+  pad = n * chunk - S
+  q = jnp.pad(q_BxSxKxGxH, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  allowed = jnp.pad(allowed_BxSxT, ((0, 0), (0, pad), (0, 0)))
+  q_nxBxCxKxGxH = q.reshape(B, n, chunk, K, G, H).swapaxes(0, 1)
+  allowed_nxBxCxT = allowed.reshape(B, n, chunk, -1).swapaxes(0, 1)
+  block = jax.checkpoint(lambda qa: _attend(qa[0], k_BxTxKxH, v_BxTxKxH, qa[1]))
+  out_nxBxCxKxGxH = jax.lax.map(block, (q_nxBxCxKxGxH, allowed_nxBxCxT))
+  return out_nxBxCxKxGxH.swapaxes(0, 1).reshape(B, n * chunk, K, G, H)[:, :S]
+
+
 class DecoderLayers(nnx.Module):
   """All L decoder blocks' parameters, stacked on a leading `layers` axis."""
 
@@ -126,11 +158,8 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   keys_BxTxKxH, values_BxTxKxH, aux = write_kv(k_BxSxKxH, v_BxSxKxH)
   # Query head n = k * G + g shares kv head k (HF's repeat_kv order).
   q_BxSxKxGxH = q_BxSxNxH.reshape(B, S, K, G, H) * jnp.asarray(H ** -0.5, dt)
-  scores_BxKxGxSxT = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, keys_BxTxKxH.astype(dt),
-                                preferred_element_type=jnp.float32)
-  scores_BxKxGxSxT = jnp.where(allowed_BxSxT[:, None, None], scores_BxKxGxSxT, _MASK_VALUE)
-  probs_BxKxGxSxT = jax.nn.softmax(scores_BxKxGxSxT, axis=-1).astype(dt)
-  attn_BxSxKxGxH = jnp.einsum("bkgst,btkh->bskgh", probs_BxKxGxSxT, values_BxTxKxH.astype(dt))
+  attn_BxSxKxGxH = attention(q_BxSxKxGxH, keys_BxTxKxH.astype(dt), values_BxTxKxH.astype(dt),
+                             allowed_BxSxT, c.attention_chunk)
   attn_BxSxNxH = attn_BxSxKxGxH.reshape(B, S, K * G, H)
   x_BxSxD = x_BxSxD + jnp.einsum("bsnh,nhd->bsd", attn_BxSxNxH, p["o_proj"].astype(dt))
 
