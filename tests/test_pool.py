@@ -160,6 +160,13 @@ def test_unpicklable_result_is_an_error_not_a_crash(pool):
   assert pool.respawns == 0
 
 
+def test_unpicklable_request_is_refused_and_the_slot_stays_free(pool):
+  with pytest.raises(Exception, match="pickle"):
+    pool.submit(0, "call", (lambda env: env, {}))
+  assert not pool.busy(0)
+  assert pool.reset(ScriptedEnv().tasks("train")[:1])[0].observation.startswith("start t0")
+
+
 def test_close_stops_every_worker():
   p = pool_lib.EnvPool("pool_test", {}, num_workers=2, imports=(_MODULE,))
   pids = [_pid(r.observation) for r in p.reset(ScriptedEnv().tasks("train")[:2])]

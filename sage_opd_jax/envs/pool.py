@@ -198,6 +198,9 @@ class EnvPool:
       state.conn.send((op, arg))
     except (BrokenPipeError, EOFError, OSError) as e:  # The worker died while idle.
       self._fail(slot, "crash", f"worker {slot} was dead before the {op!r} request: {e!r}")
+    except Exception:  # An unpicklable argument: nothing was sent, so the slot stays free.
+      state.op, state.deadline = None, None
+      raise
 
   def poll(self, wait_s: float | None = 0.0) -> list[tuple[int, Any]]:
     """Returns the (slot, result) pairs completed so far.
@@ -209,22 +212,16 @@ class EnvPool:
     end = None if wait_s is None else time.monotonic() + wait_s
     while True:
       self._reap()
-      if self._done or not self.pending():
-        done, self._done = self._done, []
-        return done
       now = time.monotonic()
-      deadlines = [s.deadline for s in self._slots if s.op is not None and s.deadline is not None]
-      until = min([d for d in deadlines] + ([end] if end is not None else []), default=None)
-      timeout = None if until is None else max(0.0, until - now)
-      if end is not None and now >= end:
+      if self._done or not self.pending() or (end is not None and now >= end):
         done, self._done = self._done, []
         return done
-      waitables = {}
-      for i, s in enumerate(self._slots):
-        if s.op is not None:
-          waitables[s.conn] = i
-          waitables[s.process.sentinel] = i
-      multiprocessing.connection.wait(list(waitables), timeout=timeout)
+      # Sleep until a reply, a worker's death, the nearest call deadline, or `end`.
+      wake = [s.deadline for s in self._slots if s.op is not None and s.deadline is not None]
+      wake += [end] if end is not None else []
+      timeout = max(0.0, min(wake) - now) if wake else None
+      waitables = [w for s in self._slots if s.op is not None for w in (s.conn, s.process.sentinel)]
+      multiprocessing.connection.wait(waitables, timeout=timeout)
 
   def gather(self) -> dict[int, Any]:
     """Waits for every request in flight; returns {slot: result}."""
