@@ -58,7 +58,7 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int) -> dict[str, Any]:
   result = demos_lib.collect(
-      out_dir, split, train.env_kwargs(config), env_name=config.env.name, num_workers=config.env.num_workers,
+      out_dir, split, dict(train.env_kwargs(config), facts=True), env_name=config.env.name, num_workers=config.env.num_workers,
       game_timeout_s=config.demos.game_timeout_s, limit=limit or None, judge_states=config.demos.judge_states,
       seed=config.seed,
   )

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sage_opd_jax import evaluation  # noqa: E402
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
 from sage_opd_jax import prompts  # noqa: E402
@@ -41,15 +40,10 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
   """The (SFT'd) teacher's judge accuracy on the judge examples of held-out games."""
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
   teacher = models.load_hf_checkpoint(config.student.hf_dir)
-  examples = [
-      judge_lib.JudgeExample(
-          prompt=prompts.judge_prompt_text(
-              ex.task, ex.history, ex.observation, sft_data.expert_response(ex.action or ""), ex.feedback,
-              ex.admissible_actions),
-          label=prompts.LABEL_NAMES.index(ex.label))
-      for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)
-  ]
+  examples = [sft_data.JudgeExample.from_demo(ex)
+              for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
+                                     history_turns=config.judge.history_turns,
                                      max_new_tokens=config.judge.max_new_tokens)
   writer = writers.MetricWriter(workdir)
   writer.write(0, metrics)

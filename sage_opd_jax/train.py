@@ -215,10 +215,15 @@ def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed
   return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
 
 
-def make_loss_fns(method: str, loss_config: ml_collections.ConfigDict, num_turns: int | None
-                  ) -> tuple[LossFn, TotalsFn]:
-  """The (loss_fn, totals_fn) pair of `make_update_fn` for one METHOD.md method."""
-  options = dict(loss_config.to_dict(), method=method, num_turns=num_turns)
+def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int | None) -> dict[str, Any]:
+  """`losses.sage_opd_loss` keyword options of a run: `config.loss` plus what it implies."""
+  teacher = config.teacher
+  vocab = models.ModelConfig.from_hf(teacher.hf_dir).vocab_size if teacher.hf_dir else teacher.model.vocab_size
+  return dict(config.loss.to_dict(), method=method, num_turns=num_turns, teacher_vocab_size=vocab)
+
+
+def make_loss_fns(options: Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
+  """The (loss_fn, totals_fn) pair of `make_update_fn` for `loss_options(...)`."""
 
   def loss_fn(model, micro, totals):
     logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
@@ -265,22 +270,13 @@ class SftSource:
       raise FileNotFoundError(
           f"config.sft.demos_dir={str(demos_dir)!r} has no {demos_lib.DEMOS}; run the collect_demos stage first."
       )
-    demonstrations = [
-        sft_data.Demonstration(task_text=r["task"], observations=r["observations"], actions=r["actions"],
-                               admissible_actions=r["admissible_actions"])
-        for r in demos_lib.read_jsonl(demos_dir / demos_lib.DEMOS)
-    ]
+    demonstrations = sft_data.read_demonstrations(demos_dir)
     if config.sft.max_demos:
       demonstrations = demonstrations[: config.sft.max_demos]
     judge_examples = []
     if config.sft.judge_examples:
-      judge_examples = [
-          sft_data.JudgeExample(task_text=ex.task, history=ex.history, observation=ex.observation,
-                                action=ex.action or "", feedback=ex.feedback,
-                                admissible_actions=ex.admissible_actions,
-                                label=prompts.LABEL_NAMES.index(ex.label))
-          for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)
-      ]
+      judge_examples = [sft_data.JudgeExample.from_demo(ex)
+                        for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
     data = sft_data.build_sft_data(
         tokenizer, demonstrations, judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, seed=config.seed,
@@ -315,11 +311,13 @@ class DistillSource:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, teacher: nnx.Module,
-               engine: rollout_lib.RolloutEngine, tasks: Sequence[base.Task]):
+               engine: rollout_lib.RolloutEngine, tasks: Sequence[base.Task],
+               batch_sharding: jax.sharding.Sharding):
     self.config = config
     self.tokenizer = tokenizer
     self.teacher = teacher
     self.engine = engine
+    self.batch_sharding = batch_sharding
     self.tasks = list(tasks)
     self.batch_size = config.train.batch_episodes
     if len(self.tasks) < self.batch_size:
@@ -355,8 +353,8 @@ class DistillSource:
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
     with timer("teacher"):
-      scores = teacher_lib.score_batch(self.teacher, arrays["tokens"], arrays["attention_mask"],
-                                       chunk_size=self.config.teacher.score_chunk)
+      tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
+      scores = teacher_lib.score_batch(self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk)
       arrays.update(jax.device_get(scores))
     if self.uses_labels:
       with timer("judge"):
@@ -366,7 +364,13 @@ class DistillSource:
             teacher_logprobs_BxS=arrays["teacher_logprobs"],
         )
       arrays["labels"] = judged.labels
-      metrics.update(judge_lib.judge_metrics(judged, batch.episodes, self.judge_config.mode))
+      num_turns = arrays["valid"].shape[1]
+      confidence_BxT = losses.turn_confidence(
+          arrays["teacher_top1"], arrays["teacher_entropy"], arrays["turn_ids"], num_turns,
+          "turn_mean_top1" if self.config.loss.confidence in ("token_top1", "none") else self.config.loss.confidence,
+          self.teacher.config.vocab_size)
+      metrics.update(judge_lib.judge_metrics(judged, batch.episodes, self.judge_config.mode,
+                                             confidence_BxT=np.asarray(confidence_BxT)))
     metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
     return arrays, metrics, batch
 
@@ -538,7 +542,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     logging.info("Resuming %s from step %d.", workdir, int(state.step))
 
   # SFT trains every response token of a demonstration, however many turns it has.
-  loss_fn, totals_fn = make_loss_fns(method, config.loss, None if stage == "sft" else config.env.max_turns)
+  loss_fn, totals_fn = make_loss_fns(loss_options(config, method, None if stage == "sft" else config.env.max_turns))
   update = jit_update(
       make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches, schedule=schedule),
       state_sharding, sharding.batch_sharding(mesh),
@@ -557,7 +561,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     else:
       teacher = load_model(config.teacher, mesh, config.seed + 1)
       _check_vocab(teacher, tokenizer, "config.teacher")
-      source = DistillSource(config, tokenizer, teacher, engine, train_tasks)
+      source = DistillSource(config, tokenizer, teacher, engine, train_tasks, sharding.batch_sharding(mesh))
 
     metrics: dict[str, float] = {}
     start = int(state.step)
@@ -623,7 +627,7 @@ def transcript(episode: Any, labels_T: np.ndarray | None = None, weights_T: np.n
 def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml_collections.ConfigDict) -> list[dict]:
   """The first `eval.num_transcripts` training episodes with their labels and turn weights w_t."""
   num_turns = arrays["valid"].shape[1]
-  options = dict(config.loss.to_dict(), method=config.method, num_turns=num_turns)
+  options = loss_options(config, config.method, num_turns)
   batch = {k: jnp.asarray(arrays[k]) for k in _loss_keys(arrays)}
   weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, **options), batch["turn_ids"], num_turns))
   labels = arrays.get("labels")
