@@ -14,9 +14,9 @@ import torch
 import transformers
 from flax import nnx
 
-from sage_opd_jax.models import (ModelConfig, Transformer, batch_sharding, create_model,
-                                 load_hf_checkpoint, load_tokenizer, make_mesh,
-                                 save_hf_checkpoint)
+from sage_opd_jax.models import (ModelConfig, Transformer, batch_sharding, cache_sharding,
+                                 create_model, init_cache, load_hf_checkpoint, load_tokenizer,
+                                 make_mesh, save_hf_checkpoint)
 
 VOCAB = 300
 # (arch, transformers config class, tied embeddings)
@@ -54,6 +54,11 @@ def _torch_logits(model, ids, mask=None) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=0)
 def _fwd(graphdef, state, ids, mask=None):
   return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fwd_cache(graphdef, state, ids, cache):
+  return nnx.merge(graphdef, state)(ids, cache=cache)
 
 
 def _logits(model, ids, mask=None) -> np.ndarray:
@@ -153,6 +158,17 @@ def test_sharded_forward_equals_unsharded(hf_dirs, axes, tmp_path):
   graphdef, state = nnx.split(sharded)
   got = _fwd(graphdef, state, jax.device_put(jnp.asarray(ids), batch_sharding(mesh)))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  # The cached path on a sharded cache: a prefill of 6 then a chunk of 4.
+  cache = jax.device_put(init_cache(sharded.config, 8, 12),
+                         cache_sharding(sharded.config, mesh))
+  assert cache.k.addressable_shards[0].data.shape == (2, 8 // (8 // axes["tensor"]), 12,
+                                                      2 // axes["tensor"], 16)
+  logits = []
+  for part in (ids[:, :6], ids[:, 6:]):
+    out, cache = _fwd_cache(graphdef, state, jax.device_put(jnp.asarray(part),
+                                                            batch_sharding(mesh)), cache)
+    logits.append(np.asarray(out))
+  np.testing.assert_allclose(np.concatenate(logits, 1), want, atol=1e-5, rtol=0)
   # Saving gathers the shards back into the original tensors.
   save_hf_checkpoint(sharded, tmp_path / "from_sharded")
   want_tensors = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sage_opd_jax.models.cache import KVCache
 from sage_opd_jax.models.config import ModelConfig
 from sage_opd_jax.models.transformer import Transformer
 
@@ -115,6 +116,19 @@ def state_shardings(state: Any, mesh: Mesh,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a [B, ...] batch array: B split over ("data", "fsdp")."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def cache_sharding(config: ModelConfig, mesh: Mesh) -> KVCache:
+  """A KVCache of NamedShardings: batch over ("data", "fsdp"), kv heads over "tensor".
+
+  Matches the parameter rules, so each device holds the keys of its own heads and rows.
+  """
+  if config.num_kv_heads % mesh.shape["tensor"]:
+    raise ValueError(f"cache_sharding: num_kv_heads={config.num_kv_heads} is not divisible by "
+                     f"mesh axis 'tensor' of size {mesh.shape['tensor']}")
+  kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, LOGICAL_RULES["kv_heads"],
+                                         None))
+  return KVCache(k=kv, v=kv, lengths=batch_sharding(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
