@@ -36,8 +36,6 @@ def replay_env_time(engine: rollout.RolloutEngine, batch: rollout.RolloutBatch) 
   """Wall seconds to reset and step the batch's episodes again, lockstep, without a model."""
   pool = engine.pool
   workers = pool.num_workers
-  num = len(batch.episodes)
-  env_kwargs = engine._env_kwargs  # pylint: disable=protected-access
   start = time.perf_counter()
   for t in range(-1, int(batch.num_turns.max())):
     per_worker: dict[int, list] = {}
@@ -48,9 +46,8 @@ def replay_env_time(engine: rollout.RolloutEngine, batch: rollout.RolloutBatch) 
       per_worker.setdefault(e % workers, []).append((e // workers, ("replay", e), op, arg))
     for w, requests in per_worker.items():
       pool.submit(w, "call", (multi_env.run_requests, dict(
-          env_name="alfworld", env_kwargs=env_kwargs, requests=requests)))
+          env_name=engine.env_name, env_kwargs=engine.env_kwargs, requests=requests)))
     pool.gather()
-  del num
   return time.perf_counter() - start
 
 

@@ -126,6 +126,7 @@ class Episode:
     prompt_tokens: P, the tokens of the first prompt (system, user(task + o_1), gen prompt).
     won: the episode was won.
     error: why the episode failed (env crash/timeout/exception, context budget), else None.
+    finished: no more turns will be played (set by the engine while it runs).
   """
 
   task: base.Task
@@ -453,6 +454,15 @@ class RolloutEngine:
     self.pool = pool_lib.EnvPool(env_name, self._env_kwargs, num_workers=num_workers,
                                  timeout_s=timeout_s, imports=imports)
 
+  @property
+  def env_name(self) -> str:
+    return self._env_name
+
+  @property
+  def env_kwargs(self) -> dict[str, Any]:
+    """The env constructor arguments every hosted env is built with (a copy)."""
+    return dict(self._env_kwargs)
+
   def close(self) -> None:
     self.pool.close()
 
@@ -633,8 +643,8 @@ class RolloutEngine:
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
                               action=prompts.parse_action(text), truncated=truncated[e])
         if intervene is not None:
-          self._apply_intervention(intervene, episodes, new_turns,
-                                   {e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})
+          self._apply_intervention(intervene, episodes, new_turns, {
+              e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})
         for e in live:
           turn = new_turns[e]
           previous = episodes[e].turns[-1] if episodes[e].turns else None
@@ -654,7 +664,8 @@ class RolloutEngine:
     return batch
 
   def _apply_intervention(self, intervene: Intervene, episodes: Sequence[Episode],
-                          new_turns: dict[int, Turn], contexts: Mapping[int, Sequence[int]]) -> None:
+                          new_turns: dict[int, Turn], contexts: Mapping[int, Sequence[int]]
+                          ) -> None:
     states = [TurnState(episode=e, turn=len(episodes[e].turns) + 1, task=episodes[e].task,
                         task_text=episodes[e].task_text, history=tuple(episodes[e].turns),
                         observation=turn.observation, admissible=tuple(turn.admissible),
