@@ -92,7 +92,7 @@ class Turn:
     done: the episode ended after this turn.
     intervened: the response was replaced by the `intervene` hook.
     truncated: the context dropped earlier turns (history window k < t - 1).
-    expert_action: the env expert's action at o_t when known (not filled by the rollout yet).
+    expert_action: the shadow expert's action at o_t (`RolloutConfig.expert`), else None.
     next_tokens: the tokens of n_t (rest of the assistant message, user(o_{t+1}), generation
       prompt), which follow `response_tokens` in the transcript unless this is the last turn.
   """
@@ -152,6 +152,7 @@ class TurnState:
   response: str  # The student's y_t.
   action: str | None  # Parsed from it.
   context: tuple[int, ...] = ()  # The token ids y_t was sampled from (a replacement continues them).
+  expert_action: str | None = None  # The shadow expert's action at o_t, if one runs.
 
 
 Intervene = Callable[[Sequence[TurnState]], Mapping[int, "str | Sequence[int]"]]
@@ -297,6 +298,9 @@ class RolloutConfig:
     system_prompt: the chat's system message.
     min_cache_len: the smallest KV-cache length bucket.
     progress: show a tqdm bar (episodes finished).
+    expert: optional "module:Class" of a shadow expert run beside each env in its worker
+      (e.g. "sage_opd_jax.envs.alfworld_expert:ImitableExpert", which needs the env built
+      with facts=True); it fills `Turn.expert_action` for oracle labels (analysis only).
   """
 
   max_turns: int
@@ -308,6 +312,7 @@ class RolloutConfig:
   system_prompt: str = prompts.DEFAULT_SYSTEM_PROMPT
   min_cache_len: int = 256
   progress: bool = True
+  expert: str | None = None
 
   def __post_init__(self):
     if self.max_turns < 1:
@@ -346,8 +351,9 @@ class _EnvDispatcher:
   """Routes episode resets/steps to the pool; episode e lives in worker e % W."""
 
   def __init__(self, pool: pool_lib.EnvPool, env_name: str, env_kwargs: Mapping[str, Any],
-               run_id: int):
+               run_id: int, expert: str | None = None):
     self._pool = pool
+    self._expert = expert
     self._env_name = env_name
     self._env_kwargs = dict(env_kwargs)
     self._run_id = run_id
@@ -375,7 +381,8 @@ class _EnvDispatcher:
       requests = [(e // workers, (self._run_id, e), op, arg) for e, op, arg in items]
       timeout = None if self._pool.timeout_s is None else self._pool.timeout_s * len(items)
       self._pool.submit(w, "call", (multi_env.run_requests, dict(
-          env_name=self._env_name, env_kwargs=self._env_kwargs, requests=requests)),
+          env_name=self._env_name, env_kwargs=self._env_kwargs, requests=requests,
+          expert=self._expert)),
                         timeout_s=timeout)
       self._inflight[w] = [e for e, _, _ in items]
 
@@ -553,9 +560,11 @@ class RolloutEngine:
     caches = [sampling.EpisodeCache(model, len(m), min_len=cfg.min_cache_len, **self._cache_kwargs)
               for m in members]
     episodes = [Episode(task=task) for task in tasks]
-    current: dict[int, tuple[str, list[str]]] = {}  # e -> (o_t, admissible) of a live episode.
+    # e -> (o_t, admissible, expert action) of a live episode.
+    current: dict[int, tuple[str, list[str], str | None]] = {}
     stats = RolloutStats()
-    dispatcher = _EnvDispatcher(self.pool, self._env_name, self._env_kwargs, next(self._runs))
+    dispatcher = _EnvDispatcher(self.pool, self._env_name, self._env_kwargs, next(self._runs),
+                                expert=cfg.expert)
     bar = tqdm.tqdm(total=num, desc="rollout", unit="ep", disable=not cfg.progress, leave=False)
 
     def finish(e: int, error: str | None = None) -> None:
@@ -575,7 +584,7 @@ class RolloutEngine:
         episode.prompt_tokens = _encode(self.tokenizer, prompts.episode_start_text(
             self.layout, episode.task_text, result.observation,
             admissible if cfg.show_admissible else None, cfg.system_prompt))
-        current[e] = (result.observation, admissible)
+        current[e] = (result.observation, admissible, result.info.extra.get("expert_action"))
         return
       turn = episode.turns[-1]
       turn.feedback = result.observation
@@ -590,7 +599,7 @@ class RolloutEngine:
       admissible = list(result.info.admissible_actions)
       turn.next_tokens = self._next_tokens(cfg, result.observation, admissible,
                                            self._response_end(sampler, turn.response_tokens))
-      current[e] = (result.observation, admissible)
+      current[e] = (result.observation, admissible, result.info.extra.get("expert_action"))
 
     for g in range(groups):
       dispatcher.request([(e, "reset", tasks[e]) for e in members[g]])
@@ -609,7 +618,7 @@ class RolloutEngine:
         for i, e in enumerate(members[g]):
           if episodes[e].finished:
             continue
-          observation, admissible = current[e]
+          observation, admissible, _ = current[e]
           context, truncated[e] = self._context(cfg, episodes[e], observation, admissible)
           if len(context) + sampler.max_new_tokens + 1 > budget:
             current.pop(e)
@@ -636,9 +645,10 @@ class RolloutEngine:
             continue
           n = int(out.lengths[i])
           ids = out.tokens[i, :n].tolist()
-          observation, admissible = current[e]
+          observation, admissible, expert_action = current[e]
           text = _decode(self.tokenizer, ids)
           new_turns[e] = Turn(observation=observation, admissible=admissible, response=text,
+                              expert_action=expert_action,
                               response_tokens=ids,
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
                               action=prompts.parse_action(text), truncated=truncated[e])
@@ -669,7 +679,8 @@ class RolloutEngine:
     states = [TurnState(episode=e, turn=len(episodes[e].turns) + 1, task=episodes[e].task,
                         task_text=episodes[e].task_text, history=tuple(episodes[e].turns),
                         observation=turn.observation, admissible=tuple(turn.admissible),
-                        response=turn.response, action=turn.action, context=tuple(contexts[e]))
+                        response=turn.response, action=turn.action, context=tuple(contexts[e]),
+                        expert_action=turn.expert_action)
               for e, turn in sorted(new_turns.items())]
     for e, replacement in dict(intervene(states)).items():
       if e not in new_turns:

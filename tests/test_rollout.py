@@ -60,7 +60,9 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def env_kwargs(tmp_path_factory):
-  return dict(data_dir=str(FIXTURE_DATA), cache_dir=str(tmp_path_factory.mktemp("grounding")))
+  # facts=True for the shadow expert's test.
+  return dict(data_dir=str(FIXTURE_DATA), cache_dir=str(tmp_path_factory.mktemp("grounding")),
+              facts=True)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,23 @@ def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, t
   for t in range(4):
     assert _decode(tok, batch.tokens[0][batch.turn_ids[0] == t + 1]) == responses[t]
   assert np.all(batch.behaviour_logprobs == 0)  # Intervened tokens were not sampled.
+
+
+def test_shadow_expert_names_actions_that_win_when_played(engine, model, tasks):
+  def play_expert(states):
+    assert all(s.expert_action is not None for s in states)
+    return {s.episode: f"<action>{s.expert_action}</action>" for s in states}
+
+  expert = "sage_opd_jax.envs.alfworld_expert:ImitableExpert"
+  batch = engine.run(model, tasks[:2], jax.random.key(0), intervene=play_expert,
+                     config=_config(max_turns=12, expert=expert))
+  assert batch.won.all() and not batch.failed.any()
+  for b, episode in enumerate(batch.episodes):
+    assert [t.action for t in episode.turns] == [t.expert_action for t in episode.turns]
+    assert batch.valid[b, : batch.num_turns[b]].all()
+  # Without an expert the field stays empty.
+  plain = engine.run(model, tasks[:1], jax.random.key(0), config=_config(max_turns=1))
+  assert plain.episodes[0].turns[0].expert_action is None
 
 
 def test_unparseable_response_is_an_invalid_turn_and_the_episode_goes_on(engine, model, tasks):

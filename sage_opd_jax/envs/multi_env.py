@@ -12,11 +12,17 @@ Failure isolation keeps the pool's rules, at the finer grain where possible:
   respawned worker has lost the state of every episode it hosted: a later step of such an
   episode answers a failed step ("state lost") instead of acting on a fresh env.
 
+Optionally a shadow expert (e.g. `alfworld_expert.ImitableExpert`, for oracle labels) follows
+each hosted episode in the worker and names its action at every state, in
+`info.extra["expert_action"]` (None once the expert gave up; `info.extra["expert_error"]` says
+why). An expert failure never fails the episode.
+
 Host-only code: workers import this module to unpickle `run_requests`, so it never imports jax.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 import traceback
 from typing import Any, Hashable, Mapping, Sequence
@@ -27,6 +33,28 @@ from sage_opd_jax.envs import pool as pool_lib
 # Per worker process: local index -> (env, token of the episode it is playing).
 _HOSTED: dict[int, base.Env] = {}
 _EPISODE_OF: dict[int, Hashable] = {}
+_EXPERT_OF: dict[int, Any] = {}  # Local index -> the shadow expert of its episode.
+
+
+def _expert_class(path: str) -> Any:
+  module, _, name = path.partition(":")
+  if not name:
+    raise ValueError(f"expert={path!r}: expected 'module:Class'.")
+  return getattr(importlib.import_module(module), name)
+
+
+def _shadow(local: int, result: base.StepResult, act: Any) -> None:
+  """Stores the expert's action for the state `result` leads to (or why there is none)."""
+  action, error = None, None
+  if local in _EXPERT_OF and not result.done:
+    try:
+      action = act(_EXPERT_OF[local])
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"{type(e).__name__}: {e}"
+      del _EXPERT_OF[local]  # It cannot follow the episode any further.
+  result.info.extra["expert_action"] = action
+  if error is not None:
+    result.info.extra["expert_error"] = error
 
 
 def run_requests(
@@ -35,6 +63,7 @@ def run_requests(
     env_name: str,
     env_kwargs: Mapping[str, Any],
     requests: Sequence[tuple[int, Hashable, str, Any]],
+    expert: str | None = None,
 ) -> tuple[list[base.StepResult], float]:
   """Runs one worker's requests in order; meant as the function of an `EnvPool` "call".
 
@@ -46,6 +75,8 @@ def run_requests(
       (arg: the action text or None). A step must name the token of the episode that the
       last reset of that local env started; otherwise its state is gone (the worker was
       respawned) and the step fails.
+    expert: optional "module:Class" of a shadow expert, built per episode as Class(task), with
+      `first_action(observation, info)` and `next_action(step_result)`.
 
   Returns:
     One `StepResult` per request (a reset's observation and info packed as the pool does),
@@ -61,16 +92,24 @@ def run_requests(
       hosted = _HOSTED[local]
       if op == "reset":
         _EPISODE_OF[local] = None  # A failed reset leaves no episode behind.
+        _EXPERT_OF.pop(local, None)
         observation, info = hosted.reset(arg)
         _EPISODE_OF[local] = token
-        results.append(base.StepResult(observation=observation, reward=0.0, done=False, info=info))
+        result = base.StepResult(observation=observation, reward=0.0, done=False, info=info)
+        if expert is not None:
+          _EXPERT_OF[local] = _expert_class(expert)(arg)
+          _shadow(local, result, lambda x: x.first_action(observation, info))
+        results.append(result)
       elif op == "step":
         if _EPISODE_OF.get(local) != token:
           results.append(pool_lib.failed_step(
               f"state lost: local env {local} of this worker no longer plays episode {token!r} "
               "(the worker was respawned after a crash or timeout)"))
         else:
-          results.append(hosted.step(arg))
+          result = hosted.step(arg)
+          if expert is not None:
+            _shadow(local, result, lambda x, r=result: x.next_action(r))
+          results.append(result)
       else:
         raise ValueError(f"op={op!r}: must be 'reset' or 'step'.")
     except Exception:  # pylint: disable=broad-except
