@@ -238,7 +238,8 @@ class Transformer(nnx.Module):
                       lambda k, v: (k, v, None))
         return x, None
 
-      body = jax.checkpoint(body) if c.remat else body
+      # prevent_cse=False is safe under scan and lets XLA share the recomputation.
+      body = jax.checkpoint(body, prevent_cse=False) if c.remat else body
       x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params, layer_ids))
       return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps)
 
@@ -260,7 +261,7 @@ class Transformer(nnx.Module):
       x, (ck, cv) = _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT, write_kv)
       return (x, ck, cv), None
 
-    cached_body = jax.checkpoint(cached_body) if c.remat else cached_body
+    cached_body = jax.checkpoint(cached_body, prevent_cse=False) if c.remat else cached_body
     (x_BxSxD, new_k, new_v), _ = jax.lax.scan(
         cached_body, (x_BxSxD, cache.k, cache.v), (params, layer_ids))
     new_lengths = cache.lengths + jnp.sum(attention_mask != 0, axis=-1).astype(jnp.int32)
