@@ -125,7 +125,8 @@ class Episode:
     turns: the student's turns in order.
     prompt_tokens: P, the tokens of the first prompt (system, user(task + o_1), gen prompt).
     won: the episode was won.
-    error: why the episode failed (env crash/timeout/exception, context budget), else None.
+    error: why the episode failed (env crash, timeout or exception), else None.
+    budget_ended: it ended because another turn could outgrow `max_context_tokens`.
     finished: no more turns will be played (set by the engine while it runs).
   """
 
@@ -135,6 +136,7 @@ class Episode:
   prompt_tokens: list[int] = dataclasses.field(default_factory=list)
   won: bool = False
   error: str | None = None
+  budget_ended: bool = False
   finished: bool = False
 
 
@@ -185,8 +187,8 @@ class RolloutBatch:
   `behaviour_logprobs` float32 (log pi_old of token s given the context the sampler used; 0
   off response tokens and on intervened turns). Per turn `[B, T]`, column t-1 is turn t,
   T = the turn limit: `response_lengths` int32, `valid`, `repeated`, `intervened`, `truncated`
-  bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (env error or context
-  budget; the reason is in `episodes[b].error`).
+  bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (an env error; the
+  reason is in `episodes[b].error`).
   """
 
   tokens: np.ndarray
@@ -293,8 +295,10 @@ class RolloutConfig:
       `constraint_trigger` (e.g. the `<action>` token), `a</action>` after the trigger.
     show_admissible: list the admissible actions with each observation in the prompt.
     pipeline_groups: groups of the env/model pipeline; 1 is fully sequential.
-    max_context_tokens: an episode whose next context plus response would exceed this ends
-      (failed, `Episode.error` says why); None uses the model's max_position_embeddings.
+    max_context_tokens: an episode whose transcript (hence also its windowed context) plus
+      one more response could exceed this ends before that turn (`Episode.budget_ended`; a
+      loss like the turn limit, not a failure), so every row fits a static `seq_len` of this
+      size; None uses the model's max_position_embeddings.
     system_prompt: the chat's system message.
     min_cache_len: the smallest KV-cache length bucket.
     progress: show a tqdm bar (episodes finished).
@@ -620,10 +624,14 @@ class RolloutEngine:
             continue
           observation, admissible, _ = current[e]
           context, truncated[e] = self._context(cfg, episodes[e], observation, admissible)
-          if len(context) + sampler.max_new_tokens + 1 > budget:
+          transcript = len(episodes[e].prompt_tokens) + sum(
+              len(t.response_tokens) + len(t.next_tokens) for t in episodes[e].turns)
+          if max(len(context), transcript) + sampler.max_new_tokens + 1 > budget:
             current.pop(e)
-            finish(e, f"context budget: {len(context)} context tokens + max_new_tokens="
-                   f"{sampler.max_new_tokens} exceed max_context_tokens={budget}")
+            episodes[e].budget_ended = True
+            if episodes[e].turns:
+              episodes[e].turns[-1].done = True
+            finish(e)
             continue
           contexts[i] = context
           if cfg.constrained:

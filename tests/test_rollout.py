@@ -254,6 +254,17 @@ def test_history_window_logprobs_use_the_windowed_context(engine, model, tasks):
     assert batch.response_lengths[b, 0] == len(first.response_tokens) > 0
 
 
+def test_context_budget_ends_episodes_so_that_rows_fit_seq_len(engine, model, tasks):
+  budget = 200  # The fixture prompts are ~140 tokens: one 16-token turn fits, two do not.
+  batch = engine.run(model, tasks[:2], jax.random.key(7), seq_len=budget,
+                     config=_config(max_context_tokens=budget))
+  assert batch.tokens.shape == (2, budget)
+  for b, episode in enumerate(batch.episodes):
+    assert len(episode.prompt_tokens) + 2 * MAX_NEW < budget  # The premise of this test.
+    assert episode.budget_ended and not batch.failed[b] and episode.error is None
+    assert batch.num_turns[b] == 1 and episode.turns[-1].done
+
+
 def test_same_key_same_batch_other_key_other_batch(engine, model, tasks):
   first = engine.run(model, tasks, jax.random.key(3))
   again = engine.run(model, tasks, jax.random.key(3))
