@@ -526,7 +526,7 @@ class EpisodeCache:
       model: nnx.Module,
       num_episodes: int,
       *,
-      min_len: int = 256,
+      min_len: int = 64,
       min_chunk: int = 16,
       min_batch: int = 1,
       compact: bool = True,
