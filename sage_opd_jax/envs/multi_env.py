@@ -30,10 +30,10 @@ from typing import Any, Hashable, Mapping, Sequence
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import pool as pool_lib
 
-# Per worker process: local index -> (env, token of the episode it is playing).
+# Per worker process, by local index: the env, the token of the episode it plays, its expert.
 _HOSTED: dict[int, base.Env] = {}
 _EPISODE_OF: dict[int, Hashable] = {}
-_EXPERT_OF: dict[int, Any] = {}  # Local index -> the shadow expert of its episode.
+_EXPERT_OF: dict[int, Any] = {}
 
 
 def _expert_class(path: str) -> Any:
