@@ -32,7 +32,6 @@ tokens the tokenizer keeps whole (added special tokens).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -334,8 +333,8 @@ def _generate(
   batch, chunk_len = chunk_BxP.shape
   steps = config.max_new_tokens
 
-  # 1. One chunked forward for the new tokens of every row; only the last real position's
-  #    hidden state becomes logits, so [B, P, V] is never materialised.
+  # One chunked forward for the new tokens of every row; only the last real position's hidden
+  # state becomes logits, so [B, P, V] is never materialised.
   chunk_lengths_B = jnp.where(active_B, chunk_lengths_B, 0).astype(jnp.int32)
   mask_BxP = (jnp.arange(chunk_len)[None, :] < chunk_lengths_B[:, None]).astype(jnp.int32)
   hidden_BxPxD, cache = model.hidden_states(chunk_BxP, attention_mask=mask_BxP, cache=cache)
