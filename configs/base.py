@@ -60,8 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.demos = ml_collections.ConfigDict()
   config.demos.split = "train"  # Split the collect_demos stage plays with the expert.
   config.demos.limit = 0  # Games to play (the split's seeded order); 0 means all.
+  config.demos.max_turns = 50  # The expert's turn limit (more than the student's: it explores).
   config.demos.judge_states = 2  # States per won episode that yield judge examples.
-  config.demos.game_timeout_s = 120.0  # A game (and its judge replays) slower than this is killed.
+  config.demos.game_timeout_s = 120.0  # A game (with its judge examples) slower than this is killed.
 
   config.sft = ml_collections.ConfigDict()
   config.sft.demos_dir = ""  # A collect_demos output folder (demos.jsonl, judge.jsonl).

@@ -99,6 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _one_of(config, "demos.split", SPLITS[env])
   _positive(config, "demos.limit", allow_zero=True)
+  _positive(config, "demos.max_turns")
   _positive(config, "demos.judge_states", allow_zero=True)
   _positive(config, "demos.game_timeout_s")
   _positive(config, "sft.max_demos", allow_zero=True)

@@ -72,6 +72,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+  # Libraries that log through absl (orbax prints every option it was built with) stay
+  # at warnings; the stages' own progress logs at info.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   _maybe_init_distributed()
   run(_CONFIG.value, _WORKDIR.value)
 

@@ -58,7 +58,7 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int) -> dict[str, Any]:
   result = demos_lib.collect(
-      out_dir, split, dict(train.env_kwargs(config), facts=True), env_name=config.env.name, num_workers=config.env.num_workers,
+      out_dir, split, dict(train.env_kwargs(config), facts=True, max_turns=config.demos.max_turns), env_name=config.env.name, num_workers=config.env.num_workers,
       game_timeout_s=config.demos.game_timeout_s, limit=limit or None, judge_states=config.demos.judge_states,
       seed=config.seed,
   )
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   if not _done(teacher_dir):
     train.train(_derive(base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
                         sft__judge_examples=True, train__num_steps=p.teacher_steps,
-                        optim__learning_rate=p.sft_learning_rate), teacher_dir)
+                        optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), teacher_dir)
   teacher_eval = root / "teacher_eval"
   if not (teacher_eval / "metrics.jsonl").exists():
     teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
@@ -100,7 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   student_dir = root / "student_sft"
   if not _done(student_dir):
     train.train(_derive(base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
-                        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate), student_dir)
+                        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
+                        eval__num_episodes=0), student_dir)
 
   logging.info("[5/6] methods x seeds")
   for method in p.methods:

@@ -251,18 +251,28 @@ def _place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState
   return jax.device_put(state, shardings), shardings
 
 
+# Methods whose loss reads the judge's labels (E5); the others never run the judge.
+LABELLED_METHODS = ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm")
+ORACLE_EXPERT = "sage_opd_jax.envs.alfworld_expert:ImitableExpert"
+
 # Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
 _TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
                "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
 _TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
 
 
-class SftSource:
-  """Off-policy batches from expert demonstrations (and judge examples), METHOD.md's `sft`.
+def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The rows of step `step`: epochs walk a fresh permutation each, seeded by (seed, epoch).
 
-  Row order is a fresh permutation per epoch, seeded by (seed, epoch), so the batch of any
-  step is a pure function of the step: resuming needs no data cursor beyond it.
+  A pure function of the step, so a resumed run needs no data cursor to see the same data.
   """
+  epoch, index = divmod(step, num_rows // batch_size)
+  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+  return order[index * batch_size : (index + 1) * batch_size]
+
+
+class SftSource:
+  """Off-policy batches from expert demonstrations (and judge examples), METHOD.md's `sft`."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any):
     demos_dir = pathlib.Path(config.sft.demos_dir)
@@ -295,19 +305,16 @@ class SftSource:
                  "sft/dropped": data.num_dropped}
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    per_epoch = self.num_rows // self.batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-    rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+    rows = epoch_rows(self.num_rows, self.batch_size, self.seed, step)
     return {k: v[rows] for k, v in self.arrays.items()}
 
 
 class DistillSource:
   """On-policy batches: student rollouts, teacher scores and (SAGE variants) judge labels.
 
-  The student's tasks come from the train split in a per-epoch permutation seeded like
-  `SftSource`; every random draw of step `s` uses `fold_in(key(seed), s)`, so a resumed
-  run replays exactly the batches an uninterrupted one would have seen.
+  The student's tasks of step `s` are `epoch_rows` of the train split, and every random
+  draw uses `fold_in(key(seed), s)`, so a resumed run replays exactly the batches an
+  uninterrupted one would have seen.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, teacher: nnx.Module,
@@ -323,13 +330,10 @@ class DistillSource:
     if len(self.tasks) < self.batch_size:
       raise ValueError(f"{len(self.tasks)} train tasks are fewer than config.train.batch_episodes={self.batch_size}.")
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
-    self.uses_labels = config.method in ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm")
+    self.uses_labels = config.method in LABELLED_METHODS
 
   def tasks_for(self, step: int) -> list[base.Task]:
-    per_epoch = len(self.tasks) // self.batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.tasks))
-    return [self.tasks[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]]
+    return [self.tasks[i] for i in epoch_rows(len(self.tasks), self.batch_size, self.config.seed, step)]
 
   def batch(self, step: int, student: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, float], Any]:
     """-> (loss arrays, host metrics, the rollout batch, for transcripts)."""
@@ -424,17 +428,23 @@ class _Timer:
 
 def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any) -> rollout_lib.RolloutEngine:
   """The rollout engine (and its env worker pool) of a run; close it at the end."""
+  # judge.mode="oracle" (analysis only) needs the env expert's action at every state: an
+  # ALFWorld expert shadows each episode in its worker, reading the game's facts.
+  oracle = config.judge.mode == "oracle" and config.method in LABELLED_METHODS
+  if oracle and config.env.name != "alfworld":
+    raise config_lib.ConfigError(f"config.judge.mode='oracle' needs an env with an expert; {config.env.name!r} has none.")
   settings = rollout_lib.RolloutConfig(
       max_turns=config.env.max_turns,
       history_turns=config.env.history_turns,
       constrained=config.sampling.constrained,
       # An episode whose transcript would outgrow the update's static length ends there.
       max_context_tokens=config.train.max_seq_len,
+      expert=ORACLE_EXPERT if oracle else None,
   )
   return rollout_lib.RolloutEngine(
       tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),
-      env_name=config.env.name, env_kwargs=env_kwargs(config), num_workers=config.env.num_workers,
-      timeout_s=config.env.step_timeout_s,
+      env_name=config.env.name, env_kwargs=dict(env_kwargs(config), **({"facts": True} if oracle else {})),
+      num_workers=config.env.num_workers, timeout_s=config.env.step_timeout_s,
   )
 
 

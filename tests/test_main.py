@@ -88,10 +88,20 @@ def test_every_distill_method_runs_end_to_end(tokenizer_dir, tmp_path, method):
     assert any("judge/strong_frac" in r for r in rows)
 
 
+def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
+  # Constrained decoding keeps actions admissible, so the oracle labels valid turns too.
+  config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "oracle", "sampling.constrained": True,
+                                                     "train.num_steps": 1, "eval.num_episodes": 0})
+  train.train(config, tmp_path)
+  row = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r][-1]
+  assert row["judge/oracle_mode"] == 1.0
+  assert row["judge/oracle_count"] > 0 and row["judge/oracle_accuracy"] == 1.0
+
+
 def test_sft_and_export_stages(tokenizer_dir, tmp_path):
   demos_dir = tmp_path / "demos"
   config = tiny_config(tokenizer_dir, stage="collect_demos",
-                       **{"demos.split": "valid_seen", "demos.limit": 2, "env.max_turns": 30})
+                       **{"demos.split": "valid_seen", "demos.limit": 2})
   manifest = pipeline.collect_stage(config, demos_dir)
   assert manifest["games_won"] >= 1, manifest
   sft = tiny_config(tokenizer_dir, stage="sft", **{"sft.demos_dir": str(demos_dir), "sft.judge_examples": True,
