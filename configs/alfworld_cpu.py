@@ -26,6 +26,9 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.env.max_turns = 30
   config.env.history_turns = 2
   config.env.num_workers = 2
+  # Without the admissible list an episode transcript is ~420 tokens (p90 ~700) and fits
+  # max_seq_len; with it every observation costs ~400 more.
+  config.env.show_admissible = False
 
   config.student.model = base.tiny_model(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                                          num_kv_heads=2, head_dim=32, max_position_embeddings=1024)

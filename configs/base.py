@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.env.task_types = ()  # Restrict to these task types; empty means all.
   config.env.max_turns = 30  # Turn limit of an episode.
   config.env.history_turns = 2  # k: past (observation, action) pairs in the acting prompt.
+  config.env.show_admissible = True  # List the admissible actions with every observation.
   config.env.num_workers = 2  # Env worker processes.
   config.env.step_timeout_s = 60.0  # A worker call slower than this is killed and fails the episode.
 

@@ -159,7 +159,7 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *, wall
       teacher.update({k: v for k, v in row.items() if k != "step"})
   lines = [
       "# Results", "",
-      f"Command: `{' '.join(sys.argv)}`  ",
+      f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
       f"Commit: `{_commit()}`; wall time {wall_s / 60:.1f} min; decoding "
       f"{'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.", "",
       "Success rate, invalid- and repeated-action rates and mean turns (greedy eval), mean ± std over seeds:", "",

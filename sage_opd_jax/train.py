@@ -289,7 +289,7 @@ class SftSource:
                         for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
     data = sft_data.build_sft_data(
         tokenizer, demonstrations, judge_examples, config.train.max_seq_len,
-        history_turns=config.judge.history_turns, seed=config.seed,
+        history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible, seed=config.seed,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])
@@ -437,6 +437,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any) -> ro
       max_turns=config.env.max_turns,
       history_turns=config.env.history_turns,
       constrained=config.sampling.constrained,
+      show_admissible=config.env.show_admissible,
       # An episode whose transcript would outgrow the update's static length ends there.
       max_context_tokens=config.train.max_seq_len,
       expert=ORACLE_EXPERT if oracle else None,
