@@ -96,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ppo_clip = 0.2  # Ratio clip epsilon (E4).
   config.loss.dual_clip = 3.0  # Dual-clip constant c for negative advantages (E4).
   config.loss.log_ratio_clamp = 20.0  # |log pi - log pi_old| is clamped to this before exp.
+  # pi_old of E4: "current" = stop_gradient(log pi) on the transcript (one update per batch,
+  # r = 1 exactly); "batch" = the sampler's behaviour log-probs, which differ where the
+  # history window cut the context the student actually saw.
+  config.loss.old_logprobs = "current"
 
   config.judge = ml_collections.ConfigDict()
   config.judge.mode = "prompt"  # prompt | likelihood | oracle (analysis only).

@@ -127,6 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, "loss.divergence", DIVERGENCES)
   _one_of(config, "loss.confidence", CONFIDENCE_MODES)
   _one_of(config, "loss.aggregation", AGGREGATIONS)
+  _one_of(config, "loss.old_logprobs", ("current", "batch"))
   _in_range(config, "loss.alpha", 0.0, 1.0)
   _in_range(config, "loss.jsd_beta", 0.0, 1.0)
   _positive(config, "loss.ppo_clip")
