@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import pathlib
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import numpy as np  # noqa: E402
 
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
-from sage_opd_jax import prompts  # noqa: E402
 from sage_opd_jax import sft_data  # noqa: E402
 from sage_opd_jax import writers  # noqa: E402
 from sage_opd_jax.envs import demos as demos_lib  # noqa: E402
