@@ -1,0 +1,410 @@
+"""Train-step throughput against HF PyTorch, fraction of the matmul peak, and SAGE-OPD vs OPD.
+
+Usage (from the repo root):
+  python benchmarks/bench_train.py                         # every part, default sizes
+  python benchmarks/bench_train.py --part step --sizes 27m --repeats 5 --batch 8 --seq 256
+  ALFWORLD_DATA=... python benchmarks/bench_train.py --part iteration --games alfworld
+
+Part "step": one random Qwen3-shaped model per size, built by transformers
+(`Qwen3ForCausalLM`, tied embeddings) and saved as an HF checkpoint, then loaded into ours
+with `load_hf_checkpoint`, so both start from the same weights. Each framework takes full
+optimiser steps on the same [B, S] batch with the same loss, token cross-entropy over the
+response mask (our `sft` loss through `train.make_loss_fns`; in torch
+`F.cross_entropy(logits[:, :-1], tokens[:, 1:])` weighted by the mask, summed / mask.sum()),
+fp32, grad-norm clipping 1.0 then AdamW. Ours is `train.make_update_fn` under
+`train.jit_update` (donated state) on a 1-device mesh; torch runs with
+`torch.set_num_threads(--torch-threads)`. Steps alternate torch / ours so the machine's load
+hits both alike; the median of `--repeats` steps per framework is reported (one warm-up
+step each first: compile time excluded).
+
+Part "peak": the measured fp32 matmul peak, a jitted `[M, M] @ [M, M]` in JAX and
+`torch.matmul` (median of `--repeats`), and the step's model FLOP/s as a fraction of it:
+
+  step FLOPs = 6 * (P_nonembed + D * V) * B * S  +  12 * L * N * H * B * S^2
+
+P_nonembed are the parameters outside the embedding table; D * V is the (tied) LM head
+matmul; the second term is the attention scores and values (QK^T and PV, forward 4 N H S^2
+per row and layer, backward twice that) over the full S x S square, which is what both
+implementations compute (a causal mask, not a causal skip). Elementwise work (norms, RoPE,
+softmax, SwiGLU, the optimiser) is not counted.
+
+Part "iteration": one SAGE-OPD iteration against one OPD iteration through the trainer's
+own pieces: `train.DistillSource.batch` (rollout with the `RolloutEngine`, teacher scoring,
+the judge for SAGE) and the jitted update, with random student and teacher of the given
+sizes on the same tasks and seeds. `sampling.constrained=True` restricts actions to the
+admissible ones: a random student's free text is never an admissible action, and every
+invalid action is Strong by rule (E5) without asking the judge, so without it the judge would
+not run. Iterations alternate OPD / SAGE-OPD after one untimed warm-up each (compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import flax.nnx as nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sage_opd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SIZES = {
+    # Qwen3 layout, tied embeddings, vocabulary 8192 (parameter counts printed at run time).
+    "6m": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+               num_kv_heads=2, head_dim=64),
+    "27m": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                num_kv_heads=4, head_dim=64),
+}
+VOCAB = 8192
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
+
+
+def _timed(fn) -> tuple[float, float]:
+  """(wall seconds, this process's CPU seconds) of one call."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _one_device_mesh() -> jax.sharding.Mesh:
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def _optim_config():
+  optim = base.get_config().optim
+  optim.warmup_steps = 0  # A non-zero learning rate from the first step, as in torch.
+  return optim
+
+
+# ------------------------------------------------------------------------------------------
+# Part "step" and "peak".
+# ------------------------------------------------------------------------------------------
+
+
+def _save_hf_qwen3(size: str, path: str):
+  """A random HF Qwen3ForCausalLM saved to `path`; returns the torch model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  dims = SIZES[size]
+  config = transformers.Qwen3Config(
+      vocab_size=VOCAB, hidden_size=dims["hidden_size"],
+      intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
+      num_attention_heads=dims["num_heads"], num_key_value_heads=dims["num_kv_heads"],
+      head_dim=dims["head_dim"], tie_word_embeddings=True, max_position_embeddings=4096,
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+      pad_token_id=0, attn_implementation="sdpa")
+  model = transformers.Qwen3ForCausalLM(config)
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def step_flops(size: str, batch: int, seq: int) -> tuple[int, int, float]:
+  """(all params, non-embedding params, model FLOPs of one train step); see the docstring."""
+  d = SIZES[size]
+  D, F, L, N, K, H = (d["hidden_size"], d["intermediate_size"], d["num_layers"], d["num_heads"],
+                      d["num_kv_heads"], d["head_dim"])
+  per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D + 2 * H
+  non_embed = L * per_layer + D
+  total = non_embed + VOCAB * D
+  tokens = batch * seq
+  flops = 6 * (non_embed + D * VOCAB) * tokens + 12 * L * N * H * batch * seq * seq
+  return total, non_embed, float(flops)
+
+
+def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
+  """Random tokens, no padding; the first quarter is the prompt, the rest is turn 1."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, VOCAB, size=(batch, seq)).astype(np.int32)
+  turn_ids = np.zeros((batch, seq), np.int32)
+  turn_ids[:, seq // 4:] = 1
+  return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "turn_ids": turn_ids}
+
+
+def _ours_step_fn(path: str, arrays: dict[str, np.ndarray]):
+  """Our jitted update on a 1-device mesh; returns a no-argument step closure and the state."""
+  mesh = _one_device_mesh()
+  model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh)
+  optim = _optim_config()
+  tx = train.make_optimizer(optim, num_steps=1000)
+  state = train.init_train_state(model, tx, seed=0)
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  state = jax.device_put(state, state_sharding)
+  config = base.get_config()
+  config.teacher.model.vocab_size = VOCAB
+  loss_fn, totals_fn = train.make_loss_fns(train.loss_options(config, "sft", None))
+  update = train.jit_update(
+      train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=1),
+      state_sharding, sharding.batch_sharding(mesh))
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, sharding.batch_sharding(mesh))
+  holder = {"state": state, "loss": None}
+  del model
+
+  def step():
+    holder["state"], metrics = update(holder["state"], batch)
+    holder["loss"] = float(metrics["loss"])  # Blocks until the step is done.
+
+  return step, holder
+
+
+def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  optim = _optim_config()
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2),
+                          weight_decay=optim.weight_decay, foreach=True)
+  tokens = torch.as_tensor(arrays["tokens"], dtype=torch.long)
+  attention_mask = torch.as_tensor(arrays["attention_mask"], dtype=torch.long)
+  # Token s is trained when turn_ids[s] > 0; it is predicted by the logits at s - 1.
+  mask = torch.as_tensor(arrays["turn_ids"][:, 1:] > 0, dtype=torch.float32)
+  holder = {"loss": None}
+
+  def step():
+    logits = model(input_ids=tokens, attention_mask=attention_mask).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                          reduction="none").view_as(mask)
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    opt.step()
+    holder["loss"] = float(loss.detach())
+
+  return step, holder
+
+
+def bench_step(size: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
+  """Prints one table row; returns the median wall and CPU seconds per step of both."""
+  with tempfile.TemporaryDirectory() as path:
+    torch_model = _save_hf_qwen3(size, path)
+    num_torch = sum(p.numel() for p in torch_model.parameters())
+    arrays = _sft_batch(batch, seq)
+    ours, ours_out = _ours_step_fn(path, arrays)
+  torch_step, torch_out = _torch_step_fn(torch_model, arrays)
+  total, non_embed, flops = step_flops(size, batch, seq)
+  if total != num_torch:
+    raise ValueError(f"step_flops counts {total} params for {size}, torch has {num_torch}.")
+  compile_s = _timed(ours)[0]
+  _timed(torch_step)
+  first = (ours_out["loss"], torch_out["loss"])
+  ours_t, torch_t = [], []
+  for _ in range(repeats):
+    torch_t.append(_timed(torch_step))
+    ours_t.append(_timed(ours))
+  tokens = batch * seq
+  ours_wall, torch_wall = (statistics.median(t[0] for t in ts) for ts in (ours_t, torch_t))
+  ours_cpu, torch_cpu = (statistics.median(t[1] for t in ts) for ts in (ours_t, torch_t))
+  print(f"| {size} | {total / 1e6:.2f}M ({non_embed / 1e6:.2f}M non-emb) | {batch}x{seq} | "
+        f"{tokens / torch_wall:7.0f} | {tokens / ours_wall:7.0f} | **{torch_wall / ours_wall:.2f}x** | "
+        f"{torch_wall:.3f} | {ours_wall:.3f} | {torch_cpu:.2f} | {ours_cpu:.2f} | {flops / 1e9:.1f} | "
+        f"{compile_s:.1f} |", flush=True)
+  print(f"  first-step loss ours {first[0]:.4f} torch {first[1]:.4f} (same weights and batch); "
+        f"per-step wall s ours {[round(t[0], 3) for t in ours_t]} torch "
+        f"{[round(t[0], 3) for t in torch_t]}", flush=True)
+  return {"ours_wall": ours_wall, "ours_cpu": ours_cpu, "torch_wall": torch_wall, "torch_cpu": torch_cpu}
+
+
+def matmul_peak(m: int, repeats: int) -> dict[str, float]:
+  """Median fp32 FLOP/s of JAX (jitted) and torch [m, m] @ [m, m]: per wall and per CPU second."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  mm(a, b).block_until_ready()
+  ta, tb = torch.randn(m, m), torch.randn(m, m)
+  torch.matmul(ta, tb)
+  jax_t, torch_t = [], []
+  for _ in range(repeats):
+    jax_t.append(_timed(lambda: mm(a, b).block_until_ready()))
+    torch_t.append(_timed(lambda: torch.matmul(ta, tb)))
+  flops = 2.0 * m ** 3
+  return {"jax_wall": flops / statistics.median(t[0] for t in jax_t),
+          "jax_cpu": flops / statistics.median(t[1] for t in jax_t),
+          "torch_wall": flops / statistics.median(t[0] for t in torch_t),
+          "torch_cpu": flops / statistics.median(t[1] for t in torch_t)}
+
+
+# ------------------------------------------------------------------------------------------
+# Part "iteration".
+# ------------------------------------------------------------------------------------------
+
+
+def _iteration_config(method: str, judge_mode: str, tokenizer_dir: str, data_dir: str, split: str, args):
+  from sage_opd_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  config = base.get_config()
+  config.stage = "distill"
+  config.method = method
+  config.tokenizer_dir = tokenizer_dir
+  vocab = -(-len(models.load_tokenizer(tokenizer_dir)) // 64) * 64
+  config.student.model = base.tiny_model(vocab_size=vocab, **SIZES[args.student])
+  config.teacher.model = base.tiny_model(vocab_size=vocab, **SIZES[args.teacher])
+  config.env.data_dir = data_dir
+  config.env.train_split = split
+  config.env.max_turns = args.max_turns
+  config.env.history_turns = 2
+  config.env.num_workers = 2
+  config.judge.mode = judge_mode
+  config.sampling.constrained = True
+  config.sampling.max_new_tokens = args.max_new_tokens
+  config.train.batch_episodes = args.episodes
+  config.train.max_seq_len = args.max_seq_len
+  config.eval.num_episodes = 0
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  return config_lib.validate(config)
+
+
+def bench_iteration(args) -> None:
+  from sage_opd_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax.envs import base as env_base  # pylint: disable=g-import-not-at-top
+
+  if args.games == "fixture":
+    data_dir, split = str(FIXTURE_DATA), "valid_seen"
+  else:
+    data_dir, split = os.environ.get("ALFWORLD_DATA", ""), "train"
+    if not data_dir:
+      raise ValueError("--games=alfworld needs ALFWORLD_DATA (see /work/shared/alfworld/README.md).")
+  with tempfile.TemporaryDirectory() as tokenizer_dir:
+    tokenization.build_alfworld_tokenizer(data_dir, tokenizer_dir)
+    # name -> (method, judge mode): the prompted judge of METHOD.md, and the likelihood judge
+    # that reads the teacher's scores already computed for the loss (no extra teacher call).
+    variants = {"opd": ("opd", "prompt"), "sage_opd": ("sage_opd", "prompt"),
+                "sage_opd likelihood judge": ("sage_opd", "likelihood")}
+    configs = {name: _iteration_config(method, mode, tokenizer_dir, data_dir, split, args)
+               for name, (method, mode) in variants.items()}
+    config = configs["opd"]
+    tokenizer = models.load_tokenizer(tokenizer_dir)
+    mesh = train.mesh_from_config(config.mesh)
+    student = train.load_model(config.student, mesh, config.seed)
+    teacher = train.load_model(config.teacher, mesh, config.seed + 1)
+    env = env_base.make(config.env.name, **train.env_kwargs(config))
+    tasks = list(env.tasks(split))
+    env.close()
+    if len(tasks) < args.episodes:
+      # The fixture split has 2 games: repeat them so that the batch is full.
+      tasks = (tasks * -(-args.episodes // len(tasks)))[: args.episodes]
+    tx = train.make_optimizer(config.optim, config.train.num_steps)
+    graphdef = nnx.graphdef(student)
+    state, state_sharding = train._place_state(train.init_train_state(student, tx, config.seed), mesh)  # pylint: disable=protected-access
+    batch_sharding = sharding.batch_sharding(mesh)
+    engine = train.make_rollout_engine(config, tokenizer)
+    try:
+      sources, updates = {}, {}
+      for method, cfg in configs.items():
+        sources[method] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
+        loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
+        updates[method] = train.jit_update(
+            train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),
+            state_sharding, batch_sharding)
+      rows: dict[str, list[dict[str, float]]] = {m: [] for m in configs}
+      for it in range(args.iterations + 1):
+        for method in configs:
+          # Every method plays the same tasks with the same student weights and keys.
+          start = time.perf_counter()
+          arrays, metrics, _ = sources[method].batch(0, nnx.merge(graphdef, state.params))
+          update_start = time.perf_counter()
+          new_state, train_metrics = updates[method](
+              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in train._loss_keys(arrays)})  # pylint: disable=protected-access
+          jax.block_until_ready(train_metrics)
+          del new_state
+          end = time.perf_counter()
+          row = {k[len("time/"):]: v for k, v in metrics.items() if k.startswith("time/")}
+          row.update(update=end - update_start, total=end - start,
+                     turns=float(arrays["valid"].shape[1]),
+                     judge_prompts=float(metrics.get("judge/num_prompts", 0.0)))
+          row.update({k: v for k, v in metrics.items() if k.startswith("judge/")})
+          if it > 0:
+            rows[method].append(row)
+          print(f"  iteration {it} {method}: " + ", ".join(
+              f"{k} {v:.2f}" for k, v in row.items() if not k.startswith("judge/")), flush=True)
+    finally:
+      engine.close()
+  print("| method | rollout s | teacher s | judge s | update s | total s |")
+  print("|---|---:|---:|---:|---:|---:|")
+  medians = {}
+  for method, method_rows in rows.items():
+    med = {k: statistics.median(r.get(k, 0.0) for r in method_rows)
+           for k in ("rollout", "teacher", "judge", "update", "total")}
+    medians[method] = med
+    print(f"| {method} | {med['rollout']:.2f} | {med['teacher']:.2f} | {med['judge']:.2f} | "
+          f"{med['update']:.2f} | {med['total']:.2f} |")
+  for name in ("sage_opd", "sage_opd likelihood judge"):
+    print(f"{name} / opd iteration: **{medians[name]['total'] / medians['opd']['total']:.2f}x** "
+          f"(medians of {args.iterations})")
+    print("  last judge metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name][-1].items()
+                                               if k.startswith("judge/")))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--part", nargs="+", choices=("step", "peak", "iteration"),
+                      default=["step", "peak", "iteration"])
+  parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=["6m", "27m"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--torch-threads", type=int, default=2)
+  parser.add_argument("--matmul", type=int, default=2048, help="M of the [M, M] @ [M, M] peak matmul")
+  parser.add_argument("--games", choices=("fixture", "alfworld"), default="fixture",
+                      help="iteration part: the test fixture's games or ALFWorld's train split")
+  parser.add_argument("--student", choices=tuple(SIZES), default="6m")
+  parser.add_argument("--teacher", choices=tuple(SIZES), default="27m")
+  parser.add_argument("--episodes", type=int, default=4)
+  parser.add_argument("--max-turns", type=int, default=6)
+  parser.add_argument("--max-new-tokens", type=int, default=24)
+  parser.add_argument("--max-seq-len", type=int, default=1024)
+  parser.add_argument("--iterations", type=int, default=3)
+  args = parser.parse_args()
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.torch_threads)
+  load_start = os.getloadavg()
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, torch {torch.__version__} threads "
+        f"{torch.get_num_threads()}, load average at start {load_start}", flush=True)
+  steps = {}
+  if "step" in args.part:
+    print("| size | params | B x S | torch tok/s | ours tok/s | ours / torch | torch s/step | "
+          "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size in args.sizes:
+      steps[size] = bench_step(size, args.batch, args.seq, args.repeats)
+  if "peak" in args.part:
+    peak = matmul_peak(args.matmul, args.repeats)
+    print(f"matmul peak fp32 [{args.matmul}]^2 @ [{args.matmul}]^2: JAX {peak['jax_wall'] / 1e9:.1f} "
+          f"GFLOP/wall-s ({peak['jax_cpu'] / 1e9:.1f} per CPU-s), torch {peak['torch_wall'] / 1e9:.1f} "
+          f"GFLOP/wall-s ({peak['torch_cpu'] / 1e9:.1f} per CPU-s)", flush=True)
+    print("| size | ours GFLOP/s | ours / JAX peak (wall) | ours / JAX peak (CPU) | torch GFLOP/s | "
+          "torch / torch peak (wall) | torch / torch peak (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for size, t in steps.items():
+      flops = step_flops(size, args.batch, args.seq)[2]
+      print(f"| {size} | {flops / t['ours_wall'] / 1e9:.1f} | **{flops / t['ours_wall'] / peak['jax_wall']:.0%}** | "
+            f"{flops / t['ours_cpu'] / peak['jax_cpu']:.0%} | {flops / t['torch_wall'] / 1e9:.1f} | "
+            f"{flops / t['torch_wall'] / peak['torch_wall']:.0%} | {flops / t['torch_cpu'] / peak['torch_cpu']:.0%} |",
+            flush=True)
+  if "iteration" in args.part:
+    bench_iteration(args)
+  print(f"load average at start {load_start}, at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+  main()
