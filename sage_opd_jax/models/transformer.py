@@ -65,9 +65,35 @@ def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Arra
   return out.astype(x_BxSxNxH.dtype)
 
 
+def _attend_one(q_Bx1xKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+                allowed_Bx1xT: jax.Array) -> jax.Array:
+  """`_attend` for a single query per row (the decode step); returns [B, 1, K, G, H].
+
+  Batching the dots over (b, k) makes XLA:CPU transpose every layer's cache slice to
+  [B, K, T, H] on each step, which dominated the step at long caches. Here the cache is read
+  in its stored layout as a [B, T, K*H] matrix against a block-diagonal query [B, K*H, K*G]
+  (zero where the kv head differs), and the K diagonal blocks of the output are kept: K times
+  the score FLOPs, which are negligible next to reading the cache once.
+  """
+  B, _, K, G, H = q_Bx1xKxGxH.shape
+  T = k_BxTxKxH.shape[1]
+  eye_KxK = jnp.eye(K, dtype=q_Bx1xKxGxH.dtype)
+  q_BxKHxKG = jnp.einsum("bkgh,kj->bkhjg", q_Bx1xKxGxH[:, 0], eye_KxK).reshape(B, K * H, K * G)
+  scores_BxTxKG = jnp.einsum("btx,bxy->bty", k_BxTxKxH.reshape(B, T, K * H), q_BxKHxKG,
+                             preferred_element_type=jnp.float32)
+  scores_BxTxKG = jnp.where(allowed_Bx1xT[:, 0, :, None], scores_BxTxKG, _MASK_VALUE)
+  probs_BxTxKG = jax.nn.softmax(scores_BxTxKG, axis=1).astype(q_Bx1xKxGxH.dtype)
+  out_BxKGxKH = jnp.einsum("bty,btx->byx", probs_BxTxKG, v_BxTxKxH.reshape(B, T, K * H))
+  # Diagonal blocks by indexing (not a product with the identity), so no 0 * x ever enters.
+  out_BxGxHxK = jnp.diagonal(out_BxKGxKH.reshape(B, K, G, K, H), axis1=1, axis2=3)
+  return jnp.transpose(out_BxGxHxK, (0, 3, 1, 2))[:, None]
+
+
 def _attend(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
             allowed_BxSxT: jax.Array) -> jax.Array:
   """Masked softmax attention, scores and softmax in float32; returns [B, S, K, G, H]."""
+  if q_BxSxKxGxH.shape[1] == 1:
+    return _attend_one(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT)
   scores_BxKxGxSxT = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, k_BxTxKxH,
                                 preferred_element_type=jnp.float32)
   scores_BxKxGxSxT = jnp.where(allowed_BxSxT[:, None, None], scores_BxKxGxSxT, _MASK_VALUE)
