@@ -214,7 +214,8 @@ def bench_step(size: str, batch: int, seq: int, repeats: int) -> dict[str, float
   print(f"| {size} | {total / 1e6:.2f}M ({non_embed / 1e6:.2f}M non-emb) | {batch}x{seq} | "
         f"{tokens / torch_wall:7.0f} | {tokens / ours_wall:7.0f} | **{torch_wall / ours_wall:.2f}x** | "
         f"{torch_wall:.3f} | {ours_wall:.3f} | {torch_cpu:.2f} | {ours_cpu:.2f} | {flops / 1e9:.1f} | "
-        f"{compile_s:.1f} |", flush=True)
+        f"{compile_s:.1f} | {min(t[0] for t in torch_t) / min(t[0] for t in ours_t):.2f}x | "
+        f"{torch_cpu / ours_cpu:.2f}x |", flush=True)
   print(f"  first-step loss ours {first[0]:.4f} torch {first[1]:.4f} (same weights and batch); "
         f"per-step wall s ours {[round(t[0], 3) for t in ours_t]} torch "
         f"{[round(t[0], 3) for t in torch_t]}", flush=True)
@@ -308,20 +309,20 @@ def bench_iteration(args) -> None:
     engine = train.make_rollout_engine(config, tokenizer)
     try:
       sources, updates = {}, {}
-      for method, cfg in configs.items():
-        sources[method] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
+      for name, cfg in configs.items():
+        sources[name] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
         loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
-        updates[method] = train.jit_update(
+        updates[name] = train.jit_update(
             train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),
             state_sharding, batch_sharding)
       rows: dict[str, list[dict[str, float]]] = {m: [] for m in configs}
       for it in range(args.iterations + 1):
-        for method in configs:
-          # Every method plays the same tasks with the same student weights and keys.
+        for name in configs:
+          # Every variant plays the same tasks with the same student weights and keys.
           start = time.perf_counter()
-          arrays, metrics, _ = sources[method].batch(0, nnx.merge(graphdef, state.params))
+          arrays, metrics, _ = sources[name].batch(0, nnx.merge(graphdef, state.params))
           update_start = time.perf_counter()
-          new_state, train_metrics = updates[method](
+          new_state, train_metrics = updates[name](
               jax.tree.map(jnp.copy, state), {k: arrays[k] for k in train._loss_keys(arrays)})  # pylint: disable=protected-access
           jax.block_until_ready(train_metrics)
           del new_state
@@ -332,19 +333,19 @@ def bench_iteration(args) -> None:
                      judge_prompts=float(metrics.get("judge/num_prompts", 0.0)))
           row.update({k: v for k, v in metrics.items() if k.startswith("judge/")})
           if it > 0:
-            rows[method].append(row)
-          print(f"  iteration {it} {method}: " + ", ".join(
+            rows[name].append(row)
+          print(f"  iteration {it} {name}: " + ", ".join(
               f"{k} {v:.2f}" for k, v in row.items() if not k.startswith("judge/")), flush=True)
     finally:
       engine.close()
   print("| method | rollout s | teacher s | judge s | update s | total s |")
   print("|---|---:|---:|---:|---:|---:|")
   medians = {}
-  for method, method_rows in rows.items():
-    med = {k: statistics.median(r.get(k, 0.0) for r in method_rows)
+  for name, name_rows in rows.items():
+    med = {k: statistics.median(r.get(k, 0.0) for r in name_rows)
            for k in ("rollout", "teacher", "judge", "update", "total")}
-    medians[method] = med
-    print(f"| {method} | {med['rollout']:.2f} | {med['teacher']:.2f} | {med['judge']:.2f} | "
+    medians[name] = med
+    print(f"| {name} | {med['rollout']:.2f} | {med['teacher']:.2f} | {med['judge']:.2f} | "
           f"{med['update']:.2f} | {med['total']:.2f} |")
   for name in ("sage_opd", "sage_opd likelihood judge"):
     print(f"{name} / opd iteration: **{medians[name]['total'] / medians['opd']['total']:.2f}x** "
@@ -383,8 +384,8 @@ def main() -> None:
   steps = {}
   if "step" in args.part:
     print("| size | params | B x S | torch tok/s | ours tok/s | ours / torch | torch s/step | "
-          "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s | min-step ratio | CPU-s ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
       steps[size] = bench_step(size, args.batch, args.seq, args.repeats)
   if "peak" in args.part:
