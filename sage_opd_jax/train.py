@@ -235,7 +235,7 @@ def make_loss_fns(options: Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
   return loss_fn, totals_fn
 
 
-def _place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
   """Puts every leaf of the state on the mesh; returns it with its sharding pytree.
 
   Params (and the Adam moments built from them) already carry their NamedShardings;
@@ -539,7 +539,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         f"config.train.batch_episodes={batch_size} must divide over the mesh's data x fsdp = {shards} shards.")
   schedule = learning_rate_schedule(config.optim, num_steps)
   tx = make_optimizer(config.optim, num_steps)
-  state, state_sharding = _place_state(init_train_state(student, tx, config.seed), mesh)
+  state, state_sharding = place_state(init_train_state(student, tx, config.seed), mesh)
   del student  # The state owns the params now; the update donates them.
 
   checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=config.train.ckpt_every,
@@ -584,7 +584,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         else:
           arrays, host_metrics, rollout = source.batch(step, nnx.merge(graphdef, state.params))
       with timer("update"):
-        state, train_metrics = update(state, {k: arrays[k] for k in _loss_keys(arrays)})
+        state, train_metrics = update(state, {k: arrays[k] for k in loss_keys(arrays)})
         train_metrics = jax.device_get(train_metrics)
       metrics = {f"train/{k}": v for k, v in train_metrics.items()}
       metrics.update(host_metrics)
@@ -608,7 +608,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       engine.close()
 
 
-def _loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
   """The batch keys the update consumes: token- and turn-level arrays only."""
   return [k for k in arrays if k in _TOKEN_KEYS or k in _TURN_KEYS]
 
@@ -639,7 +639,7 @@ def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml
   """The first `eval.num_transcripts` training episodes with their labels and turn weights w_t."""
   num_turns = arrays["valid"].shape[1]
   options = loss_options(config, config.method, num_turns)
-  batch = {k: jnp.asarray(arrays[k]) for k in _loss_keys(arrays)}
+  batch = {k: jnp.asarray(arrays[k]) for k in loss_keys(arrays)}
   weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, **options), batch["turn_ids"], num_turns))
   labels = arrays.get("labels")
   return [
@@ -675,7 +675,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)
   tx = make_optimizer(config.optim, config.train.num_steps)
-  state, _ = _place_state(init_train_state(student, tx, config.seed), mesh)
+  state, _ = place_state(init_train_state(student, tx, config.seed), mesh)
   checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=1, keep=config.train.keep_ckpts)
   try:
     restored = checkpointer.restore(checkpoints.abstract_like(state))

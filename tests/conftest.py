@@ -9,3 +9,19 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def real_alfworld_data():
+  """The unpacked ALFWorld games (`$ALFWORLD_DATA/json_2.1.1`), or a skip saying how to get them.
+
+  Not a skipif on the variable alone: importing alfworld sets it to ~/.cache/alfworld.
+  """
+  import pathlib  # Kept local: this module must stay import-light (it runs before jax).
+
+  import pytest
+
+  data = os.environ.get("ALFWORLD_DATA", "")
+  if not (pathlib.Path(data) / "json_2.1.1" / "valid_unseen").is_dir():
+    pytest.skip("ALFWorld games not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
+                '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").')
+  return pathlib.Path(data)

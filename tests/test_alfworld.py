@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import pickle
 import subprocess
@@ -19,6 +18,7 @@ import zlib
 import fast_downward
 import fast_downward.interface
 import pytest
+from conftest import real_alfworld_data
 import textworld
 import textworld.gym
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
@@ -32,16 +32,6 @@ import make_alfworld_fixture as fixture  # noqa: E402  (a script beside the fixt
 
 FIXTURE_DIR = fixture.FIXTURE_DIR
 GAMES_BY_TRIAL = {game.trial: game for game in fixture.GAMES}
-
-
-def _real_data_dir() -> pathlib.Path:
-  data = os.environ.get("ALFWORLD_DATA")
-  if not data or not (pathlib.Path(data) / "json_2.1.1").is_dir():
-    pytest.skip(
-      "ALFWorld data not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
-      '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").'
-    )
-  return pathlib.Path(data)
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +334,7 @@ def test_grounding_cache_is_installed_only_inside_the_block(tmp_path):
 
 
 def test_real_split_sizes(tmp_path):
-  data_dir = _real_data_dir()
+  data_dir = real_alfworld_data()
   env = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path)
   splits = ("train", "valid_seen", "valid_unseen", "valid_train")
   sizes = {split: len(env.tasks(split)) for split in splits}
@@ -356,7 +346,7 @@ def test_real_split_sizes(tmp_path):
 
 
 def test_real_walkthroughs_win_sampled_valid_unseen(tmp_path):
-  data_dir = _real_data_dir()
+  data_dir = real_alfworld_data()
   env = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path)
   tasks = env.tasks("valid_unseen")
   # Two families, one of them pick_two (which needs the "move" wording twice).
@@ -372,7 +362,7 @@ def test_real_walkthroughs_win_sampled_valid_unseen(tmp_path):
 
 
 def test_real_cached_reset_matches_uncached(tmp_path):
-  data_dir = _real_data_dir()
+  data_dir = real_alfworld_data()
   # A short game (a look_at_obj_in_light walkthrough is 3-4 steps): the uncached run is slow.
   task = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path, task_types=[2]).tasks("valid_unseen")[0]
   _cached_and_uncached_agree(task, data_dir, tmp_path)

@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+from conftest import real_alfworld_data
 
 from sage_opd_jax import envs
 from sage_opd_jax.envs import alfworld as alfworld_env
@@ -149,17 +150,8 @@ def test_env_without_facts_is_refused(tmp_path):
   env.close()
 
 
-def _real_data_dir() -> str:
-  # Not a skipif on the variable alone: importing alfworld sets it to ~/.cache/alfworld.
-  data = os.environ.get("ALFWORLD_DATA", "")
-  if not os.path.isdir(os.path.join(data, "json_2.1.1", "valid_unseen")):
-    pytest.skip("ALFWorld games not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
-                '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").')
-  return data
-
-
 def test_real_expert_wins_most_sampled_valid_unseen_games():
-  env = envs.make("alfworld", data_dir=_real_data_dir(), max_turns=50, facts=True, seed=0)
+  env = envs.make("alfworld", data_dir=real_alfworld_data(), max_turns=50, facts=True, seed=0)
   tasks, seen_types = [], set()
   for task in env.tasks("valid_unseen"):  # The first game of each task type, in seeded order.
     if task.task_type not in seen_types:

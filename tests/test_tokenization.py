@@ -1,10 +1,10 @@
 """The ALFWorld word-level tokenizer: coverage of real engine text, tags, chat template, loading."""
 
 import json
-import os
 import pathlib
 
 import pytest
+from conftest import real_alfworld_data
 from transformers import AutoTokenizer
 
 from sage_opd_jax import prompts, tokenization
@@ -12,19 +12,9 @@ from sage_opd_jax import prompts, tokenization
 FIXTURE_DATA = pathlib.Path(__file__).parent / "fixtures" / "alfworld"
 
 
-def _alfworld_data() -> pathlib.Path:
-  data = os.environ.get("ALFWORLD_DATA")
-  if not data or not (pathlib.Path(data) / "json_2.1.1").is_dir():
-    pytest.skip(
-        "ALFWorld data not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
-        '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").'
-    )
-  return pathlib.Path(data)
-
-
 @pytest.fixture(scope="module")
 def data_dir():
-  return _alfworld_data()
+  return real_alfworld_data()
 
 
 @pytest.fixture(scope="module")
