@@ -21,14 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.env.max_turns = 10
   config.student.model = base.tiny_model(max_position_embeddings=1024)
   config.teacher.model = base.tiny_model(hidden_size=128, intermediate_size=384, max_position_embeddings=1024)
-  config.demos.limit = 24
+  config.demos.limit = 120
   config.train.batch_episodes = 4
   config.train.max_seq_len = 768
   config.train.eval_every = 4
   config.train.ckpt_every = 4
   config.eval.num_episodes = 4
   config.pipeline = alfworld_cpu.pipeline_config(
-      teacher_steps=60, student_steps=20, student_demos=8, distill_steps=4,
+      teacher_steps=400, student_steps=60, student_demos=32, distill_steps=6,
       methods=("opd", "sage_opd"), seeds=(0,), heldout_games=4,
   )
   return config
