@@ -277,6 +277,10 @@ def bench_iteration(args) -> None:
   from sage_opd_jax.envs import base as env_base  # pylint: disable=g-import-not-at-top
 
   if args.games == "fixture":
+    sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+    import make_alfworld_fixture  # pylint: disable=g-import-not-at-top
+
+    make_alfworld_fixture.write_games()
     data_dir, split = str(FIXTURE_DATA), "valid_seen"
   else:
     data_dir, split = os.environ.get("ALFWORLD_DATA", ""), "train"

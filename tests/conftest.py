@@ -11,6 +11,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_sessionstart(session):
+  """Builds the hand-written ALFWorld fixture games: game files are never tracked in git."""
+  del session
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
+  import make_alfworld_fixture
+
+  make_alfworld_fixture.write_games()
+
+
 def real_alfworld_data():
   """The unpacked ALFWorld games (`$ALFWORLD_DATA/json_2.1.1`), or a skip saying how to get them.
 
