@@ -261,14 +261,32 @@ _TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "te
 _TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
 
 
-def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int,
+               lengths: np.ndarray | None = None) -> np.ndarray:
   """The rows of step `step`: epochs walk a fresh permutation each, seeded by (seed, epoch).
 
   A pure function of the step, so a resumed run needs no data cursor to see the same data.
+  With `lengths` (one per row), each epoch's batches are length-grouped: the permutation is
+  cut into windows of `_LENGTH_WINDOW` batches, each window sorted by length, and the batches
+  then shuffled, so a batch pads to its own longest row rather than to the data's.
   """
-  epoch, index = divmod(step, num_rows // batch_size)
-  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+  num_batches = num_rows // batch_size
+  epoch, index = divmod(step, num_batches)
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(num_rows)
+  if lengths is not None:
+    if len(lengths) != num_rows:
+      raise ValueError(f"epoch_rows: lengths has {len(lengths)} entries for num_rows={num_rows}.")
+    order = order[: num_batches * batch_size]  # The rows an epoch drops stay random.
+    window = _LENGTH_WINDOW * batch_size
+    order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                            for chunk in np.split(order, range(window, len(order), window))])
+    order = order.reshape(num_batches, batch_size)[rng.permutation(num_batches)].reshape(-1)
   return order[index * batch_size : (index + 1) * batch_size]
+
+
+_LENGTH_WINDOW = 64  # Batches per length-sorted window of `epoch_rows`.
+_WIDTH_MULTIPLE = 128  # SFT batches pad to a multiple of this: a handful of compiled shapes.
 
 
 class SftSource:
@@ -293,6 +311,8 @@ class SftSource:
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])
+    self.lengths = self.arrays["attention_mask"].sum(axis=1)
+    self.seq_len = config.train.max_seq_len
     self.batch_size = config.train.batch_episodes
     self.seed = config.seed
     if self.num_rows < self.batch_size:
@@ -305,8 +325,10 @@ class SftSource:
                  "sft/dropped": data.num_dropped}
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    rows = epoch_rows(self.num_rows, self.batch_size, self.seed, step)
-    return {k: v[rows] for k, v in self.arrays.items()}
+    """Step `step`'s rows, cut to their longest row rounded up to `_WIDTH_MULTIPLE`."""
+    rows = epoch_rows(self.num_rows, self.batch_size, self.seed, step, lengths=self.lengths)
+    width = min(self.seq_len, -(-int(self.lengths[rows].max()) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE)
+    return {k: v[rows, :width] for k, v in self.arrays.items()}
 
 
 class DistillSource:

@@ -106,6 +106,15 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
   assert manifest["games_won"] >= 1, manifest
   sft = tiny_config(tokenizer_dir, stage="sft", **{"sft.demos_dir": str(demos_dir), "sft.judge_examples": True,
                                                   "train.batch_episodes": 2, "eval.num_episodes": 0})
+  source = train.SftSource(sft, models.load_tokenizer(tokenizer_dir))
+  for step in range(4):  # Each batch is cut to its longest row, rounded up: no real token is lost.
+    cut = source.batch(step)
+    width = cut["tokens"].shape[1]
+    rows = train.epoch_rows(source.num_rows, 2, sft.seed, step, source.lengths)
+    assert width % 128 == 0 or width == sft.train.max_seq_len
+    assert width >= source.lengths[rows].max() and width - source.lengths[rows].max() < 128
+    np.testing.assert_array_equal(cut["tokens"], source.arrays["tokens"][rows, :width])
+    assert source.arrays["attention_mask"][rows, width:].sum() == 0
   train.train(sft, tmp_path / "sft")
   rows = writers.read_metrics(tmp_path / "sft")
   nll = [r["train/nll_mean"] for r in rows if "train/nll_mean" in r]
