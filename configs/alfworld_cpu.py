@@ -24,7 +24,9 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.method = method
   config.env.task_types = ("pick_and_place_simple", "look_at_obj_in_light")  # Where a tiny teacher succeeds.
   config.env.max_turns = 30
-  config.env.history_turns = 2
+  # The whole history (k = the turn limit): a tiny model keeps track of the receptacles it has
+  # opened only through its context, and acting then sees exactly the SFT transcripts' layout.
+  config.env.history_turns = 30
   config.env.num_workers = 2
   # Without the admissible list an episode transcript is ~420 tokens (p90 ~700) and fits
   # max_seq_len; with it every observation costs ~400 more.

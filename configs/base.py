@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft.demos_dir = ""  # A collect_demos output folder (demos.jsonl, judge.jsonl).
   config.sft.max_demos = 0  # Train on at most this many demonstrations; 0 means all.
   config.sft.judge_examples = False  # Also train on judge examples (a teacher that acts and judges).
+  config.sft.max_judge_examples = 0  # Train on at most this many judge examples; 0 means all.
 
   config.student = ml_collections.ConfigDict()
   config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.

@@ -103,6 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "demos.judge_states", allow_zero=True)
   _positive(config, "demos.game_timeout_s")
   _positive(config, "sft.max_demos", allow_zero=True)
+  _positive(config, "sft.max_judge_examples", allow_zero=True)
   if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
     raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
 

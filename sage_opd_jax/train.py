@@ -305,6 +305,8 @@ class SftSource:
     if config.sft.judge_examples:
       judge_examples = [sft_data.JudgeExample.from_demo(ex)
                         for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
+      if config.sft.max_judge_examples:
+        judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(
         tokenizer, demonstrations, judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible, seed=config.seed,

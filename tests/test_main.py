@@ -115,6 +115,10 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
     assert width >= source.lengths[rows].max() and width - source.lengths[rows].max() < 128
     np.testing.assert_array_equal(cut["tokens"], source.arrays["tokens"][rows, :width])
     assert source.arrays["attention_mask"][rows, width:].sum() == 0
+  capped = tiny_config(tokenizer_dir, stage="sft", **{"sft.demos_dir": str(demos_dir), "sft.judge_examples": True,
+                                                     "sft.max_judge_examples": 3, "train.batch_episodes": 2})
+  assert source.info["sft/judge_examples"] > 3
+  assert train.SftSource(capped, models.load_tokenizer(tokenizer_dir)).info["sft/judge_examples"] == 3
   train.train(sft, tmp_path / "sft")
   rows = writers.read_metrics(tmp_path / "sft")
   nll = [r["train/nll_mean"] for r in rows if "train/nll_mean" in r]
