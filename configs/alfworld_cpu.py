@@ -38,6 +38,8 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
                                          num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
 
   config.demos.limit = 0  # Every train game of the chosen task types.
+  # ~6 judge examples per won game would be ~85% of the teacher's SFT samples; acting comes first.
+  config.sft.max_judge_examples = 3000
   config.train.batch_episodes = 8
   config.train.max_seq_len = 1024
   config.train.eval_every = 10
