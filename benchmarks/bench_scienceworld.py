@@ -23,7 +23,7 @@ def main():
   parser.add_argument("--task_types", default="", help="comma-separated; default: all")
   args = parser.parse_args()
   start = time.perf_counter()
-  env = sw.ScienceWorldEnv(task_types=args.task_types.split(",") if args.task_types else None, max_steps=300)
+  env = sw.ScienceWorldEnv(task_types=args.task_types.split(",") if args.task_types else None, max_turns=300)
   print(f"engine start: {time.perf_counter() - start:.2f} s")
   start = time.perf_counter()
   tasks = env.tasks(args.split)

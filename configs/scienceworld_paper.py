@@ -5,7 +5,9 @@
       --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/scienceworld_sage_opd_0.6b
 
 ScienceWorld runs on the JVM (`apt-get install default-jre-headless`). Train episodes draw
-from the train variations; evaluation uses the dev and test variations.
+from the train variations; evaluation uses the dev and test variations. Demonstrations for
+an SFT stage are the engine's gold paths (`--config.stage=collect_demos`). Nothing of this
+config has been run at paper scale (docs/reproducing.md).
 """
 
 import ml_collections
@@ -20,7 +22,15 @@ def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
   config.env.eval_splits = ("dev", "test")
   config.env.max_turns = 50
   config.env.data_dir = ""  # ScienceWorld ships its tasks inside its package.
-  config.env.task_types = ()
+  config.env.task_types = ()  # All 30 task types.
+  # The engine's list of valid combinations (hundreds to over a thousand a turn) misses
+  # phrasings it accepts, so acting prompts leave it out; the judge prompt, which always
+  # lists it, sees 64 actions spread over the verbs.
+  config.env.show_admissible = False
+  config.env.simplifications = ""  # The engine's full tasks, as the ScienceWorld benchmark.
+  config.env.max_admissible = 64  # See above (0: all).
+  config.sampling.constrained = False  # The list misses accepted phrasings: free decoding.
   config.demos.split = "train"
+  config.demos.max_turns = 150  # Gold paths run up to ~140 turns (mendelian genetics).
   config.eval.num_episodes = 100
   return config

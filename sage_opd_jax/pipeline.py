@@ -8,6 +8,11 @@
   5. runs           from that same student, each method x seed for the same updates;
   6. results        a markdown table, a CSV and plots of what the runs measured.
 
+ScienceWorld (config.env.name="scienceworld") runs the same stages with the same
+folders, except that the first two swap: its demonstrations are the engine's gold
+paths, and its tokenizer's corpus is their text plus the engine's object, action and
+task names (`ScienceWorldEnv.vocabulary_texts`), since it has no game files to read.
+
 Every stage writes into its own folder under the workdir and is skipped when its output is
 complete, so an interrupted pipeline resumes where it stopped (a half-finished training
 stage resumes from its last checkpoint). `config.pipeline` sets the budgets.
@@ -16,10 +21,11 @@ stage resumes from its last checkpoint). `config.pipeline` sets the budgets.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -28,6 +34,7 @@ from sage_opd_jax import results
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
 from sage_opd_jax.envs import alfworld
+from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
 
 
@@ -57,12 +64,46 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 
 
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int) -> dict[str, Any]:
+  name = config.env.name
+  # The ALFWorld expert reads the game's facts; a gold path needs nothing more.
+  kwargs = dict(train.env_kwargs(config), **({"facts": True} if name == "alfworld" else {}),
+                max_turns=config.demos.max_turns)
   result = demos_lib.collect(
-      out_dir, split, dict(train.env_kwargs(config), facts=True, max_turns=config.demos.max_turns), env_name=config.env.name, num_workers=config.env.num_workers,
+      out_dir, split, kwargs, env_name=name, num_workers=config.env.num_workers,
       game_timeout_s=config.demos.game_timeout_s, limit=limit or None, judge_states=config.demos.judge_states,
-      seed=config.seed,
+      branch=demos_lib.DEFAULT_BRANCH[name], seed=config.seed,
   )
   return result.manifest
+
+
+def demo_texts(demos_dirs: Sequence[pathlib.Path]) -> list[str]:
+  """Every task, observation, action, admissible action and judge feedback of collection folders."""
+  texts: set[str] = set()
+  for folder in demos_dirs:
+    for name in (demos_lib.DEMOS, demos_lib.JUDGE):
+      path = folder / name
+      if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: collect the demonstrations first.")
+      for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if name == demos_lib.DEMOS:
+          texts.update([record["task"], *record["observations"], *record["actions"]])
+          texts.update(a for turn in record["admissible_actions"] for a in turn)
+        else:  # A Strong action may be None: an unparseable response has no text.
+          texts.update(t for t in (record["action"], record["feedback"]) if t is not None)
+  return sorted(texts)
+
+
+def _scienceworld_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Path,
+                            demos_dirs: Sequence[pathlib.Path]) -> str:
+  env = envs_base.make(config.env.name, **train.env_kwargs(config))
+  try:
+    engine_texts = env.vocabulary_texts()
+  finally:
+    env.close()
+  return tokenization.build_corpus_tokenizer(
+      [*engine_texts, *demo_texts(demos_dirs)], root / "tokenizer",
+      source="ScienceWorld object/action/task names and the collected gold-path demonstrations")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
@@ -70,19 +111,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   root = pathlib.Path(workdir)
   p = config.pipeline
   start = time.time()
-  data_dir = alfworld.resolve_data_dir(config.env.data_dir or None)  # A clear error when missing.
-
-  logging.info("[1/6] tokenizer")
-  tokenizer_dir = tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
-  vocab_size = results.padded_vocab_size(tokenizer_dir)
-  base = _derive(config, tokenizer_dir=tokenizer_dir, env__data_dir=str(data_dir),
-                 student__model__vocab_size=vocab_size, teacher__model__vocab_size=vocab_size)
-
-  logging.info("[2/6] demonstrations")
-  train_demos = root / "demos" / base.demos.split
-  _collect(base, train_demos, base.demos.split, base.demos.limit)
+  train_demos = root / "demos" / config.demos.split
   heldout_demos = root / "demos" / p.heldout_split
-  _collect(base, heldout_demos, p.heldout_split, p.heldout_games)
+
+  if config.env.name == "alfworld":
+    data_dir = alfworld.resolve_data_dir(config.env.data_dir or None)  # A clear error when missing.
+    logging.info("[1/6] tokenizer")
+    tokenizer_dir = tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
+    vocab_size = results.padded_vocab_size(tokenizer_dir)
+    base = _derive(config, tokenizer_dir=tokenizer_dir, env__data_dir=str(data_dir),
+                   student__model__vocab_size=vocab_size, teacher__model__vocab_size=vocab_size)
+
+    logging.info("[2/6] demonstrations")
+    _collect(base, train_demos, base.demos.split, base.demos.limit)
+    _collect(base, heldout_demos, p.heldout_split, p.heldout_games)
+  elif config.env.name == "scienceworld":  # Its tokenizer's corpus includes the demos: they come first.
+    logging.info("[1/6] demonstrations")
+    _collect(config, train_demos, config.demos.split, config.demos.limit)
+    _collect(config, heldout_demos, p.heldout_split, p.heldout_games)
+
+    logging.info("[2/6] tokenizer")
+    tokenizer_dir = _scienceworld_tokenizer(config, root, [train_demos, heldout_demos])
+    vocab_size = results.padded_vocab_size(tokenizer_dir)
+    base = _derive(config, tokenizer_dir=tokenizer_dir, student__model__vocab_size=vocab_size,
+                   teacher__model__vocab_size=vocab_size)
+  else:
+    raise config_lib.ConfigError(f"pipeline: config.env.name={config.env.name!r} has no tokenizer recipe.")
 
   logging.info("[3/6] teacher SFT (acting and judging)")
   teacher_dir = root / "teacher"

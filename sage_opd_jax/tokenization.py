@@ -1,11 +1,13 @@
-"""A word-level tokenizer for the CPU pipeline, built from ALFWorld's own text.
+"""A word-level tokenizer for the CPU pipeline, built from the env's own text.
 
 ALFWorld's text is very regular (a few hundred distinct words), so one token per
 word is enough for tiny models. The vocabulary is read from EVERY game file of
 every split (object and receptacle names from `pddl_problem`, task and feedback
 templates from `grammar`), so names that only occur in the unseen split never
 become unknown tokens, plus the words of our prompts and the engine's fixed
-answers.
+answers (`build_alfworld_tokenizer`). Any other text corpus, e.g. ScienceWorld's
+object and action names and its demonstrations, gives a tokenizer the same way
+(`build_corpus_tokenizer`).
 
 Pieces are split by the regex of `_PIECE_REGEX`: a word of letters with its
 leading space, a single digit (so every number is spelled without unknowns), a
@@ -29,7 +31,7 @@ import shutil
 import string
 import tempfile
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -223,27 +225,74 @@ def build_alfworld_tokenizer(
     names |= game_names
     templates |= game_templates
   texts = [*sorted(names), *sorted(templates), *_ENGINE_TEXTS, *prompt_texts(), *extra_texts]
+  _save_atomically(texts, out, lambda vocab_size: {
+      "fingerprint": fingerprint,
+      "game_files": len(files),
+      "object_names": len(names),
+      "vocab_size": vocab_size,
+      "build_seconds": round(time.perf_counter() - start, 2),
+  })
+  return str(out)
 
-  # Build beside the destination, then swap it in, so a crash never leaves half a directory.
+
+def build_corpus_tokenizer(
+    texts: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    source: str,
+    force: bool = False,
+) -> str:
+  """Builds (or reuses) a word-level tokenizer directory whose vocabulary covers `texts`.
+
+  The env-agnostic twin of `build_alfworld_tokenizer`, for envs whose text comes from
+  a corpus rather than game files (ScienceWorld: the engine's object and action names
+  and the collected demonstrations). Our prompts' words are always added.
+
+  Args:
+    texts: the corpus; its order and duplicates do not matter.
+    out_dir: where the Hugging Face tokenizer directory goes. If it already holds a
+      tokenizer built from the same set of texts (and prompts), it is reused as it is.
+    source: what the corpus is, recorded in the directory's manifest.
+    force: rebuild even when the cached directory matches.
+
+  Returns:
+    `out_dir`, as a string, for `AutoTokenizer.from_pretrained`.
+  """
+  out = pathlib.Path(out_dir)
+  corpus = sorted(set(texts))
+  if not corpus:
+    raise ValueError(f"build_corpus_tokenizer: texts is empty (source {source!r}).")
+  h = hashlib.sha256(f"recipe={_RECIPE_VERSION};corpus".encode())
+  for text in [*prompt_texts(), *corpus]:
+    h.update(hashlib.sha256(text.encode()).digest())
+  fingerprint = h.hexdigest()
+  manifest_path = out / "sage_manifest.json"
+  if not force and manifest_path.exists():
+    if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+      return str(out)
+  start = time.perf_counter()
+  _save_atomically([*corpus, *prompt_texts()], out, lambda vocab_size: {
+      "fingerprint": fingerprint,
+      "source": source,
+      "texts": len(corpus),
+      "vocab_size": vocab_size,
+      "build_seconds": round(time.perf_counter() - start, 2),
+  })
+  return str(out)
+
+
+def _save_atomically(texts: Sequence[str], out: pathlib.Path, manifest: Callable[[int], dict]) -> None:
+  """Builds the tokenizer of `texts` beside `out`, then swaps it in, so a crash never leaves half a directory."""
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
   try:
     hf = build_word_tokenizer(texts, tmp)
-    manifest = {
-        "fingerprint": fingerprint,
-        "game_files": len(files),
-        "object_names": len(names),
-        "vocab_size": len(hf),
-        "build_seconds": round(time.perf_counter() - start, 2),
-    }
-    (tmp / "sage_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / "sage_manifest.json").write_text(json.dumps(manifest(len(hf)), indent=2) + "\n")
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)
-  return str(out)
 
 
 def object_names(data_dir: str | os.PathLike[str], split: str) -> set[str]:

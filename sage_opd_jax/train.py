@@ -530,11 +530,32 @@ def evaluate(config, model, tokenizer, engine, tasks_by_split, *, step: int, wor
   return metrics
 
 
+# config.env keys that only one env's constructor takes (0 for max_admissible means all).
+_ENV_OWN_KEYS = {"alfworld": ("data_dir",), "scienceworld": ("simplifications", "max_admissible")}
+
+
 def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Constructor arguments of the configured environment."""
-  kwargs: dict[str, Any] = {"max_turns": config.env.max_turns, "seed": config.seed}
-  if config.env.name == "alfworld":
-    kwargs.update(data_dir=config.env.data_dir or None, task_types=list(config.env.task_types) or None)
+  """Constructor arguments of the configured environment.
+
+  Every env takes max_turns, seed and task_types; ALFWorld also its data folder, and
+  ScienceWorld its simplifications and admissible-list cap when the config sets them
+  (configs/scienceworld_*.py do; absent, the env's own defaults apply).
+  """
+  name = config.env.name
+  kwargs: dict[str, Any] = {"max_turns": config.env.max_turns, "seed": config.seed,
+                            "task_types": list(config.env.task_types) or None}
+  for other, keys in _ENV_OWN_KEYS.items():
+    for key in keys:
+      if other != name and config.env.get(key):
+        raise config_lib.ConfigError(
+            f"config.env.{key}={config.env[key]!r} is a setting of the {other!r} env, not of {name!r}.")
+  if name == "alfworld":
+    kwargs["data_dir"] = config.env.data_dir or None
+  elif name == "scienceworld":
+    if "simplifications" in config.env:
+      kwargs["simplifications"] = config.env.simplifications
+    if "max_admissible" in config.env:
+      kwargs["max_admissible"] = config.env.max_admissible or None
   return kwargs
 
 

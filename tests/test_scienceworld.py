@@ -16,7 +16,7 @@ LIFESPAN = "lifespan-longest-lived"
 
 @pytest.fixture(scope="module")
 def env():
-  e = envs.make("scienceworld", task_types=[FIND, LIFESPAN], max_steps=20)
+  e = envs.make("scienceworld", task_types=[FIND, LIFESPAN], max_turns=20)
   yield e
   e.close()
 
@@ -63,7 +63,7 @@ def test_reset_step_and_invalid_actions(env):
 
 
 def test_turn_limit_loses():
-  e = sw.ScienceWorldEnv(task_types=[FIND], max_steps=2)
+  e = sw.ScienceWorldEnv(task_types=[FIND], max_turns=2)
   try:
     e.reset(e.tasks("dev")[0])
     assert not e.step("look around").done
@@ -100,6 +100,103 @@ def test_gold_path_wins(env, task_type):
   demo = sw.gold_demonstration(env, task)
   assert demo.won, demo.actions
   assert all(demo.valid)
-  assert len(demo.observations) == len(demo.actions) == len(demo.rewards)
+  assert len(demo.observations) == len(demo.actions) + 1 == len(demo.rewards) + 1 == len(demo.admissible_actions) + 1
   # Scores run 0..100 and a win is 100, so the rewards (gains / 100) sum to 1.
   assert sum(demo.rewards) == pytest.approx(1.0)
+
+
+def test_seed_shuffles_the_task_order_reproducibly(env):
+  ordered = sorted(env.tasks("dev"), key=lambda t: (t.task_type, t.meta["variation"]))
+  assert env.tasks("dev") != ordered  # Seed 0 mixes the task types ...
+  assert {t.task_type for t in env.tasks("dev")[:10]} == {FIND, LIFESPAN}
+  other = sw.ScienceWorldEnv(task_types=[FIND, LIFESPAN], seed=1)
+  try:  # ... and another seed mixes them otherwise: the same tasks, another order.
+    assert sorted(other.tasks("dev"), key=lambda t: t.task_id) == sorted(ordered, key=lambda t: t.task_id)
+    assert other.tasks("dev") != env.tasks("dev")
+  finally:
+    other.close()
+
+
+def test_spread_over_verbs_takes_each_verbs_shortest_in_turn():
+  actions = ["move a to b", "focus on b", "go to a", "look around", "focus on a", "inventory", "go to b"]
+  # By words, then alphabetically: inventory | look around | focus on a, focus on b, go to a,
+  # go to b | move a to b; verbs in that order, one action each per round.
+  assert sw.spread_over_verbs(actions, 5) == ["inventory", "look around", "focus on a", "go to a", "move a to b"]
+  assert sw.spread_over_verbs(actions, 6)[5] == "focus on b"
+  assert sorted(sw.spread_over_verbs(actions, 100)) == sorted(actions)
+  assert sw.spread_over_verbs(actions, 0) == []
+
+
+def test_max_admissible_caps_the_list_with_the_same_actions(env):
+  capped = sw.ScienceWorldEnv(task_types=[FIND], max_admissible=12)
+  try:
+    task = env.make_task(FIND, env.variations(FIND, "dev")[0], "dev")
+    _, full = env.reset(task)
+    _, short = capped.reset(task)
+    assert len(full.admissible_actions) > 100 and len(short.admissible_actions) == 12
+    assert set(short.admissible_actions) <= set(full.admissible_actions)
+    assert "look around" in short.admissible_actions
+    assert len({a.split()[0] for a in short.admissible_actions}) >= 8  # Many verbs, not 12 "activate"s.
+    step = capped.step("look around")
+    assert len(step.info.admissible_actions) == 12
+  finally:
+    capped.close()
+
+
+def test_vocabulary_texts_name_objects_actions_and_tasks(env):
+  texts = env.vocabulary_texts()
+  for expected in ("giant tortoise", "aluminum foil", "look around", "find non living thing", envs.NOTHING_HAPPENS):
+    assert expected in texts
+  # It loaded a task: any running episode is over.
+  with pytest.raises(RuntimeError, match="reset"):
+    env.step("look around")
+
+
+def test_trainer_env_kwargs_build_scienceworld_and_keep_alfworld_as_it_was():
+  from configs import base, scienceworld_cpu
+  from sage_opd_jax import config as config_lib
+  from sage_opd_jax import train
+
+  config = scienceworld_cpu.get_config()
+  config.env.task_types = (FIND,)
+  kwargs = train.env_kwargs(config)
+  assert kwargs == {"max_turns": 15, "seed": 0, "task_types": [FIND], "simplifications": "",
+                    "max_admissible": 16}
+  made = envs.make("scienceworld", **kwargs)
+  try:
+    assert {t.task_type for t in made.tasks("test")} == {FIND}
+  finally:
+    made.close()
+  config.env.data_dir = "/data/alfworld"
+  with pytest.raises(config_lib.ConfigError, match="config.env.data_dir"):
+    train.env_kwargs(config)
+
+  alfworld = base.get_config()
+  assert train.env_kwargs(alfworld) == {"max_turns": 30, "seed": 0, "task_types": None, "data_dir": None}
+  alfworld.env.max_admissible = 5
+  with pytest.raises(config_lib.ConfigError, match="config.env.max_admissible"):
+    train.env_kwargs(alfworld)
+
+
+def test_expert_game_gives_gold_demo_and_checked_judge_examples(env):
+  from sage_opd_jax.envs import demos
+
+  task = env.make_task(FIND, env.variations(FIND, "train")[1], "train")
+  result = demos.expert_game(env, task, seed=0, judge_states=3, max_expert_steps=50, branch="replay")
+  assert result["status"] == "won" and result["error"] is None
+  demo = result["demo"]
+  assert demo["expert"] == sw.EXPERT_NAME and set(demo) == set(demos.DEMO_KEYS)
+  assert len(demo["observations"]) == len(demo["actions"]) + 1 == len(demo["admissible_actions"]) + 1
+  judge = result["judge"]
+  assert {r["label"] for r in judge} >= {"Skip", "Strong"} and len({r["turn"] for r in judge}) == 3
+  for record in judge:
+    t = record["turn"]
+    assert record["observation"] == demo["observations"][t]
+    if record["label"] == "Skip":
+      assert record["action"] == demo["actions"][t] and record["feedback"] == demo["observations"][t + 1]
+    elif record["label"] == "Strong":  # Rejected by the engine, or an unparseable response.
+      assert not record["valid"] and record["feedback"] == envs.NOTHING_HAPPENS
+    else:
+      assert record["valid"] and record["action"] in record["admissible_actions"]
+  with pytest.raises(ValueError, match="replay"):
+    demos.expert_game(env, task, seed=0, judge_states=1, max_expert_steps=50, branch="snapshot")

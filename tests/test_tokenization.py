@@ -161,3 +161,26 @@ def test_cache_reuse_and_extra_texts(tmp_path):
 def test_missing_data_dir_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="alfworld-download"):
     tokenization.build_alfworld_tokenizer(tmp_path / "nowhere", tmp_path / "tok")
+
+
+def test_corpus_tokenizer_covers_its_texts_and_is_cached_by_their_set(tmp_path):
+  out = tmp_path / "corpus"
+  texts = ["This room is called the kitchen. In it, you see: \n\ta giant tortoise", "focus on baby baby brown bear"]
+  path = tokenization.build_corpus_tokenizer(texts, out, source="test corpus")
+  manifest = json.loads((out / "sage_manifest.json").read_text())
+  assert manifest["source"] == "test corpus" and manifest["texts"] == 2
+  tok = AutoTokenizer.from_pretrained(path)
+  for text in [*texts, "Kitchen tortoise, Brown bear.", *tokenization.prompt_texts()]:
+    _assert_round_trip_without_unknowns(tok, text)
+  assert tok.unk_token_id in tok.encode("quokka", add_special_tokens=False)
+  assert len(tok) == manifest["vocab_size"]
+  marker = out / "marker"
+  marker.write_text("x")
+  # The same set of texts, in another order and with a duplicate: reused untouched.
+  tokenization.build_corpus_tokenizer([texts[1], texts[0], texts[1]], out, source="test corpus")
+  assert marker.exists()
+  tokenization.build_corpus_tokenizer([*texts, "a quokka"], out, source="test corpus")
+  assert not marker.exists()
+  _assert_round_trip_without_unknowns(AutoTokenizer.from_pretrained(path), "The quokka.")
+  with pytest.raises(ValueError, match="texts is empty"):
+    tokenization.build_corpus_tokenizer([], tmp_path / "empty", source="nothing")

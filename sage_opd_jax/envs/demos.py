@@ -1,5 +1,8 @@
 """Expert demonstrations and judge examples, collected into JSONL by worker processes.
 
+The expert is the env's own (`EXPERTS`): ALFWorld's imitable hand-coded expert, or
+ScienceWorld's gold path.
+
 One output folder per (env, split):
 
   manifest.json   what was collected, with which settings, and the tallies so far
@@ -31,6 +34,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import time
 import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,6 +45,7 @@ from sage_opd_jax.envs import alfworld as alfworld_env
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import pool as pool_lib
+from sage_opd_jax.envs import scienceworld as scienceworld_env
 
 MANIFEST = "manifest.json"
 GAMES = "games.jsonl"
@@ -59,7 +64,13 @@ JUDGE_KEYS = (
     "env", "split", "task_id", "task_type", "task", "turn", "observation",
     "admissible_actions", "label", "action", "valid", "feedback",
 )
+# The expert of each env, as manifests and demo records name it: ALFWorld's imitable
+# hand-coded expert, ScienceWorld's gold path (the engine's own solution of the task).
+EXPERTS = {"alfworld": alfworld_expert.EXPERT_NAME, "scienceworld": scienceworld_env.EXPERT_NAME}
+# How each env's judge examples copy a state: only ALFWorld's engine can be snapshotted.
+DEFAULT_BRANCH = {"alfworld": "snapshot", "scienceworld": "replay"}
 # Manifest settings that must match for a re-run to resume a folder.
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps")
 
 
@@ -106,28 +117,44 @@ def _examples_at(
   return out
 
 
+def _same_observation(replayed: str, recorded: str) -> bool:
+  """Equal, or equal as bags of words: ScienceWorld lists a room's objects in a new order on every load."""
+  return replayed == recorded or sorted(_TOKEN_RE.findall(replayed)) == sorted(_TOKEN_RE.findall(recorded))
+
+
+def _replay_prefix(env: base.Env, task: base.Task, episode: alfworld_expert.Episode, t: int) -> None:
+  """Resets `task` and replays the episode's first t actions, checking that it retraces them."""
+  observation, _ = env.reset(task)
+  if not _same_observation(observation, episode.observations[0]):
+    raise RuntimeError(f"{task.task_id}: replayed reset differs from the recorded one.")
+  for i in range(t):
+    replayed = env.step(episode.actions[i])
+    if not _same_observation(replayed.observation, episode.observations[i + 1]) or replayed.done:
+      raise RuntimeError(f"{task.task_id}: replay diverged at turn {i + 1}.")
+
+
 def _judge_by_replay(
     env: base.Env, task: base.Task, episode: alfworld_expert.Episode, turns: Sequence[int], rng: random.Random
 ) -> list[dict[str, Any]]:
   """Judge examples whose state copies are made by a fresh reset and a replay of the prefix.
 
   Works for any env; costs a reset and t steps per state. The replay must retrace the
-  recorded episode, or this raises.
+  recorded episode, or this raises. Where the env lists only part of what its engine
+  accepts (ScienceWorld), the Strong candidate may turn out valid; that state is then
+  replayed again and the Strong action is an unparseable response (None) instead.
   """
   out = []
   for t in turns:
     weak_action = _weak_choice(episode.admissible_actions[t], episode.actions[t], rng)
     invalid = _invalid_candidates(episode.actions, episode.admissible_actions, t)
     strong_action = rng.choice(invalid) if invalid else None  # None: an unparseable response.
-    observation, _ = env.reset(task)
-    if observation != episode.observations[0]:
-      raise RuntimeError(f"{task.task_id}: replayed reset differs from the recorded one.")
-    for i in range(t):
-      replayed = env.step(episode.actions[i])
-      if replayed.observation != episode.observations[i + 1] or replayed.done:
-        raise RuntimeError(f"{task.task_id}: replay diverged at turn {i + 1}.")
+    _replay_prefix(env, task, episode, t)
     # The invalid action leaves the engine's state as it was, so the Weak one can follow.
     strong = env.step(strong_action)
+    if strong.info.valid:
+      strong_action = None
+      _replay_prefix(env, task, episode, t)
+      strong = env.step(strong_action)
     weak = None
     if weak_action is not None and not strong.done:
       result = env.step(weak_action)
@@ -136,6 +163,17 @@ def _judge_by_replay(
       weak = (weak_action, result.observation, result.info.valid)
     out += _examples_at(task, episode, t, weak, (strong_action, strong.observation, strong.info.valid))
   return out
+
+
+def _scienceworld_episode(env: base.Env, task: base.Task) -> alfworld_expert.Episode:
+  """ScienceWorld's gold path, played in the engine, as an expert `Episode`."""
+  start = time.perf_counter()
+  demo = scienceworld_env.gold_demonstration(env, task)
+  return alfworld_expert.Episode(
+      task=task, task_text=demo.task_text, observations=demo.observations, actions=demo.actions,
+      valid=demo.valid, admissible_actions=demo.admissible_actions, won=demo.won, error=None,
+      seconds=time.perf_counter() - start,
+  )
 
 
 def expert_game(
@@ -171,9 +209,15 @@ def expert_game(
       peek_seconds += time.perf_counter() - peek_start
 
   snapshot = judge_states > 0 and branch == "snapshot"
-  episode = alfworld_expert.run_episode(
-      env, task, max_steps=max_expert_steps, seed=expert_seed, before_step=peek_weak if snapshot else None
-  )
+  if task.env == scienceworld_env.ENV_NAME:
+    if snapshot:
+      raise ValueError("branch='snapshot' steps ALFWorld's engine; ScienceWorld's judge examples need 'replay'.")
+    # The gold path has its own length; the env's turn limit bounds it, not max_expert_steps.
+    episode = _scienceworld_episode(env, task)
+  else:
+    episode = alfworld_expert.run_episode(
+        env, task, max_steps=max_expert_steps, seed=expert_seed, before_step=peek_weak if snapshot else None
+    )
   result: dict[str, Any] = dict(
       status="won" if episode.won else "lost", turns=len(episode.actions), error=episode.error, demo=None,
       judge=[], judge_seconds=peek_seconds,
@@ -181,7 +225,7 @@ def expert_game(
   if episode.won:
     result["demo"] = dict(
         env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text,
-        expert=alfworld_expert.EXPERT_NAME, observations=episode.observations, actions=episode.actions,
+        expert=EXPERTS[task.env], observations=episode.observations, actions=episode.actions,
         valid=episode.valid, admissible_actions=episode.admissible_actions, won=True,
         num_turns=len(episode.actions), seconds=episode.seconds,
     )
@@ -278,15 +322,16 @@ def collect(
     out_dir: output folder; an existing one is resumed (its settings must match).
     split: the env's split, e.g. "train".
     env_kwargs: the env's constructor arguments; the ALFWorld expert needs facts=True.
-    env_name: registered env name.
+    env_name: registered env name; `EXPERTS` names the expert that plays it.
     num_workers: worker processes.
     game_timeout_s: hard limit per game (the episode and its judge replays).
     limit: only the first `limit` games of the split's order; None takes all.
     judge_states: states per won episode that get judge examples; 0 for none.
     branch: how judge examples step a copy of a state: "snapshot" (ALFWorld's engine,
       `alfworld_expert.peek`) or "replay" (any env; a reset and a replay per state).
+      `DEFAULT_BRANCH` holds each env's choice; ScienceWorld has only "replay".
     seed: seeds the expert's random choices and the judge examples, per game.
-    max_expert_steps: the expert's own step budget.
+    max_expert_steps: the ALFWorld expert's own step budget (a gold path has its own length).
     retry_failed: on resume, run again the games that ended in error/timeout/crash.
     game_fn: the pool call that plays one game (tests inject failures through it).
     imports: modules the workers import first (e.g. one registering a test env).
@@ -297,10 +342,14 @@ def collect(
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   env_kwargs = dict(env_kwargs)
-  if game_fn is expert_game and not env_kwargs.get("facts"):
-    raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
+  if game_fn is expert_game:
+    if env_name not in EXPERTS:
+      raise ValueError(f"env_name={env_name!r} has no expert; experts exist for {sorted(EXPERTS)}.")
+    if env_name == "alfworld" and not env_kwargs.get("facts"):
+      raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
   settings = dict(
-      env=env_name, split=split, expert=alfworld_expert.EXPERT_NAME, env_kwargs=env_kwargs,
+      # A test's own game_fn on a test env is recorded under ALFWorld's expert, as before.
+      env=env_name, split=split, expert=EXPERTS.get(env_name, alfworld_expert.EXPERT_NAME), env_kwargs=env_kwargs,
       judge_states=judge_states, branch=branch, seed=seed, max_expert_steps=max_expert_steps,
   )
   manifest_path = out / MANIFEST

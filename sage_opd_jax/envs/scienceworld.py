@@ -21,17 +21,21 @@ An exception from the engine (e.g. the JVM died) ends the episode lost with
 from __future__ import annotations
 
 import dataclasses
+import random
+import re
 import shutil
 from typing import Sequence
 
 from sage_opd_jax.envs.base import NOTHING_HAPPENS, StepInfo, StepResult, Task, register
 
 ENV_NAME = "scienceworld"
+EXPERT_NAME = "scienceworld_gold_path"  # The expert `gold_demonstration` plays (demos' manifests name it).
 SPLITS = ("train", "dev", "test")
 # Prefixes of the engine's answers to commands it cannot parse or ground.
 _REJECTIONS = ("No known action matches that input", "Unknown action.")
 _AMBIGUOUS = "Ambiguous request"
 _MAX_SCORE = 100
+_CAMEL_RE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
 def java_available() -> bool:
@@ -39,24 +43,52 @@ def java_available() -> bool:
   return shutil.which("java") is not None
 
 
+def spread_over_verbs(actions: Sequence[str], n: int) -> list[str]:
+  """`n` of `actions`, one verb at a time: each verb's shortest action, then its next, ...
+
+  A verb is an action's first word ("go", "focus", "pick"); within a verb, actions go
+  by word count, then alphabetically, and verbs by their shortest action. A pure
+  function of the set of actions, so a replayed state lists the same ones.
+  """
+  by_verb: dict[str, list[str]] = {}
+  for action in sorted(set(actions), key=lambda a: (len(a.split()), a)):
+    by_verb.setdefault(action.split(" ", 1)[0], []).append(action)
+  queues = list(by_verb.values())
+  out: list[str] = []
+  depth = 0
+  while len(out) < n and any(depth < len(q) for q in queues):
+    out += [q[depth] for q in queues if depth < len(q)][: n - len(out)]
+    depth += 1
+  return out
+
+
 @register(ENV_NAME)
 class ScienceWorldEnv:
   """One ScienceWorld engine (one JVM). Not thread-safe; one per worker.
 
+  The first three arguments are the ones every env takes from the trainer
+  (`train.env_kwargs`); the last two are ScienceWorld's own.
+
   Args:
-    task_types: the task types that `tasks()` lists (default: all 30).
+    task_types: the task types that `tasks()` lists (None: all 30).
+    max_turns: the turn limit; every `step` call counts, invalid ones too.
+    seed: shuffles each split's task order, reproducibly (as ALFWorld's does), so
+      that the first N tasks of a split mix its task types.
     simplifications: the engine's simplification string, e.g. "easy" or
       "noElectricalAction" (which also removes `connect` actions from the list).
-    max_steps: the turn limit; every `step` call counts, invalid ones too.
-    max_admissible: keep only the first this-many admissible actions, in the
-      engine's order (None keeps all; there are often hundreds).
+    max_admissible: keep only this many admissible actions, spread over their verbs
+      (`spread_over_verbs`); None keeps all. The engine lists every action-object
+      combination alphabetically, often several hundred to over a thousand, mostly
+      two-object `move`/`pour`/`mix` ones, so its first N would all be `activate`
+      and `close` ones.
   """
 
   def __init__(
       self,
       task_types: Sequence[str] | None = None,
+      max_turns: int = 100,
+      seed: int = 0,
       simplifications: str = "",
-      max_steps: int = 100,
       max_admissible: int | None = None,
   ):
     if not java_available():
@@ -64,15 +96,15 @@ class ScienceWorldEnv:
           "ScienceWorld needs Java (its engine runs in a JVM), but no `java` is on PATH; "
           "install a JRE >= 11, e.g. `apt-get install default-jre-headless`."
       )
-    if max_steps < 1:
-      raise ValueError(f"max_steps must be >= 1; got {max_steps}.")
+    if max_turns < 1:
+      raise ValueError(f"max_turns must be >= 1; got {max_turns}.")
     if max_admissible is not None and max_admissible < 0:
       raise ValueError(f"max_admissible must be >= 0 or None; got {max_admissible}.")
     from scienceworld import ScienceWorldEnv as _Engine  # Heavy: starts the JVM.
 
     # The engine's own limit counts only accepted moves; ours counts turns, so set the
     # engine's one above ours and let ours decide.
-    self._engine = _Engine("", envStepLimit=max_steps + 1)
+    self._engine = _Engine("", envStepLimit=max_turns + 1)
     all_types = list(self._engine.get_task_names())
     if task_types is None:
       task_types = all_types
@@ -80,8 +112,9 @@ class ScienceWorldEnv:
     if unknown:
       raise ValueError(f"task_types has unknown ScienceWorld tasks {unknown}; known: {all_types}.")
     self._task_types = sorted(task_types)
+    self._seed = seed
     self._simplifications = simplifications
-    self._max_steps = max_steps
+    self._max_turns = max_turns
     self._max_admissible = max_admissible
     self._variations: dict[tuple[str, str], list[int]] = {}
     self._task: Task | None = None
@@ -110,12 +143,14 @@ class ScienceWorldEnv:
     return list(self._variations[key])
 
   def tasks(self, split: str) -> list[Task]:
-    """Every (task type, variation) of `split`: by task type, then variation."""
-    return [
+    """Every (task type, variation) of `split`, sorted by both, then shuffled by `seed`."""
+    tasks = [
         self.make_task(task_type, variation, split)
         for task_type in self._task_types
         for variation in self.variations(task_type, split)
     ]
+    random.Random(self._seed).shuffle(tasks)
+    return tasks
 
   def make_task(self, task_type: str, variation: int, split: str) -> Task:
     return Task(
@@ -125,6 +160,22 @@ class ScienceWorldEnv:
         task_type=task_type,
         meta={"variation": variation, "simplifications": self._simplifications},
     )
+
+  def vocabulary_texts(self) -> list[str]:
+    """The engine's own names, for a tokenizer's vocabulary beyond what demonstrations show.
+
+    Every object class of the simulator ("GiantTortoise" as "giant tortoise"), every
+    action template and every task name, so that objects met only in dev or test
+    variations still have words. The engine lists actions only with a task loaded, so
+    this loads one, which ends any running episode.
+    """
+    self._engine.load(self._task_types[0], 0, self._simplifications)
+    self._done = True
+    classes = [name.rsplit(".", 1)[-1] for name in self._engine.get_object_types()]
+    objects = [_CAMEL_RE.sub(" ", name).lower() for name in classes]
+    templates = [t.replace("OBJ", " ") for t in self._engine.get_possible_actions()]
+    tasks = [name.replace("-", " ") for name in self._engine.get_task_names()]
+    return sorted({*objects, *templates, *tasks, NOTHING_HAPPENS})
 
   # -- Episodes --------------------------------------------------------------
 
@@ -138,11 +189,13 @@ class ScienceWorldEnv:
         generateGoldPath=gold,
     )
 
-  def _admissible(self) -> list[str]:
-    actions = list(self._engine.get_valid_action_object_combinations())
-    if self._max_admissible is not None:
-      actions = actions[:self._max_admissible]
-    return actions
+  def _admissible(self, actions: Sequence[str] | None = None) -> list[str]:
+    """The engine's valid combinations (`actions`, else asked for), cut to `max_admissible`."""
+    if actions is None:
+      actions = self._engine.get_valid_action_object_combinations()
+    if self._max_admissible is None:
+      return list(actions)
+    return spread_over_verbs(actions, self._max_admissible)
 
   def reset(self, task: Task) -> tuple[str, StepInfo]:
     return self._begin(task, gold=False)
@@ -184,7 +237,7 @@ class ScienceWorldEnv:
                         error=f"{type(e).__name__}: {e}", extra={"score": self._score})
         return StepResult(observation=NOTHING_HAPPENS, reward=0.0, done=True, info=info)
     won = engine_done and self._score >= _MAX_SCORE
-    lost = not won and (engine_done or self._turns >= self._max_steps)
+    lost = not won and (engine_done or self._turns >= self._max_turns)
     self._done = won or lost
     extra["score"] = self._score
     if self._done:
@@ -210,10 +263,7 @@ class ScienceWorldEnv:
     reward = (score - self._score) / _MAX_SCORE
     self._score = score
     # The engine's step already listed the valid combinations; reuse them.
-    admissible = list(engine_info["valid"])
-    if self._max_admissible is not None:
-      admissible = admissible[:self._max_admissible]
-    return observation, valid, reward, engine_done, admissible
+    return observation, valid, reward, engine_done, self._admissible(engine_info["valid"])
 
   def close(self) -> None:
     self._engine.close()
@@ -221,7 +271,12 @@ class ScienceWorldEnv:
 
 @dataclasses.dataclass
 class Demonstration:
-  """One episode played by an expert: `observations[t]` precedes `actions[t]`."""
+  """One episode played by an expert, laid out like ALFWorld's expert episodes.
+
+  `observations[0]` is the reset's and `observations[t]` answers `actions[t-1]`, so
+  there is one more observation than actions; `admissible_actions[t]` is the list in
+  force when `actions[t]` was chosen.
+  """
 
   task: Task
   task_text: str
@@ -230,6 +285,7 @@ class Demonstration:
   valid: list[bool]
   rewards: list[float]
   won: bool
+  admissible_actions: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 def gold_demonstration(env: ScienceWorldEnv, task: Task) -> Demonstration:
@@ -241,6 +297,7 @@ def gold_demonstration(env: ScienceWorldEnv, task: Task) -> Demonstration:
   """
   observation, info, actions = env.reset_with_gold(task)
   demo = Demonstration(task, info.task, [observation], [], [], [], won=False)
+  admissible = info.admissible_actions
   after_ambiguity = False
   for action in actions:
     if after_ambiguity and action.strip().isdigit():
@@ -251,11 +308,13 @@ def gold_demonstration(env: ScienceWorldEnv, task: Task) -> Demonstration:
       continue
     result = env.step(action)
     after_ambiguity = "ambiguous" in result.info.extra
+    demo.admissible_actions.append(admissible)
     demo.actions.append(action)
     demo.valid.append(result.info.valid)
     demo.rewards.append(result.reward)
+    demo.observations.append(result.observation)
     demo.won = result.info.won
+    admissible = result.info.admissible_actions
     if result.done:
       break
-    demo.observations.append(result.observation)
   return demo
