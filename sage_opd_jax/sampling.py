@@ -332,12 +332,16 @@ def _generate(
   model = nnx.merge(graphdef, state)
   batch, chunk_len = chunk_BxP.shape
   steps = config.max_new_tokens
+  # Per-layer weights sliced once here: inside the loop, every step would copy them out of
+  # the stacked arrays (XLA:CPU materialises each slice).
+  layer_params = model.layers.unstacked()
 
   # One chunked forward for the new tokens of every row; only the last real position's hidden
   # state becomes logits, so [B, P, V] is never materialised.
   chunk_lengths_B = jnp.where(active_B, chunk_lengths_B, 0).astype(jnp.int32)
   mask_BxP = (jnp.arange(chunk_len)[None, :] < chunk_lengths_B[:, None]).astype(jnp.int32)
-  hidden_BxPxD, cache = model.hidden_states(chunk_BxP, attention_mask=mask_BxP, cache=cache)
+  hidden_BxPxD, cache = model.hidden_states(chunk_BxP, attention_mask=mask_BxP, cache=cache,
+                                            layer_params=layer_params)
   last_Bx1x1 = jnp.maximum(chunk_lengths_B - 1, 0)[:, None, None]
   hidden_Bx1xD = jnp.take_along_axis(hidden_BxPxD, last_Bx1x1, axis=1)
   logits_BxV = model.lm_logits(hidden_Bx1xD)[:, 0].astype(jnp.float32)
@@ -393,7 +397,7 @@ def _generate(
     # Feed every token emitted this step, the final ones too, so that the cache ends up
     # holding the whole response and the next turn appends only new observation tokens.
     logits_Bx1xV, cache = model(token_B[:, None], attention_mask=alive_B[:, None].astype(
-        jnp.int32), cache=c["cache"])
+        jnp.int32), cache=c["cache"], layer_params=layer_params)
     return dict(
         step=c["step"] + 1,
         logits=logits_Bx1xV[:, 0].astype(jnp.float32),
@@ -570,7 +574,7 @@ class EpisodeCache:
 
   @property
   def max_len(self) -> int:
-    return int(self._cache.k.shape[2])
+    return self._cache.max_len
 
   def _new_cache(self, batch: int, max_len: int) -> Any:
     # The cache is left where jit puts it: after the first call it keeps the layout XLA chose
@@ -586,9 +590,8 @@ class EpisodeCache:
   def _take_rows(self, rows: np.ndarray) -> None:
     """Keeps cache rows `rows` (in that order), dropping the others."""
     idx = jnp.asarray(rows)
-    cache = self._cache
-    self._cache = cache.replace(k=jnp.take(cache.k, idx, axis=1), v=jnp.take(cache.v, idx, axis=1),
-        lengths=jnp.take(cache.lengths, idx, axis=0))
+    cache = self._cache.map_kv(lambda kv_BxTxKxH: jnp.take(kv_BxTxKxH, idx, axis=0))
+    self._cache = cache.replace(lengths=jnp.take(cache.lengths, idx, axis=0))
 
   def _maybe_compact(self, live: np.ndarray) -> None:
     target = max(_next_pow2(len(live)), self._min_batch)
@@ -607,9 +610,8 @@ class EpisodeCache:
     new_len = bucket_length(need, self._min_len)
     if new_len <= self.max_len:
       return
-    pad = [(0, 0)] * self._cache.k.ndim
-    pad[2] = (0, new_len - self.max_len)
-    self._cache = self._cache.replace(k=jnp.pad(self._cache.k, pad), v=jnp.pad(self._cache.v, pad))
+    pad = ((0, 0), (0, new_len - self.max_len), (0, 0), (0, 0))
+    self._cache = self._cache.map_kv(lambda kv_BxTxKxH: jnp.pad(kv_BxTxKxH, pad))
 
   def generate(
       self,

@@ -161,8 +161,8 @@ def test_sharded_forward_equals_unsharded(hf_dirs, axes, tmp_path):
   # The cached path on a sharded cache: a prefill of 6 then a chunk of 4.
   cache = jax.device_put(init_cache(sharded.config, 8, 12),
                          cache_sharding(sharded.config, mesh))
-  assert cache.k.addressable_shards[0].data.shape == (2, 8 // (8 // axes["tensor"]), 12,
-                                                      2 // axes["tensor"], 16)
+  assert cache.k[0].addressable_shards[0].data.shape == (8 // (8 // axes["tensor"]), 12,
+                                                         2 // axes["tensor"], 16)
   logits = []
   for part in (ids[:, :6], ids[:, 6:]):
     out, cache = _fwd_cache(graphdef, state, jax.device_put(jnp.asarray(part),

@@ -155,7 +155,7 @@ def test_bf16_close_to_fp32():
   err = np.abs(np.asarray(got - want)).max()
   assert err < 0.05 * np.abs(np.asarray(want)).max(), err
   cache = init_cache(config16, 2, 12)
-  assert cache.k.dtype == jnp.bfloat16
+  assert all(a.dtype == jnp.bfloat16 for a in cache.k + cache.v)
   logits, cache = _fwd_cache(g16, state16, ids, jnp.ones((2, 10), jnp.int32), cache)
   np.testing.assert_allclose(logits, got, atol=2e-2, rtol=0)
 
@@ -193,7 +193,8 @@ def test_attention_chunk_matches_whole_sequence():
   want, want_cache = _fwd_cache(graphdef, state, ids, mask, cache)
   got, got_cache = _fwd_cache(chunked, state, ids, mask, cache)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6, rtol=0)
+  for got_k, want_k in zip(got_cache.k, want_cache.k):
+    np.testing.assert_allclose(got_k, want_k, atol=1e-6, rtol=0)
   with pytest.raises(ValueError, match="attention_chunk"):
     ModelConfig(attention_chunk=-1)
 
@@ -218,7 +219,10 @@ def test_init_cache_shape():
   config = ModelConfig(**TINY)
   cache = init_cache(config, 3, 20)
   assert isinstance(cache, KVCache)
-  assert cache.k.shape == (2, 3, 20, 2, 8) and cache.v.shape == cache.k.shape
+  # One [B, T, K, H] buffer per layer.
+  assert len(cache.k) == len(cache.v) == 2 and cache.num_layers == 2
+  assert all(a.shape == (3, 20, 2, 8) for a in cache.k + cache.v)
+  assert cache.max_len == 20 and cache.batch_size == 3
   assert cache.lengths.dtype == jnp.int32 and not cache.lengths.any()
 
 

@@ -126,9 +126,9 @@ def cache_sharding(config: ModelConfig, mesh: Mesh) -> KVCache:
   if config.num_kv_heads % mesh.shape["tensor"]:
     raise ValueError(f"cache_sharding: num_kv_heads={config.num_kv_heads} is not divisible by "
                      f"mesh axis 'tensor' of size {mesh.shape['tensor']}")
-  kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, LOGICAL_RULES["kv_heads"],
-                                         None))
-  return KVCache(k=kv, v=kv, lengths=batch_sharding(mesh))
+  kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, LOGICAL_RULES["kv_heads"], None))
+  layers = (kv,) * config.num_layers
+  return KVCache(k=layers, v=layers, lengths=batch_sharding(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

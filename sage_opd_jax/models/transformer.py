@@ -1,8 +1,10 @@
 """A decoder-only transformer (Qwen3 / Qwen2 / Llama) in Flax NNX.
 
 Layer parameters are stacked along a leading `layers` axis and the blocks run under one
-`jax.lax.scan`: compile time stays flat in depth (Qwen3-8B has 36 layers), and the KV cache
-`[L, B, T, K, H]` rides in the scan carry so each layer scatters its new keys in place.
+`jax.lax.scan`: compile time stays flat in depth (Qwen3-8B has 36 layers). The cached pass
+(prefill and decode steps of the sampler) unrolls the layers instead, over a KV cache with one
+`[B, T, K, H]` buffer per layer, so each layer scatters its new keys in place and attention
+reads the buffer as stored (no per-step copy of a layer's slice out of a stacked cache).
 The block itself is a pure function of arrays (`_block`); the modules only own parameters.
 
 Shape letters: B batch, S chunk length, T cache slots (or S without a cache), D hidden,
@@ -12,7 +14,7 @@ V vocab, L layers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,9 +86,12 @@ def _attend_one(q_Bx1xKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Arr
   scores_BxTxKG = jnp.where(allowed_Bx1xT[:, 0, :, None], scores_BxTxKG, _MASK_VALUE)
   probs_BxTxKG = jax.nn.softmax(scores_BxTxKG, axis=1).astype(q_Bx1xKxGxH.dtype)
   out_BxKGxKH = jnp.einsum("bty,btx->byx", probs_BxTxKG, v_BxTxKxH.reshape(B, T, K * H))
-  # Diagonal blocks by indexing (not a product with the identity), so no 0 * x ever enters.
-  out_BxGxHxK = jnp.diagonal(out_BxKGxKH.reshape(B, K, G, K, H), axis1=1, axis2=3)
-  return jnp.transpose(out_BxGxHxK, (0, 3, 1, 2))[:, None]
+  # Diagonal blocks by static slices (not a product with the identity, so no 0 * x ever
+  # enters), stacked kv-head-major: the [B, K, G, H] result is the o_proj input as stored, so
+  # XLA does not transpose o_proj's weight at every step to match a [G, H, K] layout.
+  out_BxKxGxH = jnp.stack([out_BxKGxKH[:, k * G:(k + 1) * G, k * H:(k + 1) * H]
+                           for k in range(K)], axis=1)
+  return out_BxKxGxH[:, None]
 
 
 def _attend(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
@@ -153,6 +158,17 @@ class DecoderLayers(nnx.Module):
     return {name: value[...] for name, value in vars(self).items()
             if isinstance(value, nnx.Param)}
 
+  def unstacked(self) -> tuple[dict[str, jax.Array], ...]:
+    """Each layer's parameters, by name (static slices of the stacked arrays).
+
+    For the cached forward pass (see `Transformer.hidden_states`): under jit the slices are
+    materialised where they are taken, so a decode loop takes them once, before the loop,
+    instead of copying every layer's weights out of the stacked arrays at every step.
+    """
+    stacked = self.stacked()
+    return tuple({name: value[i] for name, value in stacked.items()}
+                 for i in range(self.input_norm.shape[0]))
+
 
 def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
            cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array, allowed_BxSxT: jax.Array,
@@ -211,11 +227,13 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), pd, ("embed", "vocab"))
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+               attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+               layer_params: Sequence[dict[str, jax.Array]] | None = None):
     """Logits [B, S, V] in float32, or (logits, new_cache) when a cache is given."""
     if cache is None:
       return self.lm_logits(self.hidden_states(input_ids, positions, attention_mask))
-    hidden_BxSxD, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache)
+    hidden_BxSxD, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache,
+                                                 layer_params)
     return self.lm_logits(hidden_BxSxD), new_cache
 
   def lm_logits(self, hidden_BxSxD: jax.Array) -> jax.Array:
@@ -228,8 +246,12 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                    attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+                    attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+                    layer_params: Sequence[dict[str, jax.Array]] | None = None):
     """Final-normed hidden states [B, S, D] (compute dtype), plus the new cache if given.
+
+    With a cache the layer loop is unrolled (one in-place update of each layer's buffer, no
+    slice of a stacked carry); without one the layers run under `lax.scan`.
 
     Args:
       input_ids: [B, S] int token ids.
@@ -238,7 +260,11 @@ class Transformer(nnx.Module):
         padding keys (combined with causal); with a cache the chunk must be right-padded and
         the mask only sets how far `lengths` advances.
       cache: a KVCache to append this chunk to.
+      layer_params: with a cache only: `self.layers.unstacked()`, taken once outside a decode
+        loop; default: sliced here.
     """
+    if layer_params is not None and cache is None:
+      raise ValueError("hidden_states: layer_params is only used with a cache")
     c = self.config
     dt = c.jnp_dtype
     B, S = input_ids.shape
@@ -274,22 +300,30 @@ class Transformer(nnx.Module):
     rows_BxS = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S))
     allowed_BxSxT = jnp.arange(T, dtype=jnp.int32)[None, None, :] <= slots_BxS[:, :, None]
 
-    def cached_body(carry, xs):
-      x, ck, cv = carry
-      p, i = xs
+    if cache.num_layers != c.num_layers:
+      raise ValueError(f"hidden_states: cache has {cache.num_layers} layers, the model "
+                       f"{c.num_layers}")
+    if layer_params is None:
+      layer_params = self.layers.unstacked()
+    elif len(layer_params) != c.num_layers:
+      raise ValueError(f"hidden_states: layer_params has {len(layer_params)} layers, the "
+                       f"model {c.num_layers}")
 
+    def layer(x, p, ck, cv):
       def write_kv(k_BxSxKxH, v_BxSxKxH):
         # mode="drop": padding slots past max_len are discarded, never clamped onto history.
-        nk = ck.at[i, rows_BxS, slots_BxS].set(k_BxSxKxH.astype(ck.dtype), mode="drop")
-        nv = cv.at[i, rows_BxS, slots_BxS].set(v_BxSxKxH.astype(cv.dtype), mode="drop")
-        return nk[i], nv[i], (nk, nv)
+        nk = ck.at[rows_BxS, slots_BxS].set(k_BxSxKxH.astype(ck.dtype), mode="drop")
+        nv = cv.at[rows_BxS, slots_BxS].set(v_BxSxKxH.astype(cv.dtype), mode="drop")
+        return nk, nv, (nk, nv)
 
-      x, (ck, cv) = _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT, write_kv)
-      return (x, ck, cv), None
+      return _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT, write_kv)
 
-    cached_body = jax.checkpoint(cached_body, prevent_cse=False) if c.remat else cached_body
-    (x_BxSxD, new_k, new_v), _ = jax.lax.scan(
-        cached_body, (x_BxSxD, cache.k, cache.v), (params, layer_ids))
+    layer = jax.checkpoint(layer) if c.remat else layer
+    new_k, new_v = [], []
+    for p, ck, cv in zip(layer_params, cache.k, cache.v):
+      x_BxSxD, (nk, nv) = layer(x_BxSxD, p, ck, cv)
+      new_k.append(nk)
+      new_v.append(nv)
     new_lengths = cache.lengths + jnp.sum(attention_mask != 0, axis=-1).astype(jnp.int32)
-    new_cache = KVCache(k=new_k, v=new_v, lengths=new_lengths)
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=new_lengths)
     return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps), new_cache
