@@ -35,11 +35,15 @@ sizes on the same tasks and seeds. `sampling.constrained=True` restricts actions
 admissible ones: a random student's free text is never an admissible action, and every
 invalid action is Strong by rule (E5) without asking the judge, so without it the judge would
 not run. Iterations alternate OPD / SAGE-OPD after one untimed warm-up each (compiles).
+With `--one-call-judge` a fourth variant runs the prompted judge as it was before length
+bucketing (`judge.length_bucketing=False`: every judge prompt in one sampler call), for a
+before/after comparison in the same run; both judges give the same answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -69,6 +73,7 @@ SIZES = {
 }
 VOCAB = 8192
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
+ONE_CALL = "sage_opd, one-call judge (before)"
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -292,6 +297,8 @@ def bench_iteration(args) -> None:
     # that reads the teacher's scores already computed for the loss (no extra teacher call).
     variants = {"opd": ("opd", "prompt"), "sage_opd": ("sage_opd", "prompt"),
                 "sage_opd likelihood judge": ("sage_opd", "likelihood")}
+    if args.one_call_judge:
+      variants[ONE_CALL] = ("sage_opd", "prompt")
     configs = {name: _iteration_config(method, mode, tokenizer_dir, data_dir, split, args)
                for name, (method, mode) in variants.items()}
     config = configs["opd"]
@@ -314,6 +321,8 @@ def bench_iteration(args) -> None:
       sources, updates = {}, {}
       for name, cfg in configs.items():
         sources[name] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
+        if name == ONE_CALL:
+          sources[name].judge_config = dataclasses.replace(sources[name].judge_config, length_bucketing=False)
         loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
         updates[name] = train.jit_update(
             train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),
@@ -332,7 +341,7 @@ def bench_iteration(args) -> None:
           end = time.perf_counter()
           row = {k[len("time/"):]: v for k, v in metrics.items() if k.startswith("time/")}
           row.update(update=end - update_start, total=end - start,
-                     turns=float(arrays["valid"].shape[1]),
+                     turns=float(arrays["valid"].shape[1]), load=os.getloadavg()[0],
                      judge_prompts=float(metrics.get("judge/num_prompts", 0.0)))
           row.update({k: v for k, v in metrics.items() if k.startswith("judge/")})
           if it > 0:
@@ -341,16 +350,17 @@ def bench_iteration(args) -> None:
               f"{k} {v:.2f}" for k, v in row.items() if not k.startswith("judge/")), flush=True)
     finally:
       engine.close()
-  print("| method | rollout s | teacher s | judge s | update s | total s |")
-  print("|---|---:|---:|---:|---:|---:|")
+  print("| method | rollout s | teacher s | judge s | update s | total s | / OPD | load (1 min) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
   medians = {}
   for name, name_rows in rows.items():
     med = {k: statistics.median(r.get(k, 0.0) for r in name_rows)
-           for k in ("rollout", "teacher", "judge", "update", "total")}
+           for k in ("rollout", "teacher", "judge", "update", "total", "load")}
     medians[name] = med
     print(f"| {name} | {med['rollout']:.2f} | {med['teacher']:.2f} | {med['judge']:.2f} | "
-          f"{med['update']:.2f} | {med['total']:.2f} |")
-  for name in ("sage_opd", "sage_opd likelihood judge"):
+          f"{med['update']:.2f} | {med['total']:.2f} | {med['total'] / medians['opd']['total']:.2f}x | "
+          f"{med['load']:.1f} |")
+  for name in [n for n in rows if n != "opd"]:
     print(f"{name} / opd iteration: **{medians[name]['total'] / medians['opd']['total']:.2f}x** "
           f"(medians of {args.iterations})")
     print("  last judge metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name][-1].items()
@@ -376,6 +386,8 @@ def main() -> None:
   parser.add_argument("--max-new-tokens", type=int, default=24)
   parser.add_argument("--max-seq-len", type=int, default=1024)
   parser.add_argument("--iterations", type=int, default=3)
+  parser.add_argument("--one-call-judge", action="store_true",
+                      help="iteration part: also run the prompted judge in one sampler call (before bucketing)")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
 

@@ -5,6 +5,7 @@ The batch is hand-built the way the rollout builds it (`rollout.assemble_batch` 
 turns each, in a batch of T = 4 turn columns (the last is padding).
 """
 
+import dataclasses
 import logging
 
 import jax
@@ -19,6 +20,7 @@ from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout
+from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
 from sage_opd_jax import teacher
 from sage_opd_jax import tokenization
@@ -227,6 +229,131 @@ def test_an_unclear_answer_is_strong(tokenizer, batch):
                              tokenizer=tokenizer, rng=jax.random.key(0))
   assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == ["desk"] * 4
   np.testing.assert_array_equal(result.labels, np.full((2, NUM_TURNS), STRONG))
+
+
+def _greedy_reference(model, tokenizer, prompt_texts, max_new_tokens, width=1024):
+  """Each prompt alone, without a KV cache: a full causal forward of the sequence per new token.
+
+  The sequence is right-padded to `width` so that one compiled forward serves every step (a
+  causal model's logits at position n - 1 never see the padding after it).
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def last_logits(state, ids_1xW, n):
+    mask_1xW = (jnp.arange(width)[None] < n).astype(jnp.int32)
+    return nnx.merge(graphdef, state)(ids_1xW, attention_mask=mask_1xW)[0, n - 1]
+
+  stop = {tokenizer.eos_token_id, *_encode(tokenizer, "<|im_end|>")}
+  answers = []
+  for text in prompt_texts:
+    sequence, answer = _encode(tokenizer, text), []
+    for _ in range(max_new_tokens):
+      ids = np.zeros((1, width), np.int32)
+      ids[0, : len(sequence)] = sequence
+      answer.append(int(np.argmax(np.asarray(last_logits(state, ids, len(sequence)), np.float64))))
+      sequence = sequence + answer[-1:]
+      if answer[-1] in stop:
+        break
+    answers.append(tokenizer.decode(answer, skip_special_tokens=True))
+  return answers
+
+
+@dataclasses.dataclass
+class _Turn:
+  observation: str
+  response: str
+  action: str | None
+  feedback: str
+  admissible: list[str]
+  valid: bool
+  expert_action: str | None = None
+
+
+@dataclasses.dataclass
+class _Episode:
+  task_text: str
+  turns: list[_Turn]
+
+
+def _varied_episodes(rng):
+  """Episodes whose judge prompts range from ~150 to ~600 tokens (observations of random length)."""
+  words = sorted({w for text in _texts() for w in text.split() if w.isalpha()})
+  episodes = []
+  for num_turns in (1, 3, 2, 4, 3):
+    turns = []
+    for _ in range(num_turns):
+      observation = " ".join(rng.choice(words, size=int(rng.integers(1, 150))))
+      action = str(rng.choice(ADMISSIBLE))
+      turns.append(_Turn(observation, f"<think>{rng.choice(words)}</think><action>{action}</action>", action,
+                         " ".join(rng.choice(words, size=int(rng.integers(1, 40)))), list(ADMISSIBLE), True))
+    episodes.append(_Episode(TASK, turns))
+  return episodes
+
+
+def test_length_bucketed_judge_answers_like_one_prompt_at_a_time(tokenizer):
+  # A random 2-layer teacher with sharpened attention (q-norm and output projections x4), so
+  # that its greedy answers depend on each prompt's content: a prompt answered in another
+  # row's place would show.
+  model = models.Transformer(dataclasses.replace(_tiny_config(tokenizer), num_layers=2), rngs=nnx.Rngs(3))
+  model.layers.q_norm[...] = 4.0 * model.layers.q_norm[...]
+  model.layers.o_proj[...] = 4.0 * model.layers.o_proj[...]
+  episodes = _varied_episodes(np.random.default_rng(0))
+  num_turns = max(len(e.turns) for e in episodes)
+  asked = np.zeros((len(episodes), num_turns), bool)
+  for b, e in enumerate(episodes):
+    asked[b, : len(e.turns)] = True
+  texts = judge.judge_prompt_texts(episodes, tokenizer, 2, asked)
+  lengths = [len(_encode(tokenizer, text)) for _, _, text in texts]
+  assert min(lengths) < 250 and max(lengths) > 450
+  reference = dict(zip([(b, t) for b, t, _ in texts], _greedy_reference(model, tokenizer, [x for *_, x in texts], 3)))
+  assert len(set(reference.values())) >= len(texts) // 2, "the teacher must answer different prompts differently"
+
+  for cfg in (judge.JudgeConfig(max_new_tokens=3),  # bucketed, uncapped
+              judge.JudgeConfig(max_new_tokens=3, batch_size=3),  # bucketed, <= 3 prompts a call
+              judge.JudgeConfig(max_new_tokens=3, length_bucketing=False)):  # one call, input order
+    groups = judge.length_groups(lengths, max_rows=cfg.batch_size)
+    assert not cfg.length_bucketing or len(groups) > 1
+    result = judge.judge_batch(episodes, num_turns, cfg, teacher=model, tokenizer=tokenizer, rng=jax.random.key(0))
+    assert result.num_prompts == len(texts)
+    for (b, t), answer in reference.items():
+      assert result.answers[b][t] == answer, (cfg, b, t)
+      assert result.labels[b, t] == prompts.parse_judge_label(answer)
+    np.testing.assert_array_equal(result.labels[~asked], STRONG)
+
+
+def _partitions(items):
+  """Every set partition of `items` (lists of lists)."""
+  if not items:
+    yield []
+    return
+  first, rest = items[0], items[1:]
+  for part in _partitions(rest):
+    yield [[first]] + part
+    for i in range(len(part)):
+      yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_length_groups_is_the_cheapest_split(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 900, size=6).tolist()
+  max_rows = [None, 2, 3, 4][seed]
+  overhead = [0, 64, 256, 1024][seed]
+
+  def cost(part):
+    # The sampler's padded prefill of a call (rows to a power of two, width to its bucket)
+    # plus the per-call overhead.
+    return sum(2 ** int(np.ceil(np.log2(len(g)))) * sampling.bucket_length(max(lengths[i] for i in g), 16)
+               + overhead for g in part)
+
+  feasible = [p for p in _partitions(list(range(6))) if all(len(g) <= (max_rows or 6) for g in p)]
+  groups = judge.length_groups(lengths, max_rows=max_rows, call_overhead=overhead)
+  assert sorted(i for g in groups for i in g) == list(range(6))
+  assert all(len(g) <= (max_rows or 6) for g in groups)
+  assert cost(groups) == min(cost(p) for p in feasible)
+  with pytest.raises(ValueError, match="max_rows"):
+    judge.length_groups(lengths, max_rows=0)
 
 
 def test_likelihood_mode_thresholds_the_mean_action_logprob(tokenizer, batch, random_teacher):
