@@ -12,6 +12,12 @@ the machine's load hits both alike; medians are reported (compile time excluded:
 Both run single-threaded, so process CPU time is the time an idle core would take: it is the
 headline figure on a shared box where wall time swings 2-3x with the others' load.
 
+Part "floor": what bounds the decode speed-up. Per decode step at batch B (CPU ms, median of
+`--repeats` loops of 16 steps): the dense matmuls of one step alone (q/k/v/o, MLP, LM head;
+the model's own weights), in XLA and in torch, and our whole bare step (`model(tok, cache=)`
+then `sampling.greedy_token`, the KV cache at several lengths, half full). HF's own step time
+is the decode part's B / (HF tok/CPU-s).
+
 Part "turns": B episodes of `--turns` turns (a fixed header, then per turn `--obs` new
 observation tokens and a `--resp`-token greedy response), timing each turn's `generate`:
   * reuse, full history: `EpisodeCache` appends only the new observation;
@@ -38,7 +44,9 @@ os.environ.setdefault("XLA_FLAGS",
                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from sage_opd_jax import models, sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -129,6 +137,107 @@ def bench_decode(size: str, batch: int, prompt_len: int, new_tokens: int, repeat
     print(line, flush=True)
 
 
+_FLOOR_STEPS = 16
+
+
+def _cpu_ms_per_step(fn, repeats: int) -> float:
+  """Median CPU ms of one of `_FLOOR_STEPS` steps run by `fn` (after one warm-up call)."""
+  fn()
+  times = [_timed(fn)[1] for _ in range(repeats)]
+  return statistics.median(times) / _FLOOR_STEPS * 1e3
+
+
+def _xla_matmul_step(model, batch: int):
+  """A jitted loop of the dense matmuls of decode steps only (no attention, norms, sampling)."""
+  layers = model.layers.unstacked()
+  embed = model.embed[...]
+
+  @jax.jit
+  def run(x_BxD):
+    def step(_, x_BxD):
+      for p in layers:
+        q_BxNxH = jnp.einsum("bd,dnh->bnh", x_BxD, p["q_proj"])
+        kv_BxKxH = (jnp.einsum("bd,dkh->bkh", x_BxD, p["k_proj"])
+                    + jnp.einsum("bd,dkh->bkh", x_BxD, p["v_proj"]))
+        x_BxD = x_BxD + jnp.einsum("bnh,nhd->bd", q_BxNxH, p["o_proj"]) + kv_BxKxH.mean()
+        hidden_BxF = (jax.nn.silu(x_BxD @ p["gate_proj"]) * (x_BxD @ p["up_proj"]))
+        x_BxD = x_BxD + hidden_BxF @ p["down_proj"]
+      logits_BxV = jnp.einsum("bd,vd->bv", x_BxD, embed)
+      return x_BxD + 1e-6 * logits_BxV[:, :x_BxD.shape[1]]
+    return jax.lax.fori_loop(0, _FLOOR_STEPS, step, x_BxD)
+
+  x_BxD = jnp.ones((batch, model.config.hidden_size), jnp.float32) * 0.01
+  return lambda: jax.block_until_ready(run(x_BxD))
+
+
+def _torch_matmul_step(hf_model, batch: int):
+  """The same dense matmuls with the HF model's torch weights (`F.linear`, as HF runs them)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+
+  layers = hf_model.model.layers
+  head = hf_model.lm_head.weight
+  x0 = torch.full((batch, hf_model.config.hidden_size), 0.01)
+
+  def run():
+    x = x0
+    with torch.inference_mode():
+      for _ in range(_FLOOR_STEPS):
+        for layer in layers:
+          a, m = layer.self_attn, layer.mlp
+          q = F.linear(x, a.q_proj.weight)
+          kv = F.linear(x, a.k_proj.weight) + F.linear(x, a.v_proj.weight)
+          x = x + F.linear(q, a.o_proj.weight) + kv.mean()
+          x = x + F.linear(F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(
+              x, m.up_proj.weight), m.down_proj.weight)
+        x = x + 1e-6 * F.linear(x, head)[:, :x.shape[1]]
+    return x
+
+  return run
+
+
+def _ours_bare_step(model, batch: int, cache_len: int):
+  """A jitted loop of our greedy decode steps on a half-full cache of `cache_len` slots."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, cache, token_Bx1):
+    model = nnx.merge(graphdef, state)
+    layer_params = model.layers.unstacked()
+
+    def step(_, carry):
+      token_Bx1, cache = carry
+      logits_Bx1xV, cache = model(token_Bx1, cache=cache, layer_params=layer_params)
+      return sampling.greedy_token(logits_Bx1xV[:, 0])[:, None], cache
+
+    return jax.lax.fori_loop(0, _FLOOR_STEPS, step, (token_Bx1, cache))
+
+  cache = models.init_cache(model.config, batch, cache_len)
+  cache = cache.replace(lengths=jnp.full((batch,), cache_len // 2, jnp.int32))
+  token_Bx1 = jnp.ones((batch, 1), jnp.int32)
+  return lambda: jax.block_until_ready(run(state, cache, token_Bx1))
+
+
+def bench_floor(size: str, batch: int, cache_lens: list[int], repeats: int) -> None:
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as path:
+    _save_hf_qwen3(size, path)
+    hf_model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = models.load_hf_checkpoint(path, dtype="float32")
+  xla_mm, torch_mm = _xla_matmul_step(ours, batch), _torch_matmul_step(hf_model, batch)
+  steps = [_ours_bare_step(ours, batch, n) for n in cache_lens]
+  # Alternate the measured functions, so that the others' load hits them alike.
+  rounds = [[], []] + [[] for _ in cache_lens]
+  for _ in range(repeats):
+    for times, fn in zip(rounds, [xla_mm, torch_mm] + steps):
+      times.append(_cpu_ms_per_step(fn, 1))
+  med = [statistics.median(t) for t in rounds]
+  print(f"| {size} | {med[0]:.2f} | {med[1]:.2f} | "
+        + " | ".join(f"{m:.2f}" for m in med[2:]) + " |", flush=True)
+
+
 def _run_episode(model, batch, header, obs, resp, history_turns, reuse) -> list[float]:
   """Plays one episode of len(obs) turns; returns each turn's generate CPU seconds."""
   config = sampling.SamplingConfig(max_new_tokens=resp, temperature=0.0)
@@ -147,7 +256,7 @@ def _run_episode(model, batch, header, obs, resp, history_turns, reuse) -> list[
 
 
 def bench_turns(size: str, batch: int, header_len: int, obs_len: int, resp: int, num_turns: int,
-                window: int) -> None:
+                windows: list[int], no_reuse: bool) -> None:
   with tempfile.TemporaryDirectory() as path:
     num_params = _save_hf_qwen3(size, path)
     model = models.load_hf_checkpoint(path, dtype="float32")
@@ -157,9 +266,11 @@ def bench_turns(size: str, batch: int, header_len: int, obs_len: int, resp: int,
   print(f"\n## turns {size}: {num_params / 1e6:.1f}M params, batch {batch}, header "
         f"{header_len}, +{obs_len} obs and {resp} response tokens per turn, {num_turns} turns "
         f"(full context at the last turn: {header_len + num_turns * (obs_len + resp)} tokens)")
-  for name, history_turns, reuse in (("reuse, full history", None, True),
-                                     ("no reuse, full history", None, False),
-                                     (f"reuse, window k={window}", window, True)):
+  modes = [("reuse, full history", None, True)]
+  if no_reuse:
+    modes.append(("no reuse, full history", None, False))
+  modes += [(f"reuse, window k={k}", k, True) for k in windows]
+  for name, history_turns, reuse in modes:
     _run_episode(model, batch, header, obs, resp, history_turns, reuse)   # compile
     times = _run_episode(model, batch, header, obs, resp, history_turns, reuse)
     first, last = statistics.median(times[:3]), statistics.median(times[-3:])
@@ -170,7 +281,8 @@ def bench_turns(size: str, batch: int, header_len: int, obs_len: int, resp: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--part", choices=("decode", "turns", "both"), default="both")
+  parser.add_argument("--part", choices=("decode", "floor", "turns", "both"), default="both",
+                      help="both = decode and turns; floor runs only when asked")
   parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=list(SIZES),
                       help="model sizes for the decode part")
   parser.add_argument("--turn-sizes", nargs="+", choices=tuple(SIZES), default=["6m"],
@@ -185,7 +297,12 @@ def main() -> None:
   parser.add_argument("--header", type=int, default=48)
   parser.add_argument("--obs", type=int, default=24)
   parser.add_argument("--resp", type=int, default=24)
-  parser.add_argument("--window", type=int, default=3)
+  parser.add_argument("--window", type=int, nargs="+", default=[2, 3],
+                      help="history windows k for the turns part")
+  parser.add_argument("--skip-no-reuse", action="store_true",
+                      help="turns part: leave out the (slow) no-reuse baseline")
+  parser.add_argument("--cache-lens", type=int, nargs="+", default=[128, 512, 2048],
+                      help="cache slots of the bare decode steps in the floor part")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.torch_threads)
@@ -197,11 +314,17 @@ def main() -> None:
           "ours tok/wall-s | speed-up (wall) |")
     for size in args.sizes:
       bench_decode(size, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+  if args.part == "floor":
+    print("| size | XLA matmuls ms/step | torch matmuls ms/step | "
+          + " | ".join(f"ours step @{n} slots" for n in args.cache_lens) + " |")
+    for size in args.sizes:
+      bench_floor(size, args.batch, args.cache_lens, args.repeats)
   if args.part in ("turns", "both"):
     print("| size | mode | turn 1 CPU s | last turn CPU s | ratio | ratio of medians (last 3 / "
           "first 3) |")
     for size in args.turn_sizes:
-      bench_turns(size, args.batch, args.header, args.obs, args.resp, args.turns, args.window)
+      bench_turns(size, args.batch, args.header, args.obs, args.resp, args.turns, args.window,
+                  not args.skip_no_reuse)
   print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

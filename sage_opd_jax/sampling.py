@@ -267,12 +267,24 @@ def sampling_logits(logits_BxV: jax.Array, config: SamplingConfig,
   return logits_BxV
 
 
+def greedy_token(logits_BxV: jax.Array) -> jax.Array:
+  """[B] int32 `jnp.argmax` (the first maximum) of NaN-free logits, as two plain reductions.
+
+  XLA:CPU runs argmax's (value, index) reduction unvectorised: over a batch-16, 8192-token
+  vocabulary it took about a fifth of a 6M-parameter model's decode step.
+  """
+  vocab = logits_BxV.shape[-1]
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  ids_1xV = jnp.arange(vocab, dtype=jnp.int32)[None]
+  return jnp.min(jnp.where(logits_BxV == max_Bx1, ids_1xV, vocab), axis=-1)
+
+
 def _choose(logits_BxV: jax.Array, key: jax.Array, config: SamplingConfig
             ) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row from the sampling logits; returns (token_B, logprob_B)."""
   logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   if config.greedy:
-    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    token_B = greedy_token(logits_BxV)
   else:
     # Inverse-CDF sampling: one uniform per row instead of V Gumbel draws (the RNG would cost
     # more than the rest of the step on CPU). u lies in (0, 1], so the chosen token is the

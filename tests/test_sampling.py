@@ -328,6 +328,18 @@ def test_bucketing_bounds_the_number_of_compiles(model):
   assert 1 <= compiles <= len(buckets) < len(lengths)
 
 
+def test_greedy_token_is_numpys_first_maximum():
+  """Integer-valued logits (many ties) with masked -inf entries, against np.argmax."""
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 3, size=(64, 37)).astype(np.float32)
+  logits[rng.random(logits.shape) < 0.3] = -np.inf
+  logits[0] = -np.inf
+  logits[0, 36] = 0.0   # a row whose only allowed token is the last one
+  got = sampling.greedy_token(jnp.asarray(logits))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
 def test_bucket_length_is_a_tight_upper_bound():
   for n, minimum in itertools.product(range(0, 3000, 7), (1, 16)):
     size = sampling.bucket_length(n, minimum)

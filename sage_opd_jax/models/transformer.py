@@ -202,8 +202,11 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   q_BxSxKxGxH = q_BxSxNxH.reshape(B, S, K, G, H) * jnp.asarray(H ** -0.5, dt)
   attn_BxSxKxGxH = attention(q_BxSxKxGxH, keys_BxTxKxH.astype(dt), values_BxTxKxH.astype(dt),
                              allowed_BxSxT, c.attention_chunk)
-  attn_BxSxNxH = attn_BxSxKxGxH.reshape(B, S, K * G, H)
-  x_BxSxD = x_BxSxD + jnp.einsum("bsnh,nhd->bsd", attn_BxSxNxH, p["o_proj"].astype(dt))
+  # One flattened (n, h) contraction: for "bsnh,nhd" jnp.einsum orders the contracting dims
+  # (h, n), and XLA then transposes o_proj's weight (and the activations) at every call.
+  attn_BxSxNH = attn_BxSxKxGxH.reshape(B, S, K * G * H)
+  o_proj_NHxD = p["o_proj"].reshape(K * G * H, -1).astype(dt)
+  x_BxSxD = x_BxSxD + jnp.einsum("bsx,xd->bsd", attn_BxSxNH, o_proj_NHxD)
 
   h = rms_norm(x_BxSxD, p["post_attn_norm"], c.rms_norm_eps)
   gate_BxSxF = jnp.einsum("bsd,df->bsf", h, p["gate_proj"].astype(dt))
