@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-            max_position_embeddings=2048)
+            max_position_embeddings=1024)
 
 
 def tiny_config():
@@ -65,7 +65,7 @@ def test_pipeline_writes_the_results_table(workdir):
   assert "Judge accuracy on held-out games' judge examples" in table
   with open(workdir / "results" / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
-  assert [r["method"] for r in rows] == ["opd", "sage_opd"]
+  assert [r["method"] for r in rows][-2:] == ["opd", "sage_opd"]  # After any baseline rows.
   assert all(0.0 <= float(r["dev/success_mean"]) <= 1.0 for r in rows)
   for method in ("opd", "sage_opd"):
     final = writers.read_metrics(workdir / "runs" / method / "seed0")[-1]

@@ -70,6 +70,7 @@ EXPERTS = {"alfworld": alfworld_expert.EXPERT_NAME, "scienceworld": scienceworld
 # How each env's judge examples copy a state: only ALFWorld's engine can be snapshotted.
 DEFAULT_BRANCH = {"alfworld": "snapshot", "scienceworld": "replay"}
 # Manifest settings that must match for a re-run to resume a folder.
+_STRONG_TRIES = 3  # Strong candidates tried per state before an unparseable response stands in.
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps")
 
@@ -140,8 +141,9 @@ def _judge_by_replay(
 
   Works for any env; costs a reset and t steps per state. The replay must retrace the
   recorded episode, or this raises. Where the env lists only part of what its engine
-  accepts (ScienceWorld), the Strong candidate may turn out valid; that state is then
-  replayed again and the Strong action is an unparseable response (None) instead.
+  accepts (ScienceWorld), a Strong candidate may turn out valid; the state is then
+  replayed again and another candidate tried, up to `_STRONG_TRIES` in all, and after
+  that the Strong action is an unparseable response (None).
   """
   out = []
   for t in turns:
@@ -151,8 +153,11 @@ def _judge_by_replay(
     _replay_prefix(env, task, episode, t)
     # The invalid action leaves the engine's state as it was, so the Weak one can follow.
     strong = env.step(strong_action)
-    if strong.info.valid:
-      strong_action = None
+    tried = {strong_action}
+    while strong.info.valid:  # Accepted after all: the state moved on, so replay it and try another.
+      left = sorted(c for c in invalid if c not in tried)
+      strong_action = rng.choice(left) if left and len(tried) < _STRONG_TRIES else None
+      tried.add(strong_action)
       _replay_prefix(env, task, episode, t)
       strong = env.step(strong_action)
     weak = None

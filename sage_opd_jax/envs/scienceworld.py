@@ -21,6 +21,7 @@ An exception from the engine (e.g. the JVM died) ends the episode lost with
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 import shutil
@@ -101,6 +102,10 @@ class ScienceWorldEnv:
     if max_admissible is not None and max_admissible < 0:
       raise ValueError(f"max_admissible must be >= 0 or None; got {max_admissible}.")
     from scienceworld import ScienceWorldEnv as _Engine  # Heavy: starts the JVM.
+
+    # py4j logs the gateway's routine shutdown (close) at INFO, with tracebacks of its own
+    # callback server; nothing failed, and a run's INFO log should not look like a crash.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
     # The engine's own limit counts only accepted moves; ours counts turns, so set the
     # engine's one above ours and let ours decide.
