@@ -261,9 +261,9 @@ def length_groups(
   to a power of two, so one call over prompts of 230 to 880 tokens pre-fills 32 x 1024
   positions for 12k real tokens. The prompts are sorted by length and cut into contiguous runs
   that minimise the padded positions plus `call_overhead` per call (dynamic programming over
-  the cut points; a call's padded size only grows when a longer prompt joins it, so runs of
-  the sorted order are where the optimum lies). Shapes stay in the sampler's buckets, so a run
-  compiles a bounded set of them.
+  the cut points). Runs of the sorted order lose nothing: any split can be rearranged into
+  runs with the same call sizes and no wider calls. Shapes stay in the sampler's buckets, so
+  a run compiles a bounded set of them.
 
   Args:
     lengths: each prompt's token count.
@@ -313,8 +313,9 @@ def ask_teacher(
 
   With `length_bucketing` the prompts go to the sampler in calls of similar length
   (`length_groups`); without it, in input order, `batch_size` at a time (all at once when
-  None). A row's greedy answer does not depend on the other rows of its call, so both give
-  the same answers; bucketing only pads less. `sampler_kwargs` go to `sampling.sample`'s
+  None). A row's greedy answer does not depend on the other rows of its call (up to the
+  float rounding of differently shaped matmuls), so both give the same answers; bucketing
+  only pads less. `sampler_kwargs` go to `sampling.sample`'s
   cache (e.g. `batch_sharding` and `min_batch` for a teacher on a Mesh).
   """
   if batch_size is not None and batch_size < 1:
