@@ -12,7 +12,8 @@ optimiser steps on the same [B, S] batch with the same loss, token cross-entropy
 response mask (our `sft` loss through `train.make_loss_fns`; in torch
 `F.cross_entropy(logits[:, :-1], tokens[:, 1:])` weighted by the mask, summed / mask.sum()),
 fp32, grad-norm clipping 1.0 then AdamW. Ours is `train.make_update_fn` under
-`train.jit_update` (donated state) on a 1-device mesh; torch runs with
+`train.jit_update` (donated state) on a 1-device mesh, its layer scan unrolled by
+`--scan-unroll` (as `configs/base.py`'s `tiny_model` does); torch runs with
 `torch.set_num_threads(--torch-threads)`. Steps alternate torch / ours so the machine's load
 hits both alike; the median of `--repeats` steps per framework is reported (one warm-up
 step each first: compile time excluded).
@@ -139,10 +140,10 @@ def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "turn_ids": turn_ids}
 
 
-def _ours_step_fn(path: str, arrays: dict[str, np.ndarray]):
+def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
   """Our jitted update on a 1-device mesh; returns a no-argument step closure and the state."""
   mesh = _one_device_mesh()
-  model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh)
+  model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh, scan_unroll=scan_unroll)
   optim = _optim_config()
   tx = train.make_optimizer(optim, num_steps=1000)
   state = train.init_train_state(model, tx, seed=0)
@@ -194,13 +195,13 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
   return step, holder
 
 
-def bench_step(size: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
+def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int) -> dict[str, float]:
   """Prints one table row; returns the median wall and CPU seconds per step of both."""
   with tempfile.TemporaryDirectory() as path:
     torch_model = _save_hf_qwen3(size, path)
     num_torch = sum(p.numel() for p in torch_model.parameters())
     arrays = _sft_batch(batch, seq)
-    ours, ours_out = _ours_step_fn(path, arrays)
+    ours, ours_out = _ours_step_fn(path, arrays, scan_unroll)
   torch_step, torch_out = _torch_step_fn(torch_model, arrays)
   total, non_embed, flops = step_flops(size, batch, seq)
   if total != num_torch:
@@ -376,6 +377,8 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-threads", type=int, default=2)
+  parser.add_argument("--scan-unroll", type=int, default=8,
+                      help="step part: our ModelConfig.scan_unroll (8 unrolls both sizes fully)")
   parser.add_argument("--matmul", type=int, default=2048, help="M of the [M, M] @ [M, M] peak matmul")
   parser.add_argument("--games", choices=("fixture", "alfworld"), default="fixture",
                       help="iteration part: the test fixture's games or ALFWorld's train split")
@@ -402,7 +405,7 @@ def main() -> None:
           "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s | min-step ratio | CPU-s ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-      steps[size] = bench_step(size, args.batch, args.seq, args.repeats)
+      steps[size] = bench_step(size, args.batch, args.seq, args.repeats, args.scan_unroll)
   if "peak" in args.part:
     peak = matmul_peak(args.matmul, args.repeats)
     print(f"matmul peak fp32 [{args.matmul}]^2 @ [{args.matmul}]^2: JAX {peak['jax_wall'] / 1e9:.1f} "

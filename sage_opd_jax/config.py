@@ -73,7 +73,8 @@ def _validate_model(config, prefix: str) -> None:
   _one_of(config, f"{prefix}.model.arch", ARCHS)
   _one_of(config, f"{prefix}.model.dtype", DTYPES)
   _one_of(config, f"{prefix}.model.param_dtype", DTYPES)
-  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "scan_unroll"):
     _positive(config, f"{prefix}.model.{field}")
   heads, kv_heads = _get(config, f"{prefix}.model.num_heads"), _get(config, f"{prefix}.model.num_kv_heads")
   if heads % kv_heads:

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
+from sage_opd_jax.models.transformer import apply_rope, rope_cos_sin
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
@@ -177,6 +178,41 @@ def test_remat_gradients_equal_plain():
   for other in (remat_graphdef, chunked_graphdef):
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grad(state, other))):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_scan_unroll_matches_rolled_loop(arch):
+  """Unrolling the layer scan (partly: 2 of 3 layers; and fully) changes no logit or gradient."""
+  ids = _ids(10, (2, 6))
+  model = _model(arch, num_layers=3)
+  graphdef, state = nnx.split(model)
+  grad = jax.jit(jax.value_and_grad(
+      lambda s, g: jnp.mean(jax.nn.logsumexp(nnx.merge(g, s)(ids), axis=-1))), static_argnums=1)
+  want_loss, want_grads = grad(state, graphdef)
+  for unroll in (2, 3, 8):
+    unrolled, _ = nnx.split(nnx.eval_shape(lambda u=unroll: Transformer(
+        model.config.replace(scan_unroll=u), rngs=nnx.Rngs(0))))
+    loss, grads = grad(state, unrolled)
+    np.testing.assert_allclose(loss, want_loss, atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  for bad in (0, -1, True, 1.5):
+    with pytest.raises(ValueError, match="scan_unroll"):
+      ModelConfig(scan_unroll=bad)
+
+
+def test_apply_rope_matches_numpy_rotate_half():
+  """RoPE against a float64 NumPy rotate_half (HF's formula: x * cos + rotate_half(x) * sin)."""
+  rng = np.random.default_rng(3)
+  x_BxSxNxH = rng.standard_normal((2, 5, 3, 8))
+  positions_BxS = rng.integers(0, 100, (2, 5))
+  inv_freq = 1.0 / 10_000.0 ** (np.arange(0, 8, 2) / 8)
+  angles_BxSxH = np.concatenate([positions_BxS[..., None] * inv_freq] * 2, axis=-1)[:, :, None]
+  x1, x2 = x_BxSxNxH[..., :4], x_BxSxNxH[..., 4:]
+  want = x_BxSxNxH * np.cos(angles_BxSxH) + np.concatenate([-x2, x1], -1) * np.sin(angles_BxSxH)
+  cos, sin = rope_cos_sin(jnp.asarray(positions_BxS), 8, 10_000.0)
+  got = apply_rope(jnp.asarray(x_BxSxNxH, jnp.float32), cos, sin)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_attention_chunk_matches_whole_sequence():

@@ -50,6 +50,9 @@ class ModelConfig:
     attention_chunk: if > 0, queries are processed in blocks of this many tokens, bounding
       the attention score buffer to B x N x attention_chunk x T (long-sequence teacher
       scoring and training); 0 processes the whole chunk at once.
+    scan_unroll: layers per iteration of the layer `lax.scan` (its `unroll`); num_layers
+      unrolls the loop fully, which makes the training step faster at the price of compile
+      time growing with depth.
   """
 
   arch: str = "qwen3"
@@ -70,6 +73,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   attention_chunk: int = 0
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.arch not in SUPPORTED_ARCHS:
@@ -83,6 +87,10 @@ class ModelConfig:
     if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
       raise ValueError(f"ModelConfig.attention_chunk: must be an int >= 0, got "
                        f"{self.attention_chunk!r}")
+    if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or (
+        self.scan_unroll <= 0):
+      raise ValueError(f"ModelConfig.scan_unroll: must be a positive int, got "
+                       f"{self.scan_unroll!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")

@@ -59,12 +59,18 @@ def rope_cos_sin(positions_BxS: jax.Array, head_dim: int,
 
 
 def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array) -> jax.Array:
-  """Rotates the two halves of head_dim (HF's rotate_half convention), in float32."""
+  """Rotates the two halves of head_dim (HF's rotate_half convention), in float32.
+
+  Written as x * [cos, cos] + swap_halves(x) * [-sin, sin]: swapping the halves is a reverse
+  over an axis of size 2, so the rotation is one elementwise fusion in both passes, where a
+  split and a concatenate of x cost a copy each (forward and backward).
+  """
+  B, S, N, H = x_BxSxNxH.shape
   x = x_BxSxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  cos, sin = cos_BxSxH2[:, :, None, :], sin_BxSxH2[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxSxNxH.dtype)
+  swapped = jnp.flip(x.reshape(B, S, N, 2, H // 2), axis=3).reshape(B, S, N, H)
+  cos_BxSx1xH = jnp.concatenate([cos_BxSxH2, cos_BxSxH2], axis=-1)[:, :, None, :]
+  sin_BxSx1xH = jnp.concatenate([-sin_BxSxH2, sin_BxSxH2], axis=-1)[:, :, None, :]
+  return (x * cos_BxSx1xH + swapped * sin_BxSx1xH).astype(x_BxSxNxH.dtype)
 
 
 def _attend_one(q_Bx1xKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
@@ -170,6 +176,32 @@ class DecoderLayers(nnx.Module):
                  for i in range(self.input_norm.shape[0]))
 
 
+def _fuse_projections(config: ModelConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Stacked layer params with q/k/v and gate/up joined, for one matmul each in `_block`.
+
+  Fewer, wider dots run faster on CPU (measured in docs/benchmarks.md), and the backward sums
+  one input gradient instead of three. The parameters stay separate (HF's layout, the
+  sharding rules); the join is a copy of the weights per call, cheap next to a training
+  chunk's matmuls but not next to a decode step's, so the cached path does not use it.
+  q/k/v join per kv head as [L, D, K, G + 2, H] (G query heads, then k, then v) and gate/up
+  as [L, D, 2, F], so the kv-head and MLP axes keep their tensor sharding.
+  """
+  c = config
+  L, D, K, G, H = c.num_layers, c.hidden_size, c.num_kv_heads, c.num_groups, c.head_dim
+  fused = {k: v for k, v in p.items()
+           if k not in ("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias",
+                        "gate_proj", "up_proj")}
+  fused["qkv_proj"] = jnp.concatenate(
+      [p["q_proj"].reshape(L, D, K, G, H), p["k_proj"][:, :, :, None], p["v_proj"][:, :, :, None]],
+      axis=3)
+  if c.qkv_bias:
+    fused["qkv_bias"] = jnp.concatenate(
+        [p["q_bias"].reshape(L, K, G, H), p["k_bias"][:, :, None], p["v_bias"][:, :, None]],
+        axis=2)
+  fused["gate_up_proj"] = jnp.stack([p["gate_proj"], p["up_proj"]], axis=2)
+  return fused
+
+
 def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
            cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array, allowed_BxSxT: jax.Array,
            write_kv: Any) -> tuple[jax.Array, Any]:
@@ -184,13 +216,20 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   K, G, H = c.num_kv_heads, c.num_groups, c.head_dim
 
   h = rms_norm(x_BxSxD, p["input_norm"], c.rms_norm_eps)
-  q_BxSxNxH = jnp.einsum("bsd,dnh->bsnh", h, p["q_proj"].astype(dt))
-  k_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["k_proj"].astype(dt))
-  v_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["v_proj"].astype(dt))
-  if c.qkv_bias:
-    q_BxSxNxH += p["q_bias"].astype(dt)
-    k_BxSxKxH += p["k_bias"].astype(dt)
-    v_BxSxKxH += p["v_bias"].astype(dt)
+  if "qkv_proj" in p:  # Fused by `_fuse_projections` (the no-cache path).
+    qkv_BxSxKxJxH = jnp.einsum("bsd,dkjh->bskjh", h, p["qkv_proj"].astype(dt))
+    if c.qkv_bias:
+      qkv_BxSxKxJxH += p["qkv_bias"].astype(dt)
+    q_BxSxNxH = qkv_BxSxKxJxH[:, :, :, :G].reshape(B, S, K * G, H)
+    k_BxSxKxH, v_BxSxKxH = qkv_BxSxKxJxH[:, :, :, G], qkv_BxSxKxJxH[:, :, :, G + 1]
+  else:
+    q_BxSxNxH = jnp.einsum("bsd,dnh->bsnh", h, p["q_proj"].astype(dt))
+    k_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["k_proj"].astype(dt))
+    v_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["v_proj"].astype(dt))
+    if c.qkv_bias:
+      q_BxSxNxH += p["q_bias"].astype(dt)
+      k_BxSxKxH += p["k_bias"].astype(dt)
+      v_BxSxKxH += p["v_bias"].astype(dt)
   if c.qk_norm:
     q_BxSxNxH = rms_norm(q_BxSxNxH, p["q_norm"], c.rms_norm_eps)
     k_BxSxKxH = rms_norm(k_BxSxKxH, p["k_norm"], c.rms_norm_eps)
@@ -209,8 +248,12 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   x_BxSxD = x_BxSxD + jnp.einsum("bsx,xd->bsd", attn_BxSxNH, o_proj_NHxD)
 
   h = rms_norm(x_BxSxD, p["post_attn_norm"], c.rms_norm_eps)
-  gate_BxSxF = jnp.einsum("bsd,df->bsf", h, p["gate_proj"].astype(dt))
-  up_BxSxF = jnp.einsum("bsd,df->bsf", h, p["up_proj"].astype(dt))
+  if "gate_up_proj" in p:
+    gate_up_BxSx2xF = jnp.einsum("bsd,dtf->bstf", h, p["gate_up_proj"].astype(dt))
+    gate_BxSxF, up_BxSxF = gate_up_BxSx2xF[:, :, 0], gate_up_BxSx2xF[:, :, 1]
+  else:
+    gate_BxSxF = jnp.einsum("bsd,df->bsf", h, p["gate_proj"].astype(dt))
+    up_BxSxF = jnp.einsum("bsd,df->bsf", h, p["up_proj"].astype(dt))
   mlp_BxSxD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BxSxF) * up_BxSxF,
                          p["down_proj"].astype(dt))
   return x_BxSxD + mlp_BxSxD, aux
@@ -295,7 +338,8 @@ class Transformer(nnx.Module):
 
       # prevent_cse=False is safe under scan and lets XLA share the recomputation.
       body = jax.checkpoint(body, prevent_cse=False) if c.remat else body
-      x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (params, layer_ids))
+      x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (_fuse_projections(c, params), layer_ids),
+                                unroll=min(c.scan_unroll, c.num_layers))
       return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps)
 
     T = cache.max_len
