@@ -3,10 +3,10 @@ corpus tokenizer, teacher and student SFT, two methods, the results table."""
 
 import csv
 import json
-import pathlib
 
 import pytest
 
+from configs import alfworld_cpu
 from configs import base
 from configs import scienceworld_cpu
 from sage_opd_jax import config as config_lib
@@ -45,7 +45,7 @@ def tiny_config():
   config.eval.num_transcripts = 1
   config.teacher.score_chunk = 64
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1  # Batch 2 over 2 of the 8 fake devices.
-  config.pipeline = scienceworld_cpu.alfworld_cpu.pipeline_config(
+  config.pipeline = alfworld_cpu.pipeline_config(
       teacher_steps=1, student_steps=1, student_demos=2, distill_steps=1, methods=("opd", "sage_opd"),
       seeds=(0,), heldout_split="dev", heldout_games=1)
   return config_lib.validate(config)
