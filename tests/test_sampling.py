@@ -121,8 +121,10 @@ def test_sampled_logprobs_are_those_of_the_processed_distribution(model, tempera
       token = int(out.tokens[row, step])
       logp = _reference_logp(_next_logits(model, context), temperature, top_k, top_p)
       assert np.isfinite(logp[token]), (row, step, "token outside the truncated support")
-      # float32 cached vs full-forward logits differ by ~1e-5, amplified by 1 / temperature.
-      np.testing.assert_allclose(out.logprobs[row, step], logp[token], atol=5e-5)
+      # float32 cached vs full-forward logits differ by ~1e-5 (more since the full forward
+      # fuses q/k/v and gate/up into wider matmuls that round differently), amplified by
+      # 1 / temperature: up to 1.1e-4 seen. A wrong temperature or renormalisation is >> 1e-3.
+      np.testing.assert_allclose(out.logprobs[row, step], logp[token], atol=2e-4)
       context.append(token)
 
 
