@@ -271,7 +271,7 @@ def greedy_token(logits_BxV: jax.Array) -> jax.Array:
   """[B] int32 `jnp.argmax` (the first maximum) of NaN-free logits, as two plain reductions.
 
   XLA:CPU runs argmax's (value, index) reduction unvectorised: over a batch-16, 8192-token
-  vocabulary it took about a fifth of a 6M-parameter model's decode step.
+  vocabulary it was the largest op after the LM head's dot in a 6M-parameter model's step.
   """
   vocab = logits_BxV.shape[-1]
   max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
