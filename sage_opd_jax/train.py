@@ -261,6 +261,10 @@ _TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "te
 _TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
 
 
+_LENGTH_WINDOW = 64  # Batches per length-sorted window of `epoch_rows`.
+_WIDTH_MULTIPLE = 128  # SFT batches pad to a multiple of this: a handful of compiled shapes.
+
+
 def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int,
                lengths: np.ndarray | None = None) -> np.ndarray:
   """The rows of step `step`: epochs walk a fresh permutation each, seeded by (seed, epoch).
@@ -283,10 +287,6 @@ def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int,
                             for chunk in np.split(order, range(window, len(order), window))])
     order = order.reshape(num_batches, batch_size)[rng.permutation(num_batches)].reshape(-1)
   return order[index * batch_size : (index + 1) * batch_size]
-
-
-_LENGTH_WINDOW = 64  # Batches per length-sorted window of `epoch_rows`.
-_WIDTH_MULTIPLE = 128  # SFT batches pad to a multiple of this: a handful of compiled shapes.
 
 
 class SftSource:
