@@ -52,7 +52,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
       teacher_steps=3000, student_steps=200, student_demos=100, distill_steps=40,
       methods=("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
                "sage_opd_no_norm"),
-      seeds=(0, 1, 2), heldout_games=20,
+      seeds=(0, 1, 2), heldout_games=20, results_doc="docs/results.md",
   )
   return config
 
@@ -69,5 +69,6 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.seeds = (0, 1, 2)  # Seeds per method.
   p.heldout_split = "valid_seen"  # Split whose judge examples measure the judge's accuracy.
   p.heldout_games = 20  # Games of that split collected for it.
+  p.results_doc = ""  # Also write the report here (e.g. docs/results.md, plots beside it); empty: workdir only.
   p.update(values)
   return p

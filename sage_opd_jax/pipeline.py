@@ -25,7 +25,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -33,6 +33,7 @@ from sage_opd_jax import config as config_lib
 from sage_opd_jax import results
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
+from sage_opd_jax import writers
 from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
@@ -140,36 +141,54 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[3/6] teacher SFT (acting and judging)")
   teacher_dir = root / "teacher"
-  if not _done(teacher_dir):
-    train.train(_derive(base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
-                        sft__judge_examples=True, train__num_steps=p.teacher_steps,
-                        optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), teacher_dir)
+  _stage(root, "teacher_sft", _done(teacher_dir), lambda: train.train(_derive(
+      base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos), sft__judge_examples=True,
+      train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), teacher_dir))
   teacher_eval = root / "teacher_eval"
-  if not (teacher_eval / "metrics.jsonl").exists():
-    teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
-    train.evaluate_stage(teacher_cfg, teacher_eval)
-    results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval)
+  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
+  _stage(root, "teacher_eval", _has_metric(teacher_eval, "eval/"),
+         lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
+  _stage(root, "judge_accuracy", _has_metric(teacher_eval, "judge_eval/"),
+         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
 
   logging.info("[4/6] student warm start")
   student_dir = root / "student_sft"
-  if not _done(student_dir):
-    train.train(_derive(base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
-                        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
-                        eval__num_episodes=0), student_dir)
+  _stage(root, "student_sft", _done(student_dir), lambda: train.train(_derive(
+      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
+      train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), student_dir))
+  student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
+  _stage(root, "student_eval", _has_metric(student_eval, "eval/"), lambda: train.evaluate_stage(
+      _derive(base, stage="evaluate", student__hf_dir=str(student_dir / "hf")), student_eval))
 
   logging.info("[5/6] methods x seeds")
   for method in p.methods:
     for seed in p.seeds:
       run_dir = root / "runs" / method / f"seed{seed}"
-      if _done(run_dir):
-        continue
       changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=str(student_dir / "hf"),
                      teacher__hf_dir=str(teacher_dir / "hf"), train__num_steps=p.distill_steps)
       if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
         changes.update(stage="sft", sft__demos_dir=str(train_demos), student__hf_dir=str(student_dir / "hf"))
-      train.train(_derive(base, **changes), run_dir)
+      _stage(root, f"{method}/seed{seed}", _done(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
+    # A table after every method, so a long pipeline shows what it has so far.
+    results.write_results(root, base, docs_path=p.results_doc or None)
 
   logging.info("[6/6] results")
-  out = results.write_results(root, base, wall_s=time.time() - start)
-  logging.info("Results in %s", out)
+  out = results.write_results(root, base, docs_path=p.results_doc or None)
+  logging.info("Results in %s (%.1f min in this session)", out, (time.time() - start) / 60)
   return out
+
+
+def _has_metric(run_dir: pathlib.Path, prefix: str) -> bool:
+  """Whether `run_dir/metrics.jsonl` holds a metric starting with `prefix`."""
+  if not (run_dir / "metrics.jsonl").exists():
+    return False
+  return any(k.startswith(prefix) for row in writers.read_metrics(run_dir) for k in row)
+
+
+def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> None:
+  """Runs a stage unless `done`, and records its wall time in the workdir's ledger."""
+  if done:
+    return
+  start = time.time()
+  fn()
+  results.record_stage_time(root, name, time.time() - start)

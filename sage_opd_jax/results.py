@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import Any, Sequence
@@ -25,6 +27,27 @@ from sage_opd_jax.envs import demos as demos_lib  # noqa: E402
 # The columns of the table, per split: (metric key suffix, header).
 COLUMNS = (("success", "success"), ("invalid_rate", "invalid"), ("repeated_rate", "repeated"),
            ("mean_turns", "turns"))
+
+
+TIMINGS = "timings.jsonl"  # One line per finished pipeline stage: its name and wall seconds.
+STUDENT_START = "student (warm start, no distillation)"  # The table row every method starts from.
+
+
+def record_stage_time(root: pathlib.Path, stage: str, seconds: float) -> None:
+  """Appends a finished stage's wall time, so a pipeline resumed over sessions sums them all."""
+  with open(pathlib.Path(root) / TIMINGS, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"stage": stage, "seconds": round(float(seconds), 1)}) + "\n")
+
+
+def stage_times(root: pathlib.Path) -> dict[str, float]:
+  """{stage: wall seconds} of every finished stage (a stage re-run after a crash counts twice)."""
+  path = pathlib.Path(root) / TIMINGS
+  times: dict[str, float] = {}
+  if path.exists():
+    for line in path.read_text(encoding="utf-8").splitlines():
+      row = json.loads(line)
+      times[row["stage"]] = times.get(row["stage"], 0.0) + row["seconds"]
+  return times
 
 
 def padded_vocab_size(tokenizer_dir: str, multiple: int = 64) -> int:
@@ -57,6 +80,13 @@ def _final_eval(run_dir: pathlib.Path) -> dict[str, float]:
   return {k: v for k, v in rows[-1].items() if isinstance(v, float)}
 
 
+def _finished(run_dir: pathlib.Path) -> bool:
+  """A training run counts once exported (its evals so far are partial); an eval-only folder at once."""
+  if not (run_dir / "metrics.jsonl").exists():
+    return False
+  return (run_dir / "hf" / "config.json").exists() or not (run_dir / "checkpoints").exists()
+
+
 def _curve(run_dir: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
   rows = [r for r in writers.read_metrics(run_dir) if key in r]
   last = {r["step"]: r[key] for r in rows}  # A resumed run rewrites steps: keep the last.
@@ -74,9 +104,12 @@ def collect_runs(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
 
 def table_rows(runs: dict[str, list[pathlib.Path]], splits: Sequence[str], temperature: float = 0.0
                ) -> list[dict[str, Any]]:
-  """One row per method: mean and std over seeds of each split's columns."""
+  """One row per method: mean and std over seeds of each split's columns (evaluated runs only)."""
   rows = []
   for method, dirs in runs.items():
+    dirs = [d for d in dirs if _finished(d)]
+    if not dirs:
+      continue
     finals = [_final_eval(d) for d in dirs]
     row: dict[str, Any] = {"method": method, "seeds": len(dirs)}
     for split in splits:
@@ -129,13 +162,28 @@ def _commit() -> str:
     return "unknown"
 
 
-def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *, wall_s: float) -> pathlib.Path:
-  """Writes `root/results/{results.md, results.csv, *.png}` and prints the table."""
+def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
+                  docs_path: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes `root/results/{results.md, results.csv, *.png}`, optionally a copy at `docs_path`.
+
+  The table holds every finished run (so it can be written after each method), the
+  warm-start student every method starts from (`root/student_eval`), the teacher's own
+  success and its judge accuracy. The wall time is the sum of the finished stages'
+  (`record_stage_time`), over however many sessions the pipeline took.
+
+  Args:
+    root: the pipeline's workdir.
+    config: the pipeline's config (eval splits, decoding mode).
+    docs_path: also write the report there (e.g. docs/results.md), with its CSV and plots in a
+      folder of the same name beside it (docs/results/), linked relatively.
+  """
   out = root / "results"
   out.mkdir(parents=True, exist_ok=True)
   splits = list(config.env.eval_splits)
   runs = collect_runs(root)
   rows = table_rows(runs, splits)
+  if _finished(root / "student_eval"):
+    rows = table_rows({STUDENT_START: [root / "student_eval"]}, splits) + rows
   with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
     fields = ["method", "seeds"] + [f"{s}/{c}_{stat}" for s in splits for c, _ in COLUMNS for stat in ("mean", "std")]
     w = csv.DictWriter(f, fieldnames=fields)
@@ -147,18 +195,37 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *, wall
           if f"{s}/{c}" in row:
             flat[f"{s}/{c}_mean"], flat[f"{s}/{c}_std"] = row[f"{s}/{c}"]
       w.writerow(flat)
-  _plot(runs, "eval/valid_unseen/t0/success", "valid_unseen success (greedy)", out / "valid_unseen_success.png")
-  _plot(runs, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
+  finished = {m: [d for d in dirs if _finished(d)] for m, dirs in runs.items()}
+  curve_split = splits[-1]  # The held-out one (valid_unseen, ScienceWorld's test).
+  success_png = f"{curve_split}_success.png"
+  _plot(finished, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png)
+  _plot(finished, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
+  (out / "results.md").write_text(_report(root, config, rows, splits, asset_dir="", success_png=success_png),
+                                  encoding="utf-8")
+  if docs_path is not None:
+    docs_path = pathlib.Path(docs_path)
+    assets = docs_path.with_suffix("")
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in ("results.csv", success_png, "judge_label_mix.png"):
+      shutil.copyfile(out / name, assets / name)
+    docs_path.write_text(_report(root, config, rows, splits, asset_dir=assets.name + "/", success_png=success_png),
+                         encoding="utf-8")
+  print(markdown_table(rows, splits))
+  return out
 
+
+def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
+            splits: Sequence[str], asset_dir: str, success_png: str) -> str:
   teacher = {}
   teacher_eval = root / "teacher_eval"
   if (teacher_eval / "metrics.jsonl").exists():
     for row in writers.read_metrics(teacher_eval):
       teacher.update({k: v for k, v in row.items() if k != "step"})
+  times = stage_times(root)
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
-      f"Commit: `{_commit()}`; wall time {wall_s / 60:.1f} min; decoding "
+      f"Commit: `{_commit()}`; wall time of the finished stages {sum(times.values()) / 3600:.2f} h; decoding "
       f"{'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.", "",
       "Success rate, invalid- and repeated-action rates and mean turns (greedy eval), mean ± std over seeds:", "",
       markdown_table(rows, splits), "",
@@ -173,7 +240,9 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *, wall
   if "judge_eval/accuracy" in teacher:
     lines += ["", f"Judge accuracy on held-out games' judge examples: {teacher['judge_eval/accuracy']:.3f} "
               f"({int(teacher['judge_eval/count'])} examples)."]
-  lines += ["", "![valid_unseen success](valid_unseen_success.png)", "![judge label mix](judge_label_mix.png)", ""]
-  (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
-  print(markdown_table(rows, splits))
-  return out
+  if times:
+    lines += ["", "Wall time per stage (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + "."]
+  lines += ["", f"CSV: [{asset_dir}results.csv]({asset_dir}results.csv)", "",
+            f"![{success_png[:-4].replace('_', ' ')}]({asset_dir}{success_png})",
+            f"![judge label mix]({asset_dir}judge_label_mix.png)", ""]
+  return "\n".join(lines)

@@ -12,6 +12,7 @@ from configs import scienceworld_cpu
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import models
 from sage_opd_jax import pipeline
+from sage_opd_jax import results
 from sage_opd_jax import writers
 from sage_opd_jax.envs import demos as demos_lib
 from sage_opd_jax.envs import scienceworld as sw
@@ -71,6 +72,16 @@ def test_pipeline_writes_the_results_table(workdir):
   for method in ("opd", "sage_opd"):
     final = writers.read_metrics(workdir / "runs" / method / "seed0")[-1]
     assert "eval/dev/t0/success" in final
+  assert (workdir / "results" / "dev_success.png").stat().st_size > 0  # The curve of the last eval split.
+
+
+def test_every_stage_is_timed_once(workdir):
+  times = results.stage_times(workdir)
+  assert set(times) == {"teacher_sft", "teacher_eval", "judge_accuracy", "student_sft", "student_eval",
+                        "opd/seed0", "sage_opd/seed0"}, times
+  assert all(t > 0 for t in times.values()), times
+  pipeline.run(tiny_config(), workdir)  # Resuming a finished pipeline redoes (and re-times) nothing.
+  assert results.stage_times(workdir) == times
 
 
 def test_demos_are_gold_paths_of_the_chosen_task_types(workdir):
