@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft.max_demos = 0  # Train on at most this many demonstrations; 0 means all.
   config.sft.judge_examples = False  # Also train on judge examples (a teacher that acts and judges).
   config.sft.max_judge_examples = 0  # Train on at most this many judge examples; 0 means all.
+  config.sft.thoughts = "none"  # Expert <think> text: none | subgoal (ALFWorld's task subgoals).
 
   config.student = ml_collections.ConfigDict()
   config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.
@@ -87,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.top_p = 1.0  # 1.0 disables nucleus sampling.
   config.sampling.max_new_tokens = 64  # Response budget per turn.
   config.sampling.constrained = False  # Restrict actions to the admissible ones (a token trie).
+  config.sampling.free_thought = False  # Constrained: leave <think> free, constrain after <action>.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).

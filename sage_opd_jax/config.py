@@ -28,6 +28,7 @@ CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 JUDGE_MODES = ("prompt", "likelihood", "oracle")
 SCHEDULES = ("constant", "cosine")
+THOUGHTS = ("none", "subgoal")  # What fills an expert demo's <think></think> (sft_data).
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("qwen3", "qwen2", "llama")
 SPLITS = {
@@ -105,6 +106,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "demos.game_timeout_s")
   _positive(config, "sft.max_demos", allow_zero=True)
   _positive(config, "sft.max_judge_examples", allow_zero=True)
+  _one_of(config, "sft.thoughts", THOUGHTS)
+  if _get(config, "sft.thoughts") == "subgoal" and _get(config, "env.name") != "alfworld":
+    raise ConfigError(f"config.sft.thoughts='subgoal' is defined for ALFWorld; config.env.name is "
+                      f"{_get(config, 'env.name')!r}.")
   if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
     raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
 
@@ -181,6 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       if method not in METHODS:
         raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {METHODS}.")
     _one_of(config, "pipeline.heldout_split", SPLITS[env])
+    _one_of(config, "pipeline.sft_schedule", SCHEDULES)
   elif _get(config, "stage") == "pipeline":
     raise ConfigError("config.stage='pipeline' needs a config.pipeline section (see configs/alfworld_cpu.py).")
 

@@ -143,7 +143,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_dir = root / "teacher"
   _stage(root, "teacher_sft", _done(teacher_dir), lambda: train.train(_derive(
       base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos), sft__judge_examples=True,
-      train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), teacher_dir))
+      train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate,
+      optim__schedule=p.sft_schedule, eval__num_episodes=0), teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
   _stage(root, "teacher_eval", _has_metric(teacher_eval, "eval/"),
@@ -155,7 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   student_dir = root / "student_sft"
   _stage(root, "student_sft", _done(student_dir), lambda: train.train(_derive(
       base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
-      train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate, eval__num_episodes=0), student_dir))
+      train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
+      optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _stage(root, "student_eval", _has_metric(student_eval, "eval/"), lambda: train.evaluate_stage(
       _derive(base, stage="evaluate", student__hf_dir=str(student_dir / "hf")), student_eval))

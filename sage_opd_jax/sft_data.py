@@ -6,8 +6,9 @@ tokens with `turn_ids > 0`) consumes them unchanged:
 
 * **acting**: an expert demonstration as the multi-turn chat transcript the student sees while
   acting (`prompts.episode_segments`): system, user(task + o_1), assistant(y_1), user(o_2), ...
-  Turn k's response tokens (the expert's `<think></think><action>a_k</action>` and the
-  end-of-turn token) carry `turn_ids == k`; everything else is 0.
+  Turn k's response tokens (the expert's `<think>thought</think><action>a_k</action>` and the
+  end-of-turn token) carry `turn_ids == k`; everything else is 0. The thought is empty, or
+  with `thoughts="subgoal"` the ALFWorld subgoal (`envs.alfworld.subgoal_thoughts`).
 * **judge**: a judge question about one step (`prompts.render_judge_prompt`, the feedback in
   it) answered with one word, Skip/Weak/Strong, plus the end-of-turn token; only the answer
   carries `turn_ids == 1`.
@@ -30,6 +31,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sage_opd_jax import prompts
+from sage_opd_jax.config import THOUGHTS
+from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import demos
 
 
@@ -49,22 +52,36 @@ class Demonstration:
   thoughts: Sequence[str] | None = None  # Per turn, inside <think></think>; empty if None.
 
   @classmethod
-  def from_record(cls, record: Mapping[str, Any]) -> "Demonstration":
-    """From one `demos.jsonl` record (`envs.demos.DEMO_KEYS`)."""
+  def from_record(cls, record: Mapping[str, Any], thoughts: str = "none") -> "Demonstration":
+    """From one `demos.jsonl` record (`envs.demos.DEMO_KEYS`).
+
+    Args:
+      record: the record.
+      thoughts: one of `THOUGHTS`: "none" leaves every <think></think> empty; "subgoal" fills
+        it with `envs.alfworld.subgoal_thoughts` (ALFWorld records only).
+    """
     for key in ("task", "observations", "actions", "admissible_actions"):
       if key not in record:
         raise ValueError(f"demo record {record.get('task_id', '?')!r} lacks the key {key!r}.")
+    if thoughts not in THOUGHTS:
+      raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
+    texts = None
+    if thoughts == "subgoal":
+      if record.get("env") != alfworld.ENV_NAME:
+        raise ValueError(f"thoughts='subgoal' is defined for ALFWorld demos; record {record.get('task_id', '?')!r} "
+                         f"is from env {record.get('env')!r}.")
+      texts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"])
     return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
-               admissible_actions=record["admissible_actions"])
+               admissible_actions=record["admissible_actions"], thoughts=texts)
 
 
-def read_demonstrations(out_dir: str | os.PathLike[str]) -> list[Demonstration]:
-  """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl)."""
+def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none") -> list[Demonstration]:
+  """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl); see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
     raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
   with path.open() as f:
-    return [Demonstration.from_record(json.loads(line)) for line in f if line.strip()]
+    return [Demonstration.from_record(json.loads(line), thoughts) for line in f if line.strip()]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -298,7 +298,7 @@ class SftSource:
       raise FileNotFoundError(
           f"config.sft.demos_dir={str(demos_dir)!r} has no {demos_lib.DEMOS}; run the collect_demos stage first."
       )
-    demonstrations = sft_data.read_demonstrations(demos_dir)
+    demonstrations = sft_data.read_demonstrations(demos_dir, config.sft.thoughts)
     if config.sft.max_demos:
       demonstrations = demonstrations[: config.sft.max_demos]
     judge_examples = []
@@ -476,7 +476,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any) -> ro
 def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperature: float) -> sampling.SamplingConfig:
   return rollout_lib.default_sampling_config(
       tokenizer, config.sampling.max_new_tokens, temperature=temperature,
-      top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+      top_k=config.sampling.top_k, top_p=config.sampling.top_p, free_thought=config.sampling.free_thought,
   )
 
 

@@ -24,6 +24,7 @@ import textworld.gym
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 
 from sage_opd_jax.envs import NOTHING_HAPPENS, Task, make
+from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs.alfworld import AlfworldEnv, canonical_command, parse_task_folder
 from sage_opd_jax.envs.alfworld_cache import GroundingCache
 
@@ -366,3 +367,27 @@ def test_real_cached_reset_matches_uncached(tmp_path):
   # A short game (a look_at_obj_in_light walkthrough is 3-4 steps): the uncached run is slow.
   task = AlfworldEnv(data_dir=data_dir, cache_dir=tmp_path, task_types=[2]).tasks("valid_unseen")[0]
   _cached_and_uncached_agree(task, data_dir, tmp_path)
+
+
+def test_subgoal_thoughts_follow_the_pick_up_of_the_task_object():
+  task_id = "pick_and_place_simple-SoapBottle-None-CounterTop-424/trial_T1"
+  actions = ["go to toilet 1", "take toiletpaper 2 from toilet 1", "take soapbottle 3 from toilet 1",
+             "take soapbottle 3 from toilet 1", "go to countertop 1", "move soapbottle 3 to countertop 1"]
+  observations = ["You are in the middle of a room.", "You arrive at toilet 1.", "You pick up the toiletpaper 2.",
+                  "Nothing happens.", "You pick up the soapbottle 3 from the toilet 1.", "You arrive at countertop 1.",
+                  "You move the soapbottle 3 to the countertop 1."]
+  # Another object's pick-up and a failed take leave the subgoal as it was.
+  assert alfworld.subgoal_thoughts(task_id, actions, observations) == [
+      "find soapbottle"] * 4 + ["put soapbottle 3 in countertop"] * 2
+
+
+def test_subgoal_thoughts_of_look_at_obj_in_light():
+  task_id = "look_at_obj_in_light-AlarmClock-None-DeskLamp-308/trial_T2"
+  actions = ["go to sidetable 1", "take alarmclock 3 from sidetable 1", "go to sidetable 2", "use desklamp 2"]
+  observations = ["You are in the middle of a room.", "You arrive at sidetable 1.",
+                  "You pick up the alarmclock 3 from the sidetable 1.", "You arrive at sidetable 2.",
+                  "You turn on the desklamp 2."]
+  assert alfworld.subgoal_thoughts(task_id, actions, observations) == [
+      "find alarmclock", "find alarmclock", "find desklamp", "use desklamp 2"]
+  with pytest.raises(ValueError, match="pick_two_obj_and_place"):
+    alfworld.subgoal_thoughts("pick_two_obj_and_place-Apple-None-CounterTop-901/t", actions, observations)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from sage_opd_jax import envs
+from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import demos
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "alfworld")
@@ -168,3 +169,13 @@ def test_hang_crash_and_exception_are_skipped_and_collection_goes_on(tmp_path):
   assert result.manifest["last_run"]["respawns"] == 2  # The hung and the crashed worker.
   assert run().new_games == 0  # Failed games count as finished...
   assert run(retry_failed=True).new_games == 3  # ...unless asked to retry them.
+
+
+def test_subgoal_thoughts_of_a_real_expert_episode(fixture_run):
+  out, _, _ = fixture_run
+  (record,) = [r for r in _lines(out / demos.DEMOS) if r["task_type"] == "pick_and_place_simple"]
+  thoughts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"])
+  take = next(t for t, a in enumerate(record["actions"]) if a.startswith("take apple"))
+  held = record["actions"][take].split(" from ")[0][len("take "):]
+  assert thoughts == ["find apple"] * (take + 1) + [f"put {held} in countertop"] * (len(thoughts) - take - 1)
+  assert record["actions"][-1] == f"move {held} to countertop 1"

@@ -303,3 +303,9 @@ def test_crashed_worker_fails_its_episodes_and_the_others_complete(tok, model, e
   assert "exit code 7" in crashed.error and batch.num_turns[0] == 2 and crashed.turns[-1].done
   assert "state lost" in neighbour.error  # Its env died with worker 0.
   assert other.error is None and batch.num_turns[1] == 3 and len(other.turns) == 3
+
+
+def test_free_thought_constrains_only_after_the_action_tag(tok):
+  free = rollout.default_sampling_config(tok, MAX_NEW, free_thought=True)
+  assert free.constraint_trigger == tuple(tok.encode(prompts.ACTION_OPEN, add_special_tokens=False))
+  assert rollout.default_sampling_config(tok, MAX_NEW).constraint_trigger == ()

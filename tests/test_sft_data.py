@@ -129,3 +129,20 @@ def test_bad_inputs_name_the_problem(tokenizer):
     sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400)
   data = sft_data.build_sft_data(tokenizer, [bad], [], seq_len=400, show_admissible=False)
   assert data.arrays["tokens"].shape[0] == 1
+
+
+def test_subgoal_thoughts_fill_the_think_tags(tokenizer):
+  record = {"env": "alfworld", "task_id": "pick_and_place_simple-Pen-None-Drawer-301/trial_T1", "task": TASK,
+            "observations": list(DEMO.observations), "actions": list(DEMO.actions),
+            "admissible_actions": [list(a) for a in DEMO.admissible_actions]}
+  plain = sft_data.Demonstration.from_record(record)
+  demo = sft_data.Demonstration.from_record(record, thoughts="subgoal")
+  assert plain.thoughts is None
+  assert list(demo.thoughts) == ["find pen", "find pen", "put pen 1 in drawer"]
+  data = sft_data.build_sft_data(tokenizer, [demo], [], seq_len=400, seed=None)
+  tokens, turn_ids = data.arrays["tokens"][0], data.arrays["turn_ids"][0]
+  assert prompts.THINK_OPEN + "put pen 1 in drawer" + prompts.THINK_CLOSE in _turn_text(tokenizer, tokens, turn_ids, 3)
+  with pytest.raises(ValueError, match="scienceworld"):
+    sft_data.Demonstration.from_record(dict(record, env="scienceworld"), thoughts="subgoal")
+  with pytest.raises(ValueError, match="thoughts"):
+    sft_data.Demonstration.from_record(record, thoughts="chain")

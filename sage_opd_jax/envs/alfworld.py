@@ -112,6 +112,54 @@ def parse_task_folder(folder: str) -> dict[str, Any]:
   }
 
 
+# Task families whose subgoals `subgoal_thoughts` knows.
+THOUGHT_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light")
+_TAKE_RE = re.compile(r"take (?P<obj>\S+ \d+) from .+")
+
+
+def subgoal_thoughts(task_id: str, actions: Sequence[str], observations: Sequence[str]) -> list[str]:
+  """ReAct-style subgoal thoughts for an expert episode: one per action.
+
+  Why: a tiny model trained on bare actions must match the task's object, hundreds of
+  tokens back, against the current observation in one step, and it does not learn to
+  (it walks past the object). A thought that restates the subgoal ("find soapbottle",
+  then "put soapbottle 3 in countertop") puts the thing to match a few tokens before
+  the action, which is the scratchpad's usual trick. The thoughts are read off the
+  game's own task parameters and the episode's pick-ups, so they are always right.
+
+  Args:
+    task_id: the game's `<task folder>/<trial>` (`parse_task_folder` reads the folder).
+    actions: a_1..a_T.
+    observations: o_1..o_T (o_{t+1} answers a_t; a final o_{T+1} may follow).
+
+  Returns:
+    T thoughts: "find {object}" until the object is picked up, then "put {object N} in
+    {receptacle}" (pick_and_place_simple) or "find {light}" and, once it is in view,
+    "use {light N}" (look_at_obj_in_light).
+  """
+  params = parse_task_folder(task_id.split("/", 1)[0])
+  if params["task_type"] not in THOUGHT_TASK_TYPES:
+    raise ValueError(f"subgoal_thoughts: task type {params['task_type']!r} of {task_id!r} has no subgoal "
+                     f"template; known: {THOUGHT_TASK_TYPES}.")
+  obj = params["pddl_params"]["object_target"].lower()
+  held = None  # "soapbottle 3" once picked up.
+  thoughts = []
+  for t, action in enumerate(actions):
+    if held is None:
+      thoughts.append(f"find {obj}")
+    elif params["toggle"] is None:
+      thoughts.append(f"put {held} in {params['recep'].lower()}")
+    else:
+      light = params["toggle"].lower()
+      use = re.fullmatch(rf"use ({light} \d+)", action)
+      thoughts.append(f"use {use[1]}" if use else f"find {light}")
+    take = _TAKE_RE.fullmatch(action)
+    answered = observations[t + 1] if t + 1 < len(observations) else ""
+    if take and take["obj"].split()[0] == obj and answered.startswith("You pick up"):
+      held = take["obj"]
+  return thoughts
+
+
 def _normalize(command: str) -> str:
   """Lower case, single spaces: the form commands are compared in."""
   return " ".join(command.lower().split())
