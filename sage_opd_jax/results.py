@@ -22,7 +22,6 @@ from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
 from sage_opd_jax import sft_data  # noqa: E402
 from sage_opd_jax import writers  # noqa: E402
-from sage_opd_jax.envs import demos as demos_lib  # noqa: E402
 
 # The columns of the table, per split: (metric key suffix, header).
 COLUMNS = (("success", "success"), ("invalid_rate", "invalid"), ("repeated_rate", "repeated"),
@@ -61,8 +60,7 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
   """The (SFT'd) teacher's judge accuracy on the judge examples of held-out games."""
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
   teacher = models.load_hf_checkpoint(config.student.hf_dir)
-  examples = [sft_data.JudgeExample.from_demo(ex)
-              for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
+  examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
                                      history_turns=config.judge.history_turns,
                                      max_new_tokens=config.judge.max_new_tokens)

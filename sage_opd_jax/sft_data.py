@@ -96,6 +96,7 @@ class JudgeExample:
     feedback: the env's answer to it, o_{t+1}.
     admissible_actions: the admissible actions at o_t.
     label: prompts.SKIP / WEAK / STRONG.
+    thought: the <think> text of the judged response (as the acting demos are trained).
   """
 
   task_text: str
@@ -105,16 +106,42 @@ class JudgeExample:
   feedback: str
   admissible_actions: Sequence[str]
   label: int
+  thought: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "label", label_code(self.label))
 
   @classmethod
-  def from_demo(cls, example: Any) -> "JudgeExample":
+  def from_demo(cls, example: Any, thought: str = "") -> "JudgeExample":
     """From an `envs.demos.JudgeExample` (as `envs.demos.load_judge_examples` yields them)."""
     return cls(task_text=example.task, history=list(example.history), observation=example.observation,
                action=example.action, feedback=example.feedback,
-               admissible_actions=list(example.admissible_actions), label=label_code(example.label))
+               admissible_actions=list(example.admissible_actions), label=label_code(example.label),
+               thought=thought)
+
+
+def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int, thoughts: str = "none"
+                        ) -> list[JudgeExample]:
+  """The judge examples of a collection folder, their responses thought as its demos are.
+
+  With `thoughts="subgoal"` the judged response carries the subgoal the expert would think in
+  that state before that action (`envs.alfworld.subgoal_thoughts` over the episode's earlier
+  turns), so the judge is trained on responses shaped like the ones the policy writes.
+  """
+  examples = list(demos.load_judge_examples(out_dir, history_turns))
+  if thoughts not in THOUGHTS:
+    raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
+  if thoughts == "none":
+    return [JudgeExample.from_demo(ex) for ex in examples]
+  with (pathlib.Path(out_dir) / demos.DEMOS).open() as f:
+    episodes = {r["task_id"]: r for r in map(json.loads, f) if r}
+  out = []
+  for ex in examples:
+    episode, t = episodes[ex.task_id], ex.turn
+    thought = alfworld.subgoal_thoughts(ex.task_id, [*episode["actions"][:t], ex.action or ""],
+                                        [*episode["observations"][: t + 1], ex.feedback])[-1]
+    out.append(JudgeExample.from_demo(ex, thought))
+  return out
 
 
 def label_code(label: str | int) -> int:
@@ -188,7 +215,8 @@ def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int) -> s
   """The judge question about `example`, rendered with the generation prompt."""
   return prompts.render_judge_prompt(
       tokenizer, example.task_text, list(example.history), example.observation,
-      expert_response(example.action), example.feedback, list(example.admissible_actions), history_turns)
+      expert_response(example.action, example.thought), example.feedback, list(example.admissible_actions),
+      history_turns)
 
 
 def judge_segments(

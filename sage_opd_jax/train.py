@@ -303,8 +303,7 @@ class SftSource:
       demonstrations = demonstrations[: config.sft.max_demos]
     judge_examples = []
     if config.sft.judge_examples:
-      judge_examples = [sft_data.JudgeExample.from_demo(ex)
-                        for ex in demos_lib.load_judge_examples(demos_dir, config.judge.history_turns)]
+      judge_examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from sage_opd_jax import envs
+from sage_opd_jax import sft_data
 from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import demos
 
@@ -179,3 +180,25 @@ def test_subgoal_thoughts_of_a_real_expert_episode(fixture_run):
   held = record["actions"][take].split(" from ")[0][len("take "):]
   assert thoughts == ["find apple"] * (take + 1) + [f"put {held} in countertop"] * (len(thoughts) - take - 1)
   assert record["actions"][-1] == f"move {held} to countertop 1"
+
+
+def test_judge_examples_carry_the_thought_of_their_state(fixture_run, tmp_path):
+  out, _, _ = fixture_run
+  # Only the pick_and_place_simple game: subgoal thoughts refuse pick_two (tested below).
+  keep = {r["task_id"] for r in _lines(out / demos.DEMOS) if r["task_type"] == "pick_and_place_simple"}
+  for name in (demos.DEMOS, demos.JUDGE):
+    lines = [json.dumps(r) for r in _lines(out / name) if r["task_id"] in keep]
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+  (task_id,) = keep
+  demo = sft_data.Demonstration.from_record(_lines(tmp_path / demos.DEMOS)[0], "subgoal")
+  records = _lines(tmp_path / demos.JUDGE)
+  examples = sft_data.read_judge_examples(tmp_path, 2, "subgoal")
+  assert len(examples) == len(records) > 0
+  for record, example in zip(records, examples):
+    if record["label"] == "Skip":  # The expert's own step: the demo's own thought.
+      assert example.thought == demo.thoughts[record["turn"]]
+    assert example.thought.startswith(("find apple", "put apple"))
+    assert f"<think>{example.thought}</think>" in sft_data.judge_prompt(None, example, 2)
+  assert all(e.thought == "" for e in sft_data.read_judge_examples(tmp_path, 2))
+  with pytest.raises(ValueError, match="pick_two_obj_and_place"):
+    sft_data.read_judge_examples(out, 2, "subgoal")
