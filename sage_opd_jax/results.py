@@ -133,7 +133,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> str
   return "\n".join(lines)
 
 
-def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: pathlib.Path) -> None:
+def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: pathlib.Path,
+          start: pathlib.Path | None = None) -> None:
+  """Mean over seeds of `key` against updates, per method; `start` (an eval folder) is update 0."""
+  origin = _curve(start, key) if start is not None and (start / "metrics.jsonl").exists() else ([], [])
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, dirs in runs.items():
     curves = [_curve(d, key) for d in dirs]
@@ -141,11 +144,14 @@ def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: path
     if not curves:
       continue
     steps = curves[0][0]
-    values = np.asarray([c[1][: len(steps)] for c in curves if len(c[1]) >= len(steps)])
-    ax.plot(steps, values.mean(0), marker="o", label=method)
+    values = np.asarray([c[1][: len(steps)] for c in curves if len(c[1]) >= len(steps)]).mean(0)
+    if origin[0] and steps[0] > 0:  # Every method starts from the same student.
+      steps, values = [0, *steps], np.concatenate([[origin[1][-1]], values])
+    ax.plot(steps, values, marker="o", label=method)
   ax.set_xlabel("updates")
   ax.set_ylabel(ylabel)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -196,7 +202,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   finished = {m: [d for d in dirs if _finished(d)] for m, dirs in runs.items()}
   curve_split = splits[-1]  # The held-out one (valid_unseen, ScienceWorld's test).
   success_png = f"{curve_split}_success.png"
-  _plot(finished, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png)
+  _plot(finished, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
+        start=root / "student_eval")
   _plot(finished, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
   (out / "results.md").write_text(_report(root, config, rows, splits, asset_dir="", success_png=success_png),
                                   encoding="utf-8")
