@@ -219,6 +219,16 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   return out
 
 
+def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]]) -> list[str]:
+  """A line naming the pipeline's methods with fewer finished seeds than planned (a partial table)."""
+  if "pipeline" not in config:
+    return []
+  done = {row["method"]: row["seeds"] for row in rows}
+  seeds = len(config.pipeline.seeds)
+  pending = [f"{m} ({done.get(m, 0)}/{seeds} seeds)" for m in config.pipeline.methods if done.get(m, 0) < seeds]
+  return [f"**Partial:** not finished yet: {', '.join(pending)}.", ""] if pending else []
+
+
 def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
             splits: Sequence[str], asset_dir: str, success_png: str) -> str:
   teacher = {}
@@ -234,6 +244,7 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequenc
       f"{'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.", "",
       "Success rate, invalid- and repeated-action rates and mean turns (greedy eval), mean ± std over seeds:", "",
       markdown_table(rows, splits), "",
+      *_pending_line(config, rows),
       "Teacher (SFT on acting and judging):", "",
       "| split | success | invalid | repeated |", "|---|---|---|---|",
   ]

@@ -65,6 +65,7 @@ def test_pipeline_writes_the_results_table(workdir):
     assert f"| {method} | 1 |" in table
   assert "dev success" in table and "test success" not in table
   assert "Judge accuracy on held-out games' judge examples" in table
+  assert "Partial" not in table  # Every planned method and seed finished.
   with open(workdir / "results" / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert [r["method"] for r in rows][-2:] == ["opd", "sage_opd"]  # After any baseline rows.
@@ -116,3 +117,12 @@ def test_rerun_resumes_without_redoing_any_stage(workdir):
   assert len(stamps) == 5  # teacher, student_sft, two runs, and the tokenizer.
   pipeline.run(tiny_config(), workdir)
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
+  config = tiny_config()
+  config.pipeline.seeds = (0, 1)  # One more seed than ran.
+  results.write_results(workdir, config, docs_path=tmp_path / "results.md")
+  report = (tmp_path / "results.md").read_text()
+  assert "**Partial:** not finished yet: opd (1/2 seeds), sage_opd (1/2 seeds)." in report
+  assert (tmp_path / "results" / "dev_success.png").exists()
