@@ -27,6 +27,7 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 
 from sage_opd_jax import config as config_lib
@@ -194,3 +195,7 @@ def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> 
   start = time.time()
   fn()
   results.record_stage_time(root, name, time.time() - start)
+  # Each stage compiles its own executables (other models, other shape buckets); kept for the
+  # whole pipeline they exhaust the process's memory maps (LLVM "Cannot allocate memory" after
+  # ~1.5 h, vm.max_map_count 65530), so a finished stage's compilations are dropped.
+  jax.clear_caches()
