@@ -102,12 +102,9 @@ def collect_runs(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
 
 def table_rows(runs: dict[str, list[pathlib.Path]], splits: Sequence[str], temperature: float = 0.0
                ) -> list[dict[str, Any]]:
-  """One row per method: mean and std over seeds of each split's columns (evaluated runs only)."""
+  """One row per method: mean and std over seeds of each split's columns."""
   rows = []
   for method, dirs in runs.items():
-    dirs = [d for d in dirs if _finished(d)]
-    if not dirs:
-      continue
     finals = [_final_eval(d) for d in dirs]
     row: dict[str, Any] = {"method": method, "seeds": len(dirs)}
     for split in splits:
@@ -184,7 +181,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   out = root / "results"
   out.mkdir(parents=True, exist_ok=True)
   splits = list(config.env.eval_splits)
-  runs = collect_runs(root)
+  # Only finished runs (evaluated to the end), so the table can be written after every method.
+  runs = {m: kept for m, dirs in collect_runs(root).items() if (kept := [d for d in dirs if _finished(d)])}
   rows = table_rows(runs, splits)
   if _finished(root / "student_eval"):
     rows = table_rows({STUDENT_START: [root / "student_eval"]}, splits) + rows
@@ -199,12 +197,11 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
           if f"{s}/{c}" in row:
             flat[f"{s}/{c}_mean"], flat[f"{s}/{c}_std"] = row[f"{s}/{c}"]
       w.writerow(flat)
-  finished = {m: [d for d in dirs if _finished(d)] for m, dirs in runs.items()}
   curve_split = splits[-1]  # The held-out one (valid_unseen, ScienceWorld's test).
   success_png = f"{curve_split}_success.png"
-  _plot(finished, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
+  _plot(runs, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
         start=root / "student_eval")
-  _plot(finished, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
+  _plot(runs, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
   (out / "results.md").write_text(_report(root, config, rows, splits, asset_dir="", success_png=success_png),
                                   encoding="utf-8")
   if docs_path is not None:

@@ -133,8 +133,7 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int, tho
     raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
   if thoughts == "none":
     return [JudgeExample.from_demo(ex) for ex in examples]
-  with (pathlib.Path(out_dir) / demos.DEMOS).open() as f:
-    episodes = {r["task_id"]: r for r in map(json.loads, f) if r}
+  episodes = {r["task_id"]: r for r in demos.read_jsonl(pathlib.Path(out_dir) / demos.DEMOS)}
   out = []
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn

@@ -253,7 +253,7 @@ def expert_game(
   return result
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   """Every complete line; a torn last line (a killed writer) is dropped."""
   if not path.exists():
     return []
@@ -367,14 +367,14 @@ def collect(
             "use another out_dir or the same settings."
         )
 
-  games = _read_jsonl(out / GAMES)
+  games = read_jsonl(out / GAMES)
   if retry_failed:
     games = [g for g in games if g["status"] in ("won", "lost")]
   finished = {g["task_id"] for g in games}
   # Drop what a killed run wrote for games it did not finish (and torn lines).
   _rewrite_jsonl(out / GAMES, games)
-  _rewrite_jsonl(out / DEMOS, [r for r in _read_jsonl(out / DEMOS) if r["task_id"] in finished])
-  _rewrite_jsonl(out / JUDGE, [r for r in _read_jsonl(out / JUDGE) if r["task_id"] in finished])
+  _rewrite_jsonl(out / DEMOS, [r for r in read_jsonl(out / DEMOS) if r["task_id"] in finished])
+  _rewrite_jsonl(out / JUDGE, [r for r in read_jsonl(out / JUDGE) if r["task_id"] in finished])
 
   start = time.perf_counter()
   new_games = 0
@@ -425,7 +425,7 @@ def collect(
       last_run=dict(new_games=new_games, seconds=seconds, games_per_s=new_games / seconds if seconds else None,
                     num_workers=num_workers, respawns=respawns,
                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-      judge_examples=len(_read_jsonl(out / JUDGE)),
+      judge_examples=len(read_jsonl(out / JUDGE)),
       files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
   )
   tmp = manifest_path.with_suffix(".tmp")
@@ -452,8 +452,8 @@ class JudgeExample:
 def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int) -> Iterator[JudgeExample]:
   """Judge examples of a collection folder, each with its last `history_turns` turns."""
   out = pathlib.Path(out_dir)
-  demos = {d["task_id"]: d for d in _read_jsonl(out / DEMOS)}
-  for record in _read_jsonl(out / JUDGE):
+  demos = {d["task_id"]: d for d in read_jsonl(out / DEMOS)}
+  for record in read_jsonl(out / JUDGE):
     demo = demos.get(record["task_id"])
     if demo is None:
       raise ValueError(f"{out / JUDGE}: example for {record['task_id']!r} has no demo in {out / DEMOS}.")
