@@ -179,9 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"config.eval.temperatures contains {t!r}: temperatures must be >= 0 (0 is greedy).")
 
   if "pipeline" in config:
-    for key in ("teacher_steps", "student_steps", "student_demos", "distill_steps", "heldout_games",
-                "sft_learning_rate"):
+    for key in ("teacher_steps", "student_steps", "distill_steps", "heldout_games", "sft_learning_rate"):
       _positive(config, f"pipeline.{key}")
+    _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.
     for method in _get(config, "pipeline.methods"):
       if method not in METHODS:
         raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {METHODS}.")

@@ -49,6 +49,20 @@ def test_bad_value_names_the_key(key, value, message):
   assert message in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["alfworld_cpu", "quickstart"])
+def test_pipeline_budgets(name):
+  config = _load_config(name)
+  config.pipeline.student_demos = 0  # Every demonstration: allowed.
+  config_lib.validate(config)
+  config.pipeline.student_demos = -1
+  with pytest.raises(config_lib.ConfigError, match=r"config.pipeline.student_demos=-1"):
+    config_lib.validate(config)
+  config.pipeline.student_demos = 0
+  config.pipeline.student_steps = 0
+  with pytest.raises(config_lib.ConfigError, match=r"config.pipeline.student_steps=0"):
+    config_lib.validate(config)
+
+
 def test_teacher_and_student_vocabularies_must_match():
   config = _load_config("base")
   config.teacher.model.vocab_size = config.student.model.vocab_size + 1
