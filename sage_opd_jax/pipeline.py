@@ -56,10 +56,6 @@ def _derive(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections
   return config_lib.validate(derived)
 
 
-def _done(run_dir: pathlib.Path) -> bool:
-  return (run_dir / "hf" / "config.json").exists()
-
-
 def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """The `collect_demos` stage: `config.demos` games of the expert into `workdir`."""
   return _collect(config, pathlib.Path(workdir), config.demos.split, config.demos.limit)
@@ -142,12 +138,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[3/6] teacher SFT (acting and judging)")
   teacher_dir = root / "teacher"
-  _stage(root, "teacher_sft", _done(teacher_dir), lambda: train.train(_derive(
+  _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(_derive(
       base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos), sft__judge_examples=True,
       train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), teacher_dir))
+  teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
-  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=str(teacher_dir / "hf"))
+  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
   _stage(root, "teacher_eval", _has_metric(teacher_eval, "eval/"),
          lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
   _stage(root, "judge_accuracy", _has_metric(teacher_eval, "judge_eval/"),
@@ -155,23 +152,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[4/6] student warm start")
   student_dir = root / "student_sft"
-  _stage(root, "student_sft", _done(student_dir), lambda: train.train(_derive(
+  _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(_derive(
       base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
       train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
+  student_hf = str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _stage(root, "student_eval", _has_metric(student_eval, "eval/"), lambda: train.evaluate_stage(
-      _derive(base, stage="evaluate", student__hf_dir=str(student_dir / "hf")), student_eval))
+      _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
 
   logging.info("[5/6] methods x seeds")
   for method in p.methods:
     for seed in p.seeds:
       run_dir = root / "runs" / method / f"seed{seed}"
-      changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=str(student_dir / "hf"),
-                     teacher__hf_dir=str(teacher_dir / "hf"), train__num_steps=p.distill_steps)
+      changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=student_hf,
+                     teacher__hf_dir=teacher_hf, train__num_steps=p.distill_steps)
       if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
-        changes.update(stage="sft", sft__demos_dir=str(train_demos), student__hf_dir=str(student_dir / "hf"))
-      _stage(root, f"{method}/seed{seed}", _done(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
+        changes.update(stage="sft", sft__demos_dir=str(train_demos))
+      _stage(root, f"{method}/seed{seed}", writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.
     results.write_results(root, base, docs_path=p.results_doc or None)
 

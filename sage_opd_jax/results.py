@@ -82,7 +82,7 @@ def _finished(run_dir: pathlib.Path) -> bool:
   """A training run counts once exported (its evals so far are partial); an eval-only folder at once."""
   if not (run_dir / "metrics.jsonl").exists():
     return False
-  return (run_dir / "hf" / "config.json").exists() or not (run_dir / "checkpoints").exists()
+  return writers.exported(run_dir) or not (run_dir / "checkpoints").exists()
 
 
 def _curve(run_dir: pathlib.Path, key: str) -> tuple[list[int], list[float]]:

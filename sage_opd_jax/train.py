@@ -643,7 +643,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
           writers.write_transcripts(workdir / "transcripts" / f"step{step + 1}_train.jsonl",
                                     train_transcripts(rollout, arrays, config))
     checkpointer.wait()
-    models.save_hf_checkpoint(nnx.merge(graphdef, state.params), workdir / "hf")
+    models.save_hf_checkpoint(nnx.merge(graphdef, state.params), writers.export_dir(workdir))
     return metrics
   finally:
     checkpointer.close()
@@ -727,7 +727,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     checkpointer.close()
   if restored is None:
     raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'} to export.")
-  out = workdir / "hf"
+  out = writers.export_dir(workdir)
   models.save_hf_checkpoint(nnx.merge(graphdef, restored[0].params), out)
   logging.info("Exported step %d to %s.", int(restored[0].step), out)
   return out

@@ -43,6 +43,16 @@ class MetricWriter:
     self._jsonl.close()
 
 
+def export_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Where a run writes its final model as a Hugging Face checkpoint (the `export` stage too)."""
+  return pathlib.Path(workdir) / "hf"
+
+
+def exported(workdir: str | pathlib.Path) -> bool:
+  """Whether a run has finished: its export is written last, after every eval."""
+  return (export_dir(workdir) / "config.json").exists()
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   """The JSONL metric rows of a workdir, in write order."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
