@@ -620,6 +620,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     metrics: dict[str, float] = {}
     start = int(state.step)
+    if start and _eval_due(config, start, num_steps) and not _evaluated(workdir, start):
+      # Killed after an eval step's checkpoint but before its eval finished (a crash while
+      # compiling the eval, say): run it now, or the run would export without it.
+      metrics.update(evaluate(config, nnx.merge(graphdef, state.params), tokenizer, engine, tasks_by_split,
+                              step=start, workdir=workdir, writer=writer))
     for step in tqdm.trange(start, num_steps, initial=start, total=num_steps, desc=f"{stage} {method}"):
       timer = _Timer()
       with timer("data"):
@@ -636,7 +641,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if (step + 1) % config.train.log_every == 0 or step + 1 == num_steps:
         writer.write(step + 1, metrics)
       checkpointer.save(step + 1, state, _host_state(config, step + 1, batch_size), force=step + 1 == num_steps)
-      if config.eval.num_episodes and ((step + 1) % config.train.eval_every == 0 or step + 1 == num_steps):
+      if _eval_due(config, step + 1, num_steps):
         metrics.update(evaluate(config, nnx.merge(graphdef, state.params), tokenizer, engine, tasks_by_split,
                                 step=step + 1, workdir=workdir, writer=writer))
         if rollout is not None and config.eval.num_transcripts:
@@ -650,6 +655,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     writer.close()
     if engine is not None:
       engine.close()
+
+
+def _eval_due(config: ml_collections.ConfigDict, step: int, num_steps: int) -> bool:
+  """Whether the loop evaluates after update `step` (every `eval_every`, and after the last)."""
+  return bool(config.eval.num_episodes) and (step % config.train.eval_every == 0 or step == num_steps)
+
+
+def _evaluated(workdir: pathlib.Path, step: int) -> bool:
+  """Whether the metrics log holds an eval of `step` (`evaluate` writes its row once, at the end)."""
+  return any(row["step"] == step and any(k.startswith("eval/") for k in row)
+             for row in writers.read_metrics(workdir))
 
 
 def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:

@@ -179,6 +179,32 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp
   assert _comparable(writers.read_metrics(killed)) == _comparable(writers.read_metrics(straight))
 
 
+def _evals(workdir):
+  return {row["step"]: {k: v for k, v in row.items() if k.startswith("eval/")}
+          for row in writers.read_metrics(workdir) if any(k.startswith("eval/") for k in row)}
+
+
+def test_resume_runs_the_eval_a_crash_cut_short(tokenizer_dir, tmp_path, monkeypatch):
+  # A run that dies after its last checkpoint but inside the eval (as an LLVM "Cannot allocate
+  # memory" did) restores at the last step: the resume must still evaluate before exporting.
+  config = tiny_config(tokenizer_dir, "opd")  # 2 updates, eval after the 2nd.
+  train.train(config, tmp_path / "straight")
+  evaluate = train.evaluate
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("injected crash in the eval")
+
+  monkeypatch.setattr(train, "evaluate", crash)
+  with pytest.raises(RuntimeError, match="injected"):
+    train.train(config, tmp_path / "crashed")
+  assert not writers.exported(tmp_path / "crashed") and not _evals(tmp_path / "crashed")
+  monkeypatch.setattr(train, "evaluate", evaluate)
+  train.train(config, tmp_path / "crashed")
+  assert writers.exported(tmp_path / "crashed")
+  assert list(_evals(tmp_path / "crashed")) == [2]
+  assert _evals(tmp_path / "crashed") == _evals(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--config.loss.confidence=top5", "config.loss.confidence='top5'"),
     ("--config.lerning_rate=1", "lerning_rate"),
