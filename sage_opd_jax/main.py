@@ -39,6 +39,35 @@ def _maybe_init_distributed() -> None:
     jax.distributed.initialize()
 
 
+# XLA:CPU keeps its compiled kernels in memory maps of their own (~100 for a 30-op toy program;
+# jax.clear_caches frees them), and a pipeline stage compiles many bucketed shapes: an ALFWorld
+# distill stage held ~50,000 maps after four minutes. Past the kernel's vm.max_map_count (65530
+# by default) LLVM fails with "Cannot allocate memory" and the process dies.
+_MIN_MAP_COUNT = 262144
+_MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
+
+
+def map_count_warning(max_map_count: int | None, backend: str) -> str | None:
+  """The warning to log when a CPU run may exhaust the kernel's memory-map limit, else None."""
+  if backend != "cpu" or max_map_count is None or max_map_count >= _MIN_MAP_COUNT:
+    return None
+  return (f"vm.max_map_count={max_map_count} ({_MAP_COUNT_FILE}): long CPU stages compile enough XLA kernels "
+          f"to exceed it, and LLVM then fails with 'Cannot allocate memory'. Raise it (as root): "
+          f"sysctl -w vm.max_map_count={4 * _MIN_MAP_COUNT}. A stage killed that way resumes on re-running.")
+
+
+def _warn_low_map_count() -> None:
+  import jax
+
+  try:
+    with open(_MAP_COUNT_FILE, encoding="ascii") as f:
+      limit = int(f.read())
+  except (OSError, ValueError):  # Not Linux, or no procfs: nothing to check.
+    limit = None
+  if (message := map_count_warning(limit, jax.default_backend())) is not None:
+    logging.warning(message)
+
+
 def run(config, workdir: str) -> None:
   """Runs `config.stage` in `workdir`; the CLI and the experiment pipelines both call this."""
   config_lib.validate(config)
@@ -76,6 +105,7 @@ def main(argv) -> None:
   # at warnings; the stages' own progress logs at info.
   logging.getLogger("absl").setLevel(logging.WARNING)
   _maybe_init_distributed()
+  _warn_low_map_count()
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from configs import base
 from sage_opd_jax import config as config_lib
+from sage_opd_jax import main
 from sage_opd_jax import models
 from sage_opd_jax import pipeline
 from sage_opd_jax import tokenization
@@ -203,6 +204,15 @@ def test_resume_runs_the_eval_a_crash_cut_short(tokenizer_dir, tmp_path, monkeyp
   assert writers.exported(tmp_path / "crashed")
   assert list(_evals(tmp_path / "crashed")) == [2]
   assert _evals(tmp_path / "crashed") == _evals(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("limit, backend, warns", [
+    (65530, "cpu", True), (1048576, "cpu", False), (65530, "gpu", False), (None, "cpu", False)])
+def test_low_map_count_warning(limit, backend, warns):
+  message = main.map_count_warning(limit, backend)
+  assert (message is not None) == warns
+  if warns:
+    assert f"vm.max_map_count={limit}" in message and "sysctl -w vm.max_map_count=" in message
 
 
 @pytest.mark.parametrize("flag, message", [
