@@ -234,12 +234,17 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequenc
     for row in writers.read_metrics(teacher_eval):
       teacher.update({k: v for k, v in row.items() if k != "step"})
   times = stage_times(root)
+  start = root / "student_eval"  # Every run evaluates the same games as the start they share.
+  games = _final_eval(start) if _finished(start) else {}
+  counts = [f"{int(games[key])} {split}" for split in splits if (key := f"eval/{split}/t0/episodes") in games]
+  on_games = f" on {' and '.join(counts)} games" if counts else ""
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
       f"Commit: `{_commit()}`; wall time of the finished stages {sum(times.values()) / 3600:.2f} h; decoding "
       f"{'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.", "",
-      "Success rate, invalid- and repeated-action rates and mean turns (greedy eval), mean ± std over seeds:", "",
+      f"Success rate, invalid- and repeated-action rates and mean turns (greedy eval{on_games}), mean ± std "
+      "over seeds:", "",
       markdown_table(rows, splits), "",
       *_pending_line(config, rows),
       "Teacher (SFT on acting and judging):", "",

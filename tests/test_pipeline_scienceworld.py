@@ -125,4 +125,6 @@ def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
   results.write_results(workdir, config, docs_path=tmp_path / "results.md")
   report = (tmp_path / "results.md").read_text()
   assert "**Partial:** not finished yet: opd (1/2 seeds), sage_opd (1/2 seeds)." in report
+  games = int(results._final_eval(workdir / "student_eval")["eval/dev/t0/episodes"])
+  assert f"(greedy eval on {games} dev games)" in report
   assert (tmp_path / "results" / "dev_success.png").exists()
