@@ -117,6 +117,31 @@ def table_rows(runs: dict[str, list[pathlib.Path]], splits: Sequence[str], tempe
   return rows
 
 
+_TIME_PARTS = ("rollout", "teacher", "judge", "update")  # The loop's phases, as `train` times them.
+
+
+def time_table(runs: dict[str, list[pathlib.Path]]) -> str:
+  """Median seconds per update of each phase and in all, over every update of every seed.
+
+  The medians leave out the first updates' compilations. "/ opd" is each method's total
+  against opd's: the price of the judge in the loop as it really ran.
+  """
+  medians = {}
+  for method, dirs in runs.items():
+    rows = [r for d in dirs for r in writers.read_metrics(d) if "time/update" in r]
+    if rows:
+      medians[method] = {part: float(np.median([r.get(f"time/{part}", 0.0) for r in rows])) for part in _TIME_PARTS}
+      medians[method]["total"] = float(np.median([r.get("time/data", 0.0) + r["time/update"] for r in rows]))
+  if not medians:
+    return ""
+  lines = ["| method | " + " | ".join(_TIME_PARTS) + " | total | / opd |", "|" + "---|" * (len(_TIME_PARTS) + 3)]
+  for method, m in medians.items():
+    ratio = f"{m['total'] / medians['opd']['total']:.2f}x" if "opd" in medians else "–"
+    lines.append(f"| {method} | " + " | ".join(f"{m[part]:.2f}" for part in _TIME_PARTS)
+                 + f" | {m['total']:.2f} | {ratio} |")
+  return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> str:
   headers = ["method", "seeds"] + [f"{split} {name}" for split in splits for _, name in COLUMNS]
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -202,7 +227,7 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   _plot(runs, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
         start=root / "student_eval")
   _plot(runs, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
-  (out / "results.md").write_text(_report(root, config, rows, splits, asset_dir="", success_png=success_png),
+  (out / "results.md").write_text(_report(root, config, runs, rows, splits, asset_dir="", success_png=success_png),
                                   encoding="utf-8")
   if docs_path is not None:
     docs_path = pathlib.Path(docs_path)
@@ -210,7 +235,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
     assets.mkdir(parents=True, exist_ok=True)
     for name in ("results.csv", success_png, "judge_label_mix.png"):
       shutil.copyfile(out / name, assets / name)
-    docs_path.write_text(_report(root, config, rows, splits, asset_dir=assets.name + "/", success_png=success_png),
+    docs_path.write_text(_report(root, config, runs, rows, splits, asset_dir=assets.name + "/",
+                                 success_png=success_png),
                          encoding="utf-8")
   print(markdown_table(rows, splits))
   return out
@@ -226,8 +252,8 @@ def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, An
   return [f"**Partial:** not finished yet: {', '.join(pending)}.", ""] if pending else []
 
 
-def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
-            splits: Sequence[str], asset_dir: str, success_png: str) -> str:
+def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[str, list[pathlib.Path]],
+            rows: Sequence[dict[str, Any]], splits: Sequence[str], asset_dir: str, success_png: str) -> str:
   teacher = {}
   teacher_eval = root / "teacher_eval"
   if (teacher_eval / "metrics.jsonl").exists():
@@ -258,6 +284,9 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, rows: Sequenc
   if "judge_eval/accuracy" in teacher:
     lines += ["", f"Judge accuracy on held-out games' judge examples: {teacher['judge_eval/accuracy']:.3f} "
               f"({int(teacher['judge_eval/count'])} examples)."]
+  if timing := time_table(runs):
+    lines += ["", "Seconds per update (median over the updates of every seed; `total` is the batch and the update):",
+              "", timing]
   if times:
     lines += ["", "Wall time per stage (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + "."]
   lines += ["", f"CSV: [{asset_dir}results.csv]({asset_dir}results.csv)", "",

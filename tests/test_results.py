@@ -1,0 +1,48 @@
+"""The results report's pieces, on metric logs written here."""
+
+import numpy as np
+
+from sage_opd_jax import results
+from sage_opd_jax import writers
+
+
+def _log(run_dir, rows):
+  writer = writers.MetricWriter(run_dir)
+  for step, row in enumerate(rows, 1):
+    writer.write(step, row)
+  writer.close()
+
+
+def test_time_table_medians_each_phase_over_every_seed(tmp_path):
+  rng = np.random.default_rng(0)
+  runs = {}
+  for method, judge in (("opd", None), ("sage_opd", 3.0)):
+    runs[method] = []
+    for seed in range(2):
+      run_dir = tmp_path / method / f"seed{seed}"
+      rows = []
+      for _ in range(5):
+        row = {"time/rollout": rng.uniform(4, 6), "time/teacher": rng.uniform(0.5, 1), "time/update": rng.uniform(1, 2)}
+        if judge is not None:
+          row["time/judge"] = judge + rng.uniform(0, 1)
+        row["time/data"] = sum(v for k, v in row.items() if k != "time/update")
+        rows.append(row)
+      _log(run_dir, rows + [{"eval/valid_seen/t0/success": 0.5}])  # Eval rows carry no times.
+      runs[method].append(run_dir)
+  table = results.time_table(runs).splitlines()
+  assert table[0] == "| method | rollout | teacher | judge | update | total | / opd |"
+
+  def expected(method):
+    rows = [r for d in runs[method] for r in writers.read_metrics(d) if "time/update" in r]
+    parts = [np.median([r.get(f"time/{p}", 0.0) for r in rows]) for p in ("rollout", "teacher", "judge", "update")]
+    return parts, np.median([r["time/data"] + r["time/update"] for r in rows])
+
+  (opd_parts, opd_total), (sage_parts, sage_total) = expected("opd"), expected("sage_opd")
+  assert table[2] == "| opd | " + " | ".join(f"{v:.2f}" for v in opd_parts) + f" | {opd_total:.2f} | 1.00x |"
+  assert table[3] == ("| sage_opd | " + " | ".join(f"{v:.2f}" for v in sage_parts)
+                      + f" | {sage_total:.2f} | {sage_total / opd_total:.2f}x |")
+
+
+def test_time_table_is_empty_without_timed_updates(tmp_path):
+  _log(tmp_path / "eval_only", [{"eval/valid_seen/t0/success": 0.5}])
+  assert results.time_table({"student": [tmp_path / "eval_only"]}) == ""
