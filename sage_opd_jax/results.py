@@ -155,18 +155,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> str
   return "\n".join(lines)
 
 
+def _seed_mean(dirs: Sequence[pathlib.Path], key: str) -> tuple[list[int], np.ndarray] | None:
+  """`key` against updates, averaged over the seeds that logged it (None if none did)."""
+  curves = [c for c in (_curve(d, key) for d in dirs) if c[0]]
+  if not curves:
+    return None
+  steps = curves[0][0]
+  return steps, np.asarray([c[1][: len(steps)] for c in curves if len(c[1]) >= len(steps)]).mean(0)
+
+
 def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: pathlib.Path,
           start: pathlib.Path | None = None) -> None:
   """Mean over seeds of `key` against updates, per method; `start` (an eval folder) is update 0."""
   origin = _curve(start, key) if start is not None and (start / "metrics.jsonl").exists() else ([], [])
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, dirs in runs.items():
-    curves = [_curve(d, key) for d in dirs]
-    curves = [c for c in curves if c[0]]
-    if not curves:
+    if (curve := _seed_mean(dirs, key)) is None:
       continue
-    steps = curves[0][0]
-    values = np.asarray([c[1][: len(steps)] for c in curves if len(c[1]) >= len(steps)]).mean(0)
+    steps, values = curve
     if origin[0] and steps[0] > 0:  # Every method starts from the same student.
       steps, values = [0, *steps], np.concatenate([[origin[1][-1]], values])
     ax.plot(steps, values, marker="o", label=method)
@@ -175,6 +181,33 @@ def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: path
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+_LABELS = ("skip", "weak", "strong")
+
+
+def _plot_label_mix(runs: dict[str, list[pathlib.Path]], path: pathlib.Path) -> None:
+  """The judge's Skip / Weak / Strong fractions against updates (seed means), a panel per judged method."""
+  mixes = {}
+  for method, dirs in runs.items():
+    curves = [_seed_mean(dirs, f"judge/{label}_frac") for label in _LABELS]
+    if all(c is not None for c in curves):
+      length = min(len(c[0]) for c in curves)
+      mixes[method] = (curves[0][0][:length], [c[1][:length] for c in curves])
+  fig, axes = plt.subplots(1, max(len(mixes), 1), figsize=(4 * max(len(mixes), 1), 3.2), sharey=True, squeeze=False)
+  for ax, (method, (steps, fractions)) in zip(axes[0], mixes.items()):
+    ax.stackplot(steps, *fractions, labels=[label.capitalize() for label in _LABELS], alpha=0.85)
+    ax.set_title(method, fontsize=9)
+    ax.set_xlabel("updates")
+    ax.set_ylim(0, 1)
+  axes[0][0].set_ylabel("fraction of judged turns")
+  if mixes:
+    axes[0][0].legend(fontsize=7, loc="lower left")
+  else:
+    axes[0][0].text(0.5, 0.5, "no judged run yet", ha="center", va="center", transform=axes[0][0].transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -226,7 +259,7 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   success_png = f"{curve_split}_success.png"
   _plot(runs, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
         start=root / "student_eval")
-  _plot(runs, "judge/strong_frac", "Strong fraction of judged turns", out / "judge_label_mix.png")
+  _plot_label_mix(runs, out / "judge_label_mix.png")
   (out / "results.md").write_text(_report(root, config, runs, rows, splits, asset_dir="", success_png=success_png),
                                   encoding="utf-8")
   if docs_path is not None:

@@ -46,3 +46,21 @@ def test_time_table_medians_each_phase_over_every_seed(tmp_path):
 def test_time_table_is_empty_without_timed_updates(tmp_path):
   _log(tmp_path / "eval_only", [{"eval/valid_seen/t0/success": 0.5}])
   assert results.time_table({"student": [tmp_path / "eval_only"]}) == ""
+
+
+def test_seed_mean_averages_the_seeds_that_logged_the_key(tmp_path):
+  _log(tmp_path / "s0", [{"judge/skip_frac": 0.2}, {"judge/skip_frac": 0.4}])
+  _log(tmp_path / "s1", [{"judge/skip_frac": 0.6}, {"judge/skip_frac": 0.8}])
+  _log(tmp_path / "s2", [{"train/loss": 1.0}])  # Never judged: left out, not counted as 0.
+  steps, values = results._seed_mean([tmp_path / "s0", tmp_path / "s1", tmp_path / "s2"], "judge/skip_frac")
+  assert steps == [1, 2]
+  np.testing.assert_allclose(values, [0.4, 0.6])
+  assert results._seed_mean([tmp_path / "s2"], "judge/skip_frac") is None
+
+
+def test_label_mix_plot_covers_judged_methods(tmp_path):
+  _log(tmp_path / "sage", [{"judge/skip_frac": 0.5, "judge/weak_frac": 0.3, "judge/strong_frac": 0.2}] * 3)
+  _log(tmp_path / "opd", [{"train/loss": 1.0}] * 3)
+  results._plot_label_mix({"sage_opd": [tmp_path / "sage"], "opd": [tmp_path / "opd"]}, tmp_path / "mix.png")
+  results._plot_label_mix({"opd": [tmp_path / "opd"]}, tmp_path / "none.png")
+  assert (tmp_path / "mix.png").stat().st_size > 0 and (tmp_path / "none.png").stat().st_size > 0
