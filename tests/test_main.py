@@ -17,7 +17,6 @@ import pytest
 
 from configs import base
 from sage_opd_jax import config as config_lib
-from sage_opd_jax import main
 from sage_opd_jax import models
 from sage_opd_jax import pipeline
 from sage_opd_jax import tokenization
@@ -209,6 +208,10 @@ def test_resume_runs_the_eval_a_crash_cut_short(tokenizer_dir, tmp_path, monkeyp
 @pytest.mark.parametrize("limit, backend, warns", [
     (65530, "cpu", True), (1048576, "cpu", False), (65530, "gpu", False), (None, "cpu", False)])
 def test_low_map_count_warning(limit, backend, warns):
+  # Imported here: the CLI tests' config files import this module inside `python -m
+  # sage_opd_jax.main`, where a second import of the CLI would define its flags twice.
+  from sage_opd_jax import main
+
   message = main.map_count_warning(limit, backend)
   assert (message is not None) == warns
   if warns:
