@@ -145,9 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
-  _stage(root, "teacher_eval", _has_metric(teacher_eval, "eval/"),
+  _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
          lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
-  _stage(root, "judge_accuracy", _has_metric(teacher_eval, "judge_eval/"),
+  _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
          lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
 
   logging.info("[4/6] student warm start")
@@ -158,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
   student_hf = str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
-  _stage(root, "student_eval", _has_metric(student_eval, "eval/"), lambda: train.evaluate_stage(
+  _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")), lambda: train.evaluate_stage(
       _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
 
   logging.info("[5/6] methods x seeds")
@@ -177,13 +177,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   out = results.write_results(root, base, docs_path=p.results_doc or None)
   logging.info("Results in %s (%.1f min in this session)", out, (time.time() - start) / 60)
   return out
-
-
-def _has_metric(run_dir: pathlib.Path, prefix: str) -> bool:
-  """Whether `run_dir/metrics.jsonl` holds a metric starting with `prefix`."""
-  if not (run_dir / "metrics.jsonl").exists():
-    return False
-  return any(k.startswith(prefix) for row in writers.read_metrics(run_dir) for k in row)
 
 
 def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> None:

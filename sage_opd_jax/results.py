@@ -72,7 +72,7 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
 
 def _final_eval(run_dir: pathlib.Path) -> dict[str, float]:
   """The last row holding eval metrics of a run's metrics.jsonl."""
-  rows = [r for r in writers.read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
+  rows = writers.rows_with(run_dir, "eval/")
   if not rows:
     raise ValueError(f"{run_dir}/metrics.jsonl has no eval rows: the run has not been evaluated.")
   return {k: v for k, v in rows[-1].items() if isinstance(v, float)}

@@ -664,8 +664,7 @@ def _eval_due(config: ml_collections.ConfigDict, step: int, num_steps: int) -> b
 
 def _evaluated(workdir: pathlib.Path, step: int) -> bool:
   """Whether the metrics log holds an eval of `step` (`evaluate` writes its row once, at the end)."""
-  return any(row["step"] == step and any(k.startswith("eval/") for k in row)
-             for row in writers.read_metrics(workdir))
+  return any(row["step"] == step for row in writers.rows_with(workdir, "eval/"))
 
 
 def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:

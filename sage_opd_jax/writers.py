@@ -62,6 +62,13 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def rows_with(workdir: str | pathlib.Path, prefix: str) -> list[dict[str, Any]]:
+  """The metric rows holding a key that starts with `prefix` (e.g. "eval/"); none without a log."""
+  if not (pathlib.Path(workdir) / "metrics.jsonl").exists():
+    return []
+  return [row for row in read_metrics(workdir) if any(k.startswith(prefix) for k in row)]
+
+
 def write_transcripts(path: str | pathlib.Path, transcripts: Iterable[Mapping[str, Any]]) -> None:
   """Writes episode transcripts (turns with text, labels and weights) as readable JSONL."""
   path = pathlib.Path(path)

@@ -181,7 +181,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp
 
 def _evals(workdir):
   return {row["step"]: {k: v for k, v in row.items() if k.startswith("eval/")}
-          for row in writers.read_metrics(workdir) if any(k.startswith("eval/") for k in row)}
+          for row in writers.rows_with(workdir, "eval/")}
 
 
 def test_resume_runs_the_eval_a_crash_cut_short(tokenizer_dir, tmp_path, monkeypatch):
