@@ -29,6 +29,9 @@ Threads: on the shared 2-core box (load average > 10 while others run tests) bot
 run fastest single-threaded (multi-threaded XLA was 2.5x and 2-thread torch 20x slower per
 step there), so by default XLA runs single-threaded (XLA_FLAGS, unless already set) and torch
 with `--torch-threads 1`.
+
+On an NVIDIA GPU (JAX with CUDA): `--torch-device cuda --sizes 6m 27m 0.6b`; read the wall
+columns (the host mostly waits there), and the turns part times turns in wall seconds.
 """
 
 from __future__ import annotations
@@ -49,35 +52,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from sage_opd_jax import models, sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-SIZES = {
-    # ~6M and ~27M parameters (tied embeddings, vocabulary 8192), Qwen3 layout.
-    "6m": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-               num_kv_heads=2, head_dim=64),
-    "27m": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                num_kv_heads=4, head_dim=64),
-}
-VOCAB = 8192
-
-
-def _save_hf_qwen3(size: str, path: str) -> int:
-  """Writes a random HF Qwen3 checkpoint with torch; returns its parameter count."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(0)
-  dims = SIZES[size]
-  config = transformers.Qwen3Config(
-      vocab_size=VOCAB, hidden_size=dims["hidden_size"],
-      intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
-      num_attention_heads=dims["num_heads"], num_key_value_heads=dims["num_kv_heads"],
-      head_dim=dims["head_dim"], tie_word_embeddings=True, max_position_embeddings=4096,
-      rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
-      pad_token_id=0)
-  model = transformers.Qwen3ForCausalLM(config).eval()
-  model.save_pretrained(path, safe_serialization=True)
-  return sum(p.numel() for p in model.parameters())
-
+from qwen3_reference import SIZES, VOCAB, save_hf_qwen3, timed, torch_device  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def _hf_generate(model, input_ids, new_tokens: int, do_sample: bool):
   import torch  # pylint: disable=g-import-not-at-top
@@ -90,24 +65,22 @@ def _hf_generate(model, input_ids, new_tokens: int, do_sample: bool):
         top_p=1.0 if do_sample else None, eos_token_id=None, pad_token_id=0)
 
 
-def _timed(fn) -> tuple[float, float]:
-  """(wall seconds, this process's CPU seconds) of one call."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def bench_decode(size: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
+def _hf_and_ours(size: str, device):
+  """The same random weights as HF's torch model (on `device`) and as ours; and their count."""
   with tempfile.TemporaryDirectory() as path:
-    num_params = _save_hf_qwen3(size, path)
-    hf_model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_model = save_hf_qwen3(size, path).eval().to(device)
     ours = models.load_hf_checkpoint(path, dtype="float32")
+  return hf_model, ours, sum(p.numel() for p in hf_model.parameters())
+
+
+def bench_decode(size: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                 device) -> None:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  hf_model, ours, num_params = _hf_and_ours(size, device)
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, VOCAB, size=(batch, prompt_len))
-  input_ids = torch.as_tensor(prompts, dtype=torch.long)
+  input_ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
   print(f"\n## decode {size}: {num_params / 1e6:.1f}M params, batch {batch}, prompt "
         f"{prompt_len}, {new_tokens} new tokens, torch threads {torch.get_num_threads()}")
 
@@ -123,8 +96,8 @@ def bench_decode(size: str, batch: int, prompt_len: int, new_tokens: int, repeat
     ours_out, hf_out = ours_run(0), hf_run()   # warm-up (and compile)
     hf_t, ours_t = [], []
     for r in range(repeats):
-      hf_t.append(_timed(hf_run))
-      ours_t.append(_timed(lambda r=r: ours_run(r)))
+      hf_t.append(timed(hf_run))
+      ours_t.append(timed(lambda r=r: ours_run(r)))
     tokens = batch * new_tokens
     hf_cpu, ours_cpu = (statistics.median(t[1] for t in ts) for ts in (hf_t, ours_t))
     hf_wall, ours_wall = (statistics.median(t[0] for t in ts) for ts in (hf_t, ours_t))
@@ -132,7 +105,7 @@ def bench_decode(size: str, batch: int, prompt_len: int, new_tokens: int, repeat
             f"**{hf_cpu / ours_cpu:.2f}x** | {tokens / hf_wall:6.0f} | {tokens / ours_wall:6.0f} | "
             f"{hf_wall / ours_wall:.2f}x |")
     if temperature == 0.0:
-      agree = np.mean(hf_out[:, prompt_len:].numpy() == ours_out.tokens)
+      agree = np.mean(hf_out[:, prompt_len:].cpu().numpy() == ours_out.tokens)
       line += f" greedy tokens equal to HF's: {agree:.1%}"
     print(line, flush=True)
 
@@ -143,7 +116,7 @@ _FLOOR_STEPS = 16
 def _cpu_ms_per_step(fn, repeats: int) -> float:
   """Median CPU ms of one of `_FLOOR_STEPS` steps run by `fn` (after one warm-up call)."""
   fn()
-  times = [_timed(fn)[1] for _ in range(repeats)]
+  times = [timed(fn)[1] for _ in range(repeats)]
   return statistics.median(times) / _FLOOR_STEPS * 1e3
 
 
@@ -177,7 +150,7 @@ def _torch_matmul_step(hf_model, batch: int):
 
   layers = hf_model.model.layers
   head = hf_model.lm_head.weight
-  x0 = torch.full((batch, hf_model.config.hidden_size), 0.01)
+  x0 = torch.full((batch, hf_model.config.hidden_size), 0.01, device=hf_model.device)
 
   def run():
     x = x0
@@ -218,14 +191,8 @@ def _ours_bare_step(model, batch: int, cache_len: int):
   return lambda: jax.block_until_ready(run(state, cache, token_Bx1))
 
 
-def bench_floor(size: str, batch: int, cache_lens: list[int], repeats: int) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  with tempfile.TemporaryDirectory() as path:
-    _save_hf_qwen3(size, path)
-    hf_model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = models.load_hf_checkpoint(path, dtype="float32")
+def bench_floor(size: str, batch: int, cache_lens: list[int], repeats: int, device) -> None:
+  hf_model, ours, _ = _hf_and_ours(size, device)
   xla_mm, torch_mm = _xla_matmul_step(ours, batch), _torch_matmul_step(hf_model, batch)
   steps = [_ours_bare_step(ours, batch, n) for n in cache_lens]
   # Alternate the measured functions, so that the others' load hits them alike.
@@ -238,8 +205,14 @@ def bench_floor(size: str, batch: int, cache_lens: list[int], repeats: int) -> N
         + " | ".join(f"{m:.2f}" for m in med[2:]) + " |", flush=True)
 
 
+def _turn_clock() -> float:
+  # CPU seconds on the shared CPU box (see the docstring); on an accelerator the host mostly
+  # waits, so wall seconds are the cost.
+  return time.process_time() if jax.default_backend() == "cpu" else time.perf_counter()
+
+
 def _run_episode(model, batch, header, obs, resp, history_turns, reuse) -> list[float]:
-  """Plays one episode of len(obs) turns; returns each turn's generate CPU seconds."""
+  """Plays one episode of len(obs) turns; returns each turn's `generate` seconds."""
   config = sampling.SamplingConfig(max_new_tokens=resp, temperature=0.0)
   episodes = sampling.EpisodeCache(model, batch, reuse=reuse)
   turns: list[list[list[int]]] = [[] for _ in range(batch)]
@@ -247,9 +220,9 @@ def _run_episode(model, batch, header, obs, resp, history_turns, reuse) -> list[
   for t, obs_t in enumerate(obs):
     contexts = [sampling.windowed_context(header[e], turns[e] + [obs_t[e]], history_turns)
                 for e in range(batch)]
-    cpu = time.process_time()
+    start = _turn_clock()
     out = episodes.generate(contexts, jax.random.key(t), config)
-    times.append(time.process_time() - cpu)
+    times.append(_turn_clock() - start)
     for e in range(batch):
       turns[e].append(obs_t[e] + out.tokens[e, :out.lengths[e]].tolist())
   return times
@@ -258,7 +231,7 @@ def _run_episode(model, batch, header, obs, resp, history_turns, reuse) -> list[
 def bench_turns(size: str, batch: int, header_len: int, obs_len: int, resp: int, num_turns: int,
                 windows: list[int], no_reuse: bool) -> None:
   with tempfile.TemporaryDirectory() as path:
-    num_params = _save_hf_qwen3(size, path)
+    num_params = sum(p.numel() for p in save_hf_qwen3(size, path).parameters())
     model = models.load_hf_checkpoint(path, dtype="float32")
   rng = np.random.default_rng(1)
   header = rng.integers(1, VOCAB, size=(batch, header_len)).tolist()
@@ -276,17 +249,19 @@ def bench_turns(size: str, batch: int, header_len: int, obs_len: int, resp: int,
     first, last = statistics.median(times[:3]), statistics.median(times[-3:])
     print(f"| {size} | {name} | {times[0]:.3f} | {times[-1]:.3f} | {times[-1] / times[0]:.2f} | "
           f"{last / first:.2f} |", flush=True)
-    print("  per-turn CPU s: " + " ".join(f"{x:.2f}" for x in times), flush=True)
+    print("  per-turn s: " + " ".join(f"{x:.2f}" for x in times), flush=True)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--part", choices=("decode", "floor", "turns", "both"), default="both",
                       help="both = decode and turns; floor runs only when asked")
-  parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=list(SIZES),
+  parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=["6m", "27m"],
                       help="model sizes for the decode part")
   parser.add_argument("--turn-sizes", nargs="+", choices=tuple(SIZES), default=["6m"],
                       help="model sizes for the turns part")
+  parser.add_argument("--torch-device", choices=("cpu", "cuda"), default="cpu",
+                      help="HF's device; on an accelerator read the wall-time columns")
   parser.add_argument("--torch-threads", type=int, default=1,
                       help="HF's intra-op threads; 1 is fastest on a shared, oversubscribed box")
   parser.add_argument("--batch", type=int, default=16)
@@ -306,6 +281,7 @@ def main() -> None:
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.torch_threads)
+  device = torch_device(args.torch_device)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, torch threads {args.torch_threads}, "
         f"load average {os.getloadavg()[0]:.1f}")
@@ -313,14 +289,14 @@ def main() -> None:
     print("| size | mode | HF tok/CPU-s | ours tok/CPU-s | speed-up (CPU) | HF tok/wall-s | "
           "ours tok/wall-s | speed-up (wall) |")
     for size in args.sizes:
-      bench_decode(size, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+      bench_decode(size, args.batch, args.prompt_len, args.new_tokens, args.repeats, device)
   if args.part == "floor":
     print("| size | XLA matmuls ms/step | torch matmuls ms/step | "
           + " | ".join(f"ours step @{n} slots" for n in args.cache_lens) + " |")
     for size in args.sizes:
-      bench_floor(size, args.batch, args.cache_lens, args.repeats)
+      bench_floor(size, args.batch, args.cache_lens, args.repeats, device)
   if args.part in ("turns", "both"):
-    print("| size | mode | turn 1 CPU s | last turn CPU s | ratio | ratio of medians (last 3 / "
+    print("| size | mode | turn 1 s | last turn s | ratio | ratio of medians (last 3 / "
           "first 3) |")
     for size in args.turn_sizes:
       bench_turns(size, args.batch, args.header, args.obs, args.resp, args.turns, args.window,

@@ -39,6 +39,10 @@ not run. Iterations alternate OPD / SAGE-OPD after one untimed warm-up each (com
 With `--one-call-judge` a fourth variant runs the prompted judge as it was before length
 bucketing (`judge.length_bucketing=False`: every judge prompt in one sampler call), for a
 before/after comparison in the same run; both judges give the same answers.
+
+On an NVIDIA GPU (JAX with CUDA): `--part step peak --torch-device cuda --sizes 27m 0.6b`; both
+run fp32 with TF32 matmuls (XLA's default there, and torch's with `--torch-device cuda`), and
+the peak is the TF32 matmul's.
 """
 
 from __future__ import annotations
@@ -64,24 +68,11 @@ from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from sage_opd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, str(REPO / "benchmarks"))
+from qwen3_reference import SIZES, VOCAB, save_hf_qwen3, timed, torch_device  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SIZES = {
-    # Qwen3 layout, tied embeddings, vocabulary 8192 (parameter counts printed at run time).
-    "6m": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-               num_kv_heads=2, head_dim=64),
-    "27m": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                num_kv_heads=4, head_dim=64),
-}
-VOCAB = 8192
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
 ONE_CALL = "sage_opd, one-call judge (before)"
-
-
-def _timed(fn) -> tuple[float, float]:
-  """(wall seconds, this process's CPU seconds) of one call."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _one_device_mesh() -> jax.sharding.Mesh:
@@ -97,25 +88,6 @@ def _optim_config():
 # ------------------------------------------------------------------------------------------
 # Part "step" and "peak".
 # ------------------------------------------------------------------------------------------
-
-
-def _save_hf_qwen3(size: str, path: str):
-  """A random HF Qwen3ForCausalLM saved to `path`; returns the torch model."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(0)
-  dims = SIZES[size]
-  config = transformers.Qwen3Config(
-      vocab_size=VOCAB, hidden_size=dims["hidden_size"],
-      intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
-      num_attention_heads=dims["num_heads"], num_key_value_heads=dims["num_kv_heads"],
-      head_dim=dims["head_dim"], tie_word_embeddings=True, max_position_embeddings=4096,
-      rope_theta=1_000_000.0, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
-      pad_token_id=0, attn_implementation="sdpa")
-  model = transformers.Qwen3ForCausalLM(config)
-  model.save_pretrained(path, safe_serialization=True)
-  return model
 
 
 def step_flops(size: str, batch: int, seq: int) -> tuple[int, int, float]:
@@ -168,6 +140,7 @@ def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
 
 
 def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
+  device = model.device
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
@@ -175,10 +148,10 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2),
                           weight_decay=optim.weight_decay, foreach=True)
-  tokens = torch.as_tensor(arrays["tokens"], dtype=torch.long)
-  attention_mask = torch.as_tensor(arrays["attention_mask"], dtype=torch.long)
+  tokens = torch.as_tensor(arrays["tokens"], dtype=torch.long, device=device)
+  attention_mask = torch.as_tensor(arrays["attention_mask"], dtype=torch.long, device=device)
   # Token s is trained when turn_ids[s] > 0; it is predicted by the logits at s - 1.
-  mask = torch.as_tensor(arrays["turn_ids"][:, 1:] > 0, dtype=torch.float32)
+  mask = torch.as_tensor(arrays["turn_ids"][:, 1:] > 0, dtype=torch.float32, device=device)
   holder = {"loss": None}
 
   def step():
@@ -195,10 +168,11 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
   return step, holder
 
 
-def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int) -> dict[str, float]:
+def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int,
+               device) -> dict[str, float]:
   """Prints one table row; returns the median wall and CPU seconds per step of both."""
   with tempfile.TemporaryDirectory() as path:
-    torch_model = _save_hf_qwen3(size, path)
+    torch_model = save_hf_qwen3(size, path).to(device)
     num_torch = sum(p.numel() for p in torch_model.parameters())
     arrays = _sft_batch(batch, seq)
     ours, ours_out = _ours_step_fn(path, arrays, scan_unroll)
@@ -206,13 +180,13 @@ def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int) 
   total, non_embed, flops = step_flops(size, batch, seq)
   if total != num_torch:
     raise ValueError(f"step_flops counts {total} params for {size}, torch has {num_torch}.")
-  compile_s = _timed(ours)[0]
-  _timed(torch_step)
+  compile_s = timed(ours)[0]
+  timed(torch_step)
   first = (ours_out["loss"], torch_out["loss"])
   ours_t, torch_t = [], []
   for _ in range(repeats):
-    torch_t.append(_timed(torch_step))
-    ours_t.append(_timed(ours))
+    torch_t.append(timed(torch_step))
+    ours_t.append(timed(ours))
   tokens = batch * seq
   ours_wall, torch_wall = (statistics.median(t[0] for t in ts) for ts in (ours_t, torch_t))
   ours_cpu, torch_cpu = (statistics.median(t[1] for t in ts) for ts in (ours_t, torch_t))
@@ -227,7 +201,7 @@ def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int) 
   return {"ours_wall": ours_wall, "ours_cpu": ours_cpu, "torch_wall": torch_wall, "torch_cpu": torch_cpu}
 
 
-def matmul_peak(m: int, repeats: int) -> dict[str, float]:
+def matmul_peak(m: int, repeats: int, device) -> dict[str, float]:
   """Median fp32 FLOP/s of JAX (jitted) and torch [m, m] @ [m, m]: per wall and per CPU second."""
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -235,12 +209,12 @@ def matmul_peak(m: int, repeats: int) -> dict[str, float]:
   b = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
   mm = jax.jit(jnp.matmul)
   mm(a, b).block_until_ready()
-  ta, tb = torch.randn(m, m), torch.randn(m, m)
+  ta, tb = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
   torch.matmul(ta, tb)
   jax_t, torch_t = [], []
   for _ in range(repeats):
-    jax_t.append(_timed(lambda: mm(a, b).block_until_ready()))
-    torch_t.append(_timed(lambda: torch.matmul(ta, tb)))
+    jax_t.append(timed(lambda: mm(a, b).block_until_ready()))
+    torch_t.append(timed(lambda: torch.matmul(ta, tb)))
   flops = 2.0 * m ** 3
   return {"jax_wall": flops / statistics.median(t[0] for t in jax_t),
           "jax_cpu": flops / statistics.median(t[1] for t in jax_t),
@@ -377,6 +351,8 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-threads", type=int, default=2)
+  parser.add_argument("--torch-device", choices=("cpu", "cuda"), default="cpu",
+                      help="torch's device for the step and peak parts")
   parser.add_argument("--scan-unroll", type=int, default=8,
                       help="step part: our ModelConfig.scan_unroll (8 unrolls both sizes fully)")
   parser.add_argument("--matmul", type=int, default=2048, help="M of the [M, M] @ [M, M] peak matmul")
@@ -395,6 +371,7 @@ def main() -> None:
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.torch_threads)
+  device = torch_device(args.torch_device)
   load_start = os.getloadavg()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, torch {torch.__version__} threads "
@@ -405,9 +382,9 @@ def main() -> None:
           "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s | min-step ratio | CPU-s ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-      steps[size] = bench_step(size, args.batch, args.seq, args.repeats, args.scan_unroll)
+      steps[size] = bench_step(size, args.batch, args.seq, args.repeats, args.scan_unroll, device)
   if "peak" in args.part:
-    peak = matmul_peak(args.matmul, args.repeats)
+    peak = matmul_peak(args.matmul, args.repeats, device)
     print(f"matmul peak fp32 [{args.matmul}]^2 @ [{args.matmul}]^2: JAX {peak['jax_wall'] / 1e9:.1f} "
           f"GFLOP/wall-s ({peak['jax_cpu'] / 1e9:.1f} per CPU-s), torch {peak['torch_wall'] / 1e9:.1f} "
           f"GFLOP/wall-s ({peak['torch_cpu'] / 1e9:.1f} per CPU-s)", flush=True)

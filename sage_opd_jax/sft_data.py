@@ -32,7 +32,6 @@ import numpy as np
 
 from sage_opd_jax import prompts
 from sage_opd_jax.config import THOUGHTS
-from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import demos
 
 
@@ -67,6 +66,9 @@ class Demonstration:
       raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
     texts = None
     if thoughts == "subgoal":
+      # Imported here, so that a trainer that only reads demos never loads TextWorld.
+      from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
+
       if record.get("env") != alfworld.ENV_NAME:
         raise ValueError(f"thoughts='subgoal' is defined for ALFWorld demos; record {record.get('task_id', '?')!r} "
                          f"is from env {record.get('env')!r}.")
@@ -133,6 +135,8 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int, tho
     raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
   if thoughts == "none":
     return [JudgeExample.from_demo(ex) for ex in examples]
+  from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
+
   episodes = {r["task_id"]: r for r in demos.read_jsonl(pathlib.Path(out_dir) / demos.DEMOS)}
   out = []
   for ex in examples:

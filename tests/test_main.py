@@ -245,3 +245,13 @@ def test_cli_runs_the_distill_stage(tokenizer_dir, tmp_path):
   result = _run_cli(config_path, tmp_path / "run")
   assert result.returncode == 0, result.stderr[-3000:]
   assert writers.read_metrics(tmp_path / "run")[-1]["step"] == 1
+
+
+def test_the_trainer_loads_no_text_game_engine():
+  # A run on a TPU or GPU host that trains from collected demos must not need TextWorld,
+  # ALFWorld or ScienceWorld installed: `envs.make` imports an env only when it is built.
+  code = ("import sys; import sage_opd_jax.main, sage_opd_jax.train, sage_opd_jax.sft_data; "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'textworld', 'alfworld', 'scienceworld', 'fast_downward'}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout

@@ -1,6 +1,6 @@
 """Expert demonstrations and judge examples, collected into JSONL by worker processes.
 
-The expert is the env's own (`EXPERTS`): ALFWorld's imitable hand-coded expert, or
+The expert is the env's own (`experts()`): ALFWorld's imitable hand-coded expert, or
 ScienceWorld's gold path.
 
 One output folder per (env, split):
@@ -37,15 +37,17 @@ import random
 import re
 import time
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import tqdm
 
-from sage_opd_jax.envs import alfworld as alfworld_env
-from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import pool as pool_lib
 from sage_opd_jax.envs import scienceworld as scienceworld_env
+
+if TYPE_CHECKING:
+  # Imported where used: reading demos (the trainer) must not load TextWorld and ALFWorld.
+  from sage_opd_jax.envs import alfworld_expert
 
 MANIFEST = "manifest.json"
 GAMES = "games.jsonl"
@@ -66,13 +68,19 @@ JUDGE_KEYS = (
 )
 # The expert of each env, as manifests and demo records name it: ALFWorld's imitable
 # hand-coded expert, ScienceWorld's gold path (the engine's own solution of the task).
-EXPERTS = {"alfworld": alfworld_expert.EXPERT_NAME, "scienceworld": scienceworld_env.EXPERT_NAME}
 # How each env's judge examples copy a state: only ALFWorld's engine can be snapshotted.
 DEFAULT_BRANCH = {"alfworld": "snapshot", "scienceworld": "replay"}
 # Manifest settings that must match for a re-run to resume a folder.
 _STRONG_TRIES = 3  # Strong candidates tried per state before an unparseable response stands in.
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps")
+
+
+def experts() -> dict[str, str]:
+  """Env name -> the name of the expert that plays it, as manifests record it."""
+  from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top,redefined-outer-name
+
+  return {"alfworld": alfworld_expert.EXPERT_NAME, "scienceworld": scienceworld_env.EXPERT_NAME}
 
 
 def list_tasks(env: base.Env, split: str) -> list[base.Task]:
@@ -172,6 +180,8 @@ def _judge_by_replay(
 
 def _scienceworld_episode(env: base.Env, task: base.Task) -> alfworld_expert.Episode:
   """ScienceWorld's gold path, played in the engine, as an expert `Episode`."""
+  from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top,redefined-outer-name
+
   start = time.perf_counter()
   demo = scienceworld_env.gold_demonstration(env, task)
   return alfworld_expert.Episode(
@@ -197,6 +207,9 @@ def expert_game(
   Returns {"status", "turns", "seconds", "cpu_seconds", "error", "demo" (won only),
   "judge", "judge_seconds"}.
   """
+  from sage_opd_jax.envs import alfworld as alfworld_env  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top,redefined-outer-name
+
   if branch not in BRANCHES:
     raise ValueError(f"branch={branch!r}: must be one of {BRANCHES}.")
   cpu_start, start = time.process_time(), time.perf_counter()
@@ -230,7 +243,7 @@ def expert_game(
   if episode.won:
     result["demo"] = dict(
         env=task.env, split=task.split, task_id=task.task_id, task_type=task.task_type, task=episode.task_text,
-        expert=EXPERTS[task.env], observations=episode.observations, actions=episode.actions,
+        expert=experts()[task.env], observations=episode.observations, actions=episode.actions,
         valid=episode.valid, admissible_actions=episode.admissible_actions, won=True,
         num_turns=len(episode.actions), seconds=episode.seconds,
     )
@@ -327,7 +340,7 @@ def collect(
     out_dir: output folder; an existing one is resumed (its settings must match).
     split: the env's split, e.g. "train".
     env_kwargs: the env's constructor arguments; the ALFWorld expert needs facts=True.
-    env_name: registered env name; `EXPERTS` names the expert that plays it.
+    env_name: registered env name; `experts()` names the expert that plays it.
     num_workers: worker processes.
     game_timeout_s: hard limit per game (the episode and its judge replays).
     limit: only the first `limit` games of the split's order; None takes all.
@@ -348,13 +361,13 @@ def collect(
   out.mkdir(parents=True, exist_ok=True)
   env_kwargs = dict(env_kwargs)
   if game_fn is expert_game:
-    if env_name not in EXPERTS:
-      raise ValueError(f"env_name={env_name!r} has no expert; experts exist for {sorted(EXPERTS)}.")
+    if env_name not in experts():
+      raise ValueError(f"env_name={env_name!r} has no expert; experts exist for {sorted(experts())}.")
     if env_name == "alfworld" and not env_kwargs.get("facts"):
       raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
   settings = dict(
       # A test's own game_fn on a test env is recorded under ALFWorld's expert, as before.
-      env=env_name, split=split, expert=EXPERTS.get(env_name, alfworld_expert.EXPERT_NAME), env_kwargs=env_kwargs,
+      env=env_name, split=split, expert=experts().get(env_name, experts()["alfworld"]), env_kwargs=env_kwargs,
       judge_states=judge_states, branch=branch, seed=seed, max_expert_steps=max_expert_steps,
   )
   manifest_path = out / MANIFEST
