@@ -36,6 +36,15 @@ def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
   config.teacher.hf_dir = ""  # Required: a local Qwen3-8B directory.
   config.student.hf_dir = ""  # Required: a local Qwen3-{size} directory.
   config.teacher.score_chunk = 512  # [B, 512, 151936] float32 logits at a time, not [B, S, V].
+  # How the checkpoints run (train.RUNTIME_FIELDS; their architecture is the config.json's).
+  config.teacher.model.update(
+      dtype="bfloat16", param_dtype="bfloat16",  # 16.4 GB of Qwen3-8B weights, not 32.8.
+      attention_chunk=1024)  # [rows, 32, 1024, S] scores at a time, not [rows, 32, S, S].
+  config.student.model.update(
+      dtype="bfloat16", param_dtype="float32",  # bf16 matmuls on a float32 master copy.
+      # One 4k row's step: 96.4 GiB without remat (every layer keeps its [16, S, S] scores for
+      # the backward pass), 17.5 GiB with both (benchmarks/bench_memory.py; docs/benchmarks.md).
+      remat=True, attention_chunk=1024)
   config.sampling.temperature = 1.0
   config.sampling.max_new_tokens = 512  # Room for <think> before <action>.
   config.optim.learning_rate = 1e-6

@@ -69,13 +69,15 @@ def _in_range(config, key: str, low: float, high: float) -> None:
 
 
 def _validate_model(config, prefix: str) -> None:
-  if _get(config, f"{prefix}.hf_dir"):
-    return  # The HF config.json is validated when it is read.
-  _one_of(config, f"{prefix}.model.arch", ARCHS)
+  # How the model runs: these apply to a checkpoint too (`train.RUNTIME_FIELDS`).
   _one_of(config, f"{prefix}.model.dtype", DTYPES)
   _one_of(config, f"{prefix}.model.param_dtype", DTYPES)
-  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "scan_unroll"):
+  _positive(config, f"{prefix}.model.scan_unroll")
+  _positive(config, f"{prefix}.model.attention_chunk", allow_zero=True)
+  if _get(config, f"{prefix}.hf_dir"):
+    return  # The architecture is the HF config.json's, validated when it is read.
+  _one_of(config, f"{prefix}.model.arch", ARCHS)
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
     _positive(config, f"{prefix}.model.{field}")
   heads, kv_heads = _get(config, f"{prefix}.model.num_heads"), _get(config, f"{prefix}.model.num_kv_heads")
   if heads % kv_heads:

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
 from sage_opd_jax import sft_data  # noqa: E402
+from sage_opd_jax import train  # noqa: E402
 from sage_opd_jax import writers  # noqa: E402
 
 # The columns of the table, per split: (metric key suffix, header).
@@ -59,7 +60,7 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
                          ) -> dict[str, float]:
   """The (SFT'd) teacher's judge accuracy on the judge examples of held-out games."""
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
-  teacher = models.load_hf_checkpoint(config.student.hf_dir)
+  teacher = train.load_model(config.student, None, config.seed)
   examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
                                      history_turns=config.judge.history_turns,

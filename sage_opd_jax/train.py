@@ -208,10 +208,21 @@ def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mes
   return sharding.make_mesh(sizes, devices[:used])
 
 
-def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int) -> nnx.Module:
-  """A model from `section.hf_dir` when set, else randomly initialised from `section.model`."""
+# ModelConfig fields that say how to run a model, not what it is. With `hf_dir` set, the
+# architecture comes from the checkpoint's config.json and these still come from `model`:
+# a checkpoint says nothing of the dtype or the memory settings a run needs.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_chunk", "scan_unroll")
+
+
+def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None, seed: int
+               ) -> nnx.Module:
+  """A model from `section.hf_dir` when set, else randomly initialised from `section.model`.
+
+  A checkpoint runs with `section.model`'s `RUNTIME_FIELDS`; mesh None puts it on one device.
+  """
   if section.hf_dir:
-    return models.load_hf_checkpoint(section.hf_dir, mesh=mesh)
+    runtime = {field: section.model[field] for field in RUNTIME_FIELDS}
+    return models.load_hf_checkpoint(section.hf_dir, mesh=mesh, **runtime)
   return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
 
 

@@ -63,6 +63,17 @@ def test_pipeline_budgets(name):
     config_lib.validate(config)
 
 
+def test_runtime_fields_are_checked_for_a_checkpoint_too():
+  # With hf_dir the architecture is the checkpoint's, but dtype and memory settings still
+  # come from the config (train.RUNTIME_FIELDS), so they are validated all the same.
+  config = _load_config("base")
+  config.teacher.hf_dir = "/ckpt/teacher"
+  config.teacher.model.num_heads = -1  # Architecture: ignored for a checkpoint.
+  config.teacher.model.dtype = "float16"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.model\.dtype='float16'"):
+    config_lib.validate(config)
+
+
 def test_teacher_and_student_vocabularies_must_match():
   config = _load_config("base")
   config.teacher.model.vocab_size = config.student.model.vocab_size + 1

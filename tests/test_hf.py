@@ -229,6 +229,26 @@ def test_bf16_checkpoint_and_bf16_compute(hf_dirs, tmp_path):
   assert reloaded.dtype == torch.bfloat16
 
 
+def test_a_checkpoint_runs_with_the_configs_runtime_fields(hf_dirs):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax import train  # pylint: disable=g-import-not-at-top
+
+  torch_model, path = hf_dirs["qwen3"]
+  section = base.get_config().teacher
+  section.hf_dir = path
+  section.model.update(dtype="bfloat16", param_dtype="bfloat16", remat=True, attention_chunk=4,
+                       scan_unroll=2, num_layers=7)
+  model = train.load_model(section, None, seed=0)
+  config = model.config
+  assert (config.dtype, config.param_dtype, config.remat, config.attention_chunk, config.scan_unroll) == (
+      "bfloat16", "bfloat16", True, 4, 2)
+  assert config.num_layers == torch_model.config.num_hidden_layers  # The architecture is the checkpoint's.
+  assert model.layers.q_proj[...].dtype == jnp.bfloat16
+  ids = _ids(7, (2, 9))
+  full = _torch_logits(torch_model, ids)
+  assert np.abs(_logits(model, ids) - full).max() < 0.05 * np.abs(full).max()
+
+
 # ----------------------------------------------------------------------------- errors
 
 
