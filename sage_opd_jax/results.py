@@ -29,25 +29,36 @@ COLUMNS = (("success", "success"), ("invalid_rate", "invalid"), ("repeated_rate"
            ("mean_turns", "turns"))
 
 
-TIMINGS = "timings.jsonl"  # One line per finished pipeline stage: its name and wall seconds.
+TIMINGS = "timings.jsonl"  # One line per finished pipeline stage: its name, wall seconds and commit.
 STUDENT_START = "student (warm start, no distillation)"  # The table row every method starts from.
 
 
 def record_stage_time(root: pathlib.Path, stage: str, seconds: float) -> None:
-  """Appends a finished stage's wall time, so a pipeline resumed over sessions sums them all."""
+  """Appends a finished stage's wall time and the commit it ran at, so that a pipeline resumed
+  over sessions sums them all and its report names the code that made each number."""
   with open(pathlib.Path(root) / TIMINGS, "a", encoding="utf-8") as f:
-    f.write(json.dumps({"stage": stage, "seconds": round(float(seconds), 1)}) + "\n")
+    f.write(json.dumps({"stage": stage, "seconds": round(float(seconds), 1), "commit": _commit()}) + "\n")
+
+
+def _timing_rows(root: pathlib.Path) -> list[dict[str, Any]]:
+  path = pathlib.Path(root) / TIMINGS
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
 def stage_times(root: pathlib.Path) -> dict[str, float]:
   """{stage: wall seconds} of every finished stage (a stage re-run after a crash counts twice)."""
-  path = pathlib.Path(root) / TIMINGS
   times: dict[str, float] = {}
-  if path.exists():
-    for line in path.read_text(encoding="utf-8").splitlines():
-      row = json.loads(line)
-      times[row["stage"]] = times.get(row["stage"], 0.0) + row["seconds"]
+  for row in _timing_rows(root):
+    times[row["stage"]] = times.get(row["stage"], 0.0) + row["seconds"]
   return times
+
+
+def stage_commits(root: pathlib.Path) -> dict[str, list[str]]:
+  """{commit: the stages that finished at it}, in order; "unrecorded" for ledgers older than commits."""
+  commits: dict[str, list[str]] = {}
+  for row in _timing_rows(root):
+    commits.setdefault(row.get("commit", "unrecorded"), []).append(row["stage"])
+  return commits
 
 
 def padded_vocab_size(tokenizer_dir: str, multiple: int = 64) -> int:
@@ -301,8 +312,11 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
-      f"Commit: `{_commit()}`; wall time of the finished stages {sum(times.values()) / 3600:.2f} h; decoding "
-      f"{'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.", "",
+      f"Report written at commit `{_commit()}`; wall time of the finished stages {sum(times.values()) / 3600:.2f} h; "
+      f"decoding {'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.  ",
+      "Stages finished at commit " + "; ".join(
+          f"`{commit}`: {len(stages)} ({', '.join(stages[:3])}{', ...' if len(stages) > 3 else ''})"
+          for commit, stages in stage_commits(root).items()) + ".", "",
       f"Success rate, invalid- and repeated-action rates and mean turns (greedy eval{on_games}), mean ± std "
       "over seeds:", "",
       markdown_table(rows, splits), "",

@@ -1,5 +1,9 @@
 """The results report's pieces, on metric logs written here."""
 
+import json
+import pathlib
+import subprocess
+
 import numpy as np
 
 from sage_opd_jax import results
@@ -64,3 +68,14 @@ def test_label_mix_plot_covers_judged_methods(tmp_path):
   results._plot_label_mix({"sage_opd": [tmp_path / "sage"], "opd": [tmp_path / "opd"]}, tmp_path / "mix.png")
   results._plot_label_mix({"opd": [tmp_path / "opd"]}, tmp_path / "none.png")
   assert (tmp_path / "mix.png").stat().st_size > 0 and (tmp_path / "none.png").stat().st_size > 0
+
+
+def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
+  # A ledger line from before commits were recorded, then two stages of this checkout.
+  (tmp_path / results.TIMINGS).write_text(json.dumps({"stage": "teacher_sft", "seconds": 5.0}) + "\n")
+  results.record_stage_time(tmp_path, "student_sft", 2.0)
+  results.record_stage_time(tmp_path, "opd/seed0", 3.0)
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  assert results.stage_commits(tmp_path) == {"unrecorded": ["teacher_sft"], head: ["student_sft", "opd/seed0"]}
+  assert results.stage_times(tmp_path) == {"teacher_sft": 5.0, "student_sft": 2.0, "opd/seed0": 3.0}
