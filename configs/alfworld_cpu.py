@@ -84,5 +84,6 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.heldout_split = "valid_seen"  # Split whose judge examples measure the judge's accuracy.
   p.heldout_games = 20  # Games of that split collected for it.
   p.results_doc = ""  # Also write the report here (e.g. docs/results.md, plots beside it); empty: workdir only.
+  p.sweep = ""  # A name: methods x seeds rerun into sweeps/<sweep>/ from the same teacher and student (docs/reproducing.md).
   p.update(values)
   return p

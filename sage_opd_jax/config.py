@@ -7,6 +7,7 @@ combinations, and every error names the offending key.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import ml_collections
@@ -189,6 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {METHODS}.")
     _one_of(config, "pipeline.heldout_split", SPLITS[env])
     _one_of(config, "pipeline.sft_schedule", SCHEDULES)
+    sweep = _get(config, "pipeline.sweep")
+    if sweep and not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep):
+      raise ConfigError(f"config.pipeline.sweep={sweep!r}: must be a folder name (letters, digits, '_', '.', '-').")
   elif _get(config, "stage") == "pipeline":
     raise ConfigError("config.stage='pipeline' needs a config.pipeline section (see configs/alfworld_cpu.py).")
 

@@ -233,6 +233,12 @@ def _commit() -> str:
     return "unknown"
 
 
+def sweep_root(root: pathlib.Path, sweep: str) -> pathlib.Path:
+  """Where a pipeline's method runs (`runs/`) and report (`results/`) go: the workdir itself, or
+  `sweeps/<sweep>` for a sweep from the same teacher and student (`config.pipeline.sweep`)."""
+  return pathlib.Path(root) / "sweeps" / sweep if sweep else pathlib.Path(root)
+
+
 def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
                   docs_path: str | pathlib.Path | None = None) -> pathlib.Path:
   """Writes `root/results/{results.md, results.csv, *.png}`, optionally a copy at `docs_path`.
@@ -244,15 +250,17 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
 
   Args:
     root: the pipeline's workdir.
-    config: the pipeline's config (eval splits, decoding mode).
+    config: the pipeline's config (eval splits, decoding mode, `pipeline.sweep`: the runs and
+      the report are those of `sweep_root`).
     docs_path: also write the report there (e.g. docs/results.md), with its CSV and plots in a
       folder of the same name beside it (docs/results/), linked relatively.
   """
-  out = root / "results"
+  runs_root = sweep_root(root, config.pipeline.sweep if "pipeline" in config else "")
+  out = runs_root / "results"
   out.mkdir(parents=True, exist_ok=True)
   splits = list(config.env.eval_splits)
   # Only finished runs (evaluated to the end), so the table can be written after every method.
-  runs = {m: kept for m, dirs in collect_runs(root).items() if (kept := [d for d in dirs if _finished(d)])}
+  runs = {m: kept for m, dirs in collect_runs(runs_root).items() if (kept := [d for d in dirs if _finished(d)])}
   rows = table_rows(runs, splits)
   if _finished(root / "student_eval"):
     rows = table_rows({STUDENT_START: [root / "student_eval"]}, splits) + rows

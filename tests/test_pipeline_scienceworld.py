@@ -3,6 +3,7 @@ corpus tokenizer, teacher and student SFT, two methods, the results table."""
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -128,3 +129,24 @@ def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
   games = int(results._final_eval(workdir / "student_eval")["eval/dev/t0/episodes"])
   assert f"(greedy eval on {games} dev games)" in report
   assert (tmp_path / "results" / "dev_success.png").exists()
+
+
+def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, tmp_path):
+  root = tmp_path / "pipeline"
+  shutil.copytree(workdir, root)  # The other tests keep the module's workdir as it was.
+  finished = {p: p.stat().st_mtime_ns for p in root.glob("**/hf/config.json")}
+  config = tiny_config()
+  config.pipeline.methods = ("opd",)
+  config.pipeline.sweep = "lr_high"
+  config.optim.learning_rate = 0.01  # The sweep's change; the SFT stages keep pipeline.sft_learning_rate.
+  config.optim.warmup_steps = 0
+  pipeline.run(config, root)
+  assert {p: p.stat().st_mtime_ns for p in finished} == finished  # Teacher, student and base runs untouched.
+  sweep = root / "sweeps" / "lr_high"
+  rows = writers.rows_with(sweep / "runs" / "opd" / "seed0", "train/")
+  assert [row["train/learning_rate"] for row in rows] == pytest.approx([0.01])
+  base_rows = writers.rows_with(root / "runs" / "opd" / "seed0", "train/")
+  assert base_rows[0]["train/learning_rate"] != pytest.approx(0.01)
+  assert "| opd | 1 |" in (sweep / "results" / "results.md").read_text()
+  assert "| opd | 1 |" in (root / "results" / "results.md").read_text()  # The main report is the base runs'.
+  assert "lr_high/opd/seed0" in results.stage_times(root)
