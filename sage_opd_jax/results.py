@@ -226,9 +226,10 @@ def _plot_label_mix(runs: dict[str, list[pathlib.Path]], path: pathlib.Path) -> 
 
 
 def _commit() -> str:
+  """This package's checkout's commit, wherever the run was started from ("unknown" outside git)."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-                          ).stdout.strip()
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 

@@ -66,8 +66,6 @@ JUDGE_KEYS = (
     "env", "split", "task_id", "task_type", "task", "turn", "observation",
     "admissible_actions", "label", "action", "valid", "feedback",
 )
-# The expert of each env, as manifests and demo records name it: ALFWorld's imitable
-# hand-coded expert, ScienceWorld's gold path (the engine's own solution of the task).
 # How each env's judge examples copy a state: only ALFWorld's engine can be snapshotted.
 DEFAULT_BRANCH = {"alfworld": "snapshot", "scienceworld": "replay"}
 # Manifest settings that must match for a re-run to resume a folder.
@@ -77,7 +75,8 @@ _RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch"
 
 
 def experts() -> dict[str, str]:
-  """Env name -> the name of the expert that plays it, as manifests record it."""
+  """Env name -> its expert, as manifests and demo records name it: ALFWorld's imitable
+  hand-coded expert, ScienceWorld's gold path (the engine's own solution of the task)."""
   from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
   return {"alfworld": alfworld_expert.EXPERT_NAME, "scienceworld": scienceworld_env.EXPERT_NAME}
@@ -360,14 +359,15 @@ def collect(
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   env_kwargs = dict(env_kwargs)
+  known = experts()
   if game_fn is expert_game:
-    if env_name not in experts():
-      raise ValueError(f"env_name={env_name!r} has no expert; experts exist for {sorted(experts())}.")
+    if env_name not in known:
+      raise ValueError(f"env_name={env_name!r} has no expert; experts exist for {sorted(known)}.")
     if env_name == "alfworld" and not env_kwargs.get("facts"):
       raise ValueError("env_kwargs['facts'] must be True: the ALFWorld expert reads the game's facts.")
   settings = dict(
       # A test's own game_fn on a test env is recorded under ALFWorld's expert, as before.
-      env=env_name, split=split, expert=experts().get(env_name, experts()["alfworld"]), env_kwargs=env_kwargs,
+      env=env_name, split=split, expert=known.get(env_name, known["alfworld"]), env_kwargs=env_kwargs,
       judge_states=judge_states, branch=branch, seed=seed, max_expert_steps=max_expert_steps,
   )
   manifest_path = out / MANIFEST
