@@ -140,9 +140,10 @@ def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
 
 
 def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
-  device = model.device
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  device = model.device
 
   optim = _optim_config()
   model.train()
