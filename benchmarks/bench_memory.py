@@ -30,9 +30,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from qwen3_reference import SIZES  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -43,16 +42,10 @@ GIB = 2.0 ** 30
 
 def step_memory(model_config: models.ModelConfig, batch: int, seq: int) -> dict[str, float]:
   """GiB of the compiled update's argument, output and temporary buffers, and compile seconds."""
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  mesh = bench_train.one_device_mesh()
   model = sharding.abstract_model(model_config)
-  tx = train.make_optimizer(base.get_config().optim, num_steps=1000)
+  update, tx, _ = bench_train.sft_update(model, mesh)
   state = jax.eval_shape(lambda: train.init_train_state(model, tx, seed=0))
-  config = base.get_config()
-  config.teacher.model.vocab_size = model_config.vocab_size
-  loss_fn, totals_fn = train.make_loss_fns(train.loss_options(config, "sft", None))
-  update = train.jit_update(
-      train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=1),
-      jax.tree.map(lambda _: sharding.replicated(mesh), state), sharding.batch_sharding(mesh))
   arrays = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
             for k in ("tokens", "attention_mask", "turn_ids")}
   start = time.perf_counter()

@@ -75,7 +75,7 @@ FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
 ONE_CALL = "sage_opd, one-call judge (before)"
 
 
-def _one_device_mesh() -> jax.sharding.Mesh:
+def one_device_mesh() -> jax.sharding.Mesh:
   return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
@@ -112,22 +112,28 @@ def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "turn_ids": turn_ids}
 
 
-def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
-  """Our jitted update on a 1-device mesh; returns a no-argument step closure and the state."""
-  mesh = _one_device_mesh()
-  model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh, scan_unroll=scan_unroll)
-  optim = _optim_config()
-  tx = train.make_optimizer(optim, num_steps=1000)
-  state = train.init_train_state(model, tx, seed=0)
+def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh):
+  """`train`'s jitted update with the `sft` loss (token cross-entropy), clipping and AdamW, on a
+  state replicated over `mesh`; returns it, its optimiser and the state's sharding."""
+  tx = train.make_optimizer(_optim_config(), num_steps=1000)
   replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  state = jax.device_put(state, state_sharding)
+  state_sharding = jax.tree.map(lambda _: replicated,
+                                jax.eval_shape(lambda: train.init_train_state(model, tx, seed=0)))
   config = base.get_config()
-  config.teacher.model.vocab_size = VOCAB
+  config.teacher.model.vocab_size = model.config.vocab_size
   loss_fn, totals_fn = train.make_loss_fns(train.loss_options(config, "sft", None))
   update = train.jit_update(
       train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=1),
       state_sharding, sharding.batch_sharding(mesh))
+  return update, tx, state_sharding
+
+
+def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
+  """Our jitted update on a 1-device mesh; returns a no-argument step closure and the state."""
+  mesh = one_device_mesh()
+  model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh, scan_unroll=scan_unroll)
+  update, tx, state_sharding = sft_update(model, mesh)
+  state = jax.device_put(train.init_train_state(model, tx, seed=0), state_sharding)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, sharding.batch_sharding(mesh))
   holder = {"state": state, "loss": None}
   del model
