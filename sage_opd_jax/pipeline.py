@@ -163,8 +163,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")
   runs_root = results.sweep_root(root, p.sweep)
-  # A sweep's report lands beside the main one: docs/results.md -> docs/results_<sweep>.md.
-  results_doc = p.results_doc and (p.results_doc.removesuffix(".md") + f"_{p.sweep}.md" if p.sweep else p.results_doc)
   for method in p.methods:
     for seed in p.seeds:
       run_dir = runs_root / "runs" / method / f"seed{seed}"
@@ -175,10 +173,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.
-    results.write_results(root, base, docs_path=results_doc or None)
+    results.write_results(root, base, docs_path=p.results_doc or None)
 
   logging.info("[6/6] results")
-  out = results.write_results(root, base, docs_path=results_doc or None)
+  out = results.write_results(root, base, docs_path=p.results_doc or None)
   logging.info("Results in %s (%.1f min in this session)", out, (time.time() - start) / 60)
   return out
 

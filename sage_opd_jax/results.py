@@ -254,9 +254,13 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
     config: the pipeline's config (eval splits, decoding mode, `pipeline.sweep`: the runs and
       the report are those of `sweep_root`).
     docs_path: also write the report there (e.g. docs/results.md), with its CSV and plots in a
-      folder of the same name beside it (docs/results/), linked relatively.
+      folder of the same name beside it (docs/results/), linked relatively. A sweep's report
+      goes beside it instead: docs/results_<sweep>.md.
   """
-  runs_root = sweep_root(root, config.pipeline.sweep if "pipeline" in config else "")
+  sweep = config.pipeline.sweep if "pipeline" in config else ""
+  runs_root = sweep_root(root, sweep)
+  if docs_path is not None and sweep:
+    docs_path = pathlib.Path(docs_path).with_name(f"{pathlib.Path(docs_path).stem}_{sweep}.md")
   out = runs_root / "results"
   out.mkdir(parents=True, exist_ok=True)
   splits = list(config.env.eval_splits)

@@ -150,3 +150,6 @@ def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, t
   assert "| opd | 1 |" in (sweep / "results" / "results.md").read_text()
   assert "| opd | 1 |" in (root / "results" / "results.md").read_text()  # The main report is the base runs'.
   assert "lr_high/opd/seed0" in results.stage_times(root)
+  results.write_results(root, config, docs_path=tmp_path / "docs" / "results.md")
+  assert "| opd | 1 |" in (tmp_path / "docs" / "results_lr_high.md").read_text()  # Beside the main report.
+  assert not (tmp_path / "docs" / "results.md").exists()
