@@ -160,7 +160,7 @@ def _valid_turns(episodes: Sequence[JudgedEpisode], num_turns: int) -> np.ndarra
   return valid
 
 
-def _same_action(a: str, b: str) -> bool:
+def same_action(a: str, b: str) -> bool:
   """Env commands compare case- and whitespace-insensitively ("Go to  Desk 1" == "go to desk 1")."""
   return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
@@ -188,7 +188,7 @@ def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np
         known[b, t] = True
       elif getattr(turn, "expert_action", None) is not None:
         known[b, t] = True
-        labels[b, t] = prompts.SKIP if _same_action(turn.action, turn.expert_action) else prompts.WEAK
+        labels[b, t] = prompts.SKIP if same_action(turn.action, turn.expert_action) else prompts.WEAK
   return labels, known
 
 

@@ -49,6 +49,10 @@ class Demonstration:
   actions: Sequence[str]
   admissible_actions: Sequence[Sequence[str]] | None = None  # Per turn, shown with o_t.
   thoughts: Sequence[str] | None = None  # Per turn, inside <think></think>; empty if None.
+  # Per turn, whether its response is a training target; None trains every turn. A DAgger
+  # correction (`sage_opd_jax.dagger`) trains only its last turn: the policy's earlier turns are
+  # context, not targets.
+  trained: Sequence[bool] | None = None
 
   @classmethod
   def from_record(cls, record: Mapping[str, Any], thoughts: str = "none") -> "Demonstration":
@@ -74,7 +78,7 @@ class Demonstration:
                          f"is from env {record.get('env')!r}.")
       texts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"])
     return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
-               admissible_actions=record["admissible_actions"], thoughts=texts)
+               admissible_actions=record["admissible_actions"], thoughts=texts, trained=record.get("trained"))
 
 
 def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none") -> list[Demonstration]:
@@ -293,7 +297,7 @@ def build_sft_data(
 
   Args:
     tokenizer: the shared tokenizer; it must have a chat template and a pad token.
-    demonstrations: expert episodes (acting samples).
+    demonstrations: expert episodes (acting samples); a turn with `trained` False is context only.
     judge_examples: labelled judge questions (judge samples), e.g. `JudgeExample.from_demo`
       of each of `envs.demos.load_judge_examples(out_dir, history_turns)`.
     seq_len: S, the padded length; longer acting episodes keep their first whole turns.
@@ -311,6 +315,10 @@ def build_sft_data(
   truncated = dropped = 0
   for demo in demonstrations:
     ids, tids = tokenize_segments(tokenizer, acting_segments(layout, demo, show_admissible))
+    if demo.trained is not None:
+      if len(demo.trained) != len(demo.actions):
+        raise ValueError(f"Demonstration.trained has {len(demo.trained)} entries for {len(demo.actions)} actions.")
+      tids = [k if k and demo.trained[k - 1] else 0 for k in tids]
     fitted, fitted_tids = _fit_turns(ids, tids, seq_len, max_turns)
     if not any(fitted_tids):
       dropped += 1

@@ -312,13 +312,19 @@ class SftSource:
     demonstrations = sft_data.read_demonstrations(demos_dir, config.sft.thoughts)
     if config.sft.max_demos:
       demonstrations = demonstrations[: config.sft.max_demos]
+    corrections = []
+    if config.sft.corrections_dir:
+      if not (pathlib.Path(config.sft.corrections_dir) / demos_lib.DEMOS).exists():
+        raise FileNotFoundError(f"config.sft.corrections_dir={config.sft.corrections_dir!r} has no "
+                                f"{demos_lib.DEMOS}; collect DAgger corrections first (sage_opd_jax/dagger.py).")
+      corrections = sft_data.read_demonstrations(config.sft.corrections_dir, config.sft.thoughts)
     judge_examples = []
     if config.sft.judge_examples:
       judge_examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(
-        tokenizer, demonstrations, judge_examples, config.train.max_seq_len,
+        tokenizer, [*demonstrations, *corrections], judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible, seed=config.seed,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
@@ -332,7 +338,7 @@ class SftSource:
           f"{self.num_rows} SFT samples from {demos_dir} are fewer than config.train.batch_episodes="
           f"{self.batch_size}."
       )
-    self.info = {"sft/samples": self.num_rows, "sft/demos": len(demonstrations),
+    self.info = {"sft/samples": self.num_rows, "sft/demos": len(demonstrations), "sft/corrections": len(corrections),
                  "sft/judge_examples": len(judge_examples), "sft/truncated": data.num_truncated,
                  "sft/dropped": data.num_dropped}
 
@@ -460,13 +466,17 @@ class _Timer:
       self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any) -> rollout_lib.RolloutEngine:
-  """The rollout engine (and its env worker pool) of a run; close it at the end."""
-  # judge.mode="oracle" (analysis only) needs the env expert's action at every state: an
-  # ALFWorld expert shadows each episode in its worker, reading the game's facts.
-  oracle = config.judge.mode == "oracle" and config.method in LABELLED_METHODS
+def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
+                        expert: bool = False) -> rollout_lib.RolloutEngine:
+  """The rollout engine (and its env worker pool) of a run; close it at the end.
+
+  With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
+  every state: an ALFWorld expert shadows each episode in its worker, reading the game's facts.
+  """
+  oracle = expert or (config.judge.mode == "oracle" and config.method in LABELLED_METHODS)
   if oracle and config.env.name != "alfworld":
-    raise config_lib.ConfigError(f"config.judge.mode='oracle' needs an env with an expert; {config.env.name!r} has none.")
+    raise config_lib.ConfigError(
+        f"config.env.name={config.env.name!r} has no expert to shadow the episodes (judge.mode='oracle', DAgger).")
   settings = rollout_lib.RolloutConfig(
       max_turns=config.env.max_turns,
       history_turns=config.env.history_turns,

@@ -63,6 +63,19 @@ def test_pipeline_budgets(name):
     config_lib.validate(config)
 
 
+def test_dagger_round_settings():
+  config = _load_config("alfworld_cpu")
+  config.pipeline.dagger_games = 8
+  config_lib.validate(config)
+  config.pipeline.dagger_steps = 0
+  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_steps=0"):
+    config_lib.validate(config)
+  config = _load_config("scienceworld_cpu")
+  config.pipeline.dagger_games = 8  # ScienceWorld's gold path cannot follow another agent's episode.
+  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_games.*scienceworld"):
+    config_lib.validate(config)
+
+
 def test_runtime_fields_are_checked_for_a_checkpoint_too():
   # With hf_dir the architecture is the checkpoint's, but dtype and memory settings still
   # come from the config (train.RUNTIME_FIELDS), so they are validated all the same.

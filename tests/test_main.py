@@ -17,11 +17,16 @@ import pytest
 
 from configs import base
 from sage_opd_jax import config as config_lib
+from sage_opd_jax import dagger
 from sage_opd_jax import models
 from sage_opd_jax import pipeline
+from sage_opd_jax import prompts
+from sage_opd_jax import sft_data
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
 from sage_opd_jax import writers
+from sage_opd_jax.envs import base as envs_base
+from sage_opd_jax.envs import demos as demos_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
@@ -126,6 +131,51 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
   exported = train.export_stage(sft, tmp_path / "sft")
   reloaded = models.load_hf_checkpoint(exported)
   assert reloaded.config.hidden_size == TINY["hidden_size"]
+
+
+def test_dagger_corrections_are_the_experts_actions_where_the_policy_left_it(tokenizer_dir, tmp_path):
+  # A random policy, constrained to admissible actions, plays both fixture games with the expert shadowing it.
+  config = tiny_config(tokenizer_dir, **{"sampling.constrained": True, "env.max_turns": 6})
+  manifest = dagger.collect(config, tmp_path, num_games=2, temperature=1.0)
+  records = demos_lib.read_jsonl(tmp_path / demos_lib.DEMOS)
+  assert manifest["games"] == 2 and manifest["corrections"] == len(records) > 0, manifest
+  # Independently: replay each record's policy turns in a fresh env, a fresh expert following them.
+  from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top
+
+  env = envs_base.make("alfworld", data_dir=str(FIXTURE_DATA), facts=True, max_turns=6)
+  tasks = {t.task_id: t for t in env.tasks("valid_seen")}
+  try:
+    for record in records:
+      *played, corrected = record["actions"]
+      assert record["trained"] == [False] * len(played) + [True]
+      task = tasks[record["task_id"]]
+      expert = alfworld_expert.ImitableExpert(task)
+      observation, info = env.reset(task)
+      observations, expert_action = [observation], expert.first_action(observation, info)
+      for action in played:
+        result = env.step(action)
+        observations.append(result.observation)
+        expert_action = expert.next_action(result)
+      assert record["observations"] == observations
+      assert corrected == expert_action
+  finally:
+    env.close()
+  # Only the correction is trained: its tokens spell the expert's response, and nothing else is.
+  tokenizer = models.load_tokenizer(tokenizer_dir)
+  record = max(records, key=lambda r: len(r["actions"]))
+  data = sft_data.build_sft_data(tokenizer, [sft_data.Demonstration.from_record(record)], [], 512,
+                                 show_admissible=config.env.show_admissible, seed=None)
+  trained = data.arrays["turn_ids"][0] > 0
+  end_of_turn = prompts.ChatLayout.from_tokenizer(tokenizer).after_assistant.split("\n", 1)[0]
+  assert tokenizer.decode(data.arrays["tokens"][0][trained].tolist()) == tokenizer.decode(
+      tokenizer.encode(sft_data.expert_response(record["actions"][-1]) + end_of_turn, add_special_tokens=False))
+  # A finished collection is not played again; a torn one keeps its finished games only.
+  games = (tmp_path / demos_lib.GAMES).read_text()
+  assert dagger.finished(tmp_path, 2) and not dagger.finished(tmp_path, 3)
+  (tmp_path / demos_lib.GAMES).write_text(games.splitlines(keepends=True)[0])
+  dagger.collect(config, tmp_path, num_games=1, temperature=1.0)
+  kept = json.loads(games.splitlines()[0])["task_id"]
+  assert demos_lib.read_jsonl(tmp_path / demos_lib.DEMOS) == [r for r in records if r["task_id"] == kept]
 
 
 def _run_cli(config_path, workdir, *flags, wait=True):

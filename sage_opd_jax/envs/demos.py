@@ -278,7 +278,8 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   return records
 
 
-def _rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+def rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  """Replaces `path` with `records`, one JSON line each, atomically (a temporary file, then a rename)."""
   tmp = path.with_suffix(path.suffix + ".tmp")
   with tmp.open("w") as f:
     for record in records:
@@ -385,9 +386,9 @@ def collect(
     games = [g for g in games if g["status"] in ("won", "lost")]
   finished = {g["task_id"] for g in games}
   # Drop what a killed run wrote for games it did not finish (and torn lines).
-  _rewrite_jsonl(out / GAMES, games)
-  _rewrite_jsonl(out / DEMOS, [r for r in read_jsonl(out / DEMOS) if r["task_id"] in finished])
-  _rewrite_jsonl(out / JUDGE, [r for r in read_jsonl(out / JUDGE) if r["task_id"] in finished])
+  rewrite_jsonl(out / GAMES, games)
+  rewrite_jsonl(out / DEMOS, [r for r in read_jsonl(out / DEMOS) if r["task_id"] in finished])
+  rewrite_jsonl(out / JUDGE, [r for r in read_jsonl(out / JUDGE) if r["task_id"] in finished])
 
   start = time.perf_counter()
   new_games = 0
