@@ -84,10 +84,11 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.heldout_split = "valid_seen"  # Split whose judge examples measure the judge's accuracy.
   p.heldout_games = 20  # Games of that split collected for it.
   p.results_doc = ""  # Also write the report here (e.g. docs/results.md, plots beside it); empty: workdir only.
-  p.dagger_games = 0  # Train games the SFT'd teacher plays with the env expert shadowing it (DAgger); 0: none.
+  p.dagger_rounds = 0  # DAgger rounds of the teacher after its SFT (sage_opd_jax/dagger.py); 0: none.
+  p.dagger_games = 320  # New train games per round that the teacher plays with the env expert shadowing it.
   p.dagger_temperature = 0.4  # The teacher's sampling temperature in those games (0: greedy).
-  p.dagger_steps = 1000  # SFT updates of the teacher on demos, judge examples and its corrections.
-  p.dagger_learning_rate = 3e-4  # Peak learning rate of that SFT (same schedule as the SFT stages).
+  p.dagger_steps = 1000  # SFT updates per round on demos, judge examples and every round's corrections.
+  p.dagger_learning_rate = 3e-4  # Peak learning rate of those updates (same schedule as the SFT stages).
   p.sweep = ""  # A name: methods x seeds rerun into sweeps/<sweep>/ from the same teacher and student (docs/reproducing.md).
   p.update(values)
   return p

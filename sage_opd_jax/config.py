@@ -185,12 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("teacher_steps", "student_steps", "distill_steps", "heldout_games", "sft_learning_rate"):
       _positive(config, f"pipeline.{key}")
     _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.
-    _positive(config, "pipeline.dagger_games", allow_zero=True)
-    if _get(config, "pipeline.dagger_games"):
+    _positive(config, "pipeline.dagger_rounds", allow_zero=True)
+    if _get(config, "pipeline.dagger_rounds"):
       if env != "alfworld":
-        raise ConfigError(f"config.pipeline.dagger_games needs an env with an expert to shadow the teacher; "
+        raise ConfigError(f"config.pipeline.dagger_rounds needs an env with an expert to shadow the teacher; "
                           f"config.env.name={env!r} has none (set it to 0).")
-      for key in ("dagger_steps", "dagger_learning_rate"):
+      for key in ("dagger_games", "dagger_steps", "dagger_learning_rate"):
         _positive(config, f"pipeline.{key}")
       _positive(config, "pipeline.dagger_temperature", allow_zero=True)
     for method in _get(config, "pipeline.methods"):

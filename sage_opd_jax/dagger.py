@@ -11,7 +11,9 @@ worker (`RolloutConfig.expert`): it follows the commands the policy played and n
 action at each state. Every turn where the two differ becomes one SFT sample, a
 `demos.jsonl` record: the policy's own transcript up to that turn, with the expert's action
 as that turn's response, the only turn trained (`trained`; the earlier turns are context).
-`SftSource` adds them to the demonstrations (`config.sft.corrections_dir`).
+`SftSource` adds them to the demonstrations (`config.sft.corrections_dirs`). Round after
+round (`pipeline.dagger_rounds`), the latest policy plays new games and is trained on every
+round's corrections, DAgger's aggregate.
 
 Host side: the rollout engine plays; this module only turns episodes into records.
 """
@@ -61,9 +63,9 @@ def corrections(episode: rollout_lib.Episode) -> list[dict[str, Any]]:
   return records
 
 
-def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, num_games: int,
+def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, first: int, num_games: int,
             temperature: float) -> dict[str, Any]:
-  """Plays the first `num_games` games of `config.env.train_split` with `config.student`; writes corrections.
+  """Plays games [first, first + num_games) of `config.env.train_split` with `config.student`.
 
   `out_dir` gets `demos.jsonl` (the correction records), `games.jsonl` (one line per game
   played: won, turns, corrections) and, once every game is played, `manifest.json`. An
@@ -73,7 +75,9 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, num_
     config: the run config; `config.student` is the policy (e.g. the pipeline's SFT'd teacher,
       through `student.hf_dir`).
     out_dir: the corrections folder.
-    num_games: games to play, in the split's seeded order.
+    first: where in the split's seeded order the games start (each round plays new ones;
+      past the split's end the order wraps around).
+    num_games: games to play.
     temperature: the policy's sampling temperature (0 is greedy).
 
   Returns:
@@ -87,7 +91,8 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, num_
   demos_lib.rewrite_jsonl(out / demos_lib.DEMOS,
                           [r for r in demos_lib.read_jsonl(out / demos_lib.DEMOS) if r["task_id"] in done])
   env = base.make(config.env.name, **train.env_kwargs(config))
-  tasks = list(env.tasks(config.env.train_split))[:num_games]
+  split = list(env.tasks(config.env.train_split))
+  tasks = [split[(first + i) % len(split)] for i in range(min(num_games, len(split)))]
   env.close()
   todo = [task for task in tasks if task.task_id not in done]
   if todo:
@@ -113,7 +118,7 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, num_
         games += lines
         bar.update(len(chunk))
         bar.set_postfix(won=sum(g["won"] for g in games), corrections=sum(g["corrections"] for g in games))
-  manifest = dict(requested=num_games, policy=config.student.hf_dir or "config.student.model", split=config.env.train_split, temperature=temperature,
+  manifest = dict(requested=num_games, first=first, policy=config.student.hf_dir or "config.student.model", split=config.env.train_split, temperature=temperature,
                   expert=train.ORACLE_EXPERT, games=len(games), won=sum(g["won"] for g in games),
                   turns=sum(g["turns"] for g in games), corrections=sum(g["corrections"] for g in games))
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -3,9 +3,9 @@
   1. tokenizer      a word-level tokenizer over every ALFWorld game's names (all splits);
   2. demos          imitable-expert demonstrations and judge examples (train, and a
                     held-out valid_seen slice for the judge's accuracy);
-  3. teacher        SFT of the teacher on acting and judging; optionally a DAgger round (it plays
-                    train games with the env expert shadowing it, and is trained again with the
-                    expert's actions where it left them, `dagger.py`); then its own evaluation;
+  3. teacher        SFT of the teacher on acting and judging; optionally DAgger rounds (it plays
+                    new train games with the env expert shadowing it, and is trained again with
+                    the expert's actions where it left them, `dagger.py`); then its evaluation;
   4. student_sft    a short SFT warm start of the student on a small slice of the demos;
   5. runs           from that same student, each method x seed for the same updates;
   6. results        a markdown table, a CSV and plots of what the runs measured.
@@ -146,16 +146,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), teacher_dir))
   teacher_hf = str(writers.export_dir(teacher_dir))
-  if p.dagger_games:
-    logging.info("[3/6] teacher DAgger round (%d games)", p.dagger_games)
+  for r in range(1, p.dagger_rounds + 1):
+    logging.info("[3/6] teacher DAgger round %d of %d (%d games)", r, p.dagger_rounds, p.dagger_games)
     policy = _derive(base, student__model=base.teacher.model, student__hf_dir=teacher_hf)
-    corrections_dir = root / "dagger"
-    _stage(root, "dagger_collect", dagger.finished(corrections_dir, p.dagger_games),
-           lambda: dagger.collect(policy, corrections_dir, p.dagger_games, p.dagger_temperature))
-    teacher_dir = root / "teacher_dagger"
-    _stage(root, "teacher_dagger", writers.exported(teacher_dir), lambda: train.train(_derive(
+    rounds = [root / "dagger" / f"round{i}" for i in range(1, r + 1)]
+    _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
+        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, p.dagger_temperature))
+    teacher_dir = root / "teacher_dagger" / f"round{r}"
+    _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
         policy, stage="sft", sft__demos_dir=str(train_demos), sft__judge_examples=True,
-        sft__corrections_dir=str(corrections_dir), train__num_steps=p.dagger_steps,
+        sft__corrections_dirs=tuple(str(d) for d in rounds), train__num_steps=p.dagger_steps,
         optim__learning_rate=p.dagger_learning_rate, optim__schedule=p.sft_schedule, eval__num_episodes=0),
         teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))

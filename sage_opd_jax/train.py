@@ -313,11 +313,11 @@ class SftSource:
     if config.sft.max_demos:
       demonstrations = demonstrations[: config.sft.max_demos]
     corrections = []
-    if config.sft.corrections_dir:
-      if not (pathlib.Path(config.sft.corrections_dir) / demos_lib.DEMOS).exists():
-        raise FileNotFoundError(f"config.sft.corrections_dir={config.sft.corrections_dir!r} has no "
-                                f"{demos_lib.DEMOS}; collect DAgger corrections first (sage_opd_jax/dagger.py).")
-      corrections = sft_data.read_demonstrations(config.sft.corrections_dir, config.sft.thoughts)
+    for folder in config.sft.corrections_dirs:
+      if not (pathlib.Path(folder) / demos_lib.DEMOS).exists():
+        raise FileNotFoundError(f"config.sft.corrections_dirs holds {folder!r}, which has no {demos_lib.DEMOS}; "
+                                "collect DAgger corrections first (sage_opd_jax/dagger.py).")
+      corrections += sft_data.read_demonstrations(folder, config.sft.thoughts)
     judge_examples = []
     if config.sft.judge_examples:
       judge_examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)

@@ -65,14 +65,14 @@ def test_pipeline_budgets(name):
 
 def test_dagger_round_settings():
   config = _load_config("alfworld_cpu")
-  config.pipeline.dagger_games = 8
+  config.pipeline.dagger_rounds = 2
   config_lib.validate(config)
   config.pipeline.dagger_steps = 0
   with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_steps=0"):
     config_lib.validate(config)
   config = _load_config("scienceworld_cpu")
-  config.pipeline.dagger_games = 8  # ScienceWorld's gold path cannot follow another agent's episode.
-  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_games.*scienceworld"):
+  config.pipeline.dagger_rounds = 1  # ScienceWorld's gold path cannot follow another agent's episode.
+  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_rounds.*scienceworld"):
     config_lib.validate(config)
 
 

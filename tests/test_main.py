@@ -136,7 +136,7 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
 def test_dagger_corrections_are_the_experts_actions_where_the_policy_left_it(tokenizer_dir, tmp_path):
   # A random policy, constrained to admissible actions, plays both fixture games with the expert shadowing it.
   config = tiny_config(tokenizer_dir, **{"sampling.constrained": True, "env.max_turns": 6})
-  manifest = dagger.collect(config, tmp_path, num_games=2, temperature=1.0)
+  manifest = dagger.collect(config, tmp_path, first=0, num_games=2, temperature=1.0)
   records = demos_lib.read_jsonl(tmp_path / demos_lib.DEMOS)
   assert manifest["games"] == 2 and manifest["corrections"] == len(records) > 0, manifest
   # Independently: replay each record's policy turns in a fresh env, a fresh expert following them.
@@ -173,7 +173,7 @@ def test_dagger_corrections_are_the_experts_actions_where_the_policy_left_it(tok
   games = (tmp_path / demos_lib.GAMES).read_text()
   assert dagger.finished(tmp_path, 2) and not dagger.finished(tmp_path, 3)
   (tmp_path / demos_lib.GAMES).write_text(games.splitlines(keepends=True)[0])
-  dagger.collect(config, tmp_path, num_games=1, temperature=1.0)
+  dagger.collect(config, tmp_path, first=0, num_games=1, temperature=1.0)
   kept = json.loads(games.splitlines()[0])["task_id"]
   assert demos_lib.read_jsonl(tmp_path / demos_lib.DEMOS) == [r for r in records if r["task_id"] == kept]
 
