@@ -1,0 +1,82 @@
+"""The ALFWorld pipeline with the teacher's DAgger rounds, on the hand-written fixture games."""
+
+import json
+import pathlib
+
+from configs import alfworld_cpu
+from configs import base
+from sage_opd_jax import config as config_lib
+from sage_opd_jax import dagger
+from sage_opd_jax import pipeline
+from sage_opd_jax import results
+from sage_opd_jax import train
+from sage_opd_jax import writers
+from sage_opd_jax.envs import demos as demos_lib
+
+FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+            max_position_embeddings=1024)
+
+
+def tiny_config():
+  """alfworld_cpu (constrained decoding, subgoal thoughts) cut to the fixture's one train game."""
+  config = alfworld_cpu.get_config()
+  config.env.data_dir = str(FIXTURE_DATA)
+  config.env.eval_splits = ("valid_seen",)  # The fixture has no valid_unseen game of these types.
+  config.env.max_turns = 4
+  config.env.history_turns = 4
+  config.env.num_workers = 1
+  config.student.model = base.tiny_model(**TINY)
+  config.teacher.model = base.tiny_model(**dict(TINY, hidden_size=48, head_dim=24))
+  config.demos.judge_states = 1
+  config.sampling.max_new_tokens = 16
+  config.judge.max_new_tokens = 2
+  config.train.batch_episodes = 1  # The student's warm start has one demonstration.
+  config.train.max_seq_len = 512
+  config.train.eval_every = 100
+  config.train.ckpt_every = 100
+  config.eval.num_episodes = 1
+  config.eval.num_transcripts = 1
+  config.teacher.score_chunk = 64
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  config.pipeline = alfworld_cpu.pipeline_config(
+      teacher_steps=1, student_steps=1, student_demos=0, distill_steps=1, methods=("opd",), seeds=(0,),
+      heldout_games=1, dagger_rounds=2, dagger_games=1, dagger_steps=1)
+  return config_lib.validate(config)
+
+
+def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_path, monkeypatch):
+  # Which checkpoint each stage got (the real stages run; these only record their configs).
+  evaluated, distilled = [], []
+  evaluate_stage, train_stage = train.evaluate_stage, train.train
+
+  def evaluate_spy(config, workdir):
+    evaluated.append((pathlib.Path(workdir).name, config.student.hf_dir))
+    return evaluate_stage(config, workdir)
+
+  def train_spy(config, workdir):
+    if config.stage == "distill":
+      distilled.append(config.teacher.hf_dir)
+    return train_stage(config, workdir)
+
+  monkeypatch.setattr(train, "evaluate_stage", evaluate_spy)
+  monkeypatch.setattr(train, "train", train_spy)
+  pipeline.run(tiny_config(), tmp_path)
+
+  assert set(results.stage_times(tmp_path)) == {
+      "teacher_sft", "dagger_collect/round1", "teacher_dagger/round1", "dagger_collect/round2",
+      "teacher_dagger/round2", "teacher_eval", "judge_accuracy", "student_sft", "student_eval", "opd/seed0"}
+  round1, round2 = (tmp_path / "dagger" / "round1", tmp_path / "dagger" / "round2")
+  # Each round's policy is the teacher the round before made.
+  assert json.loads((round1 / dagger.MANIFEST).read_text())["policy"] == str(writers.export_dir(tmp_path / "teacher"))
+  last_teacher = str(writers.export_dir(tmp_path / "teacher_dagger" / "round2"))
+  assert json.loads((round2 / dagger.MANIFEST).read_text())["policy"] == str(
+      writers.export_dir(tmp_path / "teacher_dagger" / "round1"))
+  # Round 2 trains on both rounds' corrections (DAgger's aggregate), besides the demonstrations.
+  counts = [len(demos_lib.read_jsonl(r / demos_lib.DEMOS)) for r in (round1, round2)]
+  assert min(counts) > 0, counts
+  info = writers.read_metrics(tmp_path / "teacher_dagger" / "round2")[0]
+  assert info["sft/corrections"] == sum(counts) and info["sft/demos"] > 0
+  # The last round's teacher is the one evaluated, and the one the method distils from.
+  assert ("teacher_eval", last_teacher) in evaluated
+  assert distilled == [last_teacher]
