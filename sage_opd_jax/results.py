@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sage_opd_jax import dagger  # noqa: E402
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
 from sage_opd_jax import sft_data  # noqa: E402
@@ -310,6 +311,17 @@ def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, An
   return [f"**Partial:** not finished yet: {', '.join(pending)}.", ""] if pending else []
 
 
+def _teacher_caption(root: pathlib.Path) -> str:
+  """How the evaluated teacher was made: its SFT, and its DAgger rounds if any ran."""
+  paths = sorted((root / "dagger").glob(f"round*/{dagger.MANIFEST}"), key=lambda p: int(p.parent.name[len("round"):]))
+  if not paths:
+    return "Teacher (SFT on acting and judging):"
+  rounds = [json.loads(p.read_text()) for p in paths]
+  return (f"Teacher (SFT on acting and judging, then {len(rounds)} DAgger round{'s' * (len(rounds) > 1)}: "
+          f"{sum(r['corrections'] for r in rounds):,} expert corrections at the states it reached in "
+          f"{sum(r['games'] for r in rounds):,} train games it played):")
+
+
 def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[str, list[pathlib.Path]],
             rows: Sequence[dict[str, Any]], splits: Sequence[str], asset_dir: str, success_png: str) -> str:
   teacher = {}
@@ -334,7 +346,7 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
       "over seeds:", "",
       markdown_table(rows, splits), "",
       *_pending_line(config, rows),
-      "Teacher (SFT on acting and judging):", "",
+      _teacher_caption(root), "",
       "| split | success | invalid | repeated |", "|---|---|---|---|",
   ]
   for split in splits:

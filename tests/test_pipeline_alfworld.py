@@ -80,3 +80,5 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   # The last round's teacher is the one evaluated, and the one the method distils from.
   assert ("teacher_eval", last_teacher) in evaluated
   assert distilled == [last_teacher]
+  report = (tmp_path / "results" / "results.md").read_text()
+  assert f"then 2 DAgger rounds: {sum(counts):,} expert corrections at the states it reached in 2 train games" in report
