@@ -132,3 +132,16 @@ def finished(out_dir: str | pathlib.Path, num_games: int) -> bool:
   """Whether `out_dir` holds a finished collection of `num_games` games."""
   path = pathlib.Path(out_dir) / MANIFEST
   return path.exists() and json.loads(path.read_text())["requested"] == num_games
+
+
+def round_dir(root: str | pathlib.Path, r: int) -> pathlib.Path:
+  """The corrections folder of a pipeline workdir's DAgger round `r` (from 1)."""
+  return pathlib.Path(root) / "dagger" / f"round{r}"
+
+
+def round_manifests(root: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The manifests of a pipeline workdir's finished DAgger rounds, round 1 first."""
+  manifests = []
+  while (path := round_dir(root, len(manifests) + 1) / MANIFEST).exists():
+    manifests.append(json.loads(path.read_text()))
+  return manifests

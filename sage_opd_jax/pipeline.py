@@ -141,23 +141,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[3/6] teacher SFT (acting and judging)")
   teacher_dir = root / "teacher"
+  # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
+  teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
+                     sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
   _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(_derive(
-      base, stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos), sft__judge_examples=True,
-      train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate,
-      optim__schedule=p.sft_schedule, eval__num_episodes=0), teacher_dir))
+      base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
   teacher_hf = str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + 1):
     logging.info("[3/6] teacher DAgger round %d of %d (%d games)", r, p.dagger_rounds, p.dagger_games)
     policy = _derive(base, student__model=base.teacher.model, student__hf_dir=teacher_hf)
-    rounds = [root / "dagger" / f"round{i}" for i in range(1, r + 1)]
+    rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
     _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
         policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, p.dagger_temperature))
     teacher_dir = root / "teacher_dagger" / f"round{r}"
     _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
-        policy, stage="sft", sft__demos_dir=str(train_demos), sft__judge_examples=True,
-        sft__corrections_dirs=tuple(str(d) for d in rounds), train__num_steps=p.dagger_steps,
-        optim__learning_rate=p.dagger_learning_rate, optim__schedule=p.sft_schedule, eval__num_episodes=0),
-        teacher_dir))
+        policy, **teacher_sft, sft__corrections_dirs=tuple(str(d) for d in rounds),
+        train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate), teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)

@@ -313,10 +313,9 @@ def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, An
 
 def _teacher_caption(root: pathlib.Path) -> str:
   """How the evaluated teacher was made: its SFT, and its DAgger rounds if any ran."""
-  paths = sorted((root / "dagger").glob(f"round*/{dagger.MANIFEST}"), key=lambda p: int(p.parent.name[len("round"):]))
-  if not paths:
+  rounds = dagger.round_manifests(root)
+  if not rounds:
     return "Teacher (SFT on acting and judging):"
-  rounds = [json.loads(p.read_text()) for p in paths]
   return (f"Teacher (SFT on acting and judging, then {len(rounds)} DAgger round{'s' * (len(rounds) > 1)}: "
           f"{sum(r['corrections'] for r in rounds):,} expert corrections at the states it reached in "
           f"{sum(r['games'] for r in rounds):,} train games it played):")
