@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.
+  config.teacher.top_k = 0  # loss.estimator='full': teacher tokens kept per position (E2/E10); 0: all (exact).
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.temperature = 1.0  # Rollout temperature.

@@ -127,6 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"{student_vocab}: the teacher scores the student's own tokens, so both must share one tokenizer."
       )
   _positive(config, "teacher.score_chunk")
+  _positive(config, "teacher.top_k", allow_zero=True)
 
   _positive(config, "sampling.temperature", allow_zero=True)
   _positive(config, "sampling.top_k", allow_zero=True)

@@ -349,6 +349,20 @@ class SftSource:
     return {k: v[rows, :width] for k, v in self.arrays.items()}
 
 
+def teacher_support(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+  """-> K, the teacher tokens per position that the loss needs: 0 unless estimator='full' (E2/E10).
+
+  The exact divergence reads the teacher's top-K with K = V (`losses.topk_divergence` is exact
+  there); `config.teacher.top_k` trades that for [B, S, K] memory at a large vocabulary.
+  """
+  if config.loss.estimator != "full":
+    return 0
+  top_k = config.teacher.top_k or vocab_size
+  if top_k > vocab_size:
+    raise config_lib.ConfigError(f"config.teacher.top_k={top_k} exceeds the teacher's vocabulary ({vocab_size}).")
+  return top_k
+
+
 class DistillSource:
   """On-policy batches: student rollouts, teacher scores and (SAGE variants) judge labels.
 
@@ -371,6 +385,7 @@ class DistillSource:
       raise ValueError(f"{len(self.tasks)} train tasks are fewer than config.train.batch_episodes={self.batch_size}.")
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
     self.uses_labels = config.method in LABELLED_METHODS
+    self.teacher_top_k = teacher_support(config, teacher.config.vocab_size)
 
   def tasks_for(self, step: int) -> list[base.Task]:
     return [self.tasks[i] for i in epoch_rows(len(self.tasks), self.batch_size, self.config.seed, step)]
@@ -398,7 +413,8 @@ class DistillSource:
     arrays = batch.arrays()
     with timer("teacher"):
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
-      scores = teacher_lib.score_batch(self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk)
+      scores = teacher_lib.score_batch(self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk,
+                                       top_k=self.teacher_top_k)
       arrays.update(jax.device_get(scores))
     if self.uses_labels:
       with timer("judge"):

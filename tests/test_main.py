@@ -93,6 +93,25 @@ def test_every_distill_method_runs_end_to_end(tokenizer_dir, tmp_path, method):
     assert any("judge/strong_frac" in r for r in rows)
 
 
+@pytest.mark.parametrize("divergence, top_k", [("reverse_kl", 0), ("jsd", 8)])
+def test_full_estimator_trains_on_the_teachers_distribution(tokenizer_dir, tmp_path, divergence, top_k):
+  # E2/E10 read the teacher's top-k per position (all of the vocabulary when top_k = 0).
+  config = tiny_config(tokenizer_dir, "sage_opd", **{"loss.estimator": "full", "loss.divergence": divergence,
+                                                     "teacher.top_k": top_k, "eval.num_episodes": 0})
+  train.train(config, tmp_path)
+  rows = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r]
+  assert len(rows) == 2
+  for row in rows:
+    assert np.isfinite(row["train/loss"]) and row["train/kl_mean"] > 0, row
+    assert "train/clip_frac" not in row  # The sampled estimator's PPO ratio is not in play.
+
+
+def test_teacher_top_k_beyond_the_vocabulary_is_named(tokenizer_dir):
+  config = tiny_config(tokenizer_dir, "opd", **{"loss.estimator": "full", "teacher.top_k": 10**6})
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.top_k=1000000"):
+    train.teacher_support(config, config.teacher.model.vocab_size)
+
+
 def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
   # Constrained decoding keeps actions admissible, so the oracle labels valid turns too.
   config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "oracle", "sampling.constrained": True,
