@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.
+  # [ours] Distil towards nu_tau (proportional to nu^(1/tau)): every teacher statistic of the loss
+  # (E1, E2, E6) is nu_tau's. 1: the teacher as it is; < 1 sharpens it towards its greedy policy.
+  config.teacher.temperature = 1.0
   config.teacher.top_k = 0  # loss.estimator='full': teacher tokens kept per position (E2/E10); 0: all (exact).
 
   config.sampling = ml_collections.ConfigDict()

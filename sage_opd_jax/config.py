@@ -128,6 +128,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       )
   _positive(config, "teacher.score_chunk")
   _positive(config, "teacher.top_k", allow_zero=True)
+  _positive(config, "teacher.temperature")
 
   _positive(config, "sampling.temperature", allow_zero=True)
   _positive(config, "sampling.top_k", allow_zero=True)

@@ -39,9 +39,10 @@ STAT_KEYS = ("teacher_logprobs", "teacher_top1", "teacher_entropy")
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
-def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int) -> Scores:
+def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int,
+                 temperature: float) -> Scores:
   """One window of W = chunk + 1 positions -> token-aligned stats of its last W - 1 tokens."""
-  logits_BxWxV = model.lm_logits(hidden_BxWxD).astype(jnp.float32)
+  logits_BxWxV = model.lm_logits(hidden_BxWxD).astype(jnp.float32) / temperature
   stats = losses.teacher_token_stats(logits_BxWxV, tokens_BxW)
   if top_k:
     logq_BxWxV = jax.nn.log_softmax(logits_BxWxV, axis=-1)
@@ -61,6 +62,7 @@ def score_tokens(
     *,
     chunk_size: int,
     top_k: int = 0,
+    temperature: float = 1.0,
 ) -> Scores:
   """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
 
@@ -70,6 +72,7 @@ def score_tokens(
     attention_mask_BxS: 1 for real tokens, 0 for padding.
     chunk_size: sequence positions per LM-head chunk; need not divide S.
     top_k: also return the K most likely teacher tokens per position (0: off).
+    temperature: every statistic is that of nu_tau, proportional to nu^(1/tau) (1: nu itself).
 
   Returns:
     `STAT_KEYS` -> [B, S] float32 (plus `TOPK_KEYS` -> [B, S, K] when top_k > 0). Entry s
@@ -79,6 +82,8 @@ def score_tokens(
     raise ValueError(f"score_tokens: chunk_size must be >= 1, got {chunk_size}.")
   if top_k < 0:
     raise ValueError(f"score_tokens: top_k must be >= 0, got {top_k}.")
+  if not temperature > 0:
+    raise ValueError(f"score_tokens: temperature must be > 0, got {temperature}.")
   if tokens_BxS.shape != attention_mask_BxS.shape:
     raise ValueError(
         f"score_tokens: tokens {tokens_BxS.shape} and attention_mask {attention_mask_BxS.shape} differ.")
@@ -98,7 +103,7 @@ def score_tokens(
     start = c * chunk_size
     hidden_BxWxD = jax.lax.dynamic_slice_in_dim(hidden_pad, start, chunk_size + 1, axis=1)
     tokens_BxW = jax.lax.dynamic_slice_in_dim(tokens_pad, start, chunk_size + 1, axis=1)
-    return _chunk_stats(model, hidden_BxWxD, tokens_BxW, top_k)
+    return _chunk_stats(model, hidden_BxWxD, tokens_BxW, top_k, temperature)
 
   per_chunk = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # Each [num_chunks, B, C, ...].
 
@@ -116,23 +121,24 @@ def score_tokens(
 
 @functools.lru_cache(maxsize=16)
 def make_scorer(
-    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0
+    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0
 ) -> Callable[[nnx.State, Array, Array], Scores]:
   """A jitted `(state, tokens_BxS, attention_mask_BxS) -> scores` for one teacher graph.
 
   One compile per distinct [B, S]: the rollout's bucketed batch shapes are the student's, so
   the teacher compiles as often as the student's forward does. Sharding follows the inputs:
   the teacher state may live on its own layout, the token arrays on the batch sharding.
-  Cached per (graphdef, chunk_size, top_k), so repeated calls share one jitted function.
+  Cached per (graphdef, chunk_size, top_k, temperature), so repeated calls share one jitted function.
   """
-  return jax.jit(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k))
+  return jax.jit(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k,
+                                   temperature=temperature))
 
 
 def score_batch(
     teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
-    top_k: int = 0
+    top_k: int = 0, temperature: float = 1.0
 ) -> Scores:
   """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
   graphdef, state = nnx.split(teacher)
-  return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k)(
+  return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature)(
       state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS))

@@ -414,7 +414,7 @@ class DistillSource:
     with timer("teacher"):
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
       scores = teacher_lib.score_batch(self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk,
-                                       top_k=self.teacher_top_k)
+                                       top_k=self.teacher_top_k, temperature=self.config.teacher.temperature)
       arrays.update(jax.device_get(scores))
     if self.uses_labels:
       with timer("judge"):

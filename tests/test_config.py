@@ -35,6 +35,8 @@ def test_base_config_is_valid():
         ("env.train_split", "test", "config.env.train_split='test'"),
         ("student.model.num_kv_heads", 3, "config.student.model.num_heads=4 is not a multiple"),
         ("sampling.top_p", 1.5, "config.sampling.top_p=1.5"),
+        ("teacher.temperature", 0.0, "config.teacher.temperature=0.0"),
+        ("teacher.top_k", -1, "config.teacher.top_k=-1"),
     ],
 )
 def test_bad_value_names_the_key(key, value, message):

@@ -33,9 +33,9 @@ def batch():
   return tokens, mask
 
 
-def _reference(model, tokens, mask, top_k):
+def _reference(model, tokens, mask, top_k, temperature=1.0):
   """Full [B, S, V] logits -> float64 log-softmax; position s - 1 predicts token s."""
-  logits = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), np.float64)
+  logits = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), np.float64) / temperature
   logq = logits - logits.max(-1, keepdims=True)
   logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
   b, s = tokens.shape
@@ -56,10 +56,11 @@ def _reference(model, tokens, mask, top_k):
   return ref
 
 
-def test_scores_equal_a_direct_full_forward(tiny_teacher, batch):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_scores_equal_a_direct_full_forward(tiny_teacher, batch, temperature):
   tokens, mask = batch
-  scores = teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=4, top_k=3)
-  ref = _reference(tiny_teacher, tokens, mask, top_k=3)
+  scores = teacher.score_batch(tiny_teacher, tokens, mask, chunk_size=4, top_k=3, temperature=temperature)
+  ref = _reference(tiny_teacher, tokens, mask, top_k=3, temperature=temperature)
   assert set(scores) == set(teacher.STAT_KEYS) | set(teacher.TOPK_KEYS)
   for key in teacher.STAT_KEYS + ("teacher_topk_logprobs",):
     assert scores[key].shape == ref[key].shape, key
