@@ -523,8 +523,9 @@ class RolloutEngine:
       context += self._next_tokens(cfg, observation, admissible, response_end="")
     return context, truncated
 
-  def _allowed(self, sampler: sampling.SamplingConfig, admissible: Sequence[str]
-               ) -> list[list[int]] | None:
+  def allowed_sequences(self, sampler: sampling.SamplingConfig, admissible: Sequence[str]
+                        ) -> list[list[int]] | None:
+    """The token sequences constrained decoding may emit for these admissible actions (None: any)."""
     if not admissible:
       return None
     head = "" if sampler.constraint_trigger else prompts.ACTION_OPEN
@@ -643,7 +644,7 @@ class RolloutEngine:
             continue
           contexts[i] = context
           if cfg.constrained:
-            allowed[i] = self._allowed(sampler, admissible)
+            allowed[i] = self.allowed_sequences(sampler, admissible)
         live = [e for i, e in enumerate(members[g]) if contexts[i] is not None]
         if not live:
           continue

@@ -408,6 +408,7 @@ class DistillSource:
         second = self.engine.run(student, tasks, jax.random.fold_in(rollout_key, 1), seq_len=seq_len,
                                  intervene=self.intervention_hook(intervene_key))
       metrics["rollout/intervened_frac"] = float(second.intervened.sum() / max(second.num_turns.sum(), 1))
+      metrics.update(rollout_metrics([second], prefix="rollout_intervened/"))
       batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
@@ -460,8 +461,12 @@ class DistillSource:
         strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == prompts.STRONG]
       if not strong:
         return {}
+      sampler = sampling_config(self.config, self.tokenizer, self.config.sampling.temperature)
+      # The teacher's replacement is decoded as the student's turn was: constrained, if the run is.
+      allowed = ([self.engine.allowed_sequences(sampler, s.admissible) for s in strong]
+                 if self.config.sampling.constrained else None)
       out = sampling.sample(self.teacher, [list(s.context) for s in strong], jax.random.fold_in(call_key, 1),
-                            sampling_config(self.config, self.tokenizer, self.config.sampling.temperature))
+                            sampler, allowed=allowed)
       return {s.episode: out.tokens[i, : out.lengths[i]].tolist() for i, s in enumerate(strong)}
 
     return hook

@@ -112,6 +112,17 @@ def test_teacher_top_k_beyond_the_vocabulary_is_named(tokenizer_dir):
     train.teacher_support(config, config.teacher.model.vocab_size)
 
 
+def test_two_rollout_replacements_are_decoded_as_the_student_decodes(tokenizer_dir, tmp_path):
+  # Under constrained decoding the teacher's replacement turns must be admissible too: the
+  # random teacher's free text never is, and its unclear judge answers make every turn Strong.
+  config = tiny_config(tokenizer_dir, "opd_two_rollout", **{"sampling.constrained": True, "train.num_steps": 1,
+                                                            "eval.num_episodes": 0})
+  train.train(config, tmp_path)
+  row = next(r for r in writers.read_metrics(tmp_path) if "rollout/intervened_frac" in r)
+  assert row["rollout/intervened_frac"] > 0.5, row
+  assert row["rollout_intervened/invalid_rate"] == 0.0 and row["rollout/invalid_rate"] == 0.0, row
+
+
 def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
   # Constrained decoding keeps actions admissible, so the oracle labels valid turns too.
   config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "oracle", "sampling.constrained": True,
