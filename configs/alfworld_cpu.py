@@ -88,6 +88,9 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.heldout_games = 20  # Games of that split collected for it.
   p.results_doc = ""  # Also write the report here (e.g. docs/results.md, plots beside it); empty: workdir only.
   p.dagger_rounds = 0  # DAgger rounds of the teacher after its SFT (sage_opd_jax/dagger.py); 0: none.
+  # More rounds after those, at the warm-started student's states: the student plays (at
+  # sampling.temperature, as in OPD's rollouts), the expert corrects, the teacher trains on it.
+  p.dagger_student_rounds = 0
   p.dagger_games = 320  # New train games per round that the teacher plays with the env expert shadowing it.
   p.dagger_temperature = 0.4  # The teacher's sampling temperature in those games (0: greedy).
   p.dagger_steps = 1000  # SFT updates per round on demos, judge examples and every round's corrections.

@@ -187,11 +187,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("teacher_steps", "student_steps", "distill_steps", "heldout_games", "sft_learning_rate"):
       _positive(config, f"pipeline.{key}")
     _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.
-    _positive(config, "pipeline.dagger_rounds", allow_zero=True)
-    if _get(config, "pipeline.dagger_rounds"):
-      if env != "alfworld":
-        raise ConfigError(f"config.pipeline.dagger_rounds needs an env with an expert to shadow the teacher; "
+    for key in ("dagger_rounds", "dagger_student_rounds"):
+      _positive(config, f"pipeline.{key}", allow_zero=True)
+      if _get(config, f"pipeline.{key}") and env != "alfworld":
+        raise ConfigError(f"config.pipeline.{key} needs an env with an expert to shadow the policy; "
                           f"config.env.name={env!r} has none (set it to 0).")
+    if _get(config, "pipeline.dagger_rounds") or _get(config, "pipeline.dagger_student_rounds"):
       for key in ("dagger_games", "dagger_steps", "dagger_learning_rate"):
         _positive(config, f"pipeline.{key}")
       _positive(config, "pipeline.dagger_temperature", allow_zero=True)

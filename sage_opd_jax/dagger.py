@@ -64,7 +64,7 @@ def corrections(episode: rollout_lib.Episode) -> list[dict[str, Any]]:
 
 
 def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, first: int, num_games: int,
-            temperature: float) -> dict[str, Any]:
+            temperature: float, player: str = "teacher") -> dict[str, Any]:
   """Plays games [first, first + num_games) of `config.env.train_split` with `config.student`.
 
   `out_dir` gets `demos.jsonl` (the correction records), `games.jsonl` (one line per game
@@ -79,10 +79,14 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, firs
       past the split's end the order wraps around).
     num_games: games to play.
     temperature: the policy's sampling temperature (0 is greedy).
+    player: whose states these are, for the manifest and the report: "teacher" (the policy
+      being corrected) or "student" (the pipeline's student plays; its teacher is corrected).
 
   Returns:
     The manifest: games played and won, corrections, the policy and the settings.
   """
+  if player not in ("teacher", "student"):
+    raise ValueError(f"dagger.collect: player={player!r}; expected 'teacher' or 'student'.")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   games = demos_lib.read_jsonl(out / demos_lib.GAMES)
@@ -119,7 +123,7 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, firs
         bar.update(len(chunk))
         bar.set_postfix(won=sum(g["won"] for g in games), corrections=sum(g["corrections"] for g in games))
   manifest = dict(requested=num_games, first=first, policy=config.student.hf_dir or "config.student.model",
-                  split=config.env.train_split, temperature=temperature, expert=train.ORACLE_EXPERT,
+                  player=player, split=config.env.train_split, temperature=temperature, expert=train.ORACLE_EXPERT,
                   games=len(games), won=sum(g["won"] for g in games), turns=sum(g["turns"] for g in games),
                   corrections=sum(g["corrections"] for g in games))
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

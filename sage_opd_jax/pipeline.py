@@ -139,33 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   else:
     raise config_lib.ConfigError(f"pipeline: config.env.name={config.env.name!r} has no tokenizer recipe.")
 
-  logging.info("[3/6] teacher SFT (acting and judging)")
-  teacher_dir = root / "teacher"
-  # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
-  teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
-                     sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
-  _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(_derive(
-      base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
-  teacher_hf = str(writers.export_dir(teacher_dir))
-  for r in range(1, p.dagger_rounds + 1):
-    logging.info("[3/6] teacher DAgger round %d of %d (%d games)", r, p.dagger_rounds, p.dagger_games)
-    policy = _derive(base, student__model=base.teacher.model, student__hf_dir=teacher_hf)
-    rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
-    _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
-        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, p.dagger_temperature))
-    teacher_dir = root / "teacher_dagger" / f"round{r}"
-    _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
-        policy, **teacher_sft, sft__corrections_dirs=tuple(str(d) for d in rounds),
-        train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate), teacher_dir))
-    teacher_hf = str(writers.export_dir(teacher_dir))
-  teacher_eval = root / "teacher_eval"
-  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
-  _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
-         lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
-  _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
-         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
-
-  logging.info("[4/6] student warm start")
+  logging.info("[3/6] student warm start")
   student_dir = root / "student_sft"
   _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(_derive(
       base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
@@ -175,6 +149,38 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")), lambda: train.evaluate_stage(
       _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
+
+  logging.info("[4/6] teacher SFT (acting and judging)")
+  teacher_dir = root / "teacher"
+  # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
+  teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
+                     sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
+  _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(_derive(
+      base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
+  teacher_hf = str(writers.export_dir(teacher_dir))
+  for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
+    # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
+    on_student = r > p.dagger_rounds
+    logging.info("[4/6] teacher DAgger round %d of %d (%d games of the %s)", r,
+                 p.dagger_rounds + p.dagger_student_rounds, p.dagger_games, "student" if on_student else "teacher")
+    policy = (_derive(base, student__hf_dir=student_hf) if on_student
+              else _derive(base, student__model=base.teacher.model, student__hf_dir=teacher_hf))
+    temperature = base.sampling.temperature if on_student else p.dagger_temperature
+    rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
+    _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
+        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature,
+        player="student" if on_student else "teacher"))
+    teacher_dir = root / "teacher_dagger" / f"round{r}"
+    _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
+        base, **teacher_sft, student__hf_dir=teacher_hf, sft__corrections_dirs=tuple(str(d) for d in rounds),
+        train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate), teacher_dir))
+    teacher_hf = str(writers.export_dir(teacher_dir))
+  teacher_eval = root / "teacher_eval"
+  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
+  _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
+         lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
+  _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
+         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
 
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")
   runs_root = results.sweep_root(root, p.sweep)

@@ -316,9 +316,14 @@ def _teacher_caption(root: pathlib.Path) -> str:
   rounds = dagger.round_manifests(root)
   if not rounds:
     return "Teacher (SFT on acting and judging):"
+  parts = []
+  for whose, player in (("it", "teacher"), ("the student", "student")):
+    played = [r for r in rounds if r.get("player", "teacher") == player]
+    if played:
+      parts.append(f"{sum(r['corrections'] for r in played):,} expert corrections at the states {whose} reached in "
+                   f"{sum(r['games'] for r in played):,} train games {whose} played")
   return (f"Teacher (SFT on acting and judging, then {len(rounds)} DAgger round{'s' * (len(rounds) > 1)}: "
-          f"{sum(r['corrections'] for r in rounds):,} expert corrections at the states it reached in "
-          f"{sum(r['games'] for r in rounds):,} train games it played):")
+          f"{' and '.join(parts)}):")
 
 
 def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[str, list[pathlib.Path]],

@@ -76,6 +76,14 @@ def test_dagger_round_settings():
   config.pipeline.dagger_rounds = 1  # ScienceWorld's gold path cannot follow another agent's episode.
   with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_rounds.*scienceworld"):
     config_lib.validate(config)
+  config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 0, 1
+  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_student_rounds.*scienceworld"):
+    config_lib.validate(config)
+  config = _load_config("alfworld_cpu")
+  config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 0, 1
+  config.pipeline.dagger_games = 0  # Student rounds alone need the round settings too.
+  with pytest.raises(config_lib.ConfigError, match=r"config\.pipeline\.dagger_games=0"):
+    config_lib.validate(config)
 
 
 def test_runtime_fields_are_checked_for_a_checkpoint_too():

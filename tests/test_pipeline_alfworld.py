@@ -1,4 +1,4 @@
-"""The ALFWorld pipeline with the teacher's DAgger rounds, on the hand-written fixture games."""
+"""The ALFWorld pipeline with the teacher's DAgger rounds (its own, then the student's), on the fixture games."""
 
 import json
 import pathlib
@@ -41,13 +41,13 @@ def tiny_config():
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   config.pipeline = alfworld_cpu.pipeline_config(
       teacher_steps=1, student_steps=1, student_demos=0, distill_steps=1, methods=("opd",), seeds=(0,),
-      heldout_games=1, dagger_rounds=2, dagger_games=1, dagger_steps=1)
+      heldout_games=1, dagger_rounds=2, dagger_student_rounds=1, dagger_games=1, dagger_steps=1)
   return config_lib.validate(config)
 
 
 def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_path, monkeypatch):
   # Which checkpoint each stage got (the real stages run; these only record their configs).
-  evaluated, distilled = [], []
+  evaluated, distilled, trained_from = [], [], {}
   evaluate_stage, train_stage = train.evaluate_stage, train.train
 
   def evaluate_spy(config, workdir):
@@ -57,28 +57,41 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   def train_spy(config, workdir):
     if config.stage == "distill":
       distilled.append(config.teacher.hf_dir)
+    trained_from[pathlib.Path(workdir).relative_to(tmp_path).as_posix()] = config.student.hf_dir
     return train_stage(config, workdir)
 
   monkeypatch.setattr(train, "evaluate_stage", evaluate_spy)
   monkeypatch.setattr(train, "train", train_spy)
-  pipeline.run(tiny_config(), tmp_path)
+  config = tiny_config()
+  pipeline.run(config, tmp_path)
 
   assert set(results.stage_times(tmp_path)) == {
       "teacher_sft", "dagger_collect/round1", "teacher_dagger/round1", "dagger_collect/round2",
-      "teacher_dagger/round2", "teacher_eval", "judge_accuracy", "student_sft", "student_eval", "opd/seed0"}
-  round1, round2 = (tmp_path / "dagger" / "round1", tmp_path / "dagger" / "round2")
-  # Each round's policy is the teacher the round before made.
-  assert json.loads((round1 / dagger.MANIFEST).read_text())["policy"] == str(writers.export_dir(tmp_path / "teacher"))
-  last_teacher = str(writers.export_dir(tmp_path / "teacher_dagger" / "round2"))
-  assert json.loads((round2 / dagger.MANIFEST).read_text())["policy"] == str(
-      writers.export_dir(tmp_path / "teacher_dagger" / "round1"))
-  # Round 2 trains on both rounds' corrections (DAgger's aggregate), besides the demonstrations.
-  counts = [len(demos_lib.read_jsonl(r / demos_lib.DEMOS)) for r in (round1, round2)]
+      "teacher_dagger/round2", "dagger_collect/round3", "teacher_dagger/round3", "teacher_eval", "judge_accuracy",
+      "student_sft", "student_eval", "opd/seed0"}
+  rounds = [dagger.round_dir(tmp_path, r) for r in (1, 2, 3)]
+  manifests = [json.loads((r / dagger.MANIFEST).read_text()) for r in rounds]
+  teachers = [str(writers.export_dir(tmp_path / d)) for d in ("teacher", "teacher_dagger/round1",
+                                                                "teacher_dagger/round2", "teacher_dagger/round3")]
+  # The teacher's own rounds: each round's policy is the teacher the round before made, at
+  # dagger_temperature. The student's round: the warm-started student plays at the rollout
+  # temperature, as it will in OPD.
+  assert [(m["policy"], m["player"], m["temperature"]) for m in manifests] == [
+      (teachers[0], "teacher", config.pipeline.dagger_temperature),
+      (teachers[1], "teacher", config.pipeline.dagger_temperature),
+      (str(writers.export_dir(tmp_path / "student_sft")), "student", config.sampling.temperature)]
+  # Every round trains the latest teacher, on every round's corrections so far (DAgger's
+  # aggregate), besides the demonstrations.
+  assert [trained_from[f"teacher_dagger/round{r}"] for r in (1, 2, 3)] == teachers[:3]
+  counts = [len(demos_lib.read_jsonl(r / demos_lib.DEMOS)) for r in rounds]
   assert min(counts) > 0, counts
-  info = writers.read_metrics(tmp_path / "teacher_dagger" / "round2")[0]
+  info = writers.read_metrics(tmp_path / "teacher_dagger" / "round3")[0]
   assert info["sft/corrections"] == sum(counts) and info["sft/demos"] > 0
+  last_teacher = teachers[3]
   # The last round's teacher is the one evaluated, and the one the method distils from.
   assert ("teacher_eval", last_teacher) in evaluated
   assert distilled == [last_teacher]
   report = (tmp_path / "results" / "results.md").read_text()
-  assert f"then 2 DAgger rounds: {sum(counts):,} expert corrections at the states it reached in 2 train games" in report
+  assert (f"then 3 DAgger rounds: {sum(counts[:2]):,} expert corrections at the states it reached in 2 train games "
+          f"it played and {counts[2]:,} expert corrections at the states the student reached in 1 train games the "
+          f"student played") in report
