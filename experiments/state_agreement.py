@@ -32,7 +32,6 @@ from sage_opd_jax import judge
 from sage_opd_jax import models
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
-from sage_opd_jax import sampling
 from sage_opd_jax import train
 from sage_opd_jax.envs import base
 
@@ -53,11 +52,8 @@ _PAIRS = (("student_sampled=expert", "sampled", "expert"), ("student_greedy=expe
 def greedy_actions(model, tokenizer, engine: rollout_lib.RolloutEngine, config, states: Sequence[rollout_lib.TurnState],
                    key: jax.Array) -> list[str | None]:
   """`model`'s greedy action at each state, from the context the student's turn was sampled from."""
-  sampler = train.sampling_config(config, tokenizer, 0.0)
-  allowed = [engine.allowed_sequences(sampler, s.admissible) for s in states] if config.sampling.constrained else None
-  out = sampling.sample(model, [list(s.context) for s in states], key, sampler, allowed=allowed)
-  return [prompts.parse_action(tokenizer.decode(out.tokens[i, : out.lengths[i]].tolist(), skip_special_tokens=True))
-          for i in range(len(states))]
+  responses = engine.respond(model, states, key, train.sampling_config(config, tokenizer, 0.0))
+  return [prompts.parse_action(tokenizer.decode(ids, skip_special_tokens=True)) for ids in responses]
 
 
 def main(argv):

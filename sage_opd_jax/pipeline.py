@@ -160,16 +160,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_hf = str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
-    on_student = r > p.dagger_rounds
+    player = "student" if r > p.dagger_rounds else "teacher"
     logging.info("[4/6] teacher DAgger round %d of %d (%d games of the %s)", r,
-                 p.dagger_rounds + p.dagger_student_rounds, p.dagger_games, "student" if on_student else "teacher")
-    policy = (_derive(base, student__hf_dir=student_hf) if on_student
+                 p.dagger_rounds + p.dagger_student_rounds, p.dagger_games, player)
+    policy = (_derive(base, student__hf_dir=student_hf) if player == "student"
               else _derive(base, student__model=base.teacher.model, student__hf_dir=teacher_hf))
-    temperature = base.sampling.temperature if on_student else p.dagger_temperature
+    temperature = base.sampling.temperature if player == "student" else p.dagger_temperature
     rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
     _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
-        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature,
-        player="student" if on_student else "teacher"))
+        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature, player=player))
     teacher_dir = root / "teacher_dagger" / f"round{r}"
     _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
         base, **teacher_sft, student__hf_dir=teacher_hf, sft__corrections_dirs=tuple(str(d) for d in rounds),

@@ -523,14 +523,27 @@ class RolloutEngine:
       context += self._next_tokens(cfg, observation, admissible, response_end="")
     return context, truncated
 
-  def allowed_sequences(self, sampler: sampling.SamplingConfig, admissible: Sequence[str]
-                        ) -> list[list[int]] | None:
-    """The token sequences constrained decoding may emit for these admissible actions (None: any)."""
+  def _allowed(self, sampler: sampling.SamplingConfig, admissible: Sequence[str]
+               ) -> list[list[int]] | None:
     if not admissible:
       return None
     head = "" if sampler.constraint_trigger else prompts.ACTION_OPEN
     return [_encode(self.tokenizer, f"{head}{a}{prompts.ACTION_CLOSE}")
             for a in dict.fromkeys(admissible)]
+
+  def respond(self, model: nnx.Module, states: Sequence[TurnState], rng: jax.Array,
+              sampling_config: sampling.SamplingConfig | None = None) -> list[list[int]]:
+    """`model`'s response tokens at live turns, from the contexts the student's were sampled from.
+
+    Decoded as the engine decodes the student (`sampling_config`, default the engine's, and
+    constrained to each state's admissible actions when `config.constrained`), so that an
+    `intervene` hook's replacement, or any other model's answer at the same state, is comparable.
+    """
+    sampler = sampling_config or self.sampling_config
+    allowed = [self._allowed(sampler, s.admissible) for s in states] if self.config.constrained else None
+    out = sampling.sample(model, [list(s.context) for s in states], rng, sampler, allowed=allowed,
+                          **self._cache_kwargs)
+    return [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(states))]
 
   # --- the loop -------------------------------------------------------------------------------
 
@@ -644,7 +657,7 @@ class RolloutEngine:
             continue
           contexts[i] = context
           if cfg.constrained:
-            allowed[i] = self.allowed_sequences(sampler, admissible)
+            allowed[i] = self._allowed(sampler, admissible)
         live = [e for i, e in enumerate(members[g]) if contexts[i] is not None]
         if not live:
           continue

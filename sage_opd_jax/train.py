@@ -461,13 +461,9 @@ class DistillSource:
         strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == prompts.STRONG]
       if not strong:
         return {}
-      sampler = sampling_config(self.config, self.tokenizer, self.config.sampling.temperature)
       # The teacher's replacement is decoded as the student's turn was: constrained, if the run is.
-      allowed = ([self.engine.allowed_sequences(sampler, s.admissible) for s in strong]
-                 if self.config.sampling.constrained else None)
-      out = sampling.sample(self.teacher, [list(s.context) for s in strong], jax.random.fold_in(call_key, 1),
-                            sampler, allowed=allowed)
-      return {s.episode: out.tokens[i, : out.lengths[i]].tolist() for i, s in enumerate(strong)}
+      responses = self.engine.respond(self.teacher, strong, jax.random.fold_in(call_key, 1))
+      return {s.episode: response for s, response in zip(strong, responses)}
 
     return hook
 
