@@ -32,7 +32,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
           param_dtype="float32",  # Stored parameter dtype.
           dtype="float32",  # Compute dtype.
           remat=False,  # Rematerialise each block in the backward pass.
-          attention_chunk=0,  # Queries per attention block (bounds the score buffer); 0 = all at once.
+          attention_chunk=0,  # Queries per rematerialised attention block (bounds the score buffer); 0 = no bound.
           scan_unroll=8,  # Layers per layer-scan step: unrolled trains faster on CPU, compiles slower.
       )
   )

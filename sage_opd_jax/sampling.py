@@ -339,6 +339,7 @@ def _generate(
     rng: jax.Array,
     trie: TokenTrie | None,
     config: SamplingConfig,
+    fresh: bool,
 ) -> GenerateOutput:
   """Appends each active row's chunk to the cache, then decodes (see `generate`)."""
   model = nnx.merge(graphdef, state)
@@ -353,7 +354,7 @@ def _generate(
   chunk_lengths_B = jnp.where(active_B, chunk_lengths_B, 0).astype(jnp.int32)
   mask_BxP = (jnp.arange(chunk_len)[None, :] < chunk_lengths_B[:, None]).astype(jnp.int32)
   hidden_BxPxD, cache = model.hidden_states(chunk_BxP, attention_mask=mask_BxP, cache=cache,
-                                            layer_params=layer_params)
+                                            layer_params=layer_params, fresh=fresh)
   last_Bx1x1 = jnp.maximum(chunk_lengths_B - 1, 0)[:, None, None]
   hidden_Bx1xD = jnp.take_along_axis(hidden_BxPxD, last_Bx1x1, axis=1)
   logits_BxV = model.lm_logits(hidden_Bx1xD)[:, 0].astype(jnp.float32)
@@ -429,7 +430,7 @@ def _generate(
                         cache=carry["cache"])
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config"),
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "fresh"),
                         donate_argnames=("cache",))
 
 
@@ -444,6 +445,7 @@ def generate(
     *,
     config: SamplingConfig,
     trie: TokenTrie | None = None,
+    fresh: bool = False,
 ) -> GenerateOutput:
   """Appends a chunk per row to `cache`, then samples up to `config.max_new_tokens` per row.
 
@@ -463,12 +465,14 @@ def generate(
     rng: a `jax.random` key (unused by greedy decoding).
     config: the static decoding settings.
     trie: optional per-row constraints from `build_token_trie` (B roots).
+    fresh: the cache is empty (every `cache.lengths` is 0), as for a new prompt: the chunk is
+      then pre-filled as without a cache, attending only to itself (`hidden_states`).
 
   Returns:
     A `GenerateOutput`; `cache.lengths` grows by chunk_lengths + lengths on active rows.
   """
   return _generate_jit(graphdef, state, cache, chunk_BxP, chunk_lengths_B, active_B, rng,
-                       trie, config=config)
+                       trie, config=config, fresh=fresh)
 
 
 def compile_count() -> int:
@@ -700,9 +704,11 @@ class EpisodeCache:
 
     # Truncating a row to its shared prefix is exact: slot i only ever depended on tokens <= i.
     self._cache = self._cache.replace(lengths=self._place(keep.astype(np.int32)))
+    # Rows that are not active hold no episode (finished rows are released), so with nothing
+    # kept every row starts empty: the cheaper fresh prefill.
     result = generate(self._graphdef, self._state, self._cache, self._place(chunk),
                       self._place(chunk_lengths), self._place(active), rng, config=config,
-                      trie=trie)
+                      trie=trie, fresh=not keep.any())
     self._cache = result.cache
     tokens, logprobs, lengths, stopped, cache_lengths = jax.device_get(
         (result.tokens, result.logprobs, result.lengths, result.stopped, result.cache.lengths))

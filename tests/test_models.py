@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
-from sage_opd_jax.models.transformer import apply_rope, rope_cos_sin
+from sage_opd_jax.models.transformer import apply_rope, attention, rope_cos_sin
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
@@ -233,6 +233,74 @@ def test_attention_chunk_matches_whole_sequence():
     np.testing.assert_allclose(got_k, want_k, atol=1e-6, rtol=0)
   with pytest.raises(ValueError, match="attention_chunk"):
     ModelConfig(attention_chunk=-1)
+
+
+def _attention_f64(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT):
+  """Masked softmax attention in float64 NumPy, one (row, head) at a time."""
+  B, S, K, G, _ = q_BxSxKxGxH.shape
+  out = np.zeros(q_BxSxKxGxH.shape)
+  for b in range(B):
+    for k in range(K):
+      for g in range(G):
+        scores = q_BxSxKxGxH[b, :, k, g] @ k_BxTxKxH[b, :, k].T
+        scores = np.where(allowed_BxSxT[b], scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        out[b, :, k, g] = (probs / probs.sum(-1, keepdims=True)) @ v_BxTxKxH[b, :, k]
+  return out
+
+
+@pytest.mark.parametrize("chunk", [0, 100])
+def test_causal_query_blocks_match_a_float64_reference(chunk):
+  """S = 300 spans three causal query blocks (the last one short), rows right-padded.
+
+  Each block reads only the keys up to its last query; the outputs at real queries and the
+  gradients of a loss over them must equal full attention over all S keys.
+  """
+  rng = np.random.default_rng(11)
+  B, S, K, G, H = 2, 300, 2, 2, 8
+  q = rng.standard_normal((B, S, K, G, H)) * 0.5
+  k, v = rng.standard_normal((B, S, K, H)), rng.standard_normal((B, S, K, H))
+  real_BxS = np.arange(S)[None] < np.array([[S], [211]])
+  allowed = np.tril(np.ones((S, S), bool))[None] & real_BxS[:, None, :]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = attention(f32(q), f32(k), f32(v), jnp.asarray(allowed), chunk, causal=True)
+  want = _attention_f64(q, k, v, allowed)
+  np.testing.assert_allclose(np.asarray(got)[real_BxS], want[real_BxS], atol=1e-5, rtol=0)
+
+  weight = f32(rng.standard_normal(q.shape) * real_BxS[:, :, None, None, None])
+  grad = lambda causal: jax.grad(
+      lambda *qkv: jnp.sum(attention(*qkv, jnp.asarray(allowed), chunk, causal) * weight),
+      argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+  for a, b in zip(grad(True), grad(False)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="causal"):
+    attention(f32(q), f32(k[:, :10]), f32(v[:, :10]), jnp.asarray(allowed[:, :, :10]), causal=True)
+
+
+def test_fresh_prefill_equals_appending_to_an_empty_cache():
+  """`fresh=True` (attend within the chunk, one contiguous write) is the scatter path's result."""
+  model = _model("qwen3")
+  graphdef, state = nnx.split(model)
+  ids = _ids(12, (3, 10))
+  lengths = np.array([10, 7, 1])
+  mask = jnp.asarray(np.arange(10)[None] < lengths[:, None], jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=(0, 4))
+  def prefill(graphdef, state, ids, cache, fresh):
+    return nnx.merge(graphdef, state).hidden_states(ids, attention_mask=mask, cache=cache, fresh=fresh)
+
+  cache = init_cache(model.config, 3, 16)
+  want, want_cache = prefill(graphdef, state, ids, cache, False)
+  got, got_cache = prefill(graphdef, state, ids, cache, True)
+  real = np.arange(10)[None] < lengths[:, None]
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(got_cache.lengths, lengths)
+  np.testing.assert_array_equal(got_cache.lengths, want_cache.lengths)
+  for got_kv, want_kv in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+    np.testing.assert_allclose(np.asarray(got_kv)[:, :10][real], np.asarray(want_kv)[:, :10][real],
+                               atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="fresh"):
+    model.hidden_states(ids, attention_mask=mask, cache=init_cache(model.config, 3, 8), fresh=True)
 
 
 def test_config_from_dict_and_errors():

@@ -47,9 +47,11 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
     dtype: compute dtype of activations and matmuls; logits are always returned in float32.
     remat: rematerialise each block in the backward pass (jax.checkpoint).
-    attention_chunk: if > 0, queries are processed in blocks of this many tokens, bounding
-      the attention score buffer to B x N x attention_chunk x T (long-sequence teacher
-      scoring and training); 0 processes the whole chunk at once.
+    attention_chunk: if > 0, queries are processed in blocks of this many tokens, each
+      rematerialised in the backward pass, bounding the attention score buffer to
+      B x N x attention_chunk x T (long-sequence teacher scoring and training); 0 keeps no
+      bound. Causal self-attention (no cache, or an empty one) goes in query blocks either
+      way, of this size or 128, each reading only the keys up to its last query.
     scan_unroll: layers per iteration of the layer `lax.scan` (its `unroll`); num_layers
       unrolls the loop fully, which makes the training step faster at the price of compile
       time growing with depth.
