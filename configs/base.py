@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage = "distill"  # pipeline | collect_demos | sft | distill | evaluate | export.
   config.method = "sage_opd"  # A row of METHOD.md section 4 (sage_opd_jax.config.METHODS).
   config.seed = 0  # Seeds the train-state rng and the task order.
+  config.compilation_cache_dir = "~/.cache/sage_opd_jax/xla"  # Persistent XLA compilation cache; '' = off.
 
   config.env = ml_collections.ConfigDict()
   config.env.name = "alfworld"  # Registered environment name (sage_opd_jax.envs.make).

@@ -1,6 +1,8 @@
 """Shared test set-up: 8 fake CPU devices for the sharding tests, and tiny fixtures."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere: the sharded-vs-unsharded tests need a mesh
 # of 8 devices, and every other test simply runs on the first of them.
@@ -8,6 +10,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this session's processes (the CLI tests start their
+# own): a program another test or subprocess already compiled is loaded, not compiled again.
+# Fresh per session, so a test never runs a program an older checkout compiled.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sage_opd_xla_")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # The tiny models compile in < 1 s.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -20,6 +27,11 @@ def pytest_sessionstart(session):
   import make_alfworld_fixture
 
   make_alfworld_fixture.write_games()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def real_alfworld_data():

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -320,11 +321,26 @@ def test_crashed_env_episode_does_not_stop_the_run(tokenizer_dir, tmp_path):
   assert all(r["rollout/success"] == 0.0 for r in rows)
 
 
-def test_cli_runs_the_distill_stage(tokenizer_dir, tmp_path):
-  config_path = _write_config(tmp_path, tokenizer_dir, **{"train.num_steps": 1, "eval.num_episodes": 0})
+def test_cli_runs_the_distill_stage(tokenizer_dir, tmp_path, monkeypatch):
+  # Without the tests' own cache in the environment, the config's cache folder gets the programs.
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  cache = tmp_path / "xla"
+  config_path = _write_config(tmp_path, tokenizer_dir, **{"train.num_steps": 1, "eval.num_episodes": 0,
+                                                          "compilation_cache_dir": str(cache)})
   result = _run_cli(config_path, tmp_path / "run")
   assert result.returncode == 0, result.stderr[-3000:]
   assert writers.read_metrics(tmp_path / "run")[-1]["step"] == 1
+  assert len(list(cache.iterdir())) > 3
+
+
+def test_an_environment_compilation_cache_wins_over_the_config(tokenizer_dir, tmp_path):
+  from sage_opd_jax import main  # Local for the reason given in test_low_map_count_warning.
+
+  config = tiny_config(tokenizer_dir, **{"stage": "export", "compilation_cache_dir": str(tmp_path / "xla")})
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):  # Export with nothing trained.
+    main.run(config, str(tmp_path / "run"))
+  assert jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert not (tmp_path / "xla").exists()
 
 
 def test_the_trainer_loads_no_text_game_engine():
