@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
-from sage_opd_jax.models.transformer import apply_rope, attention, rope_cos_sin
+from sage_opd_jax.models.transformer import apply_rope, attention, dense, rope_cos_sin
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
@@ -247,6 +247,25 @@ def _attention_f64(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT):
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         out[b, :, k, g] = (probs / probs.sum(-1, keepdims=True)) @ v_BxTxKxH[b, :, k]
   return out
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dense_and_its_backward_match_a_float64_reference(transposed):
+  """`dense`'s hand-written backward against x @ w, g @ w.T and x.T @ g in float64 NumPy."""
+  rng = np.random.default_rng(0)
+  x_BxSxI = rng.standard_normal((2, 3, 4))
+  w = rng.standard_normal((6, 4) if transposed else (4, 3, 2))  # [O, I], or [I, *O] with O = (3, 2).
+  w_IxO = w.T if transposed else w.reshape(4, 6)
+  g_NxO = rng.standard_normal((6, 6))
+  y, vjp = jax.vjp(lambda x, w: dense(x, w, transposed=transposed),
+                   jnp.asarray(x_BxSxI, jnp.float32), jnp.asarray(w, jnp.float32))
+  dx, dw = vjp(jnp.asarray(g_NxO.reshape(y.shape), jnp.float32))
+  x_NxI = x_BxSxI.reshape(6, 4)
+  np.testing.assert_allclose(np.asarray(y).reshape(6, 6), x_NxI @ w_IxO, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), (g_NxO @ w_IxO.T).reshape(2, 3, 4), rtol=1e-5, atol=1e-5)
+  dw_IxO = x_NxI.T @ g_NxO
+  np.testing.assert_allclose(np.asarray(dw), dw_IxO.T if transposed else dw_IxO.reshape(w.shape),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [0, 100])

@@ -14,6 +14,7 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -212,6 +213,43 @@ class DecoderLayers(nnx.Module):
                  for i in range(self.input_norm.shape[0]))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x_BxSxI: jax.Array, w: jax.Array, out_dtype: Any = None, transposed: bool = False) -> jax.Array:
+  """x @ w over x's last axis and w's first ([I, *O]), or w's last when `transposed` ([O, I]).
+
+  The product of every projection and the LM head; returns [B, S, *O]. Its backward is two
+  2-D dots of the operands as stored. Left to autodiff, XLA:CPU wrote the products' output
+  gradients a second time, transposed to [O, B * S], for the weights' dots (27m train step:
+  docs/benchmarks.md).
+  """
+  B, S, I = x_BxSxI.shape
+  x_NxI = x_BxSxI.reshape(B * S, I)
+  if transposed:
+    return jnp.einsum("ni,oi->no", x_NxI, w, preferred_element_type=out_dtype).reshape(B, S, -1)
+  y_NxO = jnp.matmul(x_NxI, w.reshape(I, -1), preferred_element_type=out_dtype)
+  return y_NxO.reshape(B, S, *w.shape[1:])
+
+
+def _dense_fwd(x_BxSxI, w, out_dtype, transposed):
+  return dense(x_BxSxI, w, out_dtype, transposed), (x_BxSxI, w)
+
+
+def _dense_bwd(out_dtype, transposed, residuals, g_BxSxO):
+  del out_dtype
+  x_BxSxI, w = residuals
+  B, S, I = x_BxSxI.shape
+  x_NxI = x_BxSxI.reshape(B * S, I)
+  g_NxO = g_BxSxO.reshape(B * S, -1).astype(x_BxSxI.dtype)
+  if transposed:
+    return (g_NxO @ w).reshape(B, S, I), jnp.einsum("no,ni->oi", g_NxO, x_NxI)
+  w_IxO = w.reshape(I, -1)
+  dw_IxO = jnp.einsum("ni,no->io", x_NxI, g_NxO)
+  return (g_NxO @ w_IxO.T).reshape(B, S, I), dw_IxO.reshape(w.shape)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def _fuse_projections(config: ModelConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Stacked layer params with q/k/v and gate/up joined, for one matmul each in `_block`.
 
@@ -254,15 +292,15 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
 
   h = rms_norm(x_BxSxD, p["input_norm"], c.rms_norm_eps)
   if "qkv_proj" in p:  # Fused by `_fuse_projections` (the no-cache path).
-    qkv_BxSxKxJxH = jnp.einsum("bsd,dkjh->bskjh", h, p["qkv_proj"].astype(dt))
+    qkv_BxSxKxJxH = dense(h, p["qkv_proj"].astype(dt))
     if c.qkv_bias:
       qkv_BxSxKxJxH += p["qkv_bias"].astype(dt)
     q_BxSxNxH = qkv_BxSxKxJxH[:, :, :, :G].reshape(B, S, K * G, H)
     k_BxSxKxH, v_BxSxKxH = qkv_BxSxKxJxH[:, :, :, G], qkv_BxSxKxJxH[:, :, :, G + 1]
   else:
-    q_BxSxNxH = jnp.einsum("bsd,dnh->bsnh", h, p["q_proj"].astype(dt))
-    k_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["k_proj"].astype(dt))
-    v_BxSxKxH = jnp.einsum("bsd,dkh->bskh", h, p["v_proj"].astype(dt))
+    q_BxSxNxH = dense(h, p["q_proj"].astype(dt))
+    k_BxSxKxH = dense(h, p["k_proj"].astype(dt))
+    v_BxSxKxH = dense(h, p["v_proj"].astype(dt))
     if c.qkv_bias:
       q_BxSxNxH += p["q_bias"].astype(dt)
       k_BxSxKxH += p["k_bias"].astype(dt)
@@ -281,18 +319,16 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   # One flattened (n, h) contraction: for "bsnh,nhd" jnp.einsum orders the contracting dims
   # (h, n), and XLA then transposes o_proj's weight (and the activations) at every call.
   attn_BxSxNH = attn_BxSxKxGxH.reshape(B, S, K * G * H)
-  o_proj_NHxD = p["o_proj"].reshape(K * G * H, -1).astype(dt)
-  x_BxSxD = x_BxSxD + jnp.einsum("bsx,xd->bsd", attn_BxSxNH, o_proj_NHxD)
+  x_BxSxD = x_BxSxD + dense(attn_BxSxNH, p["o_proj"].reshape(K * G * H, -1).astype(dt))
 
   h = rms_norm(x_BxSxD, p["post_attn_norm"], c.rms_norm_eps)
   if "gate_up_proj" in p:
-    gate_up_BxSx2xF = jnp.einsum("bsd,dtf->bstf", h, p["gate_up_proj"].astype(dt))
+    gate_up_BxSx2xF = dense(h, p["gate_up_proj"].astype(dt))
     gate_BxSxF, up_BxSxF = gate_up_BxSx2xF[:, :, 0], gate_up_BxSx2xF[:, :, 1]
   else:
-    gate_BxSxF = jnp.einsum("bsd,df->bsf", h, p["gate_proj"].astype(dt))
-    up_BxSxF = jnp.einsum("bsd,df->bsf", h, p["up_proj"].astype(dt))
-  mlp_BxSxD = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BxSxF) * up_BxSxF,
-                         p["down_proj"].astype(dt))
+    gate_BxSxF = dense(h, p["gate_proj"].astype(dt))
+    up_BxSxF = dense(h, p["up_proj"].astype(dt))
+  mlp_BxSxD = dense(jax.nn.silu(gate_BxSxF) * up_BxSxF, p["down_proj"].astype(dt))
   return x_BxSxD + mlp_BxSxD, aux
 
 
@@ -322,11 +358,9 @@ class Transformer(nnx.Module):
   def lm_logits(self, hidden_BxSxD: jax.Array) -> jax.Array:
     """Final-normed hidden states -> float32 logits [B, S, V] (usable chunk by chunk)."""
     dt = self.config.jnp_dtype
-    if self.config.tie_embeddings:
-      return jnp.einsum("bsd,vd->bsv", hidden_BxSxD.astype(dt), self.embed[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("bsd,dv->bsv", hidden_BxSxD.astype(dt), self.lm_head[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+    if self.config.tie_embeddings:  # The embedding is [V, D].
+      return dense(hidden_BxSxD.astype(dt), self.embed[...].astype(dt), jnp.float32, transposed=True)
+    return dense(hidden_BxSxD.astype(dt), self.lm_head[...].astype(dt), jnp.float32)
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     attention_mask: jax.Array | None = None, cache: KVCache | None = None,
