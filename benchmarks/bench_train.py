@@ -36,6 +36,8 @@ sizes on the same tasks and seeds. `sampling.constrained=True` restricts actions
 admissible ones: a random student's free text is never an admissible action, and every
 invalid action is Strong by rule (E5) without asking the judge, so without it the judge would
 not run. Iterations alternate OPD / SAGE-OPD after one untimed warm-up each (compiles).
+"sage_opd, no admissible list" asks the same judge without the admissible-actions line
+(`judge.show_admissible=False`, as configs/alfworld_cpu.py sets it).
 With `--one-call-judge` a fourth variant runs the prompted judge as it was before length
 bucketing (`judge.length_bucketing=False`: every judge prompt in one sampler call), for a
 before/after comparison in the same run; both judges give the same answers.
@@ -73,6 +75,7 @@ from qwen3_reference import SIZES, VOCAB, save_hf_qwen3, timed, torch_device  # 
 
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
 ONE_CALL = "sage_opd, one-call judge (before)"
+NO_LIST = "sage_opd, no admissible list"
 
 
 def one_device_mesh() -> jax.sharding.Mesh:
@@ -278,7 +281,7 @@ def bench_iteration(args) -> None:
     # name -> (method, judge mode): the prompted judge of METHOD.md, and the likelihood judge
     # that reads the teacher's scores already computed for the loss (no extra teacher call).
     variants = {"opd": ("opd", "prompt"), "sage_opd": ("sage_opd", "prompt"),
-                "sage_opd likelihood judge": ("sage_opd", "likelihood")}
+                NO_LIST: ("sage_opd", "prompt"), "sage_opd likelihood judge": ("sage_opd", "likelihood")}
     if args.one_call_judge:
       variants[ONE_CALL] = ("sage_opd", "prompt")
     configs = {name: _iteration_config(method, mode, tokenizer_dir, data_dir, split, args)
@@ -305,6 +308,8 @@ def bench_iteration(args) -> None:
         sources[name] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
         if name == ONE_CALL:
           sources[name].judge_config = dataclasses.replace(sources[name].judge_config, length_bucketing=False)
+        if name == NO_LIST:
+          sources[name].judge_config = dataclasses.replace(sources[name].judge_config, show_admissible=False)
         loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
         updates[name] = train.jit_update(
             train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),

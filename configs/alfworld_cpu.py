@@ -41,6 +41,10 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   # SFT batches are length-grouped, so judge samples (~550 tokens, one trained word) fill whole
   # batches: at 3,000 of them acting got ~27% of the teacher's updates and it did not learn to act.
   config.sft.max_judge_examples = 1000
+  # The judge's cost is its prefill, and the admissible list is ~27% of a question's tokens
+  # (103 of 380 on the train demos). The acting prompt goes without it too, and with constrained
+  # decoding every action the judge sees is admissible.
+  config.judge.show_admissible = False
   # Bare-action demos left the teacher walking past the task's object (teacher-forced "take"
   # accuracy 3/17 on held-out games); a subgoal thought puts the object a few tokens before the action.
   config.sft.thoughts = "subgoal"

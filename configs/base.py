@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.judge = ml_collections.ConfigDict()
   config.judge.mode = "prompt"  # prompt | likelihood | oracle (analysis only).
   config.judge.history_turns = 2  # Past turns shown in the judge prompt.
+  config.judge.show_admissible = True  # List turn t's admissible actions in the judge prompt.
   config.judge.max_new_tokens = 4  # The judge answers with one word.
   config.judge.likelihood_thresholds = (-0.5, -2.0)  # Mean log-prob above first: Skip; above second: Weak.
 

@@ -52,7 +52,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.env.num_workers = 2  # One JVM per worker; the box has 2 cores.
   # The engine's list of valid combinations misses phrasings it accepts (its gold paths use
   # them), so it neither defines validity nor helps a prompt; it is left out of the acting
-  # prompt, and the judge prompt (which always lists it) sees 16 actions spread over the verbs.
+  # prompt, and the judge prompt (config.judge.show_admissible) sees 16 actions spread over the verbs.
   config.env.show_admissible = False
   config.env.simplifications = ""  # The engine's full task (no teleport, doors start closed).
   config.env.max_admissible = 16  # Each verb's shortest action in turn (0: all, often 200-1,000).

@@ -70,6 +70,8 @@ class JudgeConfig:
   Attributes:
     mode: one of MODES.
     history_turns: past (observation, action) pairs shown in the judge prompt.
+    show_admissible: list turn t's admissible actions in the prompt (METHOD.md section 5); without
+      the list a real ALFWorld question is ~27% shorter, and the judge's cost is its prefill.
     max_new_tokens: tokens the teacher may answer with (`prompt` mode).
     likelihood_thresholds: (skip_above, weak_above) mean action log-probs (`likelihood` mode).
     batch_size: the most judge prompts per sampler call, a cap on the judge's KV-cache memory
@@ -82,6 +84,7 @@ class JudgeConfig:
 
   mode: str = "prompt"
   history_turns: int = 2
+  show_admissible: bool = True
   max_new_tokens: int = 4
   likelihood_thresholds: tuple[float, float] = (-0.5, -2.0)
   batch_size: int | None = None
@@ -109,6 +112,7 @@ class JudgeConfig:
     return cls(
         mode=judge["mode"],
         history_turns=int(judge["history_turns"]),
+        show_admissible=bool(judge["show_admissible"]),
         max_new_tokens=int(judge["max_new_tokens"]),
         likelihood_thresholds=tuple(judge["likelihood_thresholds"]),
         batch_size=batch_size,
@@ -197,7 +201,8 @@ def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np
 
 
 def judge_prompt_texts(
-    episodes: Sequence[JudgedEpisode], tokenizer: Any, history_turns: int, asked: np.ndarray
+    episodes: Sequence[JudgedEpisode], tokenizer: Any, history_turns: int, asked: np.ndarray,
+    show_admissible: bool = True,
 ) -> list[tuple[int, int, str]]:
   """(b, t, rendered judge prompt) for every asked turn, in row-major order (METHOD.md s.5)."""
   out = []
@@ -207,7 +212,7 @@ def judge_prompt_texts(
       if asked[b, t]:
         text = prompts.render_judge_prompt(
             tokenizer, episode.task_text, history, turn.observation, turn.response, turn.feedback,
-            list(turn.admissible), history_turns)
+            list(turn.admissible) if show_admissible else [], history_turns)
         out.append((b, t, text))
       history.append((turn.observation, turn.action))
   return out
@@ -461,7 +466,7 @@ def judge_batch(
   if config.mode == "prompt":
     if teacher is None or tokenizer is None or rng is None:
       raise ValueError("judge_batch: mode='prompt' needs `teacher`, `tokenizer` and `rng`.")
-    requests = judge_prompt_texts(episodes, tokenizer, config.history_turns, asked)
+    requests = judge_prompt_texts(episodes, tokenizer, config.history_turns, asked, config.show_admissible)
     replies = ask_teacher(teacher, tokenizer, [text for _, _, text in requests], rng,
                           max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                           length_bucketing=config.length_bucketing, sampler_kwargs=sampler_kwargs)
@@ -550,6 +555,7 @@ def judge_accuracy(
     rng: jax.Array,
     *,
     history_turns: int,
+    show_admissible: bool = True,
     max_new_tokens: int = 4,
     batch_size: int | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
@@ -562,7 +568,7 @@ def judge_accuracy(
   """
   if not examples:
     raise ValueError("judge_accuracy: `examples` is empty.")
-  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns) for ex in examples]
+  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns, show_admissible) for ex in examples]
   replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         sampler_kwargs=sampler_kwargs)
   predicted = np.asarray([prompts.parse_judge_label(r) for r in replies], np.int32)

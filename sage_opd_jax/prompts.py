@@ -405,7 +405,8 @@ def judge_prompt_text(
     observation: o_t, what the agent saw when it answered.
     response: the student's full response y_t.
     feedback: the env's answer to it, o_{t+1}.
-    admissible_actions: the admissible actions at turn t.
+    admissible_actions: the admissible actions at turn t; the line is left out when empty
+      (`config.judge.show_admissible=False`).
     k: the history window.
   """
   recent = format_history(history, k)
@@ -419,7 +420,7 @@ def judge_prompt_text(
       response.strip(),
       "The environment's feedback to it:",
       feedback.strip(),
-      f"Admissible actions were: {', '.join(admissible_actions)}",
+      *([f"Admissible actions were: {', '.join(admissible_actions)}"] if admissible_actions else []),
       "Decide whether the agent needs correction at this step.",
       "Skip   = the step is fine (it makes progress, or it is a reasonable alternative).",
       "Weak   = the step is valid but poor (off-plan, redundant, repeated).",

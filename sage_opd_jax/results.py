@@ -76,6 +76,7 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
   examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
                                      history_turns=config.judge.history_turns,
+                                     show_admissible=config.judge.show_admissible,
                                      max_new_tokens=config.judge.max_new_tokens)
   writer = writers.MetricWriter(workdir)
   writer.write(0, metrics)

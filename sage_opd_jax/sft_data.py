@@ -218,20 +218,20 @@ def acting_segments(
   return prompts.episode_segments(layout, demo.task_text, list(demo.observations[:num]), responses, admissible)
 
 
-def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int) -> str:
+def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int, show_admissible: bool = True) -> str:
   """The judge question about `example`, rendered with the generation prompt."""
   return prompts.render_judge_prompt(
       tokenizer, example.task_text, list(example.history), example.observation,
-      expert_response(example.action, example.thought), example.feedback, list(example.admissible_actions),
-      history_turns)
+      expert_response(example.action, example.thought), example.feedback,
+      list(example.admissible_actions) if show_admissible else [], history_turns)
 
 
 def judge_segments(
-    layout: prompts.ChatLayout, example: JudgeExample, history_turns: int
+    layout: prompts.ChatLayout, example: JudgeExample, history_turns: int, show_admissible: bool = True
 ) -> list[tuple[str, bool]]:
   """The judge question and its one-word answer (with the end-of-turn text)."""
   answer = prompts.LABEL_NAMES[example.label] + _end_of_turn(layout)
-  return [(judge_prompt(layout.tokenizer, example, history_turns), False), (answer, True)]
+  return [(judge_prompt(layout.tokenizer, example, history_turns, show_admissible), False), (answer, True)]
 
 
 def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int,
@@ -290,6 +290,7 @@ def build_sft_data(
     *,
     history_turns: int = 2,
     show_admissible: bool = True,
+    judge_admissible: bool = True,
     max_turns: int | None = None,
     seed: int | None = 0,
 ) -> SftData:
@@ -303,6 +304,7 @@ def build_sft_data(
     seq_len: S, the padded length; longer acting episodes keep their first whole turns.
     history_turns: the judge prompt's history window (config.judge.history_turns).
     show_admissible: list the admissible actions with each observation (as the rollout does).
+    judge_admissible: list them in the judge questions (config.judge.show_admissible).
     max_turns: keep at most this many turns of an acting episode (the env's turn limit, so that
       no turn id exceeds the loss's `num_turns`); None keeps them all.
     seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
@@ -327,7 +329,7 @@ def build_sft_data(
     examples.append((fitted, fitted_tids))
     is_judge.append(False)
   for example in judge_examples:
-    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns))
+    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns, judge_admissible))
     if len(ids) > seq_len:
       dropped += 1
       continue

@@ -325,7 +325,8 @@ class SftSource:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(
         tokenizer, [*demonstrations, *corrections], judge_examples, config.train.max_seq_len,
-        history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible, seed=config.seed,
+        history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
+        judge_admissible=config.judge.show_admissible, seed=config.seed,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])
@@ -452,7 +453,8 @@ class DistillSource:
         texts = [
             prompts.render_judge_prompt(
                 self.tokenizer, s.task_text, [(t.observation, t.action) for t in s.history], s.observation,
-                s.response, "(not executed yet)", list(s.admissible), self.judge_config.history_turns)
+                s.response, "(not executed yet)", list(s.admissible) if self.judge_config.show_admissible else [],
+                self.judge_config.history_turns)
             for s in asked
         ]
         answers = judge_lib.ask_teacher(self.teacher, self.tokenizer, texts, jax.random.fold_in(call_key, 0),

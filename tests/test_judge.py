@@ -208,6 +208,14 @@ def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher)
   for b, t, text in texts:
     _, response, _, _, _, feedback = EPISODES[b][t]
     assert f"The agent's latest response:\n{response}\nThe environment's feedback to it:\n{feedback}" in text
+    assert f"Admissible actions were: {', '.join(ADMISSIBLE)}" in text
+  # Without the list (config.judge.show_admissible=False) the same questions lose only that line.
+  bare = judge.judge_prompt_texts(batch.episodes, tokenizer, 2, result.asked, show_admissible=False)
+  assert [text for _, _, text in bare] == [
+      text.replace(f"Admissible actions were: {', '.join(ADMISSIBLE)}\n", "") for _, _, text in texts]
+  assert not judge.JudgeConfig.from_config(dict(
+      mode="prompt", history_turns=2, show_admissible=False, max_new_tokens=4,
+      likelihood_thresholds=(-0.5, -2.0))).show_admissible
 
   confidence = np.tile([0.2, 0.4, 0.6, 0.8], (2, 1))
   metrics = judge.judge_metrics(result, batch.episodes, config.mode, confidence_BxT=confidence)

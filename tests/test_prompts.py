@@ -184,6 +184,10 @@ def test_judge_prompt_matches_method(qwen_tok):
   assert text == expected
   rendered = prompts.render_judge_prompt(qwen_tok, TASK, HISTORY[:2], "obs three", response, "fb", ["look"], k=1)
   assert rendered.endswith("Answer with one word: Skip, Weak or Strong.<|im_end|>\n<|im_start|>assistant\n")
+  # config.judge.show_admissible=False passes no list: exactly that one line goes.
+  without = prompts.judge_prompt_text(
+      TASK, HISTORY[:2], "obs three", response, "You pick up the mug 1 from the desk 1.", [], k=1)
+  assert without == expected.replace("Admissible actions were: look, inventory\n", "")
 
 
 # -- The multi-turn chat layout --------------------------------------------------

@@ -71,6 +71,16 @@ def test_judge_sample_masks_only_the_label_word(tokenizer):
       JUDGE.admissible_actions, 2)
   assert tokenizer.decode(tokens[(turn_ids == 0) & (mask == 1)].tolist()) == prompt
   assert "The environment's feedback to it:\nYou see a desk 1." in prompt
+  assert "Admissible actions were:" in prompt
+  # config.judge.show_admissible=False trains the question without the list.
+  bare = sft_data.build_sft_data(tokenizer, [], [JUDGE], seq_len=400, history_turns=2, judge_admissible=False,
+                                 seed=None).arrays
+  bare_prompt = prompts.render_judge_prompt(
+      tokenizer, TASK, JUDGE.history, JUDGE.observation, "<think></think><action>look</action>", JUDGE.feedback,
+      [], 2)
+  assert "Admissible actions were:" not in bare_prompt
+  assert tokenizer.decode(bare["tokens"][0][(bare["turn_ids"][0] == 0) & (bare["attention_mask"][0] == 1)].tolist()
+                          ) == bare_prompt
 
 
 def test_long_episodes_keep_their_first_whole_turns(tokenizer):
