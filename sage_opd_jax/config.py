@@ -128,6 +128,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       )
   _positive(config, "teacher.score_chunk")
   _positive(config, "teacher.top_k", allow_zero=True)
+  top_k = _get(config, "teacher.top_k")
+  # A checkpoint's vocabulary is known once its config.json is read (`train.teacher_support`).
+  if top_k and not _get(config, "teacher.hf_dir") and top_k > _get(config, "teacher.model.vocab_size"):
+    raise ConfigError(f"config.teacher.top_k={top_k} exceeds config.teacher.model.vocab_size="
+                      f"{_get(config, 'teacher.model.vocab_size')}.")
   _positive(config, "teacher.temperature")
 
   _positive(config, "sampling.temperature", allow_zero=True)

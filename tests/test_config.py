@@ -37,6 +37,7 @@ def test_base_config_is_valid():
         ("sampling.top_p", 1.5, "config.sampling.top_p=1.5"),
         ("teacher.temperature", 0.0, "config.teacher.temperature=0.0"),
         ("teacher.top_k", -1, "config.teacher.top_k=-1"),
+        ("teacher.top_k", 10**6, "config.teacher.top_k=1000000 exceeds config.teacher.model.vocab_size="),
     ],
 )
 def test_bad_value_names_the_key(key, value, message):
