@@ -202,11 +202,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
 
 def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> None:
-  """Runs a stage unless `done`, and records its wall time in the workdir's ledger."""
+  """Runs a stage unless `done`, and records its wall time in the workdir's ledger (also when
+  it raises: a crash or Ctrl-C costs time too; a SIGKILL leaves no record)."""
   if done:
     return
   start = time.time()
-  fn()
+  try:
+    fn()
+  except BaseException:
+    results.record_stage_time(root, name, time.time() - start, finished=False)
+    raise
   results.record_stage_time(root, name, time.time() - start)
   # Each stage compiles its own executables (other models, other shape buckets); kept for the
   # whole pipeline they exhaust the process's memory maps (LLVM "Cannot allocate memory" after

@@ -34,11 +34,16 @@ TIMINGS = "timings.jsonl"  # One line per finished pipeline stage: its name, wal
 STUDENT_START = "student (warm start, no distillation)"  # The table row every method starts from.
 
 
-def record_stage_time(root: pathlib.Path, stage: str, seconds: float) -> None:
-  """Appends a finished stage's wall time and the commit it ran at, so that a pipeline resumed
-  over sessions sums them all and its report names the code that made each number."""
+def record_stage_time(root: pathlib.Path, stage: str, seconds: float, finished: bool = True) -> None:
+  """Appends a stage attempt's wall time and the commit it ran at, so that a pipeline resumed
+  over sessions sums them all and its report names the code that made each number.
+
+  `finished=False` records an attempt that raised (its stage resumes on the next run): its
+  time was spent too, but the stage did not finish at that commit.
+  """
+  row = {"stage": stage, "seconds": round(float(seconds), 1), "commit": _commit()}
   with open(pathlib.Path(root) / TIMINGS, "a", encoding="utf-8") as f:
-    f.write(json.dumps({"stage": stage, "seconds": round(float(seconds), 1), "commit": _commit()}) + "\n")
+    f.write(json.dumps(row if finished else {**row, "finished": False}) + "\n")
 
 
 def _timing_rows(root: pathlib.Path) -> list[dict[str, Any]]:
@@ -47,17 +52,24 @@ def _timing_rows(root: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def stage_times(root: pathlib.Path) -> dict[str, float]:
-  """{stage: wall seconds} of every finished stage (a stage re-run after a crash counts twice)."""
+  """{stage: wall seconds} summed over every recorded attempt, those that raised included."""
   times: dict[str, float] = {}
   for row in _timing_rows(root):
     times[row["stage"]] = times.get(row["stage"], 0.0) + row["seconds"]
   return times
 
 
+def _raised_note(root: pathlib.Path) -> str:
+  raised = sum(not row.get("finished", True) for row in _timing_rows(root))
+  return f" ({raised} that raised included)" if raised else ""
+
+
 def stage_commits(root: pathlib.Path) -> dict[str, list[str]]:
   """{commit: the stages that finished at it}, in order; "unrecorded" for ledgers older than commits."""
   commits: dict[str, list[str]] = {}
   for row in _timing_rows(root):
+    if not row.get("finished", True):
+      continue
     commits.setdefault(row.get("commit", "unrecorded"), []).append(row["stage"])
   return commits
 
@@ -248,7 +260,7 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
 
   The table holds every finished run (so it can be written after each method), the
   warm-start student every method starts from (`root/student_eval`), the teacher's own
-  success and its judge accuracy. The wall time is the sum of the finished stages'
+  success and its judge accuracy. The wall time is the sum of every recorded stage attempt
   (`record_stage_time`), over however many sessions the pipeline took.
 
   Args:
@@ -342,7 +354,8 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
-      f"Report written at commit `{_commit()}`; wall time of the finished stages {sum(times.values()) / 3600:.2f} h; "
+      f"Report written at commit `{_commit()}`; wall time of the recorded stage attempts "
+      f"{sum(times.values()) / 3600:.2f} h{_raised_note(root)}; "
       f"decoding {'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.  ",
       "Stages finished at commit " + "; ".join(
           f"`{commit}`: {len(stages)} ({', '.join(stages[:3])}{', ...' if len(stages) > 3 else ''})"

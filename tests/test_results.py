@@ -5,7 +5,9 @@ import pathlib
 import subprocess
 
 import numpy as np
+import pytest
 
+from sage_opd_jax import pipeline
 from sage_opd_jax import results
 from sage_opd_jax import writers
 
@@ -79,3 +81,14 @@ def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
                         check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
   assert results.stage_commits(tmp_path) == {"unrecorded": ["teacher_sft"], head: ["student_sft", "opd/seed0"]}
   assert results.stage_times(tmp_path) == {"teacher_sft": 5.0, "student_sft": 2.0, "opd/seed0": 3.0}
+
+  # A stage that raises is recorded as an unfinished attempt: its time counts, the stage has
+  # not finished, and it raises on.
+  def crash():
+    raise RuntimeError("LLVM: Cannot allocate memory")
+
+  with pytest.raises(RuntimeError, match="LLVM"):
+    pipeline._stage(tmp_path, "sage_opd/seed0", False, crash)  # pylint: disable=protected-access
+  assert "sage_opd/seed0" in results.stage_times(tmp_path)
+  assert all("sage_opd/seed0" not in stages for stages in results.stage_commits(tmp_path).values())
+  assert results._raised_note(tmp_path) == " (1 that raised included)"  # pylint: disable=protected-access
