@@ -112,6 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   root = pathlib.Path(workdir)
   p = config.pipeline
   start = time.time()
+  results.code_commit()  # The code this process imported: what the ledger credits every stage to.
   train_demos = root / "demos" / config.demos.split
   heldout_demos = root / "demos" / p.heldout_split
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import pathlib
 import shutil
@@ -41,7 +42,7 @@ def record_stage_time(root: pathlib.Path, stage: str, seconds: float, finished: 
   `finished=False` records an attempt that raised (its stage resumes on the next run): its
   time was spent too, but the stage did not finish at that commit.
   """
-  row = {"stage": stage, "seconds": round(float(seconds), 1), "commit": _commit()}
+  row = {"stage": stage, "seconds": round(float(seconds), 1), "commit": code_commit()}
   with open(pathlib.Path(root) / TIMINGS, "a", encoding="utf-8") as f:
     f.write(json.dumps(row if finished else {**row, "finished": False}) + "\n")
 
@@ -239,8 +240,11 @@ def _plot_label_mix(runs: dict[str, list[pathlib.Path]], path: pathlib.Path) -> 
   plt.close(fig)
 
 
-def _commit() -> str:
-  """This package's checkout's commit, wherever the run was started from ("unknown" outside git)."""
+@functools.cache
+def code_commit() -> str:
+  """This package's checkout's commit when first asked, wherever the run was started from
+  ("unknown" outside git). `pipeline.run` asks at its start: a checkout that moves on during a
+  long run does not relabel the stages that the run's imported code made."""
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
@@ -354,7 +358,7 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
-      f"Report written at commit `{_commit()}`; wall time of the recorded stage attempts "
+      f"Report written at commit `{code_commit()}`; wall time of the recorded stage attempts "
       f"{sum(times.values()) / 3600:.2f} h{_raised_note(root)}; "
       f"decoding {'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.  ",
       "Stages finished at commit " + "; ".join(

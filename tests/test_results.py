@@ -92,3 +92,11 @@ def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
   assert "sage_opd/seed0" in results.stage_times(tmp_path)
   assert all("sage_opd/seed0" not in stages for stages in results.stage_commits(tmp_path).values())
   assert results._raised_note(tmp_path) == " (1 that raised included)"  # pylint: disable=protected-access
+
+
+def test_the_ledger_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
+  started = results.code_commit()
+  # The checkout may move on during a long run; the ledger must not ask git again.
+  monkeypatch.setattr(results.subprocess, "run", lambda *args, **kwargs: pytest.fail("asked git again"))
+  results.record_stage_time(tmp_path, "opd/seed0", 1.0)
+  assert results.stage_commits(tmp_path) == {started: ["opd/seed0"]}
