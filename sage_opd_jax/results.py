@@ -31,7 +31,7 @@ COLUMNS = (("success", "success"), ("invalid_rate", "invalid"), ("repeated_rate"
            ("mean_turns", "turns"))
 
 
-TIMINGS = "timings.jsonl"  # One line per finished pipeline stage: its name, wall seconds and commit.
+TIMINGS = "timings.jsonl"  # One line per stage attempt: name, wall seconds, commit (finished=False if it raised).
 STUDENT_START = "student (warm start, no distillation)"  # The table row every method starts from.
 
 
