@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.old_logprobs = "current"
 
   config.judge = ml_collections.ConfigDict()
-  config.judge.mode = "prompt"  # prompt | likelihood | oracle (analysis only).
+  config.judge.mode = "prompt"  # prompt | transcript (section 5 after the transcript) | likelihood | oracle.
   config.judge.history_turns = 2  # Past turns shown in the judge prompt.
   config.judge.show_admissible = True  # List turn t's admissible actions in the judge prompt.
   config.judge.max_new_tokens = 4  # The judge answers with one word.

@@ -9,6 +9,12 @@ After the environment has answered every turn of a rollout batch, each turn is l
     env's feedback in it, and answers greedily in a few tokens; all turns of all episodes go
     through the sampler together. `prompts.parse_judge_label` reads the answer tolerantly, and
     anything unclear is Strong.
+  - `transcript`: section 5's question asked as a continuation of the scored transcript, right
+    after the judged response (`prompts.transcript_judge_text`): the transcript stands in for
+    the prompt's task, history and response lines. All of an episode's questions are packed
+    after its transcript in one row and answered by one forward (`pack_questions`), so the
+    transcript is read once per episode rather than once per turn; the greedy answer token
+    gives the label. The teacher must be trained (or able) to answer this layout.
   - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
     forward of `teacher.py`) against two thresholds: above the first Skip, above the second
     Weak, else Strong. Cheap, and usable with tiny teachers.
@@ -26,6 +32,7 @@ Host side (numpy and Python objects): the judge runs between the rollout and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -41,7 +48,7 @@ from sage_opd_jax import prompts
 from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
 
-MODES = ("prompt", "likelihood", "oracle")
+MODES = ("prompt", "transcript", "likelihood", "oracle")
 
 _log = logging.getLogger(__name__)
 
@@ -351,6 +358,168 @@ def ask_teacher(
 
 
 # ------------------------------------------------------------------------------------------
+# Transcript mode.
+
+
+def label_token_ids(tokenizer: Any) -> np.ndarray:
+  """[3] int32: the token each label word starts with, in `prompts.LABEL_NAMES` order.
+
+  The transcript judge reads its answer from one next-token distribution, so the three first
+  tokens must differ.
+  """
+  ids = [tokenizer.encode(name, add_special_tokens=False)[:1] for name in prompts.LABEL_NAMES]
+  if any(not i for i in ids) or len({i[0] for i in ids}) != len(ids):
+    raise ValueError(
+        f"judge.mode='transcript' reads the label from the answer's first token, but tokenizer "
+        f"{type(tokenizer).__name__} starts {prompts.LABEL_NAMES} with the tokens {ids}: they must be distinct.")
+  return np.asarray([i[0] for i in ids], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedQuestions:
+  """A batch's transcript-judge questions, packed after their episode's transcript.
+
+  Row b holds episode b's transcript up to the end of its last asked turn, then one question
+  per asked turn (`prompts.transcript_judge_text`). Each question sits at the positions that
+  follow its turn's response, as if it were the transcript's only continuation: `positions`
+  restart for every question, and a question's tokens read only the transcript before their
+  `reach` and the earlier tokens of their own question (`packed_allowed`). One forward then
+  answers all of an episode's questions, and the transcript is read once, not once per turn.
+
+  Attributes:
+    tokens, positions: [B, W] int32.
+    segments: [B, W] int32: 0 on the transcript and on padding, r + 1 on the row's r-th question.
+    reach: [B, W] int32: how many transcript tokens a token may read.
+    mask: [B, W] int32, 1 on real tokens.
+    answer_at: [B, R] int32: each question's last position, whose next token is the answer
+      (0 past the row's questions).
+    turns: per question, (b, t, r): episode b, its turn index t, column r of `answer_at`.
+  """
+
+  tokens: np.ndarray
+  positions: np.ndarray
+  segments: np.ndarray
+  reach: np.ndarray
+  mask: np.ndarray
+  answer_at: np.ndarray
+  turns: list[tuple[int, int, int]]
+
+
+def pack_questions(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
+                   questions: Sequence[tuple[int, int, Sequence[int]]], pad_id: int) -> PackedQuestions:
+  """Packs (b, t, question token ids) after each episode's transcript (`PackedQuestions`).
+
+  Turn t's question follows the last token whose turn id is t + 1 (`RolloutBatch.turn_ids`).
+  Widths are bucketed (`sampling.bucket_length`, powers of two for R) so a run compiles a
+  handful of shapes.
+  """
+  tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
+  rows: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(tokens_BxS.shape[0])]
+  for b, t, ids in questions:
+    ends = np.flatnonzero(turn_ids_BxS[b] == t + 1)
+    if not len(ends):
+      raise ValueError(f"pack_questions: episode {b} has no response tokens for turn index {t} (turn id {t + 1}).")
+    if not len(ids):
+      raise ValueError(f"pack_questions: the question about episode {b}, turn index {t} is empty.")
+    rows[b].append((t, int(ends[-1]) + 1, list(ids)))
+  kept = [max((end for _, end, _ in row), default=0) for row in rows]
+  width = sampling.bucket_length(max(k + sum(len(ids) for _, _, ids in row) for k, row in zip(kept, rows)))
+  num_answers = 1 << max(max(len(row) for row in rows) - 1, 0).bit_length()
+  shape = (tokens_BxS.shape[0], width)
+  tokens, positions = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+  segments, reach, mask = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  answer_at = np.zeros((shape[0], num_answers), np.int32)
+  turns = []
+  for b, row in enumerate(rows):
+    n = kept[b]
+    tokens[b, :n], positions[b, :n], reach[b, :n], mask[b, :n] = tokens_BxS[b, :n], np.arange(n), n, 1
+    for r, (t, end, ids) in enumerate(row):
+      span = slice(n, n + len(ids))
+      tokens[b, span], positions[b, span] = ids, end + np.arange(len(ids))
+      segments[b, span], reach[b, span], mask[b, span] = r + 1, end, 1
+      n += len(ids)
+      answer_at[b, r] = n - 1
+      turns.append((b, t, r))
+  return PackedQuestions(tokens, positions, segments, reach, mask, answer_at, turns)
+
+
+def packed_allowed(segments_BxW: jax.Array, reach_BxW: jax.Array) -> jax.Array:
+  """[B, W, W] bool: query i may read key j if j is transcript before i's reach, or in i's question.
+
+  (The model adds causality and padding.)
+  """
+  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
+  key_seg_Bx1xW = segments_BxW[:, None, :]
+  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
+                   key_seg_Bx1xW == segments_BxW[:, :, None])
+
+
+@functools.lru_cache(maxsize=16)
+def _make_answerer(graphdef: nnx.GraphDef) -> Any:
+  """A jitted `(state, packed arrays, label_ids) -> (answer token [B, R], label log-probs [B, R, 3])`."""
+
+  def answer(state, tokens_BxW, positions_BxW, segments_BxW, reach_BxW, mask_BxW, answer_at_BxR, label_ids_3):
+    model = nnx.merge(graphdef, state)
+    hidden_BxWxD = model.hidden_states(tokens_BxW, positions_BxW, mask_BxW,
+                                       allowed_BxSxS=packed_allowed(segments_BxW, reach_BxW))
+    logits_BxRxV = model.lm_logits(jnp.take_along_axis(hidden_BxWxD, answer_at_BxR[..., None], axis=1))
+    logprobs_BxRxV = jax.nn.log_softmax(logits_BxRxV, axis=-1)
+    return jnp.argmax(logits_BxRxV, axis=-1).astype(jnp.int32), logprobs_BxRxV[..., label_ids_3]
+
+  return jax.jit(answer)
+
+
+def ask_in_transcript(
+    teacher: nnx.Module,
+    tokenizer: Any,
+    tokens_BxS: np.ndarray,
+    turn_ids_BxS: np.ndarray,
+    questions: Sequence[tuple[int, int, str]],
+) -> tuple[list[int], list[str], np.ndarray]:
+  """The teacher's answers to (b, t, `prompts.transcript_judge_text`) questions, in one forward.
+
+  Returns, per question: the label (the greedy answer token when it starts a label word, else
+  Strong, as `prompts.parse_judge_label` reads an unclear answer), that token decoded, and
+  [N, 3] the log-probs of the three label tokens.
+  """
+  if not questions:
+    return [], [], np.zeros((0, len(prompts.LABEL_NAMES)), np.float32)
+  label_ids = label_token_ids(tokenizer)
+  packed = pack_questions(tokens_BxS, turn_ids_BxS,
+                          [(b, t, tokenizer.encode(text, add_special_tokens=False)) for b, t, text in questions],
+                          _pad_id(tokenizer))
+  graphdef, state = nnx.split(teacher)
+  top_BxR, label_logprobs_BxRx3 = jax.device_get(_make_answerer(graphdef)(
+      state, packed.tokens, packed.positions, packed.segments, packed.reach, packed.mask, packed.answer_at,
+      label_ids))
+  order = {(b, t): (b, r) for b, t, r in packed.turns}
+  cells = [order[(b, t)] for b, t, _ in questions]
+  top = [int(top_BxR[cell]) for cell in cells]
+  labels = [int(np.flatnonzero(label_ids == tok)[0]) if tok in label_ids else prompts.STRONG for tok in top]
+  answers = [tokenizer.decode([tok], skip_special_tokens=True) for tok in top]
+  return labels, answers, np.stack([label_logprobs_BxRx3[cell] for cell in cells]).astype(np.float32)
+
+
+def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
+                         tokenizer: Any, asked: np.ndarray, show_admissible: bool = True
+                         ) -> list[tuple[int, int, str]]:
+  """(b, t, question text) for every asked turn, in row-major order (`prompts.transcript_judge_text`).
+
+  A response that kept its end-of-turn token (the sampler's stop token) is not closed twice.
+  """
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  out = []
+  for b, t in zip(*np.nonzero(asked)):
+    turn = episodes[b].turns[t]
+    ends = np.flatnonzero(np.asarray(turn_ids_BxS[b]) == t + 1)
+    last = tokenizer.decode([int(tokens_BxS[b, ends[-1]])], skip_special_tokens=False) if len(ends) else ""
+    response_end = last if last and layout.after_assistant.startswith(last) else ""
+    out.append((int(b), int(t), prompts.transcript_judge_text(
+        layout, turn.feedback, list(turn.admissible) if show_admissible else [], response_end)))
+  return out
+
+
+# ------------------------------------------------------------------------------------------
 # Likelihood mode.
 
 # The action as `prompts.parse_action` finds it: after the LAST opening tag, up to the next
@@ -473,6 +642,17 @@ def judge_batch(
     num_prompts = len(requests)
     for (b, t, _), reply in zip(requests, replies):
       labels[b, t] = prompts.parse_judge_label(reply)
+      answers[b][t] = reply
+  elif config.mode == "transcript":
+    for name, value in (("teacher", teacher), ("tokenizer", tokenizer), ("tokens_BxS", tokens_BxS),
+                        ("turn_ids_BxS", turn_ids_BxS)):
+      if value is None:
+        raise ValueError(f"judge_batch: mode='transcript' needs `{name}`.")
+    requests = transcript_questions(episodes, tokens_BxS, turn_ids_BxS, tokenizer, asked, config.show_admissible)
+    codes, replies, _ = ask_in_transcript(teacher, tokenizer, tokens_BxS, turn_ids_BxS, requests)
+    num_prompts = len(requests)
+    for (b, t, _), code, reply in zip(requests, codes, replies):
+      labels[b, t] = code
       answers[b][t] = reply
   elif config.mode == "likelihood":
     for name, value in (("tokens_BxS", tokens_BxS), ("turn_ids_BxS", turn_ids_BxS),

@@ -336,16 +336,17 @@ def next_turn_text(
   Returns:
     The rest of the assistant message, the user message, and the generation prompt.
   """
+  return _user_turn(layout, turn_user_content(observation, admissible_actions), response_end)
+
+
+def _user_turn(layout: ChatLayout, content: str, response_end: str) -> str:
+  """After an assistant response: the rest of its message, a user message, the generation prompt."""
   if not layout.after_assistant.startswith(response_end):
     raise ValueError(
         f"response_end {response_end!r} is not how an assistant message ends in this template "
         f"(it ends with {layout.after_assistant!r})."
     )
-  return (
-      layout.after_assistant[len(response_end):]
-      + turn_user_content(observation, admissible_actions)
-      + layout.user_close
-  )
+  return layout.after_assistant[len(response_end):] + content + layout.user_close
 
 
 def episode_segments(
@@ -418,6 +419,14 @@ def judge_prompt_text(
       *recent,
       "The agent's latest response:",
       response.strip(),
+      *judge_question_lines(feedback, admissible_actions),
+  ]
+  return "\n".join(lines)
+
+
+def judge_question_lines(feedback: str, admissible_actions: Sequence[str]) -> list[str]:
+  """Section 5's lines from the env's feedback to the answer format, which both judges ask."""
+  return [
       "The environment's feedback to it:",
       feedback.strip(),
       *([f"Admissible actions were: {', '.join(admissible_actions)}"] if admissible_actions else []),
@@ -427,7 +436,19 @@ def judge_prompt_text(
       "Strong = the step is wrong (invalid, harmful, or repeats a failure).",
       "Answer with one word: Skip, Weak or Strong.",
   ]
-  return "\n".join(lines)
+
+
+def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions: Sequence[str],
+                          response_end: str = "") -> str:
+  """The judge's question as a continuation of the acting transcript (`judge.mode='transcript'`).
+
+  It follows the judged response's tokens: the rest of that assistant message, then a user
+  message with section 5's question (`judge_question_lines`), then the generation prompt, so
+  the teacher's next token is its answer. The transcript before it stands in for section 5's
+  task, history and response lines, and its keys are computed once for all of an episode's
+  questions. `response_end` is as in `next_turn_text`.
+  """
+  return _user_turn(layout, "\n".join(judge_question_lines(feedback, admissible_actions)), response_end)
 
 
 def render_judge_prompt(

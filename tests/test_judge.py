@@ -440,3 +440,67 @@ def test_label_codes_agree_between_prompts_and_losses():
   # `losses` may not import our other modules, so it keeps its own copy of the codes.
   assert [prompts.SKIP, prompts.WEAK, prompts.STRONG] == [losses.Label.SKIP, losses.Label.WEAK, losses.Label.STRONG]
   assert [name.upper() for name in prompts.LABEL_NAMES] == [label.name for label in losses.Label]
+
+
+def _closed_responses(tokenizer, episodes):
+  """The episodes with each response ending in the end-of-turn token, as the sampler keeps it."""
+  (end,) = _encode(tokenizer, "<|im_end|>")
+  out = []
+  for episode in episodes:
+    turns = [dataclasses.replace(t, response_tokens=[*t.response_tokens, end],
+                                 response_logprobs=np.zeros(len(t.response_tokens) + 1, np.float32),
+                                 next_tokens=t.next_tokens[1:]) for t in episode.turns]
+    out.append(dataclasses.replace(episode, turns=turns))
+  return out
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
+  episodes = _episodes(tokenizer)
+  if closed:
+    episodes = _closed_responses(tokenizer, episodes)
+  batch = rollout.assemble_batch(episodes, max_turns=NUM_TURNS, pad_id=tokenizer.pad_token_id)
+  asked = VALID
+  questions = judge.transcript_questions(batch.episodes, batch.tokens, batch.turn_ids, tokenizer, asked,
+                                         show_admissible=False)
+  assert [(b, t) for b, t, _ in questions] == [tuple(i) for i in np.argwhere(VALID)]
+
+  config = models.ModelConfig.from_dict(dict(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=16, tie_embeddings=False))
+  model = models.Transformer(config, rngs=nnx.Rngs(3))
+  labels, answers, label_logprobs = judge.ask_in_transcript(model, tokenizer, batch.tokens, batch.turn_ids,
+                                                            questions)
+  label_ids = judge.label_token_ids(tokenizer)
+  for (b, t, text), label, answer, got in zip(questions, labels, answers, label_logprobs):
+    # The question continues the acting transcript right after turn t's response.
+    end = int(np.flatnonzero(batch.turn_ids[b] == t + 1)[-1]) + 1
+    sequence = [*batch.tokens[b, :end].tolist(), *_encode(tokenizer, text)]
+    _, response, _, _, _, feedback = EPISODES[b][t]
+    assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(
+        f"{response}<|im_end|>\n<|im_start|>user\nThe environment's feedback to it:\n{feedback}\n"
+        "Decide whether the agent needs correction at this step.\n"
+        + "\n".join(prompts.judge_question_lines(feedback, [])[3:])
+        + "<|im_end|>\n<|im_start|>assistant\n")
+    # Reference: that sequence alone, through the model's plain causal forward.
+    logits = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0, -1], np.float64)
+    logprobs = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+    np.testing.assert_allclose(got, logprobs[label_ids], atol=2e-5)
+    top = int(np.argmax(logits))
+    assert label == (list(label_ids).index(top) if top in label_ids else STRONG)
+    assert answer == tokenizer.decode([top], skip_special_tokens=True)
+
+
+def test_transcript_mode_labels_valid_turns_from_the_answer_token(tokenizer, batch, weak_teacher):
+  config = judge.JudgeConfig(mode="transcript")
+  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer,
+                             tokens_BxS=batch.tokens, turn_ids_BxS=batch.turn_ids)
+  assert result.num_prompts == int(VALID.sum())
+  np.testing.assert_array_equal(result.labels, np.where(VALID, WEAK, STRONG))
+  assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == ["Weak"] * 4
+  # An answer that is no label is Strong, as an unclear prompted answer is.
+  unclear = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=_answering_teacher(tokenizer, "desk"),
+                              tokenizer=tokenizer, tokens_BxS=batch.tokens, turn_ids_BxS=batch.turn_ids)
+  np.testing.assert_array_equal(unclear.labels, np.full((2, NUM_TURNS), STRONG))
+  with pytest.raises(ValueError, match="mode='transcript' needs `tokens_BxS`"):
+    judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer)

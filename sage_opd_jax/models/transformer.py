@@ -365,7 +365,7 @@ class Transformer(nnx.Module):
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     attention_mask: jax.Array | None = None, cache: KVCache | None = None,
                     layer_params: Sequence[dict[str, jax.Array]] | None = None,
-                    fresh: bool = False):
+                    fresh: bool = False, allowed_BxSxS: jax.Array | None = None):
     """Final-normed hidden states [B, S, D] (compute dtype), plus the new cache if given.
 
     With a cache the layer loop is unrolled (one in-place update of each layer's buffer, no
@@ -384,7 +384,13 @@ class Transformer(nnx.Module):
         (`cache.lengths` all 0), as in a prompt's prefill. The chunk then attends causally
         to itself, as without a cache, instead of to all T slots, and is written to slots
         [0, S) in one contiguous update.
+      allowed_BxSxS: without a cache only: [B, S, S] bool, which keys each query may read,
+        combined with the causal and padding masks. It lets one row pack several sequences
+        that share a prefix (the transcript judge's questions, each reading the transcript up
+        to its own turn) with `positions` that restart each one after its prefix.
     """
+    if allowed_BxSxS is not None and cache is not None:
+      raise ValueError("hidden_states: allowed_BxSxS is only used without a cache")
     if layer_params is not None and cache is None:
       raise ValueError("hidden_states: layer_params is only used with a cache")
     if fresh and (cache is None or input_ids.shape[1] > cache.max_len):
@@ -408,6 +414,8 @@ class Transformer(nnx.Module):
     causal_SxS = arange_S[None, :] <= arange_S[:, None]
     if cache is None:
       allowed_BxSxT = causal_SxS[None] & (attention_mask[:, None, :] != 0)
+      if allowed_BxSxS is not None:
+        allowed_BxSxT &= allowed_BxSxS
 
       def body(x, xs):
         p, _ = xs
