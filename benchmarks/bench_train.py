@@ -37,7 +37,9 @@ admissible ones: a random student's free text is never an admissible action, and
 invalid action is Strong by rule (E5) without asking the judge, so without it the judge would
 not run. Iterations alternate OPD / SAGE-OPD after one untimed warm-up each (compiles).
 "sage_opd, no admissible list" asks the same judge without the admissible-actions line
-(`judge.show_admissible=False`, as configs/alfworld_cpu.py sets it).
+(`judge.show_admissible=False`, as configs/alfworld_cpu.py sets it). "sage_opd, transcript judge"
+asks that question after the scored transcript instead (`judge.mode='transcript'`, also
+without the list): one packed forward per batch instead of a prompt per turn.
 With `--one-call-judge` a fourth variant runs the prompted judge as it was before length
 bucketing (`judge.length_bucketing=False`: every judge prompt in one sampler call), for a
 before/after comparison in the same run; both judges give the same answers.
@@ -76,6 +78,7 @@ from qwen3_reference import SIZES, VOCAB, save_hf_qwen3, timed, torch_device  # 
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
 ONE_CALL = "sage_opd, one-call judge (before)"
 NO_LIST = "sage_opd, no admissible list"
+TRANSCRIPT = "sage_opd, transcript judge"
 
 
 def one_device_mesh() -> jax.sharding.Mesh:
@@ -281,9 +284,15 @@ def bench_iteration(args) -> None:
     # name -> (method, judge mode): the prompted judge of METHOD.md, and the likelihood judge
     # that reads the teacher's scores already computed for the loss (no extra teacher call).
     variants = {"opd": ("opd", "prompt"), "sage_opd": ("sage_opd", "prompt"),
-                NO_LIST: ("sage_opd", "prompt"), "sage_opd likelihood judge": ("sage_opd", "likelihood")}
+                NO_LIST: ("sage_opd", "prompt"), TRANSCRIPT: ("sage_opd", "transcript"),
+                "sage_opd likelihood judge": ("sage_opd", "likelihood")}
     if args.one_call_judge:
       variants[ONE_CALL] = ("sage_opd", "prompt")
+    if args.variants:
+      unknown = sorted(set(args.variants) - set(variants))
+      if unknown:
+        raise ValueError(f"--variants {unknown}: not among {sorted(variants)}.")
+      variants = {name: variants[name] for name in ["opd", *args.variants] if name in variants}
     configs = {name: _iteration_config(method, mode, tokenizer_dir, data_dir, split, args)
                for name, (method, mode) in variants.items()}
     config = configs["opd"]
@@ -308,7 +317,7 @@ def bench_iteration(args) -> None:
         sources[name] = train.DistillSource(cfg, tokenizer, teacher, engine, tasks, batch_sharding)
         if name == ONE_CALL:
           sources[name].judge_config = dataclasses.replace(sources[name].judge_config, length_bucketing=False)
-        if name == NO_LIST:
+        if name in (NO_LIST, TRANSCRIPT):
           sources[name].judge_config = dataclasses.replace(sources[name].judge_config, show_admissible=False)
         loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
         updates[name] = train.jit_update(
@@ -379,6 +388,8 @@ def main() -> None:
   parser.add_argument("--iterations", type=int, default=3)
   parser.add_argument("--one-call-judge", action="store_true",
                       help="iteration part: also run the prompted judge in one sampler call (before bucketing)")
+  parser.add_argument("--variants", nargs="+", default=None,
+                      help="iteration part: only these variants by name (OPD always runs, as the baseline)")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
 

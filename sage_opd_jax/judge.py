@@ -9,12 +9,13 @@ After the environment has answered every turn of a rollout batch, each turn is l
     env's feedback in it, and answers greedily in a few tokens; all turns of all episodes go
     through the sampler together. `prompts.parse_judge_label` reads the answer tolerantly, and
     anything unclear is Strong.
-  - `transcript`: section 5's question asked as a continuation of the scored transcript, right
-    after the judged response (`prompts.transcript_judge_text`): the transcript stands in for
-    the prompt's task, history and response lines. All of an episode's questions are packed
-    after its transcript in one row and answered by one forward (`pack_questions`), so the
-    transcript is read once per episode rather than once per turn; the greedy answer token
-    gives the label. The teacher must be trained (or able) to answer this layout.
+  - `transcript`: section 5's question asked as a continuation of the scored transcript, after
+    the judged turn's feedback (`prompts.transcript_judge_text`): the transcript stands in for
+    the prompt's task, history, response and (but for the last turn) feedback lines. All of an episode's questions are packed
+    after its transcript in one row (`pack_questions`) and ride in the teacher's scoring
+    forward (`teacher.score_tokens(questions=)`), mostly in its rows' padding, so the
+    transcript is read once rather than once per turn. The greedy answer token gives the
+    label. The teacher must be trained (or able) to answer this layout.
   - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
     forward of `teacher.py`) against two thresholds: above the first Skip, above the second
     Weak, else Strong. Cheap, and usable with tiny teachers.
@@ -32,7 +33,6 @@ Host side (numpy and Python objects): the judge runs between the rollout and the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import re
@@ -379,15 +379,18 @@ def label_token_ids(tokenizer: Any) -> np.ndarray:
 class PackedQuestions:
   """A batch's transcript-judge questions, packed after their episode's transcript.
 
-  Row b holds episode b's transcript up to the end of its last asked turn, then one question
-  per asked turn (`prompts.transcript_judge_text`). Each question sits at the positions that
-  follow its turn's response, as if it were the transcript's only continuation: `positions`
-  restart for every question, and a question's tokens read only the transcript before their
-  `reach` and the earlier tokens of their own question (`packed_allowed`). One forward then
-  answers all of an episode's questions, and the transcript is read once, not once per turn.
+  Row b holds episode b's transcript, then one question per asked turn
+  (`transcript_questions`). Each question sits at the positions that follow the transcript
+  tokens it reads, as if it were the transcript's only continuation: `positions` restart for
+  every question, and a question's tokens read only the transcript before their `reach` and
+  the earlier tokens of their own question (`teacher.packed_allowed`). The teacher's scoring
+  forward then answers every question of the batch as it scores the transcripts
+  (`teacher.score_tokens(questions=)`): the transcripts are read once, not once per turn,
+  and the questions fill the rows' padding first.
 
   Attributes:
-    tokens, positions: [B, W] int32.
+    tokens, positions: [B, W] int32, W >= the batch's S; the first S columns of `tokens`
+      are the batch's tokens wherever it has real ones.
     segments: [B, W] int32: 0 on the transcript and on padding, r + 1 on the row's r-th question.
     reach: [B, W] int32: how many transcript tokens a token may read.
     mask: [B, W] int32, 1 on real tokens.
@@ -404,26 +407,31 @@ class PackedQuestions:
   answer_at: np.ndarray
   turns: list[tuple[int, int, int]]
 
+  def arrays(self) -> dict[str, np.ndarray]:
+    """What `teacher.score_tokens(questions=)` reads."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "turns"}
 
-def pack_questions(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
-                   questions: Sequence[tuple[int, int, Sequence[int]]], pad_id: int) -> PackedQuestions:
-  """Packs (b, t, question token ids) after each episode's transcript (`PackedQuestions`).
 
-  Turn t's question follows the last token whose turn id is t + 1 (`RolloutBatch.turn_ids`).
-  Widths are bucketed (`sampling.bucket_length`, powers of two for R) so a run compiles a
-  handful of shapes.
+def pack_questions(tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray,
+                   questions: Sequence[tuple[int, int, int, Sequence[int]]], pad_id: int) -> PackedQuestions:
+  """Packs (b, t, reach, question token ids) after each episode's transcript (`PackedQuestions`).
+
+  A question reads the first `reach` tokens of its row's transcript. The width is the batch's
+  S, or a `sampling.bucket_length` when the questions overflow it, and R a power of two, so a
+  run compiles a handful of shapes.
   """
-  tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
+  tokens_BxS = np.asarray(tokens_BxS)
+  lengths = np.asarray(attention_mask_BxS).astype(bool).sum(axis=1)
   rows: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(tokens_BxS.shape[0])]
-  for b, t, ids in questions:
-    ends = np.flatnonzero(turn_ids_BxS[b] == t + 1)
-    if not len(ends):
-      raise ValueError(f"pack_questions: episode {b} has no response tokens for turn index {t} (turn id {t + 1}).")
+  for b, t, end, ids in questions:
+    if not 0 < end <= lengths[b]:
+      raise ValueError(f"pack_questions: the question about episode {b}, turn index {t} reads {end} tokens of a "
+                       f"{lengths[b]}-token transcript.")
     if not len(ids):
       raise ValueError(f"pack_questions: the question about episode {b}, turn index {t} is empty.")
-    rows[b].append((t, int(ends[-1]) + 1, list(ids)))
-  kept = [max((end for _, end, _ in row), default=0) for row in rows]
-  width = sampling.bucket_length(max(k + sum(len(ids) for _, _, ids in row) for k, row in zip(kept, rows)))
+    rows[b].append((t, int(end), list(ids)))
+  needed = max(int(n) + sum(len(ids) for _, _, ids in row) for n, row in zip(lengths, rows))
+  width = max(tokens_BxS.shape[1], sampling.bucket_length(needed))
   num_answers = 1 << max(max(len(row) for row in rows) - 1, 0).bit_length()
   shape = (tokens_BxS.shape[0], width)
   tokens, positions = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
@@ -431,7 +439,7 @@ def pack_questions(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
   answer_at = np.zeros((shape[0], num_answers), np.int32)
   turns = []
   for b, row in enumerate(rows):
-    n = kept[b]
+    n = int(lengths[b])
     tokens[b, :n], positions[b, :n], reach[b, :n], mask[b, :n] = tokens_BxS[b, :n], np.arange(n), n, 1
     for r, (t, end, ids) in enumerate(row):
       span = slice(n, n + len(ids))
@@ -443,79 +451,68 @@ def pack_questions(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
   return PackedQuestions(tokens, positions, segments, reach, mask, answer_at, turns)
 
 
-def packed_allowed(segments_BxW: jax.Array, reach_BxW: jax.Array) -> jax.Array:
-  """[B, W, W] bool: query i may read key j if j is transcript before i's reach, or in i's question.
-
-  (The model adds causality and padding.)
-  """
-  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
-  key_seg_Bx1xW = segments_BxW[:, None, :]
-  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
-                   key_seg_Bx1xW == segments_BxW[:, :, None])
-
-
-@functools.lru_cache(maxsize=16)
-def _make_answerer(graphdef: nnx.GraphDef) -> Any:
-  """A jitted `(state, packed arrays, label_ids) -> (answer token [B, R], label log-probs [B, R, 3])`."""
-
-  def answer(state, tokens_BxW, positions_BxW, segments_BxW, reach_BxW, mask_BxW, answer_at_BxR, label_ids_3):
-    model = nnx.merge(graphdef, state)
-    hidden_BxWxD = model.hidden_states(tokens_BxW, positions_BxW, mask_BxW,
-                                       allowed_BxSxS=packed_allowed(segments_BxW, reach_BxW))
-    logits_BxRxV = model.lm_logits(jnp.take_along_axis(hidden_BxWxD, answer_at_BxR[..., None], axis=1))
-    logprobs_BxRxV = jax.nn.log_softmax(logits_BxRxV, axis=-1)
-    return jnp.argmax(logits_BxRxV, axis=-1).astype(jnp.int32), logprobs_BxRxV[..., label_ids_3]
-
-  return jax.jit(answer)
-
-
-def ask_in_transcript(
-    teacher: nnx.Module,
-    tokenizer: Any,
-    tokens_BxS: np.ndarray,
-    turn_ids_BxS: np.ndarray,
-    questions: Sequence[tuple[int, int, str]],
-) -> tuple[list[int], list[str], np.ndarray]:
-  """The teacher's answers to (b, t, `prompts.transcript_judge_text`) questions, in one forward.
-
-  Returns, per question: the label (the greedy answer token when it starts a label word, else
-  Strong, as `prompts.parse_judge_label` reads an unclear answer), that token decoded, and
-  [N, 3] the log-probs of the three label tokens.
-  """
-  if not questions:
-    return [], [], np.zeros((0, len(prompts.LABEL_NAMES)), np.float32)
-  label_ids = label_token_ids(tokenizer)
-  packed = pack_questions(tokens_BxS, turn_ids_BxS,
-                          [(b, t, tokenizer.encode(text, add_special_tokens=False)) for b, t, text in questions],
-                          _pad_id(tokenizer))
-  graphdef, state = nnx.split(teacher)
-  top_BxR, label_logprobs_BxRx3 = jax.device_get(_make_answerer(graphdef)(
-      state, packed.tokens, packed.positions, packed.segments, packed.reach, packed.mask, packed.answer_at,
-      label_ids))
-  order = {(b, t): (b, r) for b, t, r in packed.turns}
-  cells = [order[(b, t)] for b, t, _ in questions]
-  top = [int(top_BxR[cell]) for cell in cells]
-  labels = [int(np.flatnonzero(label_ids == tok)[0]) if tok in label_ids else prompts.STRONG for tok in top]
-  answers = [tokenizer.decode([tok], skip_special_tokens=True) for tok in top]
-  return labels, answers, np.stack([label_logprobs_BxRx3[cell] for cell in cells]).astype(np.float32)
-
-
 def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
                          tokenizer: Any, asked: np.ndarray, show_admissible: bool = True
-                         ) -> list[tuple[int, int, str]]:
-  """(b, t, question text) for every asked turn, in row-major order (`prompts.transcript_judge_text`).
+                         ) -> list[tuple[int, int, int, str]]:
+  """(b, t, reach, question text) for every asked turn, in row-major order.
 
-  A response that kept its end-of-turn token (the sampler's stop token) is not closed twice.
+  Turn t's question (`prompts.transcript_judge_text`) reads the transcript up to the user
+  message that shows the turn's feedback, when the transcript has one that ends in the
+  template's closing text (`ChatLayout.user_close`), and adds only the question's lines there;
+  the last turn's feedback is not in the transcript, so its question follows the response
+  and shows the feedback itself. A response that kept its end-of-turn token (the sampler's
+  stop token) is not closed twice.
   """
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  close_ids = tokenizer.encode(layout.user_close, add_special_tokens=False)
+  tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
   out = []
   for b, t in zip(*np.nonzero(asked)):
     turn = episodes[b].turns[t]
-    ends = np.flatnonzero(np.asarray(turn_ids_BxS[b]) == t + 1)
-    last = tokenizer.decode([int(tokens_BxS[b, ends[-1]])], skip_special_tokens=False) if len(ends) else ""
-    response_end = last if last and layout.after_assistant.startswith(last) else ""
-    out.append((int(b), int(t), prompts.transcript_judge_text(
-        layout, turn.feedback, list(turn.admissible) if show_admissible else [], response_end)))
+    admissible = list(turn.admissible) if show_admissible else []
+    ends = np.flatnonzero(turn_ids_BxS[b] == t + 1)
+    if not len(ends):
+      raise ValueError(f"transcript_questions: episode {b} has no response tokens for turn index {t} "
+                       f"(turn id {t + 1}).")
+    end = int(ends[-1]) + 1
+    starts = np.flatnonzero(turn_ids_BxS[b] == t + 2)
+    if len(starts) and tokens_BxS[b, starts[0] - len(close_ids):starts[0]].tolist() == close_ids:
+      reach = int(starts[0]) - len(close_ids)
+      text = prompts.transcript_judge_text(layout, turn.feedback, admissible, feedback_shown=True)
+    else:
+      last = tokenizer.decode([int(tokens_BxS[b, end - 1])], skip_special_tokens=False)
+      reach, text = end, prompts.transcript_judge_text(
+          layout, turn.feedback, admissible, last if layout.after_assistant.startswith(last) else "")
+    out.append((int(b), int(t), reach, text))
+  return out
+
+
+def prepare_transcript_judge(
+    episodes: Sequence[JudgedEpisode], num_turns: int, config: JudgeConfig, tokenizer: Any,
+    tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
+) -> PackedQuestions:
+  """The questions of a batch's judged turns (`mode='transcript'`), packed for the teacher's scoring."""
+  _check_turns(episodes, num_turns)
+  texts = transcript_questions(episodes, tokens_BxS, turn_ids_BxS, tokenizer, _valid_turns(episodes, num_turns),
+                               config.show_admissible)
+  encoded = [(b, t, reach, tokenizer.encode(text, add_special_tokens=False)) for b, t, reach, text in texts]
+  return pack_questions(tokens_BxS, attention_mask_BxS, encoded, _pad_id(tokenizer))
+
+
+def transcript_answers(questions: PackedQuestions, answer_logits_BxRxV: Any, tokenizer: Any
+                       ) -> list[tuple[int, int, int, str]]:
+  """(b, t, label, answer) per question, from its next-token logits (`teacher.score_tokens`).
+
+  The label is the one whose first token is the greedy answer; any other answer is Strong, as
+  `prompts.parse_judge_label` reads an unclear prompted answer.
+  """
+  label_ids = list(label_token_ids(tokenizer))
+  top_BxR = np.argmax(np.asarray(answer_logits_BxRxV), axis=-1)
+  out = []
+  for b, t, r in questions.turns:
+    token = int(top_BxR[b, r])
+    label = label_ids.index(token) if token in label_ids else prompts.STRONG
+    out.append((b, t, label, tokenizer.decode([token], skip_special_tokens=True)))
   return out
 
 
@@ -609,6 +606,8 @@ def judge_batch(
     tokens_BxS: np.ndarray | None = None,
     turn_ids_BxS: np.ndarray | None = None,
     teacher_logprobs_BxS: Any = None,
+    questions: PackedQuestions | None = None,
+    answer_logits_BxRxV: Any = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> JudgeResult:
   """Labels every turn of a rollout batch.
@@ -621,6 +620,8 @@ def judge_batch(
     tokens_BxS, turn_ids_BxS, teacher_logprobs_BxS: the batch's tokens, turn ids and the
       teacher's token log-probs from `teacher.score_tokens` (`likelihood` mode; it also needs
       the tokenizer to find the action tokens).
+    questions, answer_logits_BxRxV: `prepare_transcript_judge`'s questions and the teacher's
+      `answer_logits` from scoring the batch with them (`transcript` mode, with the tokenizer).
     sampler_kwargs: passed to `ask_teacher` (`prompt` mode).
 
   Returns:
@@ -644,14 +645,14 @@ def judge_batch(
       labels[b, t] = prompts.parse_judge_label(reply)
       answers[b][t] = reply
   elif config.mode == "transcript":
-    for name, value in (("teacher", teacher), ("tokenizer", tokenizer), ("tokens_BxS", tokens_BxS),
-                        ("turn_ids_BxS", turn_ids_BxS)):
+    for name, value in (("questions", questions), ("answer_logits_BxRxV", answer_logits_BxRxV),
+                        ("tokenizer", tokenizer)):
       if value is None:
-        raise ValueError(f"judge_batch: mode='transcript' needs `{name}`.")
-    requests = transcript_questions(episodes, tokens_BxS, turn_ids_BxS, tokenizer, asked, config.show_admissible)
-    codes, replies, _ = ask_in_transcript(teacher, tokenizer, tokens_BxS, turn_ids_BxS, requests)
-    num_prompts = len(requests)
-    for (b, t, _), code, reply in zip(requests, codes, replies):
+        raise ValueError(f"judge_batch: mode='transcript' needs `{name}` (from `prepare_transcript_judge` and "
+                         "`teacher.score_tokens(questions=)`).")
+    replies = transcript_answers(questions, answer_logits_BxRxV, tokenizer)
+    num_prompts = len(replies)
+    for b, t, code, reply in replies:
       labels[b, t] = code
       answers[b][t] = reply
   elif config.mode == "likelihood":

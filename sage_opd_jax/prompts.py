@@ -439,16 +439,27 @@ def judge_question_lines(feedback: str, admissible_actions: Sequence[str]) -> li
 
 
 def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions: Sequence[str],
-                          response_end: str = "") -> str:
+                          response_end: str = "", feedback_shown: bool = False) -> str:
   """The judge's question as a continuation of the acting transcript (`judge.mode='transcript'`).
 
-  It follows the judged response's tokens: the rest of that assistant message, then a user
-  message with section 5's question (`judge_question_lines`), then the generation prompt, so
-  the teacher's next token is its answer. The transcript before it stands in for section 5's
-  task, history and response lines, and its keys are computed once for all of an episode's
-  questions. `response_end` is as in `next_turn_text`.
+  The transcript before it stands in for section 5's task, history and response lines.
+
+  Args:
+    layout: from `ChatLayout.from_tokenizer`.
+    feedback: o_{t+1}, the env's answer to the judged response.
+    admissible_actions: listed as in section 5 when given.
+    response_end: as in `next_turn_text`.
+    feedback_shown: False: the question follows the judged response's tokens, so it closes
+      that assistant message and asks section 5's question (`judge_question_lines`) in a user
+      message of its own. True: it follows the user message that already shows o_{t+1} (every
+      turn but the last), up to that message's closing text, so it adds only the lines after
+      the feedback there.
+  Both end with the generation prompt: the teacher's next token is its answer.
   """
-  return _user_turn(layout, "\n".join(judge_question_lines(feedback, admissible_actions)), response_end)
+  lines = judge_question_lines(feedback, admissible_actions)
+  if feedback_shown:
+    return "\n" + "\n".join(lines[2:]) + layout.user_close
+  return _user_turn(layout, "\n".join(lines), response_end)
 
 
 def render_judge_prompt(

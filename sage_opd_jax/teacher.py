@@ -24,7 +24,7 @@ student's; they are read under `stop_gradient` and never trained.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,19 @@ Scores = dict[str, Array]
 
 STAT_KEYS = ("teacher_logprobs", "teacher_top1", "teacher_entropy")
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
+# The packed rows of `judge.PackedQuestions.arrays()` (the transcript judge's questions).
+QUESTION_KEYS = ("tokens", "positions", "segments", "reach", "mask", "answer_at")
+
+
+def packed_allowed(segments_BxW: Array, reach_BxW: Array) -> Array:
+  """[B, W, W] bool: query i may read key j if j is transcript before i's reach, or in i's question.
+
+  (The model adds causality and padding; see `judge.PackedQuestions`.)
+  """
+  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
+  key_seg_Bx1xW = segments_BxW[:, None, :]
+  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
+                   key_seg_Bx1xW == segments_BxW[:, :, None])
 
 
 def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int,
@@ -63,6 +76,7 @@ def score_tokens(
     chunk_size: int,
     top_k: int = 0,
     temperature: float = 1.0,
+    questions: Mapping[str, Array] | None = None,
 ) -> Scores:
   """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
 
@@ -73,10 +87,16 @@ def score_tokens(
     chunk_size: sequence positions per LM-head chunk; need not divide S.
     top_k: also return the K most likely teacher tokens per position (0: off).
     temperature: every statistic is that of nu_tau, proportional to nu^(1/tau) (1: nu itself).
+    questions: the transcript judge's packed rows (`judge.PackedQuestions.arrays()`, W >= S
+      columns whose first S hold the batch's real tokens). The trunk then runs over them
+      instead of the batch: a transcript position reads only transcript keys, so its
+      statistics are unchanged, and the questions cost only the positions they add.
 
   Returns:
     `STAT_KEYS` -> [B, S] float32 (plus `TOPK_KEYS` -> [B, S, K] when top_k > 0). Entry s
     describes the teacher distribution that predicts token s; entry 0 and padding entries are 0.
+    With `questions`, also `answer_logits` [B, R, V] float32: the next-token logits (at
+    temperature 1) after each question's last token, `answer_at`.
   """
   if chunk_size < 1:
     raise ValueError(f"score_tokens: chunk_size must be >= 1, got {chunk_size}.")
@@ -90,7 +110,22 @@ def score_tokens(
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   batch, seq = tokens_BxS.shape
   tokens_BxS = tokens_BxS.astype(jnp.int32)
-  hidden_BxSxD = model.hidden_states(tokens_BxS, attention_mask=attention_mask_BxS)
+  answer_logits_BxRxV = None
+  if questions is None:
+    hidden_BxSxD = model.hidden_states(tokens_BxS, attention_mask=attention_mask_BxS)
+  else:
+    if sorted(questions) != sorted(QUESTION_KEYS):
+      raise ValueError(f"score_tokens: questions has keys {sorted(questions)}; expected {sorted(QUESTION_KEYS)}.")
+    width = questions["tokens"].shape[1]
+    if questions["tokens"].shape[0] != batch or width < seq:
+      raise ValueError(f"score_tokens: questions['tokens'] is {questions['tokens'].shape}; it needs the "
+                       f"batch's {batch} rows and at least its {seq} positions.")
+    hidden_BxWxD = model.hidden_states(
+        questions["tokens"], questions["positions"], questions["mask"],
+        allowed_BxSxS=packed_allowed(questions["segments"], questions["reach"]))
+    answer_logits_BxRxV = model.lm_logits(
+        jnp.take_along_axis(hidden_BxWxD, questions["answer_at"][..., None], axis=1)).astype(jnp.float32)
+    hidden_BxSxD = hidden_BxWxD[:, :seq]
 
   # One leading dummy position makes window c = padded positions [c*C, c*C + C], i.e. real
   # positions [c*C - 1, c*C + C): the C tokens of chunk c plus the position predicting the first.
@@ -116,14 +151,16 @@ def score_tokens(
     value = value[:, :seq]
     real = real_BxS.reshape(real_BxS.shape + (1,) * (value.ndim - 2))
     scores[key] = jnp.where(real, value, jnp.zeros((), value.dtype))
+  if answer_logits_BxRxV is not None:
+    scores["answer_logits"] = answer_logits_BxRxV
   return scores
 
 
 @functools.lru_cache(maxsize=16)
 def make_scorer(
     graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0
-) -> Callable[[nnx.State, Array, Array], Scores]:
-  """A jitted `(state, tokens_BxS, attention_mask_BxS) -> scores` for one teacher graph.
+) -> Callable[..., Scores]:
+  """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None) -> scores` for one teacher graph.
 
   One compile per distinct [B, S]: the rollout's bucketed batch shapes are the student's, so
   the teacher compiles as often as the student's forward does. Sharding follows the inputs:
@@ -136,9 +173,9 @@ def make_scorer(
 
 def score_batch(
     teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
-    top_k: int = 0, temperature: float = 1.0
+    top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None,
 ) -> Scores:
   """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
   graphdef, state = nnx.split(teacher)
   return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature)(
-      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS))
+      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS), questions=questions)

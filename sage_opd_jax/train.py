@@ -413,17 +413,29 @@ class DistillSource:
       batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
+    questions = None
+    if self.uses_labels and self.judge_config.mode == "transcript":
+      # The transcript judge's questions ride in the teacher's scoring forward (its "judge"
+      # time is the host work around it).
+      with timer("judge"):
+        questions = judge_lib.prepare_transcript_judge(
+            batch.episodes, arrays["valid"].shape[1], self.judge_config, self.tokenizer, arrays["tokens"],
+            arrays["attention_mask"], arrays["turn_ids"])
     with timer("teacher"):
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
-      scores = teacher_lib.score_batch(self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk,
-                                       top_k=self.teacher_top_k, temperature=self.config.teacher.temperature)
+      scores = teacher_lib.score_batch(
+          self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=self.teacher_top_k,
+          temperature=self.config.teacher.temperature,
+          questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
       arrays.update(jax.device_get(scores))
+    answer_logits_BxRxV = arrays.pop("answer_logits", None)
     if self.uses_labels:
       with timer("judge"):
         judged = judge_lib.judge_batch(
             batch.episodes, arrays["valid"].shape[1], self.judge_config, teacher=self.teacher,
             tokenizer=self.tokenizer, rng=judge_key, tokens_BxS=arrays["tokens"], turn_ids_BxS=arrays["turn_ids"],
-            teacher_logprobs_BxS=arrays["teacher_logprobs"],
+            teacher_logprobs_BxS=arrays["teacher_logprobs"], questions=questions,
+            answer_logits_BxRxV=answer_logits_BxRxV,
         )
       arrays["labels"] = judged.labels
       num_turns = arrays["valid"].shape[1]
@@ -441,7 +453,8 @@ class DistillSource:
 
     The env has not answered yet when the hook runs, so the judge sees the turn without
     feedback: an unparseable or inadmissible action is Strong by rule (E5), and the rest
-    go to the prompted judge with the feedback marked as not yet known.
+    go to the prompted judge with the feedback marked as not yet known (`judge.mode='prompt'`;
+    under the other modes only the rule's Strong turns are replaced).
     """
     calls = iter(range(1 << 30))
 

@@ -454,53 +454,66 @@ def _closed_responses(tokenizer, episodes):
   return out
 
 
+def _transcript_judge(model, tokenizer, batch, show_admissible=False):
+  """The transcript judge's questions, and the teacher's scores of the batch with them."""
+  questions = judge.prepare_transcript_judge(
+      batch.episodes, NUM_TURNS, judge.JudgeConfig(mode="transcript", show_admissible=show_admissible), tokenizer,
+      batch.tokens, batch.attention_mask, batch.turn_ids)
+  scores = teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8, top_k=2,
+                               questions=questions.arrays())
+  return questions, jax.device_get(scores)
+
+
 @pytest.mark.parametrize("closed", [False, True])
 def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
   episodes = _episodes(tokenizer)
   if closed:
     episodes = _closed_responses(tokenizer, episodes)
   batch = rollout.assemble_batch(episodes, max_turns=NUM_TURNS, pad_id=tokenizer.pad_token_id)
-  asked = VALID
-  questions = judge.transcript_questions(batch.episodes, batch.tokens, batch.turn_ids, tokenizer, asked,
-                                         show_admissible=False)
-  assert [(b, t) for b, t, _ in questions] == [tuple(i) for i in np.argwhere(VALID)]
-
   config = models.ModelConfig.from_dict(dict(
       vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
       num_kv_heads=2, head_dim=16, tie_embeddings=False))
   model = models.Transformer(config, rngs=nnx.Rngs(3))
-  labels, answers, label_logprobs = judge.ask_in_transcript(model, tokenizer, batch.tokens, batch.turn_ids,
-                                                            questions)
-  label_ids = judge.label_token_ids(tokenizer)
-  for (b, t, text), label, answer, got in zip(questions, labels, answers, label_logprobs):
-    # The question continues the acting transcript right after turn t's response.
-    end = int(np.flatnonzero(batch.turn_ids[b] == t + 1)[-1]) + 1
-    sequence = [*batch.tokens[b, :end].tolist(), *_encode(tokenizer, text)]
+  questions, scores = _transcript_judge(model, tokenizer, batch)
+  assert [(b, t) for b, t, _ in questions.turns] == [tuple(i) for i in np.argwhere(VALID)]
+  # The questions leave the teacher's statistics of the transcripts as they are without them.
+  plain = jax.device_get(teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8, top_k=2))
+  assert sorted(scores) == sorted([*plain, "answer_logits"])
+  for key, value in plain.items():
+    np.testing.assert_allclose(scores[key], value, atol=2e-5, err_msg=key)
+
+  for b, t, r in questions.turns:
+    question = questions.segments[b] == r + 1
+    reach = int(questions.reach[b][question][0])
+    assert np.all(questions.reach[b][question] == reach)
+    np.testing.assert_array_equal(questions.positions[b][question], reach + np.arange(question.sum()))
+    assert questions.answer_at[b, r] == np.flatnonzero(question)[-1]
+    # The question continues the acting transcript: after the user message that shows turn t's
+    # feedback, or (the last turn, whose feedback the transcript lacks) after its response.
+    sequence = [*batch.tokens[b, :reach].tolist(), *questions.tokens[b][question].tolist()]
     _, response, _, _, _, feedback = EPISODES[b][t]
-    assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(
-        f"{response}<|im_end|>\n<|im_start|>user\nThe environment's feedback to it:\n{feedback}\n"
-        "Decide whether the agent needs correction at this step.\n"
-        + "\n".join(prompts.judge_question_lines(feedback, [])[3:])
-        + "<|im_end|>\n<|im_start|>assistant\n")
+    instructions = "\n".join(prompts.judge_question_lines(feedback, [])[2:]) + "<|im_end|>\n<|im_start|>assistant\n"
+    shown = f"{prompts.turn_user_content(feedback, ADMISSIBLE)}\n" if t + 1 < len(EPISODES[b]) else (
+        f"{response}<|im_end|>\n<|im_start|>user\nThe environment's feedback to it:\n{feedback}\n")
+    assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(shown + instructions)
     # Reference: that sequence alone, through the model's plain causal forward.
     logits = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0, -1], np.float64)
-    logprobs = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
-    np.testing.assert_allclose(got, logprobs[label_ids], atol=2e-5)
-    top = int(np.argmax(logits))
-    assert label == (list(label_ids).index(top) if top in label_ids else STRONG)
-    assert answer == tokenizer.decode([top], skip_special_tokens=True)
+    np.testing.assert_allclose(scores["answer_logits"][b, r], logits, atol=2e-5)
 
 
 def test_transcript_mode_labels_valid_turns_from_the_answer_token(tokenizer, batch, weak_teacher):
   config = judge.JudgeConfig(mode="transcript")
-  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer,
-                             tokens_BxS=batch.tokens, turn_ids_BxS=batch.turn_ids)
+  questions, scores = _transcript_judge(weak_teacher, tokenizer, batch)
+  result = judge.judge_batch(batch.episodes, NUM_TURNS, config, tokenizer=tokenizer, questions=questions,
+                             answer_logits_BxRxV=scores["answer_logits"])
   assert result.num_prompts == int(VALID.sum())
   np.testing.assert_array_equal(result.labels, np.where(VALID, WEAK, STRONG))
   assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == ["Weak"] * 4
   # An answer that is no label is Strong, as an unclear prompted answer is.
-  unclear = judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=_answering_teacher(tokenizer, "desk"),
-                              tokenizer=tokenizer, tokens_BxS=batch.tokens, turn_ids_BxS=batch.turn_ids)
+  questions, scores = _transcript_judge(_answering_teacher(tokenizer, "desk"), tokenizer, batch)
+  unclear = judge.judge_batch(batch.episodes, NUM_TURNS, config, tokenizer=tokenizer, questions=questions,
+                              answer_logits_BxRxV=scores["answer_logits"])
   np.testing.assert_array_equal(unclear.labels, np.full((2, NUM_TURNS), STRONG))
-  with pytest.raises(ValueError, match="mode='transcript' needs `tokens_BxS`"):
+  assert [unclear.answers[b][t] for b, t in np.argwhere(VALID)] == ["desk"] * 4
+  with pytest.raises(ValueError, match="mode='transcript' needs `questions`"):
     judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer)

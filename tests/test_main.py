@@ -137,6 +137,17 @@ def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
   assert row["judge/oracle_count"] > 0 and row["judge/oracle_accuracy"] == 1.0
 
 
+def test_transcript_judge_runs_in_the_teachers_scoring(tokenizer_dir, tmp_path):
+  # Constrained decoding keeps actions admissible, so valid turns reach the judge.
+  config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "transcript", "sampling.constrained": True,
+                                                     "train.num_steps": 1, "eval.num_episodes": 0})
+  train.train(config, tmp_path)
+  row = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r][-1]
+  assert np.isfinite(row["train/loss"]), row
+  assert row["judge/num_prompts"] > 0 and row["judge/asked_frac"] > 0, row
+  assert sum(row[f"judge/{name}_frac"] for name in ("skip", "weak", "strong")) == pytest.approx(1.0)
+
+
 def test_sft_and_export_stages(tokenizer_dir, tmp_path):
   demos_dir = tmp_path / "demos"
   config = tiny_config(tokenizer_dir, stage="collect_demos",
