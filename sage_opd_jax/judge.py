@@ -9,13 +9,14 @@ After the environment has answered every turn of a rollout batch, each turn is l
     env's feedback in it, and answers greedily in a few tokens; all turns of all episodes go
     through the sampler together. `prompts.parse_judge_label` reads the answer tolerantly, and
     anything unclear is Strong.
-  - `transcript`: section 5's question asked as a continuation of the scored transcript, after
-    the judged turn's feedback (`prompts.transcript_judge_text`): the transcript stands in for
-    the prompt's task, history, response and (but for the last turn) feedback lines. All of an episode's questions are packed
-    after its transcript in one row (`pack_questions`) and ride in the teacher's scoring
-    forward (`teacher.score_tokens(questions=)`), mostly in its rows' padding, so the
-    transcript is read once rather than once per turn. The greedy answer token gives the
-    label. The teacher must be trained (or able) to answer this layout.
+  - `transcript`: section 5's question asked as a continuation of the scored transcript, in
+    the user message that shows the judged turn's feedback (`prompts.transcript_judge_text`):
+    the transcript stands in for the prompt's task, history, response and feedback lines. All
+    of an episode's questions are packed after its transcript in one row (`pack_questions`)
+    and ride in the teacher's scoring forward (`teacher.score_tokens(questions=)`), mostly in
+    its rows' padding, so the transcript is read once rather than once per turn. The greedy
+    answer token gives the label. The teacher must be trained on this layout
+    (`sft_data.judge_prompt_segments`) or able to answer it.
   - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
     forward of `teacher.py`) against two thresholds: above the first Skip, above the second
     Weak, else Strong. Cheap, and usable with tiny teachers.
@@ -737,19 +738,22 @@ def judge_accuracy(
     *,
     history_turns: int,
     show_admissible: bool = True,
+    transcript: bool = False,
     max_new_tokens: int = 4,
     batch_size: int | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-  """The prompted judge's accuracy against labelled judge examples (e.g. of held-out games).
+  """The judge's accuracy against labelled judge examples (e.g. of held-out games).
 
-  The questions are rendered exactly as the SFT data trains them (`sft_data.judge_prompt`).
+  The questions are rendered exactly as the SFT data trains them (`sft_data.judge_prompt`;
+  `transcript` for the transcript judge, whose examples keep every past turn), and the
+  teacher answers them greedily.
   Returns `judge_eval/accuracy`, the per-label recall `judge_eval/recall_<label>` (for labels
   present), the predicted label mix `judge_eval/pred_<label>_frac` and `judge_eval/count`.
   """
   if not examples:
     raise ValueError("judge_accuracy: `examples` is empty.")
-  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns, show_admissible) for ex in examples]
+  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns, show_admissible, transcript) for ex in examples]
   replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         sampler_kwargs=sampler_kwargs)
   predicted = np.asarray([prompts.parse_judge_label(r) for r in replies], np.int32)

@@ -442,24 +442,26 @@ def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions:
                           response_end: str = "", feedback_shown: bool = False) -> str:
   """The judge's question as a continuation of the acting transcript (`judge.mode='transcript'`).
 
-  The transcript before it stands in for section 5's task, history and response lines.
+  The transcript before it stands in for section 5's task, history and response lines, and
+  the feedback is the user message that follows the judged response, as the student saw it
+  (`turn_user_content`); that message then goes on with section 5's remaining lines
+  (`judge_question_lines` after the feedback), and the generation prompt follows, so the
+  teacher's next token is its answer. Every judged turn thus reads the same layout.
 
   Args:
     layout: from `ChatLayout.from_tokenizer`.
     feedback: o_{t+1}, the env's answer to the judged response.
-    admissible_actions: listed as in section 5 when given.
+    admissible_actions: turn t's, listed as in section 5 when given.
     response_end: as in `next_turn_text`.
-    feedback_shown: False: the question follows the judged response's tokens, so it closes
-      that assistant message and asks section 5's question (`judge_question_lines`) in a user
-      message of its own. True: it follows the user message that already shows o_{t+1} (every
-      turn but the last), up to that message's closing text, so it adds only the lines after
-      the feedback there.
-  Both end with the generation prompt: the teacher's next token is its answer.
+    feedback_shown: True: the text continues a transcript that already holds the feedback's
+      user message up to its closing text (`ChatLayout.user_close`), as every turn but the
+      last has; False: it follows the judged response and opens that message itself (without
+      the next turn's admissible actions, which a last turn does not have).
   """
-  lines = judge_question_lines(feedback, admissible_actions)
+  lines = "\n".join(judge_question_lines(feedback, admissible_actions)[2:])
   if feedback_shown:
-    return "\n" + "\n".join(lines[2:]) + layout.user_close
-  return _user_turn(layout, "\n".join(lines), response_end)
+    return "\n" + lines + layout.user_close
+  return _user_turn(layout, f"{turn_user_content(feedback)}\n{lines}", response_end)
 
 
 def render_judge_prompt(

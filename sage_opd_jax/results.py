@@ -86,10 +86,11 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
   """The (SFT'd) teacher's judge accuracy on the judge examples of held-out games."""
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
   teacher = train.load_model(config.student, None, config.seed)
-  examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
+  examples = sft_data.read_judge_examples(demos_dir, sft_data.judge_window(config.judge), config.sft.thoughts)
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
                                      history_turns=config.judge.history_turns,
                                      show_admissible=config.judge.show_admissible,
+                                     transcript=config.judge.mode == "transcript",
                                      max_new_tokens=config.judge.max_new_tokens)
   writer = writers.MetricWriter(workdir)
   writer.write(0, metrics)

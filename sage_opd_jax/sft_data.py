@@ -103,6 +103,8 @@ class JudgeExample:
     admissible_actions: the admissible actions at o_t.
     label: prompts.SKIP / WEAK / STRONG.
     thought: the <think> text of the judged response (as the acting demos are trained).
+    history_thoughts: the <think> texts of the `history` turns' responses ("" each if empty);
+      the transcript judge's question shows those responses whole.
   """
 
   task_text: str
@@ -113,26 +115,37 @@ class JudgeExample:
   admissible_actions: Sequence[str]
   label: int
   thought: str = ""
+  history_thoughts: Sequence[str] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "label", label_code(self.label))
+    if self.history_thoughts and len(self.history_thoughts) != len(self.history):
+      raise ValueError(f"JudgeExample.history_thoughts has {len(self.history_thoughts)} entries for "
+                       f"{len(self.history)} history turns.")
 
   @classmethod
-  def from_demo(cls, example: Any, thought: str = "") -> "JudgeExample":
+  def from_demo(cls, example: Any, thought: str = "", history_thoughts: Sequence[str] = ()) -> "JudgeExample":
     """From an `envs.demos.JudgeExample` (as `envs.demos.load_judge_examples` yields them)."""
     return cls(task_text=example.task, history=list(example.history), observation=example.observation,
                action=example.action, feedback=example.feedback,
                admissible_actions=list(example.admissible_actions), label=label_code(example.label),
-               thought=thought)
+               thought=thought, history_thoughts=list(history_thoughts))
 
 
-def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int, thoughts: str = "none"
+def judge_window(judge: Any) -> int | None:
+  """The past turns a judge example keeps (`config.judge`): section 5's window, or all of them
+  for the transcript judge, whose question follows the whole transcript."""
+  return None if judge["mode"] == "transcript" else int(judge["history_turns"])
+
+
+def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | None, thoughts: str = "none"
                         ) -> list[JudgeExample]:
   """The judge examples of a collection folder, their responses thought as its demos are.
 
-  With `thoughts="subgoal"` the judged response carries the subgoal the expert would think in
-  that state before that action (`envs.alfworld.subgoal_thoughts` over the episode's earlier
-  turns), so the judge is trained on responses shaped like the ones the policy writes.
+  With `thoughts="subgoal"` the judged response (and each history turn's) carries the subgoal
+  the expert would think in that state before that action (`envs.alfworld.subgoal_thoughts`
+  over the episode's earlier turns), so the judge is trained on responses shaped like the ones
+  the policy writes. `history_turns`: the past turns kept (None: all, `judge_window`).
   """
   examples = list(demos.load_judge_examples(out_dir, history_turns))
   if thoughts not in THOUGHTS:
@@ -145,9 +158,9 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int, tho
   out = []
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn
-    thought = alfworld.subgoal_thoughts(ex.task_id, [*episode["actions"][:t], ex.action or ""],
-                                        [*episode["observations"][: t + 1], ex.feedback])[-1]
-    out.append(JudgeExample.from_demo(ex, thought))
+    thoughts_so_far = alfworld.subgoal_thoughts(ex.task_id, [*episode["actions"][:t], ex.action or ""],
+                                                [*episode["observations"][: t + 1], ex.feedback])
+    out.append(JudgeExample.from_demo(ex, thoughts_so_far[-1], thoughts_so_far[t - len(ex.history):t]))
   return out
 
 
@@ -218,20 +231,46 @@ def acting_segments(
   return prompts.episode_segments(layout, demo.task_text, list(demo.observations[:num]), responses, admissible)
 
 
-def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int, show_admissible: bool = True) -> str:
-  """The judge question about `example`, rendered with the generation prompt."""
-  return prompts.render_judge_prompt(
-      tokenizer, example.task_text, list(example.history), example.observation,
-      expert_response(example.action, example.thought), example.feedback,
-      list(example.admissible_actions) if show_admissible else [], history_turns)
+def judge_prompt_segments(layout: prompts.ChatLayout, example: JudgeExample, history_turns: int,
+                          show_admissible: bool = True, transcript: bool = False) -> list[str]:
+  """The judge question about `example`, through the generation prompt, as text pieces.
+
+  Section 5's prompt is one piece. The transcript judge's (`transcript=True`) is the episode's
+  acting transcript through the judged response, as the student saw it (without admissible
+  lists: an example has none for its history), in `prompts.episode_segments`' pieces, then
+  `prompts.transcript_judge_text`; `history_turns` is then unused (load the examples with
+  every past turn, `judge_window`).
+  """
+  response = expert_response(example.action, example.thought)
+  admissible = list(example.admissible_actions) if show_admissible else []
+  if not transcript:
+    return [prompts.render_judge_prompt(layout.tokenizer, example.task_text, list(example.history),
+                                        example.observation, response, example.feedback, admissible,
+                                        history_turns)]
+  thoughts = list(example.history_thoughts) or [""] * len(example.history)
+  responses = [expert_response(action, thought) for (_, action), thought in zip(example.history, thoughts)]
+  end = _end_of_turn(layout)
+  observations = [o for o, _ in example.history] + [example.observation]
+  segments = prompts.episode_segments(layout, example.task_text, observations, [*responses, response],
+                                      response_end=end)
+  return [text for text, _ in segments] + [prompts.transcript_judge_text(layout, example.feedback, admissible, end)]
+
+
+def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int, show_admissible: bool = True,
+                 transcript: bool = False) -> str:
+  """The judge question about `example`, rendered with the generation prompt (`judge_prompt_segments`)."""
+  return "".join(judge_prompt_segments(prompts.ChatLayout.from_tokenizer(tokenizer), example, history_turns,
+                                       show_admissible, transcript))
 
 
 def judge_segments(
-    layout: prompts.ChatLayout, example: JudgeExample, history_turns: int, show_admissible: bool = True
+    layout: prompts.ChatLayout, example: JudgeExample, history_turns: int, show_admissible: bool = True,
+    transcript: bool = False,
 ) -> list[tuple[str, bool]]:
-  """The judge question and its one-word answer (with the end-of-turn text)."""
+  """The judge question and its one-word answer (with the end-of-turn text); only the answer trains."""
   answer = prompts.LABEL_NAMES[example.label] + _end_of_turn(layout)
-  return [(judge_prompt(layout.tokenizer, example, history_turns, show_admissible), False), (answer, True)]
+  question = judge_prompt_segments(layout, example, history_turns, show_admissible, transcript)
+  return [(text, False) for text in question] + [(answer, True)]
 
 
 def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int,
@@ -291,6 +330,7 @@ def build_sft_data(
     history_turns: int = 2,
     show_admissible: bool = True,
     judge_admissible: bool = True,
+    judge_transcript: bool = False,
     max_turns: int | None = None,
     seed: int | None = 0,
 ) -> SftData:
@@ -305,12 +345,19 @@ def build_sft_data(
     history_turns: the judge prompt's history window (config.judge.history_turns).
     show_admissible: list the admissible actions with each observation (as the rollout does).
     judge_admissible: list them in the judge questions (config.judge.show_admissible).
+    judge_transcript: ask the judge questions as the transcript judge does
+      (`config.judge.mode='transcript'`, `judge_prompt_segments`); its transcripts list no
+      admissible actions, so `show_admissible` must be False then.
     max_turns: keep at most this many turns of an acting episode (the env's turn limit, so that
       no turn id exceeds the loss's `num_turns`); None keeps them all.
     seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
   """
   if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
     raise ValueError("build_sft_data: `tokenizer` must be given and have a pad_token_id.")
+  if judge_transcript and show_admissible:
+    raise ValueError("build_sft_data: judge_transcript=True trains the judge on transcripts without admissible "
+                     "lists, but show_admissible=True lists them in the acting transcripts it will judge "
+                     "(config.judge.mode='transcript' needs config.env.show_admissible=False).")
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
   examples: list[tuple[list[int], list[int]]] = []
   is_judge: list[bool] = []
@@ -329,7 +376,8 @@ def build_sft_data(
     examples.append((fitted, fitted_tids))
     is_judge.append(False)
   for example in judge_examples:
-    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns, judge_admissible))
+    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns, judge_admissible,
+                                                            judge_transcript))
     if len(ids) > seq_len:
       dropped += 1
       continue

@@ -320,13 +320,15 @@ class SftSource:
       corrections += sft_data.read_demonstrations(folder, config.sft.thoughts)
     judge_examples = []
     if config.sft.judge_examples:
-      judge_examples = sft_data.read_judge_examples(demos_dir, config.judge.history_turns, config.sft.thoughts)
+      judge_examples = sft_data.read_judge_examples(demos_dir, sft_data.judge_window(config.judge),
+                                                    config.sft.thoughts)
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(
         tokenizer, [*demonstrations, *corrections], judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
-        judge_admissible=config.judge.show_admissible, seed=config.seed,
+        judge_admissible=config.judge.show_admissible, judge_transcript=config.judge.mode == "transcript",
+        seed=config.seed,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])

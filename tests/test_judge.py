@@ -398,14 +398,15 @@ def test_likelihood_mode_thresholds_the_mean_action_logprob(tokenizer, batch, ra
   assert not (mask & (batch.turn_ids == 0)).any()
 
 
-def test_judge_accuracy_on_labelled_examples(tokenizer, weak_teacher):
+@pytest.mark.parametrize("transcript", [False, True])
+def test_judge_accuracy_on_labelled_examples(tokenizer, weak_teacher, transcript):
   state = dict(task=TASK, history=[], observation=EPISODES[0][0][0], admissible_actions=ADMISSIBLE,
                feedback="Nothing happens.", task_id="fixture", turn=0)
   examples = [sft_data.JudgeExample.from_demo(demos.JudgeExample(action=a, label=label, **state))
               for a, label in (("look", "Weak"), ("go to desk 1", "Skip"), ("fly to the moon", "Strong"),
                                ("go to drawer 2", "Weak"))]
   metrics = judge.judge_accuracy(weak_teacher, tokenizer, examples, jax.random.key(1), history_turns=2,
-                                 sampler_kwargs=dict(min_len=64))
+                                 transcript=transcript, sampler_kwargs=dict(min_len=64))
   assert metrics["judge_eval/accuracy"] == pytest.approx(0.5)
   assert metrics["judge_eval/recall_weak"] == 1.0 and metrics["judge_eval/recall_skip"] == 0.0
   assert metrics["judge_eval/pred_weak_frac"] == 1.0 and metrics["judge_eval/count"] == 4.0
@@ -488,14 +489,17 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
     assert np.all(questions.reach[b][question] == reach)
     np.testing.assert_array_equal(questions.positions[b][question], reach + np.arange(question.sum()))
     assert questions.answer_at[b, r] == np.flatnonzero(question)[-1]
-    # The question continues the acting transcript: after the user message that shows turn t's
-    # feedback, or (the last turn, whose feedback the transcript lacks) after its response.
+    # The question continues the acting transcript in the user message that shows turn t's
+    # feedback: the transcript's own (with the next turn's admissible actions), or, for the last
+    # turn, whose feedback the transcript lacks, one the question opens after the response.
     sequence = [*batch.tokens[b, :reach].tolist(), *questions.tokens[b][question].tolist()]
     _, response, _, _, _, feedback = EPISODES[b][t]
-    instructions = "\n".join(prompts.judge_question_lines(feedback, [])[2:]) + "<|im_end|>\n<|im_start|>assistant\n"
-    shown = f"{prompts.turn_user_content(feedback, ADMISSIBLE)}\n" if t + 1 < len(EPISODES[b]) else (
-        f"{response}<|im_end|>\n<|im_start|>user\nThe environment's feedback to it:\n{feedback}\n")
-    assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(shown + instructions)
+    last = t + 1 == len(EPISODES[b])
+    shown = prompts.turn_user_content(feedback, None if last else ADMISSIBLE)
+    assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(
+        f"{response}<|im_end|>\n<|im_start|>user\n{shown}\n" + "\n".join(prompts.judge_question_lines(feedback, [])[2:])
+        + "<|im_end|>\n<|im_start|>assistant\n")
+    assert (reach == batch.attention_mask[b].sum()) == last
     # Reference: that sequence alone, through the model's plain causal forward.
     logits = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0, -1], np.float64)
     np.testing.assert_allclose(scores["answer_logits"][b, r], logits, atol=2e-5)

@@ -156,3 +156,46 @@ def test_subgoal_thoughts_fill_the_think_tags(tokenizer):
     sft_data.Demonstration.from_record(dict(record, env="scienceworld"), thoughts="subgoal")
   with pytest.raises(ValueError, match="thoughts"):
     sft_data.Demonstration.from_record(record, thoughts="chain")
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_transcript_judge_sample_is_the_question_the_trainer_asks(tokenizer, last):
+  from sage_opd_jax import judge  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax import rollout  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax.envs import base as env_base  # pylint: disable=g-import-not-at-top
+
+  example = sft_data.JudgeExample(task_text=TASK, history=[(DEMO.observations[0], DEMO.actions[0])],
+                                  observation=DEMO.observations[1], action="look", feedback=JUDGE.feedback,
+                                  admissible_actions=list(DEMO.admissible_actions[1]), label="Strong",
+                                  thought="find pen", history_thoughts=["find desk"])
+  data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, judge_admissible=False,
+                                 judge_transcript=True, show_admissible=False, seed=None).arrays
+  tokens, mask, turn_ids = data["tokens"][0], data["attention_mask"][0], data["turn_ids"][0]
+  assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Strong<|im_end|>"
+  question = tokens[(turn_ids == 0) & (mask == 1)].tolist()
+
+  # The same turn in a rollout transcript (the sampler keeps each response's end-of-turn token),
+  # as the last turn of its episode or followed by another.
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+  episode = rollout.Episode(task=env_base.Task("alfworld", "train", "fixture", "pick_and_place_simple"),
+                            task_text=TASK)
+  episode.prompt_tokens = encode(prompts.episode_start_text(layout, TASK, DEMO.observations[0]))
+  steps = [(DEMO.observations[0], sft_data.expert_response(DEMO.actions[0], "find desk"), DEMO.actions[0],
+            DEMO.observations[1]),
+           (DEMO.observations[1], sft_data.expert_response("look", "find pen"), "look", JUDGE.feedback)]
+  if not last:
+    steps.append((JUDGE.feedback, sft_data.expert_response("look"), "look", JUDGE.feedback))
+  for observation, response, action, feedback in steps:
+    ids = encode(response + "<|im_end|>")
+    episode.turns.append(rollout.Turn(
+        observation=observation, admissible=[], response=response, response_tokens=ids,
+        response_logprobs=np.zeros(len(ids), np.float32), action=action, feedback=feedback, valid=True,
+        next_tokens=encode(prompts.next_turn_text(layout, feedback, None, "<|im_end|>"))))
+  batch = rollout.assemble_batch([episode], max_turns=4, pad_id=tokenizer.pad_token_id)
+  asked = np.zeros((1, 4), bool)
+  asked[0, 1] = True
+  ((b, t, reach, text),) = judge.transcript_questions([episode], batch.tokens, batch.turn_ids, tokenizer, asked,
+                                                      show_admissible=False)
+  assert (b, t) == (0, 1) and (reach == batch.attention_mask[0].sum()) == last
+  assert [*batch.tokens[0, :reach].tolist(), *encode(text)] == question

@@ -463,8 +463,8 @@ class JudgeExample:
   turn: int
 
 
-def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int) -> Iterator[JudgeExample]:
-  """Judge examples of a collection folder, each with its last `history_turns` turns."""
+def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | None) -> Iterator[JudgeExample]:
+  """Judge examples of a collection folder, each with its last `history_turns` turns (None: all)."""
   out = pathlib.Path(out_dir)
   demos = {d["task_id"]: d for d in read_jsonl(out / DEMOS)}
   for record in read_jsonl(out / JUDGE):
@@ -472,7 +472,7 @@ def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int) -> 
     if demo is None:
       raise ValueError(f"{out / JUDGE}: example for {record['task_id']!r} has no demo in {out / DEMOS}.")
     t = record["turn"]
-    first = max(0, t - history_turns)
+    first = 0 if history_turns is None else max(0, t - history_turns)
     history = [(demo["observations"][i], demo["actions"][i]) for i in range(first, t)]
     yield JudgeExample(
         task=record["task"], history=history, observation=record["observation"],
