@@ -165,6 +165,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"config.judge.likelihood_thresholds={(high, low)!r}: the Skip threshold must exceed the Weak threshold."
     )
   _positive(config, "judge.max_new_tokens")
+  # The pipeline's teacher SFT trains on judge examples too.
+  trains_judge = _get(config, "sft.judge_examples") or "pipeline" in config
+  if _get(config, "judge.mode") == "transcript" and trains_judge and _get(config, "env.show_admissible"):
+    raise ConfigError("config.judge.mode='transcript' with judge examples in the SFT data (config.sft.judge_examples "
+                      "or a pipeline) trains the judge on transcripts without admissible lists: set "
+                      "config.env.show_admissible=False so that the transcripts it judges have none either.")
 
   _positive(config, "optim.learning_rate")
   _one_of(config, "optim.schedule", SCHEDULES)

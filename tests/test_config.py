@@ -126,3 +126,18 @@ def test_two_wildcard_mesh_axes_are_rejected():
   config.mesh.data = -1
   with pytest.raises(config_lib.ConfigError, match="at most one axis may be -1"):
     config_lib.validate(config)
+
+
+def test_transcript_judge_training_needs_transcripts_without_admissible_lists():
+  config = _load_config("base")
+  config.judge.mode = "transcript"
+  config_lib.validate(config)  # Judging only (a prompted teacher): any transcript.
+  config.sft.judge_examples = True
+  with pytest.raises(config_lib.ConfigError, match=r"config.env.show_admissible=False"):
+    config_lib.validate(config)
+  config.env.show_admissible = False
+  config_lib.validate(config)
+  pipeline = _load_config("alfworld_cpu")
+  pipeline.judge.mode, pipeline.env.show_admissible = "transcript", True
+  with pytest.raises(config_lib.ConfigError, match=r"config.env.show_admissible=False"):
+    config_lib.validate(pipeline)

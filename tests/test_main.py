@@ -169,6 +169,19 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
                                                      "sft.max_judge_examples": 3, "train.batch_episodes": 2})
   assert source.info["sft/judge_examples"] > 3
   assert train.SftSource(capped, models.load_tokenizer(tokenizer_dir)).info["sft/judge_examples"] == 3
+  # The transcript judge trains on the same examples, each asked after its episode's transcript.
+  transcript = tiny_config(tokenizer_dir, stage="sft", **{
+      "sft.demos_dir": str(demos_dir), "sft.judge_examples": True, "judge.mode": "transcript",
+      "env.show_admissible": False, "train.batch_episodes": 2})
+  tokenizer = models.load_tokenizer(tokenizer_dir)
+  transcript_source = train.SftSource(transcript, tokenizer)
+  assert transcript_source.info["sft/judge_examples"] == source.info["sft/judge_examples"]
+  texts = [tokenizer.decode(row[mask == 1].tolist()) for row, mask in zip(
+      transcript_source.arrays["tokens"], transcript_source.arrays["attention_mask"])]
+  questions = [t for t in texts if "Decide whether the agent needs correction" in t]
+  # The longest examples' transcripts outgrow the tiny config's rows; they are dropped and counted.
+  assert len(questions) == source.info["sft/judge_examples"] - transcript_source.info["sft/dropped"] > 0
+  assert all("Recent history" not in t and t.count("<|im_start|>assistant") >= 2 for t in questions)
   train.train(sft, tmp_path / "sft")
   rows = writers.read_metrics(tmp_path / "sft")
   nll = [r["train/nll_mean"] for r in rows if "train/nll_mean" in r]
