@@ -4,6 +4,7 @@ Usage (from the repo root):
   python benchmarks/bench_train.py                         # every part, default sizes
   python benchmarks/bench_train.py --part step --sizes 27m --repeats 5 --batch 8 --seq 256
   ALFWORLD_DATA=... python benchmarks/bench_train.py --part iteration --games alfworld
+  python benchmarks/bench_train.py --part iteration --variants "sage_opd, transcript judge"
 
 Part "step": one random Qwen3-shaped model per size, built by transformers
 (`Qwen3ForCausalLM`, tied embeddings) and saved as an HF checkpoint, then loaded into ours
