@@ -17,6 +17,9 @@ time. Each chunk is handed to `losses.teacher_token_stats`, whose `align_to_toke
 codebase's one shift; chunks therefore overlap by one position (the logits that predict a
 chunk's first token sit at the previous chunk's last position).
 
+With the transcript judge (`judge.mode='transcript'`) the same pass also answers the judge's
+questions, packed after each transcript (`score_tokens(questions=)`, `packed_allowed`).
+
 The teacher's params are a separate pytree (`nnx.split(teacher)`), possibly sharded unlike the
 student's; they are read under `stop_gradient` and never trained.
 """
