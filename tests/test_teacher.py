@@ -104,18 +104,28 @@ def test_scorer_is_cached_and_rejects_bad_arguments(tiny_teacher, batch):
     teacher.score_batch(tiny_teacher, tokens, mask[:, :-1], chunk_size=4)
 
 
-def test_sharded_teacher_scores_like_the_unsharded_one(batch):
+@pytest.mark.parametrize("with_questions", [False, True])
+def test_sharded_teacher_scores_like_the_unsharded_one(batch, with_questions):
+  from sage_opd_jax import judge  # pylint: disable=g-import-not-at-top
+
   config = models.ModelConfig.from_dict(dict(
       vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=8, tie_embeddings=False))
   model = models.Transformer(config, rngs=nnx.Rngs(5))
   tokens = np.concatenate([batch[0], batch[0][:1]]) % 96  # B = 4: divisible by data x fsdp.
   mask = np.concatenate([batch[1], batch[1][:1]])
-  expected = teacher.score_batch(model, tokens, mask, chunk_size=4)
+  questions = None
+  if with_questions:  # The transcript judge's packed rows (judge.pack_questions), one row without any.
+    questions = judge.pack_questions(tokens, mask, [(0, 0, 5, [1, 2, 3]), (0, 1, 13, [4, 5]), (1, 0, 9, [6, 7, 8, 9]),
+                                                    (3, 0, 2, [10])], pad_id=0).arrays()
+  expected = teacher.score_batch(model, tokens, mask, chunk_size=4, questions=questions)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = sharding.shard_model(model, mesh)
   placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, mask)]
-  got = teacher.score_batch(sharded, *placed, chunk_size=4)
-  for key in teacher.STAT_KEYS:
+  if with_questions:
+    questions = jax.device_put(questions, sharding.batch_sharding(mesh))
+  got = teacher.score_batch(sharded, *placed, chunk_size=4, questions=questions)
+  assert sorted(got) == sorted(expected) == sorted([*teacher.STAT_KEYS, *(["answer_logits"] if with_questions else [])])
+  for key in expected:
     assert len(got[key].sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), rtol=1e-5, atol=1e-5, err_msg=key)
