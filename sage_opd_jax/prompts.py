@@ -419,16 +419,16 @@ def judge_prompt_text(
       *recent,
       "The agent's latest response:",
       response.strip(),
-      *judge_question_lines(feedback, admissible_actions),
+      "The environment's feedback to it:",
+      feedback.strip(),
+      *judge_question_lines(admissible_actions),
   ]
   return "\n".join(lines)
 
 
-def judge_question_lines(feedback: str, admissible_actions: Sequence[str]) -> list[str]:
-  """Section 5's lines from the env's feedback to the answer format, which both judges ask."""
+def judge_question_lines(admissible_actions: Sequence[str]) -> list[str]:
+  """Section 5's lines after the env's feedback, through the answer format, which both judges ask."""
   return [
-      "The environment's feedback to it:",
-      feedback.strip(),
       *([f"Admissible actions were: {', '.join(admissible_actions)}"] if admissible_actions else []),
       "Decide whether the agent needs correction at this step.",
       "Skip   = the step is fine (it makes progress, or it is a reasonable alternative).",
@@ -445,8 +445,8 @@ def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions:
   The transcript before it stands in for section 5's task, history and response lines, and
   the feedback is the user message that follows the judged response, as the student saw it
   (`turn_user_content`); that message then goes on with section 5's remaining lines
-  (`judge_question_lines` after the feedback), and the generation prompt follows, so the
-  teacher's next token is its answer. Every judged turn thus reads the same layout.
+  (`judge_question_lines`), and the generation prompt follows, so the teacher's next token is
+  its answer. Every judged turn thus reads the same layout.
 
   Args:
     layout: from `ChatLayout.from_tokenizer`.
@@ -458,7 +458,7 @@ def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions:
       last has; False: it follows the judged response and opens that message itself (without
       the next turn's admissible actions, which a last turn does not have).
   """
-  lines = "\n".join(judge_question_lines(feedback, admissible_actions)[2:])
+  lines = "\n".join(judge_question_lines(admissible_actions))
   if feedback_shown:
     return "\n" + lines + layout.user_close
   return _user_turn(layout, f"{turn_user_content(feedback)}\n{lines}", response_end)

@@ -497,7 +497,7 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
     last = t + 1 == len(EPISODES[b])
     shown = prompts.turn_user_content(feedback, None if last else ADMISSIBLE)
     assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(
-        f"{response}<|im_end|>\n<|im_start|>user\n{shown}\n" + "\n".join(prompts.judge_question_lines(feedback, [])[2:])
+        f"{response}<|im_end|>\n<|im_start|>user\n{shown}\n" + "\n".join(prompts.judge_question_lines([]))
         + "<|im_end|>\n<|im_start|>assistant\n")
     assert (reach == batch.attention_mask[b].sum()) == last
     # Reference: that sequence alone, through the model's plain causal forward.
