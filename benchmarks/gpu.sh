@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The NVIDIA GPU figures of docs/benchmarks.md, in one run (about 6 minutes on one H100).
+# The NVIDIA GPU figures of docs/benchmarks.md, in one run (about 9 minutes on one H100; the turn-cost part is most of it).
 #
 # Usage, from the repo root on a machine whose python3 has JAX with CUDA and torch with CUDA:
 #   bash benchmarks/gpu.sh [OUT_DIR]     # logs: OUT_DIR/*.txt (docs/benchmarks_h100/ holds one run's)
