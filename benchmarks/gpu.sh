@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The NVIDIA GPU figures of docs/benchmarks.md, in one run (about 9 minutes on one H100; the turn-cost part is most of it).
+# The NVIDIA GPU figures of docs/benchmarks.md, in one run (about 9 minutes on one H100, most of it
+# in the turn-cost part, which compiles a prefill per history length).
 #
 # Usage, from the repo root on a machine whose python3 has JAX with CUDA and torch with CUDA:
 #   bash benchmarks/gpu.sh [OUT_DIR]     # logs: OUT_DIR/*.txt (docs/benchmarks_h100/ holds one run's)
