@@ -17,7 +17,9 @@ fp32, grad-norm clipping 1.0 then AdamW. Ours is `train.make_update_fn` under
 `--scan-unroll` (as `configs/base.py`'s `tiny_model` does); torch runs with
 `torch.set_num_threads(--torch-threads)`. Steps alternate torch / ours so the machine's load
 hits both alike; the median of `--repeats` steps per framework is reported (one warm-up
-step each first: compile time excluded).
+step each first: compile time excluded). With `--micro-batches N` both accumulate the gradients
+of N equal slices of the batch before the one optimiser step (ours: `make_update_fn(micro_batches=N)`,
+`config.train.micro_batches`; torch: N forward/backward passes, each loss over the whole mask).
 
 Part "peak": the measured fp32 matmul peak, a jitted `[M, M] @ [M, M]` in JAX and
 `torch.matmul` (median of `--repeats`), and the step's model FLOP/s as a fraction of it:
@@ -119,7 +121,7 @@ def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "turn_ids": turn_ids}
 
 
-def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh):
+def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh, micro_batches: int = 1):
   """`train`'s jitted update with the `sft` loss (token cross-entropy), clipping and AdamW, on a
   state replicated over `mesh`; returns it, its optimiser and the state's sharding."""
   tx = train.make_optimizer(_optim_config(), num_steps=1000)
@@ -130,16 +132,16 @@ def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh):
   config.teacher.model.vocab_size = model.config.vocab_size
   loss_fn, totals_fn = train.make_loss_fns(train.loss_options(config, "sft", None))
   update = train.jit_update(
-      train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=1),
+      train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=micro_batches),
       state_sharding, sharding.batch_sharding(mesh))
   return update, tx, state_sharding
 
 
-def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
+def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int, micro_batches: int):
   """Our jitted update on a 1-device mesh; returns a no-argument step closure and the state."""
   mesh = one_device_mesh()
   model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh, scan_unroll=scan_unroll)
-  update, tx, state_sharding = sft_update(model, mesh)
+  update, tx, state_sharding = sft_update(model, mesh, micro_batches)
   state = jax.device_put(train.init_train_state(model, tx, seed=0), state_sharding)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, sharding.batch_sharding(mesh))
   holder = {"state": state, "loss": None}
@@ -152,7 +154,7 @@ def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int):
   return step, holder
 
 
-def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
+def _torch_step_fn(model, arrays: dict[str, np.ndarray], micro_batches: int):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
@@ -168,29 +170,35 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray]):
   mask = torch.as_tensor(arrays["turn_ids"][:, 1:] > 0, dtype=torch.float32, device=device)
   holder = {"loss": None}
 
+  rows = tokens.shape[0] // micro_batches
+
   def step():
-    logits = model(input_ids=tokens, attention_mask=attention_mask).logits
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                          reduction="none").view_as(mask)
-    loss = (nll * mask).sum() / mask.sum()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = 0.0
+    # Gradients accumulate over the micro-batches; each one's loss is over the whole batch's mask.
+    for i in range(0, tokens.shape[0], rows):
+      logits = model(input_ids=tokens[i:i + rows], attention_mask=attention_mask[i:i + rows]).logits
+      nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[i:i + rows, 1:].reshape(-1),
+                            reduction="none").view_as(mask[i:i + rows])
+      micro_loss = (nll * mask[i:i + rows]).sum() / mask.sum()
+      micro_loss.backward()
+      loss += micro_loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
     opt.step()
-    holder["loss"] = float(loss.detach())
+    holder["loss"] = float(loss)
 
   return step, holder
 
 
 def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int,
-               device) -> dict[str, float]:
+               device, micro_batches: int = 1) -> dict[str, float]:
   """Prints one table row; returns the median wall and CPU seconds per step of both."""
   with tempfile.TemporaryDirectory() as path:
     torch_model = save_hf_qwen3(size, path).to(device)
     num_torch = sum(p.numel() for p in torch_model.parameters())
     arrays = _sft_batch(batch, seq)
-    ours, ours_out = _ours_step_fn(path, arrays, scan_unroll)
-  torch_step, torch_out = _torch_step_fn(torch_model, arrays)
+    ours, ours_out = _ours_step_fn(path, arrays, scan_unroll, micro_batches)
+  torch_step, torch_out = _torch_step_fn(torch_model, arrays, micro_batches)
   total, non_embed, flops = step_flops(size, batch, seq)
   if total != num_torch:
     raise ValueError(f"step_flops counts {total} params for {size}, torch has {num_torch}.")
@@ -204,7 +212,8 @@ def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int,
   tokens = batch * seq
   ours_wall, torch_wall = (statistics.median(t[0] for t in ts) for ts in (ours_t, torch_t))
   ours_cpu, torch_cpu = (statistics.median(t[1] for t in ts) for ts in (ours_t, torch_t))
-  print(f"| {size} | {total / 1e6:.2f}M ({non_embed / 1e6:.2f}M non-emb) | {batch}x{seq} | "
+  shape = f"{batch}x{seq}" + (f" in {micro_batches}" if micro_batches > 1 else "")
+  print(f"| {size} | {total / 1e6:.2f}M ({non_embed / 1e6:.2f}M non-emb) | {shape} | "
         f"{tokens / torch_wall:7.0f} | {tokens / ours_wall:7.0f} | **{torch_wall / ours_wall:.2f}x** | "
         f"{torch_wall:.3f} | {ours_wall:.3f} | {torch_cpu:.2f} | {ours_cpu:.2f} | {flops / 1e9:.1f} | "
         f"{compile_s:.1f} | {min(t[0] for t in torch_t) / min(t[0] for t in ours_t):.2f}x | "
@@ -370,6 +379,8 @@ def main() -> None:
                       default=["step", "peak", "iteration"])
   parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=["6m", "27m"])
   parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--micro-batches", type=int, default=1,
+                      help="step part: both frameworks accumulate gradients over this many micro-batches")
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-threads", type=int, default=2)
@@ -392,6 +403,8 @@ def main() -> None:
   parser.add_argument("--variants", nargs="+", default=None,
                       help="iteration part: only these variants by name (OPD always runs, as the baseline)")
   args = parser.parse_args()
+  if args.micro_batches < 1 or args.batch % args.micro_batches:
+    parser.error(f"--micro-batches {args.micro_batches} must be >= 1 and divide --batch {args.batch}")
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.torch_threads)
@@ -406,7 +419,8 @@ def main() -> None:
           "ours s/step | torch CPU s | ours CPU s | GFLOP/step | compile s | min-step ratio | CPU-s ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-      steps[size] = bench_step(size, args.batch, args.seq, args.repeats, args.scan_unroll, device)
+      steps[size] = bench_step(size, args.batch, args.seq, args.repeats, args.scan_unroll, device,
+                               args.micro_batches)
   if "peak" in args.part:
     peak = matmul_peak(args.matmul, args.repeats, device)
     print(f"matmul peak fp32 [{args.matmul}]^2 @ [{args.matmul}]^2: JAX {peak['jax_wall'] / 1e9:.1f} "
