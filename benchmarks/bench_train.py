@@ -3,6 +3,7 @@
 Usage (from the repo root):
   python benchmarks/bench_train.py                         # every part, default sizes
   python benchmarks/bench_train.py --part step --sizes 27m --repeats 5 --batch 8 --seq 256
+  python benchmarks/bench_train.py --part step peak --sizes 27m --repeats 7 --micro-batches 2   # #7's figure
   ALFWORLD_DATA=... python benchmarks/bench_train.py --part iteration --games alfworld
   python benchmarks/bench_train.py --part iteration --variants "sage_opd, transcript judge"
 
