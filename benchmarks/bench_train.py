@@ -192,7 +192,7 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray], micro_batches: int):
 
 
 def bench_step(size: str, batch: int, seq: int, repeats: int, scan_unroll: int,
-               device, micro_batches: int = 1) -> dict[str, float]:
+               device, micro_batches: int) -> dict[str, float]:
   """Prints one table row; returns the median wall and CPU seconds per step of both."""
   with tempfile.TemporaryDirectory() as path:
     torch_model = save_hf_qwen3(size, path).to(device)
