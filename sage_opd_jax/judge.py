@@ -64,6 +64,7 @@ class JudgedTurn(Protocol):
   admissible: Sequence[str]  # Admissible actions at turn t.
   valid: bool  # Parseable and admissible.
   expert_action: str | None  # The env expert's action at this state, if known.
+  response_end: str  # The end-of-turn text the response kept ("" if none; the transcript judge).
 
 
 class JudgedEpisode(Protocol):
@@ -462,7 +463,7 @@ def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarr
   template's closing text (`ChatLayout.user_close`), and adds only the question's lines there;
   the last turn's feedback is not in the transcript, so its question follows the response
   and shows the feedback itself. A response that kept its end-of-turn token (the sampler's
-  stop token) is not closed twice.
+  stop token, `Turn.response_end`) is not closed twice.
   """
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
   close_ids = tokenizer.encode(layout.user_close, add_special_tokens=False)
@@ -481,9 +482,7 @@ def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarr
       reach = int(starts[0]) - len(close_ids)
       text = prompts.transcript_judge_text(layout, turn.feedback, admissible, feedback_shown=True)
     else:
-      last = tokenizer.decode([int(tokens_BxS[b, end - 1])], skip_special_tokens=False)
-      reach, text = end, prompts.transcript_judge_text(
-          layout, turn.feedback, admissible, last if layout.after_assistant.startswith(last) else "")
+      reach, text = end, prompts.transcript_judge_text(layout, turn.feedback, admissible, turn.response_end)
     out.append((int(b), int(t), reach, text))
   return out
 

@@ -83,6 +83,9 @@ class Turn:
     admissible: the admissible actions at o_t.
     response: the generated (or intervened) response text, decoded from `response_tokens`.
     response_tokens: its token ids, as they appear in the transcript.
+    response_end: the end-of-turn text the response kept (the text of its final stop token,
+      which the sampler keeps), else "". The rest of the assistant message continues it, in
+      `next_tokens` and in the transcript judge's question after the last turn.
     response_logprobs: [len(response_tokens)] float32 behaviour log-probs (0 if intervened).
     action: the parsed action, or None when unparseable.
     feedback: o_{t+1}, the env's answer ("" if the env failed).
@@ -101,6 +104,7 @@ class Turn:
   admissible: list[str]
   response: str = ""
   response_tokens: list[int] = dataclasses.field(default_factory=list)
+  response_end: str = ""
   response_logprobs: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros((0,), np.float32))
   action: str | None = None
@@ -623,8 +627,7 @@ class RolloutEngine:
         finish(e, result.info.error)
         return
       admissible = list(result.info.admissible_actions)
-      turn.next_tokens = self._next_tokens(cfg, result.observation, admissible,
-                                           self._response_end(sampler, turn.response_tokens))
+      turn.next_tokens = self._next_tokens(cfg, result.observation, admissible, turn.response_end)
       current[e] = (result.observation, admissible, result.info.extra.get("expert_action"))
 
     for g in range(groups):
@@ -687,6 +690,7 @@ class RolloutEngine:
               e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})
         for e in live:
           turn = new_turns[e]
+          turn.response_end = self._response_end(sampler, turn.response_tokens)
           previous = episodes[e].turns[-1] if episodes[e].turns else None
           turn.repeated = (turn.action is not None and previous is not None
                            and previous.action == turn.action)

@@ -276,6 +276,7 @@ class _Turn:
   admissible: list[str]
   valid: bool
   expert_action: str | None = None
+  response_end: str = ""
 
 
 @dataclasses.dataclass
@@ -448,7 +449,7 @@ def _closed_responses(tokenizer, episodes):
   (end,) = _encode(tokenizer, "<|im_end|>")
   out = []
   for episode in episodes:
-    turns = [dataclasses.replace(t, response_tokens=[*t.response_tokens, end],
+    turns = [dataclasses.replace(t, response_tokens=[*t.response_tokens, end], response_end="<|im_end|>",
                                  response_logprobs=np.zeros(len(t.response_tokens) + 1, np.float32),
                                  next_tokens=t.next_tokens[1:]) for t in episode.turns]
     out.append(dataclasses.replace(episode, turns=turns))

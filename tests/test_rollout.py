@@ -168,12 +168,15 @@ def test_turn_ids_of_a_hand_written_two_turn_transcript(tok):
 
 
 def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, tok, tasks):
-  responses = [f"<think>step {i}</think><action>{a}</action>" for i, a in enumerate(WALKTHROUGH_A)]
+  # Turns 2 and 4 keep the end-of-turn token, as a sampled response that stopped on it does.
+  ends = ["", tok.eos_token, "", tok.eos_token]
+  responses = [f"<think>step {i}</think><action>{a}</action>{ends[i]}" for i, a in enumerate(WALKTHROUGH_A)]
   batch = engine.run(model, tasks[:1], jax.random.key(0), intervene=_forced(responses),
                      config=_config(max_turns=6))
   (episode,) = batch.episodes
   assert batch.won[0] and episode.won and batch.num_turns[0] == 4 and not batch.failed[0]
   assert [t.action for t in episode.turns] == list(WALKTHROUGH_A)
+  assert [t.response_end for t in episode.turns] == ends
   assert batch.valid[0, :4].all() and batch.intervened[0, :4].all() and not batch.valid[0, 4:].any()
   assert "You pick up the apple 1" in episode.turns[1].feedback
   # An independent rendering of the whole chat: task + o_1, then y_t and user(o_{t+1}).
@@ -183,7 +186,7 @@ def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, t
   for t, turn in enumerate(episode.turns):
     text += responses[t]
     if t + 1 < len(episode.turns):
-      text += prompts.next_turn_text(layout, turn.feedback, episode.turns[t + 1].admissible)
+      text += prompts.next_turn_text(layout, turn.feedback, episode.turns[t + 1].admissible, ends[t])
   length = int(batch.attention_mask[0].sum())
   assert _decode(tok, batch.tokens[0, :length]) == text
   for t in range(4):

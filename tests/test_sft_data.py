@@ -189,7 +189,7 @@ def test_transcript_judge_sample_is_the_question_the_trainer_asks(tokenizer, las
   for observation, response, action, feedback in steps:
     ids = encode(response + "<|im_end|>")
     episode.turns.append(rollout.Turn(
-        observation=observation, admissible=[], response=response, response_tokens=ids,
+        observation=observation, admissible=[], response=response, response_tokens=ids, response_end="<|im_end|>",
         response_logprobs=np.zeros(len(ids), np.float32), action=action, feedback=feedback, valid=True,
         next_tokens=encode(prompts.next_turn_text(layout, feedback, None, "<|im_end|>"))))
   batch = rollout.assemble_batch([episode], max_turns=4, pad_id=tokenizer.pad_token_id)
