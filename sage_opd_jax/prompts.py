@@ -47,6 +47,8 @@ CHATML_TEMPLATE = (
 DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment."
 
 _NO_ACTION = "(no valid action)"
+# The feedback a judge reads for a turn the env has not answered yet (`opd_two_rollout`'s hook).
+NOT_EXECUTED = "(not executed yet)"
 
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
 History = Sequence[tuple[str, str | None]]  # (observation, the action taken after it)

@@ -158,6 +158,8 @@ class TurnState:
   response: str  # The student's y_t.
   action: str | None  # Parsed from it.
   context: tuple[int, ...] = ()  # The token ids y_t was sampled from (a replacement continues them).
+  response_tokens: tuple[int, ...] = ()  # y_t's token ids.
+  response_end: str = ""  # The end-of-turn text y_t kept (`Turn.response_end`).
   expert_action: str | None = None  # The shadow expert's action at o_t, if one runs.
 
 
@@ -682,15 +684,14 @@ class RolloutEngine:
           text = _decode(self.tokenizer, ids)
           new_turns[e] = Turn(observation=observation, admissible=admissible, response=text,
                               expert_action=expert_action,
-                              response_tokens=ids,
+                              response_tokens=ids, response_end=self._response_end(sampler, ids),
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
                               action=prompts.parse_action(text), truncated=truncated[e])
         if intervene is not None:
-          self._apply_intervention(intervene, episodes, new_turns, {
+          self._apply_intervention(intervene, sampler, episodes, new_turns, {
               e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})
         for e in live:
           turn = new_turns[e]
-          turn.response_end = self._response_end(sampler, turn.response_tokens)
           previous = episodes[e].turns[-1] if episodes[e].turns else None
           turn.repeated = (turn.action is not None and previous is not None
                            and previous.action == turn.action)
@@ -707,13 +708,14 @@ class RolloutEngine:
     batch.stats = stats
     return batch
 
-  def _apply_intervention(self, intervene: Intervene, episodes: Sequence[Episode],
-                          new_turns: dict[int, Turn], contexts: Mapping[int, Sequence[int]]
-                          ) -> None:
+  def _apply_intervention(self, intervene: Intervene, sampler: sampling.SamplingConfig,
+                          episodes: Sequence[Episode], new_turns: dict[int, Turn],
+                          contexts: Mapping[int, Sequence[int]]) -> None:
     states = [TurnState(episode=e, turn=len(episodes[e].turns) + 1, task=episodes[e].task,
                         task_text=episodes[e].task_text, history=tuple(episodes[e].turns),
                         observation=turn.observation, admissible=tuple(turn.admissible),
                         response=turn.response, action=turn.action, context=tuple(contexts[e]),
+                        response_tokens=tuple(turn.response_tokens), response_end=turn.response_end,
                         expert_action=turn.expert_action)
               for e, turn in sorted(new_turns.items())]
     for e, replacement in dict(intervene(states)).items():
@@ -726,6 +728,7 @@ class RolloutEngine:
         raise ValueError(f"intervene returned an empty response for episode {e}.")
       turn = new_turns[e]
       turn.response_tokens = ids
+      turn.response_end = self._response_end(sampler, ids)
       turn.response_logprobs = np.zeros((len(ids),), np.float32)
       turn.response = _decode(self.tokenizer, ids)
       turn.action = prompts.parse_action(turn.response)

@@ -415,30 +415,8 @@ class DistillSource:
       batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
-    questions = None
-    if self.uses_labels and self.judge_config.mode == "transcript":
-      # The transcript judge's questions ride in the teacher's scoring forward (its "judge"
-      # time is the host work around it).
-      with timer("judge"):
-        questions = judge_lib.prepare_transcript_judge(
-            batch.episodes, arrays["valid"].shape[1], self.judge_config, self.tokenizer, arrays["tokens"],
-            arrays["attention_mask"], arrays["turn_ids"])
-    with timer("teacher"):
-      tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
-      scores = teacher_lib.score_batch(
-          self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=self.teacher_top_k,
-          temperature=self.config.teacher.temperature,
-          questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
-      arrays.update(jax.device_get(scores))
-    answer_logits_BxRxV = arrays.pop("answer_logits", None)
-    if self.uses_labels:
-      with timer("judge"):
-        judged = judge_lib.judge_batch(
-            batch.episodes, arrays["valid"].shape[1], self.judge_config, teacher=self.teacher,
-            tokenizer=self.tokenizer, rng=judge_key, tokens_BxS=arrays["tokens"], turn_ids_BxS=arrays["turn_ids"],
-            teacher_logprobs_BxS=arrays["teacher_logprobs"], questions=questions,
-            answer_logits_BxRxV=answer_logits_BxRxV,
-        )
+    judged = self.score_and_judge(batch.episodes, arrays, judge_key, timer, judge=self.uses_labels)
+    if judged is not None:
       arrays["labels"] = judged.labels
       num_turns = arrays["valid"].shape[1]
       confidence_BxT = losses.turn_confidence(
@@ -450,13 +428,43 @@ class DistillSource:
     metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
     return arrays, metrics, batch
 
+  def score_and_judge(self, episodes: Sequence[rollout_lib.Episode], arrays: dict[str, np.ndarray],
+                      key: jax.Array, timer: _Timer, *, judge: bool) -> judge_lib.JudgeResult | None:
+    """Adds the teacher's scores of the episodes' batch `arrays` to them; with `judge`, labels its turns."""
+    num_turns = arrays["valid"].shape[1]
+    questions = None
+    if judge and self.judge_config.mode == "transcript":
+      # The transcript judge's questions ride in the teacher's scoring forward (its "judge"
+      # time is the host work around it).
+      with timer("judge"):
+        questions = judge_lib.prepare_transcript_judge(
+            episodes, num_turns, self.judge_config, self.tokenizer, arrays["tokens"], arrays["attention_mask"],
+            arrays["turn_ids"])
+    with timer("teacher"):
+      tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
+      scores = teacher_lib.score_batch(
+          self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=self.teacher_top_k,
+          temperature=self.config.teacher.temperature,
+          questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
+      arrays.update(jax.device_get(scores))
+    answer_logits_BxRxV = arrays.pop("answer_logits", None)
+    if not judge:
+      return None
+    with timer("judge"):
+      return judge_lib.judge_batch(
+          episodes, num_turns, self.judge_config, teacher=self.teacher, tokenizer=self.tokenizer, rng=key,
+          tokens_BxS=arrays["tokens"], turn_ids_BxS=arrays["turn_ids"],
+          teacher_logprobs_BxS=arrays["teacher_logprobs"], questions=questions,
+          answer_logits_BxRxV=answer_logits_BxRxV)
+
   def intervention_hook(self, key: jax.Array) -> rollout_lib.Intervene:
     """The `opd_two_rollout` hook: Strong turns get the teacher's own response.
 
-    The env has not answered yet when the hook runs, so the judge sees the turn without
-    feedback: an unparseable or inadmissible action is Strong by rule (E5), and the rest
-    go to the prompted judge with the feedback marked as not yet known (`judge.mode='prompt'`;
-    under the other modes only the rule's Strong turns are replaced).
+    The env has not answered yet when the hook runs, so the judge sees the turn with its
+    feedback marked as not yet known: an unparseable or inadmissible action is Strong by rule
+    (E5), and the rest go to the run's judge. The prompted judge reads its usual question (with
+    the turn's history); the other modes judge each turn as the one turn of a transcript of its
+    own context and response (`_judge_pending`).
     """
     calls = iter(range(1 << 30))
 
@@ -468,7 +476,7 @@ class DistillSource:
         texts = [
             prompts.render_judge_prompt(
                 self.tokenizer, s.task_text, [(t.observation, t.action) for t in s.history], s.observation,
-                s.response, "(not executed yet)", list(s.admissible) if self.judge_config.show_admissible else [],
+                s.response, prompts.NOT_EXECUTED, list(s.admissible) if self.judge_config.show_admissible else [],
                 self.judge_config.history_turns)
             for s in asked
         ]
@@ -476,6 +484,9 @@ class DistillSource:
                                         max_new_tokens=self.judge_config.max_new_tokens,
                                         batch_size=self.judge_config.batch_size)
         strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == prompts.STRONG]
+      elif asked:
+        strong += [s for s, label in zip(asked, self._judge_pending(asked, jax.random.fold_in(call_key, 0)))
+                   if label == prompts.STRONG]
       if not strong:
         return {}
       # The teacher's replacement is decoded as the student's turn was: constrained, if the run is.
@@ -483,6 +494,27 @@ class DistillSource:
       return {s.episode: response for s, response in zip(strong, responses)}
 
     return hook
+
+  def _judge_pending(self, states: Sequence[rollout_lib.TurnState], key: jax.Array) -> np.ndarray:
+    """[len(states)] labels of turns the env has not answered, by a judge that reads arrays.
+
+    Each turn becomes the one turn of an episode whose prompt is the turn's own context, so
+    that the teacher reads what the student read (its history window included). The rows are
+    padded with empty episodes to the update's batch size, which the batch sharding divides.
+    """
+    episodes = []
+    for s in states:
+      turn = rollout_lib.Turn(
+          observation=s.observation, admissible=list(s.admissible), response=s.response,
+          response_tokens=list(s.response_tokens), response_end=s.response_end,
+          response_logprobs=np.zeros(len(s.response_tokens), np.float32), action=s.action,
+          feedback=prompts.NOT_EXECUTED, valid=True, expert_action=s.expert_action)
+      episodes.append(rollout_lib.Episode(task=s.task, task_text=s.task_text, prompt_tokens=list(s.context),
+                                          turns=[turn]))
+    episodes += [rollout_lib.Episode(task=states[0].task) for _ in range(self.batch_size - len(states))]
+    batch = rollout_lib.assemble_batch(episodes, 1, self.engine.sampling_config.pad_id)
+    judged = self.score_and_judge(episodes, batch.arrays(), key, _Timer(), judge=True)
+    return judged.labels[:len(states), 0]
 
 
 class _Timer:
@@ -507,7 +539,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
   With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
   every state: an ALFWorld expert shadows each episode in its worker, reading the game's facts.
   """
-  oracle = expert or (config.judge.mode == "oracle" and config.method in LABELLED_METHODS)
+  oracle = expert or (config.judge.mode == "oracle" and config.method in (*LABELLED_METHODS, "opd_two_rollout"))
   if oracle and config.env.name != "alfworld":
     raise config_lib.ConfigError(
         f"config.env.name={config.env.name!r} has no expert to shadow the episodes (judge.mode='oracle', DAgger).")

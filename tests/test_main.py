@@ -127,6 +127,24 @@ def test_two_rollout_replacements_are_decoded_as_the_student_decodes(tokenizer_d
   assert row["rollout_intervened/invalid_rate"] == 0.0 and row["rollout/invalid_rate"] == 0.0, row
 
 
+@pytest.mark.parametrize("mode", ["transcript", "likelihood", "oracle"])
+def test_two_rollout_asks_every_judge_mode(tokenizer_dir, tmp_path, mode):
+  # Constrained decoding leaves no turn Strong by rule, so every replacement is the judge's call.
+  # A random teacher neither answers a label word (transcript) nor puts mass on the actions
+  # (likelihood): most turns are Strong, where a hook that asked only the prompted judge would
+  # replace none. The oracle labels an admissible action Skip or Weak (Strong is for invalid
+  # turns only), so it replaces none; it needs the expert's action at every asked turn.
+  config = tiny_config(tokenizer_dir, "opd_two_rollout", **{"sampling.constrained": True, "train.num_steps": 1,
+                                                            "eval.num_episodes": 0, "judge.mode": mode})
+  train.train(config, tmp_path)
+  row = next(r for r in writers.read_metrics(tmp_path) if "rollout/intervened_frac" in r)
+  if mode == "oracle":
+    assert row["rollout/intervened_frac"] == 0.0, row
+  else:
+    assert row["rollout/intervened_frac"] > 0.5, row
+  assert row["rollout/invalid_rate"] == 0.0, row
+
+
 def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
   # Constrained decoding keeps actions admissible, so the oracle labels valid turns too.
   config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "oracle", "sampling.constrained": True,
