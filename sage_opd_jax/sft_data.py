@@ -147,14 +147,14 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
   over the episode's earlier turns), so the judge is trained on responses shaped like the ones
   the policy writes. `history_turns`: the past turns kept (None: all, `judge_window`).
   """
-  examples = list(demos.load_judge_examples(out_dir, history_turns))
   if thoughts not in THOUGHTS:
     raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
+  episodes = {r["task_id"]: r for r in demos.read_jsonl(pathlib.Path(out_dir) / demos.DEMOS)}
+  examples = list(demos.load_judge_examples(out_dir, history_turns, episodes))
   if thoughts == "none":
     return [JudgeExample.from_demo(ex) for ex in examples]
   from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
 
-  episodes = {r["task_id"]: r for r in demos.read_jsonl(pathlib.Path(out_dir) / demos.DEMOS)}
   out = []
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn

@@ -463,10 +463,15 @@ class JudgeExample:
   turn: int
 
 
-def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | None) -> Iterator[JudgeExample]:
-  """Judge examples of a collection folder, each with its last `history_turns` turns (None: all)."""
+def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | None,
+                        demos: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[JudgeExample]:
+  """Judge examples of a collection folder, each with its last `history_turns` turns (None: all).
+
+  `demos`: the folder's demo records by task id, when the caller has read them already.
+  """
   out = pathlib.Path(out_dir)
-  demos = {d["task_id"]: d for d in read_jsonl(out / DEMOS)}
+  if demos is None:
+    demos = {d["task_id"]: d for d in read_jsonl(out / DEMOS)}
   for record in read_jsonl(out / JUDGE):
     demo = demos.get(record["task_id"])
     if demo is None:
