@@ -415,7 +415,8 @@ class DistillSource:
       batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
-    judged = self.score_and_judge(batch.episodes, arrays, judge_key, timer, judge=self.uses_labels)
+    judged = self.score_and_judge(batch.episodes, arrays, judge_key, timer, judge=self.uses_labels,
+                                  top_k=self.teacher_top_k)
     if judged is not None:
       arrays["labels"] = judged.labels
       num_turns = arrays["valid"].shape[1]
@@ -429,8 +430,11 @@ class DistillSource:
     return arrays, metrics, batch
 
   def score_and_judge(self, episodes: Sequence[rollout_lib.Episode], arrays: dict[str, np.ndarray],
-                      key: jax.Array, timer: _Timer, *, judge: bool) -> judge_lib.JudgeResult | None:
-    """Adds the teacher's scores of the episodes' batch `arrays` to them; with `judge`, labels its turns."""
+                      key: jax.Array, timer: _Timer, *, judge: bool, top_k: int) -> judge_lib.JudgeResult | None:
+    """Adds the teacher's scores of the episodes' batch `arrays` to them; with `judge`, labels its turns.
+
+    `top_k`: teacher tokens per position to score too (`teacher_support`; 0 when only the judge reads them).
+    """
     num_turns = arrays["valid"].shape[1]
     questions = None
     if judge and self.judge_config.mode == "transcript":
@@ -443,7 +447,7 @@ class DistillSource:
     with timer("teacher"):
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
       scores = teacher_lib.score_batch(
-          self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=self.teacher_top_k,
+          self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
           temperature=self.config.teacher.temperature,
           questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
       arrays.update(jax.device_get(scores))
@@ -513,7 +517,8 @@ class DistillSource:
                                           turns=[turn]))
     episodes += [rollout_lib.Episode(task=states[0].task) for _ in range(self.batch_size - len(states))]
     batch = rollout_lib.assemble_batch(episodes, 1, self.engine.sampling_config.pad_id)
-    judged = self.score_and_judge(episodes, batch.arrays(), key, _Timer(), judge=True)
+    # The judge reads the teacher's token log-probs or answers only, never its top-k.
+    judged = self.score_and_judge(episodes, batch.arrays(), key, _Timer(), judge=True, top_k=0)
     return judged.labels[:len(states), 0]
 
 
