@@ -198,6 +198,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("teacher_steps", "student_steps", "distill_steps", "heldout_games", "sft_learning_rate"):
       _positive(config, f"pipeline.{key}")
     _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.
+    for key in ("student.hf_dir", "teacher.hf_dir"):
+      if _get(config, key) and not _get(config, "tokenizer_dir"):
+        raise ConfigError(f"config.{key} is given to the pipeline without config.tokenizer_dir: a checkpoint needs "
+                          "the tokenizer it was trained with (a new one would renumber its vocabulary).")
     for key in ("dagger_rounds", "dagger_student_rounds"):
       _positive(config, f"pipeline.{key}", allow_zero=True)
       if _get(config, f"pipeline.{key}") and env != "alfworld":

@@ -18,6 +18,11 @@ task names (`ScienceWorldEnv.vocabulary_texts`), since it has no game files to r
 Every stage writes into its own folder under the workdir and is skipped when its output is
 complete, so an interrupted pipeline resumes where it stopped (a half-finished training
 stage resumes from its last checkpoint). `config.pipeline` sets the budgets.
+
+Given checkpoints replace stages: `config.tokenizer_dir` the tokenizer, `config.student.hf_dir`
+the student's warm start, `config.teacher.hf_dir` the teacher's SFT (DAgger rounds, if any, go
+on from it). They are still evaluated, so another workdir's (or a released) teacher and student
+run the comparison without retraining them.
 """
 
 from __future__ import annotations
@@ -116,12 +121,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   train_demos = root / "demos" / config.demos.split
   heldout_demos = root / "demos" / p.heldout_split
 
+  # Every stage below names the checkpoints it loads; the given ones are kept aside.
+  given_student, given_teacher = config.student.hf_dir, config.teacher.hf_dir
+  config = _derive(config, student__hf_dir="", teacher__hf_dir="")
   if config.env.name == "alfworld":
     data_dir = alfworld.resolve_data_dir(config.env.data_dir or None)  # A clear error when missing.
     logging.info("[1/6] tokenizer")
-    tokenizer_dir = tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
+    tokenizer_dir = config.tokenizer_dir or tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
     vocab_size = results.padded_vocab_size(tokenizer_dir)
-    base = _derive(config, tokenizer_dir=tokenizer_dir, env__data_dir=str(data_dir),
+    base = _derive(config, tokenizer_dir=str(tokenizer_dir), env__data_dir=str(data_dir),
                    student__model__vocab_size=vocab_size, teacher__model__vocab_size=vocab_size)
 
     logging.info("[2/6] demonstrations")
@@ -133,32 +141,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     _collect(config, heldout_demos, p.heldout_split, p.heldout_games)
 
     logging.info("[2/6] tokenizer")
-    tokenizer_dir = _scienceworld_tokenizer(config, root, [train_demos, heldout_demos])
+    tokenizer_dir = config.tokenizer_dir or _scienceworld_tokenizer(config, root, [train_demos, heldout_demos])
     vocab_size = results.padded_vocab_size(tokenizer_dir)
-    base = _derive(config, tokenizer_dir=tokenizer_dir, student__model__vocab_size=vocab_size,
+    base = _derive(config, tokenizer_dir=str(tokenizer_dir), student__model__vocab_size=vocab_size,
                    teacher__model__vocab_size=vocab_size)
   else:
     raise config_lib.ConfigError(f"pipeline: config.env.name={config.env.name!r} has no tokenizer recipe.")
 
-  logging.info("[3/6] student warm start")
+  logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
   student_dir = root / "student_sft"
-  _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(_derive(
+  _stage(root, "student_sft", bool(given_student) or writers.exported(student_dir), lambda: train.train(_derive(
       base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
       train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
-  student_hf = str(writers.export_dir(student_dir))
+  student_hf = given_student or str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")), lambda: train.evaluate_stage(
       _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
 
-  logging.info("[4/6] teacher SFT (acting and judging)")
+  logging.info("[4/6] teacher SFT (acting and judging)%s", f" (given: {given_teacher})" if given_teacher else "")
   teacher_dir = root / "teacher"
   # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
   teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
                      sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
-  _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(_derive(
+  _stage(root, "teacher_sft", bool(given_teacher) or writers.exported(teacher_dir), lambda: train.train(_derive(
       base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
-  teacher_hf = str(writers.export_dir(teacher_dir))
+  teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
     player = "student" if r > p.dagger_rounds else "teacher"
@@ -182,6 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
          lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
 
+  report = _derive(base, teacher__hf_dir=given_teacher)  # The report names a given teacher.
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")
   runs_root = results.sweep_root(root, p.sweep)
   for method in p.methods:
@@ -194,10 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.
-    results.write_results(root, base, docs_path=p.results_doc or None)
+    results.write_results(root, report, docs_path=p.results_doc or None)
 
   logging.info("[6/6] results")
-  out = results.write_results(root, base, docs_path=p.results_doc or None)
+  out = results.write_results(root, report, docs_path=p.results_doc or None)
   logging.info("Results in %s (%.1f min in this session)", out, (time.time() - start) / 60)
   return out
 

@@ -329,18 +329,19 @@ def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, An
   return [f"**Partial:** not finished yet: {', '.join(pending)}.", ""] if pending else []
 
 
-def _teacher_caption(root: pathlib.Path) -> str:
-  """How the evaluated teacher was made: its SFT, and its DAgger rounds if any ran."""
+def _teacher_caption(root: pathlib.Path, given: str) -> str:
+  """How the evaluated teacher was made: its SFT (or the `given` checkpoint), and its DAgger rounds if any ran."""
+  start = f"the given checkpoint `{given}`" if given else "SFT on acting and judging"
   rounds = dagger.round_manifests(root)
   if not rounds:
-    return "Teacher (SFT on acting and judging):"
+    return f"Teacher ({start}):"
   parts = []
   for whose, player in (("it", "teacher"), ("the student", "student")):
     played = [r for r in rounds if r.get("player", "teacher") == player]
     if played:
       parts.append(f"{sum(r['corrections'] for r in played):,} expert corrections at the states {whose} reached in "
                    f"{sum(r['games'] for r in played):,} train games {whose} played")
-  return (f"Teacher (SFT on acting and judging, then {len(rounds)} DAgger round{'s' * (len(rounds) > 1)}: "
+  return (f"Teacher ({start}, then {len(rounds)} DAgger round{'s' * (len(rounds) > 1)}: "
           f"{' and '.join(parts)}):")
 
 
@@ -369,7 +370,7 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
       "over seeds:", "",
       markdown_table(rows, splits), "",
       *_pending_line(config, rows),
-      _teacher_caption(root), "",
+      _teacher_caption(root, config.teacher.hf_dir), "",
       "| split | success | invalid | repeated |", "|---|---|---|---|",
   ]
   for split in splits:

@@ -66,6 +66,16 @@ def test_pipeline_budgets(name):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("key", ["student", "teacher"])
+def test_pipeline_checkpoints_need_their_tokenizer(key):
+  config = _load_config("alfworld_cpu")
+  config[key].hf_dir = "/ckpt/model"
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}\.hf_dir .* config\.tokenizer_dir"):
+    config_lib.validate(config)
+  config.tokenizer_dir = "/ckpt/tokenizer"
+  config_lib.validate(config)
+
+
 def test_dagger_round_settings():
   config = _load_config("alfworld_cpu")
   config.pipeline.dagger_rounds = 2

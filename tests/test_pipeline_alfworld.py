@@ -95,3 +95,23 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert (f"then 3 DAgger rounds: {sum(counts[:2]):,} expert corrections at the states it reached in 2 train games "
           f"it played and {counts[2]:,} expert corrections at the states the student reached in 1 train games the "
           f"student played") in report
+  # Another workdir from this one's checkpoints: no tokenizer, student or teacher SFT is trained,
+  # the given ones are evaluated, and a DAgger round goes on from the given teacher.
+  given = tmp_path / "given"
+  config.tokenizer_dir = str(tmp_path / "tokenizer")
+  config.student.hf_dir = str(writers.export_dir(tmp_path / "student_sft"))
+  config.teacher.hf_dir = teachers[1]
+  config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 1, 0
+  evaluated.clear(), distilled.clear()
+  pipeline.run(config_lib.validate(config), given)
+
+  assert set(results.stage_times(given)) == {
+      "dagger_collect/round1", "teacher_dagger/round1", "teacher_eval", "judge_accuracy", "student_eval", "opd/seed0"}
+  assert not (given / "tokenizer").exists()
+  assert json.loads((dagger.round_dir(given, 1) / dagger.MANIFEST).read_text())["policy"] == teachers[1]
+  assert trained_from["given/teacher_dagger/round1"] == teachers[1]
+  given_last = str(writers.export_dir(given / "teacher_dagger" / "round1"))
+  assert ("teacher_eval", given_last) in evaluated and ("student_eval", config.student.hf_dir) in evaluated
+  assert distilled == [given_last] and trained_from["given/runs/opd/seed0"] == config.student.hf_dir
+  assert f"Teacher (the given checkpoint `{teachers[1]}`, then 1 DAgger round:" in (
+      given / "results" / "results.md").read_text()
