@@ -2,6 +2,9 @@
 
 import json
 import pathlib
+import re
+
+import pytest
 
 from configs import alfworld_cpu
 from configs import base
@@ -115,3 +118,10 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert distilled == [given_last] and trained_from["given/runs/opd/seed0"] == config.student.hf_dir
   assert f"Teacher (the given checkpoint `{teachers[1]}`, then 1 DAgger round:" in (
       given / "results" / "results.md").read_text()
+  # Resumed with other weights as the teacher (the warm-start student's: the tiny rounds above
+  # train at a warm-up learning rate of 0), the workdir's evaluation of the earlier teacher is
+  # not taken for theirs.
+  config.teacher.hf_dir, config.pipeline.dagger_rounds = config.student.hf_dir, 0
+  with pytest.raises(ValueError, match=re.escape(f"{given / 'teacher_eval'} holds the evaluation of {given_last}, "
+                                                 f"but this pipeline's checkpoint is {config.student.hf_dir}")):
+    pipeline.run(config_lib.validate(config), given)
