@@ -157,7 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
   student_hf = given_student or str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
-  _stage(root, "student_eval", _evaluated(student_eval, student_hf, "eval/"), lambda: train.evaluate_stage(
+  _claim_eval_dir(student_eval, student_hf)
+  _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")), lambda: train.evaluate_stage(
       _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
 
   logging.info("[4/6] teacher SFT (acting and judging)%s", f" (given: {given_teacher})" if given_teacher else "")
@@ -186,9 +187,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
-  _stage(root, "teacher_eval", _evaluated(teacher_eval, teacher_hf, "eval/"),
+  _claim_eval_dir(teacher_eval, teacher_hf)  # Both stages below write there.
+  _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
          lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
-  _stage(root, "judge_accuracy", _evaluated(teacher_eval, teacher_hf, "judge_eval/"),
+  _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
          lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
 
   report = _derive(base, teacher__hf_dir=given_teacher)  # The report names a given teacher.
@@ -224,8 +226,8 @@ def _checkpoint_digest(hf_dir: str) -> str:
   return digest.hexdigest()
 
 
-def _evaluated(eval_dir: pathlib.Path, hf_dir: str, prefix: str) -> bool:
-  """Whether `eval_dir` holds `prefix` rows of the checkpoint `hf_dir`; it is marked as that checkpoint's.
+def _claim_eval_dir(eval_dir: pathlib.Path, hf_dir: str) -> None:
+  """Marks `eval_dir` as the evaluation of the checkpoint `hf_dir`; raises if it holds another's.
 
   A resumed pipeline whose checkpoint changed (another DAgger round, a given teacher) would
   otherwise report the earlier checkpoint's rows as this one's.
@@ -237,9 +239,9 @@ def _evaluated(eval_dir: pathlib.Path, hf_dir: str, prefix: str) -> bool:
     if evaluated["sha256"] != digest:
       raise ValueError(f"{eval_dir} holds the evaluation of {evaluated['checkpoint']}, but this pipeline's "
                        f"checkpoint is {hf_dir} (other weights): move {eval_dir} away to evaluate it again.")
+    return
   eval_dir.mkdir(parents=True, exist_ok=True)
   marker.write_text(json.dumps({"checkpoint": hf_dir, "sha256": digest}) + "\n", encoding="utf-8")
-  return bool(writers.rows_with(eval_dir, prefix))
 
 
 def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> None:

@@ -105,7 +105,8 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   config.student.hf_dir = str(writers.export_dir(tmp_path / "student_sft"))
   config.teacher.hf_dir = teachers[1]
   config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 1, 0
-  evaluated.clear(), distilled.clear()
+  evaluated.clear()
+  distilled.clear()
   pipeline.run(config_lib.validate(config), given)
 
   assert set(results.stage_times(given)) == {
