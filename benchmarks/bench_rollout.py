@@ -92,8 +92,9 @@ def main() -> None:
     env_alone = replay_env_time(engine, runs["pipelined"])
 
   model_alone = runs["sequential"].stats.model_s
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
   print(f"{args.episodes} {args.split} games, {args.workers} env workers, <= {args.turns} turns, "
-        f"k={args.history}, constrained, tiny random model ({sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} params)")
+        f"k={args.history}, constrained, tiny random model ({num_params:,} params)")
   print(f"{'run':<12}{'wall s':>8}{'model s':>9}{'env wait s':>12}{'env busy s':>12}{'turns':>7}{'calls':>7}")
   for name, batch in runs.items():
     s = batch.stats

@@ -319,7 +319,7 @@ def bench_iteration(args) -> None:
       tasks = (tasks * -(-args.episodes // len(tasks)))[: args.episodes]
     tx = train.make_optimizer(config.optim, config.train.num_steps)
     graphdef = nnx.graphdef(student)
-    state, state_sharding = train.place_state(train.init_train_state(student, tx, config.seed), mesh)  # pylint: disable=protected-access
+    state, state_sharding = train.place_state(train.init_train_state(student, tx, config.seed), mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     engine = train.make_rollout_engine(config, tokenizer)
     try:
@@ -342,7 +342,7 @@ def bench_iteration(args) -> None:
           arrays, metrics, _ = sources[name].batch(0, nnx.merge(graphdef, state.params))
           update_start = time.perf_counter()
           new_state, train_metrics = updates[name](
-              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in train.loss_keys(arrays)})  # pylint: disable=protected-access
+              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in train.loss_keys(arrays)})
           jax.block_until_ready(train_metrics)
           del new_state
           end = time.perf_counter()

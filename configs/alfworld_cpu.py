@@ -99,6 +99,6 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.dagger_temperature = 0.4  # The teacher's sampling temperature in those games (0: greedy).
   p.dagger_steps = 1000  # SFT updates per round on demos, judge examples and every round's corrections.
   p.dagger_learning_rate = 3e-4  # Peak learning rate of those updates (same schedule as the SFT stages).
-  p.sweep = ""  # A name: methods x seeds rerun into sweeps/<sweep>/ from the same teacher and student (docs/reproducing.md).
+  p.sweep = ""  # A name: rerun methods x seeds into sweeps/<name>/, same teacher and student (docs/reproducing.md).
   p.update(values)
   return p

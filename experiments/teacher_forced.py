@@ -25,7 +25,8 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "The exported model.", required=Tr
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Its tokenizer.", required=True)
 _DEMOS_DIR = flags.DEFINE_string("demos_dir", None, "A collect_demos folder (demos.jsonl).", required=True)
 _LIMIT = flags.DEFINE_integer("limit", 20, "Demonstrations to score (0: all).")
-_THOUGHTS = flags.DEFINE_enum("thoughts", "none", config_lib.THOUGHTS, "The expert thoughts the model was trained with.")
+_THOUGHTS = flags.DEFINE_enum("thoughts", "none", config_lib.THOUGHTS,
+                              "The expert thoughts the model was trained with.")
 _SHOW_ADMISSIBLE = flags.DEFINE_bool("show_admissible", False, "List admissible actions (as config.env).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Transcripts are cut to this many tokens.")
 
@@ -43,7 +44,8 @@ def main(argv):
   by_turn = collections.defaultdict(list)  # Turn (6 = 6 and later) -> whole-response matches.
   by_verb = collections.defaultdict(lambda: collections.defaultdict(list))  # verb -> {action, verb}.
   for demo in demonstrations:
-    ids, turn_ids = sft_data.tokenize_segments(tokenizer, sft_data.acting_segments(layout, demo, _SHOW_ADMISSIBLE.value))
+    segments = sft_data.acting_segments(layout, demo, _SHOW_ADMISSIBLE.value)
+    ids, turn_ids = sft_data.tokenize_segments(tokenizer, segments)
     ids, turn_ids = ids[:seq_len], np.asarray(turn_ids[:seq_len])
     pred_S = np.asarray(greedy(jnp.asarray([ids + [int(tokenizer.pad_token_id)] * (seq_len - len(ids))])))
     for t in range(1, int(turn_ids.max(initial=0)) + 1):

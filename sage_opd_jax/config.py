@@ -78,7 +78,8 @@ def _validate_model(config, prefix: str) -> None:
   if _get(config, f"{prefix}.hf_dir"):
     return  # The architecture is the HF config.json's, validated when it is read.
   _one_of(config, f"{prefix}.model.arch", ARCHS)
-  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim"):
     _positive(config, f"{prefix}.model.{field}")
   heads, kv_heads = _get(config, f"{prefix}.model.num_heads"), _get(config, f"{prefix}.model.num_kv_heads")
   if heads % kv_heads:

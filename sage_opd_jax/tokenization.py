@@ -85,7 +85,8 @@ def game_files(data_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
   if not files:
     raise FileNotFoundError(
         f"No ALFWorld game files matching {root / _GAME_GLOB}. Point data_dir (or ALFWORLD_DATA) at the folder "
-        "that holds json_2.1.1/: run `alfworld-download`, or here `export ALFWORLD_DATA=\"$(../shared/alfworld/unpack)\"`."
+        "that holds json_2.1.1/: run `alfworld-download`, or here "
+        "`export ALFWORLD_DATA=\"$(../shared/alfworld/unpack)\"`."
     )
   return files
 

@@ -139,7 +139,8 @@ def test_acting_prompt_without_history_or_actions():
 def test_acting_prompt_through_chat_template(qwen_tok):
   content = prompts.acting_prompt_text(TASK, HISTORY, "obs four", ["look"], k=3)
   rendered = prompts.render_acting_prompt(qwen_tok, TASK, HISTORY, "obs four", ["look"], k=3)
-  default_system = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+  default_system = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                    "<|im_end|>\n")
   assert rendered == default_system + f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 

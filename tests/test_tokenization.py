@@ -115,7 +115,8 @@ def test_special_tokens_and_numbers(tok):
 def test_chat_template_and_multi_turn_tokens_concatenate(tok):
   messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "You see a mug 1."}]
   rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  assert rendered == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nYou see a mug 1.<|im_end|>\n<|im_start|>assistant\n"
+  assert rendered == ("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nYou see a mug 1.<|im_end|>\n"
+                      "<|im_start|>assistant\n")
   # The sampler tokenizes each appended piece on its own; that must equal tokenizing the whole.
   layout = prompts.ChatLayout.from_tokenizer(tok)
   segments = prompts.episode_segments(
