@@ -68,7 +68,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
       # won 0/64 eval games, and no method moved it off 0 in 40 updates (docs/reproducing.md).
       teacher_steps=3000, student_steps=1000, student_demos=0, distill_steps=40,
       # The SFT teacher won 0.458 of valid_seen, under the 0.50 bar; two DAgger rounds of 320 games
-      # took it to 0.521 (docs/reproducing.md, "DAgger rounds").
+      # took it to 0.521 in that run, and a rerun's from 0.396 down to 0.250 (docs/reproducing.md).
       dagger_rounds=2,
       methods=("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
                "sage_opd_no_norm"),
