@@ -54,6 +54,8 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.sampling.constrained = True
   config.sampling.free_thought = True
   config.train.batch_episodes = 8
+  # Also the context budget: a losing episode ends at turn ~20 of 30 when its transcript would outgrow
+  # it (eval metric context_cut_rate); 2,048 won the SFT teacher 2 more games of 48 (docs/reproducing.md).
   config.train.max_seq_len = 1024
   # One eval after the last update; with the student_eval stage (step 0) 2 points per curve. Each
   # eval covers every game of the two task types (valid_seen 48, valid_unseen 42): no subset.

@@ -14,20 +14,25 @@ def episode_metrics(
     valid_BxT: np.ndarray,
     repeated_BxT: np.ndarray,
     task_types: Sequence[str],
+    cut_B: np.ndarray | None = None,
     prefix: str = "",
 ) -> dict[str, float]:
   """Success, mean turns, invalid- and repeated-action rates, overall and per task type.
 
   Rates are over turns that happened (column t < num_turns[b]), pooled over episodes, so
   a long failing episode weighs more than a short winning one, as METHOD.md defines them.
+  `cut_B` (optional) flags episodes the context budget ended before the turn limit; their
+  fraction is `context_cut_rate`, which says when `train.max_seq_len`, not the policy, set
+  how long a losing episode searched.
   """
   won_B = np.asarray(won_B, bool)
   num_turns_B = np.asarray(num_turns_B, np.int64)
   B, T = np.shape(valid_BxT)
-  if len(task_types) != B or won_B.shape != (B,) or num_turns_B.shape != (B,):
+  cut_B = np.zeros(B, bool) if cut_B is None else np.asarray(cut_B, bool)
+  if len(task_types) != B or won_B.shape != (B,) or num_turns_B.shape != (B,) or cut_B.shape != (B,):
     raise ValueError(
         f"episode_metrics: {B} episodes in valid_BxT but won {won_B.shape}, num_turns "
-        f"{num_turns_B.shape} and {len(task_types)} task types."
+        f"{num_turns_B.shape}, cut {cut_B.shape} and {len(task_types)} task types."
     )
   happened_BxT = np.arange(T)[None, :] < num_turns_B[:, None]
 
@@ -38,6 +43,7 @@ def episode_metrics(
         "mean_turns": float(num_turns_B[rows].mean()),
         "invalid_rate": float((happened_BxT[rows] & ~np.asarray(valid_BxT, bool)[rows]).sum() / max(turns, 1)),
         "repeated_rate": float((happened_BxT[rows] & np.asarray(repeated_BxT, bool)[rows]).sum() / max(turns, 1)),
+        "context_cut_rate": float(cut_B[rows].mean()),
         "episodes": float(rows.sum()),
     }
 

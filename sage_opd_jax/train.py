@@ -584,7 +584,7 @@ def rollout_metrics(batches: Sequence[Any], prefix: str) -> dict[str, float]:
   return evaluation.episode_metrics(
       won_B=cat("won"), num_turns_B=cat("num_turns"), valid_BxT=cat("valid", True),
       repeated_BxT=cat("repeated", True), task_types=[e.task.task_type for b in batches for e in b.episodes],
-      prefix=prefix,
+      cut_B=np.array([e.budget_ended for b in batches for e in b.episodes], bool), prefix=prefix,
   )
 
 

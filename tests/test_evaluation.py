@@ -13,7 +13,8 @@ def test_metrics_match_a_hand_count():
   repeated = np.array([[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]], bool)
   m = evaluation.episode_metrics(
       won_B=np.array([1, 0, 1]), num_turns_B=np.array([3, 2, 4]), valid_BxT=valid,
-      repeated_BxT=repeated, task_types=["pick", "look", "pick"], prefix="valid_seen/",
+      repeated_BxT=repeated, task_types=["pick", "look", "pick"], cut_B=np.array([0, 1, 0]),
+      prefix="valid_seen/",
   )
   assert m["valid_seen/success"] == pytest.approx(2 / 3)
   assert m["valid_seen/mean_turns"] == pytest.approx(3.0)
@@ -23,12 +24,17 @@ def test_metrics_match_a_hand_count():
   assert m["valid_seen/look/success"] == 0.0
   assert m["valid_seen/look/repeated_rate"] == pytest.approx(1 / 2)
   assert m["valid_seen/pick/invalid_rate"] == pytest.approx(1 / 7)
+  assert m["valid_seen/context_cut_rate"] == pytest.approx(1 / 3)
+  assert m["valid_seen/look/context_cut_rate"] == 1.0 and m["valid_seen/pick/context_cut_rate"] == 0.0
 
 
 def test_mismatched_lengths_are_named():
   with pytest.raises(ValueError, match="2 task types"):
     evaluation.episode_metrics(won_B=np.zeros(3), num_turns_B=np.ones(3), valid_BxT=np.ones((3, 2)),
                                repeated_BxT=np.zeros((3, 2)), task_types=["a", "b"])
+  with pytest.raises(ValueError, match=r"cut \(2,\)"):
+    evaluation.episode_metrics(won_B=np.zeros(3), num_turns_B=np.ones(3), valid_BxT=np.ones((3, 2)),
+                               repeated_BxT=np.zeros((3, 2)), task_types=["a", "b", "c"], cut_B=np.zeros(2))
 
 
 def test_mean_and_std_over_seeds():

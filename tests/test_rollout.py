@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
-from sage_opd_jax import models, prompts, rollout, tokenization
+from sage_opd_jax import models, prompts, rollout, tokenization, train
 from sage_opd_jax.envs import NOTHING_HAPPENS, base
 from sage_opd_jax.envs.alfworld import AlfworldEnv
 
@@ -266,6 +266,10 @@ def test_context_budget_ends_episodes_so_that_rows_fit_seq_len(engine, model, ta
     assert len(episode.prompt_tokens) + 2 * MAX_NEW < budget  # The premise of this test.
     assert episode.budget_ended and not batch.failed[b] and episode.error is None
     assert batch.num_turns[b] == 1 and episode.turns[-1].done
+  # The eval metrics report the cut, so a short budget does not pass for a short-sighted policy.
+  assert train.rollout_metrics([batch], "")["context_cut_rate"] == 1.0
+  uncut = engine.run(model, tasks[:2], jax.random.key(7), config=_config(max_turns=1))
+  assert train.rollout_metrics([uncut], "")["context_cut_rate"] == 0.0
 
 
 def test_same_key_same_batch_other_key_other_batch(engine, model, tasks):
