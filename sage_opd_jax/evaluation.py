@@ -14,21 +14,21 @@ def episode_metrics(
     valid_BxT: np.ndarray,
     repeated_BxT: np.ndarray,
     task_types: Sequence[str],
-    cut_B: np.ndarray | None = None,
+    cut_B: np.ndarray,
     prefix: str = "",
 ) -> dict[str, float]:
   """Success, mean turns, invalid- and repeated-action rates, overall and per task type.
 
   Rates are over turns that happened (column t < num_turns[b]), pooled over episodes, so
   a long failing episode weighs more than a short winning one, as METHOD.md defines them.
-  `cut_B` (optional) flags episodes the context budget ended before the turn limit; their
+  `cut_B` flags episodes the context budget ended before the turn limit; their
   fraction is `context_cut_rate`, which says when `train.max_seq_len`, not the policy, set
   how long a losing episode searched.
   """
   won_B = np.asarray(won_B, bool)
   num_turns_B = np.asarray(num_turns_B, np.int64)
   B, T = np.shape(valid_BxT)
-  cut_B = np.zeros(B, bool) if cut_B is None else np.asarray(cut_B, bool)
+  cut_B = np.asarray(cut_B, bool)
   if len(task_types) != B or won_B.shape != (B,) or num_turns_B.shape != (B,) or cut_B.shape != (B,):
     raise ValueError(
         f"episode_metrics: {B} episodes in valid_BxT but won {won_B.shape}, num_turns "

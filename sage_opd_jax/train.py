@@ -581,10 +581,11 @@ def rollout_metrics(batches: Sequence[Any], prefix: str) -> dict[str, float]:
       parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
     return np.concatenate(parts)
 
+  episodes = [e for b in batches for e in b.episodes]
   return evaluation.episode_metrics(
       won_B=cat("won"), num_turns_B=cat("num_turns"), valid_BxT=cat("valid", True),
-      repeated_BxT=cat("repeated", True), task_types=[e.task.task_type for b in batches for e in b.episodes],
-      cut_B=np.array([e.budget_ended for b in batches for e in b.episodes], bool), prefix=prefix,
+      repeated_BxT=cat("repeated", True), task_types=[e.task.task_type for e in episodes],
+      cut_B=np.array([e.budget_ended for e in episodes], bool), prefix=prefix,
   )
 
 

@@ -31,7 +31,7 @@ def test_metrics_match_a_hand_count():
 def test_mismatched_lengths_are_named():
   with pytest.raises(ValueError, match="2 task types"):
     evaluation.episode_metrics(won_B=np.zeros(3), num_turns_B=np.ones(3), valid_BxT=np.ones((3, 2)),
-                               repeated_BxT=np.zeros((3, 2)), task_types=["a", "b"])
+                               repeated_BxT=np.zeros((3, 2)), task_types=["a", "b"], cut_B=np.zeros(3))
   with pytest.raises(ValueError, match=r"cut \(2,\)"):
     evaluation.episode_metrics(won_B=np.zeros(3), num_turns_B=np.ones(3), valid_BxT=np.ones((3, 2)),
                                repeated_BxT=np.zeros((3, 2)), task_types=["a", "b", "c"], cut_B=np.zeros(2))
