@@ -357,6 +357,8 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   games = _final_eval(start) if _finished(start) else {}
   counts = [f"{int(games[key])} {split}" for split in splits if (key := f"eval/{split}/t0/episodes") in games]
   on_games = f" on {' and '.join(counts)} games" if counts else ""
+  if counts and config.env.task_types:  # A subset of task types is part of what the rates mean.
+    on_games += f" of {', '.join(config.env.task_types)}"
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",

@@ -127,7 +127,7 @@ def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
   report = (tmp_path / "results.md").read_text()
   assert "**Partial:** not finished yet: opd (1/2 seeds), sage_opd (1/2 seeds)." in report
   games = int(results._final_eval(workdir / "student_eval")["eval/dev/t0/episodes"])
-  assert f"(greedy eval on {games} dev games)" in report
+  assert f"(greedy eval on {games} dev games of {', '.join(config.env.task_types)})" in report
   assert (tmp_path / "results" / "dev_success.png").exists()
 
 
