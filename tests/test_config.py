@@ -52,7 +52,7 @@ def test_bad_value_names_the_key(key, value, message):
   assert message in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["alfworld_cpu", "quickstart"])
+@pytest.mark.parametrize("name", ["alfworld_cpu", "alfworld_cpu_pick", "quickstart"])
 def test_pipeline_budgets(name):
   config = _load_config(name)
   config.pipeline.student_demos = 0  # Every demonstration: allowed.
