@@ -23,7 +23,6 @@ Host side only: numpy and the tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
@@ -82,12 +81,12 @@ class Demonstration:
 
 
 def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none") -> list[Demonstration]:
-  """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl); see `from_record`."""
+  """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl), in
+  `envs.demos.in_fixed_order`; see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
     raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
-  with path.open() as f:
-    return [Demonstration.from_record(json.loads(line), thoughts) for line in f if line.strip()]
+  return [Demonstration.from_record(record, thoughts) for record in demos.in_fixed_order(demos.read_jsonl(path))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,19 @@ def test_rerun_skips_finished_games_and_drops_unfinished_records(fixture_run):
   assert redone.manifest["games_done"] == 2
 
 
+def test_readers_do_not_depend_on_the_order_workers_finished_in(fixture_run, tmp_path):
+  out, _, _ = fixture_run
+  # The same records as another collection's workers may have written them: games reversed, each
+  # game's own judge examples still in their written order.
+  for name in (demos.DEMOS, demos.JUDGE):
+    records = _lines(out / name)
+    games = list(dict.fromkeys(r["task_id"] for r in records))
+    assert len(games) == 2
+    demos.rewrite_jsonl(tmp_path / name, [r for g in reversed(games) for r in records if r["task_id"] == g])
+  assert sft_data.read_demonstrations(tmp_path) == sft_data.read_demonstrations(out)
+  assert sft_data.read_judge_examples(tmp_path, 2) == sft_data.read_judge_examples(out, 2)
+
+
 def test_resume_with_other_settings_is_refused(fixture_run):
   out, kwargs, _ = fixture_run
   with pytest.raises(ValueError, match="judge_states"):

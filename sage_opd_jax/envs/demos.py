@@ -278,6 +278,18 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   return records
 
 
+def in_fixed_order(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+  """A collection's records in an order that is the same in every run of it.
+
+  Workers append games as they finish, so a file's order differs between two collections of
+  the same games; trained in file order, two pipelines from one command got different SFT
+  batches (and student slices, `sft.max_demos`) and different teachers. Sorted by a hash of the
+  task id, a slice of any length is spread over the split rather than alphabetical; the sort is
+  stable, so a game's own records (its judge examples) keep their written order.
+  """
+  return sorted(records, key=lambda r: (zlib.crc32(r["task_id"].encode()), r["task_id"]))
+
+
 def rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
   """Replaces `path` with `records`, one JSON line each, atomically (a temporary file, then a rename)."""
   tmp = path.with_suffix(path.suffix + ".tmp")
@@ -472,7 +484,7 @@ def load_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
   out = pathlib.Path(out_dir)
   if demos is None:
     demos = {d["task_id"]: d for d in read_jsonl(out / DEMOS)}
-  for record in read_jsonl(out / JUDGE):
+  for record in in_fixed_order(read_jsonl(out / JUDGE)):
     demo = demos.get(record["task_id"])
     if demo is None:
       raise ValueError(f"{out / JUDGE}: example for {record['task_id']!r} has no demo in {out / DEMOS}.")
