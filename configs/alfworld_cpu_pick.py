@@ -1,6 +1,6 @@
 """The CPU mini-reproduction on one task type, pick_and_place_simple: the tiny teacher's best setting.
 
-The whole pipeline and every method of METHOD.md section 4 (about 2.5 hours on 2 cores):
+The whole pipeline and every method of METHOD.md section 4 (1.8 hours on 2 cores, docs/reproducing.md):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --workdir=workdirs/alfworld_cpu_pick
 
