@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft.max_demos = 0  # Train on at most this many demonstrations; 0 means all.
   config.sft.judge_examples = False  # Also train on judge examples (a teacher that acts and judges).
   config.sft.max_judge_examples = 0  # Train on at most this many judge examples; 0 means all.
-  config.sft.thoughts = "none"  # Expert <think> text: none | subgoal (ALFWorld's task subgoals).
+  config.sft.thoughts = "none"  # Expert <think> text: none | subgoal | subgoal_take (ALFWorld's task subgoals).
   config.sft.corrections_dirs = ()  # DAgger correction folders (sage_opd_jax/dagger.py) added to the demos.
 
   config.student = ml_collections.ConfigDict()

@@ -29,7 +29,9 @@ CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle")
 SCHEDULES = ("constant", "cosine")
-THOUGHTS = ("none", "subgoal")  # What fills an expert demo's <think></think> (sft_data).
+# What fills an expert demo's <think></think> (sft_data): nothing, ALFWorld's subgoal, or the
+# subgoal with the task object's take named ("take apple"; envs.alfworld.subgoal_thoughts).
+THOUGHTS = ("none", "subgoal", "subgoal_take")
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("qwen3", "qwen2", "llama")
 SPLITS = {
@@ -111,9 +113,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "sft.max_demos", allow_zero=True)
   _positive(config, "sft.max_judge_examples", allow_zero=True)
   _one_of(config, "sft.thoughts", THOUGHTS)
-  if _get(config, "sft.thoughts") == "subgoal" and _get(config, "env.name") != "alfworld":
-    raise ConfigError(f"config.sft.thoughts='subgoal' is defined for ALFWorld; config.env.name is "
-                      f"{_get(config, 'env.name')!r}.")
+  if _get(config, "sft.thoughts") != "none" and _get(config, "env.name") != "alfworld":
+    raise ConfigError(f"config.sft.thoughts={_get(config, 'sft.thoughts')!r} is defined for ALFWorld; "
+                      f"config.env.name is {_get(config, 'env.name')!r}.")
   if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
     raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
 

@@ -60,7 +60,8 @@ class Demonstration:
     Args:
       record: the record.
       thoughts: one of `THOUGHTS`: "none" leaves every <think></think> empty; "subgoal" fills
-        it with `envs.alfworld.subgoal_thoughts` (ALFWorld records only).
+        it with `envs.alfworld.subgoal_thoughts` (ALFWorld records only), "subgoal_take" with
+        its `name_take` thoughts.
     """
     for key in ("task", "observations", "actions", "admissible_actions"):
       if key not in record:
@@ -68,14 +69,15 @@ class Demonstration:
     if thoughts not in THOUGHTS:
       raise ValueError(f"thoughts={thoughts!r}: must be one of {THOUGHTS}.")
     texts = None
-    if thoughts == "subgoal":
+    if thoughts != "none":
       # Imported here, so that a trainer that only reads demos never loads TextWorld.
       from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
 
       if record.get("env") != alfworld.ENV_NAME:
-        raise ValueError(f"thoughts='subgoal' is defined for ALFWorld demos; record {record.get('task_id', '?')!r} "
-                         f"is from env {record.get('env')!r}.")
-      texts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"])
+        raise ValueError(f"thoughts={thoughts!r} is defined for ALFWorld demos; record "
+                         f"{record.get('task_id', '?')!r} is from env {record.get('env')!r}.")
+      texts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"],
+                                        name_take=thoughts == "subgoal_take")
     return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
                admissible_actions=record["admissible_actions"], thoughts=texts, trained=record.get("trained"))
 
@@ -141,7 +143,7 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
                         ) -> list[JudgeExample]:
   """The judge examples of a collection folder, their responses thought as its demos are.
 
-  With `thoughts="subgoal"` the judged response (and each history turn's) carries the subgoal
+  With `thoughts="subgoal"` (or "subgoal_take") the judged response (and each history turn's) carries the subgoal
   the expert would think in that state before that action (`envs.alfworld.subgoal_thoughts`
   over the episode's earlier turns), so the judge is trained on responses shaped like the ones
   the policy writes. `history_turns`: the past turns kept (None: all, `judge_window`).
@@ -158,7 +160,8 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn
     thoughts_so_far = alfworld.subgoal_thoughts(ex.task_id, [*episode["actions"][:t], ex.action or ""],
-                                                [*episode["observations"][: t + 1], ex.feedback])
+                                                [*episode["observations"][: t + 1], ex.feedback],
+                                                name_take=thoughts == "subgoal_take")
     out.append(JudgeExample.from_demo(ex, thoughts_so_far[-1], thoughts_so_far[t - len(ex.history):t]))
   return out
 

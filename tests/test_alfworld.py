@@ -379,6 +379,11 @@ def test_subgoal_thoughts_follow_the_pick_up_of_the_task_object():
   # Another object's pick-up and a failed take leave the subgoal as it was.
   assert alfworld.subgoal_thoughts(task_id, actions, observations) == [
       "find soapbottle"] * 4 + ["put soapbottle 3 in countertop"] * 2
+  # Named takes: every take of the task's object, the failed one too (a thought never reads the
+  # feedback that answers its action); another object's take stays a search.
+  assert alfworld.subgoal_thoughts(task_id, actions, observations, name_take=True) == [
+      "find soapbottle", "find soapbottle", "take soapbottle", "take soapbottle"] + [
+      "put soapbottle 3 in countertop"] * 2
 
 
 def test_subgoal_thoughts_of_look_at_obj_in_light():
