@@ -203,15 +203,17 @@ def test_judge_examples_carry_the_thought_of_their_state(fixture_run, tmp_path):
     lines = [json.dumps(r) for r in _lines(out / name) if r["task_id"] in keep]
     (tmp_path / name).write_text("\n".join(lines) + "\n")
   (task_id,) = keep
-  demo = sft_data.Demonstration.from_record(_lines(tmp_path / demos.DEMOS)[0], "subgoal")
   records = _lines(tmp_path / demos.JUDGE)
-  examples = sft_data.read_judge_examples(tmp_path, 2, "subgoal")
-  assert len(examples) == len(records) > 0
-  for record, example in zip(records, examples):
-    if record["label"] == "Skip":  # The expert's own step: the demo's own thought.
-      assert example.thought == demo.thoughts[record["turn"]]
-    assert example.thought.startswith(("find apple", "put apple"))
-    assert f"<think>{example.thought}</think>" in sft_data.judge_prompt(None, example, 2)
+  for thoughts in ("subgoal", "subgoal_take"):
+    demo = sft_data.Demonstration.from_record(_lines(tmp_path / demos.DEMOS)[0], thoughts)
+    examples = sft_data.read_judge_examples(tmp_path, 2, thoughts)
+    assert len(examples) == len(records) > 0
+    for record, example in zip(records, examples):
+      if record["label"] == "Skip":  # The expert's own step: the demo's own thought.
+        assert example.thought == demo.thoughts[record["turn"]]
+      assert example.thought.startswith(("find apple", "take apple", "put apple"))
+      assert f"<think>{example.thought}</think>" in sft_data.judge_prompt(None, example, 2)
+  assert "take apple" in demo.thoughts
   assert all(e.thought == "" for e in sft_data.read_judge_examples(tmp_path, 2))
   with pytest.raises(ValueError, match="pick_two_obj_and_place"):
     sft_data.read_judge_examples(out, 2, "subgoal")

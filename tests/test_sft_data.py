@@ -149,6 +149,8 @@ def test_subgoal_thoughts_fill_the_think_tags(tokenizer):
   demo = sft_data.Demonstration.from_record(record, thoughts="subgoal")
   assert plain.thoughts is None
   assert list(demo.thoughts) == ["find pen", "find pen", "put pen 1 in drawer"]
+  named = sft_data.Demonstration.from_record(record, thoughts="subgoal_take")
+  assert list(named.thoughts) == ["find pen", "take pen", "put pen 1 in drawer"]
   data = sft_data.build_sft_data(tokenizer, [demo], [], seq_len=400, seed=None)
   tokens, turn_ids = data.arrays["tokens"][0], data.arrays["turn_ids"][0]
   assert prompts.THINK_OPEN + "put pen 1 in drawer" + prompts.THINK_CLOSE in _turn_text(tokenizer, tokens, turn_ids, 3)
