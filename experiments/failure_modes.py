@@ -1,0 +1,59 @@
+"""Why a policy lost its ALFWorld pick-and-place games, read off an eval's transcripts.
+
+Success counts games; this sorts the lost ones of pick_and_place_simple by the first thing
+that went wrong, so that a change to the teacher's training can aim at the commonest:
+
+- `never saw it`: no observation showed the task's object;
+- `walked past it`: an observation showed it, and no take of anything followed;
+- `took another object`: the first take was of another object class;
+- `took it, lost after`: the task's object was picked up, and the episode still lost.
+
+Every other task type is left out. `--config.eval.num_transcripts` must cover the split
+(the evaluate stage writes only the first few transcripts by default):
+
+  python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
+      --config.student.hf_dir=workdirs/alfworld_cpu_pick/teacher/hf \\
+      --config.tokenizer_dir=workdirs/alfworld_cpu_pick/tokenizer --config.student.model.vocab_size=1344 \\
+      --config.eval.num_transcripts=48 --workdir=workdirs/teacher_eval_all
+  python experiments/failure_modes.py workdirs/teacher_eval_all/transcripts/step0_valid_seen_t0.jsonl
+"""
+
+import collections
+import json
+import re
+from typing import Any, Mapping
+
+from absl import app
+
+from sage_opd_jax.envs import alfworld
+
+CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
+
+
+def failure_mode(episode: Mapping[str, Any]) -> str:
+  """One of `CATEGORIES` for a transcript record of a pick_and_place_simple game."""
+  if episode["won"]:
+    return "won"
+  obj = alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["pddl_params"]["object_target"].lower()
+  in_view = re.compile(rf"\b{obj} \d+\b")
+  seen = False
+  for turn in episode["turns"]:
+    action = turn["action"] or ""
+    if action.startswith("take "):
+      return "took it, lost after" if action.split()[1] == obj else "took another object"
+    seen = seen or bool(in_view.search(turn["feedback"] or ""))
+  return "walked past it" if seen else "never saw it"
+
+
+def main(argv):
+  for path in argv[1:]:
+    with open(path) as f:
+      episodes = [json.loads(line) for line in f]
+    picks = [e for e in episodes if e["task_type"] == "pick_and_place_simple"]
+    counts = collections.Counter(failure_mode(e) for e in picks)
+    print(json.dumps({"transcripts": path, "pick_and_place_simple": len(picks),
+                      **{c: counts[c] for c in CATEGORIES}}))
+
+
+if __name__ == "__main__":
+  app.run(main)
