@@ -8,7 +8,10 @@ that went wrong, so that a change to the teacher's training can aim at the commo
 - `took another object`: the first take was of another object class;
 - `took it, lost after`: the task's object was picked up, and the episode still lost.
 
-Every other task type is left out. `--config.eval.num_transcripts` must cover the split
+For the first wrong take it also counts whether the observation it answered showed the task's
+object, and the first word of its thought ("find", or "take" under `sft.thoughts=subgoal_take`):
+a "take" thought with the object absent is a policy that believes the object is where it is
+not. Every other task type is left out. `--config.eval.num_transcripts` must cover the split
 (the evaluate stage writes only the first few transcripts by default):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
@@ -30,19 +33,26 @@ from sage_opd_jax.envs import alfworld
 CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
 
 
-def failure_mode(episode: Mapping[str, Any]) -> str:
-  """One of `CATEGORIES` for a transcript record of a pick_and_place_simple game."""
+def failure_mode(episode: Mapping[str, Any]) -> tuple[str, str | None]:
+  """One of `CATEGORIES` for a transcript record of a pick_and_place_simple game, and for
+  `took another object` "<thought's first word>, object in view|absent" of that take."""
   if episode["won"]:
-    return "won"
+    return "won", None
   obj = alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["pddl_params"]["object_target"].lower()
   in_view = re.compile(rf"\b{obj} \d+\b")
   seen = False
+  last_observation = episode["turns"][0]["observation"]
   for turn in episode["turns"]:
     action = turn["action"] or ""
     if action.startswith("take "):
-      return "took it, lost after" if action.split()[1] == obj else "took another object"
-    seen = seen or bool(in_view.search(turn["feedback"] or ""))
-  return "walked past it" if seen else "never saw it"
+      if action.split()[1] == obj:
+        return "took it, lost after", None
+      thought = re.search(r"<think>(\S*)", turn["response"] or "")
+      here = "in view" if in_view.search(last_observation) else "absent"
+      return "took another object", f"{thought[1] if thought else ''}, object {here}"
+    last_observation = turn["feedback"] or ""
+    seen = seen or bool(in_view.search(last_observation))
+  return ("walked past it" if seen else "never saw it"), None
 
 
 def main(argv):
@@ -50,9 +60,11 @@ def main(argv):
     with open(path) as f:
       episodes = [json.loads(line) for line in f]
     picks = [e for e in episodes if e["task_type"] == "pick_and_place_simple"]
-    counts = collections.Counter(failure_mode(e) for e in picks)
+    modes = [failure_mode(e) for e in picks]
+    counts = collections.Counter(mode for mode, _ in modes)
+    wrong_takes = collections.Counter(detail for _, detail in modes if detail)
     print(json.dumps({"transcripts": path, "pick_and_place_simple": len(picks),
-                      **{c: counts[c] for c in CATEGORIES}}))
+                      **{c: counts[c] for c in CATEGORIES}, "wrong takes": dict(wrong_takes)}))
 
 
 if __name__ == "__main__":
