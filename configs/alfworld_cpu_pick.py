@@ -18,6 +18,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   # With both task types the SFT teacher won 0.40-0.46 of valid_seen; on this one alone it won 0.514
   # and, in a rerun whose demos were read in another order, 0.429 (docs/reproducing.md).
   config.env.task_types = ("pick_and_place_simple",)
+  # sft.thoughts stays "subgoal": naming the take ("subgoal_take") won its teacher 0.371 (run 3).
   # eval.num_episodes stays 48: every game of the task type, valid_seen 35 and valid_unseen 24.
   config.pipeline.student_steps = 500  # Every demo of 790 train games: 0.200 of valid_seen at 500 updates.
   config.pipeline.dagger_rounds = 0

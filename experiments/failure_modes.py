@@ -17,7 +17,7 @@ not. Every other task type is left out. `--config.eval.num_transcripts` must cov
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
       --config.student.hf_dir=workdirs/alfworld_cpu_pick/teacher/hf \\
       --config.tokenizer_dir=workdirs/alfworld_cpu_pick/tokenizer --config.student.model.vocab_size=1344 \\
-      --config.eval.num_transcripts=48 --workdir=workdirs/teacher_eval_all
+      --config.teacher.model.vocab_size=1344 --config.eval.num_transcripts=48 --workdir=workdirs/teacher_eval_all
   python experiments/failure_modes.py workdirs/teacher_eval_all/transcripts/step0_valid_seen_t0.jsonl
 """
 
