@@ -129,11 +129,13 @@ def subgoal_thoughts(task_id: str, actions: Sequence[str], observations: Sequenc
   game's own task parameters and the episode's pick-ups, so they are always right.
 
   With `name_take` the turn that takes the task's object thinks "take {object}" instead of
-  "find {object}". Why: a tiny teacher that thinks "find remotecontrol" one turn like every
-  other took the wrong object in 14 of its 20 losses on valid_seen (it lacks the binding
-  between the task's object and the take's); the thought names the object 3 tokens before the
-  action's, and makes "is it here?" the thought's first word. A thought is what the expert
-  means to do, so it depends on the action, never on the feedback that answers it.
+  "find {object}": the object is named 3 tokens before the action's, and "is it here?" is the
+  thought's first word. It was a test of one reading of the tiny pick teacher's commonest loss,
+  a take of another object (16 of its 20 on valid_seen), as a failed binding between the task's
+  object and the take's. It did not help: the object was absent at those takes, so the teacher
+  believes it is there rather than mis-binding it (docs/reproducing.md, session 19). A thought
+  is what the expert means to do, so it depends on the action, never on the feedback that
+  answers it.
 
   Args:
     task_id: the game's `<task folder>/<trial>` (`parse_task_folder` reads the folder).
