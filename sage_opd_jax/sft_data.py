@@ -76,10 +76,18 @@ class Demonstration:
       if record.get("env") != alfworld.ENV_NAME:
         raise ValueError(f"thoughts={thoughts!r} is defined for ALFWorld demos; record "
                          f"{record.get('task_id', '?')!r} is from env {record.get('env')!r}.")
-      texts = alfworld.subgoal_thoughts(record["task_id"], record["actions"], record["observations"],
-                                        name_take=thoughts == "subgoal_take")
+      texts = _expert_thoughts(thoughts, record["task_id"], record["actions"], record["observations"])
     return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
                admissible_actions=record["admissible_actions"], thoughts=texts, trained=record.get("trained"))
+
+
+def _expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observations: Sequence[str]
+                     ) -> list[str]:
+  """The `thoughts` mode's texts (not "none") for an ALFWorld expert episode, one per action."""
+  # Imported here, so that a trainer that only reads demos never loads TextWorld.
+  from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
+
+  return alfworld.subgoal_thoughts(task_id, actions, observations, name_take=thoughts == "subgoal_take")
 
 
 def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none") -> list[Demonstration]:
@@ -154,14 +162,11 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
   examples = list(demos.load_judge_examples(out_dir, history_turns, episodes))
   if thoughts == "none":
     return [JudgeExample.from_demo(ex) for ex in examples]
-  from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
-
   out = []
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn
-    thoughts_so_far = alfworld.subgoal_thoughts(ex.task_id, [*episode["actions"][:t], ex.action or ""],
-                                                [*episode["observations"][: t + 1], ex.feedback],
-                                                name_take=thoughts == "subgoal_take")
+    thoughts_so_far = _expert_thoughts(thoughts, ex.task_id, [*episode["actions"][:t], ex.action or ""],
+                                       [*episode["observations"][: t + 1], ex.feedback])
     out.append(JudgeExample.from_demo(ex, thoughts_so_far[-1], thoughts_so_far[t - len(ex.history):t]))
   return out
 
