@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.demos.max_turns = 50  # The expert's turn limit (more than the student's: it explores).
   config.demos.judge_states = 2  # States per won episode that yield judge examples.
   config.demos.game_timeout_s = 120.0  # A game (with its judge examples) slower than this is killed.
+  config.demos.search_order = "prior"  # ALFWorld expert's receptacle search: prior (fixed per room) | shuffled.
+  # The pipeline's expert episodes per train game, pass k (> 1) in demos/<split>_pass<k> with seed + k - 1 and
+  # no judge examples; the teacher trains on every pass, the student's warm start on the first.
+  config.demos.passes = 1
 
   config.sft = ml_collections.ConfigDict()
   config.sft.demos_dir = ""  # A collect_demos output folder (demos.jsonl, judge.jsonl).
@@ -74,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft.judge_examples = False  # Also train on judge examples (a teacher that acts and judges).
   config.sft.max_judge_examples = 0  # Train on at most this many judge examples; 0 means all.
   config.sft.thoughts = "none"  # Expert <think> text: none | subgoal | subgoal_take (ALFWorld's task subgoals).
-  config.sft.corrections_dirs = ()  # DAgger correction folders (sage_opd_jax/dagger.py) added to the demos.
+  config.sft.extra_demos_dirs = ()  # More demo folders (expert passes, DAgger corrections): their demos only.
 
   config.student = ml_collections.ConfigDict()
   config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.

@@ -32,6 +32,7 @@ SCHEDULES = ("constant", "cosine")
 # What fills an expert demo's <think></think> (sft_data): nothing, ALFWorld's subgoal, or the
 # subgoal with the task object's take named ("take apple"; envs.alfworld.subgoal_thoughts).
 THOUGHTS = ("none", "subgoal", "subgoal_take")
+SEARCH_ORDERS = ("prior", "shuffled")  # The ALFWorld expert's (envs.alfworld_expert.ImitableExpert).
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("qwen3", "qwen2", "llama")
 SPLITS = {
@@ -110,6 +111,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "demos.max_turns")
   _positive(config, "demos.judge_states", allow_zero=True)
   _positive(config, "demos.game_timeout_s")
+  _one_of(config, "demos.search_order", SEARCH_ORDERS)
+  _positive(config, "demos.passes")
+  if env != "alfworld" and (_get(config, "demos.search_order") != "prior" or _get(config, "demos.passes") > 1):
+    raise ConfigError(f"config.demos.search_order={_get(config, 'demos.search_order')!r} and demos.passes="
+                      f"{_get(config, 'demos.passes')} vary the ALFWorld expert; config.env.name is {env!r}, whose "
+                      "gold path is one fixed episode (use 'prior' and 1).")
   _positive(config, "sft.max_demos", allow_zero=True)
   _positive(config, "sft.max_judge_examples", allow_zero=True)
   _one_of(config, "sft.thoughts", THOUGHTS)

@@ -11,7 +11,7 @@ worker (`RolloutConfig.expert`): it follows the commands the policy played and n
 action at each state. Every turn where the two differ becomes one SFT sample, a
 `demos.jsonl` record: the policy's own transcript up to that turn, with the expert's action
 as that turn's response, the only turn trained (`trained`; the earlier turns are context).
-`SftSource` adds them to the demonstrations (`config.sft.corrections_dirs`). Round after
+`SftSource` adds them to the demonstrations (`config.sft.extra_demos_dirs`). Round after
 round (`pipeline.dagger_rounds`), the latest policy plays new games and is trained on every
 round's corrections, DAgger's aggregate.
 

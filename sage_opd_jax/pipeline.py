@@ -70,15 +70,17 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   return _collect(config, pathlib.Path(workdir), config.demos.split, config.demos.limit)
 
 
-def _collect(config, out_dir: pathlib.Path, split: str, limit: int) -> dict[str, Any]:
+def _collect(config, out_dir: pathlib.Path, split: str, limit: int, expert_pass: int = 1) -> dict[str, Any]:
+  """Expert pass `expert_pass` of `split` into `out_dir`: the first has judge examples, later ones other seeds."""
   name = config.env.name
   # The ALFWorld expert reads the game's facts; a gold path needs nothing more.
   kwargs = dict(train.env_kwargs(config), **({"facts": True} if name == "alfworld" else {}),
                 max_turns=config.demos.max_turns)
   result = demos_lib.collect(
       out_dir, split, kwargs, env_name=name, num_workers=config.env.num_workers,
-      game_timeout_s=config.demos.game_timeout_s, limit=limit or None, judge_states=config.demos.judge_states,
-      branch=demos_lib.DEFAULT_BRANCH[name], seed=config.seed,
+      game_timeout_s=config.demos.game_timeout_s, limit=limit or None,
+      judge_states=config.demos.judge_states if expert_pass == 1 else 0, branch=demos_lib.DEFAULT_BRANCH[name],
+      seed=config.seed + expert_pass - 1, search_order=config.demos.search_order,
   )
   return result.manifest
 
@@ -121,6 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   results.code_commit()  # The code this process imported: what the ledger credits every stage to.
   train_demos = root / "demos" / config.demos.split
   heldout_demos = root / "demos" / p.heldout_split
+  extra_passes = [root / "demos" / f"{config.demos.split}_pass{k}" for k in range(2, config.demos.passes + 1)]
 
   # Every stage below names the checkpoints it loads; the given ones are kept aside.
   given_student, given_teacher = config.student.hf_dir, config.teacher.hf_dir
@@ -135,6 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
     logging.info("[2/6] demonstrations")
     _collect(base, train_demos, base.demos.split, base.demos.limit)
+    for k, folder in enumerate(extra_passes, start=2):
+      _collect(base, folder, base.demos.split, base.demos.limit, expert_pass=k)
     _collect(base, heldout_demos, p.heldout_split, p.heldout_games)
   elif config.env.name == "scienceworld":  # Its tokenizer's corpus includes the demos: they come first.
     logging.info("[1/6] demonstrations")
@@ -165,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_dir = root / "teacher"
   # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
   teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
-                     sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
+                     sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
   _stage(root, "teacher_sft", bool(given_teacher) or writers.exported(teacher_dir), lambda: train.train(_derive(
       base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
   teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))
@@ -182,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
         policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature, player=player))
     teacher_dir = root / "teacher_dagger" / f"round{r}"
     _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
-        base, **teacher_sft, student__hf_dir=teacher_hf, sft__corrections_dirs=tuple(str(d) for d in rounds),
+        base, **{**teacher_sft, "sft__extra_demos_dirs": (*teacher_sft["sft__extra_demos_dirs"], *map(str, rounds))},
+        student__hf_dir=teacher_hf,
         train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate), teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"

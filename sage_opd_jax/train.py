@@ -312,12 +312,12 @@ class SftSource:
     demonstrations = sft_data.read_demonstrations(demos_dir, config.sft.thoughts)
     if config.sft.max_demos:
       demonstrations = demonstrations[: config.sft.max_demos]
-    corrections = []
-    for folder in config.sft.corrections_dirs:
+    extra_demos = []
+    for folder in config.sft.extra_demos_dirs:
       if not (pathlib.Path(folder) / demos_lib.DEMOS).exists():
-        raise FileNotFoundError(f"config.sft.corrections_dirs holds {folder!r}, which has no {demos_lib.DEMOS}; "
-                                "collect DAgger corrections first (sage_opd_jax/dagger.py).")
-      corrections += sft_data.read_demonstrations(folder, config.sft.thoughts)
+        raise FileNotFoundError(f"config.sft.extra_demos_dirs holds {folder!r}, which has no {demos_lib.DEMOS}; "
+                                "collect its expert pass or DAgger corrections (sage_opd_jax/dagger.py) first.")
+      extra_demos += sft_data.read_demonstrations(folder, config.sft.thoughts)
     judge_examples = []
     if config.sft.judge_examples:
       judge_examples = sft_data.read_judge_examples(demos_dir, sft_data.judge_window(config.judge),
@@ -325,7 +325,7 @@ class SftSource:
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
     data = sft_data.build_sft_data(
-        tokenizer, [*demonstrations, *corrections], judge_examples, config.train.max_seq_len,
+        tokenizer, [*demonstrations, *extra_demos], judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
         judge_admissible=config.judge.show_admissible, judge_transcript=config.judge.mode == "transcript",
         seed=config.seed,
@@ -341,7 +341,7 @@ class SftSource:
           f"{self.num_rows} SFT samples from {demos_dir} are fewer than config.train.batch_episodes="
           f"{self.batch_size}."
       )
-    self.info = {"sft/samples": self.num_rows, "sft/demos": len(demonstrations), "sft/corrections": len(corrections),
+    self.info = {"sft/samples": self.num_rows, "sft/demos": len(demonstrations), "sft/extra_demos": len(extra_demos),
                  "sft/judge_examples": len(judge_examples), "sft/truncated": data.num_truncated,
                  "sft/dropped": data.num_dropped}
 

@@ -38,6 +38,8 @@ def test_base_config_is_valid():
         ("teacher.temperature", 0.0, "config.teacher.temperature=0.0"),
         ("teacher.top_k", -1, "config.teacher.top_k=-1"),
         ("teacher.top_k", 10**6, "config.teacher.top_k=1000000 exceeds config.teacher.model.vocab_size="),
+        ("demos.search_order", "random", "config.demos.search_order='random'"),
+        ("demos.passes", 0, "config.demos.passes=0"),
     ],
 )
 def test_bad_value_names_the_key(key, value, message):
@@ -74,6 +76,17 @@ def test_pipeline_checkpoints_need_their_tokenizer(key):
     config_lib.validate(config)
   config.tokenizer_dir = "/ckpt/tokenizer"
   config_lib.validate(config)
+
+
+def test_expert_variations_are_alfworlds():
+  config = _load_config("alfworld_cpu")
+  config.demos.search_order, config.demos.passes = "shuffled", 3
+  config_lib.validate(config)
+  for key, value in (("search_order", "shuffled"), ("passes", 2)):
+    config = _load_config("scienceworld_cpu")
+    config.demos[key] = value  # Its gold path is one fixed episode.
+    with pytest.raises(config_lib.ConfigError, match=r"config\.demos\.search_order=.*scienceworld"):
+      config_lib.validate(config)
 
 
 def test_dagger_round_settings():

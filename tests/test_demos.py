@@ -8,6 +8,7 @@ under test there is the collection's supervision, not the game.
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -131,6 +132,21 @@ def test_resume_with_other_settings_is_refused(fixture_run):
     demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=1, progress=False)
   with pytest.raises(ValueError, match="facts"):
     demos.collect(out, "valid_seen", {**kwargs, "facts": False}, num_workers=1, judge_states=3, progress=False)
+  with pytest.raises(ValueError, match="search_order='prior' but this run has 'shuffled'"):
+    demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=3, search_order="shuffled", progress=False)
+
+
+def test_a_folder_collected_before_search_orders_resumes_as_prior(fixture_run, tmp_path):
+  out, kwargs, _ = fixture_run
+  old = tmp_path / "old"
+  shutil.copytree(out, old)
+  manifest = json.loads((old / demos.MANIFEST).read_text())
+  del manifest["search_order"]
+  (old / demos.MANIFEST).write_text(json.dumps(manifest))
+  result = demos.collect(old, "valid_seen", kwargs, num_workers=1, judge_states=3, progress=False)
+  assert result.new_games == 0 and result.manifest["search_order"] == "prior"
+  with pytest.raises(ValueError, match="search_order='prior'"):
+    demos.collect(old, "valid_seen", kwargs, num_workers=1, judge_states=3, search_order="shuffled", progress=False)
 
 
 # --- injected failures ---------------------------------------------------------------
@@ -160,9 +176,9 @@ class FaultyEnv:
     pass
 
 
-def one_step_game(env, task, seed, judge_states, max_expert_steps, branch):
+def one_step_game(env, task, seed, judge_states, max_expert_steps, branch, search_order):
   """A `game_fn` that plays the scripted env's one-step game."""
-  del seed, judge_states, max_expert_steps, branch
+  del seed, judge_states, max_expert_steps, branch, search_order
   observation, _ = env.reset(task)
   result = env.step("win")
   demo = dict(task_id=task.task_id, observations=[observation, result.observation], actions=["win"])

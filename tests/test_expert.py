@@ -7,6 +7,7 @@ everywhere; the `real_*` test needs $ALFWORLD_DATA and skips without it.
 import os
 import re
 
+import alfworld.gen.constants as alfred_constants
 import pytest
 from conftest import real_alfworld_data
 
@@ -116,6 +117,27 @@ def test_expert_is_reproducible_for_a_seed(fixture_env):
   first = alfworld_expert.run_episode(fixture_env, task, seed=3)
   again = alfworld_expert.run_episode(fixture_env, task, seed=3)
   assert first.actions == again.actions and first.observations == again.observations
+
+
+def test_shuffled_search_draws_the_order_of_the_prior_receptacles_from_the_seed(fixture_env):
+  # The apple may be on the countertop or the diningtable (ALFRED's priors), and is on the diningtable.
+  task = next(t for t in _fixture_tasks(fixture_env) if t.task_id.startswith("pick_and_place_simple-Apple"))
+  priors = {r.lower() for r, objects in alfred_constants.VAL_RECEPTACLE_OBJECTS.items() if "Apple" in objects}
+
+  def first_visits(search_order):
+    episodes = [alfworld_expert.run_episode(fixture_env, task, seed=s, search_order=search_order) for s in range(4)]
+    for episode in episodes:
+      assert episode.won and _acts_before_observing(episode) == [], episode.actions
+    return [e.actions[0] for e in episodes]
+
+  assert len(set(first_visits("prior"))) == 1  # One order per room, whatever the seed.
+  shuffled = first_visits("shuffled")
+  assert len(set(shuffled)) == 2, shuffled
+  assert {a.removeprefix("go to ").rsplit(" ", 1)[0] for a in shuffled} <= priors
+  again = alfworld_expert.run_episode(fixture_env, task, seed=1, search_order="shuffled")
+  assert again.actions == alfworld_expert.run_episode(fixture_env, task, seed=1, search_order="shuffled").actions
+  with pytest.raises(ValueError, match="search_order='random'"):
+    alfworld_expert.ImitableExpert(task, search_order="random")
 
 
 def test_peek_answers_like_a_step_and_leaves_the_episode_unchanged(fixture_env):

@@ -32,6 +32,7 @@ def tiny_config():
   config.student.model = base.tiny_model(**TINY)
   config.teacher.model = base.tiny_model(**dict(TINY, hidden_size=48, head_dim=24))
   config.demos.judge_states = 1
+  config.demos.search_order, config.demos.passes = "shuffled", 2
   config.sampling.max_new_tokens = 16
   config.judge.max_new_tokens = 2
   config.train.batch_episodes = 1  # The student's warm start has one demonstration.
@@ -88,8 +89,17 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert [trained_from[f"teacher_dagger/round{r}"] for r in (1, 2, 3)] == teachers[:3]
   counts = [len(demos_lib.read_jsonl(r / demos_lib.DEMOS)) for r in rounds]
   assert min(counts) > 0, counts
+  # The second expert pass: its own seed, no judge examples; every teacher SFT trains on it too.
+  second_pass = tmp_path / "demos" / "train_pass2"
+  manifest = json.loads((second_pass / demos_lib.MANIFEST).read_text())
+  assert (manifest["seed"], manifest["judge_states"], manifest["search_order"]) == (config.seed + 1, 0, "shuffled")
+  assert json.loads((tmp_path / "demos" / "train" / demos_lib.MANIFEST).read_text())["judge_states"] == 1
+  passed = len(demos_lib.read_jsonl(second_pass / demos_lib.DEMOS))
+  assert passed == manifest["games_won"] > 0
+  assert writers.read_metrics(tmp_path / "teacher")[0]["sft/extra_demos"] == passed
+  assert writers.read_metrics(tmp_path / "student_sft")[0]["sft/extra_demos"] == 0  # The first pass only.
   info = writers.read_metrics(tmp_path / "teacher_dagger" / "round3")[0]
-  assert info["sft/corrections"] == sum(counts) and info["sft/demos"] > 0
+  assert info["sft/extra_demos"] == passed + sum(counts) and info["sft/demos"] > 0
   last_teacher = teachers[3]
   # The last round's teacher is the one evaluated, and the one the method distils from.
   assert ("teacher_eval", last_teacher) in evaluated

@@ -22,6 +22,12 @@ fallback when it would repeat itself is a random admissible command; here that i
 drawn from a seeded generator, and only among commands whose every entity has been seen
 in an observation, so that the expert never acts on an object before observing it
 (`unobserved_entities` checks every action it plays).
+
+Its search visits the receptacles its priors name in one fixed order per room (the
+room's listing, reversed), so a room's demonstrations all search alike, and a policy
+trained on them can learn where an object usually is in place of reading whether it is
+there. `search_order="shuffled"` draws that order (and the order among receptacles of a
+target type) from the seeded generator: the same priors, visited in a random order.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from alfworld.agents.expert import HandCodedAgentFailed, HandCodedAgentTimeout, 
 from alfworld.agents.expert import handcoded_expert
 from textworld.envs.pddl.pddl import PddlEnv
 
+from sage_opd_jax.config import SEARCH_ORDERS
 from sage_opd_jax.envs import alfworld as alfworld_env
 from sage_opd_jax.envs import base
 
@@ -115,13 +122,26 @@ class ImitableExpert:
   DAgger): step the env with any action, then ask `next_action(result)`.
   """
 
-  def __init__(self, task: base.Task, max_steps: int = 150, seed: int = 0):
+  def __init__(self, task: base.Task, max_steps: int = 150, seed: int = 0, search_order: str = "prior"):
+    if search_order not in SEARCH_ORDERS:
+      raise ValueError(f"search_order={search_order!r}: must be one of {SEARCH_ORDERS}.")
     self.params = task_params(task)
     agent = HandCodedTWAgent(max_steps=max_steps)
     self.policy = agent.get_task_policy(self.params)(self.params, max_steps=max_steps)
     self.rng = random.Random(seed)
+    if search_order == "shuffled":
+      # The policy searches `receptacles_to_check` from its end; these two build that list.
+      for name in ("get_list_of_receptacles_to_search_for_object_cls", "get_list_of_receptacles_of_type"):
+        setattr(self.policy, name, self._shuffled(getattr(self.policy, name)))
     self.observed_text = ""
     self.last_played = ""  # The last command the env played; "" before any or after an invalid one.
+
+  def _shuffled(self, receptacles_fn: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    def shuffled(cls: str) -> list[str]:
+      receptacles = receptacles_fn(cls)
+      self.rng.shuffle(receptacles)
+      return receptacles
+    return shuffled
 
   def first_action(self, observation: str, info: base.StepInfo) -> str:
     self.observed_text = observation
@@ -248,6 +268,7 @@ def run_episode(
     max_steps: int = 150,
     seed: int = 0,
     before_step: Callable[[int, base.StepInfo, str], None] | None = None,
+    search_order: str = "prior",
 ) -> Episode:
   """Plays `task` with the expert until the env ends the episode or the expert gives up.
 
@@ -255,10 +276,11 @@ def run_episode(
   raises, so that a crashed game is never taken for a lost (or won) demonstration.
   `before_step(turn, info, expert_action)`, if given, runs before each step, while
   the env is in the state the expert acts on (e.g. to `peek` at other actions).
+  `search_order` is `ImitableExpert`'s.
   """
   start = time.perf_counter()
   observation, info = env.reset(task)
-  expert = ImitableExpert(task, max_steps=max_steps, seed=seed)
+  expert = ImitableExpert(task, max_steps=max_steps, seed=seed, search_order=search_order)
   observations, actions, valid, admissible = [observation], [], [], []
   won, error = False, None
   try:

@@ -71,7 +71,10 @@ DEFAULT_BRANCH = {"alfworld": "snapshot", "scienceworld": "replay"}
 # Manifest settings that must match for a re-run to resume a folder.
 _STRONG_TRIES = 3  # Strong candidates tried per state before an unparseable response stands in.
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-_RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps")
+_RESUME_KEYS = ("env", "split", "expert", "env_kwargs", "judge_states", "branch", "seed", "max_expert_steps",
+                "search_order")
+# Settings that folders collected before they existed did not record, with the value they had.
+_RESUME_DEFAULTS = {"search_order": "prior"}
 
 
 def experts() -> dict[str, str]:
@@ -197,12 +200,14 @@ def expert_game(
     judge_states: int,
     max_expert_steps: int,
     branch: str = "snapshot",
+    search_order: str = "prior",
 ) -> dict[str, Any]:
   """A pool call: one expert episode on `task`, and judge examples if it was won.
 
   With branch="snapshot" the Weak action of every turn is `peek`ed at during the
   episode (one undone engine step each) and `judge_states` turns are kept; with
   "replay", `judge_states` turns are replayed after the episode (see `_judge_by_replay`).
+  `search_order` is the ALFWorld expert's (`alfworld_expert.ImitableExpert`).
   Returns {"status", "turns", "seconds", "cpu_seconds", "error", "demo" (won only),
   "judge", "judge_seconds"}.
   """
@@ -233,7 +238,8 @@ def expert_game(
     episode = _scienceworld_episode(env, task)
   else:
     episode = alfworld_expert.run_episode(
-        env, task, max_steps=max_expert_steps, seed=expert_seed, before_step=peek_weak if snapshot else None
+        env, task, max_steps=max_expert_steps, seed=expert_seed, before_step=peek_weak if snapshot else None,
+        search_order=search_order,
     )
   result: dict[str, Any] = dict(
       status="won" if episode.won else "lost", turns=len(episode.actions), error=episode.error, demo=None,
@@ -341,6 +347,7 @@ def collect(
     branch: str = "snapshot",
     seed: int = 0,
     max_expert_steps: int = 150,
+    search_order: str = "prior",
     retry_failed: bool = False,
     game_fn: Callable[..., dict[str, Any]] = expert_game,
     imports: Sequence[str] = (),
@@ -362,6 +369,8 @@ def collect(
       `DEFAULT_BRANCH` holds each env's choice; ScienceWorld has only "replay".
     seed: seeds the expert's random choices and the judge examples, per game.
     max_expert_steps: the ALFWorld expert's own step budget (a gold path has its own length).
+    search_order: the ALFWorld expert's receptacle search order, "prior" or "shuffled"
+      (`alfworld_expert.ImitableExpert`); a gold path has its own.
     retry_failed: on resume, run again the games that ended in error/timeout/crash.
     game_fn: the pool call that plays one game (tests inject failures through it).
     imports: modules the workers import first (e.g. one registering a test env).
@@ -382,14 +391,16 @@ def collect(
       # A test's own game_fn on a test env is recorded under ALFWorld's expert, as before.
       env=env_name, split=split, expert=known.get(env_name, known["alfworld"]), env_kwargs=env_kwargs,
       judge_states=judge_states, branch=branch, seed=seed, max_expert_steps=max_expert_steps,
+      search_order=search_order,
   )
   manifest_path = out / MANIFEST
   if manifest_path.exists():
     previous = json.loads(manifest_path.read_text())
     for key in _RESUME_KEYS:
-      if previous.get(key) != json.loads(json.dumps(settings[key])):
+      recorded = previous.get(key, _RESUME_DEFAULTS.get(key))
+      if recorded != json.loads(json.dumps(settings[key])):
         raise ValueError(
-            f"{manifest_path}: {key}={previous.get(key)!r} but this run has {settings[key]!r}; "
+            f"{manifest_path}: {key}={recorded!r} but this run has {settings[key]!r}; "
             "use another out_dir or the same settings."
         )
 
@@ -411,8 +422,8 @@ def collect(
       raise RuntimeError(f"Listing the tasks of split {split!r} failed:\n{tasks.message}")
     tasks = tasks[:limit] if limit is not None else tasks
     todo = [t for t in tasks if t.task_id not in finished]
-    calls = [dict(task=t, seed=seed, judge_states=judge_states, max_expert_steps=max_expert_steps, branch=branch)
-             for t in todo]
+    calls = [dict(task=t, seed=seed, judge_states=judge_states, max_expert_steps=max_expert_steps, branch=branch,
+                  search_order=search_order) for t in todo]
     bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"demos {split}", disable=not progress)
     with (out / GAMES).open("a") as games_f, (out / DEMOS).open("a") as demos_f, (out / JUDGE).open("a") as judge_f:
       for index, result in pool.imap_unordered(game_fn, calls, timeout_s=game_timeout_s):
