@@ -246,10 +246,19 @@ def code_commit() -> str:
   """This package's checkout's commit when first asked, wherever the run was started from
   ("unknown" outside git). `pipeline.run` asks at its start: a checkout that moves on during a
   long run does not relabel the stages that the run's imported code made."""
+  return git_commit(pathlib.Path(__file__).resolve().parent)
+
+
+def git_commit(path: pathlib.Path) -> str:
+  """The short commit of the checkout holding `path`, "+dirty" if a tracked file differs from it."""
+  def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=path)
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                          cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+      return "unknown"
+    return head.stdout.strip() + ("+dirty" if git("diff", "--quiet", "HEAD").returncode else "")
+  except OSError:
     return "unknown"
 
 

@@ -77,8 +77,7 @@ def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
   (tmp_path / results.TIMINGS).write_text(json.dumps({"stage": "teacher_sft", "seconds": 5.0}) + "\n")
   results.record_stage_time(tmp_path, "student_sft", 2.0)
   results.record_stage_time(tmp_path, "opd/seed0", 3.0)
-  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  head = results.git_commit(pathlib.Path(__file__).parent)  # Pinned against git itself below.
   assert results.stage_commits(tmp_path) == {"unrecorded": ["teacher_sft"], head: ["student_sft", "opd/seed0"]}
   assert results.stage_times(tmp_path) == {"teacher_sft": 5.0, "student_sft": 2.0, "opd/seed0": 3.0}
 
@@ -92,6 +91,23 @@ def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
   assert "sage_opd/seed0" in results.stage_times(tmp_path)
   assert all("sage_opd/seed0" not in stages for stages in results.stage_commits(tmp_path).values())
   assert results._raised_note(tmp_path) == " (1 that raised included)"  # pylint: disable=protected-access
+
+
+def test_a_run_from_an_edited_checkout_is_labelled_dirty(tmp_path):
+  def git(*args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+  assert results.git_commit(tmp_path) == "unknown"
+  git("init", "-q")
+  (tmp_path / "losses.py").write_text("a = 1\n")
+  git("add", "losses.py")
+  git("commit", "-qm", "one")
+  head = git("rev-parse", "--short", "HEAD")
+  (tmp_path / "notes.txt").write_text("untracked files are not the code\n")
+  assert results.git_commit(tmp_path) == head
+  (tmp_path / "losses.py").write_text("a = 2\n")
+  assert results.git_commit(tmp_path) == head + "+dirty"
 
 
 def test_the_ledger_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
