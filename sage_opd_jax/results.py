@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -262,6 +263,22 @@ def git_commit(path: pathlib.Path) -> str:
     return "unknown"
 
 
+_DOCS_OWNER = "<!-- written for workdir: {} -->"
+
+
+def _workdir_mark(root: pathlib.Path) -> str:
+  return str(pathlib.Path(root).resolve())
+
+
+def _docs_owner(docs_path: pathlib.Path) -> str | None:
+  """The workdir a report at `docs_path` was written for: None if there is none, "" if it does not say."""
+  if not docs_path.exists():
+    return None
+  prefix, suffix = _DOCS_OWNER.split("{}")
+  lines = [line for line in docs_path.read_text(encoding="utf-8").splitlines() if line.startswith(prefix)]
+  return lines[-1][len(prefix):-len(suffix)] if lines else ""
+
+
 def sweep_root(root: pathlib.Path, sweep: str) -> pathlib.Path:
   """Where a pipeline's method runs (`runs/`) and report (`results/`) go: the workdir itself, or
   `sweeps/<sweep>` for a sweep from the same teacher and student (`config.pipeline.sweep`)."""
@@ -283,7 +300,9 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
       the report are those of `sweep_root`).
     docs_path: also write the report there (e.g. docs/results.md), with its CSV and plots in a
       folder of the same name beside it (docs/results/), linked relatively. A sweep's report
-      goes beside it instead: docs/results_<sweep>.md.
+      goes beside it instead: docs/results_<sweep>.md. A report there that another workdir
+      wrote (or one that does not say) is kept, with a warning: a variant run of a config
+      must not replace the report committed for it.
   """
   sweep = config.pipeline.sweep if "pipeline" in config else ""
   runs_root = sweep_root(root, sweep)
@@ -315,15 +334,19 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   _plot_label_mix(runs, out / "judge_label_mix.png")
   (out / "results.md").write_text(_report(root, config, runs, rows, splits, asset_dir="", success_png=success_png),
                                   encoding="utf-8")
+  if docs_path is not None and (owner := _docs_owner(pathlib.Path(docs_path))) not in (None, _workdir_mark(root)):
+    logging.warning("Not writing %s: it holds %s's report, not this workdir's (%s); the report is in %s. "
+                    "Delete it, or set config.pipeline.results_doc, to write it.", docs_path,
+                    owner or "an unnamed workdir", root, out)
+    docs_path = None
   if docs_path is not None:
     docs_path = pathlib.Path(docs_path)
     assets = docs_path.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
     for name in ("results.csv", success_png, "judge_label_mix.png"):
       shutil.copyfile(out / name, assets / name)
-    docs_path.write_text(_report(root, config, runs, rows, splits, asset_dir=assets.name + "/",
-                                 success_png=success_png),
-                         encoding="utf-8")
+    report = _report(root, config, runs, rows, splits, asset_dir=assets.name + "/", success_png=success_png)
+    docs_path.write_text(f"{report}\n{_DOCS_OWNER.format(_workdir_mark(root))}\n", encoding="utf-8")
   print(markdown_table(rows, splits))
   return out
 

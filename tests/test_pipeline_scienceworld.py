@@ -129,6 +129,25 @@ def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
   games = int(results._final_eval(workdir / "student_eval")["eval/dev/t0/episodes"])
   assert f"(greedy eval on {games} dev games of {', '.join(config.env.task_types)})" in report
   assert (tmp_path / "results" / "dev_success.png").exists()
+  results.write_results(workdir, config, docs_path=tmp_path / "results.md")  # Its own report: rewritten.
+  assert (tmp_path / "results.md").read_text() == report
+
+
+def test_a_report_another_workdir_wrote_is_kept(workdir, tmp_path, caplog):
+  config = tiny_config()
+  docs = tmp_path / "results.md"
+  docs.write_text("# a committed report\n")  # One that does not name its workdir.
+  results.write_results(workdir, config, docs_path=docs)
+  assert docs.read_text() == "# a committed report\n" and "an unnamed workdir" in caplog.text
+  docs.unlink()
+  results.write_results(workdir, config, docs_path=docs)
+  written = docs.read_text()
+  assert "| opd | 1 |" in written
+  other = tmp_path / "variant"  # A variant's workdir: the same finished stages, another place.
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("results"))
+  results.write_results(other, config, docs_path=docs)
+  assert docs.read_text() == written and f"holds {workdir.resolve()}'s report" in caplog.text
+  assert (other / "results" / "results.md").exists()
 
 
 def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, tmp_path):
