@@ -11,7 +11,9 @@ that went wrong, so that a change to the teacher's training can aim at the commo
 For the first wrong take it also counts whether the observation it answered showed the task's
 object, and the first word of its thought ("find", or "take" under `sft.thoughts=subgoal_take`):
 a "take" thought with the object absent is a policy that believes the object is where it is
-not. Every other task type is left out. `--config.eval.num_transcripts` must cover the split
+not. And it measures how well the policy reads the observation, over every state before its
+first take where the observation shows objects on or in a receptacle: P(take | the task's object
+in view) against P(take | absent) (the expert's are 1 and 0). Every other task type is left out. `--config.eval.num_transcripts` must cover the split
 (the evaluate stage writes only the first few transcripts by default):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
@@ -33,13 +35,38 @@ from sage_opd_jax.envs import alfworld
 CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
 
 
+# An observation that shows what is on or in a receptacle, so that some take is possible.
+_SHOWS_OBJECTS = re.compile(r"(On the [a-z]+ \d+|In it), you see a ")
+
+
+def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
+  """The task's object class and a pattern for any instance of it in an observation."""
+  obj = alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["pddl_params"]["object_target"].lower()
+  return obj, re.compile(rf"\b{obj} \d+\b")
+
+
+def take_counts(episode: Mapping[str, Any]) -> collections.Counter[tuple[bool, bool]]:
+  """(task's object in view, the policy took) -> states, over the states before its first take
+  whose observation shows objects on or in a receptacle."""
+  _, in_view = _task_object(episode)
+  counts = collections.Counter()
+  observation = episode["turns"][0]["observation"]
+  for turn in episode["turns"]:
+    took = (turn["action"] or "").startswith("take ")
+    if _SHOWS_OBJECTS.search(observation):
+      counts[bool(in_view.search(observation)), took] += 1
+    if took:
+      break
+    observation = turn["feedback"] or ""
+  return counts
+
+
 def failure_mode(episode: Mapping[str, Any]) -> tuple[str, str | None]:
   """One of `CATEGORIES` for a transcript record of a pick_and_place_simple game, and for
   `took another object` "<thought's first word>, object in view|absent" of that take."""
   if episode["won"]:
     return "won", None
-  obj = alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["pddl_params"]["object_target"].lower()
-  in_view = re.compile(rf"\b{obj} \d+\b")
+  obj, in_view = _task_object(episode)
   seen = False
   last_observation = episode["turns"][0]["observation"]
   for turn in episode["turns"]:
@@ -63,8 +90,13 @@ def main(argv):
     modes = [failure_mode(e) for e in picks]
     counts = collections.Counter(mode for mode, _ in modes)
     wrong_takes = collections.Counter(detail for _, detail in modes if detail)
+    takes = sum((take_counts(e) for e in picks), collections.Counter())
+    rates = {}
+    for in_view, name in ((True, "P(take | object in view)"), (False, "P(take | object absent)")):
+      states = takes[in_view, True] + takes[in_view, False]
+      rates[name] = f"{takes[in_view, True] / states:.2f} of {states}" if states else None
     print(json.dumps({"transcripts": path, "pick_and_place_simple": len(picks),
-                      **{c: counts[c] for c in CATEGORIES}, "wrong takes": dict(wrong_takes)}))
+                      **{c: counts[c] for c in CATEGORIES}, "wrong takes": dict(wrong_takes), **rates}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""experiments/failure_modes.py on hand-written pick_and_place_simple transcripts."""
+
+import collections
+
+from experiments import failure_modes
+
+TASK_ID = "pick_and_place_simple-Apple-None-CounterTop-1/trial_T0"
+START = "You are in the middle of a room. Looking quickly around you, you see a countertop 1, a diningtable 1."
+
+
+def _episode(steps, won=False):
+  """steps: (action, feedback, thought) per turn."""
+  turns = [dict(turn=t + 1, observation=START if t == 0 else "", action=a, feedback=f,
+                response=f"<think>{thought}</think><action>{a}</action>") for t, (a, f, thought) in enumerate(steps)]
+  return dict(task_id=TASK_ID, task_type="pick_and_place_simple", won=won, turns=turns)
+
+
+def test_a_take_of_another_object_where_the_task_object_is_absent():
+  episode = _episode([
+      ("go to diningtable 1", "You arrive at diningtable 1. On the diningtable 1, you see a bread 1, and a knife 2.",
+       "find apple"),
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a apple 3.", "find apple"),
+      ("go to fridge 1", "You arrive at fridge 1. The fridge 1 is closed.", "find apple"),
+      ("open fridge 1", "You open the fridge 1. The fridge 1 is open. In it, you see a tomato 1.", "find apple"),
+      ("take tomato 1 from fridge 1", "You pick up the tomato 1 from the fridge 1.", "find apple"),
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a apple 3.", "put apple"),
+  ])
+  assert failure_modes.failure_mode(episode) == ("took another object", "find, object absent")
+  # The closed fridge shows nothing to take; the apple was in view once and walked past; the
+  # tomato's take answered an observation without the apple; nothing after the first take counts.
+  assert failure_modes.take_counts(episode) == collections.Counter({(False, False): 1, (True, False): 1,
+                                                                    (False, True): 1})
+
+
+def test_a_won_game_and_one_that_walked_past_the_object():
+  won = _episode([
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a apple 1.", "find apple"),
+      ("take apple 1 from countertop 1", "You pick up the apple 1 from the countertop 1.", "find apple"),
+  ], won=True)
+  assert failure_modes.failure_mode(won) == ("won", None)
+  assert failure_modes.take_counts(won) == collections.Counter({(True, True): 1})
+  # "pineapple 1" is not an apple: the pattern needs the whole class name.
+  walked = _episode([
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a pineapple 1.", "find apple"),
+      ("go to diningtable 1", "You arrive at diningtable 1. On the diningtable 1, you see a apple 2.", "find apple"),
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a pineapple 1.", "find apple"),
+  ])
+  assert failure_modes.failure_mode(walked) == ("walked past it", None)
+  assert failure_modes.take_counts(walked) == collections.Counter({(False, False): 1, (True, False): 1})
