@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
   student_dir = root / "student_sft"
   _stage(root, "student_sft", bool(given_student) or writers.exported(student_dir), lambda: train.train(_derive(
-      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos,
+      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, sft__renamed_copies=0,
       train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
   student_hf = given_student or str(writers.export_dir(student_dir))
@@ -208,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=student_hf,
                      teacher__hf_dir=teacher_hf, train__num_steps=p.distill_steps)
       if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
-        changes.update(stage="sft", sft__demos_dir=str(train_demos))
+        changes.update(stage="sft", sft__demos_dir=str(train_demos), sft__renamed_copies=0)
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import random
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -90,13 +92,70 @@ def _expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observ
   return alfworld.subgoal_thoughts(task_id, actions, observations, name_take=thoughts == "subgoal_take")
 
 
-def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none") -> list[Demonstration]:
+def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none", *, limit: int = 0,
+                        renamed_copies: int = 0, seed: int = 0) -> list[Demonstration]:
   """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl), in
-  `envs.demos.in_fixed_order`; see `from_record`."""
+  `envs.demos.in_fixed_order`: the first `limit` (0: all), then `renamed_copies` of each of
+  those (`with_renamed_objects`, drawn with `seed`); see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
     raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
-  return [Demonstration.from_record(record, thoughts) for record in demos.in_fixed_order(demos.read_jsonl(path))]
+  records = demos.in_fixed_order(demos.read_jsonl(path))
+  records = records[:limit] if limit else records
+  if renamed_copies:
+    records = with_renamed_objects(records, renamed_copies, seed)
+  return [Demonstration.from_record(record, thoughts) for record in records]
+
+
+def _task_object(task_id: str) -> str:
+  """The object class an ALFWorld task folder names, in ALFRED's spelling (e.g. "CellPhone")."""
+  return task_id.split("/", 1)[0].split("-")[1]
+
+
+def _words(cls: str) -> re.Pattern[str]:
+  return re.compile(rf"\b{cls.lower()}\b")
+
+
+def renamed_object(record: Mapping[str, Any], new_class: str) -> dict[str, Any]:
+  """An ALFWorld demo record whose task object class is `new_class` (ALFRED's spelling) in every
+  text, and in the task folder that the subgoal thoughts read."""
+  old = _task_object(record["task_id"])
+  if old.endswith("Sliced"):
+    raise ValueError(f"renamed_object: {record['task_id']!r} names a sliced object; its text says it otherwise.")
+  word, new = _words(old), new_class.lower()
+  folder, trial = record["task_id"].split("/", 1)
+  parts = folder.split("-")
+  return {**record, "task_id": "-".join([parts[0], new_class, *parts[2:]]) + "/" + trial,
+          "task": word.sub(new, record["task"]),
+          "observations": [word.sub(new, o) for o in record["observations"]],
+          "actions": [word.sub(new, a) for a in record["actions"]],
+          "admissible_actions": [[word.sub(new, a) for a in turn] for turn in record["admissible_actions"]]}
+
+
+def with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int, seed: int) -> list[Mapping[str, Any]]:
+  """`records`, then per record `copies` renamed ones (`renamed_object`), each to a task-object class
+  of `records` that its episode never mentions, drawn with `seed`.
+
+  Why: in an expert's episode the task's object turns up at a receptacle where that class
+  usually is, so a tiny model can learn to take at a likely receptacle in place of reading
+  whether the object is there (docs/reproducing.md, session 20). Under another name the
+  object's receptacles predict nothing; reading the observation for the task's word does. The
+  new class is one the demos' tasks name, so the tokenizer's corpus holds it. Records of sliced
+  objects get no copies.
+  """
+  if copies < 0:
+    raise ValueError(f"copies={copies}: must be >= 0.")
+  classes = sorted({c for r in records if not (c := _task_object(r["task_id"])).endswith("Sliced")})
+  renamed = []
+  for record in records:
+    if _task_object(record["task_id"]).endswith("Sliced"):
+      continue  # Its text names the slices ("apple slice"); it keeps only its own name.
+    text = "\n".join([record["task"], *record["observations"], *record["actions"],
+                      *(a for turn in record["admissible_actions"] for a in turn)])
+    absent = [c for c in classes if not _words(c).search(text)]
+    rng = random.Random(f"{seed}/{record['task_id']}")
+    renamed += [renamed_object(record, c) for c in rng.sample(absent, min(copies, len(absent)))]
+  return [*records, *renamed]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -201,3 +201,52 @@ def test_transcript_judge_sample_is_the_question_the_trainer_asks(tokenizer, las
                                                       show_admissible=False)
   assert (b, t) == (0, 1) and (reach == batch.attention_mask[0].sum()) == last
   assert [*batch.tokens[0, :reach].tolist(), *encode(text)] == question
+
+
+def _pick_record(obj_class, observations, actions, task_id_trial="trial_T1"):
+  return {"env": "alfworld", "task_id": f"pick_and_place_simple-{obj_class}-None-Drawer-301/{task_id_trial}",
+          "task": f"Your task is to: put a {obj_class.lower()} in drawer.", "observations": observations,
+          "actions": actions, "admissible_actions": [[a, "look"] for a in actions]}
+
+
+def test_renamed_copies_rename_the_task_object_everywhere_and_only_it():
+  pen = _pick_record("Pen", ["You see a desk 1 and a drawer 2.", "On the desk 1, you see a pen 1, and a pencil 2.",
+                             "You pick up the pen 1 from the desk 1.", "You won!"],
+                     ["go to desk 1", "take pen 1 from desk 1", "move pen 1 to drawer 2"])
+  mug = _pick_record("Mug", ["You see a shelf 1.", "On the shelf 1, you see a mug 3, and a pen 2.",
+                             "You pick up the mug 3 from the shelf 1.", "You won!"],
+                     ["go to shelf 1", "take mug 3 from shelf 1", "move mug 3 to shelf 1"], "trial_T2")
+  cd = _pick_record("CD", ["You see a safe 1.", "On the safe 1, you see a cd 1.", "You pick up the cd 1.", "You won!"],
+                    ["go to safe 1", "take cd 1 from safe 1", "move cd 1 to drawer 1"], "trial_T3")
+  out = sft_data.with_renamed_objects([pen, mug, cd], copies=1, seed=0)
+  assert out[:3] == [pen, mug, cd]
+  copies = {r["task_id"].split("/")[1]: r for r in out[3:]}
+  # The mug episode shows a pen, so its copy can only be a cd; the pen episode's is a mug or a cd.
+  assert copies["trial_T2"]["task_id"] == "pick_and_place_simple-CD-None-Drawer-301/trial_T2"
+  assert copies["trial_T2"]["observations"][1] == "On the shelf 1, you see a cd 3, and a pen 2."
+  assert copies["trial_T2"]["task"] == "Your task is to: put a cd in drawer."
+  new = copies["trial_T1"]["task_id"].split("-")[1]
+  assert new in ("Mug", "CD")
+  word = new.lower()
+  assert copies["trial_T1"]["observations"][1] == f"On the desk 1, you see a {word} 1, and a pencil 2."
+  assert copies["trial_T1"]["actions"] == ["go to desk 1", f"take {word} 1 from desk 1", f"move {word} 1 to drawer 2"]
+  assert copies["trial_T1"]["admissible_actions"][1] == [f"take {word} 1 from desk 1", "look"]
+  # Thoughts follow the new name (they read the task folder).
+  demo = sft_data.Demonstration.from_record(copies["trial_T1"], thoughts="subgoal")
+  assert list(demo.thoughts) == [f"find {word}", f"find {word}", f"put {word} 1 in drawer"]
+  assert sft_data.with_renamed_objects([pen, mug, cd], copies=1, seed=0) == out  # Seeded.
+  assert len(sft_data.with_renamed_objects([pen, mug, cd], copies=2, seed=0)) == 3 + 2 + 1 + 2
+  with pytest.raises(ValueError, match="copies=-1"):
+    sft_data.with_renamed_objects([pen], copies=-1, seed=0)
+
+
+def test_read_demonstrations_renames_copies_of_the_first_limit(tmp_path):
+  records = [_pick_record(c, [f"On the desk 1, you see a {c.lower()} 1.", "You won!"], [f"take {c.lower()} 1 from desk 1"],
+                          f"trial_{c}") for c in ("Pen", "Mug", "Book")]
+  demos.rewrite_jsonl(tmp_path / demos.DEMOS, records)
+  read = sft_data.read_demonstrations(tmp_path, limit=2, renamed_copies=1, seed=3)
+  firsts = [d.task_text for d in sft_data.read_demonstrations(tmp_path)][:2]
+  assert [d.task_text for d in read[:2]] == firsts and len(read) == 4
+  # Each copy follows its source, under another of the three names.
+  assert all(copy.task_text != first for copy, first in zip(read[2:], firsts))
+  assert all(copy.observations[0].split()[-2] == copy.task_text.split()[-3] for copy in read[2:])
