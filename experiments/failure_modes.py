@@ -13,8 +13,9 @@ object, and the first word of its thought ("find", or "take" under `sft.thoughts
 a "take" thought with the object absent is a policy that believes the object is where it is
 not. And it measures how well the policy reads the observation, over every state before its
 first take where the observation shows objects on or in a receptacle: P(take | the task's object
-in view) against P(take | absent) (the expert's are 1 and 0). Every other task type is left out. `--config.eval.num_transcripts` must cover the split
-(the evaluate stage writes only the first few transcripts by default):
+in view) against P(take | absent) (the expert's are 1 and 0). Every other task type is left
+out. `--config.eval.num_transcripts` must cover the split (the evaluate stage writes only the
+first few transcripts by default):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
       --config.student.hf_dir=workdirs/alfworld_cpu_pick/teacher/hf \\

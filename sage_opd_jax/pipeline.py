@@ -170,7 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_dir = root / "teacher"
   # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
   teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
-                     sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True, optim__schedule=p.sft_schedule, eval__num_episodes=0)
+                     sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True,
+                     optim__schedule=p.sft_schedule, eval__num_episodes=0)
   _stage(root, "teacher_sft", bool(given_teacher) or writers.exported(teacher_dir), lambda: train.train(_derive(
       base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
   teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))

@@ -241,8 +241,8 @@ def test_renamed_copies_rename_the_task_object_everywhere_and_only_it():
 
 
 def test_read_demonstrations_renames_copies_of_the_first_limit(tmp_path):
-  records = [_pick_record(c, [f"On the desk 1, you see a {c.lower()} 1.", "You won!"], [f"take {c.lower()} 1 from desk 1"],
-                          f"trial_{c}") for c in ("Pen", "Mug", "Book")]
+  records = [_pick_record(c, [f"On the desk 1, you see a {c.lower()} 1.", "You won!"],
+                          [f"take {c.lower()} 1 from desk 1"], f"trial_{c}") for c in ("Pen", "Mug", "Book")]
   demos.rewrite_jsonl(tmp_path / demos.DEMOS, records)
   read = sft_data.read_demonstrations(tmp_path, limit=2, renamed_copies=1, seed=3)
   firsts = [d.task_text for d in sft_data.read_demonstrations(tmp_path)][:2]
