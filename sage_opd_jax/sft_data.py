@@ -107,9 +107,13 @@ def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none",
   return [Demonstration.from_record(record, thoughts) for record in records]
 
 
-def _task_object(task_id: str) -> str:
-  """The object class an ALFWorld task folder names, in ALFRED's spelling (e.g. "CellPhone")."""
-  return task_id.split("/", 1)[0].split("-")[1]
+def _task_object(task_id: str) -> tuple[str, bool]:
+  """The object class an ALFWorld task's folder names, in ALFRED's spelling (e.g. "CellPhone"), and
+  whether it is sliced (`envs.alfworld.parse_task_folder`)."""
+  from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
+
+  params = alfworld.parse_task_folder(task_id.split("/", 1)[0])
+  return params["object"], params["sliced"]
 
 
 def _words(cls: str) -> re.Pattern[str]:
@@ -119,8 +123,8 @@ def _words(cls: str) -> re.Pattern[str]:
 def renamed_object(record: Mapping[str, Any], new_class: str) -> dict[str, Any]:
   """An ALFWorld demo record whose task object class is `new_class` (ALFRED's spelling) in every
   text, and in the task folder that the subgoal thoughts read."""
-  old = _task_object(record["task_id"])
-  if old.endswith("Sliced"):
+  old, sliced = _task_object(record["task_id"])
+  if sliced:
     raise ValueError(f"renamed_object: {record['task_id']!r} names a sliced object; its text says it otherwise.")
   word, new = _words(old), new_class.lower()
   folder, trial = record["task_id"].split("/", 1)
@@ -146,10 +150,11 @@ def with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int, seed
   """
   if copies < 0:
     raise ValueError(f"copies={copies}: must be >= 0.")
-  classes = sorted({c for r in records if not (c := _task_object(r["task_id"])).endswith("Sliced")})
+  objects = [_task_object(r["task_id"]) for r in records]
+  classes = sorted({c for c, sliced in objects if not sliced})
   renamed = []
-  for record in records:
-    if _task_object(record["task_id"]).endswith("Sliced"):
+  for record, (_, sliced) in zip(records, objects):
+    if sliced:
       continue  # Its text names the slices ("apple slice"); it keeps only its own name.
     text = "\n".join([record["task"], *record["observations"], *record["actions"],
                       *(a for turn in record["admissible_actions"] for a in turn)])
