@@ -13,31 +13,40 @@ object, and the first word of its thought ("find", or "take" under `sft.thoughts
 a "take" thought with the object absent is a policy that believes the object is where it is
 not. And it measures how well the policy reads the observation, over every state before its
 first take where the observation shows objects on or in a receptacle: P(take | the task's object
-in view) against P(take | absent) (the expert's are 1 and 0). Every other task type is left
-out. `--config.eval.num_transcripts` must cover the split (the evaluate stage writes only the
+in view) against P(take | absent) (the expert's are 1 and 0). With `--train_demos` (the train
+split's demos.jsonl) the absent states are also split by where the policy stands: at a receptacle
+the expert took from in some train game of the same scene (a room the policy may have learned
+takes in), or elsewhere. Every other task type is left out. `--config.eval.num_transcripts` must cover the split (the evaluate stage writes only the
 first few transcripts by default):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
       --config.student.hf_dir=workdirs/alfworld_cpu_pick/teacher/hf \\
       --config.tokenizer_dir=workdirs/alfworld_cpu_pick/tokenizer --config.student.model.vocab_size=1344 \\
       --config.teacher.model.vocab_size=1344 --config.eval.num_transcripts=48 --workdir=workdirs/teacher_eval_all
-  python experiments/failure_modes.py workdirs/teacher_eval_all/transcripts/step0_valid_seen_t0.jsonl
+  python experiments/failure_modes.py workdirs/teacher_eval_all/transcripts/step0_valid_seen_t0.jsonl \\
+      --train_demos=workdirs/alfworld_cpu_pick/demos/train/demos.jsonl
 """
 
 import collections
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from absl import app
+from absl import app, flags
 
 from sage_opd_jax.envs import alfworld
+
+_TRAIN_DEMOS = flags.DEFINE_string(
+    "train_demos", None, "The train split's demos.jsonl: also split P(take | absent) by the scene's train take sources.")
 
 CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
 
 
 # An observation that shows what is on or in a receptacle, so that some take is possible.
 _SHOWS_OBJECTS = re.compile(r"(On the [a-z]+ \d+|In it), you see a ")
+# The receptacle an observation answers from ("You arrive at drawer 2.", "You open the drawer 2.").
+_AT = re.compile(r"(?:You arrive at|You open the|On the) ([a-z]+ \d+)")
+_TAKE = re.compile(r"take [a-z]+ \d+ from ([a-z]+ \d+)")
 
 
 def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
@@ -46,20 +55,48 @@ def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
   return obj, re.compile(rf"\b{obj} \d+\b")
 
 
-def take_counts(episode: Mapping[str, Any]) -> collections.Counter[tuple[bool, bool]]:
-  """(task's object in view, the policy took) -> states, over the states before its first take
-  whose observation shows objects on or in a receptacle."""
-  _, in_view = _task_object(episode)
-  counts = collections.Counter()
+def _states_before_take(episode: Mapping[str, Any]) -> Iterator[tuple[str, bool]]:
+  """(observation, the policy took) over the states before its first take whose observation
+  shows objects on or in a receptacle."""
   observation = episode["turns"][0]["observation"]
   for turn in episode["turns"]:
     took = (turn["action"] or "").startswith("take ")
     if _SHOWS_OBJECTS.search(observation):
-      counts[bool(in_view.search(observation)), took] += 1
+      yield observation, took
     if took:
-      break
+      return
     observation = turn["feedback"] or ""
-  return counts
+
+
+def take_counts(episode: Mapping[str, Any]) -> collections.Counter[tuple[bool, bool]]:
+  """(task's object in view, the policy took) -> states, over `_states_before_take`."""
+  _, in_view = _task_object(episode)
+  return collections.Counter((bool(in_view.search(obs)), took) for obs, took in _states_before_take(episode))
+
+
+def take_sources(demos: Iterator[Mapping[str, Any]]) -> dict[int, set[str]]:
+  """Scene -> the receptacles the expert took an object from in those demos."""
+  sources = collections.defaultdict(set)
+  for demo in demos:
+    scene = alfworld.parse_task_folder(demo["task_id"].split("/", 1)[0])["scene"]
+    sources[scene].update(m[1] for a in demo["actions"] if (m := _TAKE.fullmatch(a)))
+  return sources
+
+
+def absent_take_counts(episode: Mapping[str, Any],
+                       sources: Mapping[int, set[str]]) -> collections.Counter[tuple[bool, bool]]:
+  """(at one of the scene's train take sources, the policy took) -> states, over the states of
+  `_states_before_take` without the task's object in view."""
+  _, in_view = _task_object(episode)
+  scene_sources = sources.get(alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["scene"], set())
+  return collections.Counter(
+      (bool((at := _AT.search(obs)) and at[1] in scene_sources), took)
+      for obs, took in _states_before_take(episode) if not in_view.search(obs))
+
+
+def _rate(counts: Mapping[tuple[bool, bool], int], key: bool) -> str | None:
+  states = counts[key, True] + counts[key, False]
+  return f"{counts[key, True] / states:.2f} of {states}" if states else None
 
 
 def failure_mode(episode: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -84,6 +121,10 @@ def failure_mode(episode: Mapping[str, Any]) -> tuple[str, str | None]:
 
 
 def main(argv):
+  sources = None
+  if _TRAIN_DEMOS.value:
+    with open(_TRAIN_DEMOS.value) as f:
+      sources = take_sources(json.loads(line) for line in f)
   for path in argv[1:]:
     with open(path) as f:
       episodes = [json.loads(line) for line in f]
@@ -92,10 +133,11 @@ def main(argv):
     counts = collections.Counter(mode for mode, _ in modes)
     wrong_takes = collections.Counter(detail for _, detail in modes if detail)
     takes = sum((take_counts(e) for e in picks), collections.Counter())
-    rates = {}
-    for in_view, name in ((True, "P(take | object in view)"), (False, "P(take | object absent)")):
-      states = takes[in_view, True] + takes[in_view, False]
-      rates[name] = f"{takes[in_view, True] / states:.2f} of {states}" if states else None
+    rates = {"P(take | object in view)": _rate(takes, True), "P(take | object absent)": _rate(takes, False)}
+    if sources is not None:
+      absent = sum((absent_take_counts(e, sources) for e in picks), collections.Counter())
+      rates["P(take | absent, at a train take source of the scene)"] = _rate(absent, True)
+      rates["P(take | absent, elsewhere)"] = _rate(absent, False)
     print(json.dumps({"transcripts": path, "pick_and_place_simple": len(picks),
                       **{c: counts[c] for c in CATEGORIES}, "wrong takes": dict(wrong_takes), **rates}))
 

@@ -47,3 +47,28 @@ def test_a_won_game_and_one_that_walked_past_the_object():
   ])
   assert failure_modes.failure_mode(walked) == ("walked past it", None)
   assert failure_modes.take_counts(walked) == collections.Counter({(False, False): 1, (True, False): 1})
+
+
+def test_absent_takes_split_by_the_scenes_train_take_sources():
+  # Scene 1's train games took from the fridge and the countertop; scene 2's from a drawer.
+  demos = [dict(task_id="pick_and_place_simple-Tomato-None-Fridge-1/trial_T1", actions=[
+               "go to fridge 1", "open fridge 1", "take tomato 1 from fridge 1", "go to countertop 1"]),
+           dict(task_id="pick_and_place_simple-Bread-None-Fridge-1/trial_T2", actions=[
+               "take bread 2 from countertop 1"]),
+           dict(task_id="pick_and_place_simple-Pen-None-Desk-2/trial_T3", actions=["take pen 1 from drawer 1"])]
+  sources = failure_modes.take_sources(iter(demos))
+  assert sources == {1: {"fridge 1", "countertop 1"}, 2: {"drawer 1"}}
+  episode = _episode([
+      ("go to diningtable 1", "You arrive at diningtable 1. On the diningtable 1, you see a bread 1.", "find apple"),
+      ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a apple 3.", "find apple"),
+      ("go to fridge 1", "You arrive at fridge 1. The fridge 1 is closed.", "find apple"),
+      ("open fridge 1", "You open the fridge 1. The fridge 1 is open. In it, you see a tomato 1.", "find apple"),
+      ("take tomato 1 from fridge 1", "You pick up the tomato 1 from the fridge 1.", "find apple"),
+  ])
+  # Only the states without the apple count: the dining table (elsewhere, no take) and the open
+  # fridge (a take source of scene 1, taken from); the countertop showed the apple.
+  assert failure_modes.absent_take_counts(episode, sources) == collections.Counter({(False, False): 1,
+                                                                                   (True, True): 1})
+  # Where scene 1's train games took only from a drawer, the fridge is elsewhere.
+  assert failure_modes.absent_take_counts(episode, {1: {"drawer 1"}}) == collections.Counter({(False, False): 1,
+                                                                                             (False, True): 1})
