@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Per demo, copies with the task's object renamed to a class the episode never shows (ALFWorld;
   # sft_data.with_renamed_objects). The pipeline gives them to the teacher's SFT only, never the student's.
   config.sft.renamed_copies = 0
+  # Per demo, copies with the room's receptacles of each class renumbered (ALFWorld;
+  # sft_data.with_renumbered_receptacles). Like renamed_copies, the teacher's SFT only.
+  config.sft.renumbered_copies = 0
   config.sft.extra_demos_dirs = ()  # More demo folders (expert passes, DAgger corrections): their demos only.
 
   config.student = ml_collections.ConfigDict()

@@ -120,10 +120,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "sft.max_demos", allow_zero=True)
   _positive(config, "sft.max_judge_examples", allow_zero=True)
   _one_of(config, "sft.thoughts", THOUGHTS)
-  _positive(config, "sft.renamed_copies", allow_zero=True)
-  if _get(config, "sft.renamed_copies") and env != "alfworld":
-    raise ConfigError(f"config.sft.renamed_copies={_get(config, 'sft.renamed_copies')} renames ALFWorld task "
-                      f"objects; config.env.name is {env!r}.")
+  for key, what in (("sft.renamed_copies", "renames ALFWorld task objects"),
+                    ("sft.renumbered_copies", "renumbers ALFWorld receptacles")):
+    _positive(config, key, allow_zero=True)
+    if _get(config, key) and env != "alfworld":
+      raise ConfigError(f"config.{key}={_get(config, key)} {what}; config.env.name is {env!r}.")
   if _get(config, "sft.thoughts") != "none" and _get(config, "env.name") != "alfworld":
     raise ConfigError(f"config.sft.thoughts={_get(config, 'sft.thoughts')!r} is defined for ALFWorld; "
                       f"config.env.name is {_get(config, 'env.name')!r}.")

@@ -70,6 +70,11 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   return _collect(config, pathlib.Path(workdir), config.demos.split, config.demos.limit)
 
 
+# The student's SFT data (warm start and the sft method): the demos as collected. The copies of
+# sft.renamed_copies and sft.renumbered_copies are for the teacher's SFT only.
+_AS_COLLECTED = dict(sft__renamed_copies=0, sft__renumbered_copies=0)
+
+
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int, expert_pass: int = 1) -> dict[str, Any]:
   """Expert pass `expert_pass` of `split` into `out_dir`: the first has judge examples, later ones other seeds."""
   name = config.env.name
@@ -157,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
   student_dir = root / "student_sft"
   _stage(root, "student_sft", bool(given_student) or writers.exported(student_dir), lambda: train.train(_derive(
-      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, sft__renamed_copies=0,
+      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, **_AS_COLLECTED,
       train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
       optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
   student_hf = given_student or str(writers.export_dir(student_dir))
@@ -209,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=student_hf,
                      teacher__hf_dir=teacher_hf, train__num_steps=p.distill_steps)
       if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
-        changes.update(stage="sft", sft__demos_dir=str(train_demos), sft__renamed_copies=0)
+        changes.update(stage="sft", sft__demos_dir=str(train_demos), **_AS_COLLECTED)
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.

@@ -22,6 +22,7 @@ Host side only: numpy and the tokenizer.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import pathlib
@@ -93,18 +94,23 @@ def _expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observ
 
 
 def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none", *, limit: int = 0,
-                        renamed_copies: int = 0, seed: int = 0) -> list[Demonstration]:
+                        renamed_copies: int = 0, renumbered_copies: int = 0,
+                        seed: int = 0) -> list[Demonstration]:
   """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl), in
   `envs.demos.in_fixed_order`: the first `limit` (0: all), then `renamed_copies` of each of
-  those (`with_renamed_objects`, drawn with `seed`); see `from_record`."""
+  those (`with_renamed_objects`) and `renumbered_copies` of each (`with_renumbered_receptacles`),
+  drawn with `seed`; see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
     raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
   records = demos.in_fixed_order(demos.read_jsonl(path))
   records = records[:limit] if limit else records
+  copies = []
   if renamed_copies:
-    records = with_renamed_objects(records, renamed_copies, seed)
-  return [Demonstration.from_record(record, thoughts) for record in records]
+    copies += with_renamed_objects(records, renamed_copies, seed)[len(records):]
+  if renumbered_copies:
+    copies += with_renumbered_receptacles(records, renumbered_copies, seed)[len(records):]
+  return [Demonstration.from_record(record, thoughts) for record in [*records, *copies]]
 
 
 def _task_object(task_id: str) -> tuple[str, bool]:
@@ -162,6 +168,59 @@ def with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int, seed
     rng = random.Random(f"{seed}/{record['task_id']}")
     renamed += [renamed_object(record, c) for c in rng.sample(absent, min(copies, len(absent)))]
   return [*records, *renamed]
+
+
+# The room's receptacles, as the first observation lists them ("you see a cabinet 2, a cabinet 1, ...").
+_LISTED = re.compile(r"\ba ([a-z]+) (\d+)\b")
+
+
+def renumbered_receptacles(record: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+  """An ALFWorld demo record whose receptacles of each class are renumbered by one permutation
+  drawn from `rng` ("drawer 3" is "drawer 5" in every observation, action and admissible list).
+
+  The first observation stays as it is: it lists the room's receptacles, and a permutation of a
+  class's numbers lists the same set. Admissible lists stay sorted where they were.
+  """
+  listed = collections.defaultdict(list)
+  for cls, number in _LISTED.findall(record["observations"][0]):
+    listed[cls].append(number)
+  mapping = {}
+  for cls, numbers in sorted(listed.items()):
+    for old, new in zip(numbers, rng.sample(numbers, len(numbers))):
+      mapping[cls, old] = new
+  if not mapping:
+    return dict(record)
+  pattern = re.compile(rf"\b({'|'.join(map(re.escape, sorted(listed)))}) (\d+)\b")
+
+  def sub(text: str) -> str:
+    return pattern.sub(lambda m: f"{m[1]} {mapping.get((m[1], m[2]), m[2])}", text)
+
+  def sub_list(actions: Sequence[str]) -> list[str]:
+    renamed = [sub(a) for a in actions]
+    return sorted(renamed) if list(actions) == sorted(actions) else renamed
+
+  return {**record, "observations": [record["observations"][0], *map(sub, record["observations"][1:])],
+          "actions": [sub(a) for a in record["actions"]],
+          "admissible_actions": [sub_list(turn) for turn in record["admissible_actions"]]}
+
+
+def with_renumbered_receptacles(records: Sequence[Mapping[str, Any]], copies: int,
+                                seed: int) -> list[Mapping[str, Any]]:
+  """`records`, then per record `copies` with the room's receptacles renumbered
+  (`renumbered_receptacles`), drawn with `seed`.
+
+  Why: the tiny pick teachers take an absent object mostly at receptacles where a train game of
+  the same room had a take (`experiments/failure_modes.py --train_demos`; docs/reproducing.md,
+  session 21): they key the take on "this room, drawer 3" as well as on the observation. In a
+  copy whose drawers are renumbered that key predicts nothing; reading the observation does.
+  """
+  if copies < 0:
+    raise ValueError(f"copies={copies}: must be >= 0.")
+  renumbered = []
+  for record in records:
+    rng = random.Random(f"{seed}/renumbered/{record['task_id']}")
+    renumbered += [renumbered_receptacles(record, rng) for _ in range(copies)]
+  return [*records, *renumbered]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -310,7 +310,8 @@ class SftSource:
           f"config.sft.demos_dir={str(demos_dir)!r} has no {demos_lib.DEMOS}; run the collect_demos stage first."
       )
     demonstrations = sft_data.read_demonstrations(demos_dir, config.sft.thoughts, limit=config.sft.max_demos,
-                                                  renamed_copies=config.sft.renamed_copies, seed=config.seed)
+                                                  renamed_copies=config.sft.renamed_copies,
+                                                  renumbered_copies=config.sft.renumbered_copies, seed=config.seed)
     extra_demos = []
     for folder in config.sft.extra_demos_dirs:
       if not (pathlib.Path(folder) / demos_lib.DEMOS).exists():

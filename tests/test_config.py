@@ -89,6 +89,20 @@ def test_expert_variations_are_alfworlds():
       config_lib.validate(config)
 
 
+@pytest.mark.parametrize("key", ["renamed_copies", "renumbered_copies"])
+def test_demo_copies_are_alfworlds(key):
+  config = _load_config("alfworld_cpu")
+  config.sft[key] = 1
+  config_lib.validate(config)
+  config.sft[key] = -1
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.sft\.{key}=-1"):
+    config_lib.validate(config)
+  config = _load_config("scienceworld_cpu")
+  config.sft[key] = 1
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.sft\.{key}=1 .*scienceworld"):
+    config_lib.validate(config)
+
+
 def test_dagger_round_settings():
   config = _load_config("alfworld_cpu")
   config.pipeline.dagger_rounds = 2

@@ -250,3 +250,54 @@ def test_read_demonstrations_renames_copies_of_the_first_limit(tmp_path):
   # Each copy follows its source, under another of the three names.
   assert all(copy.task_text != first for copy, first in zip(read[2:], firsts))
   assert all(copy.observations[0].split()[-2] == copy.task_text.split()[-3] for copy in read[2:])
+
+
+def test_renumbered_copies_permute_each_receptacle_class_consistently():
+  room = ("You are in the middle of a room. Looking quickly around you, you see a cabinet 2, a cabinet 1, a drawer 3, "
+          "a drawer 2, a drawer 1, and a sidetable 1.\n\nYour task is to: put a pen in sidetable.")
+  actions = ["go to drawer 1", "open drawer 1", "close drawer 1", "go to drawer 3", "take pen 2 from drawer 3",
+             "go to sidetable 1", "move pen 2 to sidetable 1"]
+  observations = [room, "You arrive at drawer 1. The drawer 1 is closed.",
+                  "You open the drawer 1. The drawer 1 is open. In it, you see a cd 3.", "You close the drawer 1.",
+                  "You arrive at drawer 3. On the drawer 3, you see a pen 2.", "You pick up the pen 2 from the drawer 3.",
+                  "You arrive at sidetable 1. On the sidetable 1, you see nothing.", "You won!"]
+  record = {"env": "alfworld", "task_id": "pick_and_place_simple-Pen-None-SideTable-301/trial_T1",
+            "task": "Your task is to: put a pen in sidetable.", "observations": observations, "actions": actions,
+            "admissible_actions": [sorted([a, "go to cabinet 2", "go to drawer 2", "look"]) for a in actions]}
+  out = sft_data.with_renumbered_receptacles([record], copies=8, seed=0)
+  assert out[0] == record and len(out) == 9
+  drawers = set()
+  for copy in out[1:]:
+    assert copy["observations"][0] == room  # The room lists the same receptacles under any permutation.
+    took = copy["actions"][4]
+    drawer = took.split(" from ")[1]
+    drawers.add(drawer)
+    # One drawer is renumbered the same everywhere; objects and the lone side table keep theirs.
+    assert copy["actions"][3] == f"go to {drawer}" and took == f"take pen 2 from {drawer}"
+    assert copy["observations"][4] == f"You arrive at {drawer}. On the {drawer}, you see a pen 2."
+    assert copy["observations"][2].endswith("In it, you see a cd 3.")
+    assert copy["actions"][5:] == actions[5:]
+    opened = copy["actions"][0].removeprefix("go to ")
+    assert opened != drawer and copy["actions"][1:3] == [f"open {opened}", f"close {opened}"]
+    assert all(turn == sorted(turn) for turn in copy["admissible_actions"])
+    assert {a for turn in copy["admissible_actions"] for a in turn} <= {
+        "go to cabinet 1", "go to cabinet 2", "go to drawer 1", "go to drawer 2", "go to drawer 3", "look",
+        "open drawer 1", "open drawer 2", "open drawer 3", "close drawer 1", "close drawer 2", "close drawer 3",
+        "take pen 2 from drawer 1", "take pen 2 from drawer 2", "take pen 2 from drawer 3", "go to sidetable 1",
+        "move pen 2 to sidetable 1"}
+    # Thoughts read the task folder, which is unchanged.
+    assert sft_data.Demonstration.from_record(copy, thoughts="subgoal").thoughts[5] == "put pen 2 in sidetable"
+  assert len(drawers) > 1  # Eight draws of three drawers: not all the identity.
+  assert sft_data.with_renumbered_receptacles([record], copies=8, seed=0) == out  # Seeded.
+  assert sft_data.with_renumbered_receptacles([record], copies=8, seed=1) != out
+  with pytest.raises(ValueError, match="copies=-1"):
+    sft_data.with_renumbered_receptacles([record], copies=-1, seed=0)
+
+
+def test_read_demonstrations_adds_both_kinds_of_copies(tmp_path):
+  records = [_pick_record(c, [f"You see a desk 2, and a desk 1. On the desk 1, you see a {c.lower()} 1.", "You won!"],
+                          [f"take {c.lower()} 1 from desk 1"], f"trial_{c}") for c in ("Pen", "Mug", "Book")]
+  demos.rewrite_jsonl(tmp_path / demos.DEMOS, records)
+  read = sft_data.read_demonstrations(tmp_path, renamed_copies=1, renumbered_copies=2, seed=0)
+  assert len(read) == 3 + 3 + 6
+  assert [d.task_text for d in read[6:]] == [d.task_text for d in read[:3] for _ in range(2)]
