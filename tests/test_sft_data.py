@@ -240,7 +240,7 @@ def test_renamed_copies_rename_the_task_object_everywhere_and_only_it():
     sft_data.with_renamed_objects([pen], copies=-1, seed=0)
 
 
-def test_read_demonstrations_renames_copies_of_the_first_limit(tmp_path):
+def test_read_demonstrations_adds_copies_of_the_first_limit(tmp_path):
   records = [_pick_record(c, [f"On the desk 1, you see a {c.lower()} 1.", "You won!"],
                           [f"take {c.lower()} 1 from desk 1"], f"trial_{c}") for c in ("Pen", "Mug", "Book")]
   demos.rewrite_jsonl(tmp_path / demos.DEMOS, records)
@@ -250,6 +250,10 @@ def test_read_demonstrations_renames_copies_of_the_first_limit(tmp_path):
   # Each copy follows its source, under another of the three names.
   assert all(copy.task_text != first for copy, first in zip(read[2:], firsts))
   assert all(copy.observations[0].split()[-2] == copy.task_text.split()[-3] for copy in read[2:])
+  # Renamed copies of all three, then two renumbered copies of each, in the same order.
+  both = sft_data.read_demonstrations(tmp_path, renamed_copies=1, renumbered_copies=2, seed=0)
+  assert len(both) == 3 + 3 + 6
+  assert [d.task_text for d in both[6:]] == [d.task_text for d in both[:3] for _ in range(2)]
 
 
 def test_renumbered_copies_permute_each_receptacle_class_consistently():
@@ -293,11 +297,3 @@ def test_renumbered_copies_permute_each_receptacle_class_consistently():
   with pytest.raises(ValueError, match="copies=-1"):
     sft_data.with_renumbered_receptacles([record], copies=-1, seed=0)
 
-
-def test_read_demonstrations_adds_both_kinds_of_copies(tmp_path):
-  records = [_pick_record(c, [f"You see a desk 2, and a desk 1. On the desk 1, you see a {c.lower()} 1.", "You won!"],
-                          [f"take {c.lower()} 1 from desk 1"], f"trial_{c}") for c in ("Pen", "Mug", "Book")]
-  demos.rewrite_jsonl(tmp_path / demos.DEMOS, records)
-  read = sft_data.read_demonstrations(tmp_path, renamed_copies=1, renumbered_copies=2, seed=0)
-  assert len(read) == 3 + 3 + 6
-  assert [d.task_text for d in read[6:]] == [d.task_text for d in read[:3] for _ in range(2)]
