@@ -16,8 +16,8 @@ first take where the observation shows objects on or in a receptacle: P(take | t
 in view) against P(take | absent) (the expert's are 1 and 0). With `--train_demos` (the train
 split's demos.jsonl) the absent states are also split by where the policy stands: at a receptacle
 the expert took from in some train game of the same scene (a room the policy may have learned
-takes in), or elsewhere. Every other task type is left out. `--config.eval.num_transcripts` must cover the split (the evaluate stage writes only the
-first few transcripts by default):
+takes in), or elsewhere. Every other task type is left out. `--config.eval.num_transcripts` must
+cover the split (the evaluate stage writes only the first few transcripts by default):
 
   python -m sage_opd_jax.main --config=configs/alfworld_cpu_pick.py --config.stage=evaluate \\
       --config.student.hf_dir=workdirs/alfworld_cpu_pick/teacher/hf \\
@@ -30,14 +30,15 @@ first few transcripts by default):
 import collections
 import json
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from absl import app, flags
 
 from sage_opd_jax.envs import alfworld
 
 _TRAIN_DEMOS = flags.DEFINE_string(
-    "train_demos", None, "The train split's demos.jsonl: also split P(take | absent) by the scene's train take sources.")
+    "train_demos", None,
+    "The train split's demos.jsonl: also split P(take | absent) by the scene's train take sources.")
 
 CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
 
@@ -49,9 +50,14 @@ _AT = re.compile(r"(?:You arrive at|You open the|On the) ([a-z]+ \d+)")
 _TAKE = re.compile(r"take [a-z]+ \d+ from ([a-z]+ \d+)")
 
 
+def _task_params(record: Mapping[str, Any]) -> dict[str, Any]:
+  """The task folder's parameters of a demo or transcript record (`alfworld.parse_task_folder`)."""
+  return alfworld.parse_task_folder(record["task_id"].split("/", 1)[0])
+
+
 def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
   """The task's object class and a pattern for any instance of it in an observation."""
-  obj = alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["pddl_params"]["object_target"].lower()
+  obj = _task_params(episode)["pddl_params"]["object_target"].lower()
   return obj, re.compile(rf"\b{obj} \d+\b")
 
 
@@ -74,12 +80,11 @@ def take_counts(episode: Mapping[str, Any]) -> collections.Counter[tuple[bool, b
   return collections.Counter((bool(in_view.search(obs)), took) for obs, took in _states_before_take(episode))
 
 
-def take_sources(demos: Iterator[Mapping[str, Any]]) -> dict[int, set[str]]:
+def take_sources(demos: Iterable[Mapping[str, Any]]) -> dict[int, set[str]]:
   """Scene -> the receptacles the expert took an object from in those demos."""
   sources = collections.defaultdict(set)
   for demo in demos:
-    scene = alfworld.parse_task_folder(demo["task_id"].split("/", 1)[0])["scene"]
-    sources[scene].update(m[1] for a in demo["actions"] if (m := _TAKE.fullmatch(a)))
+    sources[_task_params(demo)["scene"]].update(m[1] for a in demo["actions"] if (m := _TAKE.fullmatch(a)))
   return sources
 
 
@@ -88,7 +93,7 @@ def absent_take_counts(episode: Mapping[str, Any],
   """(at one of the scene's train take sources, the policy took) -> states, over the states of
   `_states_before_take` without the task's object in view."""
   _, in_view = _task_object(episode)
-  scene_sources = sources.get(alfworld.parse_task_folder(episode["task_id"].split("/", 1)[0])["scene"], set())
+  scene_sources = sources.get(_task_params(episode)["scene"], set())
   return collections.Counter(
       (bool((at := _AT.search(obs)) and at[1] in scene_sources), took)
       for obs, took in _states_before_take(episode) if not in_view.search(obs))

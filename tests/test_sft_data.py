@@ -263,7 +263,8 @@ def test_renumbered_copies_permute_each_receptacle_class_consistently():
              "go to sidetable 1", "move pen 2 to sidetable 1"]
   observations = [room, "You arrive at drawer 1. The drawer 1 is closed.",
                   "You open the drawer 1. The drawer 1 is open. In it, you see a cd 3.", "You close the drawer 1.",
-                  "You arrive at drawer 3. On the drawer 3, you see a pen 2.", "You pick up the pen 2 from the drawer 3.",
+                  "You arrive at drawer 3. On the drawer 3, you see a pen 2.",
+                  "You pick up the pen 2 from the drawer 3.",
                   "You arrive at sidetable 1. On the sidetable 1, you see nothing.", "You won!"]
   record = {"env": "alfworld", "task_id": "pick_and_place_simple-Pen-None-SideTable-301/trial_T1",
             "task": "Your task is to: put a pen in sidetable.", "observations": observations, "actions": actions,
