@@ -47,7 +47,6 @@ CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "t
 _SHOWS_OBJECTS = re.compile(r"(On the [a-z]+ \d+|In it), you see a ")
 # The receptacle an observation answers from ("You arrive at drawer 2.", "You open the drawer 2.").
 _AT = re.compile(r"(?:You arrive at|You open the|On the) ([a-z]+ \d+)")
-_TAKE = re.compile(r"take [a-z]+ \d+ from ([a-z]+ \d+)")
 
 
 def _task_params(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,7 +83,8 @@ def take_sources(demos: Iterable[Mapping[str, Any]]) -> dict[int, set[str]]:
   """Scene -> the receptacles the expert took an object from in those demos."""
   sources = collections.defaultdict(set)
   for demo in demos:
-    sources[_task_params(demo)["scene"]].update(m[1] for a in demo["actions"] if (m := _TAKE.fullmatch(a)))
+    takes = (alfworld.TAKE_RE.fullmatch(a) for a in demo["actions"])
+    sources[_task_params(demo)["scene"]].update(m["recep"] for m in takes if m)
   return sources
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from typing import Any, Mapping, Protocol, Sequence
 
 import jax
@@ -519,26 +518,6 @@ def transcript_answers(questions: PackedQuestions, answer_logits_BxRxV: Any, tok
 # ------------------------------------------------------------------------------------------
 # Likelihood mode.
 
-# The action as `prompts.parse_action` finds it: after the LAST opening tag, up to the next
-# closing tag (or the end of the response).
-_ACTION_OPEN_RE = re.compile(r"<\s*action\s*>", re.IGNORECASE)
-_ACTION_CLOSE_RE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
-
-
-def _action_char_span(text: str) -> tuple[int, int] | None:
-  opens = list(_ACTION_OPEN_RE.finditer(text))
-  if not opens:
-    return None
-  start = opens[-1].end()
-  close = _ACTION_CLOSE_RE.search(text, start)
-  end = close.start() if close is not None else len(text)
-  # Surrounding whitespace is not part of the command.
-  while start < end and text[start].isspace():
-    start += 1
-  while end > start and text[end - 1].isspace():
-    end -= 1
-  return (start, end) if end > start else None
-
 
 def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenizer: Any) -> np.ndarray:
   """[B, S] bool: the response tokens that spell each turn's action command.
@@ -557,7 +536,7 @@ def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenize
       positions = np.flatnonzero(turn_ids_BxS[b] == k)
       ids = tokens_BxS[b, positions].tolist()
       text = tokenizer.decode(ids)
-      span = _action_char_span(text)
+      span = prompts.action_span(text)
       if span is None:
         continue
       ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]

@@ -79,17 +79,28 @@ def parse_action(response: str, lowercase: bool = True) -> str | None:
   Returns:
     The command, or None when there is no `<action>` tag or the action is empty.
   """
+  span = action_span(response)
+  if span is None:
+    return None
+  action = " ".join(response[span[0]:span[1]].split())
+  return action.lower() if lowercase else action
+
+
+def action_span(response: str) -> tuple[int, int] | None:
+  """The characters [start, end) of `parse_action`'s command in `response`, without the
+  whitespace around it; None when there is no `<action>` tag or the command is empty. The judge
+  reads it to find the tokens that spell the command."""
   opens = list(_ACTION_OPEN_RE.finditer(response))
   if not opens:
     return None
-  rest = response[opens[-1].end():]
-  close = _ACTION_CLOSE_RE.search(rest)
-  if close is not None:
-    rest = rest[:close.start()]
-  action = " ".join(rest.split())
-  if lowercase:
-    action = action.lower()
-  return action or None
+  start = opens[-1].end()
+  close = _ACTION_CLOSE_RE.search(response, start)
+  end = close.start() if close is not None else len(response)
+  while start < end and response[start].isspace():
+    start += 1
+  while end > start and response[end - 1].isspace():
+    end -= 1
+  return (start, end) if end > start else None
 
 
 def parse_judge_label(text: str) -> int:

@@ -98,7 +98,8 @@ def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none",
                         seed: int = 0) -> list[Demonstration]:
   """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl), in
   `envs.demos.in_fixed_order`: the first `limit` (0: all), then `renamed_copies` of each of
-  those (`with_renamed_objects`) and `renumbered_copies` of each (`with_renumbered_receptacles`),
+  those (`copies_with_renamed_objects`) and `renumbered_copies` of each
+  (`copies_with_renumbered_receptacles`),
   drawn with `seed`; see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
@@ -107,9 +108,9 @@ def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none",
   records = records[:limit] if limit else records
   copies = []
   if renamed_copies:
-    copies += with_renamed_objects(records, renamed_copies, seed)[len(records):]
+    copies += copies_with_renamed_objects(records, renamed_copies, seed)
   if renumbered_copies:
-    copies += with_renumbered_receptacles(records, renumbered_copies, seed)[len(records):]
+    copies += copies_with_renumbered_receptacles(records, renumbered_copies, seed)
   return [Demonstration.from_record(record, thoughts) for record in [*records, *copies]]
 
 
@@ -142,8 +143,9 @@ def renamed_object(record: Mapping[str, Any], new_class: str) -> dict[str, Any]:
           "admissible_actions": [[word.sub(new, a) for a in turn] for turn in record["admissible_actions"]]}
 
 
-def with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int, seed: int) -> list[Mapping[str, Any]]:
-  """`records`, then per record `copies` renamed ones (`renamed_object`), each to a task-object class
+def copies_with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int,
+                                seed: int) -> list[dict[str, Any]]:
+  """Per record `copies` renamed ones (`renamed_object`), each to a task-object class
   of `records` that its episode never mentions, drawn with `seed`.
 
   Why: in an expert's episode the task's object turns up at a receptacle where that class
@@ -167,7 +169,7 @@ def with_renamed_objects(records: Sequence[Mapping[str, Any]], copies: int, seed
     absent = [c for c in classes if not _words(c).search(text)]
     rng = random.Random(f"{seed}/{record['task_id']}")
     renamed += [renamed_object(record, c) for c in rng.sample(absent, min(copies, len(absent)))]
-  return [*records, *renamed]
+  return renamed
 
 
 # The room's receptacles, as the first observation lists them ("you see a cabinet 2, a cabinet 1, ...").
@@ -204,9 +206,9 @@ def renumbered_receptacles(record: Mapping[str, Any], rng: random.Random) -> dic
           "admissible_actions": [sub_list(turn) for turn in record["admissible_actions"]]}
 
 
-def with_renumbered_receptacles(records: Sequence[Mapping[str, Any]], copies: int,
-                                seed: int) -> list[Mapping[str, Any]]:
-  """`records`, then per record `copies` with the room's receptacles renumbered
+def copies_with_renumbered_receptacles(records: Sequence[Mapping[str, Any]], copies: int,
+                                       seed: int) -> list[dict[str, Any]]:
+  """Per record `copies` with the room's receptacles renumbered
   (`renumbered_receptacles`), drawn with `seed`.
 
   Why: the tiny pick teachers take an absent object mostly at receptacles where a train game of
@@ -220,7 +222,7 @@ def with_renumbered_receptacles(records: Sequence[Mapping[str, Any]], copies: in
   for record in records:
     rng = random.Random(f"{seed}/renumbered/{record['task_id']}")
     renumbered += [renumbered_receptacles(record, rng) for _ in range(copies)]
-  return [*records, *renumbered]
+  return renumbered
 
 
 @dataclasses.dataclass(frozen=True)

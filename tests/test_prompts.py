@@ -79,6 +79,9 @@ def test_parse_action_property(words, before, between, after, prefix, closed):
   body = before + (between + " ").join(words) + after
   response = prefix + "<action>" + body + ("</action> trailing text" if closed else "")
   assert prompts.parse_action(response) == " ".join(words)
+  # The span starts at the first word and ends at the last one's end, whatever whitespace wraps them.
+  start, end = prompts.action_span(response)
+  assert response[start:end] == (between + " ").join(words)
 
 
 # -- parse_judge_label ---------------------------------------------------------

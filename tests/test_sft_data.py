@@ -218,9 +218,9 @@ def test_renamed_copies_rename_the_task_object_everywhere_and_only_it():
                      ["go to shelf 1", "take mug 3 from shelf 1", "move mug 3 to shelf 1"], "trial_T2")
   cd = _pick_record("CD", ["You see a safe 1.", "On the safe 1, you see a cd 1.", "You pick up the cd 1.", "You won!"],
                     ["go to safe 1", "take cd 1 from safe 1", "move cd 1 to drawer 1"], "trial_T3")
-  out = sft_data.with_renamed_objects([pen, mug, cd], copies=1, seed=0)
-  assert out[:3] == [pen, mug, cd]
-  copies = {r["task_id"].split("/")[1]: r for r in out[3:]}
+  out = sft_data.copies_with_renamed_objects([pen, mug, cd], copies=1, seed=0)
+  assert len(out) == 3
+  copies = {r["task_id"].split("/")[1]: r for r in out}
   # The mug episode shows a pen, so its copy can only be a cd; the pen episode's is a mug or a cd.
   assert copies["trial_T2"]["task_id"] == "pick_and_place_simple-CD-None-Drawer-301/trial_T2"
   assert copies["trial_T2"]["observations"][1] == "On the shelf 1, you see a cd 3, and a pen 2."
@@ -234,10 +234,10 @@ def test_renamed_copies_rename_the_task_object_everywhere_and_only_it():
   # Thoughts follow the new name (they read the task folder).
   demo = sft_data.Demonstration.from_record(copies["trial_T1"], thoughts="subgoal")
   assert list(demo.thoughts) == [f"find {word}", f"find {word}", f"put {word} 1 in drawer"]
-  assert sft_data.with_renamed_objects([pen, mug, cd], copies=1, seed=0) == out  # Seeded.
-  assert len(sft_data.with_renamed_objects([pen, mug, cd], copies=2, seed=0)) == 3 + 2 + 1 + 2
+  assert sft_data.copies_with_renamed_objects([pen, mug, cd], copies=1, seed=0) == out  # Seeded.
+  assert len(sft_data.copies_with_renamed_objects([pen, mug, cd], copies=2, seed=0)) == 2 + 1 + 2
   with pytest.raises(ValueError, match="copies=-1"):
-    sft_data.with_renamed_objects([pen], copies=-1, seed=0)
+    sft_data.copies_with_renamed_objects([pen], copies=-1, seed=0)
 
 
 def test_read_demonstrations_adds_copies_of_the_first_limit(tmp_path):
@@ -269,10 +269,10 @@ def test_renumbered_copies_permute_each_receptacle_class_consistently():
   record = {"env": "alfworld", "task_id": "pick_and_place_simple-Pen-None-SideTable-301/trial_T1",
             "task": "Your task is to: put a pen in sidetable.", "observations": observations, "actions": actions,
             "admissible_actions": [sorted([a, "go to cabinet 2", "go to drawer 2", "look"]) for a in actions]}
-  out = sft_data.with_renumbered_receptacles([record], copies=8, seed=0)
-  assert out[0] == record and len(out) == 9
+  out = sft_data.copies_with_renumbered_receptacles([record], copies=8, seed=0)
+  assert len(out) == 8
   drawers = set()
-  for copy in out[1:]:
+  for copy in out:
     assert copy["observations"][0] == room  # The room lists the same receptacles under any permutation.
     took = copy["actions"][4]
     drawer = took.split(" from ")[1]
@@ -293,8 +293,8 @@ def test_renumbered_copies_permute_each_receptacle_class_consistently():
     # Thoughts read the task folder, which is unchanged.
     assert sft_data.Demonstration.from_record(copy, thoughts="subgoal").thoughts[5] == "put pen 2 in sidetable"
   assert len(drawers) > 1  # Eight draws of three drawers: not all the identity.
-  assert sft_data.with_renumbered_receptacles([record], copies=8, seed=0) == out  # Seeded.
-  assert sft_data.with_renumbered_receptacles([record], copies=8, seed=1) != out
+  assert sft_data.copies_with_renumbered_receptacles([record], copies=8, seed=0) == out  # Seeded.
+  assert sft_data.copies_with_renumbered_receptacles([record], copies=8, seed=1) != out
   with pytest.raises(ValueError, match="copies=-1"):
-    sft_data.with_renumbered_receptacles([record], copies=-1, seed=0)
+    sft_data.copies_with_renumbered_receptacles([record], copies=-1, seed=0)
 

@@ -114,7 +114,8 @@ def parse_task_folder(folder: str) -> dict[str, Any]:
 
 # Task families whose subgoals `subgoal_thoughts` knows.
 THOUGHT_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light")
-_TAKE_RE = re.compile(r"take (?P<obj>\S+ \d+) from .+")
+# A take command: the object instance and the receptacle it is taken from.
+TAKE_RE = re.compile(r"take (?P<obj>\S+ \d+) from (?P<recep>.+)")
 
 
 def subgoal_thoughts(task_id: str, actions: Sequence[str], observations: Sequence[str], *,
@@ -156,7 +157,7 @@ def subgoal_thoughts(task_id: str, actions: Sequence[str], observations: Sequenc
   held = None  # "soapbottle 3" once picked up.
   thoughts = []
   for t, action in enumerate(actions):
-    take = _TAKE_RE.fullmatch(action)
+    take = TAKE_RE.fullmatch(action)
     takes_task_object = take is not None and take["obj"].split()[0] == obj
     if held is None:
       thoughts.append(f"take {obj}" if name_take and takes_task_object else f"find {obj}")
