@@ -193,18 +193,24 @@ def _seed_mean(dirs: Sequence[pathlib.Path], key: str) -> tuple[list[int], np.nd
   return steps, np.asarray([c[1][: len(steps)] for c in curves if len(c[1]) >= len(steps)]).mean(0)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: pathlib.Path,
           start: pathlib.Path | None = None) -> None:
   """Mean over seeds of `key` against updates, per method; `start` (an eval folder) is update 0."""
   origin = _curve(start, key) if start is not None and (start / "metrics.jsonl").exists() else ([], [])
   fig, ax = plt.subplots(figsize=(6, 4))
-  for method, dirs in runs.items():
+  for i, (method, dirs) in enumerate(runs.items()):
     if (curve := _seed_mean(dirs, key)) is None:
       continue
     steps, values = curve
     if origin[0] and steps[0] > 0:  # Every method starts from the same student.
       steps, values = [0, *steps], np.concatenate([[origin[1][-1]], values])
-    ax.plot(steps, values, marker="o", label=method)
+    # Methods often tie on a few dozen games: hollow markers, each smaller than the last, keep every
+    # tied method visible.
+    ax.plot(steps, values, marker=_MARKERS[i % len(_MARKERS)], markersize=max(11 - 1.5 * i, 3), fillstyle="none",
+            linestyle=("-", "--", ":", "-.")[i % 4], label=method)
   ax.set_xlabel("updates")
   ax.set_ylabel(ylabel)
   if ax.get_legend_handles_labels()[0]:
