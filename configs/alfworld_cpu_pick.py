@@ -21,8 +21,8 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.env.task_types = ("pick_and_place_simple",)
   # The teacher's demos get one copy each with the room's receptacles renumbered. With them the teacher
   # won 17 of 35 valid_seen games at seed 0 and 19 at seed 1: seed 1 is the one over the issue's 0.50 bar
-  # that every method runs under (the demos, the teacher and each stage are deterministic given the seed;
-  # docs/reproducing.md, session 22). Seed 0 without copies is session 18's run 2 (docs/results_pick.md).
+  # that every method runs under (given the seed, a rerun collects the same demos and repeats the teacher's
+  # updates bitwise; docs/reproducing.md, session 22). Seed 0 without copies is session 18's run 2.
   config.seed = 1
   config.sft.renumbered_copies = 1
   # sft.thoughts stays "subgoal": naming the take ("subgoal_take") won its teacher 0.371 (run 3).

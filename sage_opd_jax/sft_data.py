@@ -99,8 +99,7 @@ def read_demonstrations(out_dir: str | os.PathLike[str], thoughts: str = "none",
   """The demonstrations of a collection folder (`envs.demos.collect`'s demos.jsonl), in
   `envs.demos.in_fixed_order`: the first `limit` (0: all), then `renamed_copies` of each of
   those (`copies_with_renamed_objects`) and `renumbered_copies` of each
-  (`copies_with_renumbered_receptacles`),
-  drawn with `seed`; see `from_record`."""
+  (`copies_with_renumbered_receptacles`), drawn with `seed`; see `from_record`."""
   path = pathlib.Path(out_dir) / demos.DEMOS
   if not path.exists():
     raise FileNotFoundError(f"No demonstrations at {path}; collect them first (stage collect_demos).")
