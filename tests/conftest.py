@@ -1,8 +1,15 @@
-"""Shared test set-up: 8 fake CPU devices for the sharding tests, and tiny fixtures."""
+"""Shared test set-up: 8 fake CPU devices for the sharding tests, and tiny fixtures.
+
+A test that needs what a machine may lack (the ALFWorld games, Java) skips without it, and
+fails instead when `$CI` is set (`.ci/run` sets it): CI never passes by skipping.
+"""
 
 import os
+import pathlib
 import shutil
 import tempfile
+
+import pytest  # Light: pytest is loaded already, and it does not import jax.
 
 # Must happen before jax is imported anywhere: the sharded-vs-unsharded tests need a mesh
 # of 8 devices, and every other test simply runs on the first of them.
@@ -34,17 +41,30 @@ def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def missing(requirement: str) -> None:
+  """Skips the calling test for lack of `requirement`, or fails it when `$CI` is set."""
+  if os.environ.get("CI"):
+    pytest.fail(f"{requirement} (CI is set, so a missing requirement fails rather than skips.)", pytrace=False)
+  pytest.skip(requirement)
+
+
 def real_alfworld_data():
-  """The unpacked ALFWorld games (`$ALFWORLD_DATA/json_2.1.1`), or a skip saying how to get them.
+  """The unpacked ALFWorld games (`$ALFWORLD_DATA/json_2.1.1`); `missing` says how to get them.
 
   Not a skipif on the variable alone: importing alfworld sets it to ~/.cache/alfworld.
   """
-  import pathlib  # Kept local: this module must stay import-light (it runs before jax).
-
-  import pytest
-
   data = os.environ.get("ALFWORLD_DATA", "")
   if not (pathlib.Path(data) / "json_2.1.1" / "valid_unseen").is_dir():
-    pytest.skip("ALFWorld games not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
-                '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").')
+    missing("ALFWorld games not found: set ALFWORLD_DATA to the folder holding json_2.1.1/ "
+            '(here: export ALFWORLD_DATA="$(../shared/alfworld/unpack)").')
   return pathlib.Path(data)
+
+
+@pytest.fixture(scope="session")
+def java():
+  """ScienceWorld's engine runs in a JVM. Session-scoped, so it is checked before any
+  module-scoped fixture starts the engine."""
+  from sage_opd_jax.envs import scienceworld  # Imported when used: this module runs before jax is set up.
+
+  if not scienceworld.java_available():
+    missing("ScienceWorld needs Java: no `java` on PATH (apt-get install default-jre-headless).")

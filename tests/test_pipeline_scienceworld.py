@@ -18,9 +18,7 @@ from sage_opd_jax import writers
 from sage_opd_jax.envs import demos as demos_lib
 from sage_opd_jax.envs import scienceworld as sw
 
-pytestmark = pytest.mark.skipif(
-    not sw.java_available(), reason="ScienceWorld needs Java: no `java` on PATH (apt-get install default-jre-headless)."
-)
+pytestmark = pytest.mark.usefixtures("java")  # conftest.java: skips without Java, fails under CI.
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
             max_position_embeddings=1024)
