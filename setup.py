@@ -2,7 +2,7 @@
 
 import setuptools
 
-# Versions measured to install together on Python 3.11 (CPU); see README.md.
+# Versions measured to install together on Python 3.11 (CPU).
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",

@@ -13,7 +13,7 @@ admissible actions, so that every step runs the engine (a random model's free te
 parseable, and the env answers an unparseable turn without the engine). A warm-up run first
 compiles every shape and fills the grounding cache, so resets are cached in every timed run.
 
-  export ALFWORLD_DATA="$(/work/shared/alfworld/unpack)"
+  export ALFWORLD_DATA="$(../shared/alfworld/unpack)"   # or any folder holding json_2.1.1/ (alfworld-download)
   python benchmarks/bench_rollout.py --episodes 8 --workers 2 --turns 10
 """
 
@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from sage_opd_jax import models, rollout, sampling, tokenization
 from sage_opd_jax.envs import multi_env
-from sage_opd_jax.envs.alfworld import AlfworldEnv
+from sage_opd_jax.envs.alfworld import AlfworldEnv, missing_data_message
 
 
 def replay_env_time(engine: rollout.RolloutEngine, batch: rollout.RolloutBatch) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
 
   data_dir = os.environ.get("ALFWORLD_DATA")
   if not data_dir:
-    raise SystemExit('Set ALFWORLD_DATA (export ALFWORLD_DATA="$(/work/shared/alfworld/unpack)").')
+    raise SystemExit(missing_data_message("nothing: ALFWORLD_DATA is unset"))
   tok = AutoTokenizer.from_pretrained(tokenization.build_alfworld_tokenizer(data_dir, args.tokenizer_dir))
   config = models.ModelConfig.from_dict(dict(
       arch="qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2,

@@ -3,7 +3,7 @@
 Usage (from the repo root):
   python benchmarks/bench_train.py                         # every part, default sizes
   python benchmarks/bench_train.py --part step --sizes 27m --repeats 5 --batch 8 --seq 256
-  python benchmarks/bench_train.py --part step peak --sizes 27m --repeats 7 --micro-batches 2   # #7's figure
+  python benchmarks/bench_train.py --part step peak --sizes 27m --repeats 7 --micro-batches 2   # docs/benchmarks.md
   ALFWORLD_DATA=... python benchmarks/bench_train.py --part iteration --games alfworld
   python benchmarks/bench_train.py --part iteration --variants "sage_opd, transcript judge"
 
@@ -278,6 +278,7 @@ def _iteration_config(method: str, judge_mode: str, tokenizer_dir: str, data_dir
 
 def bench_iteration(args) -> None:
   from sage_opd_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
   from sage_opd_jax.envs import base as env_base  # pylint: disable=g-import-not-at-top
 
   if args.games == "fixture":
@@ -289,10 +290,10 @@ def bench_iteration(args) -> None:
   else:
     data_dir, split = os.environ.get("ALFWORLD_DATA", ""), "train"
     if not data_dir:
-      raise ValueError("--games=alfworld needs ALFWORLD_DATA (see /work/shared/alfworld/README.md).")
+      raise ValueError(f"--games=alfworld: {alfworld.missing_data_message('nothing: ALFWORLD_DATA is unset')}")
   with tempfile.TemporaryDirectory() as tokenizer_dir:
     tokenization.build_alfworld_tokenizer(data_dir, tokenizer_dir)
-    # name -> (method, judge mode): the prompted judge of METHOD.md, and the likelihood judge
+    # name -> (method, judge mode): the prompted judge of docs/method.md, and the likelihood judge
     # that reads the teacher's scores already computed for the loss (no extra teacher call).
     variants = {"opd": ("opd", "prompt"), "sage_opd": ("sage_opd", "prompt"),
                 NO_LIST: ("sage_opd", "prompt"), TRANSCRIPT: ("sage_opd", "transcript"),

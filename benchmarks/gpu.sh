@@ -19,7 +19,7 @@ export XLA_FLAGS=""
   python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__)"; } 2>&1 | tee "$out/device.txt"
-# The issue's train-step setting (B 8 x S 256), for the tiny sizes and for Qwen3-0.6B's layers
+# The train-step benchmark's setting (B 8 x S 256), for the tiny sizes and for Qwen3-0.6B's layers
 # (at 8 x 1024 the 0.6b step without remat asks for 108 GiB: see docs/benchmarks.md).
 python3 benchmarks/bench_train.py --part step peak --torch-device cuda --sizes 6m 27m \
   --batch 8 --seq 256 --repeats 10 --matmul 8192 2>&1 | tee "$out/train_6m_27m.txt"

@@ -74,7 +74,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
       dagger_rounds=2,
       methods=("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
                "sage_opd_no_norm"),
-      seeds=(0, 1, 2), heldout_games=20, results_doc="docs/results.md",
+      seeds=(0, 1, 2), heldout_games=20, results_dir="docs/results/alfworld_cpu",
   )
   return config
 
@@ -88,11 +88,13 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.sft_learning_rate = 1e-3  # Peak learning rate of both SFT stages.
   p.sft_schedule = "cosine"  # Learning-rate schedule of both SFT stages (config.optim.schedule's choices).
   p.distill_steps = 40  # Updates of every method and seed, from the same student.
-  p.methods = ("sft", "opd", "sage_opd")  # Rows of METHOD.md section 4 to run.
+  p.methods = ("sft", "opd", "sage_opd")  # Rows of the method table (docs/method.md) to run.
   p.seeds = (0, 1, 2)  # Seeds per method.
   p.heldout_split = "valid_seen"  # Split whose judge examples measure the judge's accuracy.
   p.heldout_games = 20  # Games of that split collected for it.
-  p.results_doc = ""  # Also write the report here (e.g. docs/results.md, plots beside it); empty: workdir only.
+  # Also copy the CSV and plots here (e.g. docs/results/alfworld_cpu); empty: the workdir only. The
+  # markdown report is always <workdir>/results/results.md.
+  p.results_dir = ""
   p.dagger_rounds = 0  # DAgger rounds of the teacher after its SFT (sage_opd_jax/dagger.py); 0: none.
   # More rounds after those, at the warm-started student's states: the student plays (at
   # sampling.temperature, as in OPD's rollouts), the expert corrects, the teacher trains on it.

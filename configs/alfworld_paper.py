@@ -9,7 +9,7 @@
   # them (the launcher sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or SLURM does).
   ... --config.mesh.data=-1 --config.mesh.fsdp=8
 
-The argument is `<method>,<student size>`: a row of METHOD.md section 4 and one of 0.6b, 1.7b,
+The argument is `<method>,<student size>`: a row of docs/method.md's table and one of 0.6b, 1.7b,
 4b. Weights come from local Hugging Face directories (`huggingface-cli download Qwen/Qwen3-8B
 --local-dir /ckpt/Qwen3-8B`); teacher and student share Qwen3's tokenizer. See
 docs/reproducing.md for memory and which parts have been run versus shape-checked.
@@ -30,7 +30,7 @@ def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
   config = base.get_config()
   config.stage = "distill"
   config.method = method
-  config.env.max_turns = 50  # METHOD.md section 7, paper scale.
+  config.env.max_turns = 50  # Our paper-scale turn limit (docs/method.md, defaults).
   config.env.history_turns = 3
   config.env.num_workers = 16
   config.teacher.hf_dir = ""  # Required: a local Qwen3-8B directory.

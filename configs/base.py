@@ -43,7 +43,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = "distill"  # pipeline | collect_demos | sft | distill | evaluate | export.
-  config.method = "sage_opd"  # A row of METHOD.md section 4 (sage_opd_jax.config.METHODS).
+  config.method = "sage_opd"  # A row of docs/method.md's table (sage_opd_jax.config.METHODS).
   config.seed = 0  # Seeds the train-state rng and the task order.
   config.compilation_cache_dir = "~/.cache/sage_opd_jax/xla"  # Persistent XLA compilation cache; '' = off.
 
@@ -150,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_episodes = 16  # Episodes per split per eval (a fixed subset of the split); 0: no eval.
-  config.eval.temperatures = (0.0,)  # 0.0 is greedy; METHOD.md also uses 0.4.
+  config.eval.temperatures = (0.0,)  # 0.0 is greedy; docs/method.md's defaults also use 0.4.
   config.eval.num_seeds = 1  # Sampling seeds per temperature above 0.
   config.eval.num_transcripts = 3  # Transcripts written per eval, with judge labels and weights.
 

@@ -7,7 +7,7 @@ expert shadowing every episode, and at every turn also asks, from the same conte
 teacher's and the student's greedy responses (decoded as the run decodes: constrained to the
 admissible actions when the config says so). Each is compared with the expert's action.
 Turns are split by whether the student had already left the expert's path in that episode:
-the off-path states are the "off-distribution histories" of METHOD.md section 1.
+the off-path states are the paper's "off-distribution histories" (docs/method.md).
 
   python -m experiments.state_agreement --config=configs/alfworld_cpu.py \
       --student=workdirs/alfworld_cpu_dagger/student_sft/hf \

@@ -1,4 +1,4 @@
-"""METHOD.md section 6 metrics of a set of episodes, per split and per task type."""
+"""The metrics of a set of episodes (docs/method.md), per split and per task type."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def episode_metrics(
   """Success, mean turns, invalid- and repeated-action rates, overall and per task type.
 
   Rates are over turns that happened (column t < num_turns[b]), pooled over episodes, so
-  a long failing episode weighs more than a short winning one, as METHOD.md defines them.
+  a long failing episode weighs more than a short winning one, as docs/method.md defines them.
   `cut_B` flags episodes the context budget ended before the turn limit; their
   fraction is `context_cut_rate`, which says when `train.max_seq_len`, not the policy, set
   how long a losing episode searched.

@@ -1,4 +1,4 @@
-"""The turn-level judge (METHOD.md E5 and section 5): one Skip/Weak/Strong label per turn.
+"""The turn-level judge (E5 and the judge prompt of docs/method.md): one Skip/Weak/Strong label per turn.
 
 After the environment has answered every turn of a rollout batch, each turn is labelled:
 
@@ -78,7 +78,7 @@ class JudgeConfig:
   Attributes:
     mode: one of MODES.
     history_turns: past (observation, action) pairs shown in the judge prompt.
-    show_admissible: list turn t's admissible actions in the prompt (METHOD.md section 5); without
+    show_admissible: list turn t's admissible actions in the prompt (as docs/method.md's does); without
       the list a real ALFWorld question is ~27% shorter, and the judge's cost is its prefill.
     max_new_tokens: tokens the teacher may answer with (`prompt` mode).
     likelihood_thresholds: (skip_above, weak_above) mean action log-probs (`likelihood` mode).
@@ -178,7 +178,7 @@ def same_action(a: str, b: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# Oracle labels (METHOD.md section 5).
+# Oracle labels (docs/method.md): the env expert's verdict, for analysis only.
 
 
 def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +212,7 @@ def judge_prompt_texts(
     episodes: Sequence[JudgedEpisode], tokenizer: Any, history_turns: int, asked: np.ndarray,
     show_admissible: bool = True,
 ) -> list[tuple[int, int, str]]:
-  """(b, t, rendered judge prompt) for every asked turn, in row-major order (METHOD.md s.5)."""
+  """(b, t, rendered judge prompt) for every asked turn, in row-major order (docs/method.md's prompt)."""
   out = []
   for b, episode in enumerate(episodes):
     history: list[tuple[str, str | None]] = []

@@ -1,4 +1,4 @@
-"""SAGE-OPD losses (METHOD.md E1-E10) as pure `jnp` functions, and the loss registry.
+"""SAGE-OPD losses (E1-E10 of docs/method.md) as pure `jnp` functions, and the loss registry.
 
 Batch layout: one padded row per episode (or, with T = 1, one row per turn).
 
@@ -22,7 +22,7 @@ All log-softmax, KL and normalisation maths runs in float32 (or float64 if the i
 Nothing here holds state: the only module-level mutable object is the loss registry.
 
 Reading order: E1/E2/E10 divergences -> E6 confidence -> E5/E7/E8 turn weights -> E4 the
-PPO surrogate -> `sage_opd_loss`, which composes them for every row of METHOD.md's table.
+PPO surrogate -> `sage_opd_loss`, which composes them for every row of docs/method.md's table.
 """
 
 import enum
@@ -683,7 +683,7 @@ def sage_opd_loss(
     global_weight_sum: Array | None = None,
     global_num_sequences: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """(E3)/(E9) for every row of METHOD.md's table: [B, S, V] logits + batch -> (loss, metrics).
+  """(E3)/(E9) for every row of docs/method.md's table: [B, S, V] logits + batch -> (loss, metrics).
 
   Batch keys (token-level ones are [B, S] and token-aligned, see the module docstring):
     tokens: int, the episode's tokens. Always.

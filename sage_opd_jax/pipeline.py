@@ -8,7 +8,8 @@
                     the expert's actions where it left them, `dagger.py`); then its evaluation;
   4. student_sft    a short SFT warm start of the student on a small slice of the demos;
   5. runs           from that same student, each method x seed for the same updates;
-  6. results        a markdown table, a CSV and plots of what the runs measured.
+  6. results        a markdown table, a CSV and plots of what the runs measured (`<workdir>/results/`;
+                    the CSV and plots also to `config.pipeline.results_dir` if set).
 
 ScienceWorld (config.env.name="scienceworld") runs the same stages with the same
 folders, except that the first two swap: its demonstrations are the engine's gold
@@ -218,11 +219,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
     # A table after every method, so a long pipeline shows what it has so far.
-    results.write_results(root, report, docs_path=p.results_doc or None)
+    results.write_results(root, report, results_dir=p.results_dir or None)
 
   logging.info("[6/6] results")
-  out = results.write_results(root, report, docs_path=p.results_doc or None)
-  logging.info("Results in %s (%.1f min in this session)", out, (time.time() - start) / 60)
+  out = results.write_results(root, report, results_dir=p.results_dir or None)
+  logging.info("Results in %s (%.1f min in this process)", out, (time.time() - start) / 60)
   return out
 
 

@@ -109,7 +109,7 @@ def parse_judge_label(text: str) -> int:
   Only the text after the last `</think>` counts, so a judge may reason first. The
   label words are matched as whole words, in any case, among other words ("Answer:
   weak."). Anything that is not clearly one label (no label word, or two different
-  ones) is `STRONG`: when in doubt, supervise (METHOD.md E5).
+  ones) is `STRONG`: when in doubt, supervise (E5 in docs/method.md).
   """
   closes = list(_THINK_CLOSE_RE.finditer(text))
   if closes:
@@ -398,7 +398,7 @@ def episode_segments(
 
 
 # ---------------------------------------------------------------------------
-# The judge prompt (METHOD.md section 5).
+# The judge prompt (docs/method.md).
 
 
 def judge_prompt_text(
@@ -410,7 +410,7 @@ def judge_prompt_text(
     admissible_actions: Sequence[str],
     k: int,
 ) -> str:
-  """The judge's question about turn t, worded as in METHOD.md section 5.
+  """The judge's question about turn t, worded as in docs/method.md.
 
   Args:
     task: the task text.

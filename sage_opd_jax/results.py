@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import logging
 import pathlib
@@ -38,7 +39,7 @@ STUDENT_START = "student (warm start, no distillation)"  # The table row every m
 
 def record_stage_time(root: pathlib.Path, stage: str, seconds: float, finished: bool = True) -> None:
   """Appends a stage attempt's wall time and the commit it ran at, so that a pipeline resumed
-  over sessions sums them all and its report names the code that made each number.
+  any number of times sums them all and its report names the code that made each number.
 
   `finished=False` records an attempt that raised (its stage resumes on the next run): its
   time was spent too, but the stage did not finish at that commit.
@@ -269,20 +270,29 @@ def git_commit(path: pathlib.Path) -> str:
     return "unknown"
 
 
-_DOCS_OWNER = "<!-- written for workdir: {} -->"
+SOURCE = "source.json"  # In a results_dir: the config and the workdir its files came from.
 
 
-def _workdir_mark(root: pathlib.Path) -> str:
-  return str(pathlib.Path(root).resolve())
+def _workdir_id(root: pathlib.Path) -> str:
+  """A hash of the workdir's absolute path: which workdir wrote a folder, without naming the machine's paths."""
+  return hashlib.sha256(str(pathlib.Path(root).resolve()).encode()).hexdigest()[:16]
 
 
-def _docs_owner(docs_path: pathlib.Path) -> str | None:
-  """The workdir a report at `docs_path` was written for: None if there is none, "" if it does not say."""
-  if not docs_path.exists():
+def _config_arg() -> str:
+  """The command line's config file as given (an absolute path by its name only), "" if none."""
+  args = sys.argv[1:]
+  given = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), "")
+  if not given and "--config" in args[:-1]:
+    given = args[args.index("--config") + 1]
+  return pathlib.Path(given).name if pathlib.Path(given).is_absolute() else given
+
+
+def _results_dir_owner(results_dir: pathlib.Path) -> dict[str, str] | None:
+  """Whose results `results_dir` holds: None if it is empty or missing, {} if its files do not say."""
+  if not results_dir.is_dir() or not any(results_dir.iterdir()):
     return None
-  prefix, suffix = _DOCS_OWNER.split("{}")
-  lines = [line for line in docs_path.read_text(encoding="utf-8").splitlines() if line.startswith(prefix)]
-  return lines[-1][len(prefix):-len(suffix)] if lines else ""
+  source = results_dir / SOURCE
+  return json.loads(source.read_text(encoding="utf-8")) if source.exists() else {}
 
 
 def sweep_root(root: pathlib.Path, sweep: str) -> pathlib.Path:
@@ -292,28 +302,28 @@ def sweep_root(root: pathlib.Path, sweep: str) -> pathlib.Path:
 
 
 def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
-                  docs_path: str | pathlib.Path | None = None) -> pathlib.Path:
-  """Writes `root/results/{results.md, results.csv, *.png}`, optionally a copy at `docs_path`.
+                  results_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes `root/results/{results.md, results.csv, *.png}`, and the CSV and plots to `results_dir`.
 
   The table holds every finished run (so it can be written after each method), the
   warm-start student every method starts from (`root/student_eval`), the teacher's own
   success and its judge accuracy. The wall time is the sum of every recorded stage attempt
-  (`record_stage_time`), over however many sessions the pipeline took.
+  (`record_stage_time`), however many times the pipeline was resumed.
 
   Args:
     root: the pipeline's workdir.
     config: the pipeline's config (eval splits, decoding mode, `pipeline.sweep`: the runs and
       the report are those of `sweep_root`).
-    docs_path: also write the report there (e.g. docs/results.md), with its CSV and plots in a
-      folder of the same name beside it (docs/results/), linked relatively. A sweep's report
-      goes beside it instead: docs/results_<sweep>.md. A report there that another workdir
-      wrote (or one that does not say) is kept, with a warning: a variant run of a config
-      must not replace the report committed for it.
+    results_dir: also copy `results.csv` and the plots there (e.g. docs/results/alfworld_cpu), with
+      a `source.json` naming the config file and the workdir (its name and a hash of its path). A
+      sweep's go to `<results_dir>_<sweep>` beside it. The markdown report stays in the workdir.
+      A folder whose files another workdir wrote (or that does not say) is kept, with a warning:
+      a variant run of a config must not replace the results committed for it.
   """
   sweep = config.pipeline.sweep if "pipeline" in config else ""
   runs_root = sweep_root(root, sweep)
-  if docs_path is not None and sweep:
-    docs_path = pathlib.Path(docs_path).with_name(f"{pathlib.Path(docs_path).stem}_{sweep}.md")
+  if results_dir is not None and sweep:
+    results_dir = pathlib.Path(results_dir).with_name(f"{pathlib.Path(results_dir).name}_{sweep}")
   out = runs_root / "results"
   out.mkdir(parents=True, exist_ok=True)
   splits = list(config.env.eval_splits)
@@ -338,23 +348,29 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   _plot(runs, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
         start=root / "student_eval")
   _plot_label_mix(runs, out / "judge_label_mix.png")
-  (out / "results.md").write_text(_report(root, config, runs, rows, splits, asset_dir="", success_png=success_png),
+  (out / "results.md").write_text(_report(root, config, runs, rows, splits, success_png=success_png),
                                   encoding="utf-8")
-  if docs_path is not None and (owner := _docs_owner(pathlib.Path(docs_path))) not in (None, _workdir_mark(root)):
-    logging.warning("Not writing %s: it holds %s's report, not this workdir's (%s); the report is in %s. "
-                    "Delete it, or set config.pipeline.results_doc, to write it.", docs_path,
-                    owner or "an unnamed workdir", root, out)
-    docs_path = None
-  if docs_path is not None:
-    docs_path = pathlib.Path(docs_path)
-    assets = docs_path.with_suffix("")
-    assets.mkdir(parents=True, exist_ok=True)
-    for name in ("results.csv", success_png, "judge_label_mix.png"):
-      shutil.copyfile(out / name, assets / name)
-    report = _report(root, config, runs, rows, splits, asset_dir=assets.name + "/", success_png=success_png)
-    docs_path.write_text(f"{report}\n{_DOCS_OWNER.format(_workdir_mark(root))}\n", encoding="utf-8")
+  if results_dir is not None:
+    _copy_results(root, out, pathlib.Path(results_dir), ("results.csv", success_png, "judge_label_mix.png"))
   print(markdown_table(rows, splits))
   return out
+
+
+def _copy_results(root: pathlib.Path, out: pathlib.Path, results_dir: pathlib.Path, names: Sequence[str]) -> None:
+  """Copies `out/<names>` into `results_dir` with its source.json, unless another workdir's files are there."""
+  owner = _results_dir_owner(results_dir)
+  if owner is not None and owner.get("workdir_sha256") != _workdir_id(root):
+    whose = (f"workdir {owner.get('workdir')!r} (config {owner.get('config') or 'not recorded'})" if owner
+             else "an unnamed workdir")
+    logging.warning("Not writing %s: it holds the results of %s, not this workdir's (%s, results in %s). "
+                    "Delete it, or set config.pipeline.results_dir, to write them.", results_dir, whose, root, out)
+    return
+  results_dir.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    shutil.copyfile(out / name, results_dir / name)
+  source = {"config": _config_arg(), "workdir": pathlib.Path(root).resolve().name,
+            "workdir_sha256": _workdir_id(root), "commit": code_commit()}
+  (results_dir / SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
 def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -384,7 +400,7 @@ def _teacher_caption(root: pathlib.Path, given: str) -> str:
 
 
 def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[str, list[pathlib.Path]],
-            rows: Sequence[dict[str, Any]], splits: Sequence[str], asset_dir: str, success_png: str) -> str:
+            rows: Sequence[dict[str, Any]], splits: Sequence[str], success_png: str) -> str:
   teacher = {}
   teacher_eval = root / "teacher_eval"
   if (teacher_eval / "metrics.jsonl").exists():
@@ -426,7 +442,6 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
               "", timing]
   if times:
     lines += ["", "Wall time per stage (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + "."]
-  lines += ["", f"CSV: [{asset_dir}results.csv]({asset_dir}results.csv)", "",
-            f"![{success_png[:-4].replace('_', ' ')}]({asset_dir}{success_png})",
-            f"![judge label mix]({asset_dir}judge_label_mix.png)", ""]
+  lines += ["", "CSV: [results.csv](results.csv)", "",
+            f"![{success_png[:-4].replace('_', ' ')}]({success_png})", "![judge label mix](judge_label_mix.png)", ""]
   return "\n".join(lines)

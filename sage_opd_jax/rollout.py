@@ -38,7 +38,7 @@ log-probs under the shorter windowed context, and a loss that needs log pi_old o
 transcript itself (a PPO ratio against the full history) must recompute it. With one update
 per batch (E4's r = 1) only the sampled tokens matter and the mismatch is harmless.
 
-**The `opd_two_rollout` hook** (METHOD.md section 4): `intervene(states)` is called once per
+**The `opd_two_rollout` hook** (docs/method.md's table): `intervene(states)` is called once per
 group per turn, after the student generated and before the env steps, with one `TurnState` per
 live episode. It returns `{episode index: replacement response}` (text, or token ids of the
 student's tokenizer). A replaced response is what the env acts on and what the transcript

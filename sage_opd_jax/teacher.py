@@ -1,6 +1,6 @@
 """Teacher scoring: one jitted, chunked forward of the frozen teacher over a rollout batch.
 
-The teacher's per-token signals on the student's own tokens (METHOD.md E1, E6, E10):
+The teacher's per-token signals on the student's own tokens (E1, E6, E10 in docs/method.md):
 
   teacher_logprobs [B, S]  log nu(token s | tokens < s)
   teacher_top1     [B, S]  max_v nu(v | tokens < s)

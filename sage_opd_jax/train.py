@@ -301,7 +301,7 @@ def epoch_rows(num_rows: int, batch_size: int, seed: int, step: int,
 
 
 class SftSource:
-  """Off-policy batches from expert demonstrations (and judge examples), METHOD.md's `sft`."""
+  """Off-policy batches from expert demonstrations (and judge examples): the `sft` row of docs/method.md."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any):
     demos_dir = pathlib.Path(config.sft.demos_dir)
@@ -405,7 +405,7 @@ class DistillSource:
       batch = self.engine.run(student, tasks, rollout_key, seq_len=seq_len)
     metrics.update(rollout_metrics([batch], prefix="rollout/"))
     if self.config.method == "opd_two_rollout":
-      # METHOD.md section 4: a second rollout of the same tasks in which the teacher
+      # The opd_two_rollout row of docs/method.md: a second rollout of the same tasks in which the teacher
       # replaces every turn it judges Strong, before the env steps; both train with OPD.
       with timer("rollout_intervened"):
         second = self.engine.run(student, tasks, jax.random.fold_in(rollout_key, 1), seq_len=seq_len,
@@ -572,7 +572,7 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperatu
 
 
 def rollout_metrics(batches: Sequence[Any], prefix: str) -> dict[str, float]:
-  """METHOD.md section 6 metrics over the episodes of one or more rollout batches."""
+  """The metrics of docs/method.md over the episodes of one or more rollout batches."""
   width = max(b.valid.shape[1] for b in batches)
 
   def cat(key, pad_turns=False):

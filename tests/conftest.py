@@ -17,9 +17,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for this session's processes (the CLI tests start their
+# One persistent compilation cache for this pytest run's processes (the CLI tests start their
 # own): a program another test or subprocess already compiled is loaded, not compiled again.
-# Fresh per session, so a test never runs a program an older checkout compiled.
+# Fresh per pytest run, so a test never runs a program an older checkout compiled.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sage_opd_xla_")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # The tiny models compile in < 1 s.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -149,6 +151,23 @@ def test_forward_kl_needs_full_estimator():
     config_lib.validate(config)
   config.loss.estimator = "full"
   config_lib.validate(config)
+
+
+def test_results_dir_is_a_folder():
+  config = _load_config("alfworld_cpu_pick")
+  assert config.pipeline.results_dir == "docs/results/alfworld_cpu_pick"
+  config_lib.validate(config)
+  config.pipeline.results_dir = "docs/results_pick_seed1.md"  # The markdown target `results_doc` took.
+  with pytest.raises(config_lib.ConfigError, match=r"config.pipeline.results_dir='docs/results_pick_seed1.md'"):
+    config_lib.validate(config)
+
+
+def test_the_replaced_results_doc_key_is_rejected_on_the_command_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sage_opd_jax.main", "--config=configs/alfworld_cpu.py", f"--workdir={tmp_path / 'run'}",
+       "--config.pipeline.results_doc=docs/results.md"], cwd=_REPO, capture_output=True, text=True, check=False)
+  assert result.returncode != 0 and "results_doc" in result.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_unknown_key_is_rejected_by_the_locked_config():

@@ -33,7 +33,7 @@ TASK = "Your task is to: put a pen in the drawer."
 ADMISSIBLE = ["go to desk 1", "go to drawer 2", "look", "take pen 1 from desk 1"]
 
 # (observation, response, parsed action, valid, expert action, feedback) per turn, and the
-# oracle label each turn must get (METHOD.md section 5).
+# oracle label each turn must get (docs/method.md).
 EPISODES = [
     [
         ("You are in a room. You see a desk 1 and a drawer 2.",

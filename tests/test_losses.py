@@ -117,7 +117,7 @@ def ref_ppo(logp, old, adv, eps=0.2, dual=3.0, clamp=20.0):
 
 
 def ref_loss(student_logits, raw, cfg):
-  """METHOD.md E3/E4/E9 written per turn; `raw` holds NumPy arrays incl. teacher logits."""
+  """E3/E4/E9 of docs/method.md written per turn; `raw` holds NumPy arrays incl. teacher logits."""
   tokens, turn_ids, num_turns = raw["tokens"], raw["turn_ids"], raw["num_turns"]
   b, s, v = student_logits.shape
   method = cfg["method"]

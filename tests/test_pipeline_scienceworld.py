@@ -121,31 +121,13 @@ def test_rerun_resumes_without_redoing_any_stage(workdir):
 def test_a_partial_table_names_what_is_missing(workdir, tmp_path):
   config = tiny_config()
   config.pipeline.seeds = (0, 1)  # One more seed than ran.
-  results.write_results(workdir, config, docs_path=tmp_path / "results.md")
-  report = (tmp_path / "results.md").read_text()
+  results.write_results(workdir, config, results_dir=tmp_path / "run")
+  report = (workdir / "results" / "results.md").read_text()
   assert "**Partial:** not finished yet: opd (1/2 seeds), sage_opd (1/2 seeds)." in report
   games = int(results._final_eval(workdir / "student_eval")["eval/dev/t0/episodes"])
   assert f"(greedy eval on {games} dev games of {', '.join(config.env.task_types)})" in report
-  assert (tmp_path / "results" / "dev_success.png").exists()
-  results.write_results(workdir, config, docs_path=tmp_path / "results.md")  # Its own report: rewritten.
-  assert (tmp_path / "results.md").read_text() == report
-
-
-def test_a_report_another_workdir_wrote_is_kept(workdir, tmp_path, caplog):
-  config = tiny_config()
-  docs = tmp_path / "results.md"
-  docs.write_text("# a committed report\n")  # One that does not name its workdir.
-  results.write_results(workdir, config, docs_path=docs)
-  assert docs.read_text() == "# a committed report\n" and "an unnamed workdir" in caplog.text
-  docs.unlink()
-  results.write_results(workdir, config, docs_path=docs)
-  written = docs.read_text()
-  assert "| opd | 1 |" in written
-  other = tmp_path / "variant"  # A variant's workdir: the same finished stages, another place.
-  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("results"))
-  results.write_results(other, config, docs_path=docs)
-  assert docs.read_text() == written and f"holds {workdir.resolve()}'s report" in caplog.text
-  assert (other / "results" / "results.md").exists()
+  assert (tmp_path / "run" / "dev_success.png").exists() and not list(tmp_path.glob("**/*.md"))
+  assert (tmp_path / "run" / "results.csv").read_text() == (workdir / "results" / "results.csv").read_text()
 
 
 def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, tmp_path):
@@ -167,6 +149,7 @@ def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, t
   assert "| opd | 1 |" in (sweep / "results" / "results.md").read_text()
   assert "| opd | 1 |" in (root / "results" / "results.md").read_text()  # The main report is the base runs'.
   assert "lr_high/opd/seed0" in results.stage_times(root)
-  results.write_results(root, config, docs_path=tmp_path / "docs" / "results.md")
-  assert "| opd | 1 |" in (tmp_path / "docs" / "results_lr_high.md").read_text()  # Beside the main report.
-  assert not (tmp_path / "docs" / "results.md").exists()
+  results.write_results(root, config, results_dir=tmp_path / "docs" / "run")
+  with open(tmp_path / "docs" / "run_lr_high" / "results.csv", newline="") as f:  # Beside the main results.
+    assert [r["method"] for r in csv.DictReader(f)][-1] == "opd"
+  assert not (tmp_path / "docs" / "run").exists()

@@ -156,7 +156,7 @@ def test_no_chat_template_is_an_error_and_none_is_plain():
 
 # -- The judge prompt ------------------------------------------------------------
 
-# METHOD.md section 5, line by line, with the placeholders filled in below.
+# The judge prompt of docs/method.md, line by line, with the placeholders filled in below.
 METHOD_JUDGE_LINES = [
     "You are supervising an agent in a text environment.",
     "Task: {task}",

@@ -1,12 +1,15 @@
 """The results report's pieces, on metric logs written here."""
 
+import csv
 import json
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from configs import alfworld_cpu
 from sage_opd_jax import pipeline
 from sage_opd_jax import results
 from sage_opd_jax import writers
@@ -116,3 +119,80 @@ def test_the_ledger_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
   monkeypatch.setattr(results.subprocess, "run", lambda *args, **kwargs: pytest.fail("asked git again"))
   results.record_stage_time(tmp_path, "opd/seed0", 1.0)
   assert results.stage_commits(tmp_path) == {started: ["opd/seed0"]}
+
+
+def _finished_workdir(root, sweep=""):
+  """A pipeline workdir whose student start and two methods are evaluated (eval-only folders)."""
+  def evaluated(run_dir, success):
+    _log(run_dir, [{f"eval/{split}/t0/{key}": value for split in ("valid_seen", "valid_unseen")
+                    for key, value in (("success", success), ("invalid_rate", 0.0), ("repeated_rate", 0.1),
+                                       ("mean_turns", 9.0), ("episodes", 4.0))}])
+
+  evaluated(root / "student_eval", 0.25)
+  for method, success in (("opd", 0.5), ("sage_opd", 0.75)):
+    evaluated(results.sweep_root(root, sweep) / "runs" / method / "seed0", success)
+  return root
+
+
+def _report_config(sweep=""):
+  config = alfworld_cpu.get_config()
+  config.pipeline.methods, config.pipeline.seeds, config.pipeline.sweep = ("opd", "sage_opd"), (0,), sweep
+  return config
+
+
+def test_results_dir_gets_the_csv_and_plots_and_the_report_stays_in_the_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  root = _finished_workdir(pathlib.Path("workdirs") / "pick")  # Relative, as typed on a command line.
+  monkeypatch.setattr(sys, "argv", ["main.py", "--config=configs/alfworld_cpu.py", "--workdir=workdirs/pick"])
+  out = results.write_results(root, _report_config(), results_dir="docs/results/pick")
+
+  docs = tmp_path / "docs" / "results" / "pick"
+  assert sorted(p.name for p in docs.iterdir()) == [
+      "judge_label_mix.png", "results.csv", results.SOURCE, "valid_unseen_success.png"]
+  assert not list((tmp_path / "docs").glob("**/*.md"))  # A rerun leaves no stray report in docs/.
+  assert (docs / "results.csv").read_text() == (out / "results.csv").read_text()
+  with open(docs / "results.csv", newline="") as f:
+    assert [(r["method"], r["valid_unseen/success_mean"]) for r in csv.DictReader(f)] == [
+        (results.STUDENT_START, "0.25"), ("opd", "0.5"), ("sage_opd", "0.75")]
+  source = json.loads((docs / results.SOURCE).read_text())
+  assert (source["config"], source["workdir"]) == ("configs/alfworld_cpu.py", "pick")
+  report = (out / "results.md").read_text()
+  assert out == root / "results" and "Command: `python -m sage_opd_jax.main --config=configs/alfworld_cpu.py " \
+      "--workdir=workdirs/pick`" in report
+  assert "](results.csv)" in report and "](valid_unseen_success.png)" in report  # Links beside the report.
+  for text in (report, (docs / results.SOURCE).read_text()):
+    assert str(tmp_path) not in text  # No machine path in what may be committed.
+
+
+def test_results_dir_another_workdir_wrote_is_kept_and_its_own_is_rewritten(tmp_path, caplog):
+  config = _report_config()
+  root = _finished_workdir(tmp_path / "pick")
+  docs = tmp_path / "docs" / "pick"
+  docs.mkdir(parents=True)
+  (docs / "results.csv").write_text("a committed table\n")  # Files that do not name their workdir.
+  results.write_results(root, config, results_dir=docs)
+  assert sorted(p.name for p in docs.iterdir()) == ["results.csv"] and "an unnamed workdir" in caplog.text
+  assert (docs / "results.csv").read_text() == "a committed table\n"
+
+  (docs / "results.csv").unlink()  # An empty folder is anyone's.
+  results.write_results(root, config, results_dir=docs)
+  written = (docs / "results.csv").read_text()
+  assert written == (root / "results" / "results.csv").read_text()
+  (docs / "results.csv").write_text("stale\n")
+  results.write_results(root, config, results_dir=docs)  # Its own folder: rewritten.
+  assert (docs / "results.csv").read_text() == written
+
+  variant = _finished_workdir(tmp_path / "variant")  # A variant's workdir with other numbers.
+  _log(variant / "runs" / "opd" / "seed1", [{"eval/valid_unseen/t0/success": 0.0}])
+  caplog.clear()
+  results.write_results(variant, config, results_dir=docs)
+  assert (docs / "results.csv").read_text() == written and "results of workdir 'pick'" in caplog.text
+  assert (variant / "results" / "results.csv").read_text() != written  # Its own table is in its workdir.
+
+
+def test_a_sweeps_results_dir_is_beside_the_configs(tmp_path):
+  root = _finished_workdir(tmp_path / "pick", sweep="lr_high")
+  results.write_results(root, _report_config("lr_high"), results_dir=tmp_path / "docs" / "pick")
+  assert (tmp_path / "docs" / "pick_lr_high" / "results.csv").read_text() == (
+      root / "sweeps" / "lr_high" / "results" / "results.csv").read_text()
+  assert not (tmp_path / "docs" / "pick").exists()

@@ -28,8 +28,8 @@ room's listing, reversed), so a room's demonstrations all search alike, and a po
 trained on them can learn where an object usually is in place of reading whether it is
 there. `search_order="shuffled"` draws that order (and the order among receptacles of a
 target type) from the seeded generator: the same priors, visited in a random order. A tiny
-teacher trained on three shuffled passes searched at random and won fewer games
-(docs/reproducing.md, session 20).
+teacher trained on three shuffled passes searched at random and won fewer games (7 of 35
+valid_seen against 15 in the fixed order).
 """
 
 from __future__ import annotations

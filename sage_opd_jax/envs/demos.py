@@ -16,7 +16,7 @@ hangs is killed and recorded as "timeout", and collection goes on. Re-running wi
 same folder skips every game in games.jsonl; lines that a killed run wrote for a game
 it did not finish are dropped first.
 
-Judge examples (METHOD.md's oracle labels) come from states of won episodes: the
+Judge examples (the oracle labels of docs/method.md) come from states of won episodes: the
 expert's action is Skip, an off-plan admissible action is Weak, and an inadmissible
 action is Strong. Each carries the env's own feedback to that action. For Skip that is
 the next observation of the episode; for Weak the env is stepped from a copy of the
