@@ -13,12 +13,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import dagger
+from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import pipeline
 from sage_opd_jax import prompts
@@ -75,23 +77,159 @@ def tiny_config(tokenizer_dir, method="sage_opd", **overrides):
   return config_lib.validate(config)
 
 
-@pytest.mark.parametrize("method", ["opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
-                                    "sage_opd_no_norm", "opd_two_rollout"])
-def test_every_distill_method_runs_end_to_end(tokenizer_dir, tmp_path, method):
-  metrics = train.train(tiny_config(tokenizer_dir, method), tmp_path)
-  rows = writers.read_metrics(tmp_path)
-  losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert len(losses) == 2 and all(np.isfinite(losses)), losses
-  assert "eval/valid_seen/t0/success" in metrics
-  assert (tmp_path / "checkpoints" / "2").is_dir()
-  assert (tmp_path / "hf" / "config.json").exists()
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  transcripts = (tmp_path / "transcripts" / "step2_train.jsonl").read_text().splitlines()
+DISTILL_METHODS = ("opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm",
+                   "opd_two_rollout")
+
+
+class FirstBatch:
+  """A spy on `DistillSource.batch`: keeps the arrays of the first update's batch, with the log-probs and
+  logits the student had for them, before the update consumes (and donates) its params."""
+
+  def __init__(self):
+    self.arrays: dict[str, np.ndarray] = {}
+    self._batch = train.DistillSource.batch
+
+  def __call__(self, source, step, student):
+    arrays, metrics, rollout = self._batch(source, step, student)
+    if step == 0:
+      logits_BxSxV = student(jnp.asarray(arrays["tokens"]), attention_mask=jnp.asarray(arrays["attention_mask"]))
+      self.arrays = dict(arrays, student_logits=np.asarray(logits_BxSxV, np.float64), student_logprobs=np.asarray(
+          losses.token_logprobs(logits_BxSxV, jnp.asarray(arrays["tokens"]))))
+    return arrays, metrics, rollout
+
+
+def train_with_spy(config, workdir):
+  """`train.train`, returning its metrics and the first batch (`FirstBatch.arrays`)."""
+  spy = FirstBatch()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.DistillSource, "batch", lambda source, step, student: spy(source, step, student))
+    metrics = train.train(config, workdir)
+  return metrics, spy.arrays
+
+
+@pytest.fixture(scope="module")
+def method_runs(tokenizer_dir, tmp_path_factory):
+  """Each method's 2-update run from the same student, teacher and seed: {method: (config, workdir, first batch)}.
+
+  The first batch is the same rollout for every method but `opd_two_rollout` (which adds its
+  intervened second rollout): nothing has been updated before it.
+  """
+  runs = {}
+  for method in DISTILL_METHODS:
+    config, workdir = tiny_config(tokenizer_dir, method), tmp_path_factory.mktemp(method)
+    _, first = train_with_spy(config, workdir)
+    runs[method] = config, workdir, first
+  return runs
+
+
+def expected_weights(method, first, alpha):
+  """[B, S] METHOD.md's turn weights w, in float64 NumPy from the batch's labels and teacher top-1 (E5-E8)."""
+  turn_ids, num_turns = first["turn_ids"], first["valid"].shape[1]
+  onehot_BxSxT = turn_ids[..., None] == np.arange(1, num_turns + 1)
+  lengths_BxT = onehot_BxSxT.sum(1)
+  confidence_BxT = np.einsum("bs,bst->bt", first["teacher_top1"].astype(np.float64), onehot_BxSxT) / np.maximum(
+      lengths_BxT, 1)
+  intervention_BxT = None
+  if "labels" in first:
+    intervention_BxT = np.choose(first["labels"], [0.0, alpha, 1.0])
+  score_BxT = {"opd": np.ones_like(confidence_BxT), "opd_two_rollout": np.ones_like(confidence_BxT),
+               "sage_opd_no_intervention": confidence_BxT, "sage_opd_no_confidence": intervention_BxT}.get(
+                   method, None if intervention_BxT is None else intervention_BxT * confidence_BxT)
+  if method not in ("opd", "opd_two_rollout", "sage_opd_no_norm"):  # (E8): token-weighted mean 1.
+    score_BxT = score_BxT * lengths_BxT.sum() / (lengths_BxT * score_BxT).sum()
+  return np.einsum("bst,bt->bs", onehot_BxSxT, score_BxT)
+
+
+def update_weights(config, method, first):
+  """[B, S] the weights `token_weights` gives the batch under `method`, as the trainer's transcripts show them."""
+  batch = {k: jnp.asarray(first[k]) for k in train.loss_keys(first)}
+  return np.asarray(losses.token_weights(batch, **train.loss_options(config, method, first["valid"].shape[1])))
+
+
+def first_update(workdir):
+  return next(r for r in writers.read_metrics(workdir) if "train/loss" in r)
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_every_distill_method_runs_end_to_end(method_runs, method):
+  config, workdir, first = method_runs[method]
+  rows = writers.read_metrics(workdir)
+  losses_ = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert len(losses_) == 2 and all(np.isfinite(losses_)), losses_
+  assert "eval/valid_seen/t0/success" in rows[-1]
+  assert (workdir / "checkpoints" / "2").is_dir()
+  assert (workdir / "hf" / "config.json").exists()
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  transcripts = (workdir / "transcripts" / "step2_train.jsonl").read_text().splitlines()
   turn = json.loads(transcripts[0])["turns"][0]
   assert "weight" in turn
-  if method in ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm"):
+  if method in train.LABELLED_METHODS:
     assert turn["label"] in ("Skip", "Weak", "Strong")
     assert any("judge/strong_frac" in r for r in rows)
+  else:
+    assert "labels" not in first and "train/strong_frac" not in first_update(workdir)
+  # The method's own weights (E5-E8), and the first update trained with exactly those: its
+  # token counts, mean weight and loss are the method's. With old_logprobs="current" the PPO
+  # ratio is 1, so the loss is sum_s w_s (log pi(y_s) - log nu(y_s)) / N.
+  w_BxS = update_weights(config, method, first)
+  response_BxS = first["turn_ids"] > 0
+  np.testing.assert_allclose(w_BxS, expected_weights(method, first, config.loss.alpha), rtol=1e-5, atol=1e-7)
+  if method in ("opd", "opd_two_rollout"):
+    assert np.all(w_BxS[response_BxS] == 1.0) and np.all(w_BxS[~response_BxS] == 0.0)
+  row = first_update(workdir)
+  assert row["train/num_tokens"] == response_BxS.sum() > 0
+  assert row["train/num_trained_tokens"] == (w_BxS > 0).sum()
+  assert row["train/weight_mean"] == pytest.approx(w_BxS.sum() / response_BxS.sum(), rel=1e-5)
+  k1_BxS = first["student_logprobs"].astype(np.float64) - first["teacher_logprobs"]
+  assert row["train/loss"] == pytest.approx((w_BxS * k1_BxS).sum() / response_BxS.sum(), rel=1e-4, abs=LOSS_TOL)
+
+
+# A float32 loss of ~50 tokens, summed on another device layout than the test's: a few ulps of
+# the per-token log-probs (|log p| < 10, ulp ~1e-6) each.
+LOSS_TOL = 1e-5
+
+
+def test_methods_weigh_the_same_batch_differently(method_runs):
+  first_batches = {m: run[2] for m, run in method_runs.items() if m != "opd_two_rollout"}
+  opd = first_batches["opd"]
+  for method, first in first_batches.items():  # One rollout, one teacher scoring, one judge.
+    for key in ("tokens", "turn_ids", "teacher_logprobs", "teacher_top1", "student_logprobs"):
+      np.testing.assert_array_equal(first[key], opd[key], err_msg=f"{method}: {key}")
+    if method in train.LABELLED_METHODS:
+      np.testing.assert_array_equal(first["labels"], first_batches["sage_opd"]["labels"])
+  weights = {m: update_weights(method_runs[m][0], m, first) for m, first in first_batches.items()}
+  updates = {m: first_update(method_runs[m][1]) for m in first_batches}
+  # The random teacher's judge labels every turn alike, so sage_opd weighs as no_intervention,
+  # and no_confidence as opd; the confidence, its normalisation and the labels still make
+  # three different weightings of the one batch, and three different losses.
+  distinct = ("opd", "sage_opd_no_intervention", "sage_opd_no_norm")
+  for i, a in enumerate(distinct):
+    for b in distinct[i + 1:]:
+      assert np.abs(weights[a] - weights[b]).max() > 1e-2, (a, b)
+      assert abs(updates[a]["train/loss"] - updates[b]["train/loss"]) > 10 * LOSS_TOL, (a, b)
+  for method in first_batches:
+    twin = min(distinct, key=lambda d: np.abs(weights[d] - weights[method]).max())
+    np.testing.assert_allclose(weights[method], weights[twin], rtol=1e-5, atol=1e-7)
+
+
+def test_distill_batches_hold_the_teachers_statistics(method_runs):
+  # The teacher, built independently of the trainer, scores the batch's tokens as the batch says;
+  # the student's log-probs of the same tokens differ by far more than that tolerance.
+  config, _, first = method_runs["sage_opd"]
+  teacher = train.load_model(config.teacher, None, config.seed + 1)
+  tokens_BxS = jnp.asarray(first["tokens"])
+  want = losses.teacher_token_stats(teacher(tokens_BxS, attention_mask=jnp.asarray(first["attention_mask"])),
+                                    tokens_BxS)
+  response_BxS = first["turn_ids"] > 0
+  for key, value in want.items():
+    np.testing.assert_allclose(first[key][response_BxS], np.asarray(value)[response_BxS], rtol=1e-5, atol=TEACHER_TOL,
+                               err_msg=key)
+  gap = np.abs(first["student_logprobs"] - first["teacher_logprobs"])[response_BxS]
+  assert gap.max() > 10 * TEACHER_TOL, gap.max()
+
+
+# float32 log-softmax of the same weights, chunked (the scorer) or not (the test): a few ulps of |log p| < 10.
+TEACHER_TOL = 2e-5
 
 
 @pytest.mark.parametrize("divergence, top_k", [("reverse_kl", 0), ("jsd", 8)])
