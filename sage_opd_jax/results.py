@@ -35,6 +35,7 @@ COLUMNS = (("success", "success"), ("invalid_rate", "invalid"), ("repeated_rate"
 
 TIMINGS = "timings.jsonl"  # One line per stage attempt: name, wall seconds, commit (finished=False if it raised).
 STUDENT_START = "student (warm start, no distillation)"  # The table row every method starts from.
+TEACHER = "teacher"  # The table row of the teacher every method distils from.
 
 
 def record_stage_time(root: pathlib.Path, stage: str, seconds: float, finished: bool = True) -> None:
@@ -330,8 +331,10 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   # Only finished runs (evaluated to the end), so the table can be written after every method.
   runs = {m: kept for m, dirs in collect_runs(runs_root).items() if (kept := [d for d in dirs if _finished(d)])}
   rows = table_rows(runs, splits)
-  if _finished(root / "student_eval"):
-    rows = table_rows({STUDENT_START: [root / "student_eval"]}, splits) + rows
+  # Above the methods: the start they share and the teacher they distil from.
+  given = {name: [root / folder] for name, folder in ((STUDENT_START, "student_eval"), (TEACHER, "teacher_eval"))
+           if writers.rows_with(root / folder, "eval/")}
+  rows = table_rows(given, splits) + rows
   with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
     fields = ["method", "seeds"] + [f"{s}/{c}_{stat}" for s in splits for c, _ in COLUMNS for stat in ("mean", "std")]
     w = csv.DictWriter(f, fieldnames=fields)
@@ -426,14 +429,8 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
       "over seeds:", "",
       markdown_table(rows, splits), "",
       *_pending_line(config, rows),
-      _teacher_caption(root, config.teacher.hf_dir), "",
-      "| split | success | invalid | repeated |", "|---|---|---|---|",
+      f"{_teacher_caption(root, config.teacher.hf_dir)} the `{TEACHER}` row above.",
   ]
-  for split in splits:
-    prefix = f"eval/{split}/t0/"
-    if prefix + "success" in teacher:
-      lines.append(f"| {split} | {teacher[prefix + 'success']:.3f} | {teacher[prefix + 'invalid_rate']:.3f} | "
-                   f"{teacher[prefix + 'repeated_rate']:.3f} |")
   if "judge_eval/accuracy" in teacher:
     lines += ["", f"Judge accuracy on held-out games' judge examples: {teacher['judge_eval/accuracy']:.3f} "
               f"({int(teacher['judge_eval/count'])} examples)."]

@@ -196,3 +196,18 @@ def test_a_sweeps_results_dir_is_beside_the_configs(tmp_path):
   assert (tmp_path / "docs" / "pick_lr_high" / "results.csv").read_text() == (
       root / "sweeps" / "lr_high" / "results" / "results.csv").read_text()
   assert not (tmp_path / "docs" / "pick").exists()
+
+
+def test_the_teacher_is_a_row_of_the_table_beside_the_student_start_and_the_methods(tmp_path):
+  root = _finished_workdir(tmp_path / "pick")
+  # The teacher's eval folder also holds its judge accuracy, in a row of its own after the eval.
+  _log(root / "teacher_eval", [{f"eval/{split}/t0/{key}": value for split in ("valid_seen", "valid_unseen")
+                                for key, value in (("success", 0.625), ("invalid_rate", 0.0),
+                                                   ("repeated_rate", 0.0), ("mean_turns", 7.0))},
+                               {"judge_eval/accuracy": 0.5, "judge_eval/count": 8.0}])
+  out = results.write_results(root, _report_config())
+  with open(out / "results.csv", newline="") as f:
+    assert [(r["method"], r["valid_seen/success_mean"]) for r in csv.DictReader(f)] == [
+        (results.STUDENT_START, "0.25"), (results.TEACHER, "0.625"), ("opd", "0.5"), ("sage_opd", "0.75")]
+  report = (out / "results.md").read_text()
+  assert f"| {results.TEACHER} | 1 | 0.625 ± 0.000 |" in report and "Judge accuracy" in report
