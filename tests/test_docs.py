@@ -1,5 +1,6 @@
 """The docs stay usable: every relative link resolves, and no product file carries project history."""
 
+import csv
 import pathlib
 import re
 import subprocess
@@ -111,3 +112,35 @@ def test_broken_links_are_found(tmp_path):
                          ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_relative_link_resolves(page):
   assert not broken_links(page), f"{page.relative_to(REPO)} links to missing files: {broken_links(page)}"
+
+
+def _readme_results_rows():
+  """{row label: {split: cell}} of the README's headline table (the first table under "## Results")."""
+  section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Results", 1)[1].split("\n## ", 1)[0]
+  lines = [line for line in section.splitlines() if line.startswith("|")]
+  header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+  rows = {}
+  for line in lines[2:]:
+    cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+    rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+  return rows
+
+
+def test_readme_headline_table_equals_its_csv():
+  section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Results", 1)[1]
+  csv_path = REPO / re.search(r"\]\((docs/results/[^)]+/results\.csv)\)", section).group(1)
+  with csv_path.open(newline="") as f:
+    by_method = {row["method"]: row for row in csv.DictReader(f)}
+  rows = _readme_results_rows()
+  checked = 0
+  for label, cells in rows.items():
+    method = "student (warm start, no distillation)" if label == "student start" else label
+    if method not in by_method:
+      continue  # A row the CSV does not hold (the README says where it comes from).
+    for split, cell in cells.items():
+      mean, std = (float(by_method[method][f"{split}/success_{stat}"]) for stat in ("mean", "std"))
+      want = f"{mean:.3f}" if int(by_method[method]["seeds"]) == 1 else f"{mean:.3f} ± {std:.3f}"
+      assert cell == want, f"README's {label} / {split}: {cell!r}, its CSV {csv_path.name} says {want!r}"
+      checked += 1
+  # Every method of the CSV is in the README's table, on both splits.
+  assert checked == 2 * len(by_method), (sorted(rows), sorted(by_method))
