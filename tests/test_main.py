@@ -7,6 +7,7 @@ teacher scoring, the judge, the sharded update, orbax) at toy sizes.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class FirstBatch:
 
   def __init__(self):
     self.arrays: dict[str, np.ndarray] = {}
+    self.rollout = None
     self._batch = train.DistillSource.batch
 
   def __call__(self, source, step, student):
@@ -95,16 +97,17 @@ class FirstBatch:
       logits_BxSxV = student(jnp.asarray(arrays["tokens"]), attention_mask=jnp.asarray(arrays["attention_mask"]))
       self.arrays = dict(arrays, student_logits=np.asarray(logits_BxSxV, np.float64), student_logprobs=np.asarray(
           losses.token_logprobs(logits_BxSxV, jnp.asarray(arrays["tokens"]))))
+      self.rollout = rollout
     return arrays, metrics, rollout
 
 
-def train_with_spy(config, workdir):
-  """`train.train`, returning its metrics and the first batch (`FirstBatch.arrays`)."""
+def train_with_spy(config, workdir, with_rollout=False):
+  """`train.train`, returning its metrics and the first batch (`FirstBatch.arrays`; and its rollout batch)."""
   spy = FirstBatch()
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train.DistillSource, "batch", lambda source, step, student: spy(source, step, student))
     metrics = train.train(config, workdir)
-  return metrics, spy.arrays
+  return (metrics, spy.arrays, spy.rollout) if with_rollout else (metrics, spy.arrays)
 
 
 @pytest.fixture(scope="module")
@@ -232,17 +235,47 @@ def test_distill_batches_hold_the_teachers_statistics(method_runs):
 TEACHER_TOL = 2e-5
 
 
+def _log_softmax64(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _kl64(logp, logq):
+  return (np.exp(logp) * (logp - logq)).sum(-1)
+
+
 @pytest.mark.parametrize("divergence, top_k", [("reverse_kl", 0), ("jsd", 8)])
 def test_full_estimator_trains_on_the_teachers_distribution(tokenizer_dir, tmp_path, divergence, top_k):
-  # E2/E10 read the teacher's top-k per position (all of the vocabulary when top_k = 0).
+  # E2/E10 read the teacher's top-k per position (all of the vocabulary when top_k = 0): the
+  # first update's divergence is the float64 one between the student's and an independently
+  # built teacher's distributions, renormalised over the teacher's top-k.
   config = tiny_config(tokenizer_dir, "sage_opd", **{"loss.estimator": "full", "loss.divergence": divergence,
                                                      "teacher.top_k": top_k, "eval.num_episodes": 0})
-  train.train(config, tmp_path)
+  _, first = train_with_spy(config, tmp_path)
   rows = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r]
-  assert len(rows) == 2
-  for row in rows:
-    assert np.isfinite(row["train/loss"]) and row["train/kl_mean"] > 0, row
-    assert "train/clip_frac" not in row  # The sampled estimator's PPO ratio is not in play.
+  assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
+  assert all("train/clip_frac" not in row for row in rows)  # The sampled estimator's PPO ratio is not in play.
+  tokens_BxS = jnp.asarray(first["tokens"])
+  teacher = train.load_model(config.teacher, None, config.seed + 1)
+  logq_BxSxV = _log_softmax64(teacher(tokens_BxS, attention_mask=jnp.asarray(first["attention_mask"])))
+  logp_BxSxV = _log_softmax64(first["student_logits"])
+  if top_k:
+    support_BxSxK = np.argsort(-logq_BxSxV, axis=-1)[..., :top_k]
+    logq_BxSxV = _log_softmax64(np.take_along_axis(logq_BxSxV, support_BxSxK, -1))
+    logp_BxSxV = _log_softmax64(np.take_along_axis(logp_BxSxV, support_BxSxK, -1))
+  if divergence == "reverse_kl":
+    per_position_BxS = _kl64(logp_BxSxV, logq_BxSxV)
+  else:
+    beta = config.loss.jsd_beta
+    logm = np.logaddexp(np.log(beta) + logq_BxSxV, np.log1p(-beta) + logp_BxSxV)
+    per_position_BxS = beta * _kl64(logq_BxSxV, logm) + (1 - beta) * _kl64(logp_BxSxV, logm)
+  divergence_BxS = np.pad(per_position_BxS[:, :-1], ((0, 0), (1, 0)))  # Position s - 1 predicts token s.
+  w_BxS = update_weights(config, "sage_opd", first)
+  trained_BxS = w_BxS > 0
+  assert rows[0]["train/kl_mean"] == pytest.approx(divergence_BxS[trained_BxS].mean(), rel=1e-4, abs=LOSS_TOL)
+  assert rows[0]["train/loss"] == pytest.approx((w_BxS * divergence_BxS).sum() / (first["turn_ids"] > 0).sum(),
+                                                rel=1e-4, abs=LOSS_TOL)
 
 
 def test_teacher_top_k_beyond_the_vocabulary_is_named(tokenizer_dir):
@@ -285,23 +318,45 @@ def test_two_rollout_asks_every_judge_mode(tokenizer_dir, tmp_path, mode):
 
 def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
   # Constrained decoding keeps actions admissible, so the oracle labels valid turns too.
+  # Its labels are an expert's that replays the episode afresh: Skip where the student's action is the
+  # expert's, Weak where it differs; the columns past an episode's last turn stay Strong (empty turns).
   config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "oracle", "sampling.constrained": True,
                                                      "train.num_steps": 1, "eval.num_episodes": 0})
-  train.train(config, tmp_path)
+  _, first, rollout = train_with_spy(config, tmp_path, with_rollout=True)
   row = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r][-1]
   assert row["judge/oracle_mode"] == 1.0
-  assert row["judge/oracle_count"] > 0 and row["judge/oracle_accuracy"] == 1.0
+  num_turns = [len(e.turns) for e in rollout.episodes]
+  assert row["judge/oracle_count"] == sum(num_turns) > 0
+  from sage_opd_jax.envs import alfworld_expert  # pylint: disable=g-import-not-at-top
+
+  env = envs_base.make("alfworld", data_dir=str(FIXTURE_DATA), facts=True, max_turns=config.env.max_turns)
+  try:
+    for b, episode in enumerate(rollout.episodes):
+      expert = alfworld_expert.ImitableExpert(episode.task)
+      observation, info = env.reset(episode.task)
+      expert_action, want = expert.first_action(observation, info), []
+      for turn in episode.turns:
+        same = expert_action.lower().split() == turn.action.lower().split()
+        want.append(prompts.SKIP if same else prompts.WEAK)
+        expert_action = expert.next_action(env.step(turn.action))
+      want += [prompts.STRONG] * (config.env.max_turns - len(want))
+      assert first["labels"][b].tolist() == want, (b, first["labels"][b])
+  finally:
+    env.close()
 
 
 def test_transcript_judge_runs_in_the_teachers_scoring(tokenizer_dir, tmp_path):
   # Constrained decoding keeps actions admissible, so valid turns reach the judge.
   config = tiny_config(tokenizer_dir, "sage_opd", **{"judge.mode": "transcript", "sampling.constrained": True,
                                                      "train.num_steps": 1, "eval.num_episodes": 0})
-  train.train(config, tmp_path)
+  _, first = train_with_spy(config, tmp_path)
   row = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r][-1]
   assert np.isfinite(row["train/loss"]), row
   assert row["judge/num_prompts"] > 0 and row["judge/asked_frac"] > 0, row
-  assert sum(row[f"judge/{name}_frac"] for name in ("skip", "weak", "strong")) == pytest.approx(1.0)
+  # The update's label fractions are those of the labels the judge gave, over the turns played.
+  played_BxT = first["response_lengths"] > 0
+  for label, name in enumerate(("skip", "weak", "strong")):
+    assert row[f"train/{name}_frac"] == pytest.approx(np.mean(first["labels"][played_BxT] == label)), name
 
 
 def test_sft_and_export_stages(tokenizer_dir, tmp_path):
@@ -496,12 +551,21 @@ def test_bad_config_stops_before_compiling(tokenizer_dir, tmp_path, flag, messag
 
 
 def test_crashed_env_episode_does_not_stop_the_run(tokenizer_dir, tmp_path):
-  # A step timeout far below a reset's duration fails every episode's env in its worker.
-  config = tiny_config(tokenizer_dir, "opd", **{"env.step_timeout_s": 0.001, "eval.num_episodes": 0})
-  train.train(config, tmp_path)
-  rows = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r]
-  assert len(rows) == 2
-  assert all(r["rollout/success"] == 0.0 for r in rows)
+  # One of the two games is broken: its env fails at every reset, in its worker; the other plays on.
+  data = tmp_path / "data"
+  shutil.copytree(FIXTURE_DATA, data)
+  broken = next((data / "json_2.1.1" / "valid_seen").glob("pick_two_obj*/*/game.tw-pddl"))
+  broken.write_text("not a game")
+  config = tiny_config(tokenizer_dir, "opd", **{"env.data_dir": str(data), "eval.num_episodes": 0})
+  _, _, rollout = train_with_spy(config, tmp_path / "run", with_rollout=True)
+  rows = [r for r in writers.read_metrics(tmp_path / "run") if "train/loss" in r]
+  assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
+  played = {e.task.meta["gamefile"]: e for e in rollout.episodes}
+  failed = played.pop(str(broken))
+  assert failed.error and not failed.turns and not failed.won
+  (other,) = played.values()
+  assert other.error is None and (other.won or len(other.turns) == config.env.max_turns)
+  assert rollout.failed.tolist() == [e is failed for e in rollout.episodes]
 
 
 def test_cli_runs_the_distill_stage(tokenizer_dir, tmp_path, monkeypatch):
