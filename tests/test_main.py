@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -397,9 +398,17 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
   rows = writers.read_metrics(tmp_path / "sft")
   nll = [r["train/nll_mean"] for r in rows if "train/nll_mean" in r]
   assert len(nll) == 2 and all(np.isfinite(nll))
+  # The run's own export (from the final state in memory) and the export stage's (from the last
+  # orbax checkpoint) hold the same weights, which training moved away from the initial ones.
+  final = nnx.state(models.load_hf_checkpoint(writers.export_dir(tmp_path / "sft")), nnx.Param)
   exported = train.export_stage(sft, tmp_path / "sft")
-  reloaded = models.load_hf_checkpoint(exported)
-  assert reloaded.config.hidden_size == TINY["hidden_size"]
+  reloaded = nnx.state(models.load_hf_checkpoint(exported), nnx.Param)
+  initial = nnx.state(train.load_model(sft.student, None, sft.seed), nnx.Param)
+  assert jax.tree.structure(reloaded) == jax.tree.structure(final) == jax.tree.structure(initial)
+  for got, want in zip(jax.tree.leaves(reloaded), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+             for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(initial)))
 
 
 def test_dagger_corrections_are_the_experts_actions_where_the_policy_left_it(tokenizer_dir, tmp_path):
