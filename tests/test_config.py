@@ -197,3 +197,44 @@ def test_transcript_judge_training_needs_transcripts_without_admissible_lists():
   pipeline.judge.mode, pipeline.env.show_admissible = "transcript", True
   with pytest.raises(config_lib.ConfigError, match=r"config.env.show_admissible=False"):
     config_lib.validate(pipeline)
+
+
+def test_thought_budget_bounds_the_free_thought_of_constrained_decoding():
+  config = _load_config("base")
+  config.sampling.max_thought_tokens = -1
+  with pytest.raises(config_lib.ConfigError, match=r"config.sampling.max_thought_tokens=-1"):
+    config_lib.validate(config)
+  config.sampling.max_thought_tokens = 12
+  for constrained, free_thought in ((False, True), (True, False)):
+    config.sampling.constrained, config.sampling.free_thought = constrained, free_thought
+    with pytest.raises(config_lib.ConfigError, match=r"config.sampling.max_thought_tokens=12 bounds"):
+      config_lib.validate(config)
+  config.sampling.constrained = config.sampling.free_thought = True
+  config_lib.validate(config)
+
+
+@pytest.mark.parametrize("sizes, want", [
+    ((1, -1, 2), {"data": 1, "fsdp": 4, "tensor": 2}),  # -1 takes the 8 devices the others leave.
+    ((-1, 1, 1), {"data": 8, "fsdp": 1, "tensor": 1}),
+    ((1, 2, 1), {"data": 1, "fsdp": 2, "tensor": 1}),  # No -1: exactly the sizes given, over the first devices.
+])
+def test_mesh_from_config_resolves_a_wildcard_axis(sizes, want):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from sage_opd_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _load_config("base")
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  mesh = train.mesh_from_config(config.mesh)
+  assert dict(mesh.shape) == want
+  assert list(mesh.devices.flat) == jax.devices()[:mesh.devices.size]
+
+
+@pytest.mark.parametrize("sizes", [(3, -1, 1), (1, 16, 1)])
+def test_a_mesh_that_does_not_fit_the_devices_is_named(sizes):
+  from sage_opd_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _load_config("base")
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  with pytest.raises(config_lib.ConfigError, match=r"config\.mesh=.* does not fit the 8 devices"):
+    train.mesh_from_config(config.mesh)
