@@ -117,7 +117,11 @@ def ref_ppo(logp, old, adv, eps=0.2, dual=3.0, clamp=20.0):
 
 
 def ref_loss(student_logits, raw, cfg):
-  """E3/E4/E9 of docs/method.md written per turn; `raw` holds NumPy arrays incl. teacher logits."""
+  """E3/E4/E9 of docs/method.md written per turn; `raw` holds NumPy arrays incl. teacher logits.
+
+  pi_old of E4 is the batch's behaviour log-probs, or with cfg["old_logprobs"] = "current" the
+  student's own log-probs at these logits (r = 1).
+  """
   tokens, turn_ids, num_turns = raw["tokens"], raw["turn_ids"], raw["num_turns"]
   b, s, v = student_logits.shape
   method = cfg["method"]
@@ -149,7 +153,7 @@ def ref_loss(student_logits, raw, cfg):
     ell = -w * logp
   elif cfg["estimator"] == "sampled":
     teacher_logp = ref_token_logprobs(raw["teacher_logits"], tokens)
-    old = raw["behaviour_logprobs"]
+    old = raw["behaviour_logprobs"] if cfg.get("old_logprobs", "batch") == "batch" else logp
     ell = ref_ppo(logp, old, -w * (old - teacher_logp))
   else:
     ell = w * ref_divergence(student_logits, raw["teacher_logits"], cfg["divergence"])
@@ -408,16 +412,23 @@ loss_configs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.parametrize("old_logprobs", ["batch", "current"])
 @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
 @hypothesis.given(shapes, loss_configs)
-def test_sage_opd_loss_matches_reference(shape, cfg):
+def test_sage_opd_loss_matches_reference(old_logprobs, shape, cfg):
   seed, b, s, v, t = shape
+  cfg["old_logprobs"] = old_logprobs
+  if old_logprobs == "current":
+    cfg["estimator"] = "sampled"  # pi_old exists only in the sampled estimator's PPO ratio.
   if cfg["estimator"] == "sampled":
     cfg["divergence"] = "reverse_kl"
   ref_logits, logits, raw, batch = random_case(seed, b, s, v, t, stats=cfg["stats"])
-  kwargs = {k: cfg[k] for k in ("method", "estimator", "divergence", "aggregation", "confidence", "alpha")}
+  kwargs = {k: cfg[k] for k in ("method", "estimator", "divergence", "aggregation", "confidence", "alpha",
+                                "old_logprobs")}
   loss, metrics = losses.sage_opd_loss(logits, batch, **kwargs)
   close(loss, ref_loss(ref_logits, raw, cfg), rtol=5e-4, atol=5e-5)
+  if old_logprobs == "current" and cfg["method"] != "sft":
+    assert float(metrics["clip_frac"]) == 0.0  # r = 1 exactly: nothing is clipped.
   assert float(metrics["num_tokens"]) == float(np.sum(raw["turn_ids"] > 0))
   for key in ("skip_frac", "weak_frac", "strong_frac"):
     assert key in metrics
@@ -448,12 +459,18 @@ def test_metrics_match_reference():
   assert float(metrics["num_trained_tokens"]) == trained.sum()
 
 
-def test_gradient_matches_reinforce_form_at_ratio_one():
-  """(E4) with r = 1: d loss / d logits[s-1] = w d (onehot(y_s) - softmax) / N."""
+@pytest.mark.parametrize("old_logprobs", ["batch", "current"])
+def test_gradient_matches_reinforce_form_at_ratio_one(old_logprobs):
+  """(E4) with r = 1: d loss / d logits[s-1] = w d (onehot(y_s) - softmax) / N.
+
+  "batch" gets r = 1 from behaviour log-probs equal to the current ones; "current" by
+  construction, with the batch's stale behaviour log-probs left in place.
+  """
   ref_logits, logits, raw, batch = _opd_batch(7)
   (b, s, v), num_turns = ref_logits.shape, 4
-  batch["behaviour_logprobs"] = jnp.asarray(ref_token_logprobs(ref_logits, raw["tokens"]), jnp.float32)
-  grad = loss_and_grad()(logits, batch)[1]
+  if old_logprobs == "batch":
+    batch["behaviour_logprobs"] = jnp.asarray(ref_token_logprobs(ref_logits, raw["tokens"]), jnp.float32)
+  grad = loss_and_grad(old_logprobs=old_logprobs)(logits, batch)[1]
   turn_ids, tokens = raw["turn_ids"], raw["tokens"]
   top1, ent = ref_token_top1_entropy(raw["teacher_logits"])
   c = ref_confidence(top1, ent, turn_ids, num_turns, "turn_mean_top1", v)
@@ -470,8 +487,11 @@ def test_gradient_matches_reinforce_form_at_ratio_one():
   close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", losses.ESTIMATORS)
-def test_gradients_match_finite_differences(estimator):
+@pytest.mark.parametrize("estimator, old_logprobs", [("sampled", "batch"), ("sampled", "current"), ("full", "batch")])
+def test_gradients_match_finite_differences(estimator, old_logprobs):
+  """With old_logprobs="current", pi_old is the current policy held fixed (stop_gradient): the
+  gradient is the derivative of the "batch" surrogate whose behaviour log-probs are frozen at
+  the current ones, and that is what the finite differences take."""
   with jax.enable_x64(True):
     _, _, raw, _ = random_case(11, 2, 8, 4, 2)
     rng = np.random.default_rng(5)
@@ -482,9 +502,13 @@ def test_gradients_match_finite_differences(estimator):
     # Inside the clip range, away from its kinks, so the surrogate is smooth here.
     batch["behaviour_logprobs"] = jnp.asarray(ref_token_logprobs(np.asarray(logits), raw["tokens"])
                                               + rng.uniform(-0.05, 0.05, (2, 8)))
-    fn = jax.jit(lambda x: losses.sage_opd_loss(x, batch, estimator=estimator)[0])
-    grad = jax.jit(jax.grad(fn))(logits)
+    grad = jax.jit(jax.grad(lambda x: losses.sage_opd_loss(x, batch, estimator=estimator,
+                                                           old_logprobs=old_logprobs)[0]))(logits)
     assert grad.dtype == jnp.float64
+    if old_logprobs == "current":
+      # The batch keeps its behaviour log-probs (up to 0.05 off), so "current" reading them would miss.
+      batch["behaviour_logprobs"] = jnp.asarray(ref_token_logprobs(np.asarray(logits), raw["tokens"]))
+    fn = jax.jit(lambda x: losses.sage_opd_loss(x, batch, estimator=estimator)[0])
     for _ in range(3):
       direction = jnp.asarray(rng.normal(size=logits.shape))
       eps = 1e-6
@@ -622,13 +646,14 @@ def _linear_case(seed=0, b=8, s=11, h=4, v=5, t=4):
   return w, x, batch
 
 
+@pytest.mark.parametrize("old_logprobs", ["batch", "current"])
 @pytest.mark.parametrize("method, aggregation", (
     ("sage_opd", "token_mean"), ("sage_opd", "seq_mean_token_mean"), ("sage_opd_no_norm", "token_mean")))
-def test_sharded_equals_unsharded(method, aggregation):
+def test_sharded_equals_unsharded(method, aggregation, old_logprobs):
   assert jax.device_count() == 8
   w, x, batch = _linear_case()
   fn = lambda w, x, b, axis_name=None: losses.sage_opd_loss(
-      x @ w, b, method=method, aggregation=aggregation, axis_name=axis_name)
+      x @ w, b, method=method, aggregation=aggregation, old_logprobs=old_logprobs, axis_name=axis_name)
   (loss, metrics), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(w, x, batch)
 
   mesh = jax.make_mesh((8,), ("data",))

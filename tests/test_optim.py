@@ -1,0 +1,189 @@
+"""The optimiser and the update against float64 NumPy, and updates that learn.
+
+`make_optimizer` is compared with clip + AdamW + schedule written out in NumPy over several
+steps (so the moments, the bias correction and the decay all act), and `make_update_fn` with
+that maths applied to a hand-derived gradient. Then a few updates of the real loss on one
+fixed batch must lower it, for SFT and for OPD against a fixed teacher.
+"""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from sage_opd_jax import losses
+from sage_opd_jax import models
+from sage_opd_jax import train
+
+
+def _optim(**overrides):
+  # Weight decay, a one-step warm-up and b2 != b1 so every term of the update is visible.
+  optim = ml_collections.ConfigDict(dict(learning_rate=0.1, schedule="constant", warmup_steps=1,
+                                         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
+  optim.update(overrides)
+  return optim
+
+
+def ref_learning_rate(optim, num_steps, t):
+  """The rate of the update that follows `t` earlier ones: linear warm-up, then constant or cosine to 0."""
+  if t < optim.warmup_steps:
+    return optim.learning_rate * t / optim.warmup_steps
+  if optim.schedule == "constant":
+    return optim.learning_rate
+  decay = max(num_steps, optim.warmup_steps + 1) - optim.warmup_steps
+  return optim.learning_rate * 0.5 * (1 + np.cos(np.pi * min(t - optim.warmup_steps, decay) / decay))
+
+
+class RefAdamW:
+  """Float64 clip by global norm, Adam moments with bias correction, decoupled weight decay."""
+
+  def __init__(self, params, optim, num_steps):
+    self.params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    self.mu = {k: np.zeros_like(v) for k, v in self.params.items()}
+    self.nu = {k: np.zeros_like(v) for k, v in self.params.items()}
+    self.optim, self.num_steps, self.t = optim, num_steps, 0
+
+  def step(self, grads):
+    optim, t = self.optim, self.t
+    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+    scale = min(1.0, optim.grad_clip / norm)
+    lr = ref_learning_rate(optim, self.num_steps, t)
+    for k, p in self.params.items():
+      g = np.asarray(grads[k], np.float64) * scale
+      self.mu[k] = optim.b1 * self.mu[k] + (1 - optim.b1) * g
+      self.nu[k] = optim.b2 * self.nu[k] + (1 - optim.b2) * g**2
+      mu_hat, nu_hat = self.mu[k] / (1 - optim.b1 ** (t + 1)), self.nu[k] / (1 - optim.b2 ** (t + 1))
+      self.params[k] = p - lr * (mu_hat / (np.sqrt(nu_hat) + 1e-8) + optim.weight_decay * p)
+    self.t += 1
+    return self.params
+
+
+def _assert_params_close(got, expected):
+  for k, v in expected.items():
+    np.testing.assert_allclose(np.asarray(got[k], np.float64), v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_optimizer_matches_numpy_adamw(schedule):
+  optim, num_steps = _optim(schedule=schedule), 4
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
+  grads_per_step = []
+  for norm in (0.5, 3.0, 1.5):  # Under the clip, then twice over it by different factors.
+    g = {k: rng.normal(size=v.shape) for k, v in params.items()}
+    total = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+    grads_per_step.append({k: x * norm / total for k, x in g.items()})
+  ref = RefAdamW(params, optim, num_steps)
+  assert [ref_learning_rate(optim, num_steps, t) > 0 for t in range(3)] == [False, True, True]
+
+  tx = train.make_optimizer(optim, num_steps)
+  state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  opt_state = tx.init(state)
+
+  @jax.jit
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for grads in grads_per_step:
+    state, opt_state = step(state, opt_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads))
+    _assert_params_close(state, ref.step(grads))
+  learning_rate = train.learning_rate_schedule(optim, num_steps)
+  np.testing.assert_allclose([learning_rate(t) for t in range(4)],
+                             [ref_learning_rate(optim, num_steps, t) for t in range(4)], rtol=1e-6)
+
+
+def _mse_loss(model, micro, totals):
+  err = (model(micro["x"]) - micro["y"]) ** 2 * micro["mask"][:, None]
+  return err.sum() / totals["count"], {}
+
+
+def test_update_fn_applies_adamw_to_the_gradient_of_the_loss():
+  """Three updates of a linear model on a masked MSE, against NumPy's own gradient and `RefAdamW`."""
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(8, 4)), 3.0 * rng.normal(size=(8, 2))  # Large errors: the early gradients clip.
+  mask = np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float64)
+  batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32), "mask": jnp.asarray(mask, jnp.float32)}
+  model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  optim, num_steps = _optim(), 3
+  tx = train.make_optimizer(optim, num_steps)
+  state = train.init_train_state(model, tx, seed=0)
+  update = jax.jit(train.make_update_fn(nnx.graphdef(model), tx, _mse_loss, lambda b: {"count": b["mask"].sum()},
+                                        micro_batches=2))
+  ref = RefAdamW({k: state.params[k][...] for k in ("kernel", "bias")}, optim, num_steps)
+  clipped = []
+  for _ in range(num_steps):
+    # d/dW sum_i m_i |x_i W + b - y_i|^2 / sum(m) = 2 x^T (m * err) / sum(m).
+    err = (x @ ref.params["kernel"] + ref.params["bias"] - y) * mask[:, None]
+    grads = {"kernel": 2 * x.T @ err / mask.sum(), "bias": 2 * err.sum(0) / mask.sum()}
+    state, metrics = update(state, batch)
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))
+    np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+    clipped.append(norm > optim.grad_clip)
+    _assert_params_close({k: state.params[k][...] for k in ("kernel", "bias")}, ref.step(grads))
+  assert clipped[1]  # The clip acts on an update whose learning rate is not zero.
+
+
+# ----------------------------------------------------------------------------------------
+# Learning: K updates of the real loss on one fixed batch.
+# ----------------------------------------------------------------------------------------
+
+VOCAB, NUM_TURNS = 64, 2
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+            head_dim=16)
+
+
+def _fixed_batch(teacher):
+  """4 rows of 16 tokens, two response turns each; teacher statistics from `teacher`'s logits."""
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, (4, 16)), jnp.int32)
+  turn_ids = np.zeros((4, 16), np.int32)
+  turn_ids[:, 3:8], turn_ids[:, 10:14] = 1, 2
+  batch = {"tokens": tokens, "attention_mask": jnp.ones((4, 16), jnp.int32), "turn_ids": jnp.asarray(turn_ids),
+           # Stale behaviour log-probs: the default old_logprobs="current" must not read them.
+           "behaviour_logprobs": jnp.asarray(-3.0 - rng.random((4, 16)), jnp.float32)}
+  stats = nnx.jit(lambda model, tokens, mask: losses.teacher_token_stats(model(tokens, attention_mask=mask), tokens))
+  batch.update(stats(teacher, tokens, batch["attention_mask"]))
+  return batch
+
+
+def _squared_gap(model, batch):
+  """Mean over response tokens of (log pi(y) - log nu(y))^2: at r = 1 the sampled PPO surrogate's
+  gradient is half of this one's, so it is what OPD's updates on a fixed batch descend."""
+  logp_BxS = losses.token_logprobs(model(batch["tokens"], attention_mask=batch["attention_mask"]), batch["tokens"])
+  mask_BxS = batch["turn_ids"] > 0
+  return jnp.sum(jnp.where(mask_BxS, (logp_BxS - batch["teacher_logprobs"]) ** 2, 0.0)) / jnp.sum(mask_BxS)
+
+
+@pytest.mark.parametrize("method", ["sft", "opd"])
+def test_updates_on_a_fixed_batch_lower_the_loss(method):
+  config = base.get_config()  # The default loss: sampled estimator, old_logprobs="current".
+  config.optim.learning_rate, config.optim.warmup_steps = 1e-2, 0
+  student = models.create_model(models.ModelConfig.from_dict(base.tiny_model(**TINY).to_dict()), None, seed=0)
+  teacher = models.create_model(models.ModelConfig.from_dict(base.tiny_model(**TINY).to_dict()), None, seed=1)
+  batch = _fixed_batch(teacher)
+  num_steps = 8
+  tx = train.make_optimizer(config.optim, num_steps)
+  loss_fn, totals_fn = train.make_loss_fns(dict(config.loss.to_dict(), method=method, num_turns=NUM_TURNS,
+                                                teacher_vocab_size=VOCAB))
+  graphdef = nnx.graphdef(student)
+  update = jax.jit(train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=2,
+                                        schedule=train.learning_rate_schedule(config.optim, num_steps)))
+  state = train.init_train_state(student, tx, seed=0)
+
+  @jax.jit
+  def measure(params):
+    # SFT's loss is the NLL; OPD's (the k1 estimate) is not what its gradient descends, see `_squared_gap`.
+    model = nnx.merge(graphdef, params)
+    return loss_fn(model, batch, totals_fn(batch))[0] if method == "sft" else _squared_gap(model, batch)
+
+  before = float(measure(state.params))
+  for _ in range(num_steps):
+    state, metrics = update(state, batch)
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-2) and not metrics["update_skipped"]
+  after = float(measure(state.params))
+  assert after < 0.7 * before, (before, after)  # Measured: SFT 4.18 -> 2.06, OPD 0.027 -> 0.002.
