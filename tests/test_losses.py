@@ -677,8 +677,8 @@ def test_sharded_equals_unsharded(method, aggregation, old_logprobs):
 @pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
 def test_micro_batches_with_global_totals_sum_to_the_full_batch(aggregation):
   w, x, batch = _linear_case(3)
-  fn = jax.value_and_grad(
-      lambda w, x, b, totals: losses.sage_opd_loss(x @ w, b, aggregation=aggregation, **totals)[0])
+  fn = jax.jit(jax.value_and_grad(
+      lambda w, x, b, totals: losses.sage_opd_loss(x @ w, b, aggregation=aggregation, **totals)[0]))
   loss, grad = fn(w, x, batch, {})
   micro = [jax.tree.map(lambda a: a[k:k + 2], (x, batch)) for k in range(0, 8, 2)]
   totals = [losses.loss_totals(b, aggregation=aggregation) for _, b in micro]
