@@ -1,7 +1,4 @@
-"""The update step: micro-batching, NaN safety and sharding never change the result; a run
-exports the params it trained."""
-
-import json
+"""The update step: micro-batching, NaN safety and sharding never change the result."""
 
 import flax.nnx as nnx
 import jax
@@ -12,13 +9,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import base
-from sage_opd_jax import checkpoints
-from sage_opd_jax import config as config_lib
 from sage_opd_jax import models
-from sage_opd_jax import tokenization
 from sage_opd_jax import train
-from sage_opd_jax import writers
-from sage_opd_jax.envs import demos as demos_lib
 
 
 def _optim(**overrides):
@@ -199,59 +191,3 @@ def test_length_grouped_batches_pad_less():
 def test_epoch_rows_rejects_mismatched_lengths():
   with pytest.raises(ValueError, match="lengths has 3 entries for num_rows=4"):
     train.epoch_rows(4, 2, 0, 0, np.ones(3))
-
-
-def _write_demos(folder):
-  """Two won episodes in demos.jsonl, the collect_demos stage's format."""
-  folder.mkdir()
-  records = [
-      {"task_id": "pick-Pen/trial_1", "task": "Your task is to: put a pen in the drawer.",
-       "observations": ["You see a desk 1 and a drawer 2.", "On the desk 1, you see a pen 1.",
-                        "You pick up the pen 1 from the desk 1.", "You won!"],
-       "actions": ["go to desk 1", "take pen 1 from desk 1", "move pen 1 to drawer 2"],
-       "admissible_actions": [["go to desk 1", "go to drawer 2"], ["take pen 1 from desk 1", "look"],
-                              ["move pen 1 to drawer 2", "go to drawer 2"]]},
-      {"task_id": "pick-Mug/trial_1", "task": "Your task is to: put a mug in the shelf.",
-       "observations": ["You see a shelf 1 and a table 1.", "On the table 1, you see a mug 3.", "You won!"],
-       "actions": ["go to table 1", "take mug 3 from table 1"],
-       "admissible_actions": [["go to table 1", "look"], ["take mug 3 from table 1", "go to shelf 1"]]},
-  ]
-  (folder / demos_lib.DEMOS).write_text("".join(json.dumps(r) + "\n" for r in records))
-  return [text for r in records for text in (r["task"], *r["observations"], *sum(r["admissible_actions"], []))]
-
-
-def test_a_run_exports_exactly_its_final_train_state(tmp_path):
-  """Every tensor of the HF export equals the last checkpoint's (the final train state), and
-  training moved every one of them away from the initial params."""
-  texts = _write_demos(tmp_path / "demos")
-  tokenizer = tokenization.build_word_tokenizer([*texts, *tokenization.prompt_texts()], tmp_path / "tokenizer")
-  config = base.get_config()
-  config.stage, config.tokenizer_dir, config.sft.demos_dir = "sft", str(tmp_path / "tokenizer"), str(tmp_path / "demos")
-  vocab = -(-len(tokenizer) // 64) * 64
-  config.student.model = base.tiny_model(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=1,
-                                         num_heads=2, num_kv_heads=1, head_dim=16)
-  config.teacher.model.vocab_size = vocab  # Never built by the sft stage, but checked against the student's.
-  config.optim.learning_rate, config.optim.warmup_steps = 1e-2, 0  # Not the warm-up's zero rate.
-  config.train.num_steps, config.train.batch_episodes, config.train.max_seq_len = 2, 2, 256
-  config.train.ckpt_every = 100  # Only the final step's (forced) checkpoint.
-  config.eval.num_episodes = 0
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1
-  config = config_lib.validate(config)
-  train.train(config, tmp_path / "run")
-
-  mesh = train.mesh_from_config(config.mesh)
-  initial = train.load_model(config.student, mesh, config.seed)
-  tx = train.make_optimizer(config.optim, config.train.num_steps)
-  state, _ = train.place_state(train.init_train_state(initial, tx, config.seed), mesh)
-  checkpointer = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints", save_every=1, keep=1)
-  try:
-    final, _ = checkpointer.restore(checkpoints.abstract_like(state))
-  finally:
-    checkpointer.close()
-  assert int(final.step) == config.train.num_steps
-  exported = nnx.state(models.load_hf_checkpoint(writers.export_dir(tmp_path / "run")), nnx.Param)
-  want, got, init = (jax.tree.leaves_with_path(x) for x in (final.params, exported, state.params))
-  assert [path for path, _ in got] == [path for path, _ in want] and len(want) > 5
-  for (path, a), (_, b), (_, c) in zip(got, want, init):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-    assert np.any(np.asarray(b) != np.asarray(c)), jax.tree_util.keystr(path)
