@@ -127,7 +127,7 @@ def method_runs(tokenizer_dir, tmp_path_factory):
 
 
 def expected_weights(method, first, alpha):
-  """[B, S] METHOD.md's turn weights w, in float64 NumPy from the batch's labels and teacher top-1 (E5-E8)."""
+  """[B, S] the turn weights w of docs/method.md, in float64 NumPy from the batch's labels and teacher top-1 (E5-E8)."""
   turn_ids, num_turns = first["turn_ids"], first["valid"].shape[1]
   onehot_BxSxT = turn_ids[..., None] == np.arange(1, num_turns + 1)
   lengths_BxT = onehot_BxSxT.sum(1)
