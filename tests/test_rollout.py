@@ -86,14 +86,39 @@ def engine(tok, env_kwargs):
     yield eng
 
 
-def _reference_logprobs(model, ids) -> np.ndarray:
-  """[len(ids)] float64: entry s = log p(ids[s] | ids[:s]) by one full forward; entry 0 is 0."""
-  logits = np.asarray(model(jnp.asarray([list(ids)], jnp.int32))[0], np.float64)
-  top = logits.max(-1, keepdims=True)
-  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+# The sampler's float32 log-probs (cached decode) against one float32 full forward: the same sums
+# in another order, which moved them by <= 2e-5 at this model's max|logit| ~5 (keys 1, 11, 21).
+# The plausible wrong answers of `_assert_wrong_answers_miss` miss by 3e-3 to 2e-1.
+LOGPROB_ATOL = 2e-4
+
+
+def _logprobs(logits_SxV, ids) -> np.ndarray:
+  """[len(ids)] float64 log-softmax: entry s = log p(ids[s] | ids[:s]); entry 0 is 0."""
+  logits_SxV = np.asarray(logits_SxV, np.float64)
+  top = logits_SxV.max(-1, keepdims=True)
+  logp = logits_SxV - top - np.log(np.exp(logits_SxV - top).sum(-1, keepdims=True))
   out = np.zeros(len(ids))
   out[1:] = logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
   return out
+
+
+def _full_logits(model, ids) -> np.ndarray:
+  return np.asarray(model(jnp.asarray([list(ids)], jnp.int32))[0])
+
+
+def _reference_logprobs(model, ids) -> np.ndarray:
+  """[len(ids)] float64: entry s = log p(ids[s] | ids[:s]) by one full forward; entry 0 is 0."""
+  return _logprobs(_full_logits(model, ids), ids)
+
+
+def _assert_wrong_answers_miss(model, ids, where, got):
+  """`LOGPROB_ATOL` tells `got` (log-probs at positions `where` of `ids`) from plausible wrong ones:
+  a temperature 1% off, and bf16-rounded logits."""
+  logits_SxV = _full_logits(model, ids)
+  for name, wrong_SxV in (("temperature 1.01", logits_SxV / 1.01),
+                          ("bf16 logits", np.asarray(jnp.asarray(logits_SxV).astype(jnp.bfloat16), np.float32))):
+    miss = np.abs(_logprobs(wrong_SxV, ids)[where] - got).max()
+    assert miss > 10 * LOGPROB_ATOL, (name, miss)
 
 
 def _decode(tok, ids) -> str:
@@ -178,6 +203,11 @@ def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, t
   assert [t.action for t in episode.turns] == list(WALKTHROUGH_A)
   assert [t.response_end for t in episode.turns] == ends
   assert batch.valid[0, :4].all() and batch.intervened[0, :4].all() and not batch.valid[0, 4:].any()
+  # The eval's metrics count it won; the same walkthrough cut to 3 turns is a loss.
+  assert train.rollout_metrics([batch], "")["success"] == 1.0
+  short = engine.run(model, tasks[:1], jax.random.key(0), intervene=_forced(responses), config=_config(max_turns=3))
+  assert not short.won[0] and short.num_turns[0] == 3 and not short.failed[0] and short.episodes[0].turns[-1].done
+  assert train.rollout_metrics([short], "")["success"] == 0.0
   assert "You pick up the apple 1" in episode.turns[1].feedback
   # An independent rendering of the whole chat: task + o_1, then y_t and user(o_{t+1}).
   layout = prompts.ChatLayout.from_tokenizer(tok)
@@ -189,6 +219,7 @@ def test_forced_walkthrough_wins_and_the_transcript_is_the_chat(engine, model, t
       text += prompts.next_turn_text(layout, turn.feedback, episode.turns[t + 1].admissible, ends[t])
   length = int(batch.attention_mask[0].sum())
   assert _decode(tok, batch.tokens[0, :length]) == text
+  assert text.count("Admissible actions:") == 4  # show_admissible: with every observation the student saw.
   for t in range(4):
     assert _decode(tok, batch.tokens[0][batch.turn_ids[0] == t + 1]) == responses[t]
   assert np.all(batch.behaviour_logprobs == 0)  # Intervened tokens were not sampled.
@@ -234,7 +265,9 @@ def test_behaviour_logprobs_equal_a_full_recompute_of_the_transcript(engine, mod
     assert response.sum() == batch.response_lengths[b].sum() > 0
     reference = _reference_logprobs(model, batch.tokens[b, :length])
     np.testing.assert_allclose(batch.behaviour_logprobs[b, :length][response], reference[response],
-                               atol=2e-4)
+                               atol=LOGPROB_ATOL)
+    _assert_wrong_answers_miss(model, batch.tokens[b, :length], response,
+                               batch.behaviour_logprobs[b, :length][response])
     assert np.all(batch.behaviour_logprobs[b][batch.turn_ids[b] == 0] == 0)
     for t, turn in enumerate(episode.turns, start=1):
       assert _decode(tok, batch.tokens[b][batch.turn_ids[b] == t]) == turn.response
@@ -250,11 +283,36 @@ def test_history_window_logprobs_use_the_windowed_context(engine, model, tasks):
     context = (episode.prompt_tokens + second.response_tokens + second.next_tokens
                + third.response_tokens)
     reference = _reference_logprobs(model, context)[-len(third.response_tokens):]
-    np.testing.assert_allclose(third.response_logprobs, reference, atol=2e-4)
+    np.testing.assert_allclose(third.response_logprobs, reference, atol=LOGPROB_ATOL)
+    # The full transcript's log-probs (the window ignored) are a wrong answer the tolerance tells apart.
+    length = int(batch.attention_mask[b].sum())
+    unwindowed = _reference_logprobs(model, batch.tokens[b, :length])[batch.turn_ids[b, :length] == 3]
+    assert np.abs(unwindowed - third.response_logprobs).max() > 10 * LOGPROB_ATOL
     np.testing.assert_allclose(batch.behaviour_logprobs[b][batch.turn_ids[b] == 3],
                                third.response_logprobs)
     # The transcript itself keeps turn 1.
     assert batch.response_lengths[b, 0] == len(first.response_tokens) > 0
+
+
+def test_history_zero_and_no_admissible_list_show_only_the_current_observation(engine, model, tok, tasks):
+  batch = engine.run(model, tasks[:1], jax.random.key(2), config=_config(history_turns=0, show_admissible=False))
+  np.testing.assert_array_equal(batch.truncated, [[False, True, True]])
+  (episode,) = batch.episodes
+  layout = prompts.ChatLayout.from_tokenizer(tok)
+  start = prompts.episode_start_text(layout, episode.task_text, episode.turns[0].observation)
+  assert _decode(tok, episode.prompt_tokens) == start and "Admissible" not in start
+  for t, turn in enumerate(episode.turns[1:], start=2):
+    # P, an empty assistant message, then o_t: no earlier response, observation or action list.
+    seen = episode.prompt_tokens + tok.encode(prompts.next_turn_text(layout, episode.turns[t - 2].feedback),
+                                              add_special_tokens=False)
+    reference = _reference_logprobs(model, seen + turn.response_tokens)[-len(turn.response_tokens):]
+    np.testing.assert_allclose(turn.response_logprobs, reference, atol=LOGPROB_ATOL)
+    np.testing.assert_allclose(batch.behaviour_logprobs[0][batch.turn_ids[0] == t], turn.response_logprobs)
+  # The transcript keeps every turn, and its observations without the admissible list.
+  length = int(batch.attention_mask[0].sum())
+  text = start + "".join(turn.response + prompts.next_turn_text(layout, turn.feedback, None, turn.response_end)
+                         for turn in episode.turns[:-1]) + episode.turns[-1].response
+  assert _decode(tok, batch.tokens[0, :length]) == text and "Admissible" not in text
 
 
 def test_context_budget_ends_episodes_so_that_rows_fit_seq_len(engine, model, tasks):
