@@ -466,6 +466,10 @@ def _transcript_judge(model, tokenizer, batch, show_admissible=False):
   return questions, jax.device_get(scores)
 
 
+# Packed, chunked float32 logits against one plain float32 forward of the same tokens: sums in another order.
+ANSWER_ATOL = 2e-5
+
+
 @pytest.mark.parametrize("closed", [False, True])
 def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
   episodes = _episodes(tokenizer)
@@ -482,7 +486,7 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
   plain = jax.device_get(teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8, top_k=2))
   assert sorted(scores) == sorted([*plain, "answer_logits"])
   for key, value in plain.items():
-    np.testing.assert_allclose(scores[key], value, atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(scores[key], value, atol=ANSWER_ATOL, err_msg=key)
 
   for b, t, r in questions.turns:
     question = questions.segments[b] == r + 1
@@ -502,8 +506,17 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
         + "<|im_end|>\n<|im_start|>assistant\n")
     assert (reach == batch.attention_mask[b].sum()) == last
     # Reference: that sequence alone, through the model's plain causal forward.
-    logits = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0, -1], np.float64)
-    np.testing.assert_allclose(scores["answer_logits"][b, r], logits, atol=2e-5)
+    logits_SxV = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0], np.float64)
+    np.testing.assert_allclose(scores["answer_logits"][b, r], logits_SxV[-1], atol=ANSWER_ATOL)
+    # Wrong answers miss by over 10x: the logits one position early, and (but for the last turn; once)
+    # the question read after the whole transcript, not alone after turn t.
+    wrong = [logits_SxV[-2]]
+    if not last and not closed:
+      length = int(batch.attention_mask[b].sum())
+      after_all = [*batch.tokens[b, :length].tolist(), *questions.tokens[b][question].tolist()]
+      wrong.append(np.asarray(model(jnp.asarray([after_all], jnp.int32))[0, -1], np.float64))
+    for logits_V in wrong:
+      assert np.abs(scores["answer_logits"][b, r] - logits_V).max() > 10 * ANSWER_ATOL
 
 
 def test_transcript_mode_labels_valid_turns_from_the_answer_token(tokenizer, batch, weak_teacher):

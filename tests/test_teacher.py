@@ -33,6 +33,11 @@ def batch():
   return tokens, mask
 
 
+# Chunked float32 statistics against float64 statistics of the same float32 logits: the float32
+# log-softmax's rounding at |log p| ~ 5.
+TOL = 2e-5
+
+
 def _reference(model, tokens, mask, top_k, temperature=1.0):
   """Full [B, S, V] logits -> float64 log-softmax; position s - 1 predicts token s."""
   logits = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), np.float64) / temperature
@@ -64,8 +69,18 @@ def test_scores_equal_a_direct_full_forward(tiny_teacher, batch, temperature):
   assert set(scores) == set(teacher.STAT_KEYS) | set(teacher.TOPK_KEYS)
   for key in teacher.STAT_KEYS + ("teacher_topk_logprobs",):
     assert scores[key].shape == ref[key].shape, key
-    np.testing.assert_allclose(np.asarray(scores[key]), ref[key], atol=2e-5, rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(np.asarray(scores[key]), ref[key], atol=TOL, rtol=1e-5, err_msg=key)
   np.testing.assert_array_equal(np.asarray(scores["teacher_topk_ids"]), ref["teacher_topk_ids"])
+  # The tolerance tells plausible wrong answers apart by 10x: a temperature 10% off, and the top-k
+  # log-probs renormalised over the k kept.
+  scored = (np.arange(SEQ) > 0) & (mask == 1)
+  off = _reference(tiny_teacher, tokens, mask, top_k=3, temperature=1.1 * temperature)
+  topk = ref["teacher_topk_logprobs"]
+  renormalised = topk - np.log(np.exp(topk).sum(-1, keepdims=True))
+  for wrong, key in ((off["teacher_logprobs"], "teacher_logprobs"), (off["teacher_entropy"], "teacher_entropy"),
+                     (off["teacher_topk_logprobs"], "teacher_topk_logprobs"), (renormalised, "teacher_topk_logprobs")):
+    tolerance = TOL + 1e-5 * np.abs(ref[key])
+    assert (np.abs(wrong - np.asarray(scores[key])) / tolerance)[scored].max() > 10, key
   # Token 0 has no predicting position and padding was never sampled: both exactly 0.
   for key in teacher.STAT_KEYS:
     assert np.all(np.asarray(scores[key])[:, 0] == 0.0)
