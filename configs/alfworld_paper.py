@@ -24,10 +24,16 @@ STUDENT_SIZES = ("0.6b", "1.7b", "4b")
 
 
 def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
-  method, size = arg.split(",")
+  parts = arg.split(",")
+  if len(parts) != 2 or not all(parts):
+    raise ValueError(f"alfworld_paper: the argument is '<method>,<student size>' (e.g. "
+                     f"configs/alfworld_paper.py:sage_opd,0.6b), got {arg!r}; sizes: {STUDENT_SIZES}.")
+  method, size = parts
   if size not in STUDENT_SIZES:
     raise ValueError(f"alfworld_paper: student size {size!r} must be one of {STUDENT_SIZES}.")
   config = base.get_config()
+  # No default can stand in for these: base.py's tiny random models are not Qwen3 (validate names the unset ones).
+  config.required_keys = ("teacher.hf_dir", "student.hf_dir", "tokenizer_dir")
   config.stage = "distill"
   config.method = method
   config.env.max_turns = 50  # Our paper-scale turn limit (docs/method.md, defaults).
@@ -35,6 +41,7 @@ def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
   config.env.num_workers = 16
   config.teacher.hf_dir = ""  # Required: a local Qwen3-8B directory.
   config.student.hf_dir = ""  # Required: a local Qwen3-{size} directory.
+  config.tokenizer_dir = ""  # Required: Qwen3's tokenizer (e.g. the teacher's directory).
   config.teacher.score_chunk = 512  # [B, 512, 151936] float32 logits at a time, not [B, S, V].
   # How the checkpoints run (train.RUNTIME_FIELDS; their architecture is the config.json's).
   config.teacher.model.update(

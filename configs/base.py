@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.method = "sage_opd"  # A row of docs/method.md's table (sage_opd_jax.config.METHODS).
   config.seed = 0  # Seeds the train-state rng and the task order.
   config.compilation_cache_dir = "~/.cache/sage_opd_jax/xla"  # Persistent XLA compilation cache; '' = off.
+  # Keys ("a.b,c") a rerun may change from the config its workdir recorded (sage_opd_jax/provenance.py).
+  config.allow_changed = ""
 
   config.env = ml_collections.ConfigDict()
   config.env.name = "alfworld"  # Registered environment name (sage_opd_jax.envs.make).

@@ -7,6 +7,7 @@ combinations, and every error names the offending key.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable
 
@@ -91,8 +92,30 @@ def _validate_model(config, prefix: str) -> None:
     )
 
 
+def _check_finite(node: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every float (alone or in a tuple) is finite: `value <= 0` is False for NaN, so no range check catches it."""
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f"{prefix}{key}.")
+    elif any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
+                                                                      else (value,))):
+      raise ConfigError(f"config.{prefix}{key}={value!r}: must be finite.")
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The keys (or sections) of `config.allow_changed`, "a.b,c": what a rerun may change from its workdir's record."""
+  return tuple(k.strip() for k in str(config.get("allow_changed", "")).split(",") if k.strip())
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks `config` and returns it; raises `ConfigError` naming the first bad key."""
+  _check_finite(config)
+  # A config with no usable default for some keys (checkpoint folders) lists them here.
+  if missing := [key for key in config.get("required_keys", ()) if not _get(config, key)]:
+    raise ConfigError(f"{', '.join(f'config.{key}' for key in missing)} must be set: this config has no default "
+                      f"(config.required_keys), e.g. --config.{missing[0]}=/path/to/it.")
+  for key in allowed_changes(config):
+    _get(config, key)  # An unknown key is named.
   _one_of(config, "stage", STAGES)
   _one_of(config, "method", METHODS)
   _one_of(config, "env.name", SPLITS)

@@ -41,6 +41,7 @@ import ml_collections
 
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import dagger
+from sage_opd_jax import provenance
 from sage_opd_jax import results
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
@@ -124,6 +125,7 @@ def _scienceworld_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Pat
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Runs (or resumes) every stage; returns the results folder."""
   root = pathlib.Path(workdir)
+  provenance.check(config, root)  # A rerun with another config would reuse this one's stages.
   p = config.pipeline
   start = time.time()
   results.code_commit()  # The code this process imported: what the ledger credits every stage to.
@@ -162,15 +164,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
 
   logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
   student_dir = root / "student_sft"
-  _stage(root, "student_sft", bool(given_student) or writers.exported(student_dir), lambda: train.train(_derive(
-      base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, **_AS_COLLECTED,
-      train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
-      optim__schedule=p.sft_schedule, eval__num_episodes=0), student_dir))
+  if not given_student:
+    student_cfg = _derive(
+        base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, **_AS_COLLECTED,
+        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
+        optim__schedule=p.sft_schedule, eval__num_episodes=0)
+    _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(student_cfg, student_dir),
+           record=(student_cfg, student_dir))
   student_hf = given_student or str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _claim_eval_dir(student_eval, student_hf)
-  _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")), lambda: train.evaluate_stage(
-      _derive(base, stage="evaluate", student__hf_dir=student_hf), student_eval))
+  student_eval_cfg = _derive(base, stage="evaluate", student__hf_dir=student_hf)
+  _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")),
+         lambda: train.evaluate_stage(student_eval_cfg, student_eval), record=(student_eval_cfg, student_eval))
 
   logging.info("[4/6] teacher SFT (acting and judging)%s", f" (given: {given_teacher})" if given_teacher else "")
   teacher_dir = root / "teacher"
@@ -178,8 +184,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
                      sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True,
                      optim__schedule=p.sft_schedule, eval__num_episodes=0)
-  _stage(root, "teacher_sft", bool(given_teacher) or writers.exported(teacher_dir), lambda: train.train(_derive(
-      base, **teacher_sft, train__num_steps=p.teacher_steps, optim__learning_rate=p.sft_learning_rate), teacher_dir))
+  if not given_teacher:
+    teacher_sft_cfg = _derive(base, **teacher_sft, train__num_steps=p.teacher_steps,
+                              optim__learning_rate=p.sft_learning_rate)
+    _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(teacher_sft_cfg, teacher_dir),
+           record=(teacher_sft_cfg, teacher_dir))
   teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
@@ -191,20 +200,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     temperature = base.sampling.temperature if player == "student" else p.dagger_temperature
     rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
     _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
-        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature, player=player))
+        policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature, player=player),
+        record=(policy, rounds[-1]))
     teacher_dir = root / "teacher_dagger" / f"round{r}"
-    _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(_derive(
+    round_cfg = _derive(
         base, **{**teacher_sft, "sft__extra_demos_dirs": (*teacher_sft["sft__extra_demos_dirs"], *map(str, rounds))},
-        student__hf_dir=teacher_hf,
-        train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate), teacher_dir))
+        student__hf_dir=teacher_hf, train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate)
+    _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(round_cfg, teacher_dir),
+           record=(round_cfg, teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
   _claim_eval_dir(teacher_eval, teacher_hf)  # Both stages below write there.
   _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
-         lambda: train.evaluate_stage(teacher_cfg, teacher_eval))
+         lambda: train.evaluate_stage(teacher_cfg, teacher_eval), record=(teacher_cfg, teacher_eval))
   _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
-         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval))
+         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval),
+         record=(teacher_cfg, teacher_eval))
 
   report = _derive(base, teacher__hf_dir=given_teacher)  # The report names a given teacher.
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")
@@ -217,7 +229,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
         changes.update(stage="sft", sft__demos_dir=str(train_demos), **_AS_COLLECTED)
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
-      _stage(root, stage, writers.exported(run_dir), lambda: train.train(_derive(base, **changes), run_dir))
+      run_cfg = _derive(base, **changes)
+      _stage(root, stage, writers.exported(run_dir), lambda: train.train(run_cfg, run_dir), record=(run_cfg, run_dir))
     # A table after every method, so a long pipeline shows what it has so far.
     results.write_results(root, report, results_dir=p.results_dir or None)
 
@@ -257,9 +270,16 @@ def _claim_eval_dir(eval_dir: pathlib.Path, hf_dir: str) -> None:
   marker.write_text(json.dumps({"checkpoint": hf_dir, "sha256": digest}) + "\n", encoding="utf-8")
 
 
-def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any]) -> None:
+def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any],
+           record: tuple[ml_collections.ConfigDict, pathlib.Path] | None = None) -> None:
   """Runs a stage unless `done`, and records its wall time in the workdir's ledger (also when
-  it raises: a crash or Ctrl-C costs time too; a SIGKILL leaves no record)."""
+  it raises: a crash or Ctrl-C costs time too; a SIGKILL leaves no record).
+
+  `record` is the stage's (config, folder): a finished stage is reused only if the config its
+  folder recorded matches (`provenance.check`); a new one records it.
+  """
+  if record is not None:
+    provenance.check(*record)
   if done:
     return
   start = time.time()

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 from sage_opd_jax import dagger  # noqa: E402
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
+from sage_opd_jax import provenance  # noqa: E402
 from sage_opd_jax import sft_data  # noqa: E402
 from sage_opd_jax import train  # noqa: E402
 from sage_opd_jax import writers  # noqa: E402
@@ -410,6 +412,7 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
     for row in writers.read_metrics(teacher_eval):
       teacher.update({k: v for k, v in row.items() if k != "step"})
   times = stage_times(root)
+  out = sweep_root(root, config.pipeline.sweep if "pipeline" in config else "") / "results"  # Where this report goes.
   start = root / "student_eval"  # Every run evaluates the same games as the start they share.
   games = _final_eval(start) if _finished(start) else {}
   counts = [f"{int(games[key])} {split}" for split in splits if (key := f"eval/{split}/t0/episodes") in games]
@@ -419,6 +422,8 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   lines = [
       "# Results", "",
       f"Command: `python -m sage_opd_jax.main {' '.join(sys.argv[1:])}`  ",
+      f"Config: [{provenance.RECORD}]({os.path.relpath(root / provenance.RECORD, out)}) (the flattened config of "
+      "these numbers; each stage's folder records its own, and a rerun must match it).  ",
       f"Report written at commit `{code_commit()}`; wall time of the recorded stage attempts "
       f"{sum(times.values()) / 3600:.2f} h{_raised_note(root)}; "
       f"decoding {'constrained to admissible actions' if config.sampling.constrained else 'free (the paper’s)'}.  ",

@@ -33,6 +33,7 @@ from sage_opd_jax import judge as judge_lib
 from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import prompts
+from sage_opd_jax import provenance
 from sage_opd_jax import rollout as rollout_lib
 from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
@@ -40,6 +41,7 @@ from sage_opd_jax import teacher as teacher_lib
 from sage_opd_jax import writers
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import demos as demos_lib
+from sage_opd_jax.models import hf as hf_lib
 from sage_opd_jax.models import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -132,6 +134,12 @@ def _combine_metrics(stacked: Metrics) -> Metrics:
   return combined
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """[] bool: whether every float in `tree` is finite (one fused reduction per leaf, no copies)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_update_fn(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -159,7 +167,12 @@ def make_update_fn(
     params = optax.apply_updates(state.params, updates)
     metrics = _combine_metrics(dict(metrics, loss=micro_losses))
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["update_skipped"] = jnp.logical_not(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
+    # `apply_if_finite` sees the gradient only: a finite gradient can still make non-finite params
+    # or moments (a NaN learning rate, an overflowing second moment). Any of those keeps the old state.
+    applied = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite((params, opt_state))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics["update_skipped"] = jnp.logical_not(applied)
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
@@ -660,14 +673,15 @@ def _host_state(config: ml_collections.ConfigDict, step: int, batch_size: int) -
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
   """The `sft` and `distill` stages: resume, loop, evaluate, checkpoint, export at the end."""
   workdir = pathlib.Path(workdir)
+  provenance.check(config, workdir)  # Before anything is built: a resume must be the same run.
   stage = config.stage
   method = "sft" if stage == "sft" else config.method
   mesh = mesh_from_config(config.mesh)
   if not config.tokenizer_dir:
     raise config_lib.ConfigError(f"config.tokenizer_dir is empty: the {stage} stage needs the shared tokenizer.")
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  check_vocabularies(config, tokenizer, ("student",) if stage == "sft" else ("student", "teacher"))
   student = load_model(config.student, mesh, config.seed)
-  _check_vocab(student, tokenizer, "config.student")
   graphdef = nnx.graphdef(student)
   num_steps, batch_size = config.train.num_steps, config.train.batch_episodes
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -708,11 +722,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       writer.write(int(state.step), source.info)
     else:
       teacher = load_model(config.teacher, mesh, config.seed + 1)
-      _check_vocab(teacher, tokenizer, "config.teacher")
       source = DistillSource(config, tokenizer, teacher, engine, train_tasks, sharding.batch_sharding(mesh))
 
     metrics: dict[str, float] = {}
     start = int(state.step)
+    skipped = 0
     if start and _eval_due(config, start, num_steps) and not _evaluated(workdir, start):
       # Killed after an eval step's checkpoint but before its eval finished (a crash while
       # compiling the eval, say): run it now, or the run would export without it.
@@ -728,6 +742,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       with timer("update"):
         state, train_metrics = update(state, {k: arrays[k] for k in loss_keys(arrays)})
         train_metrics = jax.device_get(train_metrics)
+      skipped += bool(train_metrics["update_skipped"])
       metrics = {f"train/{k}": v for k, v in train_metrics.items()}
       metrics.update(host_metrics)
       metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
@@ -741,6 +756,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
           writers.write_transcripts(workdir / "transcripts" / f"step{step + 1}_train.jsonl",
                                     train_transcripts(rollout, arrays, config))
     checkpointer.wait()
+    if skipped == num_steps - start and _no_update_applied(workdir):  # A resume that ran none reads the log.
+      raise RuntimeError(
+          f"Every update of {workdir} was skipped: the loss, the gradient or the new weights were non-finite at "
+          "each step (train/update_skipped in metrics.jsonl), so the student never trained and is not exported. "
+          "Check config.optim and the teacher's and student's vocabularies.")
     models.save_hf_checkpoint(nnx.merge(graphdef, state.params), writers.export_dir(workdir))
     return metrics
   finally:
@@ -755,6 +775,12 @@ def _eval_due(config: ml_collections.ConfigDict, step: int, num_steps: int) -> b
   return bool(config.eval.num_episodes) and (step % config.train.eval_every == 0 or step == num_steps)
 
 
+def _no_update_applied(workdir: pathlib.Path) -> bool:
+  """Whether the metrics log holds updates and every one was skipped (the last row per step: a resume rewrites)."""
+  skipped = {row["step"]: row["train/update_skipped"] for row in writers.rows_with(workdir, "train/update_skipped")}
+  return bool(skipped) and all(skipped.values())
+
+
 def _evaluated(workdir: pathlib.Path, step: int) -> bool:
   """Whether the metrics log holds an eval of `step` (`evaluate` writes its row once, at the end)."""
   return any(row["step"] == step for row in writers.rows_with(workdir, "eval/"))
@@ -765,10 +791,35 @@ def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
   return [k for k in arrays if k in _TOKEN_KEYS or k in _TURN_KEYS]
 
 
-def _check_vocab(model: nnx.Module, tokenizer: Any, key: str) -> None:
-  if len(tokenizer) > model.config.vocab_size:
-    raise ValueError(f"{key}: the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
-                     f"{len(tokenizer)} tokens (config.tokenizer_dir).")
+def check_vocabularies(config: ml_collections.ConfigDict, tokenizer: Any, roles: Sequence[str]) -> None:
+  """The models of `roles` ("student", "teacher") read and write `config.tokenizer_dir`'s token ids.
+
+  Checked before any model is built, whatever their source: each has room for every token; a
+  checkpoint that ships a tokenizer has exactly this one (token-to-id map and special tokens),
+  since a teacher scoring the student's tokens by another numbering trains on noise; and with
+  loss.estimator='full' both have one vocabulary size, as the divergence compares whole rows.
+  """
+  sizes = {}
+  for role in roles:
+    section = config[role]
+    if section.hf_dir:
+      sizes[role] = models.ModelConfig.from_hf(section.hf_dir).vocab_size
+      if hf_lib.has_tokenizer(section.hf_dir):
+        own = models.load_tokenizer(section.hf_dir, require_chat_template=False)
+        if problems := hf_lib.tokenizer_differences(tokenizer, own):
+          raise config_lib.ConfigError(
+              f"config.{role}.hf_dir={section.hf_dir!r} ships a tokenizer other than config.tokenizer_dir="
+              f"{config.tokenizer_dir!r}: {'; '.join(problems)}. Teacher, student and tokenizer must share one.")
+    else:
+      sizes[role] = section.model.vocab_size
+    if sizes[role] < len(tokenizer):
+      raise config_lib.ConfigError(
+          f"config.{role}: the model's vocab_size={sizes[role]} is smaller than the tokenizer's {len(tokenizer)} "
+          f"tokens (config.tokenizer_dir={config.tokenizer_dir!r}).")
+  if "teacher" in sizes and config.loss.estimator == "full" and sizes["teacher"] != sizes["student"]:
+    raise config_lib.ConfigError(
+        f"The teacher's vocab_size={sizes['teacher']} differs from the student's {sizes['student']}: "
+        "config.loss.estimator='full' compares their distributions over one vocabulary.")
 
 
 def transcript(episode: Any, labels_T: np.ndarray | None = None, weights_T: np.ndarray | None = None) -> dict:
@@ -803,12 +854,13 @@ def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
   """The `evaluate` stage: the student of `config.student` on the eval splits."""
   workdir = pathlib.Path(workdir)
+  provenance.check(config, workdir)
   mesh = mesh_from_config(config.mesh)
   if not config.tokenizer_dir:
     raise config_lib.ConfigError("config.tokenizer_dir is empty: the evaluate stage needs the shared tokenizer.")
   tokenizer = models.load_tokenizer(config.tokenizer_dir)
-  student = load_model(config.student, mesh, config.seed)
-  _check_vocab(student, tokenizer, "config.student")
+  check_vocabularies(config, tokenizer, ("student",))
+  student = load_model(config.student, mesh, config.seed)  # Refuses non-finite weights (models.load_hf_checkpoint).
   env = base.make(config.env.name, **env_kwargs(config))
   tasks_by_split = eval_tasks(env, config)
   env.close()
@@ -823,6 +875,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """The `export` stage: the latest checkpoint of `workdir` as a Hugging Face directory."""
   workdir = pathlib.Path(workdir)
+  # Reads the run's checkpoints only: any stage may export them, but the model must be the run's.
+  provenance.check(config, workdir, write=False, also_allowed=("stage",))
   mesh = mesh_from_config(config.mesh)
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)

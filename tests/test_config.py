@@ -238,3 +238,44 @@ def test_a_mesh_that_does_not_fit_the_devices_is_named(sizes):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
   with pytest.raises(config_lib.ConfigError, match=r"config\.mesh=.* does not fit the 8 devices"):
     train.mesh_from_config(config.mesh)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optim.learning_rate", float("nan")), ("loss.alpha", float("nan")), ("optim.grad_clip", float("inf")),
+    ("eval.temperatures", (0.0, float("nan"))), ("judge.likelihood_thresholds", (float("nan"), -2.0)),
+])
+def test_a_non_finite_float_is_named(key, value):
+  config = _load_config("base")
+  section, leaf = key.rsplit(".", 1)
+  config[section][leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}=.*: must be finite"):
+    config_lib.validate(config)
+
+
+def test_allow_changed_names_an_unknown_key():
+  config = _load_config("base")
+  config.allow_changed = "train.num_steps,optim.lerning_rate"
+  with pytest.raises(config_lib.ConfigError, match="config.optim.lerning_rate: missing"):
+    config_lib.validate(config)
+
+
+def _paper_config(arg):
+  spec = importlib.util.spec_from_file_location("alfworld_paper", _REPO / "configs" / "alfworld_paper.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_the_paper_config_names_its_required_folders_and_its_argument_form():
+  config = _paper_config("sage_opd,0.6b")
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.teacher.hf_dir, config.student.hf_dir, config.tokenizer_dir must be set"):
+    config_lib.validate(config)
+  config.teacher.hf_dir = config.tokenizer_dir = "/ckpt/Qwen3-8B"
+  with pytest.raises(config_lib.ConfigError, match=r"^config.student.hf_dir must be set"):
+    config_lib.validate(config)
+  config.student.hf_dir = "/ckpt/Qwen3-0.6B"
+  config_lib.validate(config)
+  for arg in ("sage_opd", "sage_opd,", "sage_opd,0.6b,x"):
+    with pytest.raises(ValueError, match="the argument is '<method>,<student size>'"):
+      _paper_config(arg)

@@ -169,8 +169,13 @@ def _read_hf_config(path: str) -> Any:
   config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.isfile(config_file):
     raise ValueError(f"no config.json in HF checkpoint dir: {path!r}")
-  with open(config_file, encoding="utf-8") as f:
-    config_dict = json.load(f)
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      config_dict = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{config_file}: cannot read the HF config ({type(e).__name__}: {e}).") from None
+  if not isinstance(config_dict, dict):
+    raise ValueError(f"{config_file}: the HF config is a JSON {type(config_dict).__name__}, not an object.")
   model_type = config_dict.get("model_type")
   if model_type not in SUPPORTED_ARCHS:
     # Checked before transformers sees it: an unknown model_type must name itself, not fail

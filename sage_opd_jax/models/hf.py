@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -130,16 +131,8 @@ class _SafetensorsReader:
     self._where: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
     self._maps: dict[str, np.memmap] = {}
     for file in files:
-      with open(file, "rb") as f:
-        (header_len,) = np.frombuffer(f.read(8), np.uint64)
-        header = json.loads(f.read(int(header_len)))
-      data_start = 8 + int(header_len)
+      data_start, header = _read_safetensors_header(file)
       for key, info in header.items():
-        if key == "__metadata__":
-          continue
-        if info["dtype"] not in _ST_DTYPES:
-          raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']!r}; "
-                           f"supported: {sorted(_ST_DTYPES)}")
         if key in self._where:
           raise ValueError(f"tensor {key!r} appears in both {self._where[key][0]} and {file}")
         self._where[key] = (file, _ST_DTYPES[info["dtype"]], tuple(info["shape"]),
@@ -160,12 +153,70 @@ class _SafetensorsReader:
     return self._maps[file][offset:offset + nbytes].view(dtype).reshape(shape)
 
 
+def _read_safetensors_header(file: str) -> tuple[int, dict[str, Any]]:
+  """-> (data start, {tensor: header entry}) of one safetensors file, each entry checked against the file.
+
+  A cut or damaged file is an error naming it: the 8-byte header length, the JSON header and
+  every tensor's byte range (its dtype and shape's size, inside the file) are checked here,
+  before a memory map could read past the end or reshape too few bytes.
+  """
+  size = os.path.getsize(file)
+  if size < 8:
+    raise ValueError(f"{file}: {size} bytes, too short for a safetensors file (an 8-byte header length first); "
+                     "the file is truncated or not safetensors.")
+  with open(file, "rb") as f:
+    header_len = int(np.frombuffer(f.read(8), "<u8")[0])
+    if header_len > size - 8:
+      raise ValueError(f"{file}: the header length says {header_len} bytes, but only {size - 8} follow it; "
+                       "the file is truncated or not safetensors.")
+    raw = f.read(header_len)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{file}: the safetensors header is not valid JSON ({e}); the file is damaged.") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{file}: the safetensors header is a JSON {type(header).__name__}, not an object.")
+  data_size = size - 8 - header_len
+  tensors = {}
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise ValueError(f"{file}: tensor {key!r} has a malformed header entry {info!r}.")
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']!r}; "
+                       f"supported: {sorted(_ST_DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
+      raise ValueError(f"{file}: tensor {key!r} has a malformed shape {shape!r} or data_offsets {offsets!r}.")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _ST_DTYPES[info["dtype"]].itemsize
+    if not 0 <= begin <= end or end - begin != nbytes:
+      raise ValueError(f"{file}: tensor {key!r} has data_offsets {offsets} for {nbytes} bytes of "
+                       f"{info['dtype']} {shape}.")
+    if end > data_size:
+      raise ValueError(f"{file}: tensor {key!r} ends at byte {end} of the data, but the file holds only "
+                       f"{data_size} bytes of data; the file is truncated.")
+    tensors[key] = info
+  return 8 + header_len, tensors
+
+
+def _read_json(file: str, what: str) -> Any:
+  """The JSON of `file`; a missing, unreadable or invalid file is an error naming it and `what` it is."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{file}: cannot read the {what} ({type(e).__name__}: {e}).") from None
+
+
 def _checkpoint_files(path: str) -> list[str]:
   """The safetensors files of a checkpoint dir: from the index if there is one, else all."""
   index_file = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index_file):
-    with open(index_file, encoding="utf-8") as f:
-      weight_map = json.load(f).get("weight_map")
+    index = _read_json(index_file, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
       raise ValueError(f"{index_file}: no 'weight_map'")
     files = sorted({os.path.join(path, name) for name in weight_map.values()})
@@ -199,6 +250,30 @@ def _write_safetensors(file: str, tensors: list[tuple[str, Callable[[], np.ndarr
       if array.shape != tuple(shapes[key]):
         raise ValueError(f"internal: {key} has shape {array.shape}, planned {shapes[key]}")
       f.write(array.tobytes())
+
+
+# ----------------------------------------------------------------------------- finite weights
+
+
+def nonfinite_tensors(model: Transformer) -> list[str]:
+  """The HF names of the model's tensors that hold a NaN or an infinity (per layer for stacked ones).
+
+  Reduced on device, per tensor (and per layer), so a sharded model is never gathered.
+  """
+  state = dict(nnx.to_flat_state(nnx.state(model)))
+  bad = []
+  for entry in key_map(model.config):
+    param = state[entry.path].get_value()
+    if entry.per_layer:
+      finite_L = np.asarray(jax.device_get(jnp.isfinite(param).all(axis=tuple(range(1, param.ndim)))))
+      bad += [entry.hf_key.format(i=i) for i in np.flatnonzero(~finite_L)]
+    elif not bool(jax.device_get(jnp.isfinite(param).all())):
+      bad.append(entry.hf_key)
+  return bad
+
+
+def _named(keys: list[str]) -> str:
+  return f"{keys[:5]}{f' (+{len(keys) - 5} more)' if len(keys) > 5 else ''}"
 
 
 # ----------------------------------------------------------------------------- load
@@ -264,8 +339,8 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
       `remat=True` or `attention_chunk=1024`.
 
   Raises:
-    ValueError: the path is missing, the architecture unsupported, a tensor missing, extra
-      or mis-shaped (each named).
+    ValueError: the path is missing, the architecture unsupported, a file truncated or
+      damaged, a tensor missing, extra, mis-shaped or non-finite (each named).
   """
   path = os.fspath(path)
   config = ModelConfig.from_hf(path, dtype=dtype,
@@ -292,7 +367,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
     array = _assemble(entries[param_path], reader, config.num_layers, value.shape,
                       np.dtype(value.dtype), flat_shardings[param_path].get_value())
     loaded.append((param_path, variable.replace(value=array)))
-  return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  if bad := nonfinite_tensors(model):
+    raise ValueError(f"{path}: non-finite values (NaN or inf) in tensors {_named(bad)}: refusing to load them.")
+  return model
 
 
 # ----------------------------------------------------------------------------- save
@@ -348,18 +426,20 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
   """
   path = os.fspath(path)
   config = model.config
+  fields = hf_config_dict(config)  # Raises first for what HF cannot express.
+  if bad := nonfinite_tensors(model):
+    raise ValueError(f"Refusing to export to {path}: non-finite values (NaN or inf) in tensors {_named(bad)}.")
   os.makedirs(path, exist_ok=True)
   config_json = {}
   if source is not None:
     source = os.fspath(source)
     if not os.path.isfile(os.path.join(source, "config.json")):
       raise ValueError(f"save_hf_checkpoint: no config.json in source {source!r}")
-    with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
-      config_json = json.load(f)
+    config_json = _read_json(os.path.join(source, "config.json"), "HF config")
     for name in _TOKENIZER_FILES:
       if os.path.isfile(os.path.join(source, name)):
         shutil.copy(os.path.join(source, name), os.path.join(path, name))
-  config_json.update(hf_config_dict(config))
+  config_json.update(fields)
   config_json.pop("rope_scaling", None)
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
@@ -412,7 +492,36 @@ def load_tokenizer(path: str | os.PathLike, *, require_chat_template: bool = Tru
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"tokenizer path is not a directory: {path!r}")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  files = [name for name in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, name))]
+  for name in files:  # A cut JSON file would fail inside `tokenizers` with no file named.
+    if name.endswith(".json"):
+      _read_json(os.path.join(path, name), "tokenizer file")
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # transformers' errors name no file.
+    raise ValueError(f"cannot read the tokenizer in {path!r} (files {files}): {type(e).__name__}: {e}") from e
   if require_chat_template and not getattr(tokenizer, "chat_template", None):
     raise ValueError(f"tokenizer in {path!r} has no chat_template")
   return tokenizer
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+  """Whether an HF directory ships a tokenizer of its own."""
+  return any(os.path.isfile(os.path.join(path, name))
+             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+
+
+def tokenizer_differences(reference: Any, other: Any) -> list[str]:
+  """What differs between two tokenizers' token-to-id maps and special tokens; [] when they agree."""
+  problems = []
+  vocab, other_vocab = reference.get_vocab(), other.get_vocab()
+  if vocab != other_vocab:
+    differ = sorted(t for t in vocab.keys() | other_vocab.keys() if vocab.get(t) != other_vocab.get(t))
+    examples = ", ".join(f"{t!r}: {vocab.get(t)} vs {other_vocab.get(t)}" for t in differ[:3])
+    problems.append(f"{len(differ)} of {len(vocab.keys() | other_vocab.keys())} tokens have another id or are "
+                    f"missing ({examples})")
+  if reference.special_tokens_map != other.special_tokens_map:
+    problems.append(f"special tokens {reference.special_tokens_map} vs {other.special_tokens_map}")
+  elif reference.all_special_ids != other.all_special_ids:
+    problems.append(f"special token ids {reference.all_special_ids} vs {other.all_special_ids}")
+  return problems
