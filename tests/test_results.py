@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import matplotlib.colors
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -67,12 +69,37 @@ def test_seed_mean_averages_the_seeds_that_logged_the_key(tmp_path):
   assert results._seed_mean([tmp_path / "s2"], "judge/skip_frac") is None
 
 
-def test_label_mix_plot_covers_judged_methods(tmp_path):
+def _pixels(png, colour, alpha=1.0):
+  """How many pixels of `png` are matplotlib colour `colour` drawn at `alpha` over white."""
+  image_HxWx4 = matplotlib.image.imread(png)
+  want = alpha * np.asarray(matplotlib.colors.to_rgb(colour)) + (1 - alpha)
+  return int((np.abs(image_HxWx4[..., :3] - want).max(-1) < 0.02).sum())
+
+
+def test_label_mix_plot_stacks_each_judged_methods_fractions(tmp_path):
   _log(tmp_path / "sage", [{"judge/skip_frac": 0.5, "judge/weak_frac": 0.3, "judge/strong_frac": 0.2}] * 3)
   _log(tmp_path / "opd", [{"train/loss": 1.0}] * 3)
   results._plot_label_mix({"sage_opd": [tmp_path / "sage"], "opd": [tmp_path / "opd"]}, tmp_path / "mix.png")
   results._plot_label_mix({"opd": [tmp_path / "opd"]}, tmp_path / "none.png")
-  assert (tmp_path / "mix.png").stat().st_size > 0 and (tmp_path / "none.png").stat().st_size > 0
+  # One panel (opd is never judged), 4 x 3.2 inches at 120 dpi; its bands' areas are the fractions
+  # (their colours at the stack's alpha 0.85; the legend covers some of the lowest band), so that
+  # swapped or dropped fractions miss by 0.2 or more.
+  assert matplotlib.image.imread(tmp_path / "mix.png").shape == (384, 480, 4)
+  areas = np.asarray([_pixels(tmp_path / "mix.png", f"C{i}", alpha=0.85) for i in range(3)])
+  np.testing.assert_allclose(areas / areas.sum(), [0.5, 0.3, 0.2], atol=0.05)
+  assert all(_pixels(tmp_path / "none.png", f"C{i}", alpha=0.85) == 0 for i in range(3))
+
+
+def test_success_plot_draws_every_methods_curve(tmp_path):
+  _log(tmp_path / "start", [{"eval/valid_seen/t0/success": 0.25}])
+  _log(tmp_path / "opd", [{"eval/valid_seen/t0/success": 0.5}, {"eval/valid_seen/t0/success": 0.75}])
+  _log(tmp_path / "sage", [{"train/loss": 1.0}, {"eval/valid_seen/t0/success": 1.0}])
+  runs = {"opd": [tmp_path / "opd"], "sage_opd": [tmp_path / "sage"]}
+  results._plot(runs, "eval/valid_seen/t0/success", "success", tmp_path / "curve.png", start=tmp_path / "start")
+  assert matplotlib.image.imread(tmp_path / "curve.png").shape == (480, 720, 4)  # 6 x 4 inches at 120 dpi.
+  # Each method's curve in its own colour, and nothing of a third.
+  assert _pixels(tmp_path / "curve.png", "C0") > 100 and _pixels(tmp_path / "curve.png", "C1") > 100
+  assert _pixels(tmp_path / "curve.png", "C2") == 0
 
 
 def test_the_ledger_names_the_commit_each_stage_ran_at(tmp_path):
