@@ -125,13 +125,19 @@ def _scienceworld_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Pat
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Runs (or resumes) every stage; returns the results folder."""
   root = pathlib.Path(workdir)
-  provenance.check(config, root)  # A rerun with another config would reuse this one's stages.
   p = config.pipeline
+  # A rerun with another config would reuse this one's stages. A sweep's config is its own, recorded
+  # beside its runs: it reuses the tokenizer, demos, teacher and student as they are (`shared`).
+  provenance.check(config, results.sweep_root(root, p.sweep))
   start = time.time()
   results.code_commit()  # The code this process imported: what the ledger credits every stage to.
   train_demos = root / "demos" / config.demos.split
   heldout_demos = root / "demos" / p.heldout_split
   extra_passes = [root / "demos" / f"{config.demos.split}_pass{k}" for k in range(2, config.demos.passes + 1)]
+
+  def shared(stage_config: ml_collections.ConfigDict, folder: pathlib.Path):
+    """The `_stage` record of a stage every sweep shares: checked by the base pipeline only."""
+    return None if p.sweep else (stage_config, folder)
 
   # Every stage below names the checkpoints it loads; the given ones are kept aside.
   given_student, given_teacher = config.student.hf_dir, config.teacher.hf_dir
@@ -170,13 +176,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
         train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
         optim__schedule=p.sft_schedule, eval__num_episodes=0)
     _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(student_cfg, student_dir),
-           record=(student_cfg, student_dir))
+           record=shared(student_cfg, student_dir))
   student_hf = given_student or str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _claim_eval_dir(student_eval, student_hf)
   student_eval_cfg = _derive(base, stage="evaluate", student__hf_dir=student_hf)
   _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")),
-         lambda: train.evaluate_stage(student_eval_cfg, student_eval), record=(student_eval_cfg, student_eval))
+         lambda: train.evaluate_stage(student_eval_cfg, student_eval), record=shared(student_eval_cfg, student_eval))
 
   logging.info("[4/6] teacher SFT (acting and judging)%s", f" (given: {given_teacher})" if given_teacher else "")
   teacher_dir = root / "teacher"
@@ -188,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     teacher_sft_cfg = _derive(base, **teacher_sft, train__num_steps=p.teacher_steps,
                               optim__learning_rate=p.sft_learning_rate)
     _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(teacher_sft_cfg, teacher_dir),
-           record=(teacher_sft_cfg, teacher_dir))
+           record=shared(teacher_sft_cfg, teacher_dir))
   teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
@@ -201,22 +207,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     rounds = [dagger.round_dir(root, i) for i in range(1, r + 1)]
     _stage(root, f"dagger_collect/round{r}", dagger.finished(rounds[-1], p.dagger_games), lambda: dagger.collect(
         policy, rounds[-1], (r - 1) * p.dagger_games, p.dagger_games, temperature, player=player),
-        record=(policy, rounds[-1]))
+        record=shared(policy, rounds[-1]))
     teacher_dir = root / "teacher_dagger" / f"round{r}"
     round_cfg = _derive(
         base, **{**teacher_sft, "sft__extra_demos_dirs": (*teacher_sft["sft__extra_demos_dirs"], *map(str, rounds))},
         student__hf_dir=teacher_hf, train__num_steps=p.dagger_steps, optim__learning_rate=p.dagger_learning_rate)
     _stage(root, f"teacher_dagger/round{r}", writers.exported(teacher_dir), lambda: train.train(round_cfg, teacher_dir),
-           record=(round_cfg, teacher_dir))
+           record=shared(round_cfg, teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
   teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
   _claim_eval_dir(teacher_eval, teacher_hf)  # Both stages below write there.
   _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
-         lambda: train.evaluate_stage(teacher_cfg, teacher_eval), record=(teacher_cfg, teacher_eval))
+         lambda: train.evaluate_stage(teacher_cfg, teacher_eval), record=shared(teacher_cfg, teacher_eval))
   _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
          lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval),
-         record=(teacher_cfg, teacher_eval))
+         record=shared(teacher_cfg, teacher_eval))
 
   report = _derive(base, teacher__hf_dir=given_teacher)  # The report names a given teacher.
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")

@@ -133,6 +133,9 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   # train at a warm-up learning rate of 0), the workdir's evaluation of the earlier teacher is
   # not taken for theirs.
   config.teacher.hf_dir, config.pipeline.dagger_rounds = config.student.hf_dir, 0
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"teacher.hf_dir: {teachers[1]!r} -> ")):
+    pipeline.run(config_lib.validate(config), given)  # The workdir's recorded config names the change first.
+  config.allow_changed = "teacher.hf_dir,pipeline.dagger_rounds"
   with pytest.raises(ValueError, match=re.escape(f"{given / 'teacher_eval'} holds the evaluation of {given_last}, "
                                                  f"but this pipeline's checkpoint is {config.student.hf_dir}")):
     pipeline.run(config_lib.validate(config), given)
