@@ -53,6 +53,9 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   # trie after <action>; the thought is free). Every result here is constrained decoding.
   config.sampling.constrained = True
   config.sampling.free_thought = True
+  # The demos' subgoal thoughts end within 7 tokens of the response's start (`<think>put plate 3 in
+  # dresser</think>`): a response still thinking after 12 is forced into <action> and an admissible action.
+  config.sampling.max_thought_tokens = 12
   config.train.batch_episodes = 8
   # Also the context budget: a losing episode ends at turn ~20 of 30 when its transcript would outgrow
   # it (eval metric context_cut_rate); 2,048 won the SFT teacher 2 more games of 48 (docs/reproducing.md).

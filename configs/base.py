@@ -108,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.max_new_tokens = 64  # Response budget per turn.
   config.sampling.constrained = False  # Restrict actions to the admissible ones (a token trie).
   config.sampling.free_thought = False  # Constrained: leave <think> free, constrain after <action>.
+  # Free thought's budget: a response still thinking after this many tokens (or with only room left for
+  # <action> and its longest admissible action) is forced into <action> and an admissible action; 0: none.
+  config.sampling.max_thought_tokens = 0
 
   config.loss = ml_collections.ConfigDict()
   config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).

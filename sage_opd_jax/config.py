@@ -177,6 +177,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "sampling.top_k", allow_zero=True)
   _in_range(config, "sampling.top_p", 0.0, 1.0)
   _positive(config, "sampling.max_new_tokens")
+  _positive(config, "sampling.max_thought_tokens", allow_zero=True)
+  if _get(config, "sampling.max_thought_tokens") and not (_get(config, "sampling.constrained")
+                                                          and _get(config, "sampling.free_thought")):
+    raise ConfigError(f"config.sampling.max_thought_tokens={_get(config, 'sampling.max_thought_tokens')} bounds the "
+                      "free thought of constrained decoding: set sampling.constrained and sampling.free_thought, or 0.")
 
   _one_of(config, "loss.estimator", ESTIMATORS)
   _one_of(config, "loss.divergence", DIVERGENCES)

@@ -334,14 +334,17 @@ class RolloutConfig:
 
 
 def default_sampling_config(tokenizer: Any, max_new_tokens: int, temperature: float = 1.0,
-                            top_k: int = 0, top_p: float = 1.0, free_thought: bool = False
-                            ) -> sampling.SamplingConfig:
+                            top_k: int = 0, top_p: float = 1.0, free_thought: bool = False,
+                            max_thought_tokens: int = 0) -> sampling.SamplingConfig:
   """Decoding settings for acting: stop at the tokenizer's EOS or right after `</action>`.
 
   Args:
     free_thought: constrained decoding (`RolloutConfig.constrained`) starts after the model's
       own `<action>`, so its thought stays free (a model that never opens the tag plays no
       action); False constrains from the first token to `<action>a</action>`.
+    max_thought_tokens: with `free_thought`, the thought budget: a constrained response still
+      thinking after this many tokens (or with only room left for `<action>` and its longest
+      admissible action) is forced into `<action>` and an admissible action; 0: no budget.
   """
   if tokenizer.eos_token_id is None:
     raise ValueError("tokenizer has no eos_token_id; the sampler needs one to stop a turn.")
@@ -350,6 +353,7 @@ def default_sampling_config(tokenizer: Any, max_new_tokens: int, temperature: fl
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       eos_ids=(int(tokenizer.eos_token_id),), stop_sequences=(close,),
       constraint_trigger=tuple(_encode(tokenizer, prompts.ACTION_OPEN)) if free_thought else (),
+      max_thought_tokens=max_thought_tokens,
       pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
 
 

@@ -24,6 +24,10 @@ been emitted" are one event: the row stops on reaching a leaf of its trie. Const
 either at the first generated token (the caller ends the chunk with a forced `<action>`, or puts
 `<action>` at the head of every allowed sequence) or, when `SamplingConfig.constraint_trigger`
 is set, right after the row generates that token sequence (free thinking, then a valid action).
+A thought budget (`SamplingConfig.max_thought_tokens`) bounds that free part: a row still waiting
+for its trigger when the budget is spent, or when only the trigger and its longest allowed
+sequence still fit in `max_new_tokens`, is forced through the trigger into its constraint, so
+its response ends in an allowed sequence even if the model never emits the trigger itself.
 Token-level matching (stop sequences, the trigger) sees token ids, not text: a tokenizer that
 merges `>` with the next word never emits the trigger's tokens, so use a trigger only with
 tokens the tokenizer keeps whole (added special tokens).
@@ -67,6 +71,11 @@ class SamplingConfig:
     pad_id: the id written after a row's last token.
     constraint_trigger: if set, a constrained row generates freely until its generated tokens
       end with this sequence, and is constrained from the next token on.
+    max_thought_tokens: the thought budget of a constrained row waiting for `constraint_trigger`
+      (0: none, the row may think until `max_new_tokens`). A row that has generated this many
+      tokens, or has only room left for the trigger and its longest allowed sequence, is forced
+      to emit the trigger (log-prob 0) and is then constrained. Needs the trigger, and a trie
+      built with it (`build_token_trie(..., trigger=...)`).
   """
 
   max_new_tokens: int
@@ -77,6 +86,7 @@ class SamplingConfig:
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   pad_id: int = 0
   constraint_trigger: tuple[int, ...] = ()
+  max_thought_tokens: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -97,6 +107,10 @@ class SamplingConfig:
     for i, seq in enumerate(self.stop_sequences):
       if not seq:
         raise ValueError(f"stop_sequences[{i}] is empty")
+    if self.max_thought_tokens < 0:
+      raise ValueError(f"max_thought_tokens must be >= 0 (0 is off), got {self.max_thought_tokens}")
+    if self.max_thought_tokens and not self.constraint_trigger:
+      raise ValueError("max_thought_tokens bounds the thought before constraint_trigger; set the trigger")
 
   @property
   def greedy(self) -> bool:
@@ -135,17 +149,25 @@ class TokenTrie:
     child_nodes: [N, C] int32, the node each edge leads to; -1 pads.
     terminal: [N] bool, True at the node reached by a complete allowed sequence (a leaf).
     roots: [B] int32, the root node of each row; -1 marks an unconstrained row.
+    budget_roots: [B] int32, where a row goes when its thought budget is spent: a chain of the
+      trigger's tokens that ends at its root; -1 for an unconstrained row or a trie built
+      without a trigger.
+    budget_lengths: [B] int32, the longest sequence from each row's budget root (the trigger
+      plus the row's longest allowed sequence); 0 where there is none.
   """
 
   child_tokens: jax.Array
   child_nodes: jax.Array
   terminal: jax.Array
   roots: jax.Array
+  budget_roots: jax.Array
+  budget_lengths: jax.Array
 
 
 def build_token_trie(
     allowed: Sequence[Sequence[Sequence[int]] | None],
     vocab_size: int,
+    trigger: Sequence[int] = (),
 ) -> TokenTrie:
   """Compiles each row's allowed token sequences into a `TokenTrie` (host side, numpy).
 
@@ -153,6 +175,8 @@ def build_token_trie(
     allowed: per row, the allowed token sequences (each should end with the stop tokens, e.g.
       those of `</action>`), or None for an unconstrained row.
     vocab_size: the model's vocabulary size; every token must lie in [0, vocab_size).
+    trigger: the sampler's `constraint_trigger` when it has a thought budget: each constrained
+      row then also gets a budget root whose sequences are the trigger then its allowed ones.
 
   Returns:
     The trie; node and child counts are padded to powers of two to bound recompiles.
@@ -161,6 +185,10 @@ def build_token_trie(
     ValueError: for an empty set or sequence, an out-of-range token, or a sequence that is a
       proper prefix of another (stopping at its end would make the longer one unreachable).
   """
+  trigger = [int(t) for t in trigger]
+  bad = [t for t in trigger if not 0 <= t < vocab_size]
+  if bad:
+    raise ValueError(f"trigger has tokens outside [0, {vocab_size}): {bad}")
   children: list[dict[int, int]] = []
   terminal: list[bool] = []
 
@@ -169,10 +197,12 @@ def build_token_trie(
     terminal.append(False)
     return len(children) - 1
 
-  roots = []
+  roots, budget_roots, budget_lengths = [], [], []
   for row, seqs in enumerate(allowed):
     if seqs is None:
       roots.append(_FREE)
+      budget_roots.append(_FREE)
+      budget_lengths.append(0)
       continue
     if len(seqs) == 0:
       raise ValueError(f"allowed[{row}] is an empty set of sequences; pass None for no constraint")
@@ -195,6 +225,16 @@ def build_token_trie(
       if children[node]:
         raise ValueError(f"allowed[{row}][{i}] is a proper prefix of another allowed sequence")
       terminal[node] = True
+    if trigger:
+      # The trigger's chain joins the row's own trie at its root, so no sequence is stored twice.
+      chain = [new_node() for _ in trigger] + [root]
+      for i, tok in enumerate(trigger):
+        children[chain[i]][tok] = chain[i + 1]
+      budget_roots.append(chain[0])
+      budget_lengths.append(len(trigger) + max(len(seq) for seq in seqs))
+    else:
+      budget_roots.append(_FREE)
+      budget_lengths.append(0)
 
   num_nodes = _next_pow2(max(len(children), 1))
   width = _next_pow2(max([len(c) for c in children] + [1]))
@@ -211,6 +251,8 @@ def build_token_trie(
       child_nodes=child_nodes,
       terminal=terminal_arr,
       roots=np.asarray(roots, np.int32),
+      budget_roots=np.asarray(budget_roots, np.int32),
+      budget_lengths=np.asarray(budget_lengths, np.int32),
   )
 
 
@@ -387,6 +429,13 @@ def _generate(
 
   def body(c):
     alive_B, node_B = c["alive"], c["node"]
+    if trie is not None and config.max_thought_tokens:
+      # A row still thinking when its budget is spent, or when only the trigger and its longest
+      # allowed sequence still fit, enters the chain that forces the trigger into its trie.
+      spent_B = ((c["lengths"] >= config.max_thought_tokens)
+                 | (steps - c["lengths"] <= jnp.asarray(trie.budget_lengths, jnp.int32)))
+      node_B = jnp.where((node_B == _WAITING) & spent_B, jnp.asarray(trie.budget_roots, jnp.int32),
+                         node_B)
     allowed_BxV = _allowed_mask(trie, node_B, vocab) if trie is not None else None
     token_B, logp_B = _choose(sampling_logits(c["logits"], config, allowed_BxV),
                               jax.random.fold_in(rng, c["step"]), config)
@@ -471,6 +520,10 @@ def generate(
   Returns:
     A `GenerateOutput`; `cache.lengths` grows by chunk_lengths + lengths on active rows.
   """
+  if trie is not None and config.max_thought_tokens and np.any(
+      (np.asarray(trie.roots) >= 0) & (np.asarray(trie.budget_roots) < 0)):
+    raise ValueError("config.max_thought_tokens is set but the trie has no budget roots: build it "
+                     "with build_token_trie(..., trigger=config.constraint_trigger)")
   return _generate_jit(graphdef, state, cache, chunk_BxP, chunk_lengths_B, active_B, rng,
                        trie, config=config, fresh=fresh)
 
@@ -700,7 +753,8 @@ class EpisodeCache:
       if longest > config.max_new_tokens:
         raise ValueError(f"allowed has a sequence of {longest} tokens, longer than "
                          f"max_new_tokens={config.max_new_tokens}")
-      trie = build_token_trie(per_row, self._vocab)
+      trie = build_token_trie(
+          per_row, self._vocab, trigger=config.constraint_trigger if config.max_thought_tokens else ())
 
     # Truncating a row to its shared prefix is exact: slot i only ever depended on tokens <= i.
     self._cache = self._cache.replace(lengths=self._place(keep.astype(np.int32)))

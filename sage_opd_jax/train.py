@@ -581,6 +581,7 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperatu
   return rollout_lib.default_sampling_config(
       tokenizer, config.sampling.max_new_tokens, temperature=temperature,
       top_k=config.sampling.top_k, top_p=config.sampling.top_p, free_thought=config.sampling.free_thought,
+      max_thought_tokens=config.sampling.max_thought_tokens,
   )
 
 

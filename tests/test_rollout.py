@@ -374,3 +374,19 @@ def test_free_thought_constrains_only_after_the_action_tag(tok):
   free = rollout.default_sampling_config(tok, MAX_NEW, free_thought=True)
   assert free.constraint_trigger == tuple(tok.encode(prompts.ACTION_OPEN, add_special_tokens=False))
   assert rollout.default_sampling_config(tok, MAX_NEW).constraint_trigger == ()
+
+
+def test_a_thought_budget_ends_every_free_thought_in_an_admissible_action(tok, engine, model, tasks):
+  # The untrained model rarely opens <action> itself: with a free thought, some of its turns play nothing.
+  free = rollout.default_sampling_config(tok, MAX_NEW, free_thought=True)
+  config = _config(constrained=True, max_turns=2)
+  unbudgeted = engine.run(model, tasks[:2], jax.random.key(5), config=config, sampling_config=free)
+  assert not unbudgeted.valid.all()
+  budgeted = rollout.default_sampling_config(tok, MAX_NEW, free_thought=True, max_thought_tokens=4)
+  batch = engine.run(model, tasks[:2], jax.random.key(5), config=config, sampling_config=budgeted)
+  assert batch.valid.all()
+  (trigger,) = budgeted.constraint_trigger
+  for episode in batch.episodes:
+    for turn in episode.turns:
+      assert turn.action in turn.admissible and turn.response.endswith(f"<action>{turn.action}</action>")
+      assert turn.response_tokens.index(trigger) <= 4

@@ -414,3 +414,91 @@ def test_sampling_config_names_the_bad_field(field, value):
   kwargs[field] = value
   with pytest.raises(ValueError, match=field):
     sampling.SamplingConfig(**kwargs)
+
+
+def _absent_tokens(model, config, seeds, count):
+  """`count` token ids that no row emits in its first `config.max_new_tokens` free tokens."""
+  emitted = set()
+  for seed in seeds:
+    emitted |= set(sampling.sample(model, PROMPTS, jax.random.key(seed), config).tokens.ravel().tolist())
+  absent = [t for t in range(VOCAB) if t not in emitted and t not in STOP]
+  assert len(absent) >= count
+  return tuple(absent[:count])
+
+
+# The budget binds (sampled; greedy with a two-token trigger), or the room left does (budget 100).
+@pytest.mark.parametrize("temperature,steps,budget,trigger_len", [(1.0, 12, 3, 1), (0.0, 12, 2, 2),
+                                                                  (1.0, 10, 100, 1)])
+def test_thought_budget_forces_the_trigger_then_an_allowed_string(model, temperature, steps, budget,
+                                                                  trigger_len):
+  # The trigger is made of tokens the model never emits freely here, so without the budget no
+  # constrained row would ever reach its constraint (checked below).
+  free_config = sampling.SamplingConfig(max_new_tokens=steps, temperature=temperature)
+  seeds = range(3 if temperature else 1)
+  trigger = _absent_tokens(model, free_config, seeds, trigger_len)
+  allowed = _allowed_sets()
+  config = sampling.SamplingConfig(max_new_tokens=steps, temperature=temperature,
+                                   constraint_trigger=trigger, max_thought_tokens=budget)
+  for seed in seeds:
+    free = sampling.sample(model, PROMPTS, jax.random.key(seed), free_config)
+    out = sampling.sample(model, PROMPTS, jax.random.key(seed), config, allowed=allowed)
+    unbudgeted = sampling.sample(model, PROMPTS, jax.random.key(seed), sampling.SamplingConfig(
+        max_new_tokens=steps, temperature=temperature, constraint_trigger=trigger), allowed=allowed)
+    for row, prompt in enumerate(PROMPTS):
+      n = int(out.lengths[row])
+      emitted = out.tokens[row, :n].tolist()
+      if allowed[row] is None:
+        assert emitted == free.tokens[row, :n].tolist()
+        continue
+      # The thought runs to the budget, or until only the trigger and the longest string still fit.
+      thought = min(budget, steps - len(trigger) - max(map(len, allowed[row])))
+      assert emitted[:thought] == free.tokens[row, :thought].tolist()
+      assert tuple(emitted[thought:thought + len(trigger)]) == trigger
+      assert emitted[thought + len(trigger):] in allowed[row] and out.stopped[row] and n <= steps
+      assert unbudgeted.lengths[row] == steps and not unbudgeted.stopped[row]
+      context = list(prompt)
+      for step, token in enumerate(emitted):
+        if step < thought:
+          children = None
+        elif step < thought + len(trigger):
+          children = {trigger[step - thought]}
+        else:
+          children = _prefix_children(allowed[row], emitted[thought + len(trigger):step])
+        logp = _reference_logp(_next_logits(model, context), temperature, 0, 1.0, children)
+        if temperature == 0.0:
+          assert token == int(np.argmax(logp))
+        np.testing.assert_allclose(out.logprobs[row, step], logp[token], atol=5e-5)
+        if children is not None and len(children) == 1:
+          assert out.logprobs[row, step] == 0.0
+        context.append(token)
+
+
+def test_thought_budget_needs_a_trie_built_with_the_trigger(model):
+  config = sampling.SamplingConfig(max_new_tokens=8, constraint_trigger=(5,), max_thought_tokens=2)
+  trie = sampling.build_token_trie([[[7, *STOP]]], VOCAB)
+  graphdef, state = nnx.split(model)
+  cache = models.init_cache(model.config, 1, 32)
+  with pytest.raises(ValueError, match="build_token_trie"):
+    sampling.generate(graphdef, state, cache, jnp.asarray([[1, 2]]), jnp.asarray([2]), jnp.asarray([True]),
+                      jax.random.key(0), config=config, trie=trie)
+
+
+def test_budget_roots_chain_the_trigger_into_each_constrained_row():
+  trie = sampling.build_token_trie([[[7, *STOP], [8, 9, *STOP]], None], VOCAB, trigger=(3, 4))
+  assert trie.budget_roots[1] == -1 and trie.budget_lengths.tolist() == [2 + 4, 0]
+  node, path = int(trie.budget_roots[0]), []
+  for _ in range(2):
+    (edge,) = np.flatnonzero(trie.child_tokens[node] >= 0)
+    path.append(int(trie.child_tokens[node, edge]))
+    node = int(trie.child_nodes[node, edge])
+  assert path == [3, 4] and node == trie.roots[0]
+  with pytest.raises(ValueError, match="trigger has tokens outside"):
+    sampling.build_token_trie([[[7]]], VOCAB, trigger=(VOCAB,))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_thought_tokens=-1, constraint_trigger=(5,)), "max_thought_tokens must be >= 0"),
+    (dict(max_thought_tokens=4), "set the trigger")])
+def test_sampling_config_rejects_a_bad_thought_budget(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.SamplingConfig(max_new_tokens=8, **kwargs)
