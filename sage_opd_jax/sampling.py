@@ -448,6 +448,10 @@ def _generate(
     end_B = _suffix_match(recent_BxL, count_B, config.stop_sequences)
     if config.eos_ids:
       end_B |= jnp.isin(token_B, jnp.asarray(config.eos_ids, jnp.int32))
+    if trie is not None and config.max_thought_tokens:
+      # Under a budget a thinking row ends only through an allowed string: a stop text or EOS
+      # written inside the thought (a tiny model's `</action>`) would end the turn with no action.
+      end_B &= node_B != _WAITING
     if trie is not None:
       node_B = _advance(trie, node_B, token_B)
       end_B |= (node_B >= 0) & jnp.asarray(trie.terminal)[jnp.maximum(node_B, 0)]

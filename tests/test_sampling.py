@@ -473,6 +473,31 @@ def test_thought_budget_forces_the_trigger_then_an_allowed_string(model, tempera
         context.append(token)
 
 
+def test_thought_budget_rows_end_only_in_an_allowed_string(model):
+  # EOS and a stop text that the rows emit early in their free thought: under a budget a thinking
+  # row ignores both (it would end the turn with no action); an unconstrained row still stops.
+  free_config = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0)
+  free = sampling.sample(model, PROMPTS, jax.random.key(0), free_config)
+  allowed = _allowed_sets()
+  in_actions = {t for seqs in allowed if seqs for seq in seqs for t in seq}
+  early = [t for t in free.tokens[:, :3].ravel().tolist() if t not in in_actions]
+  eos, stop = early[0], next(t for t in early if t != early[0])
+  config = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0, eos_ids=(eos,), stop_sequences=((stop,),),
+                                   constraint_trigger=_absent_tokens(model, free_config, [0], 1),
+                                   max_thought_tokens=4)
+  out = sampling.sample(model, PROMPTS, jax.random.key(0), config, allowed=allowed)
+  met = []
+  for row in range(len(PROMPTS)):
+    emitted = out.tokens[row, :int(out.lengths[row])].tolist()
+    if allowed[row] is None:
+      ends = [i + 1 for i, t in enumerate(free.tokens[row].tolist()) if t in (eos, stop)]
+      assert emitted == free.tokens[row, :min(ends, default=12)].tolist()
+    else:
+      met.append(bool({eos, stop} & set(emitted[:4])))
+      assert emitted[4 + 1:] in allowed[row] and out.stopped[row], (row, emitted)
+  assert any(met), "no constrained row met its EOS or stop text while thinking"
+
+
 def test_thought_budget_needs_a_trie_built_with_the_trigger(model):
   config = sampling.SamplingConfig(max_new_tokens=8, constraint_trigger=(5,), max_thought_tokens=2)
   trie = sampling.build_token_trie([[[7, *STOP]]], VOCAB)
