@@ -262,15 +262,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     sweep = _get(config, "pipeline.sweep")
     if sweep and not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep):
       raise ConfigError(f"config.pipeline.sweep={sweep!r}: must be a folder name (letters, digits, '_', '.', '-').")
+    results_dir = _get(config, "pipeline.results_dir")
+    if results_dir.endswith(".md"):  # The old markdown target's value: the report itself stays in the workdir.
+      raise ConfigError(f"config.pipeline.results_dir={results_dir!r}: must be a folder for results.csv and the "
+                        "plots (e.g. docs/results/alfworld_cpu); the markdown report is <workdir>/results/results.md.")
   elif _get(config, "stage") == "pipeline":
     raise ConfigError("config.stage='pipeline' needs a config.pipeline section (see configs/alfworld_cpu.py).")
 
   sizes = {axis: _get(config, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
   if sum(size == -1 for size in sizes.values()) > 1:
-    results_dir = _get(config, "pipeline.results_dir")
-    if results_dir.endswith(".md"):  # The old markdown target's value: the report itself stays in the workdir.
-      raise ConfigError(f"config.pipeline.results_dir={results_dir!r}: must be a folder for results.csv and the "
-                        "plots (e.g. docs/results/alfworld_cpu); the markdown report is <workdir>/results/results.md.")
     raise ConfigError(f"config.mesh={sizes}: at most one axis may be -1.")
   for axis, size in sizes.items():
     if size != -1 and size < 1:
