@@ -89,6 +89,18 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert [trained_from[f"teacher_dagger/round{r}"] for r in (1, 2, 3)] == teachers[:3]
   counts = [len(demos_lib.read_jsonl(r / demos_lib.DEMOS)) for r in rounds]
   assert min(counts) > 0, counts
+  # Each manifest sums what its round played: its games (each round starts where the last stopped, in the
+  # split's order), their turns, wins and corrections (one record each, none past the game's turns).
+  for r, (folder, manifest) in enumerate(zip(rounds, manifests)):
+    games, records = demos_lib.read_jsonl(folder / demos_lib.GAMES), demos_lib.read_jsonl(folder / demos_lib.DEMOS)
+    assert (manifest["requested"], manifest["first"], manifest["split"], manifest["expert"]) == (
+        1, r, config.env.train_split, train.ORACLE_EXPERT)
+    assert (manifest["games"], manifest["won"], manifest["turns"], manifest["corrections"]) == (
+        len(games), sum(g["won"] for g in games), sum(g["turns"] for g in games), len(records))
+    for game in games:
+      mine = [rec for rec in records if rec["task_id"] == game["task_id"]]
+      assert game["corrections"] == len(mine) and game["error"] is None and 0 < game["turns"] <= config.env.max_turns
+      assert all(len(rec["actions"]) <= game["turns"] and rec["trained"][-1] for rec in mine)
   # The second expert pass: its own seed, no judge examples; every teacher SFT trains on it too.
   second_pass = tmp_path / "demos" / "train_pass2"
   manifest = json.loads((second_pass / demos_lib.MANIFEST).read_text())
