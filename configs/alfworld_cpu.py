@@ -58,7 +58,7 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   config.sampling.max_thought_tokens = 12
   config.train.batch_episodes = 8
   # Also the context budget: a losing episode ends at turn ~20 of 30 when its transcript would outgrow
-  # it (eval metric context_cut_rate); 2,048 won the SFT teacher 2 more games of 48 (docs/reproducing.md).
+  # it (eval metric context_cut_rate); 2,048 won the SFT teacher 2 more games of 48 (docs/notes.md).
   config.train.max_seq_len = 1024
   # One eval after the last update; with the student_eval stage (step 0) 2 points per curve. Each
   # eval covers every game of the two task types (valid_seen 48, valid_unseen 42): no subset.
@@ -70,10 +70,10 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
 
   config.pipeline = pipeline_config(
       # The student's warm start is every demo for 1,000 updates: after 200 updates on 100 demos it
-      # won 0/64 eval games, and no method moved it off 0 in 40 updates (docs/reproducing.md).
+      # won 0/32 games on each eval split, and no method moved it off 0 in 40 updates (docs/notes.md).
       teacher_steps=3000, student_steps=1000, student_demos=0, distill_steps=40,
       # The SFT teacher won 0.458 of valid_seen, under the 0.50 bar; two DAgger rounds of 320 games
-      # took it to 0.521 in that run, and a rerun's from 0.396 down to 0.250 (docs/reproducing.md).
+      # took it to 0.521 in that run, and a rerun's from 0.396 down to 0.250 (docs/notes.md).
       dagger_rounds=2,
       methods=("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence",
                "sage_opd_no_norm"),

@@ -3,7 +3,7 @@
 Free-running success mixes many failures; this isolates one: given the expert's own
 transcript up to turn t, does the model's greedy response at turn t equal the expert's?
 Reported per turn and per action verb, whole action and verb alone. It is how the CPU
-teacher's failure was found (docs/reproducing.md): verbs right, object numbers wrong.
+teacher's failure was found (docs/notes.md): verbs right, object numbers wrong.
 
   python experiments/teacher_forced.py --hf_dir=workdirs/alfworld_cpu/teacher/hf \
       --tokenizer_dir=workdirs/alfworld_cpu/tokenizer \
