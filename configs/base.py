@@ -43,7 +43,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = "distill"  # pipeline | collect_demos | sft | distill | evaluate | export.
-  config.method = "sage_opd"  # A row of docs/method.md's table (sage_opd_jax.config.METHODS).
+  config.method = "sage_opd"  # A row of docs/method.md's table: a name registered in sage_opd_jax.losses.
   config.seed = 0  # Seeds the train-state rng and the task order.
   config.compilation_cache_dir = "~/.cache/sage_opd_jax/xla"  # Persistent XLA compilation cache; '' = off.
   # Keys ("a.b,c") a rerun may change from the config its workdir recorded (sage_opd_jax/provenance.py).

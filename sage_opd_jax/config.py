@@ -13,21 +13,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from sage_opd_jax import losses
+
 STAGES = ("pipeline", "collect_demos", "sft", "distill", "evaluate", "export")
-METHODS = (
-    "sft",
-    "opd",
-    "sage_opd",
-    "sage_opd_no_intervention",
-    "sage_opd_no_confidence",
-    "sage_opd_no_norm",
-    "opd_two_rollout",
-)
-SAGE_METHODS = ("sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm")
-ESTIMATORS = ("sampled", "full")
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle")
 SCHEDULES = ("constant", "cosine")
 # What fills an expert demo's <think></think> (sft_data): nothing, ALFWorld's subgoal, or the
@@ -71,6 +59,19 @@ def _in_range(config, key: str, low: float, high: float) -> None:
   value = _get(config, key)
   if not low <= value <= high:
     raise ConfigError(f"config.{key}={value!r}: must lie in [{low}, {high}].")
+
+
+def loss_options(config: ml_collections.ConfigDict, method: str | None = None) -> losses.LossOptions:
+  """`config.loss` as the options of `method` (default `config.method`); a bad one raises naming its key.
+
+  The loss checks its own options (`losses.LossOptions`), so a config is refused exactly when
+  the loss would refuse it.
+  """
+  try:
+    return losses.LossOptions.for_method(config.method if method is None else method, **config.loss.to_dict())
+  except losses.LossOptionError as e:
+    key = "method" if e.field == "method" else f"loss.{e.field}"
+    raise ConfigError(f"config.{key}{str(e)[len(e.field):]}") from None
 
 
 def _validate_model(config, prefix: str) -> None:
@@ -117,7 +118,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in allowed_changes(config):
     _get(config, key)  # An unknown key is named.
   _one_of(config, "stage", STAGES)
-  _one_of(config, "method", METHODS)
+  loss_options(config)
   _one_of(config, "env.name", SPLITS)
   env = _get(config, "env.name")
   for key in ("env.train_split",):
@@ -183,24 +184,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.sampling.max_thought_tokens={_get(config, 'sampling.max_thought_tokens')} bounds the "
                       "free thought of constrained decoding: set sampling.constrained and sampling.free_thought, or 0.")
 
-  _one_of(config, "loss.estimator", ESTIMATORS)
-  _one_of(config, "loss.divergence", DIVERGENCES)
-  _one_of(config, "loss.confidence", CONFIDENCE_MODES)
-  _one_of(config, "loss.aggregation", AGGREGATIONS)
-  _one_of(config, "loss.old_logprobs", ("current", "batch"))
-  _in_range(config, "loss.alpha", 0.0, 1.0)
-  _in_range(config, "loss.jsd_beta", 0.0, 1.0)
-  _positive(config, "loss.ppo_clip")
-  _positive(config, "loss.dual_clip")
-  _positive(config, "loss.log_ratio_clamp")
-  if _get(config, "loss.dual_clip") <= 1.0:
-    raise ConfigError(f"config.loss.dual_clip={_get(config, 'loss.dual_clip')!r}: must be > 1 (PPO dual clip).")
-  divergence = _get(config, "loss.divergence")
-  if divergence != "reverse_kl" and _get(config, "loss.estimator") != "full":
-    raise ConfigError(
-        f"config.loss.divergence={divergence!r} needs the teacher's distribution: set config.loss.estimator='full'."
-    )
-
   _one_of(config, "judge.mode", JUDGE_MODES)
   high, low = _get(config, "judge.likelihood_thresholds")
   if not high > low:
@@ -255,8 +238,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _positive(config, f"pipeline.{key}")
       _positive(config, "pipeline.dagger_temperature", allow_zero=True)
     for method in _get(config, "pipeline.methods"):
-      if method not in METHODS:
-        raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {METHODS}.")
+      if method not in losses.registered_losses():
+        raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {losses.registered_losses()}.")
+    results_dir = _get(config, "pipeline.results_dir")
+    if results_dir.endswith(".md"):  # The old markdown target's value: the report itself stays in the workdir.
+      raise ConfigError(f"config.pipeline.results_dir={results_dir!r}: must be a folder for results.csv and the "
+                        "plots (e.g. docs/results/alfworld_cpu); the markdown report is <workdir>/results/results.md.")
     _one_of(config, "pipeline.heldout_split", SPLITS[env])
     _one_of(config, "pipeline.sft_schedule", SCHEDULES)
     sweep = _get(config, "pipeline.sweep")

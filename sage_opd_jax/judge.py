@@ -132,7 +132,7 @@ class JudgeResult:
   """The labels of a batch and how they were obtained.
 
   Attributes:
-    labels: [B, T] int32 label codes (`prompts.SKIP/WEAK/STRONG`); Strong past each episode.
+    labels: [B, T] int32 `losses.Label` codes; Strong past each episode.
     asked: [B, T] bool, the turns whose label came from the judge mode (valid turns); the rest
       are invalid turns (Strong by rule) or padding.
     answers: per episode, per turn, the teacher's raw answer in `prompt` mode, else None.
@@ -191,7 +191,7 @@ def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np
       ones when the turn carries `expert_action`).
   """
   _check_turns(episodes, num_turns)
-  labels = np.full((len(episodes), num_turns), prompts.STRONG, np.int32)
+  labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
   known = np.zeros((len(episodes), num_turns), bool)
   valid = _valid_turns(episodes, num_turns)
   for b, episode in enumerate(episodes):
@@ -200,7 +200,8 @@ def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np
         known[b, t] = True
       elif getattr(turn, "expert_action", None) is not None:
         known[b, t] = True
-        labels[b, t] = prompts.SKIP if same_action(turn.action, turn.expert_action) else prompts.WEAK
+        same = same_action(turn.action, turn.expert_action)
+        labels[b, t] = losses.Label.SKIP if same else losses.Label.WEAK
   return labels, known
 
 
@@ -510,7 +511,7 @@ def transcript_answers(questions: PackedQuestions, answer_logits_BxRxV: Any, tok
   out = []
   for b, t, r in questions.turns:
     token = int(top_BxR[b, r])
-    label = label_ids.index(token) if token in label_ids else prompts.STRONG
+    label = label_ids.index(token) if token in label_ids else losses.Label.STRONG
     out.append((b, t, label, tokenizer.decode([token], skip_special_tokens=True)))
   return out
 
@@ -564,9 +565,9 @@ def likelihood_labels(
   mean_BxT = np.asarray(losses.turn_mean(jnp.asarray(teacher_logprobs_BxS), action_turn_ids, num_turns))
   has_action = np.asarray(losses.turn_lengths(action_turn_ids, num_turns)) > 0
   skip_above, weak_above = thresholds
-  labels = np.where(mean_BxT > skip_above, prompts.SKIP, np.where(mean_BxT > weak_above, prompts.WEAK,
-                                                                  prompts.STRONG))
-  labels = np.where(has_action, labels, prompts.STRONG).astype(np.int32)
+  labels = np.where(mean_BxT > skip_above, losses.Label.SKIP,
+                    np.where(mean_BxT > weak_above, losses.Label.WEAK, losses.Label.STRONG))
+  labels = np.where(has_action, labels, losses.Label.STRONG).astype(np.int32)
   return labels, mean_BxT.astype(np.float32)
 
 
@@ -608,7 +609,7 @@ def judge_batch(
   """
   _check_turns(episodes, num_turns)
   asked = _valid_turns(episodes, num_turns)
-  labels = np.full((len(episodes), num_turns), prompts.STRONG, np.int32)
+  labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
   answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
   num_prompts = 0
 
@@ -642,7 +643,7 @@ def judge_batch(
     mask = action_token_mask(tokens_BxS, turn_ids_BxS, tokenizer)
     scored, _ = likelihood_labels(teacher_logprobs_BxS, mask, turn_ids_BxS, num_turns,
                                   config.likelihood_thresholds)
-    labels = np.where(asked, scored, prompts.STRONG).astype(np.int32)
+    labels = np.where(asked, scored, losses.Label.STRONG).astype(np.int32)
   else:
     _log.warning("judge.mode='oracle': labels come from the environment's expert. This is for "
                 "analysis only; it is not SAGE-OPD's verifier-free judge.")

@@ -25,10 +25,10 @@ Reading order: E1/E2/E10 divergences -> E6 confidence -> E5/E7/E8 turn weights -
 PPO surrogate -> `sage_opd_loss`, which composes them for every row of docs/method.md's table.
 """
 
+import dataclasses
 import enum
 import functools
-import inspect
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +38,59 @@ Batch = Mapping[str, Array]
 
 
 class Label(enum.IntEnum):
-  """The judge's turn labels (E5), as stored in `batch["labels"]`."""
+  """The judge's turn labels (E5), as stored in `batch["labels"]`; the one definition of the codes.
+
+  `prompts` writes and parses them as words (`Label.SKIP.word` is "Skip").
+  """
 
   SKIP = 0
   WEAK = 1
   STRONG = 2
+
+  @property
+  def word(self) -> str:
+    return self.name.capitalize()
 
 
 CONFIDENCE_MODES = ("turn_mean_top1", "neg_entropy", "token_top1", "none")
 ESTIMATORS = ("sampled", "full")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
+# ----------------------------------------------------------------------------------------
+# Option rules: the loss functions and `LossOptions` check an option with the same helper.
+# ----------------------------------------------------------------------------------------
+
+
+class LossOptionError(ValueError):
+  """A loss option that cannot run; `field` names it (config validation reports it as its key)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
+def _one_of(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise LossOptionError(field, f"{field}={value!r}: must be one of {allowed}.")
+
+
+def _check_range(field: str, value: Any, ok: bool, rule: str) -> None:
+  if not ok:
+    raise LossOptionError(field, f"{field}={value!r}: must {rule}.")
+
+
+def _check_jsd_beta(beta: float) -> None:
+  _check_range("jsd_beta", beta, 0.0 < beta < 1.0, "lie in (0, 1): both ends are identically zero")
+
+
+def _check_alpha(alpha: float) -> None:
+  _check_range("alpha", alpha, 0.0 <= alpha <= 1.0, "lie in [0, 1]")
+
+
+def _check_dual_clip(dual_clip: float | None) -> None:
+  _check_range("dual_clip", dual_clip, dual_clip is None or dual_clip > 1.0, "be > 1 (PPO dual clip), or None (off)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,8 +193,7 @@ def jsd(student_logits: Array, teacher_logits: Array, beta: float = 0.5) -> Arra
 
 def _jsd(logp: Array, logq: Array, beta: float) -> Array:
   """[..., V] x2 -> [...]: beta KL(q || M) + (1 - beta) KL(p || M), M = beta q + (1 - beta) p."""
-  if not 0.0 < beta < 1.0:
-    raise ValueError(f"jsd: beta must be in (0, 1), got {beta}.")
+  _check_jsd_beta(beta)
   logm = jnp.logaddexp(jnp.log(beta) + logq, jnp.log1p(-beta) + logp)
   return beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
 
@@ -291,8 +332,8 @@ def intervention_weights(labels: Array, alpha: float = 0.5) -> Array:
   Codes other than Weak/Strong (padding turns) weigh 0; `validate_batch` rejects them on
   the host.
   """
-  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"intervention_weights: alpha must be in [0, 1], got {alpha}.")
+  if isinstance(alpha, (int, float)):
+    _check_alpha(alpha)
   return jnp.where(
       labels == Label.STRONG, 1.0, jnp.where(labels == Label.WEAK, alpha, 0.0)
   ).astype(jnp.float32)
@@ -375,8 +416,7 @@ def ppo_clip_loss(
   r = exp(clamp(log pi - log pi_old, +-log_ratio_clamp)). For A < 0 the loss is further
   capped at -dual_clip * A (None disables it). `advantages` must be stop-gradient already.
   """
-  if dual_clip is not None and dual_clip <= 1.0:
-    raise ValueError(f"ppo_clip_loss: dual_clip must be > 1, got {dual_clip}.")
+  _check_dual_clip(dual_clip)
   log_ratio = jnp.clip(_float(logprobs) - _float(old_logprobs), -log_ratio_clamp, log_ratio_clamp)
   ratio = jnp.exp(log_ratio)
   advantages = _float(advantages)
@@ -387,62 +427,160 @@ def ppo_clip_loss(
 
 
 # ----------------------------------------------------------------------------------------
-# The registry: one decorated function per method, mapping a batch to token scores s.
+# The registry: one decorated function per method, mapping a batch to token scores s, and
+# the loss options, checked once when they are built.
 # ----------------------------------------------------------------------------------------
 
 
-class ScoreOptions(NamedTuple):
-  """What a registered score function may read besides the batch."""
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """Every option of `sage_opd_loss`: frozen and hashable (jit may treat it as static), and checked once, here.
 
-  num_turns: int | None  # T; taken from batch["labels"] when that is present.
-  alpha: float  # i of a Weak turn (E5).
-  confidence: str  # One of CONFIDENCE_MODES (E6).
-  teacher_vocab_size: int | None  # V for `neg_entropy` when no teacher logits are given.
+  `LossOptions.for_method` also applies the method's registered defaults; `config.validate`
+  builds one from `config.method` and `config.loss`, so a run fails where the loss would.
+  """
+
+  method: str = "sage_opd"  # A registered name (`registered_losses()`).
+  estimator: str = "sampled"  # "sampled" (E4: PPO-clip on the k1 estimate) or "full" (E2, E10).
+  divergence: str = "reverse_kl"  # reverse_kl | forward_kl | jsd; the last two need estimator="full".
+  jsd_beta: float = 0.5  # GKD's beta, strictly inside (0, 1): both ends are identically zero.
+  alpha: float = 0.5  # i of a Weak turn (E5), in [0, 1].
+  confidence: str = "turn_mean_top1"  # One of CONFIDENCE_MODES (E6).
+  aggregation: str = "token_mean"  # token_mean (sum w l / N) | seq_mean_token_mean (mean of row means).
+  ppo_clip: float = 0.2  # Ratio clip epsilon (E4).
+  dual_clip: float | None = 3.0  # Cap for negative advantages, > 1; None turns it off.
+  log_ratio_clamp: float = 20.0  # |log pi - log pi_old| is clamped to this before exp.
+  old_logprobs: str = "batch"  # "batch": the sampler's log pi_old; "current": stop_gradient(log pi_theta).
+  num_turns: int | None = None  # T when the batch has no labels (turn-level confidence needs it).
+  teacher_vocab_size: int | None = None  # V for `neg_entropy` when no teacher logits are given.
+
+  def __post_init__(self):
+    variant(self.method)
+    _one_of("estimator", self.estimator, ESTIMATORS)
+    _one_of("divergence", self.divergence, DIVERGENCES)
+    _one_of("confidence", self.confidence, CONFIDENCE_MODES)
+    _one_of("aggregation", self.aggregation, AGGREGATIONS)
+    _one_of("old_logprobs", self.old_logprobs, ("batch", "current"))
+    if self.divergence != "reverse_kl" and self.estimator != "full":
+      raise LossOptionError("divergence", f"divergence={self.divergence!r} needs estimator='full' (the teacher's "
+                                          "distribution).")
+    _check_jsd_beta(self.jsd_beta)
+    _check_alpha(self.alpha)
+    _check_range("ppo_clip", self.ppo_clip, self.ppo_clip > 0, "be > 0")
+    _check_dual_clip(self.dual_clip)
+    _check_range("log_ratio_clamp", self.log_ratio_clamp, self.log_ratio_clamp > 0, "be > 0")
+    for field in ("num_turns", "teacher_vocab_size"):
+      value = getattr(self, field)
+      _check_range(field, value, value is None or value >= 1, "be >= 1 or None")
+
+  @classmethod
+  def for_method(cls, method: str = "sage_opd", **fields: Any) -> "LossOptions":
+    """The options of `method`: its registered defaults, then `fields` (LossOptions field names)."""
+    return _replace(cls(method=method, **dict(variant(method).defaults)), **fields)
 
 
-ScoreFn = Callable[[Batch, ScoreOptions], Array]
+def _check_names(what: str, fields: Mapping[str, Any]) -> None:
+  """A misspelt option must raise, not vanish."""
+  known = [f.name for f in dataclasses.fields(LossOptions)]
+  unknown = set(fields) - set(known)
+  if unknown:
+    raise ValueError(f"{what}: unknown loss option(s) {sorted(unknown)}; known: {known}.")
 
 
-class LossVariant(NamedTuple):
+def _replace(options: LossOptions, **fields: Any) -> LossOptions:
+  """`options` with `fields` (LossOptions field names) changed."""
+  _check_names("loss options", fields)
+  return dataclasses.replace(options, **fields) if fields else options
+
+
+def _resolve(options: LossOptions | None, fields: Mapping[str, Any]) -> LossOptions:
+  """The options a loss function runs with: `options` (or the method's own) with `fields` changed."""
+  if options is None:
+    return LossOptions.for_method(**fields)
+  return _replace(options, **fields)
+
+
+ScoreFn = Callable[[Batch, LossOptions], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossVariant:
+  """A registered method: its token score, and what the training loop must provide for it."""
+
+  name: str
   score_fn: ScoreFn  # (batch, options) -> s [B, S], token-level, before (E8).
   normalize: bool  # Apply (E8) to s.
   objective: str  # "distill" (E4/E2/E10 per the estimator) or "cross_entropy" (sft).
+  needs_labels: bool  # The score reads batch["labels"]: the loop runs the judge (E5).
+  rollouts: int  # 2: a second rollout, in which the teacher replaces the turns the judge labels Strong, joins.
+  defaults: tuple[tuple[str, Any], ...]  # (LossOptions field, value) pairs `for_method` starts from.
+
+  @property
+  def needs_teacher(self) -> bool:
+    """Whether the loop scores the batch with the teacher: cross entropy reads the tokens only."""
+    return self.objective == "distill"
+
+  @property
+  def uses_judge(self) -> bool:
+    """Whether the loop asks the judge: for the labels, or to pick the turns of the second rollout."""
+    return self.needs_labels or self.rollouts > 1
 
 
 _REGISTRY: dict[str, LossVariant] = {}
 
 
 def register_loss(
-    name: str, *, normalize: bool = True, objective: str = "distill"
+    name: str,
+    *,
+    normalize: bool = True,
+    objective: str = "distill",
+    needs_labels: bool = False,
+    rollouts: int = 1,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
-  """Decorator: registers `score_fn(batch, options) -> s [B, S]` as method `name`."""
+  """Decorator: registers `score_fn(batch, options) -> s [B, S]` as method `name`.
+
+  Args:
+    name: the method name (`config.method`, `config.pipeline.methods`).
+    normalize: apply (E8) to the scores.
+    objective: "distill" (the estimator's divergence to the teacher) or "cross_entropy" (no teacher).
+    needs_labels: the score reads batch["labels"] (`batch_intervention`), so the loop runs the judge.
+    rollouts: 1, or 2 for a second, teacher-intervened rollout of the same tasks (`opd_two_rollout`).
+    defaults: LossOptions fields that differ for this method when a caller leaves them unset
+      (`LossOptions.for_method`; `config.loss` sets every field).
+  """
   if objective not in ("distill", "cross_entropy"):
-    raise ValueError(f"register_loss({name!r}): unknown objective {objective!r}.")
+    raise ValueError(f"register_loss({name!r}): objective={objective!r}; expected 'distill' or 'cross_entropy'.")
+  if rollouts not in (1, 2):
+    raise ValueError(f"register_loss({name!r}): rollouts={rollouts}; expected 1 or 2.")
+  _check_names(f"register_loss({name!r}) defaults", defaults or {})
+  defaults = tuple(sorted((defaults or {}).items()))
 
   def decorate(score_fn: ScoreFn) -> ScoreFn:
     if name in _REGISTRY:
       raise ValueError(f"register_loss: a loss named {name!r} is already registered.")
-    _REGISTRY[name] = LossVariant(score_fn, normalize, objective)
+    _REGISTRY[name] = LossVariant(name, score_fn, normalize, objective, needs_labels, rollouts, defaults)
     return score_fn
 
   return decorate
 
 
 def registered_losses() -> tuple[str, ...]:
-  """The method names `sage_opd_loss(method=...)` accepts."""
+  """The method names `LossOptions(method=...)` accepts."""
   return tuple(sorted(_REGISTRY))
+
+
+def variant(name: str) -> LossVariant:
+  """The registered method `name`; unknown names raise, listing the registered ones."""
+  if name not in _REGISTRY:
+    raise LossOptionError("method", f"method={name!r}: not a registered loss; registered: {registered_losses()}.")
+  return _REGISTRY[name]
 
 
 def get_loss(name: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """The loss function `(student_logits, batch, **options) -> (loss, metrics)` of `name`."""
-  _variant(name)
+  variant(name)
   return functools.partial(sage_opd_loss, method=name)
-
-
-def _variant(name: str) -> LossVariant:
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown loss method {name!r}; registered: {registered_losses()}.")
-  return _REGISTRY[name]
 
 
 def _require(batch: Batch, key: str, why: str) -> Array:
@@ -451,7 +589,7 @@ def _require(batch: Batch, key: str, why: str) -> Array:
   return batch[key]
 
 
-def batch_intervention(batch: Batch, options: ScoreOptions) -> Array:
+def batch_intervention(batch: Batch, options: LossOptions) -> Array:
   """-> [B, S]: (E5) i_t of each response token's turn, from batch["labels"] [B, T]."""
   labels_BxT = _require(batch, "labels", "turn-level intervention (E5)")
   return turns_to_tokens(intervention_weights(labels_BxT, options.alpha), batch["turn_ids"])
@@ -466,14 +604,14 @@ def _teacher_stat(batch: Batch, key: str, why: str) -> Array:
   raise ValueError(f"batch[{key!r}] (or batch['teacher_logits']) is missing; needed for {why}.")
 
 
-def _confidence_available(batch: Batch, options: ScoreOptions) -> bool:
+def _confidence_available(batch: Batch, options: LossOptions) -> bool:
   if options.confidence == "none" or "teacher_logits" in batch:
     return True
   key = "teacher_entropy" if options.confidence == "neg_entropy" else "teacher_top1"
   return key in batch
 
 
-def batch_confidence(batch: Batch, options: ScoreOptions) -> Array:
+def batch_confidence(batch: Batch, options: LossOptions) -> Array:
   """-> [B, S]: (E6) c of each response token (its turn's c_t, or c_{t,j} for token_top1)."""
   mode, why = options.confidence, f"confidence={options.confidence!r} (E6)"
   if options.num_turns is None:
@@ -490,35 +628,35 @@ def batch_confidence(batch: Batch, options: ScoreOptions) -> Array:
   return c if mode == "token_top1" else turns_to_tokens(c, batch["turn_ids"])
 
 
-def _ones(batch: Batch, options: ScoreOptions) -> Array:
+def _ones(batch: Batch, options: LossOptions) -> Array:
   del options
   return jnp.ones(batch["turn_ids"].shape, jnp.float32)
 
 
 register_loss("sft", normalize=False, objective="cross_entropy")(_ones)
 register_loss("opd", normalize=False)(_ones)
-# The second, teacher-intervened rollout is stacked onto the batch by the rollout; the loss
-# itself is plain OPD on every row.
-register_loss("opd_two_rollout", normalize=False)(_ones)
+# The second, teacher-intervened rollout is stacked onto the batch by the loop; the loss itself
+# is plain OPD on every row.
+register_loss("opd_two_rollout", normalize=False, rollouts=2)(_ones)
 
 
-@register_loss("sage_opd")
-def _sage_opd(batch: Batch, options: ScoreOptions) -> Array:
+@register_loss("sage_opd", needs_labels=True)
+def _sage_opd(batch: Batch, options: LossOptions) -> Array:
   return batch_intervention(batch, options) * batch_confidence(batch, options)
 
 
 @register_loss("sage_opd_no_intervention")
-def _sage_opd_no_intervention(batch: Batch, options: ScoreOptions) -> Array:
+def _sage_opd_no_intervention(batch: Batch, options: LossOptions) -> Array:
   return batch_confidence(batch, options)
 
 
-@register_loss("sage_opd_no_confidence")
-def _sage_opd_no_confidence(batch: Batch, options: ScoreOptions) -> Array:
+@register_loss("sage_opd_no_confidence", needs_labels=True)
+def _sage_opd_no_confidence(batch: Batch, options: LossOptions) -> Array:
   return batch_intervention(batch, options)
 
 
-@register_loss("sage_opd_no_norm", normalize=False)
-def _sage_opd_no_norm(batch: Batch, options: ScoreOptions) -> Array:
+@register_loss("sage_opd_no_norm", normalize=False, needs_labels=True)
+def _sage_opd_no_norm(batch: Batch, options: LossOptions) -> Array:
   return batch_intervention(batch, options) * batch_confidence(batch, options)
 
 
@@ -543,26 +681,6 @@ def _full_divergence(student_logits: Array, batch: Batch, divergence: str, beta:
                    "batch['teacher_topk_logprobs']) is missing; needed for estimator='full' (E2/E10).")
 
 
-def _check_unused(fn_name: str, options: Mapping[str, object]) -> None:
-  """The loss config may be passed whole, but a misspelt option must not vanish."""
-  unknown = set(options) - set(_LOSS_OPTIONS)
-  if unknown:
-    raise ValueError(f"{fn_name}: unknown loss option(s) {sorted(unknown)}; known: {_LOSS_OPTIONS}.")
-
-
-def _check_options(estimator: str, divergence: str, aggregation: str, confidence: str) -> None:
-  for arg, value, allowed in (
-      ("estimator", estimator, ESTIMATORS),
-      ("divergence", divergence, DIVERGENCES),
-      ("aggregation", aggregation, AGGREGATIONS),
-      ("confidence", confidence, CONFIDENCE_MODES),
-  ):
-    if value not in allowed:
-      raise ValueError(f"sage_opd_loss: {arg}={value!r}; expected one of {allowed}.")
-  if divergence != "reverse_kl" and estimator != "full":
-    raise ValueError(f"sage_opd_loss: divergence={divergence!r} needs estimator='full'.")
-
-
 def _check_shapes(student_logits: Array, batch: Batch) -> None:
   """Static shape checks, so a mis-built batch fails before it compiles."""
   bs = student_logits.shape[:2]
@@ -579,13 +697,14 @@ def _check_shapes(student_logits: Array, batch: Batch) -> None:
     raise ValueError(f"batch['labels'] has shape {batch['labels'].shape}; expected ({bs[0]}, T).")
 
 
-def _resolve_num_turns(batch: Batch, num_turns: int | None) -> int | None:
+def _with_batch_turns(options: LossOptions, batch: Batch) -> LossOptions:
+  """`options` with num_turns = batch["labels"]'s T, when the batch has labels."""
   if "labels" not in batch:
-    return num_turns
+    return options
   labels_t = batch["labels"].shape[1]
-  if num_turns is not None and num_turns != labels_t:
-    raise ValueError(f"num_turns={num_turns} disagrees with batch['labels'] T={labels_t}.")
-  return labels_t
+  if options.num_turns is not None and options.num_turns != labels_t:
+    raise ValueError(f"num_turns={options.num_turns} disagrees with batch['labels'] T={labels_t}.")
+  return dataclasses.replace(options, num_turns=labels_t)
 
 
 def _psum(x, axis_name):
@@ -597,15 +716,7 @@ def _safe_div(num: Array, den: Array) -> Array:
 
 
 def loss_totals(
-    batch: Batch,
-    *,
-    method: str = "sage_opd",
-    alpha: float = 0.5,
-    confidence: str = "turn_mean_top1",
-    num_turns: int | None = None,
-    teacher_vocab_size: int | None = None,
-    axis_name: str | None = None,
-    **unused_options,
+    batch: Batch, options: LossOptions | None = None, *, axis_name: str | None = None, **fields: Any
 ) -> dict[str, Array]:
   """-> this batch's contribution to the normalisers, as `sage_opd_loss`'s global_* kwargs.
 
@@ -613,14 +724,11 @@ def loss_totals(
   over `axis_name`), then pass the sums to each micro-batch's `sage_opd_loss(**totals)`.
   Returns scalars `global_num_tokens` (N), `global_weight_sum` (sum of s over response
   tokens = sum_t L_t s_t) and `global_num_sequences` (rows with >= 1 response token).
-  The other `sage_opd_loss` options are accepted and ignored, so the loss config can be
-  passed whole; unknown names raise.
+  `options` (or `fields`, LossOptions field names) as for `sage_opd_loss`.
   """
-  _check_unused("loss_totals", unused_options)
-  variant = _variant(method)
-  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
+  options = _with_batch_turns(_resolve(options, fields), batch)
   mask_BxS = response_mask(batch["turn_ids"], options.num_turns).astype(jnp.float32)
-  score_BxS = _float(variant.score_fn(batch, options)) * mask_BxS
+  score_BxS = _float(variant(options.method).score_fn(batch, options)) * mask_BxS
   totals = {
       "global_num_tokens": jnp.sum(mask_BxS),
       "global_weight_sum": jnp.sum(score_BxS),
@@ -631,31 +739,25 @@ def loss_totals(
 
 def token_weights(
     batch: Batch,
+    options: LossOptions | None = None,
     *,
-    method: str = "sage_opd",
-    alpha: float = 0.5,
-    confidence: str = "turn_mean_top1",
-    num_turns: int | None = None,
-    teacher_vocab_size: int | None = None,
     axis_name: str | None = None,
     global_num_tokens: Array | None = None,
     global_weight_sum: Array | None = None,
-    **unused_options,
+    **fields: Any,
 ) -> Array:
-  """-> w [B, S]: each response token's weight under `method` ((E7), then (E8) unless the
+  """-> w [B, S]: each response token's weight under the method ((E7), then (E8) unless the
   method opts out); 0 off response tokens. Under stop-gradient: weights are never trained.
 
   `sage_opd_loss` weighs its per-token loss with exactly this; it is public so that logs and
-  transcripts show the weights the update used. The other `sage_opd_loss` options are
-  accepted and ignored; unknown names raise.
+  transcripts show the weights the update used. `options` (or `fields`) as for `sage_opd_loss`.
   """
-  _check_unused("token_weights", unused_options)
-  variant = _variant(method)
   batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
-  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
+  options = _with_batch_turns(_resolve(options, fields), batch)
+  method = variant(options.method)
   mask_BxS = response_mask(batch["turn_ids"], options.num_turns)
-  score_BxS = jnp.where(mask_BxS, _float(variant.score_fn(batch, options)), 0.0)
-  if variant.normalize:
+  score_BxS = jnp.where(mask_BxS, _float(method.score_fn(batch, options)), 0.0)
+  if method.normalize:
     score_BxS = _normalise(score_BxS, mask_BxS.astype(jnp.float32), axis_name, global_num_tokens,
                            global_weight_sum)
   return jax.lax.stop_gradient(score_BxS)
@@ -664,24 +766,13 @@ def token_weights(
 def sage_opd_loss(
     student_logits: Array,
     batch: Batch,
+    options: LossOptions | None = None,
     *,
-    method: str = "sage_opd",
-    estimator: str = "sampled",
-    divergence: str = "reverse_kl",
-    jsd_beta: float = 0.5,
-    alpha: float = 0.5,
-    confidence: str = "turn_mean_top1",
-    aggregation: str = "token_mean",
-    ppo_clip: float = 0.2,
-    dual_clip: float | None = 3.0,
-    log_ratio_clamp: float = 20.0,
-    num_turns: int | None = None,
-    teacher_vocab_size: int | None = None,
-    old_logprobs: str = "batch",
     axis_name: str | None = None,
     global_num_tokens: Array | None = None,
     global_weight_sum: Array | None = None,
     global_num_sequences: Array | None = None,
+    **fields: Any,
 ) -> tuple[Array, dict[str, Array]]:
   """(E3)/(E9) for every row of docs/method.md's table: [B, S, V] logits + batch -> (loss, metrics).
 
@@ -700,18 +791,13 @@ def sage_opd_loss(
       teacher_logits: the divergence on the teacher's top-k support (`topk_divergence`).
   Everything from the batch is under stop-gradient; only `student_logits` is trained.
 
-  Options (the names of config.loss, so `**config.loss` can be passed):
-    method: a registered name (`registered_losses()`): sft, opd, opd_two_rollout, sage_opd,
-      sage_opd_no_intervention, sage_opd_no_confidence, sage_opd_no_norm.
-    estimator: "sampled" (E4: PPO-clip on the k1 estimate) or "full" (E2 and E10).
-    divergence: reverse_kl | forward_kl | jsd (the last two need estimator="full").
-    aggregation: "token_mean" (sum w l / N) or "seq_mean_token_mean" (per-row mean over its
-      response tokens, then the mean over rows that have any).
-    num_turns: T when batch has no labels (needed by turn-level confidence).
+  Args:
+    options: a `LossOptions` (the method and every option); None: `LossOptions.for_method`.
     axis_name: inside shard_map, psums N, sum(L s), the row count, the loss and metrics.
     global_num_tokens, global_weight_sum, global_num_sequences: totals over every
       micro-batch and device (`loss_totals`); then the returned losses of all micro-batches
       (and devices, when psum'd via axis_name) sum to the global loss.
+    **fields: LossOptions fields that replace those of `options`, e.g. `method="opd"`.
 
   Returns:
     loss: scalar. With axis_name it is the psum of every device's share (the same value on
@@ -723,32 +809,27 @@ def sage_opd_loss(
       confidence_mean (over non-empty turns, or response tokens for token_top1; when the
       teacher statistics are given); for sft nll_mean.
   """
-  _check_options(estimator, divergence, aggregation, confidence)
   _check_shapes(student_logits, batch)
-  if old_logprobs not in ("batch", "current"):
-    raise ValueError(f"sage_opd_loss: old_logprobs={old_logprobs!r}; expected 'batch' or 'current'.")
-  variant = _variant(method)
   batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
+  options = _with_batch_turns(_resolve(options, fields), batch)
+  method = variant(options.method)
+  estimator, ppo_clip, log_ratio_clamp = options.estimator, options.ppo_clip, options.log_ratio_clamp
   turn_ids = batch["turn_ids"]
-  options = ScoreOptions(_resolve_num_turns(batch, num_turns), alpha, confidence, teacher_vocab_size)
   mask_BxS = response_mask(turn_ids, options.num_turns)
   maskf_BxS = mask_BxS.astype(jnp.float32)
-  w_BxS = token_weights(
-      batch, method=method, alpha=alpha, confidence=confidence, num_turns=options.num_turns,
-      teacher_vocab_size=teacher_vocab_size, axis_name=axis_name,
-      global_num_tokens=global_num_tokens, global_weight_sum=global_weight_sum,
-  )
+  w_BxS = token_weights(batch, options, axis_name=axis_name, global_num_tokens=global_num_tokens,
+                        global_weight_sum=global_weight_sum)
   trained_BxS = w_BxS > 0
 
   # Per-token loss l (w already folded in) and the per-token divergence for the metrics.
   student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
   metrics = {}
-  if variant.objective == "cross_entropy":
+  if method.objective == "cross_entropy":
     loss_BxS = -w_BxS * student_logp_BxS
     divergence_BxS = None
   elif estimator == "sampled":
     teacher_logp = _float(_teacher_stat(batch, "teacher_logprobs", "estimator='sampled'"))
-    if old_logprobs == "batch":
+    if options.old_logprobs == "batch":
       old_logp = _float(_require(batch, "behaviour_logprobs", "estimator='sampled' (PPO ratio)"))
     else:
       old_logp = jax.lax.stop_gradient(student_logp_BxS)
@@ -756,7 +837,7 @@ def sage_opd_loss(
     advantage_BxS = jnp.where(trained_BxS, -w_BxS * (old_logp - teacher_logp), 0.0)
     loss_BxS = ppo_clip_loss(
         student_logp_BxS, old_logp, advantage_BxS,
-        clip_eps=ppo_clip, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp,
+        clip_eps=ppo_clip, dual_clip=options.dual_clip, log_ratio_clamp=log_ratio_clamp,
     )
     divergence_BxS = sampled_reverse_kl(jax.lax.stop_gradient(student_logp_BxS), teacher_logp)
     ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(student_logp_BxS) - old_logp,
@@ -767,7 +848,7 @@ def sage_opd_loss(
         _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name),
     )
   else:
-    divergence_BxS = _full_divergence(student_logits, batch, divergence, jsd_beta)
+    divergence_BxS = _full_divergence(student_logits, batch, options.divergence, options.jsd_beta)
     loss_BxS = w_BxS * divergence_BxS
   # Untrained tokens (w = 0) add exactly 0, even where a divergence is inf (-inf teacher logits).
   loss_BxS = jnp.where(trained_BxS, loss_BxS, 0.0)
@@ -777,7 +858,7 @@ def sage_opd_loss(
     num_tokens = _float(global_num_tokens)
   else:
     num_tokens = _psum(jnp.sum(maskf_BxS), axis_name)
-  if aggregation == "token_mean":
+  if options.aggregation == "token_mean":
     loss = _safe_div(_psum(jnp.sum(loss_BxS), axis_name), num_tokens)
   else:
     row_tokens_B = jnp.sum(maskf_BxS, axis=1)
@@ -812,9 +893,9 @@ def sage_opd_loss(
       for label in Label:
         hits = jnp.sum((nonempty_BxT & (batch["labels"] == label)).astype(jnp.float32))
         metrics[f"{label.name.lower()}_frac"] = _safe_div(_psum(hits, axis_name), num_turns_nonempty)
-    if variant.objective == "distill" and _confidence_available(batch, options):
+    if method.objective == "distill" and _confidence_available(batch, options):
       c_BxS = batch_confidence(batch, options)
-      if confidence == "token_top1":
+      if options.confidence == "token_top1":
         metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxS), axis_name), local_tokens)
       else:
         # Mean over non-empty turns: each turn's c_t counted once (sum over tokens / L_t).
@@ -822,13 +903,6 @@ def sage_opd_loss(
                           turn_lengths(turn_ids, options.num_turns).astype(jnp.float32))
         metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
   return loss, metrics
-
-
-# The keyword options of `sage_opd_loss`; `loss_totals` and `token_weights` accept them all.
-_LOSS_OPTIONS = tuple(
-    name for name, p in inspect.signature(sage_opd_loss).parameters.items()
-    if p.kind == inspect.Parameter.KEYWORD_ONLY
-)
 
 
 def validate_batch(batch: Batch, num_turns: int) -> None:

@@ -41,6 +41,7 @@ import ml_collections
 
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import dagger
+from sage_opd_jax import losses
 from sage_opd_jax import provenance
 from sage_opd_jax import results
 from sage_opd_jax import tokenization
@@ -232,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       run_dir = runs_root / "runs" / method / f"seed{seed}"
       changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=student_hf,
                      teacher__hf_dir=teacher_hf, train__num_steps=p.distill_steps)
-      if method == "sft":  # The off-policy baseline: more SFT from the same start, same updates.
+      if not losses.variant(method).needs_teacher:  # Off-policy (sft): more SFT from the same start, same updates.
         changes.update(stage="sft", sft__demos_dir=str(train_demos), **_AS_COLLECTED)
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       run_cfg = _derive(base, **changes)

@@ -1,6 +1,7 @@
 """The acting and judge prompts, and parsing of the model's answers.
 
-Pure host-side text code: it may use a tokenizer's chat template, never jax.
+Pure host-side text code: it may use a tokenizer's chat template, never jax (it takes the label
+codes from `losses.Label`, their one definition).
 
 Two acting layouts exist, both ReAct style as in GiGPO / verl-agent (think in
 `<think></think>`, answer in `<action></action>`):
@@ -24,16 +25,15 @@ import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
+from sage_opd_jax.losses import Label
+
 ACTION_OPEN = "<action>"
 ACTION_CLOSE = "</action>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
-# Judge labels, as stored in `labels[B, T]` and used by the intervention weights (E5).
-SKIP = 0
-WEAK = 1
-STRONG = 2
-LABEL_NAMES = ("Skip", "Weak", "Strong")
+# The judge's answer words, in `Label` code order (labels[B, T] hold the codes; E5).
+LABEL_NAMES = tuple(label.word for label in Label)
 
 # ChatML as Qwen uses it, without a default system message: every message renders
 # independently of its position, so the multi-turn layout is prefix-stable.
@@ -59,7 +59,7 @@ History = Sequence[tuple[str, str | None]]  # (observation, the action taken aft
 _ACTION_OPEN_RE = re.compile(r"<\s*action\s*>", re.IGNORECASE)
 _ACTION_CLOSE_RE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
 _THINK_CLOSE_RE = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
-_LABEL_RE = re.compile(r"\b(skip|weak|strong)\b", re.IGNORECASE)
+_LABEL_RE = re.compile(r"\b(" + "|".join(LABEL_NAMES) + r")\b", re.IGNORECASE)
 
 
 def parse_action(response: str, lowercase: bool = True) -> str | None:
@@ -103,21 +103,21 @@ def action_span(response: str) -> tuple[int, int] | None:
   return (start, end) if end > start else None
 
 
-def parse_judge_label(text: str) -> int:
-  """The judge's label: `SKIP`, `WEAK` or `STRONG`.
+def parse_judge_label(text: str) -> Label:
+  """The judge's label: `Label.SKIP`, `Label.WEAK` or `Label.STRONG`.
 
   Only the text after the last `</think>` counts, so a judge may reason first. The
   label words are matched as whole words, in any case, among other words ("Answer:
   weak."). Anything that is not clearly one label (no label word, or two different
-  ones) is `STRONG`: when in doubt, supervise (E5 in docs/method.md).
+  ones) is Strong: when in doubt, supervise (E5 in docs/method.md).
   """
   closes = list(_THINK_CLOSE_RE.finditer(text))
   if closes:
     text = text[closes[-1].end():]
   found = {m.group(1).lower() for m in _LABEL_RE.finditer(text)}
   if len(found) != 1:
-    return STRONG
-  return {"skip": SKIP, "weak": WEAK, "strong": STRONG}[found.pop()]
+    return Label.STRONG
+  return Label[found.pop().upper()]
 
 
 # ---------------------------------------------------------------------------

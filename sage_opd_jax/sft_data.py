@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sage_opd_jax import losses
 from sage_opd_jax import prompts
 from sage_opd_jax.config import THOUGHTS
 from sage_opd_jax.envs import demos
@@ -236,7 +237,7 @@ class JudgeExample:
     action: the judged action; None stands for an unparseable response (no action tag).
     feedback: the env's answer to it, o_{t+1}.
     admissible_actions: the admissible actions at o_t.
-    label: prompts.SKIP / WEAK / STRONG.
+    label: a `losses.Label` code.
     thought: the <think> text of the judged response (as the acting demos are trained).
     history_thoughts: the <think> texts of the `history` turns' responses ("" each if empty);
       the transcript judge's question shows those responses whole.
@@ -298,14 +299,14 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
 
 
 def label_code(label: str | int) -> int:
-  """A label name ("Skip", any case) or code -> prompts.SKIP/WEAK/STRONG."""
+  """A label name ("Skip", any case) or code -> its `losses.Label`."""
   if isinstance(label, str):
     names = [n.lower() for n in prompts.LABEL_NAMES]
     if label.lower() not in names:
       raise ValueError(f"judge example label {label!r}: must be one of {prompts.LABEL_NAMES}.")
     return names.index(label.lower())
-  if label not in (prompts.SKIP, prompts.WEAK, prompts.STRONG):
-    raise ValueError(f"judge example label {label!r}: must be prompts.SKIP, WEAK or STRONG.")
+  if label not in tuple(losses.Label):
+    raise ValueError(f"judge example label {label!r}: must be a losses.Label code {tuple(map(int, losses.Label))}.")
   return int(label)
 
 

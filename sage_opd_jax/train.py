@@ -11,6 +11,7 @@ those sums are global over devices too without any explicit collective.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
@@ -239,22 +240,24 @@ def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
 
 
-def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int | None) -> dict[str, Any]:
-  """`losses.sage_opd_loss` keyword options of a run: `config.loss` plus what it implies."""
+def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int | None) -> losses.LossOptions:
+  """The `losses.LossOptions` of a run: `config.loss` for `method`, plus T and the teacher's V."""
   teacher = config.teacher
   vocab = models.ModelConfig.from_hf(teacher.hf_dir).vocab_size if teacher.hf_dir else teacher.model.vocab_size
-  return dict(config.loss.to_dict(), method=method, num_turns=num_turns, teacher_vocab_size=vocab)
+  return dataclasses.replace(config_lib.loss_options(config, method), num_turns=num_turns, teacher_vocab_size=vocab)
 
 
-def make_loss_fns(options: Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
-  """The (loss_fn, totals_fn) pair of `make_update_fn` for `loss_options(...)`."""
+def make_loss_fns(options: losses.LossOptions | Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
+  """The (loss_fn, totals_fn) pair of `make_update_fn` for `loss_options(...)` (or its fields)."""
+  if not isinstance(options, losses.LossOptions):
+    options = losses.LossOptions.for_method(**options)
 
   def loss_fn(model, micro, totals):
     logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
-    return losses.sage_opd_loss(logits_BxSxV, micro, **options, **totals)
+    return losses.sage_opd_loss(logits_BxSxV, micro, options, **totals)
 
   def totals_fn(batch):
-    return losses.loss_totals(batch, **options)
+    return losses.loss_totals(batch, options)
 
   return loss_fn, totals_fn
 
@@ -275,8 +278,6 @@ def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState,
   return jax.device_put(state, shardings), shardings
 
 
-# Methods whose loss reads the judge's labels (E5); the others never run the judge.
-LABELLED_METHODS = ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm")
 ORACLE_EXPERT = "sage_opd_jax.envs.alfworld_expert:ImitableExpert"
 
 # Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
@@ -400,7 +401,7 @@ class DistillSource:
     if len(self.tasks) < self.batch_size:
       raise ValueError(f"{len(self.tasks)} train tasks are fewer than config.train.batch_episodes={self.batch_size}.")
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
-    self.uses_labels = config.method in LABELLED_METHODS
+    self.variant = losses.variant(config.method)
     self.teacher_top_k = teacher_support(config, teacher.config.vocab_size)
 
   def tasks_for(self, step: int) -> list[base.Task]:
@@ -417,9 +418,9 @@ class DistillSource:
     with timer("rollout"):
       batch = self.engine.run(student, tasks, rollout_key, seq_len=seq_len)
     metrics.update(rollout_metrics([batch], prefix="rollout/"))
-    if self.config.method == "opd_two_rollout":
-      # The opd_two_rollout row of docs/method.md: a second rollout of the same tasks in which the teacher
-      # replaces every turn it judges Strong, before the env steps; both train with OPD.
+    if self.variant.rollouts == 2:
+      # E.g. the opd_two_rollout row of docs/method.md: a second rollout of the same tasks in which the teacher
+      # replaces every turn it judges Strong, before the env steps; both train with the method's loss.
       with timer("rollout_intervened"):
         second = self.engine.run(student, tasks, jax.random.fold_in(rollout_key, 1), seq_len=seq_len,
                                  intervene=self.intervention_hook(intervene_key))
@@ -428,7 +429,7 @@ class DistillSource:
       batch = rollout_lib.assemble_batch(batch.episodes + second.episodes, self.config.env.max_turns,
                                          self.engine.sampling_config.pad_id, seq_len=seq_len)
     arrays = batch.arrays()
-    judged = self.score_and_judge(batch.episodes, arrays, judge_key, timer, judge=self.uses_labels,
+    judged = self.score_and_judge(batch.episodes, arrays, judge_key, timer, judge=self.variant.needs_labels,
                                   top_k=self.teacher_top_k)
     if judged is not None:
       arrays["labels"] = judged.labels
@@ -500,10 +501,10 @@ class DistillSource:
         answers = judge_lib.ask_teacher(self.teacher, self.tokenizer, texts, jax.random.fold_in(call_key, 0),
                                         max_new_tokens=self.judge_config.max_new_tokens,
                                         batch_size=self.judge_config.batch_size)
-        strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == prompts.STRONG]
+        strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == losses.Label.STRONG]
       elif asked:
         strong += [s for s, label in zip(asked, self._judge_pending(asked, jax.random.fold_in(call_key, 0)))
-                   if label == prompts.STRONG]
+                   if label == losses.Label.STRONG]
       if not strong:
         return {}
       # The teacher's replacement is decoded as the student's turn was: constrained, if the run is.
@@ -557,7 +558,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
   With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
   every state: an ALFWorld expert shadows each episode in its worker, reading the game's facts.
   """
-  oracle = expert or (config.judge.mode == "oracle" and config.method in (*LABELLED_METHODS, "opd_two_rollout"))
+  oracle = expert or (config.judge.mode == "oracle" and losses.variant(config.method).uses_judge)
   if oracle and config.env.name != "alfworld":
     raise config_lib.ConfigError(
         f"config.env.name={config.env.name!r} has no expert to shadow the episodes (judge.mode='oracle', DAgger).")
@@ -676,7 +677,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   workdir = pathlib.Path(workdir)
   provenance.check(config, workdir)  # Before anything is built: a resume must be the same run.
   stage = config.stage
-  method = "sft" if stage == "sft" else config.method
+  # The sft stage trains demonstrations: with `config.method` when that needs no teacher, else with sft.
+  method = config.method if stage == "distill" or not losses.variant(config.method).needs_teacher else "sft"
   mesh = mesh_from_config(config.mesh)
   if not config.tokenizer_dir:
     raise config_lib.ConfigError(f"config.tokenizer_dir is empty: the {stage} stage needs the shared tokenizer.")
@@ -844,7 +846,7 @@ def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml
   num_turns = arrays["valid"].shape[1]
   options = loss_options(config, config.method, num_turns)
   batch = {k: jnp.asarray(arrays[k]) for k in loss_keys(arrays)}
-  weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, **options), batch["turn_ids"], num_turns))
+  weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, options), batch["turn_ids"], num_turns))
   labels = arrays.get("labels")
   return [
       transcript(e, None if labels is None else labels[b], weights_BxT[b])

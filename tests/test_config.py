@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from sage_opd_jax import config as config_lib
+from sage_opd_jax import losses
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,9 @@ def test_base_config_is_valid():
         ("loss.confidence", "top5", "config.loss.confidence='top5'"),
         ("loss.alpha", 1.5, "config.loss.alpha=1.5"),
         ("loss.dual_clip", 1.0, "config.loss.dual_clip=1.0"),
+        ("loss.jsd_beta", 0.0, "config.loss.jsd_beta=0.0"),  # Identically zero: the loss refuses it too.
+        ("loss.jsd_beta", 1.0, "config.loss.jsd_beta=1.0"),
+        ("loss.old_logprobs", "old", "config.loss.old_logprobs='old'"),
         ("judge.mode", "vote", "config.judge.mode='vote'"),
         ("train.micro_batches", 3, "config.train.batch_episodes=8 is not divisible by config.train.micro_batches=3"),
         ("env.train_split", "test", "config.env.train_split='test'"),
@@ -151,6 +155,33 @@ def test_forward_kl_needs_full_estimator():
     config_lib.validate(config)
   config.loss.estimator = "full"
   config_lib.validate(config)
+
+
+def test_validation_accepts_what_the_loss_accepts():
+  config = _load_config("base")
+  config.loss.dual_clip = None  # Off, as `losses.ppo_clip_loss` takes it.
+  config.loss.estimator, config.loss.divergence, config.loss.jsd_beta = "full", "jsd", 0.01
+  assert config_lib.loss_options(config) == losses.LossOptions(
+      **dict(config.loss.to_dict(), method=config.method))
+  config_lib.validate(config)
+
+
+def test_method_is_any_registered_variant():
+  config = _load_config("alfworld_cpu")
+  name = "test_only_config_variant"
+  config.method = name
+  with pytest.raises(config_lib.ConfigError, match=rf"config.method='{name}'"):
+    config_lib.validate(config)
+  config.method, config.pipeline.methods = "sage_opd", ("sft", name)
+  with pytest.raises(config_lib.ConfigError, match=rf"config.pipeline.methods contains '{name}'"):
+    config_lib.validate(config)
+  losses.register_loss(name)(losses.batch_confidence)
+  try:
+    config_lib.validate(config)
+    config.method = name
+    config_lib.validate(config)
+  finally:
+    losses._REGISTRY.pop(name)
 
 
 def test_results_dir_is_a_folder():

@@ -27,7 +27,7 @@ from sage_opd_jax import tokenization
 from sage_opd_jax.envs import base as env_base
 from sage_opd_jax.envs import demos
 
-SKIP, WEAK, STRONG = prompts.SKIP, prompts.WEAK, prompts.STRONG
+SKIP, WEAK, STRONG = losses.Label
 NUM_TURNS = 4  # T: one more column than any episode has turns.
 TASK = "Your task is to: put a pen in the drawer."
 ADMISSIBLE = ["go to desk 1", "go to drawer 2", "look", "take pen 1 from desk 1"]
@@ -436,12 +436,6 @@ def test_config_and_missing_inputs_are_errors(tokenizer):
                       tokens_BxS=np.zeros((2, 8), np.int32), turn_ids_BxS=np.zeros((2, 8), np.int32))
   with pytest.raises(ValueError, match="num_turns"):
     judge.judge_batch(episodes, 2, judge.JudgeConfig(mode="oracle"))
-
-
-def test_label_codes_agree_between_prompts_and_losses():
-  # `losses` may not import our other modules, so it keeps its own copy of the codes.
-  assert [prompts.SKIP, prompts.WEAK, prompts.STRONG] == [losses.Label.SKIP, losses.Label.WEAK, losses.Label.STRONG]
-  assert [name.upper() for name in prompts.LABEL_NAMES] == [label.name for label in losses.Label]
 
 
 def _closed_responses(tokenizer, episodes):

@@ -17,9 +17,17 @@ import pytest
 from sage_opd_jax import losses
 
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
-SAGE_METHODS = ("sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm")
-INTERVENED = ("sage_opd", "sage_opd_no_confidence", "sage_opd_no_norm")
-CONFIDENT = ("sage_opd", "sage_opd_no_intervention", "sage_opd_no_norm")
+# The reference of each built-in variant, by name (docs/method.md's table): whether its score
+# reads the judge's intervention i_t (E5), the teacher's confidence c (E6), and is normalised (E8).
+BUILTIN_SCORES = {
+    "sft": (False, False, False),
+    "opd": (False, False, False),
+    "opd_two_rollout": (False, False, False),
+    "sage_opd": (True, True, True),
+    "sage_opd_no_intervention": (False, True, True),
+    "sage_opd_no_confidence": (True, False, True),
+    "sage_opd_no_norm": (True, True, False),
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,13 +133,10 @@ def ref_loss(student_logits, raw, cfg):
   tokens, turn_ids, num_turns = raw["tokens"], raw["turn_ids"], raw["num_turns"]
   b, s, v = student_logits.shape
   method = cfg["method"]
+  intervened, confident, normalised = BUILTIN_SCORES[method]
   top1, ent = ref_token_top1_entropy(raw["teacher_logits"])
-  i_bt = (ref_intervention(raw["labels"], cfg["alpha"]) if method in INTERVENED
-          else np.ones((b, num_turns)))
-  if method in CONFIDENT:
-    c = ref_confidence(top1, ent, turn_ids, num_turns, cfg["confidence"], v)
-  else:
-    c = None
+  i_bt = ref_intervention(raw["labels"], cfg["alpha"]) if intervened else np.ones((b, num_turns))
+  c = ref_confidence(top1, ent, turn_ids, num_turns, cfg["confidence"], v) if confident else None
   # Token-level score s = i_t * c (c_t, or c_{t,j} for token_top1).
   score = np.zeros((b, s))
   resp = np.zeros((b, s), bool)
@@ -143,7 +148,7 @@ def ref_loss(student_logits, raw, cfg):
         cc = 1.0 if c is None else (c[i, j] if cfg["confidence"] == "token_top1" else c[i, t - 1])
         score[i, j] = i_bt[i, t - 1] * cc
   n = resp.sum()
-  if method.startswith("sage_opd") and method != "sage_opd_no_norm":
+  if normalised:
     den = score.sum()
     w = np.zeros_like(score) if den == 0 else score * n / den
   else:
@@ -402,7 +407,7 @@ def test_dual_clip_caps_negative_advantages():
 # ----------------------------------------------------------------------------------------
 
 loss_configs = st.fixed_dictionaries({
-    "method": st.sampled_from(losses.registered_losses()),
+    "method": st.sampled_from(sorted(BUILTIN_SCORES)),
     "estimator": st.sampled_from(losses.ESTIMATORS),
     "divergence": st.sampled_from(losses.DIVERGENCES),
     "aggregation": st.sampled_from(losses.AGGREGATIONS),
@@ -696,14 +701,22 @@ def test_micro_batches_with_global_totals_sum_to_the_full_batch(aggregation):
 # ----------------------------------------------------------------------------------------
 
 
+def test_builtin_variants_declare_what_the_loop_needs():
+  assert set(BUILTIN_SCORES) <= set(losses.registered_losses())
+  for name, (intervened, _, normalised) in BUILTIN_SCORES.items():
+    variant = losses.variant(name)
+    assert variant.needs_labels == intervened, name  # The loop runs the judge exactly for these.
+    assert variant.normalize == normalised, name
+    assert variant.needs_teacher == (name != "sft"), name
+    assert variant.rollouts == (2 if name == "opd_two_rollout" else 1), name
+    assert variant.uses_judge == (intervened or name == "opd_two_rollout"), name
+
+
 def test_registry_selects_methods_and_accepts_new_variants():
-  assert set(losses.registered_losses()) >= {
-      "sft", "opd", "opd_two_rollout", "sage_opd", "sage_opd_no_intervention",
-      "sage_opd_no_confidence", "sage_opd_no_norm"}
   _, logits, _, batch = _opd_batch(6)
   name = "test_only_squared_confidence"
 
-  @losses.register_loss(name)
+  @losses.register_loss(name, needs_labels=True)
   def _squared(batch, options):
     return losses.batch_intervention(batch, options) * losses.batch_confidence(batch, options) ** 2
 
@@ -718,8 +731,40 @@ def test_registry_selects_methods_and_accepts_new_variants():
       losses.register_loss(name)(_squared)
   finally:
     losses._REGISTRY.pop(name)
-  with pytest.raises(ValueError, match="Unknown loss method"):
+  with pytest.raises(ValueError, match="not a registered loss"):
     losses.sage_opd_loss(logits, batch, method=name)
+
+
+def test_loss_options_are_checked_once_and_hashable():
+  options = losses.LossOptions(dual_clip=None)  # Dual clip off: accepted, as `ppo_clip_loss` accepts it.
+  assert hash(options) == hash(losses.LossOptions(dual_clip=None)) and options != losses.LossOptions()
+  for field, value, message in (("jsd_beta", 0.0, "jsd_beta=0.0"), ("jsd_beta", 1.0, "jsd_beta=1.0"),
+                                ("dual_clip", 1.0, "dual_clip=1.0"), ("alpha", 1.5, "alpha=1.5"),
+                                ("method", "dpo", "method='dpo'"), ("old_logprobs", "old", "old_logprobs='old'"),
+                                ("divergence", "jsd", "needs estimator='full'")):
+    with pytest.raises(losses.LossOptionError, match=message) as e:
+      losses.LossOptions(**{field: value})
+    assert e.value.field == field
+  # The loss's own primitives refuse the same values.
+  with pytest.raises(ValueError, match="jsd_beta"):
+    losses.jsd(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), 0.0)
+  with pytest.raises(ValueError, match="dual_clip"):
+    losses.ppo_clip_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros((1, 2)), dual_clip=1.0)
+
+
+def test_a_variants_defaults_apply_where_the_caller_sets_nothing():
+  name = "test_only_token_confidence"
+  losses.register_loss(name, defaults={"confidence": "token_top1"})(losses.batch_confidence)
+  try:
+    assert losses.LossOptions.for_method(name).confidence == "token_top1"
+    assert losses.LossOptions.for_method(name, confidence="none").confidence == "none"
+    _, logits, _, batch = _opd_batch(6)
+    want = losses.sage_opd_loss(logits, batch, method="sage_opd_no_intervention", confidence="token_top1")[0]
+    close(losses.get_loss(name)(logits, batch)[0], float(want), rtol=1e-6)
+  finally:
+    losses._REGISTRY.pop(name)
+  with pytest.raises(ValueError, match="confidnce"):
+    losses.register_loss(name, defaults={"confidnce": "none"})
 
 
 def test_bad_options_and_batches_raise_value_errors_naming_them():

@@ -79,8 +79,7 @@ def tiny_config(tokenizer_dir, method="sage_opd", **overrides):
   return config_lib.validate(config)
 
 
-DISTILL_METHODS = ("opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm",
-                   "opd_two_rollout")
+DISTILL_METHODS = tuple(m for m in losses.registered_losses() if losses.variant(m).needs_teacher)
 
 
 class FirstBatch:
@@ -147,7 +146,7 @@ def expected_weights(method, first, alpha):
 def update_weights(config, method, first):
   """[B, S] the weights `token_weights` gives the batch under `method`, as the trainer's transcripts show them."""
   batch = {k: jnp.asarray(first[k]) for k in train.loss_keys(first)}
-  return np.asarray(losses.token_weights(batch, **train.loss_options(config, method, first["valid"].shape[1])))
+  return np.asarray(losses.token_weights(batch, train.loss_options(config, method, first["valid"].shape[1])))
 
 
 def first_update(workdir):
@@ -167,7 +166,7 @@ def test_every_distill_method_runs_end_to_end(method_runs, method):
   transcripts = (workdir / "transcripts" / "step2_train.jsonl").read_text().splitlines()
   turn = json.loads(transcripts[0])["turns"][0]
   assert "weight" in turn
-  if method in train.LABELLED_METHODS:
+  if losses.variant(method).needs_labels:
     assert turn["label"] in ("Skip", "Weak", "Strong")
     assert any("judge/strong_frac" in r for r in rows)
   else:
@@ -199,7 +198,7 @@ def test_methods_weigh_the_same_batch_differently(method_runs):
   for method, first in first_batches.items():  # One rollout, one teacher scoring, one judge.
     for key in ("tokens", "turn_ids", "teacher_logprobs", "teacher_top1", "student_logprobs"):
       np.testing.assert_array_equal(first[key], opd[key], err_msg=f"{method}: {key}")
-    if method in train.LABELLED_METHODS:
+    if losses.variant(method).needs_labels:
       np.testing.assert_array_equal(first["labels"], first_batches["sage_opd"]["labels"])
   weights = {m: update_weights(method_runs[m][0], m, first) for m, first in first_batches.items()}
   updates = {m: first_update(method_runs[m][1]) for m in first_batches}

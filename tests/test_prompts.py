@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from sage_opd_jax import prompts
+from sage_opd_jax.losses import Label
 
 # Qwen2.5's ChatML template in shape (tools left out): a default system message when
 # the conversation has none, then every message as <|im_start|>role\ncontent<|im_end|>\n.
@@ -90,17 +91,17 @@ def test_parse_action_property(words, before, between, after, prefix, closed):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("Skip", prompts.SKIP),
-        ("  weak\n", prompts.WEAK),
-        ("STRONG.", prompts.STRONG),
-        ("Answer: Skip", prompts.SKIP),
-        ("The step is Weak, I think.", prompts.WEAK),
-        ("<think>Skip or Strong? It is redundant.</think> Weak", prompts.WEAK),
-        ("", prompts.STRONG),
-        ("banana", prompts.STRONG),
-        ("Skip or Weak", prompts.STRONG),
-        ("Skipping", prompts.STRONG),  # Not the word itself.
-        ("skip skip", prompts.SKIP),  # Repeating one label is still one label.
+        ("Skip", Label.SKIP),
+        ("  weak\n", Label.WEAK),
+        ("STRONG.", Label.STRONG),
+        ("Answer: Skip", Label.SKIP),
+        ("The step is Weak, I think.", Label.WEAK),
+        ("<think>Skip or Strong? It is redundant.</think> Weak", Label.WEAK),
+        ("", Label.STRONG),
+        ("banana", Label.STRONG),
+        ("Skip or Weak", Label.STRONG),
+        ("Skipping", Label.STRONG),  # Not the word itself.
+        ("skip skip", Label.SKIP),  # Repeating one label is still one label.
     ],
 )
 def test_parse_judge_label(text, expected):
@@ -108,7 +109,7 @@ def test_parse_judge_label(text, expected):
 
 
 def test_label_names_match_constants():
-  for name, label in zip(prompts.LABEL_NAMES, (prompts.SKIP, prompts.WEAK, prompts.STRONG)):
+  for name, label in zip(prompts.LABEL_NAMES, Label):
     assert prompts.parse_judge_label(name) == label
 
 

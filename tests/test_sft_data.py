@@ -119,7 +119,7 @@ def test_unparseable_judge_example_has_no_action_tag(tokenizer):
   example = sft_data.JudgeExample(
       task_text=TASK, history=[], observation=DEMO.observations[0], action=None, feedback="Nothing happens.",
       admissible_actions=DEMO.admissible_actions[0], label="strong")
-  assert example.label == prompts.STRONG
+  assert example.label == losses.Label.STRONG
   data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, seed=None)
   tokens, turn_ids = data.arrays["tokens"][0], data.arrays["turn_ids"][0]
   prompt = tokenizer.decode(tokens[(turn_ids == 0) & (data.arrays["attention_mask"][0] == 1)].tolist())
