@@ -337,9 +337,9 @@ def test_oracle_judge_is_marked_and_measured(tokenizer_dir, tmp_path):
       expert_action, want = expert.first_action(observation, info), []
       for turn in episode.turns:
         same = expert_action.lower().split() == turn.action.lower().split()
-        want.append(prompts.SKIP if same else prompts.WEAK)
+        want.append(losses.Label.SKIP if same else losses.Label.WEAK)
         expert_action = expert.next_action(env.step(turn.action))
-      want += [prompts.STRONG] * (config.env.max_turns - len(want))
+      want += [losses.Label.STRONG] * (config.env.max_turns - len(want))
       assert first["labels"][b].tolist() == want, (b, first["labels"][b])
   finally:
     env.close()
