@@ -28,7 +28,7 @@ PPO surrogate -> `sage_opd_loss`, which composes them for every row of docs/meth
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -763,6 +763,111 @@ def token_weights(
   return jax.lax.stop_gradient(score_BxS)
 
 
+class Objective(NamedTuple):
+  """The per-token objective of a batch: what `aggregate` and `loss_metrics` read."""
+
+  loss_BxS: Array  # l, with w folded in; exactly 0 where w = 0.
+  student_logp_BxS: Array  # log pi(token), token-aligned.
+  divergence_BxS: Array | None  # The per-token divergence to the teacher (None for cross entropy).
+  clipped_BxS: Array | None  # Trained tokens whose PPO ratio left [1 - eps, 1 + eps] (sampled estimator).
+
+
+def per_token_objective(student_logits: Array, batch: Batch, w_BxS: Array, options: LossOptions) -> Objective:
+  """[B, S, V] logits, batch, weights [B, S] -> the per-token loss (E3/E4 or E2/E10, or sft's cross entropy)."""
+  trained_BxS = w_BxS > 0
+  student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
+  clipped_BxS = None
+  if variant(options.method).objective == "cross_entropy":
+    loss_BxS, divergence_BxS = -w_BxS * student_logp_BxS, None
+  elif options.estimator == "sampled":
+    teacher_logp = _float(_teacher_stat(batch, "teacher_logprobs", "estimator='sampled'"))
+    if options.old_logprobs == "batch":
+      old_logp = _float(_require(batch, "behaviour_logprobs", "estimator='sampled' (PPO ratio)"))
+    else:
+      old_logp = jax.lax.stop_gradient(student_logp_BxS)
+    # (E4) A = -w (log pi_old - log nu); the where keeps padding garbage out of A.
+    advantage_BxS = jnp.where(trained_BxS, -w_BxS * (old_logp - teacher_logp), 0.0)
+    loss_BxS = ppo_clip_loss(student_logp_BxS, old_logp, advantage_BxS, clip_eps=options.ppo_clip,
+                             dual_clip=options.dual_clip, log_ratio_clamp=options.log_ratio_clamp)
+    divergence_BxS = sampled_reverse_kl(jax.lax.stop_gradient(student_logp_BxS), teacher_logp)
+    ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(student_logp_BxS) - old_logp,
+                             -options.log_ratio_clamp, options.log_ratio_clamp))
+    clipped_BxS = trained_BxS & ((ratio > 1.0 + options.ppo_clip) | (ratio < 1.0 - options.ppo_clip))
+  else:
+    divergence_BxS = _full_divergence(student_logits, batch, options.divergence, options.jsd_beta)
+    loss_BxS = w_BxS * divergence_BxS
+  # Untrained tokens (w = 0) add exactly 0, even where a divergence is inf (-inf teacher logits).
+  return Objective(jnp.where(trained_BxS, loss_BxS, 0.0), student_logp_BxS, divergence_BxS, clipped_BxS)
+
+
+def aggregate(
+    loss_BxS: Array,
+    mask_BxS: Array,
+    aggregation: str,
+    axis_name: str | None = None,
+    global_num_tokens: Array | None = None,
+    global_num_sequences: Array | None = None,
+) -> Array:
+  """(E3/E9) per-token loss [B, S] -> scalar, divided by global normalisers (`loss_totals`) when given.
+
+  token_mean: sum l / N. seq_mean_token_mean: each row's mean over its response tokens, then
+  the mean over rows that have any.
+  """
+  maskf_BxS = mask_BxS.astype(jnp.float32)
+  if aggregation == "token_mean":
+    num_tokens = _psum(jnp.sum(maskf_BxS), axis_name) if global_num_tokens is None else _float(global_num_tokens)
+    return _safe_div(_psum(jnp.sum(loss_BxS), axis_name), num_tokens)
+  row_tokens_B = jnp.sum(maskf_BxS, axis=1)
+  row_means_B = _safe_div(jnp.sum(loss_BxS, axis=1), row_tokens_B)
+  if global_num_sequences is None:
+    num_rows = _psum(jnp.sum((row_tokens_B > 0).astype(jnp.float32)), axis_name)
+  else:
+    num_rows = _float(global_num_sequences)
+  return _safe_div(_psum(jnp.sum(row_means_B), axis_name), num_rows)
+
+
+def loss_metrics(
+    batch: Batch, options: LossOptions, w_BxS: Array, objective: Objective, axis_name: str | None = None
+) -> dict[str, Array]:
+  """The scalars `sage_opd_loss` reports besides the loss: sums psum'd before dividing, so global over the mesh."""
+  turn_ids = batch["turn_ids"]
+  mask_BxS = response_mask(turn_ids, options.num_turns)
+  trained_BxS = w_BxS > 0
+  count = lambda x: _psum(jnp.sum(x.astype(jnp.float32)), axis_name)
+  num_tokens, num_trained = count(mask_BxS), count(trained_BxS)
+  metrics = {"num_tokens": num_tokens, "num_trained_tokens": num_trained,
+             "weight_mean": _safe_div(_psum(jnp.sum(w_BxS), axis_name), num_tokens)}
+  if objective.clipped_BxS is not None:
+    metrics["clip_frac"] = _safe_div(count(objective.clipped_BxS), num_trained)
+  if objective.divergence_BxS is None:
+    nll = _psum(jnp.sum(jnp.where(mask_BxS, -objective.student_logp_BxS, 0.0)), axis_name)
+    metrics["nll_mean"] = jax.lax.stop_gradient(_safe_div(nll, num_tokens))
+  else:
+    divergence_BxS = jax.lax.stop_gradient(objective.divergence_BxS)
+    kl_max = jnp.max(jnp.where(trained_BxS, divergence_BxS, -jnp.inf))
+    kl_max = kl_max if axis_name is None else jax.lax.pmax(kl_max, axis_name)
+    metrics["kl_mean"] = _safe_div(_psum(jnp.sum(jnp.where(trained_BxS, divergence_BxS, 0.0)), axis_name), num_trained)
+    metrics["kl_max"] = jnp.where(num_trained > 0, kl_max, 0.0)
+  if options.num_turns is None:
+    return metrics
+  lengths_BxT = turn_lengths(turn_ids, options.num_turns)
+  nonempty_BxT = lengths_BxT > 0
+  num_turns_nonempty = count(nonempty_BxT)
+  if "labels" in batch:
+    for label in Label:
+      metrics[f"{label.name.lower()}_frac"] = _safe_div(count(nonempty_BxT & (batch["labels"] == label)),
+                                                       num_turns_nonempty)
+  if variant(options.method).objective == "distill" and _confidence_available(batch, options):
+    c_BxS = batch_confidence(batch, options)
+    if options.confidence == "token_top1":
+      metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxS), axis_name), num_tokens)
+    else:
+      # Mean over non-empty turns: each turn's c_t counted once (sum over tokens / L_t).
+      c_BxT = _safe_div(_turn_sum(c_BxS, turn_ids, options.num_turns), lengths_BxT.astype(jnp.float32))
+      metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
+  return metrics
+
+
 def sage_opd_loss(
     student_logits: Array,
     batch: Batch,
@@ -809,6 +914,29 @@ def sage_opd_loss(
       confidence_mean (over non-empty turns, or response tokens for token_top1; when the
       teacher statistics are given); for sft nll_mean.
   """
+  _check_shapes(student_logits, batch)
+  batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
+  options = _with_batch_turns(_resolve(options, fields), batch)
+  w_BxS = token_weights(batch, options, axis_name=axis_name, global_num_tokens=global_num_tokens,
+                        global_weight_sum=global_weight_sum)
+  objective = per_token_objective(student_logits, batch, w_BxS, options)
+  loss = aggregate(objective.loss_BxS, response_mask(batch["turn_ids"], options.num_turns), options.aggregation,
+                   axis_name, global_num_tokens, global_num_sequences)
+  return loss, {"loss": loss, **loss_metrics(batch, options, w_BxS, objective, axis_name)}
+
+
+def _sage_opd_loss_before_stages(
+    student_logits: Array,
+    batch: Batch,
+    options: LossOptions | None = None,
+    *,
+    axis_name: str | None = None,
+    global_num_tokens: Array | None = None,
+    global_weight_sum: Array | None = None,
+    global_num_sequences: Array | None = None,
+    **fields: Any,
+) -> tuple[Array, dict[str, Array]]:
+  """The composed loss as one function; `sage_opd_loss` must equal it."""
   _check_shapes(student_logits, batch)
   batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
   options = _with_batch_turns(_resolve(options, fields), batch)
