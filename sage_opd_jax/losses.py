@@ -22,7 +22,9 @@ All log-softmax, KL and normalisation maths runs in float32 (or float64 if the i
 Nothing here holds state: the only module-level mutable object is the loss registry.
 
 Reading order: E1/E2/E10 divergences -> E6 confidence -> E5/E7/E8 turn weights -> E4 the
-PPO surrogate -> `sage_opd_loss`, which composes them for every row of docs/method.md's table.
+PPO surrogate -> `LossOptions` and the registry (one score function per method) -> the stages
+`token_weights`, `per_token_objective`, `aggregate`, `loss_metrics` -> `sage_opd_loss`, which
+composes them for every row of docs/method.md's table.
 """
 
 import dataclasses
@@ -923,114 +925,6 @@ def sage_opd_loss(
   loss = aggregate(objective.loss_BxS, response_mask(batch["turn_ids"], options.num_turns), options.aggregation,
                    axis_name, global_num_tokens, global_num_sequences)
   return loss, {"loss": loss, **loss_metrics(batch, options, w_BxS, objective, axis_name)}
-
-
-def _sage_opd_loss_before_stages(
-    student_logits: Array,
-    batch: Batch,
-    options: LossOptions | None = None,
-    *,
-    axis_name: str | None = None,
-    global_num_tokens: Array | None = None,
-    global_weight_sum: Array | None = None,
-    global_num_sequences: Array | None = None,
-    **fields: Any,
-) -> tuple[Array, dict[str, Array]]:
-  """The composed loss as one function; `sage_opd_loss` must equal it."""
-  _check_shapes(student_logits, batch)
-  batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
-  options = _with_batch_turns(_resolve(options, fields), batch)
-  method = variant(options.method)
-  estimator, ppo_clip, log_ratio_clamp = options.estimator, options.ppo_clip, options.log_ratio_clamp
-  turn_ids = batch["turn_ids"]
-  mask_BxS = response_mask(turn_ids, options.num_turns)
-  maskf_BxS = mask_BxS.astype(jnp.float32)
-  w_BxS = token_weights(batch, options, axis_name=axis_name, global_num_tokens=global_num_tokens,
-                        global_weight_sum=global_weight_sum)
-  trained_BxS = w_BxS > 0
-
-  # Per-token loss l (w already folded in) and the per-token divergence for the metrics.
-  student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
-  metrics = {}
-  if method.objective == "cross_entropy":
-    loss_BxS = -w_BxS * student_logp_BxS
-    divergence_BxS = None
-  elif estimator == "sampled":
-    teacher_logp = _float(_teacher_stat(batch, "teacher_logprobs", "estimator='sampled'"))
-    if options.old_logprobs == "batch":
-      old_logp = _float(_require(batch, "behaviour_logprobs", "estimator='sampled' (PPO ratio)"))
-    else:
-      old_logp = jax.lax.stop_gradient(student_logp_BxS)
-    # (E4) A = -w (log pi_old - log nu); the where keeps padding garbage out of A.
-    advantage_BxS = jnp.where(trained_BxS, -w_BxS * (old_logp - teacher_logp), 0.0)
-    loss_BxS = ppo_clip_loss(
-        student_logp_BxS, old_logp, advantage_BxS,
-        clip_eps=ppo_clip, dual_clip=options.dual_clip, log_ratio_clamp=log_ratio_clamp,
-    )
-    divergence_BxS = sampled_reverse_kl(jax.lax.stop_gradient(student_logp_BxS), teacher_logp)
-    ratio = jnp.exp(jnp.clip(jax.lax.stop_gradient(student_logp_BxS) - old_logp,
-                             -log_ratio_clamp, log_ratio_clamp))
-    clipped = trained_BxS & ((ratio > 1.0 + ppo_clip) | (ratio < 1.0 - ppo_clip))
-    metrics["clip_frac"] = _safe_div(
-        _psum(jnp.sum(clipped.astype(jnp.float32)), axis_name),
-        _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name),
-    )
-  else:
-    divergence_BxS = _full_divergence(student_logits, batch, options.divergence, options.jsd_beta)
-    loss_BxS = w_BxS * divergence_BxS
-  # Untrained tokens (w = 0) add exactly 0, even where a divergence is inf (-inf teacher logits).
-  loss_BxS = jnp.where(trained_BxS, loss_BxS, 0.0)
-
-  # Aggregation, with global denominators.
-  if global_num_tokens is not None:
-    num_tokens = _float(global_num_tokens)
-  else:
-    num_tokens = _psum(jnp.sum(maskf_BxS), axis_name)
-  if options.aggregation == "token_mean":
-    loss = _safe_div(_psum(jnp.sum(loss_BxS), axis_name), num_tokens)
-  else:
-    row_tokens_B = jnp.sum(maskf_BxS, axis=1)
-    row_means_B = _safe_div(jnp.sum(loss_BxS, axis=1), row_tokens_B)
-    if global_num_sequences is not None:
-      num_rows = _float(global_num_sequences)
-    else:
-      num_rows = _psum(jnp.sum((row_tokens_B > 0).astype(jnp.float32)), axis_name)
-    loss = _safe_div(_psum(jnp.sum(row_means_B), axis_name), num_rows)
-
-  # Metrics: sums psum'd before dividing, so they are global over the mesh.
-  local_tokens = _psum(jnp.sum(maskf_BxS), axis_name)
-  num_trained = _psum(jnp.sum(trained_BxS.astype(jnp.float32)), axis_name)
-  metrics["loss"] = loss
-  metrics["num_tokens"] = local_tokens
-  metrics["num_trained_tokens"] = num_trained
-  metrics["weight_mean"] = _safe_div(_psum(jnp.sum(w_BxS), axis_name), local_tokens)
-  if divergence_BxS is None:
-    nll = _psum(jnp.sum(jnp.where(mask_BxS, -student_logp_BxS, 0.0)), axis_name)
-    metrics["nll_mean"] = jax.lax.stop_gradient(_safe_div(nll, local_tokens))
-  else:
-    divergence_BxS = jax.lax.stop_gradient(divergence_BxS)
-    kl_sum = _psum(jnp.sum(jnp.where(trained_BxS, divergence_BxS, 0.0)), axis_name)
-    kl_max = jnp.max(jnp.where(trained_BxS, divergence_BxS, -jnp.inf))
-    kl_max = kl_max if axis_name is None else jax.lax.pmax(kl_max, axis_name)
-    metrics["kl_mean"] = _safe_div(kl_sum, num_trained)
-    metrics["kl_max"] = jnp.where(num_trained > 0, kl_max, 0.0)
-  if options.num_turns is not None:
-    nonempty_BxT = turn_lengths(turn_ids, options.num_turns) > 0
-    num_turns_nonempty = _psum(jnp.sum(nonempty_BxT.astype(jnp.float32)), axis_name)
-    if "labels" in batch:
-      for label in Label:
-        hits = jnp.sum((nonempty_BxT & (batch["labels"] == label)).astype(jnp.float32))
-        metrics[f"{label.name.lower()}_frac"] = _safe_div(_psum(hits, axis_name), num_turns_nonempty)
-    if method.objective == "distill" and _confidence_available(batch, options):
-      c_BxS = batch_confidence(batch, options)
-      if options.confidence == "token_top1":
-        metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxS), axis_name), local_tokens)
-      else:
-        # Mean over non-empty turns: each turn's c_t counted once (sum over tokens / L_t).
-        c_BxT = _safe_div(_turn_sum(c_BxS, turn_ids, options.num_turns),
-                          turn_lengths(turn_ids, options.num_turns).astype(jnp.float32))
-        metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
-  return loss, metrics
 
 
 def validate_batch(batch: Batch, num_turns: int) -> None:

@@ -792,22 +792,3 @@ def test_bad_options_and_batches_raise_value_errors_naming_them():
     losses.validate_batch({"turn_ids": jnp.array([[0, 1]]), "labels": jnp.array([[3, 0]])}, 2)
   losses.validate_batch({"turn_ids": jnp.array([[0, 1, 2]]), "labels": jnp.array([[2, 0]])}, 2)
 
-
-@hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
-@hypothesis.given(shapes, loss_configs, st.sampled_from(("batch", "current")))
-def test_loss_stages_equal_the_single_function(shape, cfg, old_logprobs):
-  seed, b, s, v, t = shape
-  if cfg["estimator"] == "sampled":
-    cfg["divergence"] = "reverse_kl"
-  _, logits, _, batch = random_case(seed, b, s, v, t, stats=cfg["stats"])
-  options = losses.LossOptions(old_logprobs=old_logprobs, **{k: v for k, v in cfg.items() if k != "stats"})
-  for extra in ({}, losses.loss_totals(batch, options)):
-    staged = jax.value_and_grad(lambda x: losses.sage_opd_loss(x, batch, options, **extra), has_aux=True)(logits)
-    single = jax.value_and_grad(lambda x: losses._sage_opd_loss_before_stages(x, batch, options, **extra),
-                                has_aux=True)(logits)
-    ((loss, metrics), grad), ((loss_1, metrics_1), grad_1) = staged, single
-    np.testing.assert_array_equal(np.asarray(loss), np.asarray(loss_1))
-    np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad_1))
-    assert metrics.keys() == metrics_1.keys()
-    for key, value in metrics.items():
-      np.testing.assert_array_equal(np.asarray(value), np.asarray(metrics_1[key]), err_msg=key)
