@@ -4,7 +4,7 @@ Usage (from the repo root):
   python benchmarks/bench_memory.py                                  # 0.6b, 1 x 4096, 3 variants
   python benchmarks/bench_memory.py --size 27m --batch 8 --seq 256 --vocab 8192
 
-No weights are made and no step runs: the update of `train.make_update_fn` (token
+No weights are made and no step runs: the update of `update.make_update_fn` (token
 cross-entropy, clipping, AdamW) is lowered for ShapeDtypeStruct inputs and compiled for one
 device of the default backend, then `memory_analysis()` reports its buffers. The figure that
 decides whether a step fits is arguments (params, Adam moments, batch) + temporaries (the
@@ -34,7 +34,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from qwen3_reference import SIZES  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sage_opd_jax import update as update_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = 2.0 ** 30
@@ -45,7 +45,7 @@ def step_memory(model_config: models.ModelConfig, batch: int, seq: int) -> dict[
   mesh = bench_train.one_device_mesh()
   model = sharding.abstract_model(model_config)
   update, tx, _ = bench_train.sft_update(model, mesh)
-  state = jax.eval_shape(lambda: train.init_train_state(model, tx, seed=0))
+  state = jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0))
   arrays = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
             for k in ("tokens", "attention_mask", "turn_ids")}
   start = time.perf_counter()

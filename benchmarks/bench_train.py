@@ -11,10 +11,10 @@ Part "step": one random Qwen3-shaped model per size, built by transformers
 (`Qwen3ForCausalLM`, tied embeddings) and saved as an HF checkpoint, then loaded into ours
 with `load_hf_checkpoint`, so both start from the same weights. Each framework takes full
 optimiser steps on the same [B, S] batch with the same loss, token cross-entropy over the
-response mask (our `sft` loss through `train.make_loss_fns`; in torch
+response mask (our `sft` loss through `update.make_loss_fns`; in torch
 `F.cross_entropy(logits[:, :-1], tokens[:, 1:])` weighted by the mask, summed / mask.sum()),
-fp32, grad-norm clipping 1.0 then AdamW. Ours is `train.make_update_fn` under
-`train.jit_update` (donated state) on a 1-device mesh, its layer scan unrolled by
+fp32, grad-norm clipping 1.0 then AdamW. Ours is `update.make_update_fn` under
+`update.jit_update` (donated state) on a 1-device mesh, its layer scan unrolled by
 `--scan-unroll` (as `configs/base.py`'s `tiny_model` does); torch runs with
 `torch.set_num_threads(--torch-threads)`. Steps alternate torch / ours so the machine's load
 hits both alike; the median of `--repeats` steps per framework is reported (one warm-up
@@ -75,6 +75,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sage_opd_jax import update as update_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, str(REPO / "benchmarks"))
 from qwen3_reference import SIZES, VOCAB, save_hf_qwen3, timed, torch_device  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -125,15 +126,15 @@ def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
 def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh, micro_batches: int = 1):
   """`train`'s jitted update with the `sft` loss (token cross-entropy), clipping and AdamW, on a
   state replicated over `mesh`; returns it, its optimiser and the state's sharding."""
-  tx = train.make_optimizer(_optim_config(), num_steps=1000)
+  tx = update_lib.make_optimizer(_optim_config(), num_steps=1000)
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated,
-                                jax.eval_shape(lambda: train.init_train_state(model, tx, seed=0)))
+                                jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0)))
   config = base.get_config()
   config.teacher.model.vocab_size = model.config.vocab_size
-  loss_fn, totals_fn = train.make_loss_fns(train.loss_options(config, "sft", None))
-  update = train.jit_update(
-      train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=micro_batches),
+  loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "sft", None))
+  update = update_lib.jit_update(
+      update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=micro_batches),
       state_sharding, sharding.batch_sharding(mesh))
   return update, tx, state_sharding
 
@@ -143,7 +144,7 @@ def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int, mi
   mesh = one_device_mesh()
   model = models.load_hf_checkpoint(path, dtype="float32", mesh=mesh, scan_unroll=scan_unroll)
   update, tx, state_sharding = sft_update(model, mesh, micro_batches)
-  state = jax.device_put(train.init_train_state(model, tx, seed=0), state_sharding)
+  state = jax.device_put(update_lib.init_train_state(model, tx, seed=0), state_sharding)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, sharding.batch_sharding(mesh))
   holder = {"state": state, "loss": None}
   del model
@@ -318,9 +319,9 @@ def bench_iteration(args) -> None:
     if len(tasks) < args.episodes:
       # The fixture split has 2 games: repeat them so that the batch is full.
       tasks = (tasks * -(-args.episodes // len(tasks)))[: args.episodes]
-    tx = train.make_optimizer(config.optim, config.train.num_steps)
+    tx = update_lib.make_optimizer(config.optim, config.train.num_steps)
     graphdef = nnx.graphdef(student)
-    state, state_sharding = train.place_state(train.init_train_state(student, tx, config.seed), mesh)
+    state, state_sharding = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     engine = train.make_rollout_engine(config, tokenizer)
     try:
@@ -331,9 +332,9 @@ def bench_iteration(args) -> None:
           sources[name].judge_config = dataclasses.replace(sources[name].judge_config, length_bucketing=False)
         if name in (NO_LIST, TRANSCRIPT):
           sources[name].judge_config = dataclasses.replace(sources[name].judge_config, show_admissible=False)
-        loss_fn, totals_fn = train.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
-        updates[name] = train.jit_update(
-            train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),
+        loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(cfg, cfg.method, cfg.env.max_turns))
+        updates[name] = update_lib.jit_update(
+            update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1),
             state_sharding, batch_sharding)
       rows: dict[str, list[dict[str, float]]] = {m: [] for m in configs}
       for it in range(args.iterations + 1):
@@ -343,7 +344,7 @@ def bench_iteration(args) -> None:
           arrays, metrics, _ = sources[name].batch(0, nnx.merge(graphdef, state.params))
           update_start = time.perf_counter()
           new_state, train_metrics = updates[name](
-              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in train.loss_keys(arrays)})
+              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in update_lib.loss_keys(arrays)})
           jax.block_until_ready(train_metrics)
           del new_state
           end = time.perf_counter()

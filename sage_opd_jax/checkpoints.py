@@ -125,7 +125,7 @@ class Checkpointer:
     if not force and step % self.save_every:
       return False
     arrays, nonfinite = array_digest(state)
-    if nonfinite:  # The update never applies such a state (train.make_update_fn); saving one would be a bug.
+    if nonfinite:  # The update never applies such a state (update.make_update_fn); saving one would be a bug.
       raise ValueError(f"Refusing to checkpoint step {step}: non-finite values in {nonfinite}.")
     host = dict(host, **{DIGEST: {"arrays": arrays, "host": _host_digest(host)}})
     return self._manager.save(

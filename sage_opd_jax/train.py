@@ -1,11 +1,7 @@
-"""The train state, the optimiser and the jitted, sharded update step.
+"""The host loop of the `sft`, `distill`, `evaluate` and `export` stages.
 
-The update is a pure function `(state, batch) -> (state, metrics)`, jitted with explicit
-shardings and a donated state. It accumulates gradients over micro-batches with
-`lax.scan`; every normaliser (token counts, the weight sum of E8) is computed once over
-the *whole* global batch before the scan, so micro-batching and device count never
-change the result. Under `jit` the batch is one global array sharded over the mesh, so
-those sums are global over devices too without any explicit collective.
+Rollouts -> teacher scores -> judge -> batch -> the pure update of `update.py`, with eval,
+metrics, transcripts and checkpoints around it. Everything here is imperative shell.
 """
 
 from __future__ import annotations
@@ -16,15 +12,13 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import flax
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from sage_opd_jax import checkpoints
@@ -39,168 +33,12 @@ from sage_opd_jax import rollout as rollout_lib
 from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
 from sage_opd_jax import teacher as teacher_lib
+from sage_opd_jax import update as update_lib
 from sage_opd_jax import writers
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import demos as demos_lib
 from sage_opd_jax.models import hf as hf_lib
 from sage_opd_jax.models import sharding
-
-Batch = Mapping[str, jax.Array]
-Metrics = dict[str, jax.Array]
-# loss_fn(model, micro_batch, totals) -> (loss, metrics). The loss of one micro-batch is
-# already divided by the global normaliser in `totals`, so micro-batch losses add up
-# to the full-batch loss; `_combine_metrics` says how metrics combine.
-LossFn = Callable[[nnx.Module, Batch, Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]
-TotalsFn = Callable[[Batch], Mapping[str, jax.Array]]
-
-
-@flax.struct.dataclass
-class TrainState:
-  params: nnx.State  # The student's nnx.Param leaves.
-  opt_state: optax.OptState  # Adam moments, schedule count, non-finite counters.
-  step: jax.Array  # [] int32, updates applied or skipped so far.
-  rng: jax.Array  # [2] uint32 raw key data; split explicitly, never a global seed.
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warm-up to the peak, then constant or cosine decay to 0 at `num_steps`."""
-  if optim.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1)),
-         optax.constant_schedule(optim.learning_rate)],
-        boundaries=[optim.warmup_steps],
-    )
-  if optim.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, optim.learning_rate, optim.warmup_steps, max(num_steps, optim.warmup_steps + 1)
-    )
-  raise ValueError(f"optim.schedule={optim.schedule!r}: must be 'constant' or 'cosine'.")
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Grad-norm clipping then AdamW; a non-finite gradient skips the whole update.
-
-  `apply_if_finite` leaves params and moments untouched on a NaN/inf gradient, so a
-  bad batch can never corrupt the model; its counters are reported as metrics.
-  """
-  schedule = learning_rate_schedule(optim, num_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
-  )
-  return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
-
-
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  params = nnx.state(model, nnx.Param)
-  return TrainState(
-      params=params,
-      opt_state=tx.init(params),
-      step=jnp.zeros((), jnp.int32),
-      rng=jax.random.PRNGKey(seed),
-  )
-
-
-def _split_micro(batch: Batch, micro_batches: int) -> Batch:
-  """[B, ...] -> [M, B/M, ...], so `lax.scan` walks the micro-batches."""
-
-  def split(x):
-    if x.shape[0] % micro_batches:
-      raise ValueError(f"Batch size {x.shape[0]} is not divisible by micro_batches={micro_batches}.")
-    return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
-
-  return jax.tree.map(split, dict(batch))
-
-
-def _combine_metrics(stacked: Metrics) -> Metrics:
-  """Micro-batch metrics [M] -> one value each.
-
-  "loss" and counts ("num_*") add up (each micro-batch loss is already divided by the global
-  normaliser); "*_max" takes the max; every other metric is a ratio, averaged with weights
-  "num_tokens" when the loss reports it (exact for token ratios, and for M = 1 always).
-  """
-  weights = stacked.get("num_tokens")
-  if weights is not None:
-    weights = weights / jnp.maximum(weights.sum(), 1.0)
-  combined = {}
-  for key, value in stacked.items():
-    if key == "loss" or key.startswith("num_"):
-      combined[key] = value.sum(0)
-    elif key.endswith("_max"):
-      combined[key] = value.max(0)
-    elif weights is None:
-      combined[key] = value.mean(0)
-    else:
-      combined[key] = jnp.tensordot(weights, value, axes=1)
-  return combined
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """[] bool: whether every float in `tree` is finite (one fused reduction per leaf, no copies)."""
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def make_update_fn(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    loss_fn: LossFn,
-    totals_fn: TotalsFn,
-    *,
-    micro_batches: int,
-    schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Builds the pure update `(state, batch) -> (state, metrics)`; jit it with `jit_update`."""
-
-  def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    totals = totals_fn(batch)  # Global normalisers over the whole batch, every device.
-
-    def micro_step(grads_acc, micro):
-      def loss_of(params):
-        return loss_fn(nnx.merge(graphdef, params), micro, totals)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-      return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, _split_micro(batch, micro_batches))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = _combine_metrics(dict(metrics, loss=micro_losses))
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    # `apply_if_finite` sees the gradient only: a finite gradient can still make non-finite params
-    # or moments (a NaN learning rate, an overflowing second moment). Any of those keeps the old state.
-    applied = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite((params, opt_state))
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), (params, opt_state),
-                                     (state.params, state.opt_state))
-    metrics["update_skipped"] = jnp.logical_not(applied)
-    if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
-
-  return update
-
-
-def jit_update(
-    update: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    state_sharding: Any,
-    batch_sharding: Any,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit with explicit in/out shardings and the state donated (updated in place)."""
-  return jax.jit(
-      update,
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, None),
-      donate_argnums=(0,),
-  )
-
-
-# ----------------------------------------------------------------------------------------
-# The host loop: rollouts -> teacher scores -> judge -> batch -> update, with eval,
-# metrics, transcripts and checkpoints around it. Everything below is imperative shell.
-# ----------------------------------------------------------------------------------------
-
 
 def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The ("data", "fsdp", "tensor") Mesh; a -1 axis takes every device the others leave.
@@ -247,44 +85,7 @@ def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int 
   return dataclasses.replace(config_lib.loss_options(config, method), num_turns=num_turns, teacher_vocab_size=vocab)
 
 
-def make_loss_fns(options: losses.LossOptions | Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
-  """The (loss_fn, totals_fn) pair of `make_update_fn` for `loss_options(...)` (or its fields)."""
-  if not isinstance(options, losses.LossOptions):
-    options = losses.LossOptions.for_method(**options)
-
-  def loss_fn(model, micro, totals):
-    logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
-    return losses.sage_opd_loss(logits_BxSxV, micro, options, **totals)
-
-  def totals_fn(batch):
-    return losses.loss_totals(batch, options)
-
-  return loss_fn, totals_fn
-
-
-def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-  """Puts every leaf of the state on the mesh; returns it with its sharding pytree.
-
-  Params (and the Adam moments built from them) already carry their NamedShardings;
-  counters and the rng are replicated.
-  """
-  replicated = sharding.replicated(mesh)
-
-  def leaf_sharding(x):
-    s = getattr(x, "sharding", None)
-    return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
-
-  shardings = jax.tree.map(leaf_sharding, state)
-  return jax.device_put(state, shardings), shardings
-
-
 ORACLE_EXPERT = "sage_opd_jax.envs.alfworld_expert:ImitableExpert"
-
-# Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
-_TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
-               "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
-_TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
-
 
 _LENGTH_WINDOW = 64  # Batches per length-sorted window of `epoch_rows`.
 _WIDTH_MULTIPLE = 128  # SFT batches pad to a multiple of this: a handful of compiled shapes.
@@ -691,9 +492,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if batch_size % shards:
     raise config_lib.ConfigError(
         f"config.train.batch_episodes={batch_size} must divide over the mesh's data x fsdp = {shards} shards.")
-  schedule = learning_rate_schedule(config.optim, num_steps)
-  tx = make_optimizer(config.optim, num_steps)
-  state, state_sharding = place_state(init_train_state(student, tx, config.seed), mesh)
+  schedule = update_lib.learning_rate_schedule(config.optim, num_steps)
+  tx = update_lib.make_optimizer(config.optim, num_steps)
+  state, state_sharding = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
   del student  # The state owns the params now; the update donates them.
 
   checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=config.train.ckpt_every,
@@ -707,9 +508,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     logging.info("Resuming %s from step %d.", workdir, int(state.step))
 
   # SFT trains every response token of a demonstration, however many turns it has.
-  loss_fn, totals_fn = make_loss_fns(loss_options(config, method, None if stage == "sft" else config.env.max_turns))
-  update = jit_update(
-      make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches, schedule=schedule),
+  loss_fn, totals_fn = update_lib.make_loss_fns(
+      loss_options(config, method, None if stage == "sft" else config.env.max_turns))
+  update = update_lib.jit_update(
+      update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches,
+                                schedule=schedule),
       state_sharding, sharding.batch_sharding(mesh),
   )
   writer = writers.MetricWriter(workdir)
@@ -743,7 +546,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         else:
           arrays, host_metrics, rollout = source.batch(step, nnx.merge(graphdef, state.params))
       with timer("update"):
-        state, train_metrics = update(state, {k: arrays[k] for k in loss_keys(arrays)})
+        state, train_metrics = update(state, {k: arrays[k] for k in update_lib.loss_keys(arrays)})
         train_metrics = jax.device_get(train_metrics)
       skipped += bool(train_metrics["update_skipped"])
       metrics = {f"train/{k}": v for k, v in train_metrics.items()}
@@ -787,11 +590,6 @@ def _no_update_applied(workdir: pathlib.Path) -> bool:
 def _evaluated(workdir: pathlib.Path, step: int) -> bool:
   """Whether the metrics log holds an eval of `step` (`evaluate` writes its row once, at the end)."""
   return any(row["step"] == step for row in writers.rows_with(workdir, "eval/"))
-
-
-def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
-  """The batch keys the update consumes: token- and turn-level arrays only."""
-  return [k for k in arrays if k in _TOKEN_KEYS or k in _TURN_KEYS]
 
 
 def check_vocabularies(config: ml_collections.ConfigDict, tokenizer: Any, roles: Sequence[str]) -> None:
@@ -845,7 +643,7 @@ def train_transcripts(rollout: Any, arrays: Mapping[str, np.ndarray], config: ml
   """The first `eval.num_transcripts` training episodes with their labels and turn weights w_t."""
   num_turns = arrays["valid"].shape[1]
   options = loss_options(config, config.method, num_turns)
-  batch = {k: jnp.asarray(arrays[k]) for k in loss_keys(arrays)}
+  batch = {k: jnp.asarray(arrays[k]) for k in update_lib.loss_keys(arrays)}
   weights_BxT = np.asarray(losses.turn_mean(losses.token_weights(batch, options), batch["turn_ids"], num_turns))
   labels = arrays.get("labels")
   return [
@@ -883,8 +681,8 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   mesh = mesh_from_config(config.mesh)
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  state, _ = place_state(init_train_state(student, tx, config.seed), mesh)
+  tx = update_lib.make_optimizer(config.optim, config.train.num_steps)
+  state, _ = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
   checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=1, keep=config.train.keep_ckpts)
   try:
     restored = checkpointer.restore(checkpoints.abstract_like(state))

@@ -17,6 +17,7 @@ from sage_opd_jax import pipeline
 from sage_opd_jax import provenance
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
 from sage_opd_jax import writers
 from sage_opd_jax.models import sharding
 
@@ -146,14 +147,14 @@ def test_an_update_that_would_make_the_weights_non_finite_is_skipped():
   # A NaN learning rate (past validation, as a bug in a schedule would be) leaves the loss and the
   # gradient finite: only the new weights and moments show it.
   optim.learning_rate, optim.warmup_steps = float("nan"), 0
-  tx = train.make_optimizer(optim, 10)
+  tx = update_lib.make_optimizer(optim, 10)
 
   def loss_fn(model, micro, totals):
     logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
     return jnp.mean(jax.nn.logsumexp(logits_BxSxV, axis=-1)) / totals["rows"], {}
 
-  update = jax.jit(train.make_update_fn(graphdef, tx, loss_fn, lambda batch: {"rows": 1.0}, micro_batches=1))
-  state = train.init_train_state(model, tx, seed=0)
+  update = jax.jit(update_lib.make_update_fn(graphdef, tx, loss_fn, lambda batch: {"rows": 1.0}, micro_batches=1))
+  state = update_lib.init_train_state(model, tx, seed=0)
   before = jax.device_get((state.params, state.opt_state))
   batch = {"tokens": jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64, "attention_mask": jnp.ones((2, 8), bool)}
   new_state, metrics = update(state, batch)

@@ -19,6 +19,7 @@ from sage_opd_jax import config as config_lib
 from sage_opd_jax import losses
 from sage_opd_jax import main
 from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
 from sage_opd_jax import writers
 
 import test_losses
@@ -60,7 +61,7 @@ def test_a_variant_registered_here_trains_from_the_command_line(tokenizer_dir, t
       main.run(config, str(tmp_path / "run"))
     first = spy.arrays
     num_turns = first["valid"].shape[1]
-    weights_BxS = np.asarray(losses.token_weights({k: jnp.asarray(first[k]) for k in train.loss_keys(first)},
+    weights_BxS = np.asarray(losses.token_weights({k: jnp.asarray(first[k]) for k in update_lib.loss_keys(first)},
                                                   train.loss_options(config, NAME, num_turns)))
   finally:
     losses._REGISTRY.pop(NAME)

@@ -29,6 +29,7 @@ from sage_opd_jax import prompts
 from sage_opd_jax import sft_data
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
 from sage_opd_jax import writers
 from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
@@ -145,7 +146,7 @@ def expected_weights(method, first, alpha):
 
 def update_weights(config, method, first):
   """[B, S] the weights `token_weights` gives the batch under `method`, as the trainer's transcripts show them."""
-  batch = {k: jnp.asarray(first[k]) for k in train.loss_keys(first)}
+  batch = {k: jnp.asarray(first[k]) for k in update_lib.loss_keys(first)}
   return np.asarray(losses.token_weights(batch, train.loss_options(config, method, first["valid"].shape[1])))
 
 

@@ -17,7 +17,7 @@ import pytest
 from configs import base
 from sage_opd_jax import losses
 from sage_opd_jax import models
-from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
 
 
 def _optim(**overrides):
@@ -80,7 +80,7 @@ def test_optimizer_matches_numpy_adamw(schedule):
   ref = RefAdamW(params, optim, num_steps)
   assert [ref_learning_rate(optim, num_steps, t) > 0 for t in range(3)] == [False, True, True]
 
-  tx = train.make_optimizer(optim, num_steps)
+  tx = update_lib.make_optimizer(optim, num_steps)
   state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   opt_state = tx.init(state)
 
@@ -92,7 +92,7 @@ def test_optimizer_matches_numpy_adamw(schedule):
   for grads in grads_per_step:
     state, opt_state = step(state, opt_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads))
     _assert_params_close(state, ref.step(grads))
-  learning_rate = train.learning_rate_schedule(optim, num_steps)
+  learning_rate = update_lib.learning_rate_schedule(optim, num_steps)
   np.testing.assert_allclose([learning_rate(t) for t in range(4)],
                              [ref_learning_rate(optim, num_steps, t) for t in range(4)], rtol=1e-6)
 
@@ -110,9 +110,9 @@ def test_update_fn_applies_adamw_to_the_gradient_of_the_loss():
   batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32), "mask": jnp.asarray(mask, jnp.float32)}
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
   optim, num_steps = _optim(), 3
-  tx = train.make_optimizer(optim, num_steps)
-  state = train.init_train_state(model, tx, seed=0)
-  update = jax.jit(train.make_update_fn(nnx.graphdef(model), tx, _mse_loss, lambda b: {"count": b["mask"].sum()},
+  tx = update_lib.make_optimizer(optim, num_steps)
+  state = update_lib.init_train_state(model, tx, seed=0)
+  update = jax.jit(update_lib.make_update_fn(nnx.graphdef(model), tx, _mse_loss, lambda b: {"count": b["mask"].sum()},
                                         micro_batches=2))
   ref = RefAdamW({k: state.params[k][...] for k in ("kernel", "bias")}, optim, num_steps)
   clipped = []
@@ -167,13 +167,13 @@ def test_updates_on_a_fixed_batch_lower_the_loss(method):
   teacher = models.create_model(models.ModelConfig.from_dict(base.tiny_model(**TINY).to_dict()), None, seed=1)
   batch = _fixed_batch(teacher)
   num_steps = 8
-  tx = train.make_optimizer(config.optim, num_steps)
-  loss_fn, totals_fn = train.make_loss_fns(dict(config.loss.to_dict(), method=method, num_turns=NUM_TURNS,
+  tx = update_lib.make_optimizer(config.optim, num_steps)
+  loss_fn, totals_fn = update_lib.make_loss_fns(dict(config.loss.to_dict(), method=method, num_turns=NUM_TURNS,
                                                 teacher_vocab_size=VOCAB))
   graphdef = nnx.graphdef(student)
-  update = jax.jit(train.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=2,
-                                        schedule=train.learning_rate_schedule(config.optim, num_steps)))
-  state = train.init_train_state(student, tx, seed=0)
+  update = jax.jit(update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=2,
+                                        schedule=update_lib.learning_rate_schedule(config.optim, num_steps)))
+  state = update_lib.init_train_state(student, tx, seed=0)
 
   @jax.jit
   def measure(params):

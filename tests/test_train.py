@@ -1,5 +1,9 @@
 """The update step: micro-batching, NaN safety and sharding never change the result."""
 
+import pathlib
+import subprocess
+import sys
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import base
 from sage_opd_jax import models
 from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _optim(**overrides):
@@ -42,12 +49,12 @@ def _batch(n=8, seed=0):
 def _run(micro_batches, batch, steps=3, state_sharding=None, batch_sharding=None):
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
   graphdef = nnx.graphdef(model)
-  tx = train.make_optimizer(_optim(), num_steps=steps)
-  state = train.init_train_state(model, tx, seed=0)
-  update = train.make_update_fn(graphdef, tx, _mse_loss, _totals, micro_batches=micro_batches)
+  tx = update_lib.make_optimizer(_optim(), num_steps=steps)
+  state = update_lib.init_train_state(model, tx, seed=0)
+  update = update_lib.make_update_fn(graphdef, tx, _mse_loss, _totals, micro_batches=micro_batches)
   if state_sharding is not None:
     state = jax.device_put(state, state_sharding)
-    update = train.jit_update(update, state_sharding, batch_sharding)
+    update = update_lib.jit_update(update, state_sharding, batch_sharding)
     batch = jax.device_put(batch, batch_sharding)
   else:
     update = jax.jit(update)
@@ -82,10 +89,10 @@ def test_nan_loss_skips_the_update_and_keeps_params():
   batch = _batch()
   bad = dict(batch, y=batch["y"].at[3, 0].set(jnp.nan))
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
-  tx = train.make_optimizer(_optim(), num_steps=2)
-  state = train.init_train_state(model, tx, seed=0)
+  tx = update_lib.make_optimizer(_optim(), num_steps=2)
+  state = update_lib.init_train_state(model, tx, seed=0)
   before = jax.tree.map(np.asarray, state.params)
-  update = jax.jit(train.make_update_fn(nnx.graphdef(model), tx, _mse_loss, _totals, micro_batches=2))
+  update = jax.jit(update_lib.make_update_fn(nnx.graphdef(model), tx, _mse_loss, _totals, micro_batches=2))
   state, metrics = update(state, bad)
   assert int(metrics["update_skipped"]) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
@@ -108,9 +115,9 @@ def test_sharded_update_matches_single_device():
 
 
 def test_warmup_then_cosine_schedule():
-  schedule = train.learning_rate_schedule(_optim(schedule="cosine", warmup_steps=4, learning_rate=1.0), 12)
+  schedule = update_lib.learning_rate_schedule(_optim(schedule="cosine", warmup_steps=4, learning_rate=1.0), 12)
   np.testing.assert_allclose([schedule(0), schedule(2), schedule(4), schedule(12)], [0.0, 0.5, 1.0, 0.0], atol=1e-6)
-  constant = train.learning_rate_schedule(_optim(warmup_steps=4, learning_rate=1.0), 12)
+  constant = update_lib.learning_rate_schedule(_optim(warmup_steps=4, learning_rate=1.0), 12)
   np.testing.assert_allclose([constant(2), constant(4), constant(11)], [0.5, 1.0, 1.0], atol=1e-6)
 
 
@@ -139,19 +146,19 @@ def test_sharded_transformer_sage_step_matches_single_device(old_logprobs):
                                          num_heads=2, num_kv_heads=2, head_dim=16)
   model_config = models.ModelConfig.from_dict(config.student.model.to_dict())
   options = dict(config.loss.to_dict(), method="sage_opd", num_turns=3, teacher_vocab_size=64)
-  loss_fn, totals_fn = train.make_loss_fns(options)
-  tx = train.make_optimizer(config.optim, num_steps=4)
+  loss_fn, totals_fn = update_lib.make_loss_fns(options)
+  tx = update_lib.make_optimizer(config.optim, num_steps=4)
   batch = _sage_batch(np.random.default_rng(0), 8, 16, 64, 3)
 
   def run(mesh):
     model = models.create_model(model_config, mesh, seed=0)
-    update = train.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2)
-    state = train.init_train_state(model, tx, seed=0)
+    update = update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2)
+    state = update_lib.init_train_state(model, tx, seed=0)
     if mesh is None:
       return jax.jit(update)(state, batch)
-    state, state_sharding = train.place_state(state, mesh)
+    state, state_sharding = update_lib.place_state(state, mesh)
     batch_sharding = models.batch_sharding(mesh)
-    return train.jit_update(update, state_sharding, batch_sharding)(state, jax.device_put(batch, batch_sharding))
+    return update_lib.jit_update(update, state_sharding, batch_sharding)(state, jax.device_put(batch, batch_sharding))
 
   single, m_single = run(None)
   sharded, m_sharded = run(models.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
@@ -191,3 +198,14 @@ def test_length_grouped_batches_pad_less():
 def test_epoch_rows_rejects_mismatched_lengths():
   with pytest.raises(ValueError, match="lengths has 3 entries for num_rows=4"):
     train.epoch_rows(4, 2, 0, 0, np.ones(3))
+
+
+def test_the_update_module_imports_no_environment_judge_or_rollout():
+  # The pure update runs wherever the batch comes from: no env, judge, rollout or sampler behind it.
+  code = ("import sys; import sage_opd_jax.update; "
+          "print(sorted(m for m in sys.modules if m.startswith('sage_opd_jax.')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+  loaded = set(out.stdout.split("'")[1::2])
+  assert "sage_opd_jax.update" in loaded and "sage_opd_jax.losses" in loaded
+  for module in ("envs", "judge", "rollout", "sampling", "teacher", "prompts", "train", "config"):
+    assert not any(m == f"sage_opd_jax.{module}" or m.startswith(f"sage_opd_jax.{module}.") for m in loaded), module

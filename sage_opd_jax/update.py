@@ -1,0 +1,218 @@
+"""The train state, the optimiser and the pure update step: no environment, judge or rollout.
+
+The update is a pure function `(state, batch) -> (state, metrics)`, jitted with explicit
+shardings and a donated state. It accumulates gradients over micro-batches with
+`lax.scan`; every normaliser (token counts, the weight sum of E8) is computed once over
+the *whole* global batch before the scan, so micro-batching and device count never
+change the result. Under `jit` the batch is one global array sharded over the mesh, so
+those sums are global over devices too without any explicit collective.
+
+`train.py` is the host loop around it: rollouts, teacher scores, judge, eval, checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sage_opd_jax import losses
+from sage_opd_jax.models import sharding
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# loss_fn(model, micro_batch, totals) -> (loss, metrics). The loss of one micro-batch is
+# already divided by the global normaliser in `totals`, so micro-batch losses add up
+# to the full-batch loss; `_combine_metrics` says how metrics combine.
+LossFn = Callable[[nnx.Module, Batch, Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]
+TotalsFn = Callable[[Batch], Mapping[str, jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: nnx.State  # The student's nnx.Param leaves.
+  opt_state: optax.OptState  # Adam moments, schedule count, non-finite counters.
+  step: jax.Array  # [] int32, updates applied or skipped so far.
+  rng: jax.Array  # [2] uint32 raw key data; split explicitly, never a global seed.
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warm-up to the peak, then constant or cosine decay to 0 at `num_steps`."""
+  if optim.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1)),
+         optax.constant_schedule(optim.learning_rate)],
+        boundaries=[optim.warmup_steps],
+    )
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate, optim.warmup_steps, max(num_steps, optim.warmup_steps + 1)
+    )
+  raise ValueError(f"optim.schedule={optim.schedule!r}: must be 'constant' or 'cosine'.")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """Grad-norm clipping then AdamW; a non-finite gradient skips the whole update.
+
+  `apply_if_finite` leaves params and moments untouched on a NaN/inf gradient, so a
+  bad batch can never corrupt the model; its counters are reported as metrics.
+  """
+  schedule = learning_rate_schedule(optim, num_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+  )
+  return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  return TrainState(
+      params=params,
+      opt_state=tx.init(params),
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.PRNGKey(seed),
+  )
+
+
+def _split_micro(batch: Batch, micro_batches: int) -> Batch:
+  """[B, ...] -> [M, B/M, ...], so `lax.scan` walks the micro-batches."""
+
+  def split(x):
+    if x.shape[0] % micro_batches:
+      raise ValueError(f"Batch size {x.shape[0]} is not divisible by micro_batches={micro_batches}.")
+    return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+  return jax.tree.map(split, dict(batch))
+
+
+def _combine_metrics(stacked: Metrics) -> Metrics:
+  """Micro-batch metrics [M] -> one value each.
+
+  "loss" and counts ("num_*") add up (each micro-batch loss is already divided by the global
+  normaliser); "*_max" takes the max; every other metric is a ratio, averaged with weights
+  "num_tokens" when the loss reports it (exact for token ratios, and for M = 1 always).
+  """
+  weights = stacked.get("num_tokens")
+  if weights is not None:
+    weights = weights / jnp.maximum(weights.sum(), 1.0)
+  combined = {}
+  for key, value in stacked.items():
+    if key == "loss" or key.startswith("num_"):
+      combined[key] = value.sum(0)
+    elif key.endswith("_max"):
+      combined[key] = value.max(0)
+    elif weights is None:
+      combined[key] = value.mean(0)
+    else:
+      combined[key] = jnp.tensordot(weights, value, axes=1)
+  return combined
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """[] bool: whether every float in `tree` is finite (one fused reduction per leaf, no copies)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_update_fn(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    totals_fn: TotalsFn,
+    *,
+    micro_batches: int,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Builds the pure update `(state, batch) -> (state, metrics)`; jit it with `jit_update`."""
+
+  def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    totals = totals_fn(batch)  # Global normalisers over the whole batch, every device.
+
+    def micro_step(grads_acc, micro):
+      def loss_of(params):
+        return loss_fn(nnx.merge(graphdef, params), micro, totals)
+
+      (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+      return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, _split_micro(batch, micro_batches))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _combine_metrics(dict(metrics, loss=micro_losses))
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    # `apply_if_finite` sees the gradient only: a finite gradient can still make non-finite params
+    # or moments (a NaN learning rate, an overflowing second moment). Any of those keeps the old state.
+    applied = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite((params, opt_state))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics["update_skipped"] = jnp.logical_not(applied)
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
+
+  return update
+
+
+def jit_update(
+    update: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    state_sharding: Any,
+    batch_sharding: Any,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """jit with explicit in/out shardings and the state donated (updated in place)."""
+  return jax.jit(
+      update,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, None),
+      donate_argnums=(0,),
+  )
+
+
+def make_loss_fns(options: losses.LossOptions | Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
+  """The (loss_fn, totals_fn) pair of `make_update_fn` for `train.loss_options(...)` (or its fields)."""
+  if not isinstance(options, losses.LossOptions):
+    options = losses.LossOptions.for_method(**options)
+
+  def loss_fn(model, micro, totals):
+    logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
+    return losses.sage_opd_loss(logits_BxSxV, micro, options, **totals)
+
+  def totals_fn(batch):
+    return losses.loss_totals(batch, options)
+
+  return loss_fn, totals_fn
+
+
+def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """Puts every leaf of the state on the mesh; returns it with its sharding pytree.
+
+  Params (and the Adam moments built from them) already carry their NamedShardings;
+  counters and the rng are replicated.
+  """
+  replicated = sharding.replicated(mesh)
+
+  def leaf_sharding(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+  shardings = jax.tree.map(leaf_sharding, state)
+  return jax.device_put(state, shardings), shardings
+
+
+# Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
+_TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
+               "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
+_TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
+
+
+def loss_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+  """The batch keys the update consumes: token- and turn-level arrays only."""
+  return [k for k in arrays if k in _TOKEN_KEYS or k in _TURN_KEYS]
