@@ -658,6 +658,161 @@ def judge_batch(
 
 
 # ------------------------------------------------------------------------------------------
+# The judge modes: one interface, two steps.
+
+
+class JudgeMode:
+  """A judge mode (`config.judge.mode`): every mode takes the same two steps.
+
+  `prepare` runs before the teacher scores the batch and returns the questions that ride in
+  that forward (`teacher.score_batch(questions=)`), or None; `read` labels the asked turns from
+  the episodes, the scored batch and the answers to those questions. `label` is both around
+  them: the asked turns are the valid ones, every other turn is Strong by rule.
+
+  The scored batch (`batch`) holds what the mode reads of `teacher.score_batch`'s output and the
+  rollout's arrays: tokens, attention_mask, turn_ids, teacher_logprobs, answer_logits.
+  """
+
+  name = ""
+  # Whether the turn is read inside the scored transcript (else as text, with its history).
+  reads_transcript = True
+
+  def __init__(self, config: JudgeConfig, *, teacher: nnx.Module | None = None, tokenizer: Any = None,
+               sampler_kwargs: Mapping[str, Any] | None = None):
+    self.config = config
+    self.teacher = teacher
+    self.tokenizer = tokenizer
+    self.sampler_kwargs = sampler_kwargs
+
+  def prepare(self, episodes: Sequence[JudgedEpisode], num_turns: int, batch: Mapping[str, Any]
+              ) -> PackedQuestions | None:
+    del episodes, num_turns, batch
+    return None
+
+  def read(self, episodes: Sequence[JudgedEpisode], num_turns: int, asked: np.ndarray, batch: Mapping[str, Any],
+           questions: PackedQuestions | None, rng: jax.Array | None
+           ) -> tuple[np.ndarray, list[list[str | None]] | None, int]:
+    """-> (labels [B, T], read where `asked`; the teacher's answers per turn or None; prompts sent)."""
+    raise NotImplementedError
+
+  def label(self, episodes: Sequence[JudgedEpisode], num_turns: int, batch: Mapping[str, Any] | None = None,
+            questions: PackedQuestions | None = None, rng: jax.Array | None = None) -> JudgeResult:
+    """Labels every turn of a rollout batch: `read` where asked, Strong elsewhere."""
+    _check_turns(episodes, num_turns)
+    asked = _valid_turns(episodes, num_turns)
+    labels, answers, num_prompts = self.read(episodes, num_turns, asked, batch or {}, questions, rng)
+    return JudgeResult(labels=np.where(asked, labels, losses.Label.STRONG).astype(np.int32), asked=asked,
+                       answers=answers or [[None] * len(e.turns) for e in episodes], num_prompts=num_prompts)
+
+  def _need(self, name: str, value: Any, where: str = "") -> Any:
+    if value is None:
+      raise ValueError(f"judge: mode={self.name!r} needs `{name}`{where}.")
+    return value
+
+
+_JUDGE_MODES: dict[str, type[JudgeMode]] = {}
+
+
+def _register_mode(mode: type[JudgeMode]) -> type[JudgeMode]:
+  _JUDGE_MODES[mode.name] = mode
+  return mode
+
+
+def make_judge(config: JudgeConfig, *, teacher: nnx.Module | None = None, tokenizer: Any = None,
+               sampler_kwargs: Mapping[str, Any] | None = None) -> JudgeMode:
+  """The judge of `config.mode`."""
+  return _JUDGE_MODES[config.mode](config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
+
+
+def _answers_at(episodes: Sequence[JudgedEpisode], replies: Sequence[tuple[int, int, str]]) -> list[list[str | None]]:
+  answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
+  for b, t, reply in replies:
+    answers[b][t] = reply
+  return answers
+
+
+@_register_mode
+class PromptJudge(JudgeMode):
+  """The paper's judge: the teacher answers the judge prompt of each asked turn greedily."""
+
+  name = "prompt"
+  reads_transcript = False
+
+  def read(self, episodes, num_turns, asked, batch, questions, rng):
+    del batch, questions
+    for what, value in (("teacher", self.teacher), ("tokenizer", self.tokenizer), ("rng", rng)):
+      self._need(what, value)
+    config = self.config
+    requests = judge_prompt_texts(episodes, self.tokenizer, config.history_turns, asked, config.show_admissible)
+    replies = ask_teacher(self.teacher, self.tokenizer, [text for _, _, text in requests], rng,
+                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                          length_bucketing=config.length_bucketing, sampler_kwargs=self.sampler_kwargs)
+    labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
+    for (b, t, _), reply in zip(requests, replies):
+      labels[b, t] = prompts.parse_judge_label(reply)
+    return labels, _answers_at(episodes, [(b, t, r) for (b, t, _), r in zip(requests, replies)]), len(requests)
+
+
+@_register_mode
+class TranscriptJudge(JudgeMode):
+  """Section 5's question as a continuation of the scored transcript, answered in the teacher's scoring forward."""
+
+  name = "transcript"
+
+  def prepare(self, episodes, num_turns, batch):
+    return prepare_transcript_judge(episodes, num_turns, self.config, self._need("tokenizer", self.tokenizer),
+                                    batch["tokens"], batch["attention_mask"], batch["turn_ids"])
+
+  def read(self, episodes, num_turns, asked, batch, questions, rng):
+    del asked, rng
+    where = " (from `prepare` and `teacher.score_tokens(questions=)`)"
+    self._need("questions", questions, where)
+    self._need("answer_logits_BxRxV", batch.get("answer_logits"), where)
+    self._need("tokenizer", self.tokenizer, where)
+    replies = transcript_answers(questions, batch["answer_logits"], self.tokenizer)
+    labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
+    for b, t, code, _ in replies:
+      labels[b, t] = code
+    return labels, _answers_at(episodes, [(b, t, r) for b, t, _, r in replies]), len(replies)
+
+
+@_register_mode
+class LikelihoodJudge(JudgeMode):
+  """The teacher's mean log-prob of each turn's action tokens, against two thresholds."""
+
+  name = "likelihood"
+
+  def read(self, episodes, num_turns, asked, batch, questions, rng):
+    del episodes, asked, questions, rng
+    names = (("tokens_BxS", "tokens"), ("turn_ids_BxS", "turn_ids"), ("teacher_logprobs_BxS", "teacher_logprobs"))
+    for name, key in names:
+      self._need(name, batch.get(key))
+    mask = action_token_mask(batch["tokens"], batch["turn_ids"], self._need("tokenizer", self.tokenizer))
+    labels, _ = likelihood_labels(batch["teacher_logprobs"], mask, batch["turn_ids"], num_turns,
+                                  self.config.likelihood_thresholds)
+    return labels, None, 0
+
+
+@_register_mode
+class OracleJudge(JudgeMode):
+  """The env expert's labels: analysis only, not SAGE-OPD's verifier-free judge."""
+
+  name = "oracle"
+
+  def read(self, episodes, num_turns, asked, batch, questions, rng):
+    del batch, questions, rng
+    _log.warning("judge.mode='oracle': labels come from the environment's expert. This is for "
+                 "analysis only; it is not SAGE-OPD's verifier-free judge.")
+    oracle, known = oracle_labels(episodes, num_turns)
+    missing = np.argwhere(asked & ~known)
+    if len(missing):
+      b, t = missing[0]
+      raise ValueError(
+          f"judge.mode='oracle' needs expert_action on every valid turn; episodes[{b}].turns[{t}] has none.")
+    return oracle, None, 0
+
+
+# ------------------------------------------------------------------------------------------
 # Metrics and held-out evaluation.
 
 
