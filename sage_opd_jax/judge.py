@@ -48,8 +48,6 @@ from sage_opd_jax import prompts
 from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
 
-MODES = ("prompt", "transcript", "likelihood", "oracle")
-
 _log = logging.getLogger(__name__)
 
 
@@ -76,7 +74,7 @@ class JudgeConfig:
   """The judge's settings; `from_config(config.judge)` reads the run config.
 
   Attributes:
-    mode: one of MODES.
+    mode: a registered judge mode (`JudgeMode`): prompt, transcript, likelihood or oracle.
     history_turns: past (observation, action) pairs shown in the judge prompt.
     show_admissible: list turn t's admissible actions in the prompt (as docs/method.md's does); without
       the list a real ALFWorld question is ~27% shorter, and the judge's cost is its prefill.
@@ -99,8 +97,8 @@ class JudgeConfig:
   length_bucketing: bool = True
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"JudgeConfig.mode={self.mode!r}: must be one of {MODES}.")
+    if self.mode not in _JUDGE_MODES:
+      raise ValueError(f"JudgeConfig.mode={self.mode!r}: must be one of {tuple(_JUDGE_MODES)}.")
     if self.history_turns < 0:
       raise ValueError(f"JudgeConfig.history_turns={self.history_turns}: must be >= 0.")
     if self.max_new_tokens < 1:
@@ -572,92 +570,6 @@ def likelihood_labels(
 
 
 # ------------------------------------------------------------------------------------------
-# The judge.
-
-
-def judge_batch(
-    episodes: Sequence[JudgedEpisode],
-    num_turns: int,
-    config: JudgeConfig,
-    *,
-    teacher: nnx.Module | None = None,
-    tokenizer: Any = None,
-    rng: jax.Array | None = None,
-    tokens_BxS: np.ndarray | None = None,
-    turn_ids_BxS: np.ndarray | None = None,
-    teacher_logprobs_BxS: Any = None,
-    questions: PackedQuestions | None = None,
-    answer_logits_BxRxV: Any = None,
-    sampler_kwargs: Mapping[str, Any] | None = None,
-) -> JudgeResult:
-  """Labels every turn of a rollout batch.
-
-  Args:
-    episodes: the rollout's host-side episodes, row b of the batch is episodes[b].
-    num_turns: T, the width of the batch's per-turn arrays.
-    config: the judge settings.
-    teacher, tokenizer, rng: the teacher model, the shared tokenizer and a key (`prompt` mode).
-    tokens_BxS, turn_ids_BxS, teacher_logprobs_BxS: the batch's tokens, turn ids and the
-      teacher's token log-probs from `teacher.score_tokens` (`likelihood` mode; it also needs
-      the tokenizer to find the action tokens).
-    questions, answer_logits_BxRxV: `prepare_transcript_judge`'s questions and the teacher's
-      `answer_logits` from scoring the batch with them (`transcript` mode, with the tokenizer).
-    sampler_kwargs: passed to `ask_teacher` (`prompt` mode).
-
-  Returns:
-    A `JudgeResult`; invalid turns are Strong and never reach the teacher.
-  """
-  _check_turns(episodes, num_turns)
-  asked = _valid_turns(episodes, num_turns)
-  labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
-  answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
-  num_prompts = 0
-
-  if config.mode == "prompt":
-    if teacher is None or tokenizer is None or rng is None:
-      raise ValueError("judge_batch: mode='prompt' needs `teacher`, `tokenizer` and `rng`.")
-    requests = judge_prompt_texts(episodes, tokenizer, config.history_turns, asked, config.show_admissible)
-    replies = ask_teacher(teacher, tokenizer, [text for _, _, text in requests], rng,
-                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                          length_bucketing=config.length_bucketing, sampler_kwargs=sampler_kwargs)
-    num_prompts = len(requests)
-    for (b, t, _), reply in zip(requests, replies):
-      labels[b, t] = prompts.parse_judge_label(reply)
-      answers[b][t] = reply
-  elif config.mode == "transcript":
-    for name, value in (("questions", questions), ("answer_logits_BxRxV", answer_logits_BxRxV),
-                        ("tokenizer", tokenizer)):
-      if value is None:
-        raise ValueError(f"judge_batch: mode='transcript' needs `{name}` (from `prepare_transcript_judge` and "
-                         "`teacher.score_tokens(questions=)`).")
-    replies = transcript_answers(questions, answer_logits_BxRxV, tokenizer)
-    num_prompts = len(replies)
-    for b, t, code, reply in replies:
-      labels[b, t] = code
-      answers[b][t] = reply
-  elif config.mode == "likelihood":
-    for name, value in (("tokens_BxS", tokens_BxS), ("turn_ids_BxS", turn_ids_BxS),
-                        ("teacher_logprobs_BxS", teacher_logprobs_BxS), ("tokenizer", tokenizer)):
-      if value is None:
-        raise ValueError(f"judge_batch: mode='likelihood' needs `{name}`.")
-    mask = action_token_mask(tokens_BxS, turn_ids_BxS, tokenizer)
-    scored, _ = likelihood_labels(teacher_logprobs_BxS, mask, turn_ids_BxS, num_turns,
-                                  config.likelihood_thresholds)
-    labels = np.where(asked, scored, losses.Label.STRONG).astype(np.int32)
-  else:
-    _log.warning("judge.mode='oracle': labels come from the environment's expert. This is for "
-                "analysis only; it is not SAGE-OPD's verifier-free judge.")
-    oracle, known = oracle_labels(episodes, num_turns)
-    missing = np.argwhere(asked & ~known)
-    if len(missing):
-      b, t = missing[0]
-      raise ValueError(
-          f"judge.mode='oracle' needs expert_action on every valid turn; episodes[{b}].turns[{t}] has none.")
-    labels = oracle
-  return JudgeResult(labels=labels, asked=asked, answers=answers, num_prompts=num_prompts)
-
-
-# ------------------------------------------------------------------------------------------
 # The judge modes: one interface, two steps.
 
 
@@ -676,6 +588,11 @@ class JudgeMode:
   name = ""
   # Whether the turn is read inside the scored transcript (else as text, with its history).
   reads_transcript = True
+  # Whether the teacher answers a question at the end of the transcript, so that its judge
+  # examples (`sft_data`) take that layout rather than the judge prompt's.
+  asks_in_transcript = False
+  # Whether the labels need the env expert's action at every turn (the rollout shadows it).
+  needs_expert = False
 
   def __init__(self, config: JudgeConfig, *, teacher: nnx.Module | None = None, tokenizer: Any = None,
                sampler_kwargs: Mapping[str, Any] | None = None):
@@ -718,10 +635,17 @@ def _register_mode(mode: type[JudgeMode]) -> type[JudgeMode]:
   return mode
 
 
+def judge_mode(name: str) -> type[JudgeMode]:
+  """The judge mode class registered as `name` (its declarations, before a judge is built)."""
+  if name not in _JUDGE_MODES:
+    raise ValueError(f"judge mode {name!r}: must be one of {tuple(_JUDGE_MODES)}.")
+  return _JUDGE_MODES[name]
+
+
 def make_judge(config: JudgeConfig, *, teacher: nnx.Module | None = None, tokenizer: Any = None,
                sampler_kwargs: Mapping[str, Any] | None = None) -> JudgeMode:
   """The judge of `config.mode`."""
-  return _JUDGE_MODES[config.mode](config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
+  return judge_mode(config.mode)(config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
 
 
 def _answers_at(episodes: Sequence[JudgedEpisode], replies: Sequence[tuple[int, int, str]]) -> list[list[str | None]]:
@@ -758,6 +682,7 @@ class TranscriptJudge(JudgeMode):
   """Section 5's question as a continuation of the scored transcript, answered in the teacher's scoring forward."""
 
   name = "transcript"
+  asks_in_transcript = True
 
   def prepare(self, episodes, num_turns, batch):
     return prepare_transcript_judge(episodes, num_turns, self.config, self._need("tokenizer", self.tokenizer),
@@ -798,6 +723,7 @@ class OracleJudge(JudgeMode):
   """The env expert's labels: analysis only, not SAGE-OPD's verifier-free judge."""
 
   name = "oracle"
+  needs_expert = True
 
   def read(self, episodes, num_turns, asked, batch, questions, rng):
     del batch, questions, rng
@@ -810,6 +736,44 @@ class OracleJudge(JudgeMode):
       raise ValueError(
           f"judge.mode='oracle' needs expert_action on every valid turn; episodes[{b}].turns[{t}] has none.")
     return oracle, None, 0
+
+
+def judge_batch(
+    episodes: Sequence[JudgedEpisode],
+    num_turns: int,
+    config: JudgeConfig,
+    *,
+    teacher: nnx.Module | None = None,
+    tokenizer: Any = None,
+    rng: jax.Array | None = None,
+    tokens_BxS: np.ndarray | None = None,
+    turn_ids_BxS: np.ndarray | None = None,
+    teacher_logprobs_BxS: Any = None,
+    questions: PackedQuestions | None = None,
+    answer_logits_BxRxV: Any = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+) -> JudgeResult:
+  """Labels every turn of a rollout batch with `config.mode`'s judge (`make_judge(...).label`).
+
+  Args:
+    episodes: the rollout's host-side episodes, row b of the batch is episodes[b].
+    num_turns: T, the width of the batch's per-turn arrays.
+    config: the judge settings.
+    teacher, tokenizer, rng: the teacher model, the shared tokenizer and a key (`prompt` mode).
+    tokens_BxS, turn_ids_BxS, teacher_logprobs_BxS: the batch's tokens, turn ids and the
+      teacher's token log-probs from `teacher.score_tokens` (`likelihood` mode; it also needs
+      the tokenizer to find the action tokens).
+    questions, answer_logits_BxRxV: `prepare_transcript_judge`'s questions and the teacher's
+      `answer_logits` from scoring the batch with them (`transcript` mode, with the tokenizer).
+    sampler_kwargs: passed to `ask_teacher` (`prompt` mode).
+
+  Returns:
+    A `JudgeResult`; invalid turns are Strong and never reach the teacher.
+  """
+  batch = {k: v for k, v in dict(tokens=tokens_BxS, turn_ids=turn_ids_BxS, teacher_logprobs=teacher_logprobs_BxS,
+                                 answer_logits=answer_logits_BxRxV).items() if v is not None}
+  judge = make_judge(config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
+  return judge.label(episodes, num_turns, batch, questions, rng)
 
 
 # ------------------------------------------------------------------------------------------

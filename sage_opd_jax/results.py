@@ -95,7 +95,7 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
   metrics = judge_lib.judge_accuracy(teacher, tokenizer, examples, jax.random.PRNGKey(config.seed),
                                      history_turns=config.judge.history_turns,
                                      show_admissible=config.judge.show_admissible,
-                                     transcript=config.judge.mode == "transcript",
+                                     transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript,
                                      max_new_tokens=config.judge.max_new_tokens)
   writer = writers.MetricWriter(workdir)
   writer.write(0, metrics)

@@ -142,8 +142,8 @@ class SftSource:
     data = sft_data.build_sft_data(
         tokenizer, [*demonstrations, *extra_demos], judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
-        judge_admissible=config.judge.show_admissible, judge_transcript=config.judge.mode == "transcript",
-        seed=config.seed,
+        judge_admissible=config.judge.show_admissible,
+        judge_transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript, seed=config.seed,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])
@@ -202,6 +202,7 @@ class DistillSource:
     if len(self.tasks) < self.batch_size:
       raise ValueError(f"{len(self.tasks)} train tasks are fewer than config.train.batch_episodes={self.batch_size}.")
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
+    self.judge = judge_lib.make_judge(self.judge_config, teacher=teacher, tokenizer=tokenizer)
     self.variant = losses.variant(config.method)
     self.teacher_top_k = teacher_support(config, teacher.config.vocab_size)
 
@@ -252,13 +253,11 @@ class DistillSource:
     """
     num_turns = arrays["valid"].shape[1]
     questions = None
-    if judge and self.judge_config.mode == "transcript":
-      # The transcript judge's questions ride in the teacher's scoring forward (its "judge"
+    if judge:
+      # Questions that ride in the teacher's scoring forward (the transcript judge's; its "judge"
       # time is the host work around it).
       with timer("judge"):
-        questions = judge_lib.prepare_transcript_judge(
-            episodes, num_turns, self.judge_config, self.tokenizer, arrays["tokens"], arrays["attention_mask"],
-            arrays["turn_ids"])
+        questions = self.judge.prepare(episodes, num_turns, arrays)
     with timer("teacher"):
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
       scores = teacher_lib.score_batch(
@@ -266,24 +265,18 @@ class DistillSource:
           temperature=self.config.teacher.temperature,
           questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
       arrays.update(jax.device_get(scores))
-    answer_logits_BxRxV = arrays.pop("answer_logits", None)
+    answers = {"answer_logits": arrays.pop("answer_logits")} if "answer_logits" in arrays else {}
     if not judge:
       return None
     with timer("judge"):
-      return judge_lib.judge_batch(
-          episodes, num_turns, self.judge_config, teacher=self.teacher, tokenizer=self.tokenizer, rng=key,
-          tokens_BxS=arrays["tokens"], turn_ids_BxS=arrays["turn_ids"],
-          teacher_logprobs_BxS=arrays["teacher_logprobs"], questions=questions,
-          answer_logits_BxRxV=answer_logits_BxRxV)
+      return self.judge.label(episodes, num_turns, dict(arrays, **answers), questions, key)
 
   def intervention_hook(self, key: jax.Array) -> rollout_lib.Intervene:
     """The `opd_two_rollout` hook: Strong turns get the teacher's own response.
 
     The env has not answered yet when the hook runs, so the judge sees the turn with its
     feedback marked as not yet known: an unparseable or inadmissible action is Strong by rule
-    (E5), and the rest go to the run's judge. The prompted judge reads its usual question (with
-    the turn's history); the other modes judge each turn as the one turn of a transcript of its
-    own context and response (`_judge_pending`).
+    (E5), and the rest go to the run's judge (`_judge_pending`).
     """
     calls = iter(range(1 << 30))
 
@@ -291,19 +284,7 @@ class DistillSource:
       call_key = jax.random.fold_in(key, next(calls))
       strong = [s for s in states if s.action is None or s.action not in s.admissible]
       asked = [s for s in states if s not in strong]
-      if asked and self.judge_config.mode == "prompt":
-        texts = [
-            prompts.render_judge_prompt(
-                self.tokenizer, s.task_text, [(t.observation, t.action) for t in s.history], s.observation,
-                s.response, prompts.NOT_EXECUTED, list(s.admissible) if self.judge_config.show_admissible else [],
-                self.judge_config.history_turns)
-            for s in asked
-        ]
-        answers = judge_lib.ask_teacher(self.teacher, self.tokenizer, texts, jax.random.fold_in(call_key, 0),
-                                        max_new_tokens=self.judge_config.max_new_tokens,
-                                        batch_size=self.judge_config.batch_size)
-        strong += [s for s, a in zip(asked, answers) if prompts.parse_judge_label(a) == losses.Label.STRONG]
-      elif asked:
+      if asked:
         strong += [s for s, label in zip(asked, self._judge_pending(asked, jax.random.fold_in(call_key, 0)))
                    if label == losses.Label.STRONG]
       if not strong:
@@ -315,21 +296,30 @@ class DistillSource:
     return hook
 
   def _judge_pending(self, states: Sequence[rollout_lib.TurnState], key: jax.Array) -> np.ndarray:
-    """[len(states)] labels of turns the env has not answered, by a judge that reads arrays.
+    """[len(states)] labels of turns the env has not answered.
 
-    Each turn becomes the one turn of an episode whose prompt is the turn's own context, so
-    that the teacher reads what the student read (its history window included). The rows are
-    padded with empty episodes to the update's batch size, which the batch sharding divides.
+    A judge that reads the scored transcript gets each turn as the one turn of an episode whose
+    prompt is the turn's own context, so that the teacher reads what the student read (its
+    history window included); the rows are padded with empty episodes to the update's batch
+    size, which the batch sharding divides. A judge that reads the turn as text gets it after
+    its history, whose turns are shown but not judged.
     """
-    episodes = []
-    for s in states:
-      turn = rollout_lib.Turn(
+    def pending(s: rollout_lib.TurnState) -> rollout_lib.Turn:
+      return rollout_lib.Turn(
           observation=s.observation, admissible=list(s.admissible), response=s.response,
           response_tokens=list(s.response_tokens), response_end=s.response_end,
           response_logprobs=np.zeros(len(s.response_tokens), np.float32), action=s.action,
           feedback=prompts.NOT_EXECUTED, valid=True, expert_action=s.expert_action)
-      episodes.append(rollout_lib.Episode(task=s.task, task_text=s.task_text, prompt_tokens=list(s.context),
-                                          turns=[turn]))
+
+    if not self.judge.reads_transcript:
+      episodes = [rollout_lib.Episode(task=s.task, task_text=s.task_text,
+                                      turns=[*(dataclasses.replace(t, valid=False) for t in s.history), pending(s)])
+                  for s in states]
+      lasts = [len(e.turns) - 1 for e in episodes]
+      judged = self.judge.label(episodes, max(lasts) + 1, rng=key)
+      return judged.labels[np.arange(len(states)), lasts]
+    episodes = [rollout_lib.Episode(task=s.task, task_text=s.task_text, prompt_tokens=list(s.context),
+                                    turns=[pending(s)]) for s in states]
     episodes += [rollout_lib.Episode(task=states[0].task) for _ in range(self.batch_size - len(states))]
     batch = rollout_lib.assemble_batch(episodes, 1, self.engine.sampling_config.pad_id)
     # The judge reads the teacher's token log-probs or answers only, never its top-k.
@@ -359,7 +349,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
   With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
   every state: an ALFWorld expert shadows each episode in its worker, reading the game's facts.
   """
-  oracle = expert or (config.judge.mode == "oracle" and losses.variant(config.method).uses_judge)
+  oracle = expert or (judge_lib.judge_mode(config.judge.mode).needs_expert and losses.variant(config.method).uses_judge)
   if oracle and config.env.name != "alfworld":
     raise config_lib.ConfigError(
         f"config.env.name={config.env.name!r} has no expert to shadow the episodes (judge.mode='oracle', DAgger).")

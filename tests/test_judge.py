@@ -57,34 +57,6 @@ ORACLE = np.array([[SKIP, WEAK, STRONG, STRONG], [STRONG, SKIP, WEAK, STRONG]])
 VALID = np.array([[True, True, False, False], [False, True, True, False]])
 
 
-@pytest.fixture(autouse=True)
-def judge_modes_equal_judge_batch(monkeypatch):
-  """Every judge_batch call of this file also runs through `make_judge(...).label`: same labels, answers, errors."""
-  single = judge.judge_batch
-
-  def both(episodes, num_turns, config, *, teacher=None, tokenizer=None, rng=None, tokens_BxS=None, turn_ids_BxS=None,
-           teacher_logprobs_BxS=None, questions=None, answer_logits_BxRxV=None, sampler_kwargs=None):
-    batch = {k: v for k, v in dict(tokens=tokens_BxS, turn_ids=turn_ids_BxS, teacher_logprobs=teacher_logprobs_BxS,
-                                   answer_logits=answer_logits_BxRxV).items() if v is not None}
-    mode = judge.make_judge(config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
-    try:
-      want = single(episodes, num_turns, config, teacher=teacher, tokenizer=tokenizer, rng=rng, tokens_BxS=tokens_BxS,
-                    turn_ids_BxS=turn_ids_BxS, teacher_logprobs_BxS=teacher_logprobs_BxS, questions=questions,
-                    answer_logits_BxRxV=answer_logits_BxRxV, sampler_kwargs=sampler_kwargs)
-    except ValueError as error:
-      with pytest.raises(ValueError):
-        mode.label(episodes, num_turns, batch, questions, rng)
-      raise error
-    got = mode.label(episodes, num_turns, batch, questions, rng)
-    np.testing.assert_array_equal(got.labels, want.labels)
-    np.testing.assert_array_equal(got.asked, want.asked)
-    assert got.answers == want.answers and got.num_prompts == want.num_prompts
-    return want
-
-  monkeypatch.setattr(judge, "judge_batch", both)
-
-
-
 def _texts():
   words = [TASK, *ADMISSIBLE, "open drawer 2", "fly to the moon", *tokenization.prompt_texts()]
   for turns in EPISODES:
