@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from sage_opd_jax import losses
+from sage_opd_jax.envs import base as envs_base
 
 STAGES = ("pipeline", "collect_demos", "sft", "distill", "evaluate", "export")
 JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle")
@@ -24,10 +25,10 @@ THOUGHTS = ("none", "subgoal", "subgoal_take")
 SEARCH_ORDERS = ("prior", "shuffled")  # The ALFWorld expert's (envs.alfworld_expert.ImitableExpert).
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("qwen3", "qwen2", "llama")
-SPLITS = {
-    "alfworld": ("train", "valid_seen", "valid_unseen", "valid_train"),
-    "scienceworld": ("train", "dev", "test"),
-}
+# The demos/sft settings that vary an env's expert or its demonstrations, at the value that leaves
+# them as collected: only an env that lists the key in its `EnvSpec.data_options` defines the others.
+ENV_DATA_OPTIONS = {"demos.search_order": "prior", "demos.passes": 1, "sft.thoughts": "none",
+                    "sft.renamed_copies": 0, "sft.renumbered_copies": 0}
 
 
 class ConfigError(ValueError):
@@ -119,39 +120,35 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _get(config, key)  # An unknown key is named.
   _one_of(config, "stage", STAGES)
   loss_options(config)
-  _one_of(config, "env.name", SPLITS)
   env = _get(config, "env.name")
-  for key in ("env.train_split",):
-    _one_of(config, key, SPLITS[env])
+  try:
+    spec = envs_base.spec(env)
+  except ValueError as e:
+    raise ConfigError(f"config.env.name={env!r}: {e}") from None
+  _one_of(config, "env.train_split", spec.splits)
   for split in _get(config, "env.eval_splits"):
-    if split not in SPLITS[env]:
-      raise ConfigError(f"config.env.eval_splits contains {split!r}: must be among {SPLITS[env]}.")
+    if split not in spec.splits:
+      raise ConfigError(f"config.env.eval_splits contains {split!r}: must be among {spec.splits}.")
   for key in ("env.max_turns", "env.num_workers", "env.step_timeout_s"):
     _positive(config, key)
   _positive(config, "env.history_turns", allow_zero=True)
 
-  _one_of(config, "demos.split", SPLITS[env])
+  _one_of(config, "demos.split", spec.splits)
   _positive(config, "demos.limit", allow_zero=True)
   _positive(config, "demos.max_turns")
   _positive(config, "demos.judge_states", allow_zero=True)
   _positive(config, "demos.game_timeout_s")
   _one_of(config, "demos.search_order", SEARCH_ORDERS)
   _positive(config, "demos.passes")
-  if env != "alfworld" and (_get(config, "demos.search_order") != "prior" or _get(config, "demos.passes") > 1):
-    raise ConfigError(f"config.demos.search_order={_get(config, 'demos.search_order')!r} and demos.passes="
-                      f"{_get(config, 'demos.passes')} vary the ALFWorld expert; config.env.name is {env!r}, whose "
-                      "gold path is one fixed episode (use 'prior' and 1).")
   _positive(config, "sft.max_demos", allow_zero=True)
   _positive(config, "sft.max_judge_examples", allow_zero=True)
   _one_of(config, "sft.thoughts", THOUGHTS)
-  for key, what in (("sft.renamed_copies", "renames ALFWorld task objects"),
-                    ("sft.renumbered_copies", "renumbers ALFWorld receptacles")):
+  for key in ("sft.renamed_copies", "sft.renumbered_copies"):
     _positive(config, key, allow_zero=True)
-    if _get(config, key) and env != "alfworld":
-      raise ConfigError(f"config.{key}={_get(config, key)} {what}; config.env.name is {env!r}.")
-  if _get(config, "sft.thoughts") != "none" and _get(config, "env.name") != "alfworld":
-    raise ConfigError(f"config.sft.thoughts={_get(config, 'sft.thoughts')!r} is defined for ALFWorld; "
-                      f"config.env.name is {_get(config, 'env.name')!r}.")
+  for key, as_collected in ENV_DATA_OPTIONS.items():
+    if _get(config, key) != as_collected and key not in spec.data_options:
+      raise ConfigError(f"config.{key}={_get(config, key)!r} varies the expert or the demonstrations in a way "
+                        f"config.env.name={env!r} does not define: leave it at {as_collected!r}.")
   if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
     raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
 
@@ -230,7 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "the tokenizer it was trained with (a new one would renumber its vocabulary).")
     for key in ("dagger_rounds", "dagger_student_rounds"):
       _positive(config, f"pipeline.{key}", allow_zero=True)
-      if _get(config, f"pipeline.{key}") and env != "alfworld":
+      if _get(config, f"pipeline.{key}") and spec.expert is None:
         raise ConfigError(f"config.pipeline.{key} needs an env with an expert to shadow the policy; "
                           f"config.env.name={env!r} has none (set it to 0).")
     if _get(config, "pipeline.dagger_rounds") or _get(config, "pipeline.dagger_student_rounds"):
@@ -244,7 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if results_dir.endswith(".md"):  # The old markdown target's value: the report itself stays in the workdir.
       raise ConfigError(f"config.pipeline.results_dir={results_dir!r}: must be a folder for results.csv and the "
                         "plots (e.g. docs/results/alfworld_cpu); the markdown report is <workdir>/results/results.md.")
-    _one_of(config, "pipeline.heldout_split", SPLITS[env])
+    _one_of(config, "pipeline.heldout_split", spec.splits)
     _one_of(config, "pipeline.sft_schedule", SCHEDULES)
     sweep = _get(config, "pipeline.sweep")
     if sweep and not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep):

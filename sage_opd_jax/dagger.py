@@ -123,9 +123,9 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, firs
         bar.update(len(chunk))
         bar.set_postfix(won=sum(g["won"] for g in games), corrections=sum(g["corrections"] for g in games))
   manifest = dict(requested=num_games, first=first, policy=config.student.hf_dir or "config.student.model",
-                  player=player, split=config.env.train_split, temperature=temperature, expert=train.ORACLE_EXPERT,
-                  games=len(games), won=sum(g["won"] for g in games), turns=sum(g["turns"] for g in games),
-                  corrections=sum(g["corrections"] for g in games))
+                  player=player, split=config.env.train_split, temperature=temperature,
+                  expert=base.spec(config.env.name).expert, games=len(games), won=sum(g["won"] for g in games),
+                  turns=sum(g["turns"] for g in games), corrections=sum(g["corrections"] for g in games))
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
   logging.info("DAgger: %d games, %d won, %d corrections in %s.", manifest["games"], manifest["won"],
                manifest["corrections"], out)

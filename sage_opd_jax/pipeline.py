@@ -81,9 +81,8 @@ _AS_COLLECTED = dict(sft__renamed_copies=0, sft__renumbered_copies=0)
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int, expert_pass: int = 1) -> dict[str, Any]:
   """Expert pass `expert_pass` of `split` into `out_dir`: the first has judge examples, later ones other seeds."""
   name = config.env.name
-  # The ALFWorld expert reads the game's facts; a gold path needs nothing more.
-  kwargs = dict(train.env_kwargs(config), **({"facts": True} if name == "alfworld" else {}),
-                max_turns=config.demos.max_turns)
+  # What the env's expert needs of it (ALFWorld's reads the game's facts; a gold path nothing).
+  kwargs = dict(train.env_kwargs(config), **envs_base.spec(name).expert_kwargs, max_turns=config.demos.max_turns)
   result = demos_lib.collect(
       out_dir, split, kwargs, env_name=name, num_workers=config.env.num_workers,
       game_timeout_s=config.demos.game_timeout_s, limit=limit or None,

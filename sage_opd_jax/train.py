@@ -85,8 +85,6 @@ def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int 
   return dataclasses.replace(config_lib.loss_options(config, method), num_turns=num_turns, teacher_vocab_size=vocab)
 
 
-ORACLE_EXPERT = "sage_opd_jax.envs.alfworld_expert:ImitableExpert"
-
 _LENGTH_WINDOW = 64  # Batches per length-sorted window of `epoch_rows`.
 _WIDTH_MULTIPLE = 128  # SFT batches pad to a multiple of this: a handful of compiled shapes.
 
@@ -347,10 +345,11 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
   """The rollout engine (and its env worker pool) of a run; close it at the end.
 
   With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
-  every state: an ALFWorld expert shadows each episode in its worker, reading the game's facts.
+  every state: the env's `EnvSpec.expert` shadows each episode in its worker.
   """
   oracle = expert or (judge_lib.judge_mode(config.judge.mode).needs_expert and losses.variant(config.method).uses_judge)
-  if oracle and config.env.name != "alfworld":
+  spec = base.spec(config.env.name)
+  if oracle and spec.expert is None:
     raise config_lib.ConfigError(
         f"config.env.name={config.env.name!r} has no expert to shadow the episodes (judge.mode='oracle', DAgger).")
   settings = rollout_lib.RolloutConfig(
@@ -360,11 +359,11 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
       show_admissible=config.env.show_admissible,
       # An episode whose transcript would outgrow the update's static length ends there.
       max_context_tokens=config.train.max_seq_len,
-      expert=ORACLE_EXPERT if oracle else None,
+      expert=spec.expert if oracle else None,
   )
   return rollout_lib.RolloutEngine(
       tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),
-      env_name=config.env.name, env_kwargs=dict(env_kwargs(config), **({"facts": True} if oracle else {})),
+      env_name=config.env.name, env_kwargs=dict(env_kwargs(config), **(spec.expert_kwargs if oracle else {})),
       num_workers=config.env.num_workers, timeout_s=config.env.step_timeout_s,
   )
 
@@ -428,33 +427,20 @@ def evaluate(config, model, tokenizer, engine, tasks_by_split, *, step: int, wor
   return metrics
 
 
-# config.env keys that only one env's constructor takes (0 for max_admissible means all).
-_ENV_OWN_KEYS = {"alfworld": ("data_dir",), "scienceworld": ("simplifications", "max_admissible")}
-
-
 def env_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Constructor arguments of the configured environment.
 
-  Every env takes max_turns, seed and task_types; ALFWorld also its data folder, and
-  ScienceWorld its simplifications and admissible-list cap when the config sets them
-  (configs/scienceworld_*.py do; absent, the env's own defaults apply).
+  Every env takes max_turns, seed and task_types; the env's own settings come from its
+  `EnvSpec.config_kwargs`. A set `config.env` key that the env does not read is an error.
   """
   name = config.env.name
-  kwargs: dict[str, Any] = {"max_turns": config.env.max_turns, "seed": config.seed,
-                            "task_types": list(config.env.task_types) or None}
-  for other, keys in _ENV_OWN_KEYS.items():
-    for key in keys:
-      if other != name and config.env.get(key):
-        raise config_lib.ConfigError(
-            f"config.env.{key}={config.env[key]!r} is a setting of the {other!r} env, not of {name!r}.")
-  if name == "alfworld":
-    kwargs["data_dir"] = config.env.data_dir or None
-  elif name == "scienceworld":
-    if "simplifications" in config.env:
-      kwargs["simplifications"] = config.env.simplifications
-    if "max_admissible" in config.env:
-      kwargs["max_admissible"] = config.env.max_admissible or None
-  return kwargs
+  spec = base.spec(name)
+  for key, value in config.env.items():
+    if value and key not in base.COMMON_CONFIG_KEYS and key not in spec.own_keys:
+      raise config_lib.ConfigError(
+          f"config.env.{key}={value!r} is not a setting of the {name!r} env (its own: {spec.own_keys}).")
+  return {"max_turns": config.env.max_turns, "seed": config.seed, "task_types": list(config.env.task_types) or None,
+          **spec.config_kwargs(config.env)}
 
 
 def _host_state(config: ml_collections.ConfigDict, step: int, batch_size: int) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import pytest
 
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import losses
+from sage_opd_jax import train
+from sage_opd_jax.envs import base as envs_base
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +93,7 @@ def test_expert_variations_are_alfworlds():
   for key, value in (("search_order", "shuffled"), ("passes", 2)):
     config = _load_config("scienceworld_cpu")
     config.demos[key] = value  # Its gold path is one fixed episode.
-    with pytest.raises(config_lib.ConfigError, match=r"config\.demos\.search_order=.*scienceworld"):
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.demos\.{key}=.*scienceworld"):
       config_lib.validate(config)
 
 
@@ -310,3 +312,42 @@ def test_the_paper_config_names_its_required_folders_and_its_argument_form():
   for arg in ("sage_opd", "sage_opd,", "sage_opd,0.6b,x"):
     with pytest.raises(ValueError, match="the argument is '<method>,<student size>'"):
       _paper_config(arg)
+
+
+def test_an_environment_declares_its_splits_keys_and_expert():
+  name = "test_only_declared_env"
+  spec = envs_base.EnvSpec(splits=("easy", "hard"), own_keys=("level",),
+                           config_kwargs=lambda env: {"level": env.get("level", 1)})
+  envs_base.register(name, spec)(object)
+  try:
+    config = _load_config("alfworld_cpu")
+    config.env.name, config.env.train_split, config.env.eval_splits = name, "easy", ("hard",)
+    config.demos.split, config.pipeline.heldout_split, config.env.level = "easy", "hard", 3
+    config.sft.thoughts = "none"  # ALFWorld's subgoals: a data option this env does not declare.
+    config.pipeline.dagger_rounds = config.pipeline.dagger_student_rounds = 0
+    config_lib.validate(config)
+    assert train.env_kwargs(config) == {"max_turns": config.env.max_turns, "seed": config.seed,
+                                        "task_types": list(config.env.task_types) or None, "level": 3}
+    config.pipeline.dagger_rounds = 1  # Nothing to shadow the policy with: no expert declared.
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.pipeline\.dagger_rounds.*'{name}' has none"):
+      config_lib.validate(config)
+    config.pipeline.dagger_rounds, config.sft.renamed_copies = 0, 1  # An ALFWorld data option.
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.sft\.renamed_copies=1 .*'{name}'"):
+      config_lib.validate(config)
+    config.sft.renamed_copies, config.env.eval_splits = 0, ("valid_seen",)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.env\.eval_splits contains 'valid_seen'"):
+      config_lib.validate(config)
+    config.env.data_dir = "/data/alfworld"  # ALFWorld's own key.
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.env\.data_dir='/data/alfworld' is not a setting"):
+      train.env_kwargs(config)
+  finally:
+    envs_base._REGISTRY.pop(name)  # pylint: disable=protected-access
+    envs_base._SPECS.pop(name)  # pylint: disable=protected-access
+
+
+def test_reading_an_environments_declaration_loads_no_engine():
+  code = ("import sys; from configs import base; from sage_opd_jax import config; config.validate(base.get_config()); "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'textworld', 'alfworld', 'scienceworld', "
+          "'fast_downward'}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout

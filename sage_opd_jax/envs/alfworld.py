@@ -21,12 +21,7 @@ import random
 import re
 from typing import Any, Iterator, Sequence
 
-import textworld
-import textworld.gym
-from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
-
-from sage_opd_jax.envs.alfworld_cache import GroundingCache, ParseMemo
-from sage_opd_jax.envs.base import NOTHING_HAPPENS, StepInfo, StepResult, Task, register
+from sage_opd_jax.envs.base import NOTHING_HAPPENS, EnvSpec, StepInfo, StepResult, Task, register
 
 ENV_NAME = "alfworld"
 SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
@@ -223,7 +218,15 @@ class _Episode:
   done: bool = False
 
 
-@register(ENV_NAME)
+@register(ENV_NAME, EnvSpec(
+    splits=SPLITS,
+    own_keys=("data_dir",),
+    config_kwargs=lambda env: {"data_dir": env.get("data_dir") or None},  # Empty: $ALFWORLD_DATA.
+    # The imitable expert reads the game's facts, and can follow any episode from its state.
+    expert="sage_opd_jax.envs.alfworld_expert:ImitableExpert",
+    expert_kwargs={"facts": True},
+    data_options=("demos.search_order", "demos.passes", "sft.thoughts", "sft.renamed_copies", "sft.renumbered_copies"),
+))
 class AlfworldEnv:
   """ALFWorld text games on the real TextWorld engine; one instance per worker."""
 
@@ -266,8 +269,15 @@ class AlfworldEnv:
     self.seed = seed
     self.facts = facts
     self.policy_commands = policy_commands
-    self.cache = GroundingCache(cache_dir) if grounding_cache else None
-    self.parse_memo = ParseMemo() if parse_memo else None
+    # The engine loads here, not on import: reading the env's `EnvSpec` needs no TextWorld.
+    import textworld
+    import textworld.gym
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+    from sage_opd_jax.envs import alfworld_cache
+
+    self.cache = alfworld_cache.GroundingCache(cache_dir) if grounding_cache else None
+    self.parse_memo = alfworld_cache.ParseMemo() if parse_memo else None
     self._tasks: dict[str, list[Task]] = {}
     self._episode: _Episode | None = None
 

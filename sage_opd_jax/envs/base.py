@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 # What ALFWorld answers to a command it does not understand; every env reuses it.
 NOTHING_HAPPENS = "Nothing happens."
@@ -69,27 +69,56 @@ class Env(Protocol):
     ...
 
 
+# The `config.env` keys every env's constructor takes from the trainer (`train.env_kwargs`), or
+# that only the trainer reads; any other key belongs to one env (`EnvSpec.own_keys`).
+COMMON_CONFIG_KEYS = ("name", "train_split", "eval_splits", "task_types", "max_turns", "history_turns",
+                      "show_admissible", "num_workers", "step_timeout_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+  """What an env declares of itself where it registers; config validation, the trainer and the
+  pipeline read it instead of naming envs.
+
+  Attributes:
+    splits: its task splits (env.train_split, env.eval_splits, demos.split, ...).
+    own_keys: the `config.env` keys only it reads (beside `COMMON_CONFIG_KEYS`).
+    config_kwargs: its own constructor arguments from the `config.env` section.
+    expert: "module:Class" of an expert that shadows any episode from its states, in the env's
+      worker (judge.mode='oracle', DAgger), or None: the env has none.
+    expert_kwargs: what the env's constructor needs for that expert, and for collecting demos.
+    data_options: the demos/sft config keys (`config.ENV_DATA_OPTIONS`) it gives a meaning to
+      beyond their defaults: variations of its expert's search and of its demonstrations.
+  """
+
+  splits: tuple[str, ...]
+  own_keys: tuple[str, ...] = ()
+  config_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda env: {}
+  expert: str | None = None
+  expert_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  data_options: tuple[str, ...] = ()
+
+
 _REGISTRY: dict[str, Callable[..., Env]] = {}
+_SPECS: dict[str, EnvSpec] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., Env]], Callable[..., Env]]:
-  """Class decorator: makes an env constructible by `make(name, **kwargs)`."""
+def register(name: str, spec: EnvSpec | None = None) -> Callable[[Callable[..., Env]], Callable[..., Env]]:
+  """Class decorator: makes an env constructible by `make(name, **kwargs)`, described by `spec`."""
 
   def decorator(factory: Callable[..., Env]) -> Callable[..., Env]:
     if name in _REGISTRY:
       raise ValueError(f"Environment {name!r} is already registered.")
     _REGISTRY[name] = factory
+    if spec is not None:
+      _SPECS[name] = spec
     return factory
 
   return decorator
 
 
-def make(name: str, **kwargs: Any) -> Env:
-  """Builds a registered environment by name, e.g. `make("alfworld", data_dir=...)`.
-
-  Env modules register themselves on import; importing lazily here keeps the heavy
-  engines (TextWorld, the ScienceWorld JVM) out of processes that never use them.
-  """
+def _load(name: str) -> None:
+  """Imports the env module `name` (it registers itself), unless it already has."""
   if name not in _REGISTRY:
     try:
       importlib.import_module(f"sage_opd_jax.envs.{name}")
@@ -98,7 +127,24 @@ def make(name: str, **kwargs: Any) -> Env:
         raise
   if name not in _REGISTRY:
     raise ValueError(f"Unknown environment {name!r}; registered: {sorted(_REGISTRY)}.")
+
+
+def make(name: str, **kwargs: Any) -> Env:
+  """Builds a registered environment by name, e.g. `make("alfworld", data_dir=...)`.
+
+  Env modules register themselves on import, and load their engines (TextWorld, the
+  ScienceWorld JVM) only when an env is built: processes that never build one never load them.
+  """
+  _load(name)
   return _REGISTRY[name](**kwargs)
+
+
+def spec(name: str) -> EnvSpec:
+  """What env `name` declares of itself (`EnvSpec`); builds nothing."""
+  _load(name)
+  if name not in _SPECS:
+    raise ValueError(f"Environment {name!r} declares no EnvSpec (register it with one).")
+  return _SPECS[name]
 
 
 def registered() -> list[str]:

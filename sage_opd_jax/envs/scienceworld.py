@@ -25,9 +25,9 @@ import logging
 import random
 import re
 import shutil
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from sage_opd_jax.envs.base import NOTHING_HAPPENS, StepInfo, StepResult, Task, register
+from sage_opd_jax.envs.base import NOTHING_HAPPENS, EnvSpec, StepInfo, StepResult, Task, register
 
 ENV_NAME = "scienceworld"
 EXPERT_NAME = "scienceworld_gold_path"  # The expert `gold_demonstration` plays (demos' manifests name it).
@@ -63,7 +63,17 @@ def spread_over_verbs(actions: Sequence[str], n: int) -> list[str]:
   return out
 
 
-@register(ENV_NAME)
+def _config_kwargs(env: Mapping[str, Any]) -> dict[str, Any]:
+  """Its own settings, when the config sets them (configs/scienceworld_*.py do; absent, the defaults apply)."""
+  kwargs = {"simplifications": env["simplifications"]} if "simplifications" in env else {}
+  if "max_admissible" in env:
+    kwargs["max_admissible"] = env["max_admissible"] or None  # 0: every admissible action.
+  return kwargs
+
+
+# Its gold path is one fixed episode, so it has no expert to shadow another agent's episode.
+@register(ENV_NAME, EnvSpec(splits=SPLITS, own_keys=("simplifications", "max_admissible"),
+                            config_kwargs=_config_kwargs))
 class ScienceWorldEnv:
   """One ScienceWorld engine (one JVM). Not thread-safe; one per worker.
 
