@@ -1,8 +1,9 @@
 """The whole CPU pipeline of the paper's comparison, one resumable stage after another.
 
-  1. tokenizer      a word-level tokenizer over every ALFWorld game's names (all splits);
-  2. demos          imitable-expert demonstrations and judge examples (train, and a
+  1. demos          imitable-expert demonstrations and judge examples (train, and a
                     held-out valid_seen slice for the judge's accuracy);
+  2. tokenizer      the env's word-level tokenizer (`EnvSpec.tokenizer`): ALFWorld's over every
+                    game's names (all splits);
   3. teacher        SFT of the teacher on acting and judging; optionally DAgger rounds (it plays
                     new train games with the env expert shadowing it, and is trained again with
                     the expert's actions where it left them, `dagger.py`); then its evaluation;
@@ -12,9 +13,9 @@
                     the CSV and plots also to `config.pipeline.results_dir` if set).
 
 ScienceWorld (config.env.name="scienceworld") runs the same stages with the same
-folders, except that the first two swap: its demonstrations are the engine's gold
-paths, and its tokenizer's corpus is their text plus the engine's object, action and
-task names (`ScienceWorldEnv.vocabulary_texts`), since it has no game files to read.
+folders: its demonstrations are the engine's gold paths, and its tokenizer's corpus is
+their text plus the engine's object, action and task names (`ScienceWorldEnv.vocabulary_texts`),
+since it has no game files to read.
 
 Every stage writes into its own folder under the workdir and is skipped when its output is
 complete, so an interrupted pipeline resumes where it stopped (a half-finished training
@@ -44,10 +45,8 @@ from sage_opd_jax import dagger
 from sage_opd_jax import losses
 from sage_opd_jax import provenance
 from sage_opd_jax import results
-from sage_opd_jax import tokenization
 from sage_opd_jax import train
 from sage_opd_jax import writers
-from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
 
@@ -92,36 +91,6 @@ def _collect(config, out_dir: pathlib.Path, split: str, limit: int, expert_pass:
   return result.manifest
 
 
-def demo_texts(demos_dirs: Sequence[pathlib.Path]) -> list[str]:
-  """Every task, observation, action, admissible action and judge feedback of collection folders."""
-  texts: set[str] = set()
-  for folder in demos_dirs:
-    for name in (demos_lib.DEMOS, demos_lib.JUDGE):
-      path = folder / name
-      if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: collect the demonstrations first.")
-      for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if name == demos_lib.DEMOS:
-          texts.update([record["task"], *record["observations"], *record["actions"]])
-          texts.update(a for turn in record["admissible_actions"] for a in turn)
-        else:  # A Strong action may be None: an unparseable response has no text.
-          texts.update(t for t in (record["action"], record["feedback"]) if t is not None)
-  return sorted(texts)
-
-
-def _scienceworld_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Path,
-                            demos_dirs: Sequence[pathlib.Path]) -> str:
-  env = envs_base.make(config.env.name, **train.env_kwargs(config))
-  try:
-    engine_texts = env.vocabulary_texts()
-  finally:
-    env.close()
-  return tokenization.build_corpus_tokenizer(
-      [*engine_texts, *demo_texts(demos_dirs)], root / "tokenizer",
-      source="ScienceWorld object/action/task names and the collected gold-path demonstrations")
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Runs (or resumes) every stage; returns the results folder."""
   root = pathlib.Path(workdir)
@@ -142,31 +111,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   # Every stage below names the checkpoints it loads; the given ones are kept aside.
   given_student, given_teacher = config.student.hf_dir, config.teacher.hf_dir
   config = _derive(config, student__hf_dir="", teacher__hf_dir="")
-  if config.env.name == "alfworld":
-    data_dir = alfworld.resolve_data_dir(config.env.data_dir or None)  # A clear error when missing.
-    logging.info("[1/6] tokenizer")
-    tokenizer_dir = config.tokenizer_dir or tokenization.build_alfworld_tokenizer(data_dir, root / "tokenizer")
-    vocab_size = results.padded_vocab_size(tokenizer_dir)
-    base = _derive(config, tokenizer_dir=str(tokenizer_dir), env__data_dir=str(data_dir),
-                   student__model__vocab_size=vocab_size, teacher__model__vocab_size=vocab_size)
+  spec = envs_base.spec(config.env.name)
+  config = _derive(config, **{f"env__{key}": value for key, value in spec.resolve(config.env).items()})
+  logging.info("[1/6] demonstrations")
+  _collect(config, train_demos, config.demos.split, config.demos.limit)
+  for k, folder in enumerate(extra_passes, start=2):
+    _collect(config, folder, config.demos.split, config.demos.limit, expert_pass=k)
+  _collect(config, heldout_demos, p.heldout_split, p.heldout_games)
 
-    logging.info("[2/6] demonstrations")
-    _collect(base, train_demos, base.demos.split, base.demos.limit)
-    for k, folder in enumerate(extra_passes, start=2):
-      _collect(base, folder, base.demos.split, base.demos.limit, expert_pass=k)
-    _collect(base, heldout_demos, p.heldout_split, p.heldout_games)
-  elif config.env.name == "scienceworld":  # Its tokenizer's corpus includes the demos: they come first.
-    logging.info("[1/6] demonstrations")
-    _collect(config, train_demos, config.demos.split, config.demos.limit)
-    _collect(config, heldout_demos, p.heldout_split, p.heldout_games)
-
-    logging.info("[2/6] tokenizer")
-    tokenizer_dir = config.tokenizer_dir or _scienceworld_tokenizer(config, root, [train_demos, heldout_demos])
-    vocab_size = results.padded_vocab_size(tokenizer_dir)
-    base = _derive(config, tokenizer_dir=str(tokenizer_dir), student__model__vocab_size=vocab_size,
-                   teacher__model__vocab_size=vocab_size)
-  else:
-    raise config_lib.ConfigError(f"pipeline: config.env.name={config.env.name!r} has no tokenizer recipe.")
+  logging.info("[2/6] tokenizer")
+  tokenizer_dir = config.tokenizer_dir
+  if not tokenizer_dir:
+    if spec.tokenizer is None:
+      raise config_lib.ConfigError(f"pipeline: config.env.name={config.env.name!r} has no tokenizer recipe "
+                                   "(EnvSpec.tokenizer): set config.tokenizer_dir.")
+    tokenizer_dir = spec.tokenizer(train.env_kwargs(config), root / "tokenizer", [train_demos, heldout_demos])
+  vocab_size = results.padded_vocab_size(tokenizer_dir)
+  base = _derive(config, tokenizer_dir=str(tokenizer_dir), student__model__vocab_size=vocab_size,
+                 teacher__model__vocab_size=vocab_size)
 
   logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
   student_dir = root / "student_sft"

@@ -104,7 +104,7 @@ def test_demos_are_gold_paths_of_the_chosen_task_types(workdir):
 def test_tokenizer_covers_the_demonstrations(workdir):
   tokenizer = models.load_tokenizer(str(workdir / "tokenizer"))
   for split in ("train", "dev"):
-    for text in pipeline.demo_texts([workdir / "demos" / split]):
+    for text in demos_lib.demo_texts([workdir / "demos" / split]):
       ids = tokenizer.encode(text, add_special_tokens=False)
       assert tokenizer.unk_token_id not in ids, text
       assert tokenizer.decode(ids) == text

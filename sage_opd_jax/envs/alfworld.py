@@ -19,7 +19,7 @@ import os
 import pathlib
 import random
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from sage_opd_jax.envs.base import NOTHING_HAPPENS, EnvSpec, StepInfo, StepResult, Task, register
 
@@ -218,10 +218,21 @@ class _Episode:
   done: bool = False
 
 
+def _build_tokenizer(env_kwargs: Mapping[str, Any], out_dir: pathlib.Path, demos_dirs: Sequence[pathlib.Path]) -> str:
+  """The pipeline's tokenizer: every game's names, of every split (the demonstrations add none)."""
+  del demos_dirs
+  from sage_opd_jax import tokenization  # Here: the env module itself stays free of the tokenizer stack.
+
+  return tokenization.build_alfworld_tokenizer(resolve_data_dir(env_kwargs.get("data_dir")), out_dir)
+
+
 @register(ENV_NAME, EnvSpec(
     splits=SPLITS,
     own_keys=("data_dir",),
     config_kwargs=lambda env: {"data_dir": env.get("data_dir") or None},  # Empty: $ALFWORLD_DATA.
+    # A pipeline names the folder it found, so every stage's config does.
+    resolve=lambda env: {"data_dir": str(resolve_data_dir(env.get("data_dir") or None))},
+    tokenizer=_build_tokenizer,
     # The imitable expert reads the game's facts, and can follow any episode from its state.
     expert="sage_opd_jax.envs.alfworld_expert:ImitableExpert",
     expert_kwargs={"facts": True},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pathlib
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 # What ALFWorld answers to a command it does not understand; every env reuses it.
@@ -89,6 +90,11 @@ class EnvSpec:
     expert_kwargs: what the env's constructor needs for that expert, and for collecting demos.
     data_options: the demos/sft config keys (`config.ENV_DATA_OPTIONS`) it gives a meaning to
       beyond their defaults: variations of its expert's search and of its demonstrations.
+    resolve: `config.env` values a pipeline pins before it starts (ALFWorld's data folder, from
+      $ALFWORLD_DATA), so every stage's config names them.
+    tokenizer: builds the pipeline's word-level tokenizer, `(env kwargs, out_dir, demos_dirs) ->
+      its folder`, after the demonstrations are collected (their texts may be its corpus); None:
+      the pipeline needs a given `config.tokenizer_dir`.
   """
 
   splits: tuple[str, ...]
@@ -97,6 +103,8 @@ class EnvSpec:
   expert: str | None = None
   expert_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   data_options: tuple[str, ...] = ()
+  resolve: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda env: {}
+  tokenizer: Callable[[Mapping[str, Any], pathlib.Path, Sequence[pathlib.Path]], str] | None = None
 
 
 _REGISTRY: dict[str, Callable[..., Env]] = {}

@@ -271,6 +271,24 @@ def expert_game(
   return result
 
 
+def demo_texts(demos_dirs: Sequence[pathlib.Path]) -> list[str]:
+  """Every task, observation, action, admissible action and judge feedback of collection folders."""
+  texts: set[str] = set()
+  for folder in demos_dirs:
+    for name in (DEMOS, JUDGE):
+      path = folder / name
+      if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: collect the demonstrations first.")
+      for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if name == DEMOS:
+          texts.update([record["task"], *record["observations"], *record["actions"]])
+          texts.update(a for turn in record["admissible_actions"] for a in turn)
+        else:  # A Strong action may be None: an unparseable response has no text.
+          texts.update(t for t in (record["action"], record["feedback"]) if t is not None)
+  return sorted(texts)
+
+
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   """Every complete line; a torn last line (a killed writer) is dropped."""
   if not path.exists():

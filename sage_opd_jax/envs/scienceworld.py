@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import random
 import re
 import shutil
@@ -71,9 +72,25 @@ def _config_kwargs(env: Mapping[str, Any]) -> dict[str, Any]:
   return kwargs
 
 
+def _build_tokenizer(env_kwargs: Mapping[str, Any], out_dir: pathlib.Path, demos_dirs: Sequence[pathlib.Path]) -> str:
+  """The pipeline's tokenizer: the engine's object, action and task names (`vocabulary_texts`) and
+  the collected gold paths' texts, since ScienceWorld has no game files to read."""
+  from sage_opd_jax import tokenization  # Here: the env module itself stays free of the tokenizer stack.
+  from sage_opd_jax.envs import demos
+
+  env = ScienceWorldEnv(**env_kwargs)
+  try:
+    engine_texts = env.vocabulary_texts()
+  finally:
+    env.close()
+  return tokenization.build_corpus_tokenizer(
+      [*engine_texts, *demos.demo_texts(demos_dirs)], out_dir,
+      source="ScienceWorld object/action/task names and the collected gold-path demonstrations")
+
+
 # Its gold path is one fixed episode, so it has no expert to shadow another agent's episode.
 @register(ENV_NAME, EnvSpec(splits=SPLITS, own_keys=("simplifications", "max_admissible"),
-                            config_kwargs=_config_kwargs))
+                            config_kwargs=_config_kwargs, tokenizer=_build_tokenizer))
 class ScienceWorldEnv:
   """One ScienceWorld engine (one JVM). Not thread-safe; one per worker.
 
