@@ -344,10 +344,3 @@ def test_an_environment_declares_its_splits_keys_and_expert():
     envs_base._REGISTRY.pop(name)  # pylint: disable=protected-access
     envs_base._SPECS.pop(name)  # pylint: disable=protected-access
 
-
-def test_reading_an_environments_declaration_loads_no_engine():
-  code = ("import sys; from configs import base; from sage_opd_jax import config; config.validate(base.get_config()); "
-          "print(sorted({m.split('.')[0] for m in sys.modules} & {'textworld', 'alfworld', 'scienceworld', "
-          "'fast_downward'}))")
-  out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "[]", out.stdout

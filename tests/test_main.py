@@ -601,8 +601,10 @@ def test_an_environment_compilation_cache_wins_over_the_config(tokenizer_dir, tm
 
 def test_the_trainer_loads_no_text_game_engine():
   # A run on a TPU or GPU host that trains from collected demos must not need TextWorld,
-  # ALFWorld or ScienceWorld installed: `envs.make` imports an env only when it is built.
+  # ALFWorld or ScienceWorld installed: `envs.make` imports an env only when it is built, and
+  # config validation reads the env's declaration (`EnvSpec`) without its engine.
   code = ("import sys; import sage_opd_jax.main, sage_opd_jax.train, sage_opd_jax.sft_data; "
+          "from configs import base; sage_opd_jax.config.validate(base.get_config()); "
           "print(sorted({m.split('.')[0] for m in sys.modules} & "
           "{'textworld', 'alfworld', 'scienceworld', 'fast_downward'}))")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
