@@ -237,10 +237,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for method in _get(config, "pipeline.methods"):
       if method not in losses.registered_losses():
         raise ConfigError(f"config.pipeline.methods contains {method!r}: must be among {losses.registered_losses()}.")
-    results_dir = _get(config, "pipeline.results_dir")
-    if results_dir.endswith(".md"):  # The old markdown target's value: the report itself stays in the workdir.
-      raise ConfigError(f"config.pipeline.results_dir={results_dir!r}: must be a folder for results.csv and the "
-                        "plots (e.g. docs/results/alfworld_cpu); the markdown report is <workdir>/results/results.md.")
     _one_of(config, "pipeline.heldout_split", spec.splits)
     _one_of(config, "pipeline.sft_schedule", SCHEDULES)
     sweep = _get(config, "pipeline.sweep")

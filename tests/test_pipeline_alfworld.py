@@ -14,6 +14,7 @@ from sage_opd_jax import pipeline
 from sage_opd_jax import results
 from sage_opd_jax import train
 from sage_opd_jax import writers
+from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
 
 FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
@@ -94,7 +95,7 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   for r, (folder, manifest) in enumerate(zip(rounds, manifests)):
     games, records = demos_lib.read_jsonl(folder / demos_lib.GAMES), demos_lib.read_jsonl(folder / demos_lib.DEMOS)
     assert (manifest["requested"], manifest["first"], manifest["split"], manifest["expert"]) == (
-        1, r, config.env.train_split, train.ORACLE_EXPERT)
+        1, r, config.env.train_split, envs_base.spec(config.env.name).expert)
     assert (manifest["games"], manifest["won"], manifest["turns"], manifest["corrections"]) == (
         len(games), sum(g["won"] for g in games), sum(g["turns"] for g in games), len(records))
     for game in games:
