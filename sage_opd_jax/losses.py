@@ -828,6 +828,16 @@ def aggregate(
   return _safe_div(_psum(jnp.sum(row_means_B), axis_name), num_rows)
 
 
+# The count each ratio metric of `loss_metrics` divides by (a "num_*" metric reported beside it):
+# micro-batches combine a ratio weighted by its own count, the only exact way. Unlisted ratios
+# are over response tokens.
+RATIO_COUNTS = {
+    "kl_mean": "num_trained_tokens", "clip_frac": "num_trained_tokens",
+    **{f"{label.name.lower()}_frac": "num_turns" for label in Label},
+    "confidence_mean": "num_confidence_terms",
+}
+
+
 def loss_metrics(
     batch: Batch, options: LossOptions, w_BxS: Array, objective: Objective, axis_name: str | None = None
 ) -> dict[str, Array]:
@@ -855,6 +865,7 @@ def loss_metrics(
   lengths_BxT = turn_lengths(turn_ids, options.num_turns)
   nonempty_BxT = lengths_BxT > 0
   num_turns_nonempty = count(nonempty_BxT)
+  metrics["num_turns"] = num_turns_nonempty
   if "labels" in batch:
     for label in Label:
       metrics[f"{label.name.lower()}_frac"] = _safe_div(count(nonempty_BxT & (batch["labels"] == label)),
@@ -862,10 +873,12 @@ def loss_metrics(
   if variant(options.method).objective == "distill" and _confidence_available(batch, options):
     c_BxS = batch_confidence(batch, options)
     if options.confidence == "token_top1":
+      metrics["num_confidence_terms"] = num_tokens
       metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxS), axis_name), num_tokens)
     else:
       # Mean over non-empty turns: each turn's c_t counted once (sum over tokens / L_t).
       c_BxT = _safe_div(_turn_sum(c_BxS, turn_ids, options.num_turns), lengths_BxT.astype(jnp.float32))
+      metrics["num_confidence_terms"] = num_turns_nonempty
       metrics["confidence_mean"] = _safe_div(_psum(jnp.sum(c_BxT), axis_name), num_turns_nonempty)
   return metrics
 

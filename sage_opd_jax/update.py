@@ -96,22 +96,21 @@ def _combine_metrics(stacked: Metrics) -> Metrics:
   """Micro-batch metrics [M] -> one value each.
 
   "loss" and counts ("num_*") add up (each micro-batch loss is already divided by the global
-  normaliser); "*_max" takes the max; every other metric is a ratio, averaged with weights
-  "num_tokens" when the loss reports it (exact for token ratios, and for M = 1 always).
+  normaliser); "*_max" takes the max; every other metric is a ratio, averaged with weights its
+  own count (`losses.RATIO_COUNTS`, default "num_tokens"), which makes the average exact: a
+  micro-batch with no trained token must not dilute `kl_mean` by its response tokens.
   """
-  weights = stacked.get("num_tokens")
-  if weights is not None:
-    weights = weights / jnp.maximum(weights.sum(), 1.0)
   combined = {}
   for key, value in stacked.items():
+    count = stacked.get(losses.RATIO_COUNTS.get(key, "num_tokens"))
     if key == "loss" or key.startswith("num_"):
       combined[key] = value.sum(0)
     elif key.endswith("_max"):
       combined[key] = value.max(0)
-    elif weights is None:
+    elif count is None:
       combined[key] = value.mean(0)
     else:
-      combined[key] = jnp.tensordot(weights, value, axes=1)
+      combined[key] = jnp.tensordot(count / jnp.maximum(count.sum(), 1.0), value, axes=1)
   return combined
 
 
