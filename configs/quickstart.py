@@ -8,7 +8,7 @@ student, runs OPD and SAGE-OPD for a few updates, evaluates them, prints a resul
 student start, the teacher and each method), and leaves TensorBoard logs
 (`tensorboard --logdir workdirs/quickstart`) and plots in the workdir.
 
-The student plays mostly admissible actions and the teacher wins some seen games before OPD and SAGE-OPD run.
+The student plays only admissible actions and the teacher wins some seen games (2 of 8) before OPD and SAGE-OPD run.
 It shows the whole mechanism running; with 8 games per split and 6 updates it cannot rank the methods.
 """
 
