@@ -52,11 +52,7 @@ def test_base_config_is_valid():
 )
 def test_bad_value_names_the_key(key, value, message):
   config = _load_config("base")
-  node = config
-  *parents, leaf = key.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+  config.update_from_flattened_dict({key: value})
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   assert message in str(e.value)

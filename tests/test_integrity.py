@@ -42,12 +42,7 @@ def _config(tokenizer_dir, **overrides):
   config.student.model = base.tiny_model(**{**TINY.to_dict(), "vocab_size": vocab})
   config.teacher.model = base.tiny_model(**{**TINY.to_dict(), "vocab_size": vocab})
   config.env.data_dir = str(FIXTURE_DATA)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config_lib.validate(config)
 
 

@@ -71,12 +71,7 @@ def tiny_config(tokenizer_dir, method="sage_opd", **overrides):
   config.eval.num_transcripts = 1
   config.teacher.score_chunk = 64
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1  # Batch 2 over 2 of the 8 fake devices.
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config_lib.validate(config)
 
 
