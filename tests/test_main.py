@@ -604,3 +604,48 @@ def test_the_trainer_loads_no_text_game_engine():
           "{'textworld', 'alfworld', 'scienceworld', 'fast_downward'}))")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+# Midway between the per-turn statistics of the fixed-seed first batch below: the random teacher gives
+# its six actions mean log-probs of -6.68 (one turn), -6.79 (one) and -6.87 to -6.90 (four), so that its
+# played turns get all three labels, differently in each episode.
+MIXED_LIKELIHOOD_THRESHOLDS = (-6.73, -6.83)
+
+
+def test_likelihood_labels_land_on_their_episode_and_turn(tokenizer_dir, tmp_path):
+  # The trainer's batch holds labels[b, t] for turn t of episode b: recomputed here from the rollout's
+  # own episodes (each turn's response located by the transcript layout, not by the batch's turn ids)
+  # and an independently built teacher, with thresholds that mix the labels, so that a label written
+  # to another column or another episode's row disagrees.
+  config = tiny_config(tokenizer_dir, "sage_opd", **{
+      "judge.mode": "likelihood", "judge.likelihood_thresholds": MIXED_LIKELIHOOD_THRESHOLDS,
+      "sampling.constrained": True, "train.num_steps": 1, "eval.num_episodes": 0})
+  _, first, rollout = train_with_spy(config, tmp_path, with_rollout=True)
+  tokenizer = models.load_tokenizer(tokenizer_dir)
+  teacher = train.load_model(config.teacher, None, config.seed + 1)
+  tokens_BxS = jnp.asarray(first["tokens"])
+  logq_BxSxV = _log_softmax64(teacher(tokens_BxS, attention_mask=jnp.asarray(first["attention_mask"])))
+  skip_above, weak_above = MIXED_LIKELIHOOD_THRESHOLDS
+  want, stats = np.full(first["labels"].shape, losses.Label.STRONG), []
+  for b, episode in enumerate(rollout.episodes):
+    start = len(episode.prompt_tokens)
+    for t, turn in enumerate(episode.turns):
+      ids = list(turn.response_tokens)
+      assert first["tokens"][b, start:start + len(ids)].tolist() == ids, (b, t)
+      # The tokens whose characters overlap the action command between the tags.
+      span = prompts.action_span(tokenizer.decode(ids))
+      ends = [len(tokenizer.decode(ids[:j + 1])) for j in range(len(ids))]
+      action = [start + j for j in range(len(ids)) if (ends[j - 1] if j else 0) < span[1] and ends[j] > span[0]]
+      stat = np.mean([logq_BxSxV[b, s - 1, first["tokens"][b, s]] for s in action])  # Position s - 1 predicts s.
+      want[b, t] = losses.Label.SKIP if stat > skip_above else losses.Label.WEAK if stat > weak_above else (
+          losses.Label.STRONG)
+      stats.append((b, t, turn.action, round(float(stat), 4)))
+      start += len(ids) + len(turn.next_tokens)
+  played_BxT = first["response_lengths"] > 0
+  assert played_BxT.sum() == len(stats) and all(turn.valid for e in rollout.episodes for turn in e.turns)
+  # Mixed labels within an episode (a shift across columns) and across episodes (swapped rows).
+  assert len(set(want[played_BxT].tolist())) == 3 and any(len(set(row[:len(e.turns)])) > 1
+                                                            for row, e in zip(want, rollout.episodes)), stats
+  assert not np.array_equal(want[0], want[1]), stats
+  # Columns past an episode's last turn (none in this batch: both play every turn) stay `want`'s Strong filler.
+  np.testing.assert_array_equal(first["labels"], want, err_msg=str(stats))
