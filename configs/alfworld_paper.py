@@ -23,14 +23,20 @@ from configs import base
 STUDENT_SIZES = ("0.6b", "1.7b", "4b")
 
 
-def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
+def parse_arg(arg: str, config_name: str) -> tuple[str, str]:
+  """`<method>,<student size>` -> (method, size); the errors name `configs/<config_name>.py`."""
   parts = arg.split(",")
   if len(parts) != 2 or not all(parts):
-    raise ValueError(f"alfworld_paper: the argument is '<method>,<student size>' (e.g. "
-                     f"configs/alfworld_paper.py:sage_opd,0.6b), got {arg!r}; sizes: {STUDENT_SIZES}.")
+    raise ValueError(f"{config_name}: the argument is '<method>,<student size>' (e.g. "
+                     f"configs/{config_name}.py:sage_opd,0.6b), got {arg!r}; sizes: {STUDENT_SIZES}.")
   method, size = parts
   if size not in STUDENT_SIZES:
-    raise ValueError(f"alfworld_paper: student size {size!r} must be one of {STUDENT_SIZES}.")
+    raise ValueError(f"{config_name}: student size {size!r} must be one of {STUDENT_SIZES}.")
+  return method, size
+
+
+def get_config(arg: str = "sage_opd,0.6b", config_name: str = "alfworld_paper") -> ml_collections.ConfigDict:
+  method, size = parse_arg(arg, config_name)
   config = base.get_config()
   # No default can stand in for these: base.py's tiny random models are not Qwen3 (validate names the unset ones).
   config.required_keys = ("teacher.hf_dir", "student.hf_dir", "tokenizer_dir")

@@ -16,7 +16,7 @@ from configs import alfworld_paper
 
 
 def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
-  config = alfworld_paper.get_config(arg)
+  config = alfworld_paper.get_config(arg, config_name="scienceworld_paper")
   config.env.name = "scienceworld"
   config.env.train_split = "train"
   config.env.eval_splits = ("dev", "test")

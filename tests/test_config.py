@@ -15,11 +15,12 @@ from sage_opd_jax.envs import base as envs_base
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_config(name: str):
+def _load_config(name: str, *args):
+  """configs/<name>.py's get_config(*args), loaded by path as main.py's --config flag does."""
   spec = importlib.util.spec_from_file_location(name, _REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 def test_base_config_is_valid():
@@ -288,15 +289,8 @@ def test_allow_changed_names_an_unknown_key():
     config_lib.validate(config)
 
 
-def _paper_config(arg):
-  spec = importlib.util.spec_from_file_location("alfworld_paper", _REPO / "configs" / "alfworld_paper.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_the_paper_config_names_its_required_folders_and_its_argument_form():
-  config = _paper_config("sage_opd,0.6b")
+  config = _load_config("alfworld_paper", "sage_opd,0.6b")
   with pytest.raises(config_lib.ConfigError,
                      match="config.teacher.hf_dir, config.student.hf_dir, config.tokenizer_dir must be set"):
     config_lib.validate(config)
@@ -306,8 +300,11 @@ def test_the_paper_config_names_its_required_folders_and_its_argument_form():
   config.student.hf_dir = "/ckpt/Qwen3-0.6B"
   config_lib.validate(config)
   for arg in ("sage_opd", "sage_opd,", "sage_opd,0.6b,x"):
-    with pytest.raises(ValueError, match="the argument is '<method>,<student size>'"):
-      _paper_config(arg)
+    with pytest.raises(ValueError, match="^alfworld_paper: the argument is '<method>,<student size>'"):
+      _load_config("alfworld_paper", arg)
+  # ScienceWorld's paper config reads the same argument and names its own file.
+  with pytest.raises(ValueError, match=r"^scienceworld_paper: .*configs/scienceworld_paper\.py:sage_opd,0\.6b"):
+    _load_config("scienceworld_paper", "sage_opd")
 
 
 def test_an_environment_declares_its_splits_keys_and_expert():
