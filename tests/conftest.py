@@ -68,3 +68,18 @@ def java():
 
   if not scienceworld.java_available():
     missing("ScienceWorld needs Java: no `java` on PATH (apt-get install default-jre-headless).")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory):
+  """Qwen3's real tokenizer (`tokenization.build_qwen3_tokenizer`), built once per session (~10 s)."""
+  from sage_opd_jax import tokenization  # Imported when used: this module runs before jax is set up.
+
+  return tokenization.build_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
