@@ -60,6 +60,8 @@ def get_config(arg: str = "sage_opd,0.6b", config_name: str = "alfworld_paper") 
       remat=True, attention_chunk=1024)
   config.sampling.temperature = 1.0
   config.sampling.max_new_tokens = 512  # Room for <think> before <action>.
+  config.sampling.enable_thinking = True  # Qwen3 thinks in <think>...</think> before its <action>.
+  config.sampling.mask_unused_ids = True  # Qwen3's embedding rows 151669-151935 are no token.
   config.optim.learning_rate = 1e-6
   config.optim.warmup_steps = 10
   config.optim.grad_clip = 1.0

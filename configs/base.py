@@ -111,6 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Free thought's budget: a response still thinking after this many tokens (or with only room left for
   # <action> and its longest admissible action) is forced into <action> and an admissible action; 0: none.
   config.sampling.max_thought_tokens = 0
+  # Qwen3's thinking switch for acting, passed to the chat template: off, the generation prompt holds an empty
+  # think block and the response is the action alone. Needs <think> and </think> as tokens of their own.
+  config.sampling.enable_thinking = True
+  # Never sample ids past the tokenizer's, nor keep them in the teacher's top-k (Qwen3 pads its embedding to
+  # 151,936 rows; 151669-151935 are no token). Off in the CPU configs, whose results were made without it.
+  config.sampling.mask_unused_ids = False
 
   config.loss = ml_collections.ConfigDict()
   config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).

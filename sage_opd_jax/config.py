@@ -176,6 +176,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _in_range(config, "sampling.top_p", 0.0, 1.0)
   _positive(config, "sampling.max_new_tokens")
   _positive(config, "sampling.max_thought_tokens", allow_zero=True)
+  for key in ("sampling.enable_thinking", "sampling.mask_unused_ids"):
+    if not isinstance(_get(config, key), bool):
+      raise ConfigError(f"config.{key}={_get(config, key)!r}: must be True or False.")
+  if _get(config, "sampling.max_thought_tokens") and not _get(config, "sampling.enable_thinking"):
+    raise ConfigError(f"config.sampling.max_thought_tokens={_get(config, 'sampling.max_thought_tokens')} bounds a "
+                      "thought, but config.sampling.enable_thinking=False leaves none: set it to 0.")
   if _get(config, "sampling.max_thought_tokens") and not (_get(config, "sampling.constrained")
                                                           and _get(config, "sampling.free_thought")):
     raise ConfigError(f"config.sampling.max_thought_tokens={_get(config, 'sampling.max_thought_tokens')} bounds the "

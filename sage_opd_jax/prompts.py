@@ -17,6 +17,25 @@ Two acting layouts exist, both ReAct style as in GiGPO / verl-agent (think in
 Rendering goes through the tokenizer's chat template. Passing `tokenizer=None`
 selects the plain format of `plain_chat_text` instead; a tokenizer WITHOUT a chat
 template is an error, never a silent switch to the plain format.
+
+**Thinking mode** (`ChatLayout.enable_thinking`, config.sampling.enable_thinking) is passed to
+the chat template as Qwen3's `enable_thinking`: off, the generation prompt holds an empty think
+block (`<think>\n\n</think>\n\n`) and the response is the action alone; on, the response
+starts with its own think block. A response's think tokens are the student's and are trained
+(they carry its turn id); the generation prompt's are context.
+
+**History keeps its think blocks.** Qwen3's template re-renders earlier assistant messages
+without their `<think>` block (an empty one included). The multi-turn layout does not: each
+turn only appends, and an earlier response stays in the context exactly as it was sampled. The
+transcript then stays one token sequence that is every turn's context, which the teacher and
+the loss score in one forward, and the sampler's KV cache is reused whole. Re-rendering as
+Qwen3 does would give each turn a context that is no prefix of the transcript (so each turn
+would need its own scoring segment) and re-encode the previous response, without its thought,
+at every turn; what it would save is context length: a thinking response's tokens stay in
+every later context. `benchmarks/bench_thinking_layout.py` counts both with Qwen3's tokenizer
+on 50 ALFWorld-like turns: a turn encodes 37 tokens here and 51 under Qwen3's rendering, but a
+4,096-token transcript holds 30, 12 and 6 turns at 64-, 256- and 500-token thoughts here,
+against all 50 (3,201 tokens) under Qwen3's rendering.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ ACTION_OPEN = "<action>"
 ACTION_CLOSE = "</action>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Either ends a Qwen turn (a sampler stops at both).
 
 # The judge's answer words, in `Label` code order (labels[B, T] hold the codes; E5).
 LABEL_NAMES = tuple(label.word for label in Label)
@@ -63,13 +83,17 @@ _LABEL_RE = re.compile(r"\b(" + "|".join(LABEL_NAMES) + r")\b", re.IGNORECASE)
 
 
 def parse_action(response: str, lowercase: bool = True) -> str | None:
-  """The action command inside the LAST `<action>` tag of a model response.
+  """The FIRST complete action of a model response's answer (after its thought).
 
-  The last tag is taken because a response may quote the tag format while thinking
-  before it commits to its answer. The action runs to the next `</action>`, or to
-  the end of the text when the closing tag is missing (generation stopped right at
-  it). Tags are matched case-insensitively and may hold spaces (`< Action >`).
-  Internal whitespace and newlines collapse to single spaces.
+  The answer is the text after the last `</think>` when an `<action>` tag follows it (tags
+  quoted while thinking never count), else the whole response. Its action is the first
+  complete `<action>...</action>`: the last `<action>` before the first `</action>`, so a
+  quoted tag format before the answer loses and anything the model writes after its first
+  complete action (a sampler whose `</action>` stop did not fire under a BPE merge, e.g.
+  `</action>\n` as `</`, `action`, `>\n`) never wins. Without a closing tag the action runs
+  from the last `<action>` to the end (generation stopped right at it). Tags are matched
+  case-insensitively and may hold spaces (`< Action >`). Internal whitespace and newlines
+  collapse to single spaces.
 
   Args:
     response: the raw model response.
@@ -90,12 +114,16 @@ def action_span(response: str) -> tuple[int, int] | None:
   """The characters [start, end) of `parse_action`'s command in `response`, without the
   whitespace around it; None when there is no `<action>` tag or the command is empty. The judge
   reads it to find the tokens that spell the command."""
-  opens = list(_ACTION_OPEN_RE.finditer(response))
+  closes = list(_THINK_CLOSE_RE.finditer(response))
+  begin = closes[-1].end() if closes and _ACTION_OPEN_RE.search(response, closes[-1].end()) else 0
+  opens = list(_ACTION_OPEN_RE.finditer(response, begin))
   if not opens:
     return None
-  start = opens[-1].end()
-  close = _ACTION_CLOSE_RE.search(response, start)
-  end = close.start() if close is not None else len(response)
+  close = _ACTION_CLOSE_RE.search(response, opens[0].end())
+  if close is None:
+    start, end = opens[-1].end(), len(response)
+  else:
+    start, end = [m for m in opens if m.end() <= close.start()][-1].end(), close.start()
   while start < end and response[start].isspace():
     start += 1
   while end > start and response[end - 1].isspace():
@@ -136,8 +164,13 @@ def plain_chat_text(messages: Sequence[Message], add_generation_prompt: bool) ->
   return "".join(parts)
 
 
-def render_chat(tokenizer: Any | None, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-  """Renders messages through `tokenizer`'s chat template (plain format if None)."""
+def render_chat(tokenizer: Any | None, messages: Sequence[Message], add_generation_prompt: bool,
+                enable_thinking: bool | None = None) -> str:
+  """Renders messages through `tokenizer`'s chat template (plain format if None).
+
+  `enable_thinking` is passed to the template when not None (Qwen3's switch; a template that
+  does not read it ignores it).
+  """
   for i, m in enumerate(messages):
     if set(m) != {"role", "content"}:
       raise ValueError(f"messages[{i}] must have exactly the keys 'role' and 'content'; got {sorted(m)}.")
@@ -148,8 +181,9 @@ def render_chat(tokenizer: Any | None, messages: Sequence[Message], add_generati
         f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (e.g. prompts.CHATML_TEMPLATE) "
         "or pass tokenizer=None to use the plain format explicitly."
     )
+  kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
   text = tokenizer.apply_chat_template(
-      [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+      [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
   )
   if not isinstance(text, str):
     raise ValueError(f"tokenizer.apply_chat_template returned {type(text).__name__}, expected str.")
@@ -234,6 +268,12 @@ def render_acting_prompt(
 
 _SENTINEL_A = "\x00ASSISTANT\x00"
 _SENTINEL_U = "\x00USER\x00"
+_SENTINEL_T = "\x00THOUGHT\x00"
+
+
+def has_single_token(tokenizer: Any, text: str) -> bool:
+  """Whether `tokenizer` spells `text` as one token of its own (an added token, never merged)."""
+  return len(tokenizer.encode(text, add_special_tokens=False)) == 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,26 +283,68 @@ class ChatLayout:
   A later turn appends `after_assistant + observation + user_close` to the text so
   far (see `next_turn_text`). With ChatML, `after_assistant` is
   `"<|im_end|>\\n<|im_start|>user\\n"` and `user_close` is
-  `"<|im_end|>\\n<|im_start|>assistant\\n"`.
+  `"<|im_end|>\\n<|im_start|>assistant\\n"` (Qwen3 with thinking off appends
+  `"<think>\\n\\n</think>\\n\\n"`). `think_open`/`think_close` are how the template writes a
+  thought around its answer (`"<think>\\n"`/`"\\n</think>\\n\\n"` for Qwen3; `"<think>"`/`"</think>"`
+  for ChatML, which writes contents verbatim): responses are trained in that format
+  (`response_text`).
   """
 
   tokenizer: Any | None
   after_assistant: str  # From the end of an assistant's content to the next user's content.
   user_close: str  # From the end of a user's content through the generation prompt.
+  enable_thinking: bool | None = None  # Passed to the template (None: its default).
+  think_open: str = THINK_OPEN
+  think_close: str = THINK_CLOSE
 
   @classmethod
-  def from_tokenizer(cls, tokenizer: Any | None) -> "ChatLayout":
+  def from_tokenizer(cls, tokenizer: Any | None, enable_thinking: bool | None = None) -> "ChatLayout":
+    """The layout of `tokenizer`'s template; raises if `enable_thinking` cannot take effect.
+
+    With `enable_thinking` set, the tokenizer must spell `<think>` as one token, and turning
+    thinking off must change the generation prompt (a template that ignores the switch would
+    silently leave the model thinking).
+    """
+    check_thinking(tokenizer, enable_thinking)
     messages = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "u"},
         {"role": "assistant", "content": _SENTINEL_A},
         {"role": "user", "content": _SENTINEL_U},
     ]
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     if text.count(_SENTINEL_A) != 1 or text.count(_SENTINEL_U) != 1:
       raise ValueError("The chat template does not render message contents verbatim; cannot derive its layout.")
     after_assistant, user_close = text.split(_SENTINEL_A)[1].split(_SENTINEL_U)
-    return cls(tokenizer=tokenizer, after_assistant=after_assistant, user_close=user_close)
+    if enable_thinking is False and text == render_chat(tokenizer, messages, add_generation_prompt=True):
+      raise ValueError("enable_thinking=False: this tokenizer's chat template ignores enable_thinking, so the "
+                       "model would think anyway (Qwen3's template reads it).")
+    thought = render_chat(tokenizer, [{"role": "user", "content": "u"}, {
+        "role": "assistant", "content": f"{THINK_OPEN}{_SENTINEL_T}{THINK_CLOSE}{_SENTINEL_A}"}], False)
+    if thought.count(_SENTINEL_T) != 1 or thought.count(_SENTINEL_A) != 1:
+      raise ValueError("The chat template drops the thought of the last assistant message; cannot derive its layout.")
+    before, after = thought.split(_SENTINEL_T)
+    think_open = before[before.rfind(THINK_OPEN):] if THINK_OPEN in before else THINK_OPEN
+    think_close = after.split(_SENTINEL_A)[0]
+    return cls(tokenizer=tokenizer, after_assistant=after_assistant, user_close=user_close,
+               enable_thinking=enable_thinking, think_open=think_open, think_close=think_close)
+
+
+def check_thinking(tokenizer: Any | None, enable_thinking: bool | None) -> None:
+  """Raises unless `tokenizer` spells `<think>` and `</think>` as one token each, when `enable_thinking` is set."""
+  if enable_thinking is None or tokenizer is None:
+    return
+  for tag in (THINK_OPEN, THINK_CLOSE):
+    if not has_single_token(tokenizer, tag):
+      raise ValueError(f"enable_thinking={enable_thinking} needs a tokenizer with a {tag} token; "
+                       f"{type(tokenizer).__name__} spells it {tokenizer.encode(tag, add_special_tokens=False)}.")
+
+
+def response_text(layout: ChatLayout, action: str | None, thought: str = "") -> str:
+  """A response in the layout's format: its thought (none with thinking off, where the generation
+  prompt holds the empty think block), then `<action>action</action>` unless `action` is None."""
+  think = "" if layout.enable_thinking is False else f"{layout.think_open}{thought}{layout.think_close}"
+  return think if action is None else f"{think}{ACTION_OPEN}{action}{ACTION_CLOSE}"
 
 
 def first_user_content(task: str, observation: str, admissible_actions: Sequence[str] | None = None) -> str:
@@ -327,7 +409,7 @@ def episode_start_text(
 ) -> str:
   """The prompt of turn 1: system, user(task + o_1) and the generation prompt."""
   messages = episode_messages(task, [observation], [], [admissible_actions], system_prompt)
-  return render_chat(layout.tokenizer, messages, add_generation_prompt=True)
+  return render_chat(layout.tokenizer, messages, add_generation_prompt=True, enable_thinking=layout.enable_thinking)
 
 
 def next_turn_text(

@@ -298,7 +298,8 @@ class RolloutConfig:
     constrained: restrict each action to the env's admissible ones (config.sampling.constrained)
       through the sampler's token trie: the allowed strings are `<action>a</action>` (decoding
       constrained from the first token) or, when the sampling config has a
-      `constraint_trigger` (e.g. the `<action>` token), `a</action>` after the trigger.
+      `constraint_trigger`, the rest after it: `a</action>` after an `<action>` token, Qwen3's
+      `\n\n<action>a</action>` after `</think>` (`action_head`).
     show_admissible: list the admissible actions with each observation in the prompt.
     pipeline_groups: groups of the env/model pipeline; 1 is fully sequential.
     max_context_tokens: an episode whose transcript (hence also its windowed context) plus
@@ -306,6 +307,8 @@ class RolloutConfig:
       loss like the turn limit, not a failure), so every row fits a static `seq_len` of this
       size; None uses the model's max_position_embeddings.
     system_prompt: the chat's system message.
+    enable_thinking: passed to the chat template (`prompts.ChatLayout`; config.sampling.
+      enable_thinking); None leaves the template's default. Fixed when the engine is built.
     min_cache_len: the smallest KV-cache length bucket.
     progress: show a tqdm bar (episodes finished).
     expert: optional "module:Class" of a shadow expert run beside each env in its worker
@@ -320,6 +323,7 @@ class RolloutConfig:
   pipeline_groups: int = 2
   max_context_tokens: int | None = None
   system_prompt: str = prompts.DEFAULT_SYSTEM_PROMPT
+  enable_thinking: bool | None = None
   min_cache_len: int = 256
   progress: bool = True
   expert: str | None = None
@@ -335,26 +339,88 @@ class RolloutConfig:
 
 def default_sampling_config(tokenizer: Any, max_new_tokens: int, temperature: float = 1.0,
                             top_k: int = 0, top_p: float = 1.0, free_thought: bool = False,
-                            max_thought_tokens: int = 0) -> sampling.SamplingConfig:
-  """Decoding settings for acting: stop at the tokenizer's EOS or right after `</action>`.
+                            max_thought_tokens: int = 0, enable_thinking: bool | None = None,
+                            mask_unused_ids: bool = False) -> sampling.SamplingConfig:
+  """Decoding settings for acting: stop at any end-of-turn token or right after `</action>`.
+
+  Every end-of-turn token the tokenizer has ends a turn (`end_of_turn_ids`: Qwen3 ends with
+  `<|im_end|>` or `<|endoftext|>`). `</action>` stops however the tokenizer spells it at the end
+  of a turn: as its own tokens, or with its first token merged with the text before and its
+  last with the text after (`action_close_pattern`); `prompts.parse_action` reads the first
+  complete action, so text after it never counts.
 
   Args:
-    free_thought: constrained decoding (`RolloutConfig.constrained`) starts after the model's
-      own `<action>`, so its thought stays free (a model that never opens the tag plays no
-      action); False constrains from the first token to `<action>a</action>`.
+    free_thought: constrained decoding (`RolloutConfig.constrained`) starts after the thought,
+      at a trigger the tokenizer spells as one token: `<action>` when it is one (the word-level
+      tokenizer), else `</think>` (Qwen3, whose `<action>` merges with the text around it:
+      `" <action>"` is `[366, 1311, 29]`); the allowed strings then start with what follows the
+      trigger (`action_head`). A model that never emits the trigger plays no action. With
+      `enable_thinking=False` there is no thought: constrained decoding starts at the first
+      token. False constrains from the first token to `<action>a</action>`.
     max_thought_tokens: with `free_thought`, the thought budget: a constrained response still
-      thinking after this many tokens (or with only room left for `<action>` and its longest
-      admissible action) is forced into `<action>` and an admissible action; 0: no budget.
+      thinking after this many tokens (or with only room left for the trigger and its longest
+      admissible action) is forced through the trigger into an admissible action; 0: no budget.
+    enable_thinking: the chat template's thinking switch (`prompts.ChatLayout`).
+    mask_unused_ids: never sample ids past the tokenizer's (`SamplingConfig.vocab_limit`).
   """
   if tokenizer.eos_token_id is None:
     raise ValueError("tokenizer has no eos_token_id; the sampler needs one to stop a turn.")
+  trigger: tuple[int, ...] = ()
+  if free_thought and enable_thinking is not False:
+    for tag in (prompts.ACTION_OPEN, prompts.THINK_CLOSE):
+      if prompts.has_single_token(tokenizer, tag):
+        trigger = tuple(_encode(tokenizer, tag))
+        break
+    else:
+      raise ValueError(f"free_thought needs a tokenizer that spells {prompts.ACTION_OPEN} or {prompts.THINK_CLOSE} as "
+                       "one token: a trigger of several tokens misfires when BPE merges them with their neighbours.")
   close = tuple(_encode(tokenizer, prompts.ACTION_CLOSE))
   return sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-      eos_ids=(int(tokenizer.eos_token_id),), stop_sequences=(close,),
-      constraint_trigger=tuple(_encode(tokenizer, prompts.ACTION_OPEN)) if free_thought else (),
-      max_thought_tokens=max_thought_tokens,
+      eos_ids=end_of_turn_ids(tokenizer), stop_sequences=(close,),
+      stop_patterns=(action_close_pattern(tokenizer),) if len(close) > 1 else (),
+      constraint_trigger=trigger, max_thought_tokens=max_thought_tokens if trigger else 0,
+      vocab_limit=len(tokenizer) if mask_unused_ids else 0,
       pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+
+
+def end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
+  """The tokenizer's EOS id, then the ids of Qwen's end-of-turn tokens it has (`prompts.END_OF_TURN_TOKENS`)."""
+  ids = [int(tokenizer.eos_token_id)]
+  for token in prompts.END_OF_TURN_TOKENS:
+    if prompts.has_single_token(tokenizer, token):
+      ids.append(int(_encode(tokenizer, token)[0]))
+  return tuple(dict.fromkeys(ids))
+
+
+def action_close_pattern(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+  """Per position, the tokens that spell `</action>` at the end of a turn under BPE merges.
+
+  Its first token may also be any token that ends with that token's text (Qwen: `.</` after a
+  period), its last any token that starts with its text (`>\n` before a newline).
+  """
+  close = _encode(tokenizer, prompts.ACTION_CLOSE)
+  vocab = tokenizer.get_vocab()
+  pieces = tokenizer.convert_ids_to_tokens(close)
+  first = [i for t, i in vocab.items() if t.endswith(pieces[0])]
+  last = [i for t, i in vocab.items() if t.startswith(pieces[-1])]
+  return (tuple(first), *((t,) for t in close[1:-1]), tuple(last))
+
+
+def action_head(layout: prompts.ChatLayout, sampler: sampling.SamplingConfig) -> str:
+  """The text an allowed action string starts with under `sampler`'s constraint trigger.
+
+  No trigger: `<action>`; the `<action>` trigger: nothing; the `</think>` trigger: the rest of
+  the layout's think close (Qwen3: "\n\n"), then `<action>`.
+  """
+  if not sampler.constraint_trigger:
+    return prompts.ACTION_OPEN
+  trigger = _decode(layout.tokenizer, sampler.constraint_trigger)
+  if trigger == prompts.ACTION_OPEN:
+    return ""
+  if trigger == prompts.THINK_CLOSE:
+    return layout.think_close.split(prompts.THINK_CLOSE, 1)[-1] + prompts.ACTION_OPEN
+  raise ValueError(f"constraint_trigger {trigger!r} is neither {prompts.ACTION_OPEN} nor {prompts.THINK_CLOSE}.")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -474,7 +540,7 @@ class RolloutEngine:
     self.tokenizer = tokenizer
     self.config = config
     self.sampling_config = sampling_config
-    self.layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+    self.layout = prompts.ChatLayout.from_tokenizer(tokenizer, config.enable_thinking)
     self._env_name = env_name
     self._env_kwargs = dict(env_kwargs or {})
     self._cache_kwargs = dict(cache_kwargs or {})
@@ -512,9 +578,15 @@ class RolloutEngine:
 
   def _response_end(self, sampler: sampling.SamplingConfig, response_tokens: Sequence[int]
                     ) -> str:
-    """The end-of-turn text the response already holds (its final EOS token), else ""."""
+    """The end-of-turn text the response already holds (its final EOS token), else "".
+
+    An end token that is not how the template ends an assistant message (Qwen's `<|endoftext|>`)
+    stays in the response, and the template's own end follows it.
+    """
     if response_tokens and response_tokens[-1] in sampler.eos_ids:
-      return _decode(self.tokenizer, response_tokens[-1:])
+      text = _decode(self.tokenizer, response_tokens[-1:])
+      if self.layout.after_assistant.startswith(text):
+        return text
     return ""
 
   def _context(self, cfg: RolloutConfig, episode: Episode, observation: str,
@@ -537,7 +609,7 @@ class RolloutEngine:
                ) -> list[list[int]] | None:
     if not admissible:
       return None
-    head = "" if sampler.constraint_trigger else prompts.ACTION_OPEN
+    head = action_head(self.layout, sampler)
     return [_encode(self.tokenizer, f"{head}{a}{prompts.ACTION_CLOSE}")
             for a in dict.fromkeys(admissible)]
 

@@ -30,7 +30,9 @@ sequence still fit in `max_new_tokens`, is forced through the trigger into its c
 its response ends in an allowed sequence even if the model never emits the trigger itself.
 Token-level matching (stop sequences, the trigger) sees token ids, not text: a tokenizer that
 merges `>` with the next word never emits the trigger's tokens, so use a trigger only with
-tokens the tokenizer keeps whole (added special tokens).
+tokens the tokenizer keeps whole (added special tokens). A stop text that BPE merges with its
+neighbours is a stop PATTERN (`SamplingConfig.stop_patterns`): per position, the tokens that may
+spell it there (Qwen's `</action>\n` is `</`, `action`, `>\n`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class SamplingConfig:
       tokens, or has only room left for the trigger and its longest allowed sequence, is forced
       to emit the trigger (log-prob 0) and is then constrained. Needs the trigger, and a trie
       built with it (`build_token_trie(..., trigger=...)`).
+    stop_patterns: like `stop_sequences`, with a set of alternative tokens per position: a row
+      ends once its last generated tokens match one pattern position by position.
+    vocab_limit: ids >= this are never sampled (the embedding's padding rows past the
+      tokenizer, e.g. Qwen3's 151669-151935); 0: every id of the model.
   """
 
   max_new_tokens: int
@@ -87,6 +93,8 @@ class SamplingConfig:
   pad_id: int = 0
   constraint_trigger: tuple[int, ...] = ()
   max_thought_tokens: int = 0
+  stop_patterns: tuple[tuple[tuple[int, ...], ...], ...] = ()
+  vocab_limit: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -107,6 +115,13 @@ class SamplingConfig:
     for i, seq in enumerate(self.stop_sequences):
       if not seq:
         raise ValueError(f"stop_sequences[{i}] is empty")
+    object.__setattr__(self, "stop_patterns", tuple(
+        tuple(tuple(sorted({int(t) for t in alts})) for alts in pattern) for pattern in self.stop_patterns))
+    for i, pattern in enumerate(self.stop_patterns):
+      if not pattern or not all(pattern):
+        raise ValueError(f"stop_patterns[{i}] is empty or has a position without tokens")
+    if self.vocab_limit < 0:
+      raise ValueError(f"vocab_limit must be >= 0 (0 is off), got {self.vocab_limit}")
     if self.max_thought_tokens < 0:
       raise ValueError(f"max_thought_tokens must be >= 0 (0 is off), got {self.max_thought_tokens}")
     if self.max_thought_tokens and not self.constraint_trigger:
@@ -285,10 +300,12 @@ def sampling_logits(logits_BxV: jax.Array, config: SamplingConfig,
                     allowed_BxV: jax.Array | None = None) -> jax.Array:
   """[B, V] float32 logits of the distribution sampled from (-inf outside its support).
 
-  Order: constraint mask, temperature, top-k, top-p (as in HF transformers). Greedy returns the
-  masked logits at temperature 1.
+  Order: the ids past `config.vocab_limit`, constraint mask, temperature, top-k, top-p (as in HF
+  transformers). Greedy returns the masked logits at temperature 1.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
+  if config.vocab_limit and config.vocab_limit < logits_BxV.shape[-1]:
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < config.vocab_limit, logits_BxV, _NEG_INF)
   if allowed_BxV is not None:
     logits_BxV = jnp.where(allowed_BxV, logits_BxV, _NEG_INF)
   if config.greedy:
@@ -340,12 +357,19 @@ def _choose(logits_BxV: jax.Array, key: jax.Array, config: SamplingConfig
 def _suffix_match(recent_BxL: jax.Array, count_B: jax.Array,
                   sequences: Sequence[Sequence[int]]) -> jax.Array:
   """[B] bool: whether a row's last generated tokens end with one of `sequences`."""
+  return _pattern_match(recent_BxL, count_B, [[(t,) for t in seq] for seq in sequences])
+
+
+def _pattern_match(recent_BxL: jax.Array, count_B: jax.Array,
+                   patterns: Sequence[Sequence[Sequence[int]]]) -> jax.Array:
+  """[B] bool: whether a row's last generated tokens match one of `patterns` (alternatives per position)."""
   width = recent_BxL.shape[1]
   hit_B = jnp.zeros(recent_BxL.shape[:1], bool)
-  for seq in sequences:
-    tail_BxS = recent_BxL[:, width - len(seq):]
-    hit_B |= jnp.all(tail_BxS == jnp.asarray(seq, jnp.int32)[None], axis=-1) & (
-        count_B >= len(seq))
+  for pattern in patterns:
+    match_B = count_B >= len(pattern)
+    for i, alts in enumerate(pattern):
+      match_B &= jnp.isin(recent_BxL[:, width - len(pattern) + i], jnp.asarray(alts, jnp.int32))
+    hit_B |= match_B
   return hit_B
 
 
@@ -407,7 +431,7 @@ def _generate(
     start_B = jnp.where((roots_B >= 0) & bool(config.constraint_trigger), _WAITING, roots_B)
   else:
     start_B = jnp.full((batch,), _FREE, jnp.int32)
-  watched = tuple(config.stop_sequences) + (
+  watched = tuple(config.stop_sequences) + tuple(config.stop_patterns) + (
       (config.constraint_trigger,) if config.constraint_trigger else ())
   window = max([len(s) for s in watched] + [1])
 
@@ -446,6 +470,8 @@ def _generate(
                            jnp.concatenate([c["recent"][:, 1:], token_B[:, None]], axis=1),
                            c["recent"])
     end_B = _suffix_match(recent_BxL, count_B, config.stop_sequences)
+    if config.stop_patterns:
+      end_B |= _pattern_match(recent_BxL, count_B, config.stop_patterns)
     if config.eos_ids:
       end_B |= jnp.isin(token_B, jnp.asarray(config.eos_ids, jnp.int32))
     if trie is not None and config.max_thought_tokens:

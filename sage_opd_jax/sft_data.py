@@ -310,12 +310,14 @@ def label_code(label: str | int) -> int:
   return int(label)
 
 
-def expert_response(action: str | None, thought: str = "") -> str:
-  """The response an action is trained as, in the acting format; None gives no action tag."""
-  think = f"{prompts.THINK_OPEN}{thought}{prompts.THINK_CLOSE}"
-  if action is None:
-    return think
-  return f"{think}{prompts.ACTION_OPEN}{action}{prompts.ACTION_CLOSE}"
+def expert_response(action: str | None, thought: str = "", layout: prompts.ChatLayout | None = None) -> str:
+  """The response an action is trained as, in the acting format; None gives no action tag.
+
+  The thought is written as the layout's template writes one (`prompts.response_text`): Qwen3's
+  `<think>\n{thought}\n</think>\n\n<action>...`, or `<think>{thought}</think><action>...` for
+  ChatML and without a layout; with thinking off there is none.
+  """
+  return prompts.response_text(layout or prompts.ChatLayout(None, "", ""), action, thought)
 
 
 def _end_of_turn(layout: prompts.ChatLayout) -> str:
@@ -361,7 +363,7 @@ def acting_segments(
           f"{None if demo.admissible_actions is None else len(demo.admissible_actions)} for {num} actions.")
     admissible = [list(a) for a in demo.admissible_actions]
   thoughts = demo.thoughts if demo.thoughts is not None else [""] * num
-  responses = [expert_response(a, th) for a, th in zip(demo.actions, thoughts)]
+  responses = [expert_response(a, th, layout) for a, th in zip(demo.actions, thoughts)]
   return prompts.episode_segments(layout, demo.task_text, list(demo.observations[:num]), responses, admissible)
 
 
@@ -375,14 +377,14 @@ def judge_prompt_segments(layout: prompts.ChatLayout, example: JudgeExample, his
   `prompts.transcript_judge_text`; `history_turns` is then unused (load the examples with
   every past turn, `judge_window`).
   """
-  response = expert_response(example.action, example.thought)
+  response = expert_response(example.action, example.thought, layout)
   admissible = list(example.admissible_actions) if show_admissible else []
   if not transcript:
     return [prompts.render_judge_prompt(layout.tokenizer, example.task_text, list(example.history),
                                         example.observation, response, example.feedback, admissible,
                                         history_turns)]
   thoughts = list(example.history_thoughts) or [""] * len(example.history)
-  responses = [expert_response(action, thought) for (_, action), thought in zip(example.history, thoughts)]
+  responses = [expert_response(action, thought, layout) for (_, action), thought in zip(example.history, thoughts)]
   end = _end_of_turn(layout)
   observations = [o for o, _ in example.history] + [example.observation]
   segments = prompts.episode_segments(layout, example.task_text, observations, [*responses, response],
@@ -467,6 +469,7 @@ def build_sft_data(
     judge_transcript: bool = False,
     max_turns: int | None = None,
     seed: int | None = 0,
+    enable_thinking: bool | None = None,
 ) -> SftData:
   """Acting and judge samples for one model, shuffled together.
 
@@ -485,6 +488,8 @@ def build_sft_data(
     max_turns: keep at most this many turns of an acting episode (the env's turn limit, so that
       no turn id exceeds the loss's `num_turns`); None keeps them all.
     seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
+    enable_thinking: the acting prompts' thinking switch (config.sampling.enable_thinking), as the
+      rollout renders them; the judge samples keep the template's default.
   """
   if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
     raise ValueError("build_sft_data: `tokenizer` must be given and have a pad_token_id.")
@@ -493,11 +498,12 @@ def build_sft_data(
                      "lists, but show_admissible=True lists them in the acting transcripts it will judge "
                      "(config.judge.mode='transcript' needs config.env.show_admissible=False).")
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  acting_layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
   examples: list[tuple[list[int], list[int]]] = []
   is_judge: list[bool] = []
   truncated = dropped = 0
   for demo in demonstrations:
-    ids, tids = tokenize_segments(tokenizer, acting_segments(layout, demo, show_admissible))
+    ids, tids = tokenize_segments(tokenizer, acting_segments(acting_layout, demo, show_admissible))
     if demo.trained is not None:
       if len(demo.trained) != len(demo.actions):
         raise ValueError(f"Demonstration.trained has {len(demo.trained)} entries for {len(demo.actions)} actions.")

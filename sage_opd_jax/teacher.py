@@ -56,12 +56,15 @@ def packed_allowed(segments_BxW: Array, reach_BxW: Array) -> Array:
 
 
 def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int,
-                 temperature: float) -> Scores:
+                 temperature: float, vocab_limit: int = 0) -> Scores:
   """One window of W = chunk + 1 positions -> token-aligned stats of its last W - 1 tokens."""
   logits_BxWxV = model.lm_logits(hidden_BxWxD).astype(jnp.float32) / temperature
   stats = losses.teacher_token_stats(logits_BxWxV, tokens_BxW)
   if top_k:
     logq_BxWxV = jax.nn.log_softmax(logits_BxWxV, axis=-1)
+    if vocab_limit and vocab_limit < logq_BxWxV.shape[-1]:
+      # The embedding's padding rows (no token of the tokenizer) never enter the support.
+      logq_BxWxV = jnp.where(jnp.arange(logq_BxWxV.shape[-1]) < vocab_limit, logq_BxWxV, -jnp.inf)
     topk_logprobs_BxWxK, topk_ids_BxWxK = jax.lax.top_k(logq_BxWxV, top_k)
     stats["teacher_topk_logprobs"] = losses.align_to_tokens(topk_logprobs_BxWxK)
     stats["teacher_topk_ids"] = losses.align_to_tokens(topk_ids_BxWxK.astype(jnp.int32))
@@ -80,6 +83,7 @@ def score_tokens(
     top_k: int = 0,
     temperature: float = 1.0,
     questions: Mapping[str, Array] | None = None,
+    vocab_limit: int = 0,
 ) -> Scores:
   """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
 
@@ -89,6 +93,8 @@ def score_tokens(
     attention_mask_BxS: 1 for real tokens, 0 for padding.
     chunk_size: sequence positions per LM-head chunk; need not divide S.
     top_k: also return the K most likely teacher tokens per position (0: off).
+    vocab_limit: the top-K is taken among ids < this (the tokenizer's; e.g. Qwen3's embedding
+      rows 151669-151935 are padding); 0: every id. It must leave >= K ids.
     temperature: every statistic is that of nu_tau, proportional to nu^(1/tau) (1: nu itself).
     questions: the transcript judge's packed rows (`judge.PackedQuestions.arrays()`, W >= S
       columns whose first S hold the batch's real tokens). The trunk then runs over them
@@ -105,6 +111,8 @@ def score_tokens(
     raise ValueError(f"score_tokens: chunk_size must be >= 1, got {chunk_size}.")
   if top_k < 0:
     raise ValueError(f"score_tokens: top_k must be >= 0, got {top_k}.")
+  if vocab_limit and top_k > vocab_limit:
+    raise ValueError(f"score_tokens: top_k={top_k} exceeds vocab_limit={vocab_limit}.")
   if not temperature > 0:
     raise ValueError(f"score_tokens: temperature must be > 0, got {temperature}.")
   if tokens_BxS.shape != attention_mask_BxS.shape:
@@ -141,7 +149,7 @@ def score_tokens(
     start = c * chunk_size
     hidden_BxWxD = jax.lax.dynamic_slice_in_dim(hidden_pad, start, chunk_size + 1, axis=1)
     tokens_BxW = jax.lax.dynamic_slice_in_dim(tokens_pad, start, chunk_size + 1, axis=1)
-    return _chunk_stats(model, hidden_BxWxD, tokens_BxW, top_k, temperature)
+    return _chunk_stats(model, hidden_BxWxD, tokens_BxW, top_k, temperature, vocab_limit)
 
   per_chunk = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # Each [num_chunks, B, C, ...].
 
@@ -161,7 +169,7 @@ def score_tokens(
 
 @functools.lru_cache(maxsize=16)
 def make_scorer(
-    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0
+    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0, vocab_limit: int = 0
 ) -> Callable[..., Scores]:
   """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None) -> scores` for one teacher graph.
 
@@ -171,14 +179,15 @@ def make_scorer(
   Cached per (graphdef, chunk_size, top_k, temperature), so repeated calls share one jitted function.
   """
   return jax.jit(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k,
-                                   temperature=temperature))
+                                   temperature=temperature, vocab_limit=vocab_limit))
 
 
 def score_batch(
     teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
-    top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None,
+    top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None, vocab_limit: int = 0,
 ) -> Scores:
   """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
   graphdef, state = nnx.split(teacher)
-  return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature)(
+  return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature,
+                     vocab_limit=vocab_limit)(
       state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS), questions=questions)

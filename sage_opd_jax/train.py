@@ -142,6 +142,7 @@ class SftSource:
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
         judge_admissible=config.judge.show_admissible,
         judge_transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript, seed=config.seed,
+        enable_thinking=config.sampling.enable_thinking,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}
     self.num_rows = len(self.arrays["tokens"])
@@ -165,14 +166,18 @@ class SftSource:
     return {k: v[rows, :width] for k, v in self.arrays.items()}
 
 
-def teacher_support(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+def teacher_support(config: ml_collections.ConfigDict, vocab_size: int, num_tokens: int = 0) -> int:
   """-> K, the teacher tokens per position that the loss needs: 0 unless estimator='full' (E2/E10).
 
   The exact divergence reads the teacher's top-K with K = V (`losses.topk_divergence` is exact
-  there); `config.teacher.top_k` trades that for [B, S, K] memory at a large vocabulary.
+  there); `config.teacher.top_k` trades that for [B, S, K] memory at a large vocabulary. With
+  `config.sampling.mask_unused_ids`, V is the tokenizer's `num_tokens` (the rows past it are
+  padding, out of the support).
   """
   if config.loss.estimator != "full":
     return 0
+  if config.sampling.mask_unused_ids and num_tokens:
+    vocab_size = min(vocab_size, num_tokens)
   top_k = config.teacher.top_k or vocab_size
   if top_k > vocab_size:
     raise config_lib.ConfigError(f"config.teacher.top_k={top_k} exceeds the teacher's vocabulary ({vocab_size}).")
@@ -202,7 +207,8 @@ class DistillSource:
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
     self.judge = judge_lib.make_judge(self.judge_config, teacher=teacher, tokenizer=tokenizer)
     self.variant = losses.variant(config.method)
-    self.teacher_top_k = teacher_support(config, teacher.config.vocab_size)
+    self.teacher_top_k = teacher_support(config, teacher.config.vocab_size, len(tokenizer))
+    self.vocab_limit = len(tokenizer) if config.sampling.mask_unused_ids else 0
 
   def tasks_for(self, step: int) -> list[base.Task]:
     return [self.tasks[i] for i in epoch_rows(len(self.tasks), self.batch_size, self.config.seed, step)]
@@ -260,7 +266,7 @@ class DistillSource:
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
       scores = teacher_lib.score_batch(
           self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
-          temperature=self.config.teacher.temperature,
+          temperature=self.config.teacher.temperature, vocab_limit=self.vocab_limit,
           questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
       arrays.update(jax.device_get(scores))
     answers = {"answer_logits": arrays.pop("answer_logits")} if "answer_logits" in arrays else {}
@@ -360,6 +366,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
       # An episode whose transcript would outgrow the update's static length ends there.
       max_context_tokens=config.train.max_seq_len,
       expert=spec.expert if oracle else None,
+      enable_thinking=config.sampling.enable_thinking,
   )
   return rollout_lib.RolloutEngine(
       tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),
@@ -372,7 +379,8 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperatu
   return rollout_lib.default_sampling_config(
       tokenizer, config.sampling.max_new_tokens, temperature=temperature,
       top_k=config.sampling.top_k, top_p=config.sampling.top_p, free_thought=config.sampling.free_thought,
-      max_thought_tokens=config.sampling.max_thought_tokens,
+      max_thought_tokens=config.sampling.max_thought_tokens, enable_thinking=config.sampling.enable_thinking,
+      mask_unused_ids=config.sampling.mask_unused_ids,
   )
 
 
@@ -457,9 +465,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   # The sft stage trains demonstrations: with `config.method` when that needs no teacher, else with sft.
   method = config.method if stage == "distill" or not losses.variant(config.method).needs_teacher else "sft"
   mesh = mesh_from_config(config.mesh)
-  if not config.tokenizer_dir:
-    raise config_lib.ConfigError(f"config.tokenizer_dir is empty: the {stage} stage needs the shared tokenizer.")
-  tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  tokenizer = shared_tokenizer(config, stage)
   check_vocabularies(config, tokenizer, ("student",) if stage == "sft" else ("student", "teacher"))
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)
@@ -568,6 +574,17 @@ def _evaluated(workdir: pathlib.Path, step: int) -> bool:
   return any(row["step"] == step for row in writers.rows_with(workdir, "eval/"))
 
 
+def shared_tokenizer(config: ml_collections.ConfigDict, stage: str) -> Any:
+  """`config.tokenizer_dir`'s tokenizer; a folder without one (e.g. a checkpoint's weights alone) is named."""
+  if not config.tokenizer_dir:
+    raise config_lib.ConfigError(f"config.tokenizer_dir is empty: the {stage} stage needs the shared tokenizer.")
+  if pathlib.Path(config.tokenizer_dir).is_dir() and not hf_lib.has_tokenizer(config.tokenizer_dir):
+    raise config_lib.ConfigError(
+        f"config.tokenizer_dir={config.tokenizer_dir!r} holds no tokenizer (no tokenizer.json, tokenizer_config.json, "
+        "vocab.json or tokenizer.model): point it at the folder of the tokenizer the checkpoints were trained with.")
+  return models.load_tokenizer(config.tokenizer_dir)
+
+
 def check_vocabularies(config: ml_collections.ConfigDict, tokenizer: Any, roles: Sequence[str]) -> None:
   """The models of `roles` ("student", "teacher") read and write `config.tokenizer_dir`'s token ids.
 
@@ -575,7 +592,12 @@ def check_vocabularies(config: ml_collections.ConfigDict, tokenizer: Any, roles:
   checkpoint that ships a tokenizer has exactly this one (token-to-id map and special tokens),
   since a teacher scoring the student's tokens by another numbering trains on noise; and with
   loss.estimator='full' both have one vocabulary size, as the divergence compares whole rows.
+  `config.sampling.enable_thinking` needs `<think>` and `</think>` as tokens of their own.
   """
+  try:
+    prompts.check_thinking(tokenizer, config.sampling.enable_thinking)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.sampling.{e} (config.tokenizer_dir={config.tokenizer_dir!r})") from None
   sizes = {}
   for role in roles:
     section = config[role]
@@ -633,9 +655,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   workdir = pathlib.Path(workdir)
   provenance.check(config, workdir)
   mesh = mesh_from_config(config.mesh)
-  if not config.tokenizer_dir:
-    raise config_lib.ConfigError("config.tokenizer_dir is empty: the evaluate stage needs the shared tokenizer.")
-  tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  tokenizer = shared_tokenizer(config, "evaluate")
   check_vocabularies(config, tokenizer, ("student",))
   student = load_model(config.student, mesh, config.seed)  # Refuses non-finite weights (models.load_hf_checkpoint).
   env = base.make(config.env.name, **env_kwargs(config))

@@ -53,7 +53,14 @@ def qwen_tok():
         ("I will act.\n<action>look</action>\nDone.", "look"),
         ("<think>x</think><action>go to bed 1", "go to bed 1"),  # Stopped before the closing tag.
         ("<think>maybe <action>look</action>?</think><action>inventory</action>", "inventory"),  # The last.
-        ("<action>look</action><action>", None),  # The last tag is empty.
+        # The first complete action wins: what follows it (a `</action>` stop that BPE merged away) never does.
+        ("<action>look</action><action>", "look"),
+        ("<action>look</action>\n<action>inventory</action>", "look"),
+        ("<think>\nquote <action>x</action>\n</think>\n\n<action>go</action>\n<action>take</action>", "go"),
+        ("<action>a <action>b</action>", "b"),  # An unclosed tag before the answer's.
+        ("<action>look</action>", "look"),
+        ("<think><action>look</action></think>", "look"),  # No answer after the thought: the thought's.
+        ("<action></action><action>look</action>", None),  # The first complete action is empty.
         ("<action>   </action>", None),
         ("go to desk 1", None),
         ("", None),
