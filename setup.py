@@ -33,6 +33,19 @@ TEST_REQUIRES = [
     "torch==2.13.0",
 ]
 
+# Accelerators: the plugins of the same jax/jaxlib 0.10.2 as above, so flax, optax and orbax stay
+# at their pins. Each file was checked to exist for CPython 3.11 on linux x86_64 with
+# `pip download --no-deps` (docs/reproducing.md). `pip install -e ".[cuda]"` also pulls the
+# CUDA 12 runtime wheels (cuBLAS, cuDNN, NCCL, ...) that the plugin names; a driver >= 525 is needed.
+CUDA_REQUIRES = [
+    "jax-cuda12-plugin[with-cuda]==0.10.2",
+    "jax-cuda12-pjrt==0.10.2",
+]
+# Cloud TPU VMs: the libtpu build jax 0.10.2's own `[tpu]` extra names (0.0.42.*).
+TPU_REQUIRES = [
+    "libtpu==0.0.42.1",
+]
+
 setuptools.setup(
     name="sage_opd_jax",
     version="0.1.0",
@@ -40,5 +53,5 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["sage_opd_jax", "sage_opd_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "cuda": CUDA_REQUIRES, "tpu": TPU_REQUIRES},
 )

@@ -7,6 +7,17 @@ r"""The command line: one config, one workdir, one stage.
 sft | distill | evaluate | export.
 The config is validated (`sage_opd_jax.config.validate`) before anything is built or
 compiled; a workdir that already holds checkpoints resumes from the latest one.
+
+Several processes (hosts, or one process per GPU) run one job with one mesh over all their
+devices: start the same command in each, with the same --workdir on a shared filesystem, and
+
+  --coordinator_address=HOST:PORT  (process 0's host; or $JAX_COORDINATOR_ADDRESS)
+  --num_processes=P                (or $JAX_NUM_PROCESSES)
+  --process_id=I                   (0..P-1; or $JAX_PROCESS_ID)
+
+Under SLURM (srun, one task per host or GPU) and on a Cloud TPU pod slice, leave them unset:
+`jax.distributed.initialize` reads the cluster. The sft, distill, evaluate and export stages run
+on several processes (docs/reproducing.md); pipeline and collect_demos run in one.
 """
 
 from __future__ import annotations
@@ -22,21 +33,44 @@ from sage_opd_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (and :argument).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, TensorBoard, transcripts.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0's coordinator in a multi-process run (default $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
+    "Processes of the run (default $JAX_NUM_PROCESSES; unset: one, or what SLURM or a TPU pod says).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
+    "This process's index, 0..num_processes-1 (default $JAX_PROCESS_ID).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds to wait for the coordinator and the other processes to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _launched_by_cluster() -> bool:
+  """Whether SLURM or a Cloud TPU pod started several processes (JAX reads which from its environment)."""
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or len([h for h in hosts.split(",") if h]) > 1
+
+
 def _maybe_init_distributed() -> None:
-  """Joins JAX's multi-host runtime when the launcher says there are several processes.
+  """Joins JAX's multi-host runtime when the flags or the cluster say there are several processes.
 
-  On a TPU pod or a multi-node GPU job, `jax.distributed.initialize()` reads the
-  coordinator from the environment; a single process skips it.
+  A single process skips it. An unreachable coordinator fails with its address after
+  --distributed_timeout_s instead of hanging (`multihost.initialize`).
   """
-  import jax  # Imported here: flags must parse before JAX reads XLA_FLAGS.
+  explicit = _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1
+  if not explicit and not _launched_by_cluster():
+    return
+  if explicit and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None or not _COORDINATOR.value):
+    raise app.UsageError("A multi-process run needs --coordinator_address, --num_processes and --process_id "
+                         "(or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) together, "
+                         f"got {_COORDINATOR.value!r}, {_NUM_PROCESSES.value!r}, {_PROCESS_ID.value!r}.")
+  if explicit and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+    raise app.UsageError(f"--process_id={_PROCESS_ID.value} is outside 0..{_NUM_PROCESSES.value - 1}.")
+  from sage_opd_jax import multihost  # Imported here: flags must parse before JAX reads XLA_FLAGS.
 
-  if int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1"))) > 1 or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS"
-  ):
-    jax.distributed.initialize()
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
 
 
 # XLA:CPU keeps its compiled kernels in memory maps of their own (~100 for a 30-op toy program;
@@ -81,9 +115,19 @@ def _use_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
 
 
+# Stages whose every file write and model call is process-aware (sage_opd_jax/multihost.py).
+_MULTI_PROCESS_STAGES = ("sft", "distill", "evaluate", "export")
+
+
 def run(config, workdir: str) -> None:
   """Runs `config.stage` in `workdir`; the CLI and the experiment pipelines both call this."""
   config_lib.validate(config)
+  import jax
+
+  if jax.process_count() > 1 and config.stage not in _MULTI_PROCESS_STAGES:
+    raise config_lib.ConfigError(
+        f"config.stage={config.stage!r} runs in one process; this run has {jax.process_count()}. Run it alone, then "
+        f"the {', '.join(_MULTI_PROCESS_STAGES)} stages on several (docs/reproducing.md).")
   _use_compilation_cache(config.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   stage = config.stage

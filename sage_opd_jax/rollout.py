@@ -46,9 +46,11 @@ holds; its tokens get behaviour log-prob 0 (the student did not sample them: rec
 pi_old if needed) and the turn is flagged `intervened[b, t]`. The next turn's context holds the
 replaced tokens: the `EpisodeCache` re-encodes that row from the first differing token.
 
-**Determinism.** Group g's turn-t key is `fold_in(fold_in(rng, g), t)`; env results are
-gathered per group before its next generate, so the same key and tasks (and deterministic envs)
-give an identical batch, whatever order the workers answer in.
+**Determinism.** Episode e's turn-t key is `fold_in(fold_in(rng, episode_ids[e]), t)`, and the
+sampler draws each row from its own key; env results are gathered per group before its next
+generate, so the same key and tasks (and deterministic envs) give an identical batch, whatever
+order the workers answer in, however the episodes are grouped, and however a global batch is
+split over processes (each plays its share with the global indices as `episode_ids`).
 """
 
 from __future__ import annotations
@@ -423,6 +425,15 @@ def action_head(layout: prompts.ChatLayout, sampler: sampling.SamplingConfig) ->
   raise ValueError(f"constraint_trigger {trigger!r} is neither {prompts.ACTION_OPEN} nor {prompts.THINK_CLOSE}.")
 
 
+def episode_keys(rng: jax.Array, episode_ids: Sequence[int], turn: int) -> np.ndarray:
+  """[E, 2] uint32: each episode's key of turn `turn`, `fold_in(fold_in(rng, id), turn)`."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), turn))(
+      np.asarray(episode_ids, np.uint32))
+  if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.key_data(keys)
+  return np.asarray(keys)
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -639,6 +650,7 @@ class RolloutEngine:
       seq_len: int | None = None,
       config: RolloutConfig | None = None,
       sampling_config: sampling.SamplingConfig | None = None,
+      episode_ids: Sequence[int] | None = None,
   ) -> RolloutBatch:
     """Plays one episode per task with `model` and returns the batch.
 
@@ -650,6 +662,8 @@ class RolloutEngine:
       seq_len: pad the batch to this S (default: a bucket of the longest transcript).
       config: overrides the engine's rollout settings for this call (e.g. eval's turn limit).
       sampling_config: overrides its decoding settings (e.g. greedy eval); same pad id.
+      episode_ids: the episodes' indices in the global batch, which key their random draws
+        (default 0..B-1): a process playing its share of a batch passes the global ones.
 
     Returns:
       The `RolloutBatch`, with timings in `stats`.
@@ -660,6 +674,9 @@ class RolloutEngine:
       raise ValueError("tasks is empty; a rollout needs >= 1 task.")
     cfg = config or self.config
     sampler = sampling_config or self.sampling_config
+    episode_ids = list(range(num)) if episode_ids is None else [int(i) for i in episode_ids]
+    if len(episode_ids) != num:
+      raise ValueError(f"episode_ids has {len(episode_ids)} entries for {num} tasks.")
     if sampler.pad_id != self._pad_id:
       raise ValueError(f"sampling_config.pad_id={sampler.pad_id} differs from the engine's {self._pad_id}.")
     budget = cfg.max_context_tokens or model.config.max_position_embeddings
@@ -743,9 +760,9 @@ class RolloutEngine:
         if not live:
           continue
         turn_of[g] += 1
-        key = jax.random.fold_in(jax.random.fold_in(rng, g), turn_of[g])
+        keys = episode_keys(rng, [episode_ids[e] for e in members[g]], turn_of[g])
         tick = time.perf_counter()
-        out = caches[g].generate(contexts, key, sampler,
+        out = caches[g].generate(contexts, keys, sampler,
                                  allowed=allowed if cfg.constrained else None)
         stats.model_s += time.perf_counter() - tick
         stats.generate_calls += 1

@@ -340,7 +340,10 @@ def greedy_token(logits_BxV: jax.Array) -> jax.Array:
 
 def _choose(logits_BxV: jax.Array, key: jax.Array, config: SamplingConfig
             ) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row from the sampling logits; returns (token_B, logprob_B)."""
+  """Draws one token per row from the sampling logits; returns (token_B, logprob_B).
+
+  `key`: one [2] key for the batch, or [B, 2], one per row.
+  """
   logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   if config.greedy:
     token_B = greedy_token(logits_BxV)
@@ -349,9 +352,19 @@ def _choose(logits_BxV: jax.Array, key: jax.Array, config: SamplingConfig
     # more than the rest of the step on CPU). u lies in (0, 1], so the chosen token is the
     # first whose CDF reaches u * total > 0: never a zero-probability one.
     cdf_BxV = jnp.cumsum(jnp.exp(logp_BxV), axis=-1)
-    u_Bx1 = 1.0 - jax.random.uniform(key, (logits_BxV.shape[0], 1), jnp.float32)
+    if key.ndim == 2:  # [B, 2] keys, one per row: a row's draw does not depend on the batch it is in.
+      u_Bx1 = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(key)
+    else:
+      u_Bx1 = 1.0 - jax.random.uniform(key, (logits_BxV.shape[0], 1), jnp.float32)
     token_B = jnp.sum(cdf_BxV < u_Bx1 * cdf_BxV[:, -1:], axis=-1).astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+def _step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """The key of decode step `step`: of the batch's [2] key, or of each row's ([B, 2] keys)."""
+  if rng.ndim == 2:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step)
+  return jax.random.fold_in(rng, step)
 
 
 def _suffix_match(recent_BxL: jax.Array, count_B: jax.Array,
@@ -462,7 +475,7 @@ def _generate(
                          node_B)
     allowed_BxV = _allowed_mask(trie, node_B, vocab) if trie is not None else None
     token_B, logp_B = _choose(sampling_logits(c["logits"], config, allowed_BxV),
-                              jax.random.fold_in(rng, c["step"]), config)
+                              _step_key(rng, c["step"]), config)
     token_B = jnp.where(alive_B, token_B, config.pad_id)
     logp_B = jnp.where(alive_B, logp_B, 0.0)
     count_B = c["lengths"] + alive_B
@@ -541,7 +554,7 @@ def generate(
     chunk_lengths_B: real tokens per row in the chunk; >= 1 for every active row, since the
       first sampled token is predicted from the chunk's last token.
     active_B: rows to extend and sample; inactive rows keep their cache and emit nothing.
-    rng: a `jax.random` key (unused by greedy decoding).
+    rng: a `jax.random` key for the batch, or [B, 2] keys, one per row (unused by greedy decoding).
     config: the static decoding settings.
     trie: optional per-row constraints from `build_token_trie` (B roots).
     fresh: the cache is empty (every `cache.lengths` is 0), as for a new prompt: the chunk is
@@ -724,7 +737,8 @@ class EpisodeCache:
     Args:
       contexts: per episode, the full context token ids for this turn, or None once the
         episode is finished (its row is released and it must stay None afterwards).
-      rng: a `jax.random` key for this turn.
+      rng: a `jax.random` key for this turn, or [E, 2] keys, one per episode: an episode's
+        response then depends on its own key only, not on which rows it shares the batch with.
       config: decoding settings.
       allowed: optional, per episode, allowed token sequences (see `build_token_trie`).
 
@@ -790,6 +804,13 @@ class EpisodeCache:
     self._cache = self._cache.replace(lengths=self._place(keep.astype(np.int32)))
     # Rows that are not active hold no episode (finished rows are released), so with nothing
     # kept every row starts empty: the cheaper fresh prefill.
+    if np.ndim(rng) == 2:  # Per-episode keys -> per-row keys (free rows draw from a zero key, unused).
+      episode_keys = np.asarray(rng)
+      if len(episode_keys) != num_episodes:
+        raise ValueError(f"rng holds {len(episode_keys)} keys for {num_episodes} episodes")
+      row_keys = np.zeros((batch, episode_keys.shape[1]), episode_keys.dtype)
+      row_keys[self._row_of[live]] = episode_keys[live]
+      rng = self._place(row_keys)
     result = generate(self._graphdef, self._state, self._cache, self._place(chunk),
                       self._place(chunk_lengths), self._place(active), rng, config=config,
                       trie=trie, fresh=not keep.any())

@@ -27,6 +27,7 @@ from sage_opd_jax import evaluation
 from sage_opd_jax import judge as judge_lib
 from sage_opd_jax import losses
 from sage_opd_jax import models
+from sage_opd_jax import multihost
 from sage_opd_jax import prompts
 from sage_opd_jax import provenance
 from sage_opd_jax import rollout as rollout_lib
@@ -44,17 +45,23 @@ def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mes
   """The ("data", "fsdp", "tensor") Mesh; a -1 axis takes every device the others leave.
 
   Without a -1 axis the mesh is exactly the sizes given, over the first devices (a warning
-  says so when that leaves devices idle).
+  says so when that leaves devices idle). A run of several processes needs one mesh over every
+  device of every process (`jax.devices()` is global, in process order).
   """
   sizes = {axis: int(mesh_config[axis]) for axis in sharding.MESH_AXES}
   known = math.prod(size for size in sizes.values() if size != -1)
   devices = jax.devices()
+  where = (f"the {len(devices)} devices" if jax.process_count() == 1 else
+           f"the {len(devices)} devices of {jax.process_count()} processes ({jax.local_device_count()} each)")
   if known > len(devices) or (-1 in sizes.values() and len(devices) % known):
-    raise config_lib.ConfigError(f"config.mesh={sizes} does not fit the {len(devices)} devices.")
+    raise config_lib.ConfigError(f"config.mesh={sizes} does not fit {where}.")
   for axis, size in sizes.items():
     if size == -1:
       sizes[axis] = len(devices) // known
   used = math.prod(sizes.values())
+  if used < len(devices) and jax.process_count() > 1:
+    raise config_lib.ConfigError(f"config.mesh={sizes} uses {used} of {where}: a multi-process run's mesh spans "
+                                 "every device (set one axis to -1).")
   if used < len(devices):
     logging.warning("config.mesh=%s uses %d of %d devices.", sizes, used, len(devices))
   return sharding.make_mesh(sizes, devices[:used])
@@ -189,7 +196,9 @@ class DistillSource:
 
   The student's tasks of step `s` are `epoch_rows` of the train split, and every random
   draw uses `fold_in(key(seed), s)`, so a resumed run replays exactly the batches an
-  uninterrupted one would have seen.
+  uninterrupted one would have seen. With several processes each plays its `multihost.share`
+  of the batch (episode draws keyed by global index) and the episodes are gathered, so the
+  scoring, the judge and the batch are those of one process playing them all.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, teacher: nnx.Module,
@@ -222,7 +231,7 @@ class DistillSource:
     timer = _Timer()
     metrics: dict[str, float] = {}
     with timer("rollout"):
-      batch = self.engine.run(student, tasks, rollout_key, seq_len=seq_len)
+      batch = play_share(self.engine, student, tasks, rollout_key, seq_len=seq_len)
     metrics.update(rollout_metrics([batch], prefix="rollout/"))
     if self.variant.rollouts == 2:
       # E.g. the opd_two_rollout row of docs/method.md: a second rollout of the same tasks in which the teacher
@@ -268,7 +277,7 @@ class DistillSource:
           self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
           temperature=self.config.teacher.temperature, vocab_limit=self.vocab_limit,
           questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
-      arrays.update(jax.device_get(scores))
+      arrays.update(multihost.to_host(scores))
     answers = {"answer_logits": arrays.pop("answer_logits")} if "answer_logits" in arrays else {}
     if not judge:
       return None
@@ -384,6 +393,26 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, temperatu
   )
 
 
+def play_share(engine: rollout_lib.RolloutEngine, model: nnx.Module, tasks: Sequence[base.Task], rng: jax.Array,
+               first_id: int = 0, **run_kwargs) -> rollout_lib.RolloutBatch:
+  """Every process plays its `multihost.share` of `tasks` with its `model`; all get the whole batch.
+
+  Episode i is keyed by `first_id + i` wherever it is played, so the batch is that of one
+  process playing every task. `model` must be on this process's devices (`multihost.local_model`).
+  """
+  mine = multihost.share(len(tasks))
+  if jax.process_count() == 1:
+    return engine.run(model, tasks, rng, episode_ids=[first_id + i for i in mine], **run_kwargs)
+  episodes = []
+  if len(mine):
+    played = engine.run(model, [tasks[i] for i in mine], rng, episode_ids=[first_id + i for i in mine], **run_kwargs)
+    episodes = played.episodes
+  episodes = multihost.gather(episodes)
+  config = run_kwargs.get("config") or engine.config
+  return rollout_lib.assemble_batch(episodes, config.max_turns, engine.sampling_config.pad_id,
+                                    seq_len=run_kwargs.get("seq_len"))
+
+
 def rollout_metrics(batches: Sequence[Any], prefix: str) -> dict[str, float]:
   """The metrics of docs/method.md over the episodes of one or more rollout batches."""
   width = max(b.valid.shape[1] for b in batches)
@@ -409,7 +438,11 @@ def eval_tasks(env: base.Env, config: ml_collections.ConfigDict) -> dict[str, li
 
 def evaluate(config, model, tokenizer, engine, tasks_by_split, *, step: int, workdir: pathlib.Path,
              writer: writers.MetricWriter) -> dict[str, float]:
-  """Success, turns, invalid and repeated rates per split and temperature; writes transcripts."""
+  """Success, turns, invalid and repeated rates per split and temperature; writes transcripts.
+
+  `model` is on this process's devices (`multihost.local_model`): each process plays its share
+  of every chunk of games (`play_share`), and every process gets the same metrics.
+  """
   metrics: dict[str, float] = {}
   for split, tasks in tasks_by_split.items():
     for temperature in config.eval.temperatures:
@@ -419,7 +452,7 @@ def evaluate(config, model, tokenizer, engine, tasks_by_split, *, step: int, wor
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1_000_003), seed)
         tag = f"eval/{split}/t{temperature:g}"
         batches = [
-            engine.run(model, tasks[i : i + config.train.batch_episodes], jax.random.fold_in(key, i),
+            play_share(engine, model, tasks[i : i + config.train.batch_episodes], key, first_id=i,
                        sampling_config=sampling_config(config, tokenizer, temperature))
             for i in range(0, len(tasks), config.train.batch_episodes)
         ]
@@ -464,6 +497,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   stage = config.stage
   # The sft stage trains demonstrations: with `config.method` when that needs no teacher, else with sft.
   method = config.method if stage == "distill" or not losses.variant(config.method).needs_teacher else "sft"
+  check_processes(config, stage)
   mesh = mesh_from_config(config.mesh)
   tokenizer = shared_tokenizer(config, stage)
   check_vocabularies(config, tokenizer, ("student",) if stage == "sft" else ("student", "teacher"))
@@ -497,6 +531,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                 schedule=schedule),
       state_sharding, sharding.batch_sharding(mesh),
   )
+  # Every process holds the whole host batch (gathered episodes, or the same demonstrations), and
+  # each puts its own devices' rows of it on the mesh.
+  place = lambda arrays: jax.device_put({k: arrays[k] for k in update_lib.loss_keys(arrays)},
+                                        sharding.batch_sharding(mesh))
   writer = writers.MetricWriter(workdir)
   engine = None
   try:
@@ -515,20 +553,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     metrics: dict[str, float] = {}
     start = int(state.step)
     skipped = 0
-    if start and _eval_due(config, start, num_steps) and not _evaluated(workdir, start):
+    if start and _eval_due(config, start, num_steps) and not multihost.agree(_evaluated(workdir, start)):
       # Killed after an eval step's checkpoint but before its eval finished (a crash while
       # compiling the eval, say): run it now, or the run would export without it.
-      metrics.update(evaluate(config, nnx.merge(graphdef, state.params), tokenizer, engine, tasks_by_split,
-                              step=start, workdir=workdir, writer=writer))
+      metrics.update(evaluate(config, multihost.local_model(nnx.merge(graphdef, state.params), mesh), tokenizer,
+                              engine, tasks_by_split, step=start, workdir=workdir, writer=writer))
     for step in tqdm.trange(start, num_steps, initial=start, total=num_steps, desc=f"{stage} {method}"):
       timer = _Timer()
       with timer("data"):
         if stage == "sft":
           arrays, host_metrics, rollout = source.batch(step), {}, None
         else:
-          arrays, host_metrics, rollout = source.batch(step, nnx.merge(graphdef, state.params))
+          student = multihost.local_model(nnx.merge(graphdef, state.params), mesh)
+          arrays, host_metrics, rollout = source.batch(step, student)
+          del student
       with timer("update"):
-        state, train_metrics = update(state, {k: arrays[k] for k in update_lib.loss_keys(arrays)})
+        state, train_metrics = update(state, place(arrays))
         train_metrics = jax.device_get(train_metrics)
       skipped += bool(train_metrics["update_skipped"])
       metrics = {f"train/{k}": v for k, v in train_metrics.items()}
@@ -538,24 +578,46 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         writer.write(step + 1, metrics)
       checkpointer.save(step + 1, state, _host_state(config, step + 1, batch_size), force=step + 1 == num_steps)
       if _eval_due(config, step + 1, num_steps):
-        metrics.update(evaluate(config, nnx.merge(graphdef, state.params), tokenizer, engine, tasks_by_split,
-                                step=step + 1, workdir=workdir, writer=writer))
+        metrics.update(evaluate(config, multihost.local_model(nnx.merge(graphdef, state.params), mesh), tokenizer,
+                                engine, tasks_by_split, step=step + 1, workdir=workdir, writer=writer))
         if rollout is not None and config.eval.num_transcripts:
           writers.write_transcripts(workdir / "transcripts" / f"step{step + 1}_train.jsonl",
                                     train_transcripts(rollout, arrays, config))
     checkpointer.wait()
-    if skipped == num_steps - start and _no_update_applied(workdir):  # A resume that ran none reads the log.
+    if skipped == num_steps - start and multihost.agree(_no_update_applied(workdir)):  # A resume that ran none reads the log.
       raise RuntimeError(
           f"Every update of {workdir} was skipped: the loss, the gradient or the new weights were non-finite at "
           "each step (train/update_skipped in metrics.jsonl), so the student never trained and is not exported. "
           "Check config.optim and the teacher's and student's vocabularies.")
-    models.save_hf_checkpoint(nnx.merge(graphdef, state.params), writers.export_dir(workdir))
+    export(nnx.merge(graphdef, state.params), mesh, writers.export_dir(workdir))
     return metrics
   finally:
     checkpointer.close()
     writer.close()
     if engine is not None:
       engine.close()
+
+
+def check_processes(config: ml_collections.ConfigDict, stage: str) -> None:
+  """What a run of several processes needs, checked before anything compiles."""
+  if jax.process_count() == 1:
+    return
+  try:
+    multihost.check_divides(config.train.batch_episodes)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  if stage == "distill" and losses.variant(config.method).rollouts == 2:
+    # Its teacher answers inside each process's rollout, at points that differ between processes.
+    raise config_lib.ConfigError(f"config.method={config.method!r} replaces turns inside the rollout; it runs "
+                                 f"in one process only, not the {jax.process_count()} of this run.")
+
+
+def export(model: nnx.Module, mesh: jax.sharding.Mesh, out: pathlib.Path) -> None:
+  """The model as a Hugging Face directory, written by one process (every process must call this)."""
+  model = multihost.local_model(model, mesh)
+  if multihost.is_writer():
+    models.save_hf_checkpoint(model, out)
+  multihost.barrier("sage_opd_jax.train.export")
 
 
 def _eval_due(config: ml_collections.ConfigDict, step: int, num_steps: int) -> bool:
@@ -662,6 +724,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   tasks_by_split = eval_tasks(env, config)
   env.close()
   writer = writers.MetricWriter(workdir)
+  student = multihost.local_model(student, mesh)
   try:
     with make_rollout_engine(config, tokenizer) as engine:
       return evaluate(config, student, tokenizer, engine, tasks_by_split, step=0, workdir=workdir, writer=writer)
@@ -687,6 +750,6 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   if restored is None:
     raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'} to export.")
   out = writers.export_dir(workdir)
-  models.save_hf_checkpoint(nnx.merge(graphdef, restored[0].params), out)
+  export(nnx.merge(graphdef, restored[0].params), mesh, out)
   logging.info("Exported step %d to %s.", int(restored[0].step), out)
   return out

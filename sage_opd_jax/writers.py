@@ -1,4 +1,8 @@
-"""Host-side outputs of a run: TensorBoard events, a JSONL metrics log, transcripts, plots."""
+"""Host-side outputs of a run: TensorBoard events, a JSONL metrics log, transcripts, plots.
+
+In a run of several processes only process 0 writes (`_is_writer`); the others' writes are no-ops,
+so every process can call the same code with the same (gathered) values.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ import numpy as np
 import tensorboardX
 
 
+def _is_writer() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top  # Only here: reading metrics needs no device.
+
+  return jax.process_index() == 0
+
+
 def _scalar(value: Any) -> float:
   return float(np.asarray(value))
 
@@ -19,16 +29,22 @@ class MetricWriter:
   """Writes scalar metrics to `<workdir>/tensorboard` and `<workdir>/metrics.jsonl`.
 
   Keys are slash-separated (`train/loss`, `eval/valid_unseen/success`) so TensorBoard
-  groups them. Re-opening a workdir appends: a resumed run continues the same files.
+  groups them. Re-opening a workdir appends: a resumed run continues the same files. Only
+  process 0 of a multi-process run opens them.
   """
 
   def __init__(self, workdir: str | pathlib.Path):
     self.workdir = pathlib.Path(workdir)
+    self.enabled = _is_writer()
+    if not self.enabled:
+      return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
     self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     row = {"step": int(step)}
     for key, value in metrics.items():
       value = _scalar(value)
@@ -39,6 +55,8 @@ class MetricWriter:
     self._tb.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._tb.close()
     self._jsonl.close()
 
@@ -70,7 +88,9 @@ def rows_with(workdir: str | pathlib.Path, prefix: str) -> list[dict[str, Any]]:
 
 
 def write_transcripts(path: str | pathlib.Path, transcripts: Iterable[Mapping[str, Any]]) -> None:
-  """Writes episode transcripts (turns with text, labels and weights) as readable JSONL."""
+  """Writes episode transcripts (turns with text, labels and weights) as readable JSONL (process 0 only)."""
+  if not _is_writer():
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:

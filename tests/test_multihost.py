@@ -1,0 +1,222 @@
+"""Multi-host for real: two processes x 4 CPU devices equal one process x 8, and resume after SIGKILL.
+
+The processes join through `jax.distributed` on 127.0.0.1 (gloo collectives), each plays its half
+of every batch on the fixture games, and they train `sage_opd` with the tiny models. Every launch
+has a hard deadline, and a launch that fails or runs over kills its processes (and their env
+workers, in the same process group) before the test fails.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sage_opd_jax import tokenization
+from sage_opd_jax import writers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "alfworld"
+BATCH = 8  # Episodes per update: 4 per process, 1 per device.
+STEPS = 3
+DEADLINE_S = 240  # Per launch; the whole test stays well under it on an idle machine.
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+  """A data folder with 8 train games (copies of the fixture's two valid_seen games) and a config file."""
+  root = tmp_path_factory.mktemp("multihost")
+  data = root / "data"
+  shutil.copytree(FIXTURE_DATA, data)
+  split = data / "json_2.1.1" / "valid_seen"
+  for task in sorted(split.iterdir()):
+    for copy in range(1, BATCH // 2):
+      for trial in task.iterdir():
+        shutil.copytree(trial, split / f"{task.name}" / f"{trial.name}_copy{copy}")
+  tokenizer_dir = tokenization.build_alfworld_tokenizer(data, root / "tokenizer")
+  overrides = {
+      "env.data_dir": str(data), "train.batch_episodes": BATCH, "train.micro_batches": 1, "train.num_steps": STEPS,
+      "train.ckpt_every": 1, "train.eval_every": STEPS, "eval.num_episodes": 3, "eval.num_transcripts": 1,
+      # The judge reads the teacher's scoring forward, and eval samples as the rollouts do: no
+      # programs beyond the rollout's, the scoring's and the update's to compile.
+      "judge.mode": "likelihood", "eval.temperatures": (1.0,),
+      "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "env.num_workers": 1,
+  }
+  config_path = root / "config.py"
+  config_path.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+      "import test_main\n"
+      "def get_config():\n"
+      f"  return test_main.tiny_config({tokenizer_dir!r}, **{overrides!r})\n")
+  return config_path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(config_path, workdir, num_processes, devices_each, *flags):
+  """Starts the run's processes (each in its own process group, so its env workers die with it)."""
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+  procs = []
+  for i in range(num_processes):
+    cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config={config_path}", f"--workdir={workdir}", *flags]
+    if num_processes > 1:
+      cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
+              "--distributed_timeout_s=60"]
+    log = open(pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.{i}.log", "ab")
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+  return procs
+
+
+def _kill(procs):
+  for proc in procs:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  for proc in procs:
+    proc.wait()
+
+
+def _wait(procs, workdir, until=None):
+  """Waits for every process to exit 0 (or for `until()`); kills them all on a failure or the deadline."""
+  deadline = time.monotonic() + DEADLINE_S
+  try:
+    while time.monotonic() < deadline:
+      codes = [proc.poll() for proc in procs]
+      if any(code not in (None, 0) for code in codes):
+        raise AssertionError(f"a process of {workdir} exited with {codes}:\n{_logs(workdir)}")
+      if all(code == 0 for code in codes) or (until is not None and until()):
+        return
+      time.sleep(0.2)
+    raise AssertionError(f"{workdir} ran past {DEADLINE_S} s:\n{_logs(workdir)}")
+  finally:
+    if until is not None or any(proc.poll() != 0 for proc in procs):
+      _kill(procs)
+
+
+def _logs(workdir):
+  workdir = pathlib.Path(workdir)
+  return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                   for log in sorted(workdir.parent.glob(f"{workdir.name}.*.log")))
+
+
+def _params(workdir):
+  exported = writers.export_dir(workdir)
+  arrays = {}
+  for path in sorted(exported.glob("*.safetensors")):
+    arrays.update(safetensors.numpy.load_file(path))
+  assert arrays, f"no exported weights under {exported}"
+  return arrays
+
+
+def _updates(workdir):
+  """{step: {train metric: value}}; a resumed run's rewritten steps keep their last row."""
+  rows = {}
+  for row in writers.read_metrics(workdir):
+    if "train/loss" in row:
+      rows[row["step"]] = {k: v for k, v in row.items() if k.startswith(("train/", "rollout/", "judge/"))}
+  return rows
+
+
+def _assert_same_run(workdir, reference):
+  params, expected = _params(workdir), _params(reference)
+  assert params.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(params[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  updates, expected_updates = _updates(workdir), _updates(reference)
+  assert sorted(updates) == list(range(1, STEPS + 1))
+  assert updates.keys() == expected_updates.keys()
+  for step, metrics in expected_updates.items():
+    assert updates[step].keys() == metrics.keys(), step
+    np.testing.assert_allclose([updates[step][k] for k in sorted(metrics)], [metrics[k] for k in sorted(metrics)],
+                               rtol=1e-5, atol=1e-5, err_msg=f"step {step}: {sorted(metrics)}")
+
+
+def test_two_processes_killed_and_resumed_equal_one(run_files, tmp_path):
+  # One launch of 2 processes x 4 devices is SIGKILLed once its first checkpoint is on disk; a
+  # second launch resumes it. Its per-update metrics (from both launches) and final parameters must
+  # be those of 1 process x 8 devices, so a fault in the split, the gather or the resume shows.
+  one = tmp_path / "one_process"
+  _wait(_launch(run_files, one, 1, 8), one)
+  two = tmp_path / "two_processes"
+  procs = _launch(run_files, two, 2, 4)
+  _wait(procs, two, until=lambda: (two / "checkpoints" / "1").is_dir())  # Orbax renames it there once complete.
+  assert all(proc.returncode == -signal.SIGKILL for proc in procs), [proc.returncode for proc in procs]
+  assert not writers.exported(two)
+  _wait(_launch(run_files, two, 2, 4), two)
+  _assert_same_run(two, one)
+  # The run learnt something, so that equal parameters are not equal initialisations.
+  assert any(row["train/update_skipped"] == 0 for row in _updates(two).values())
+  # One process wrote the files: each update's row once per launch that ran it, one eval.
+  assert len(writers.rows_with(two, "eval/")) == 1
+  assert len([r for r in writers.read_metrics(two) if r.get("step") == STEPS and "train/loss" in r]) == 1
+  assert (two / "transcripts").is_dir() and len(list((two / "transcripts").iterdir())) == 2  # Eval and train.
+
+
+def test_bad_launches_fail_with_what_is_wrong(run_files, tmp_path):
+  # A process whose coordinator never answers names the address instead of hanging.
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run(
+      [sys.executable, "-m", "sage_opd_jax.main", f"--config={run_files}", f"--workdir={tmp_path / 'run'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1", "--distributed_timeout_s=3"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert f"The coordinator 127.0.0.1:{port} did not answer within 3 s" in result.stderr
+  # A global batch that does not split over the processes, and a mesh that leaves devices out, stop before compiling.
+  for flag, message in (("--config.train.batch_episodes=3", "batch_episodes=3 does not divide over the 2 processes"),
+                        ("--config.mesh.fsdp=4", "uses 4 of the 8 devices of 2 processes")):
+    workdir = tmp_path / flag.split("=")[0].rsplit(".", 1)[1]
+    procs = _launch(run_files, workdir, 2, 4, flag, "--config.mesh.data=1")
+    deadline = time.monotonic() + DEADLINE_S
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    _kill(procs)
+    assert all(proc.returncode not in (0, None) for proc in procs), flag
+    assert message in _logs(workdir), _logs(workdir)
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_shares_cover_every_episode_once():
+  from sage_opd_jax import multihost
+
+  for num in (1, 3, 8, 13):
+    for count in (1, 2, 3, 4):
+      played = [i for p in range(count) for i in multihost.share(num, p, count)]
+      assert played == list(range(num)), (num, count)
+
+
+def test_an_episodes_sample_depends_on_its_key_only():
+  # What lets 2 processes x 4 episodes play the 8 episodes of 1 process: with per-episode keys, an
+  # episode's response is the same whether it shares the decode batch with 3 others or with none.
+  import jax
+  from configs import base
+  from sage_opd_jax import models, rollout, sampling
+  from sage_opd_jax.models import sharding
+
+  model = sharding.create_model(models.ModelConfig.from_dict(base.tiny_model(vocab_size=128).to_dict()), seed=0)
+  config = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, eos_ids=(1,), pad_id=0)
+  contexts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+  keys = rollout.episode_keys(jax.random.PRNGKey(3), [0, 1, 2, 3], turn=1)
+  together = sampling.EpisodeCache(model, 4).generate(contexts, keys, config)
+  for e in (1, 3):
+    alone = sampling.EpisodeCache(model, 1).generate([contexts[e]], keys[e:e + 1], config)
+    np.testing.assert_array_equal(alone.tokens[0], together.tokens[e])
+    np.testing.assert_allclose(alone.logprobs[0], together.logprobs[e], atol=1e-5)
+  # Not a constant: other keys draw other responses.
+  other = sampling.EpisodeCache(model, 4).generate(contexts, rollout.episode_keys(jax.random.PRNGKey(4), range(4), 1),
+                                                   config)
+  assert not np.array_equal(other.tokens, together.tokens)
