@@ -1,47 +1,58 @@
 """Paper scale on ALFWorld: a Qwen3-8B teacher distilled into a Qwen3 student on TPU or GPU.
 
+The whole table (demonstrations, the student's warm start, teacher evaluation and judge accuracy,
+every method x seed, the results) from one command; every stage resumes:
+
   # Single host (e.g. 8 GPUs or a v5e-8): one process, FSDP over every local device.
-  python -m sage_opd_jax.main --config=configs/alfworld_paper.py:sage_opd,0.6b \\
+  python -m sage_opd_jax.main --config=configs/alfworld_paper.py:0.6b \\
       --config.teacher.hf_dir=/ckpt/Qwen3-8B --config.student.hf_dir=/ckpt/Qwen3-0.6B \\
-      --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/alfworld_sage_opd_0.6b
+      --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/alfworld_paper_0.6b
+
+  # One row of the table on its own (from the pipeline's student and its demonstrations):
+  ... --config.stage=distill --config.method=sage_opd --config.seed=1 --workdir=/runs/sage_opd_0.6b_seed1
 
   # Multi-host pod: the same command on every host; `jax.distributed.initialize()` joins
   # them (the launcher sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or SLURM does).
   ... --config.mesh.data=-1 --config.mesh.fsdp=8
 
-The argument is `<method>,<student size>`: a row of docs/method.md's table and one of 0.6b, 1.7b,
-4b. Weights come from local Hugging Face directories (`huggingface-cli download Qwen/Qwen3-8B
---local-dir /ckpt/Qwen3-8B`); teacher and student share Qwen3's tokenizer. See
-docs/reproducing.md for memory and which parts have been run versus shape-checked.
+The argument is the student size, one of 0.6b, 1.7b, 4b. Weights come from local Hugging Face
+directories (`huggingface-cli download Qwen/Qwen3-8B --local-dir /ckpt/Qwen3-8B`); teacher and
+student share Qwen3's tokenizer. See docs/reproducing.md for the stages, memory and which parts
+have been run versus shape-checked.
 """
 
 import ml_collections
 
+from configs import alfworld_cpu
 from configs import base
 
 # Qwen3 student sizes: the hf_dir must hold the matching checkpoint.
 STUDENT_SIZES = ("0.6b", "1.7b", "4b")
+# Every row of docs/method.md's table, in its order.
+METHODS = ("sft", "opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm",
+           "opd_two_rollout")
 
 
-def parse_arg(arg: str, config_name: str) -> tuple[str, str]:
-  """`<method>,<student size>` -> (method, size); the errors name `configs/<config_name>.py`."""
-  parts = arg.split(",")
-  if len(parts) != 2 or not all(parts):
-    raise ValueError(f"{config_name}: the argument is '<method>,<student size>' (e.g. "
-                     f"configs/{config_name}.py:sage_opd,0.6b), got {arg!r}; sizes: {STUDENT_SIZES}.")
-  method, size = parts
-  if size not in STUDENT_SIZES:
-    raise ValueError(f"{config_name}: student size {size!r} must be one of {STUDENT_SIZES}.")
-  return method, size
+def parse_arg(arg: str, config_name: str) -> str:
+  """`<student size>` -> size; the errors name `configs/<config_name>.py` and the sizes."""
+  if "," in arg:  # The form of one method per command, before the config ran the whole table.
+    method, _, size = arg.partition(",")
+    raise ValueError(f"{config_name}: the argument is '<student size>' (e.g. configs/{config_name}.py:"
+                     f"{size or '0.6b'}), which runs every method of the table; got {arg!r}. One method alone: "
+                     f"--config.stage=distill --config.method={method or 'sage_opd'}.")
+  if arg not in STUDENT_SIZES:
+    raise ValueError(f"{config_name}: student size {arg!r} (configs/{config_name}.py:<student size>) must be one "
+                     f"of {STUDENT_SIZES}.")
+  return arg
 
 
-def get_config(arg: str = "sage_opd,0.6b", config_name: str = "alfworld_paper") -> ml_collections.ConfigDict:
-  method, size = parse_arg(arg, config_name)
+def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_collections.ConfigDict:
+  parse_arg(arg, config_name)
   config = base.get_config()
   # No default can stand in for these: base.py's tiny random models are not Qwen3 (validate names the unset ones).
   config.required_keys = ("teacher.hf_dir", "student.hf_dir", "tokenizer_dir")
-  config.stage = "distill"
-  config.method = method
+  config.stage = "pipeline"
+  config.method = "sage_opd"  # The row that --config.stage=distill runs.
   config.env.max_turns = 50  # Our paper-scale turn limit (docs/method.md, defaults).
   config.env.history_turns = 3
   config.env.num_workers = 16
@@ -72,10 +83,22 @@ def get_config(arg: str = "sage_opd,0.6b", config_name: str = "alfworld_paper") 
   config.train.max_seq_len = 4096  # Max 4k tokens per episode.
   config.train.eval_every = 20
   config.train.ckpt_every = 10
-  config.eval.num_episodes = 134  # All of valid_unseen (and 134 of valid_seen's 140).
+  config.eval.num_episodes = 140  # Every game of valid_seen (140) and valid_unseen (134).
   config.eval.temperatures = (0.0, 0.4)
   config.eval.num_seeds = 3
   config.mesh.data = 1
   config.mesh.fsdp = -1  # Every device: params, grads and Adam moments sharded (ZeRO-3).
   config.mesh.tensor = 1
+  config.pipeline = alfworld_cpu.pipeline_config(
+      # The teacher as given (a Qwen3-8B checkpoint); > 0: that many SFT updates on the
+      # demonstrations and judge examples first.
+      teacher_steps=0,
+      # The student's warm start: SFT updates from the given checkpoint on every train demonstration
+      # (0: the checkpoint as given).
+      student_steps=200, student_demos=0,
+      sft_learning_rate=1e-5,  # A pretrained model's SFT rate; the CPU configs' 1e-3 trains from scratch.
+      distill_steps=200,  # Every method x seed, from the same warm start (`sft` on demonstrations).
+      methods=METHODS, seeds=(0, 1, 2),
+      heldout_games=40,  # valid_seen games whose judge examples measure the judge's accuracy.
+  )
   return config

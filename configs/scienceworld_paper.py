@@ -1,12 +1,12 @@
 """Paper scale on ScienceWorld: the ALFWorld recipe with ScienceWorld's tasks and splits.
 
-  python -m sage_opd_jax.main --config=configs/scienceworld_paper.py:sage_opd,0.6b \\
+  python -m sage_opd_jax.main --config=configs/scienceworld_paper.py:0.6b \\
       --config.teacher.hf_dir=/ckpt/Qwen3-8B --config.student.hf_dir=/ckpt/Qwen3-0.6B \\
-      --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/scienceworld_sage_opd_0.6b
+      --config.tokenizer_dir=/ckpt/Qwen3-8B --workdir=/runs/scienceworld_paper_0.6b
 
 ScienceWorld runs on the JVM (`apt-get install default-jre-headless`). Train episodes draw
 from the train variations; evaluation uses the dev and test variations. Demonstrations for
-an SFT stage are the engine's gold paths (`--config.stage=collect_demos`). Nothing of this
+the student's warm start and the `sft` row are the engine's gold paths. Nothing of this
 config has been run at paper scale (docs/reproducing.md).
 """
 
@@ -15,7 +15,7 @@ import ml_collections
 from configs import alfworld_paper
 
 
-def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
+def get_config(arg: str = "0.6b") -> ml_collections.ConfigDict:
   config = alfworld_paper.get_config(arg, config_name="scienceworld_paper")
   config.env.name = "scienceworld"
   config.env.train_split = "train"
@@ -33,4 +33,5 @@ def get_config(arg: str = "sage_opd,0.6b") -> ml_collections.ConfigDict:
   config.demos.split = "train"
   config.demos.max_turns = 150  # Gold paths run up to ~140 turns (mendelian genetics).
   config.eval.num_episodes = 100
+  config.pipeline.heldout_split = "dev"  # The judge's accuracy on held-out variations.
   return config

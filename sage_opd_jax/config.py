@@ -149,6 +149,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if _get(config, key) != as_collected and key not in spec.data_options:
       raise ConfigError(f"config.{key}={_get(config, key)!r} varies the expert or the demonstrations in a way "
                         f"config.env.name={env!r} does not define: leave it at {as_collected!r}.")
+  method = _get(config, "method")
+  if _get(config, "stage") == "distill" and not losses.variant(method).needs_teacher:
+    raise ConfigError(f"config.method={method!r} with config.stage='distill': this method trains on expert "
+                      "demonstrations, not on the student's rollouts, and needs no teacher. Run it as "
+                      "--config.stage=sft --config.sft.demos_dir=<collect_demos output: a pipeline's demos/train>.")
   if _get(config, "stage") == "sft" and not _get(config, "sft.demos_dir"):
     raise ConfigError("config.sft.demos_dir is empty: the sft stage trains on a collect_demos output folder.")
 
@@ -224,8 +229,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"config.eval.temperatures contains {t!r}: temperatures must be >= 0 (0 is greedy).")
 
   if "pipeline" in config:
-    for key in ("teacher_steps", "student_steps", "distill_steps", "heldout_games", "sft_learning_rate"):
+    for key in ("distill_steps", "heldout_games", "sft_learning_rate"):
       _positive(config, f"pipeline.{key}")
+    for role in ("teacher", "student"):  # 0 SFT updates: the given checkpoint as it is.
+      steps = _get(config, f"pipeline.{role}_steps")
+      _positive(config, f"pipeline.{role}_steps", allow_zero=True)
+      if not steps and not _get(config, f"{role}.hf_dir"):
+        raise ConfigError(f"config.pipeline.{role}_steps=0 uses the given {role} as it is, but config.{role}.hf_dir "
+                          f"is empty: set it, or train the {role} from scratch with config.pipeline.{role}_steps > 0.")
     _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.
     for key in ("student.hf_dir", "teacher.hf_dir"):
       if _get(config, key) and not _get(config, "tokenizer_dir"):

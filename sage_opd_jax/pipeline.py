@@ -1,14 +1,16 @@
-"""The whole CPU pipeline of the paper's comparison, one resumable stage after another.
+"""The whole pipeline of the paper's comparison, one resumable stage after another.
 
   1. demos          imitable-expert demonstrations and judge examples (train, and a
                     held-out valid_seen slice for the judge's accuracy);
-  2. tokenizer      the env's word-level tokenizer (`EnvSpec.tokenizer`): ALFWorld's over every
-                    game's names (all splits);
-  3. teacher        SFT of the teacher on acting and judging; optionally DAgger rounds (it plays
+  2. tokenizer      the given one, else the env's word-level tokenizer (`EnvSpec.tokenizer`):
+                    ALFWorld's over every game's names (all splits);
+  3. teacher        SFT of the teacher on acting and judging (none for a given teacher with
+                    `pipeline.teacher_steps=0`); optionally DAgger rounds (it plays
                     new train games with the env expert shadowing it, and is trained again with
                     the expert's actions where it left them, `dagger.py`); then its evaluation;
-  4. student_sft    a short SFT warm start of the student on a small slice of the demos;
-  5. runs           from that same student, each method x seed for the same updates;
+  4. student_sft    an SFT warm start of the student on the demos (none with `pipeline.student_steps=0`);
+  5. runs           from that same student, each method x seed for the same updates (`sft`: more
+                    SFT on the demos, without the teacher);
   6. results        a markdown table, a CSV and plots of what the runs measured (`<workdir>/results/`;
                     the CSV and plots also to `config.pipeline.results_dir` if set).
 
@@ -21,10 +23,12 @@ Every stage writes into its own folder under the workdir and is skipped when its
 complete, so an interrupted pipeline resumes where it stopped (a half-finished training
 stage resumes from its last checkpoint). `config.pipeline` sets the budgets.
 
-Given checkpoints replace stages: `config.tokenizer_dir` the tokenizer, `config.student.hf_dir`
-the student's warm start, `config.teacher.hf_dir` the teacher's SFT (DAgger rounds, if any, go
-on from it). They are still evaluated, so another workdir's (or a released) teacher and student
-run the comparison without retraining them.
+Given checkpoints are where training starts: `config.tokenizer_dir` replaces the tokenizer stage;
+`config.student.hf_dir` is the start of the student's warm start (`pipeline.student_steps` SFT
+updates; 0 takes it as it is) and `config.teacher.hf_dir` the start of the teacher's SFT
+(`pipeline.teacher_steps`; 0 likewise; DAgger rounds, if any, go on from the result). Both are
+still evaluated, so another workdir's (or a released) teacher and student run the comparison
+without retraining them (the paper configs: Qwen3 checkpoints and their tokenizer).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import ml_collections
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import dagger
 from sage_opd_jax import losses
+from sage_opd_jax import models
 from sage_opd_jax import provenance
 from sage_opd_jax import results
 from sage_opd_jax import train
@@ -108,8 +113,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
     """The `_stage` record of a stage every sweep shares: checked by the base pipeline only."""
     return None if p.sweep else (stage_config, folder)
 
-  # Every stage below names the checkpoints it loads; the given ones are kept aside.
+  # Every stage below names the checkpoints it loads; the given ones are kept aside, once checked against the
+  # given tokenizer (before the demonstrations, which take hours at paper scale).
   given_student, given_teacher = config.student.hf_dir, config.teacher.hf_dir
+  if config.tokenizer_dir:
+    train.check_vocabularies(config, models.load_tokenizer(config.tokenizer_dir),
+                             [role for role in ("student", "teacher") if config[role].hf_dir])
   config = _derive(config, student__hf_dir="", teacher__hf_dir="")
   spec = envs_base.spec(config.env.name)
   config = _derive(config, **{f"env__{key}": value for key, value in spec.resolve(config.env).items()})
@@ -130,34 +139,37 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   base = _derive(config, tokenizer_dir=str(tokenizer_dir), student__model__vocab_size=vocab_size,
                  teacher__model__vocab_size=vocab_size)
 
-  logging.info("[3/6] student warm start%s", f" (given: {given_student})" if given_student else "")
+  logging.info("[3/6] student warm start%s", f" (from the given {given_student})" if given_student else "")
   student_dir = root / "student_sft"
-  if not given_student:
+  student_hf = given_student  # 0 SFT updates: the given checkpoint as it is (config validation).
+  if p.student_steps:
     student_cfg = _derive(
-        base, stage="sft", sft__demos_dir=str(train_demos), sft__max_demos=p.student_demos, **_AS_COLLECTED,
-        train__num_steps=p.student_steps, optim__learning_rate=p.sft_learning_rate,
-        optim__schedule=p.sft_schedule, eval__num_episodes=0)
+        base, stage="sft", student__hf_dir=given_student, sft__demos_dir=str(train_demos),
+        sft__max_demos=p.student_demos, **_AS_COLLECTED, train__num_steps=p.student_steps,
+        optim__learning_rate=p.sft_learning_rate, optim__schedule=p.sft_schedule, eval__num_episodes=0)
     _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(student_cfg, student_dir),
            record=shared(student_cfg, student_dir))
-  student_hf = given_student or str(writers.export_dir(student_dir))
+    student_hf = str(writers.export_dir(student_dir))
   student_eval = root / "student_eval"  # Step 0 of every method: the start they share.
   _claim_eval_dir(student_eval, student_hf)
   student_eval_cfg = _derive(base, stage="evaluate", student__hf_dir=student_hf)
   _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")),
          lambda: train.evaluate_stage(student_eval_cfg, student_eval), record=shared(student_eval_cfg, student_eval))
 
-  logging.info("[4/6] teacher SFT (acting and judging)%s", f" (given: {given_teacher})" if given_teacher else "")
+  logging.info("[4/6] teacher SFT (acting and judging)%s",
+               f" (from the given {given_teacher})" if given_teacher else "")
   teacher_dir = root / "teacher"
   # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
   teacher_sft = dict(stage="sft", student__model=base.teacher.model, sft__demos_dir=str(train_demos),
                      sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True,
                      optim__schedule=p.sft_schedule, eval__num_episodes=0)
-  if not given_teacher:
-    teacher_sft_cfg = _derive(base, **teacher_sft, train__num_steps=p.teacher_steps,
+  teacher_hf = given_teacher  # 0 SFT updates: the given checkpoint as it is.
+  if p.teacher_steps:
+    teacher_sft_cfg = _derive(base, **teacher_sft, student__hf_dir=given_teacher, train__num_steps=p.teacher_steps,
                               optim__learning_rate=p.sft_learning_rate)
     _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(teacher_sft_cfg, teacher_dir),
            record=shared(teacher_sft_cfg, teacher_dir))
-  teacher_hf = given_teacher or str(writers.export_dir(teacher_dir))
+    teacher_hf = str(writers.export_dir(teacher_dir))
   for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
     player = "student" if r > p.dagger_rounds else "teacher"

@@ -391,6 +391,8 @@ def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, An
 def _teacher_caption(root: pathlib.Path, given: str) -> str:
   """How the evaluated teacher was made: its SFT (or the `given` checkpoint), and its DAgger rounds if any ran."""
   start = f"the given checkpoint `{given}`" if given else "SFT on acting and judging"
+  if given and writers.exported(root / "teacher"):  # pipeline.teacher_steps > 0 from the given one.
+    start += " after SFT on acting and judging"
   rounds = dagger.round_manifests(root)
   if not rounds:
     return f"Teacher ({start}):"

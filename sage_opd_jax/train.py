@@ -678,9 +678,12 @@ def check_vocabularies(config: ml_collections.ConfigDict, tokenizer: Any, roles:
           f"config.{role}: the model's vocab_size={sizes[role]} is smaller than the tokenizer's {len(tokenizer)} "
           f"tokens (config.tokenizer_dir={config.tokenizer_dir!r}).")
   if "teacher" in sizes and config.loss.estimator == "full" and sizes["teacher"] != sizes["student"]:
+    names = {role: f"config.{role}.hf_dir={config[role].hf_dir!r}" if config[role].hf_dir
+             else f"config.{role}.model" for role in ("teacher", "student")}
     raise config_lib.ConfigError(
-        f"The teacher's vocab_size={sizes['teacher']} differs from the student's {sizes['student']}: "
-        "config.loss.estimator='full' compares their distributions over one vocabulary.")
+        f"The teacher's vocab_size={sizes['teacher']} ({names['teacher']}) differs from the student's "
+        f"{sizes['student']} ({names['student']}): config.loss.estimator='full' compares their distributions "
+        "over one vocabulary.")
 
 
 def transcript(episode: Any, labels_T: np.ndarray | None = None, weights_T: np.ndarray | None = None) -> dict:

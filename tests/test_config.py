@@ -68,8 +68,12 @@ def test_pipeline_budgets(name):
   with pytest.raises(config_lib.ConfigError, match=r"config.pipeline.student_demos=-1"):
     config_lib.validate(config)
   config.pipeline.student_demos = 0
-  config.pipeline.student_steps = 0
-  with pytest.raises(config_lib.ConfigError, match=r"config.pipeline.student_steps=0"):
+  for role in ("student", "teacher"):
+    config.pipeline[f"{role}_steps"] = 0  # No SFT: only a given checkpoint can be taken as it is.
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.pipeline\.{role}_steps=0 uses the given {role} as "
+                                                     rf"it is, but config\.{role}\.hf_dir is empty"):
+      config_lib.validate(config)
+    config[role].hf_dir, config.tokenizer_dir = "/ckpt/model", "/ckpt/model"
     config_lib.validate(config)
 
 
@@ -290,7 +294,7 @@ def test_allow_changed_names_an_unknown_key():
 
 
 def test_the_paper_config_names_its_required_folders_and_its_argument_form():
-  config = _load_config("alfworld_paper", "sage_opd,0.6b")
+  config = _load_config("alfworld_paper", "0.6b")
   with pytest.raises(config_lib.ConfigError,
                      match="config.teacher.hf_dir, config.student.hf_dir, config.tokenizer_dir must be set"):
     config_lib.validate(config)
@@ -299,12 +303,45 @@ def test_the_paper_config_names_its_required_folders_and_its_argument_form():
     config_lib.validate(config)
   config.student.hf_dir = "/ckpt/Qwen3-0.6B"
   config_lib.validate(config)
-  for arg in ("sage_opd", "sage_opd,", "sage_opd,0.6b,x"):
-    with pytest.raises(ValueError, match="^alfworld_paper: the argument is '<method>,<student size>'"):
+  # The old form (one method per command) names the new one, and how to run one method alone.
+  for arg in ("sage_opd,0.6b", "opd,1.7b"):
+    method, size = arg.split(",")
+    with pytest.raises(ValueError, match=(rf"^alfworld_paper: the argument is '<student size>' \(e\.g\. "
+                                          rf"configs/alfworld_paper\.py:{size}\).*--config\.stage=distill "
+                                          rf"--config\.method={method}\.$")):
+      _load_config("alfworld_paper", arg)
+  for arg in ("sage_opd", "8b", ""):  # An unknown student size is named, with the known ones.
+    with pytest.raises(ValueError, match=rf"^alfworld_paper: student size '{arg}' .* must be one of "
+                                         r"\('0\.6b', '1\.7b', '4b'\)"):
       _load_config("alfworld_paper", arg)
   # ScienceWorld's paper config reads the same argument and names its own file.
-  with pytest.raises(ValueError, match=r"^scienceworld_paper: .*configs/scienceworld_paper\.py:sage_opd,0\.6b"):
-    _load_config("scienceworld_paper", "sage_opd")
+  with pytest.raises(ValueError, match=r"^scienceworld_paper: .*configs/scienceworld_paper\.py:0\.6b"):
+    _load_config("scienceworld_paper", "sage_opd,0.6b")
+
+
+@pytest.mark.parametrize("name", ["alfworld_paper", "scienceworld_paper"])
+def test_the_paper_config_runs_the_whole_table(name):
+  config = _load_config(name, "1.7b")
+  config.teacher.hf_dir = config.tokenizer_dir = "/ckpt/Qwen3-8B"
+  config.student.hf_dir = "/ckpt/Qwen3-1.7B"
+  config_lib.validate(config)
+  assert config.stage == "pipeline" and config.pipeline.seeds == (0, 1, 2)
+  # Every row of docs/method.md's table (the loss registry), once each.
+  assert sorted(config.pipeline.methods) == sorted(losses.registered_losses())
+  # The teacher as given; 0 warm-start updates would take the student as given too.
+  assert config.pipeline.teacher_steps == 0 and config.pipeline.student_steps > 0
+  config.pipeline.student_steps = 0
+  config_lib.validate(config)
+
+
+def test_the_sft_row_is_not_a_distill_stage():
+  config = _load_config("base")
+  config.method = "sft"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.method='sft' with config\.stage='distill'.*"
+                                                   r"--config\.stage=sft --config\.sft\.demos_dir="):
+    config_lib.validate(config)
+  config.stage, config.sft.demos_dir = "sft", "/runs/demos/train"
+  config_lib.validate(config)
 
 
 def test_an_environment_declares_its_splits_keys_and_expert():

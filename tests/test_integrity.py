@@ -127,9 +127,26 @@ def test_the_full_estimator_needs_one_vocabulary_size(tokenizer_dir, tmp_path):
   wider = _hf_dir_with_tokenizer(tmp_path, tokenizer_dir, vocab + 64)
   tokenizer = models.load_tokenizer(tokenizer_dir)
   train.check_vocabularies(_config(tokenizer_dir, **{"teacher.hf_dir": str(wider)}), tokenizer, ("student", "teacher"))
-  with pytest.raises(config_lib.ConfigError, match=f"vocab_size={vocab + 64} differs from the student's {vocab}"):
+  with pytest.raises(config_lib.ConfigError, match=(
+      rf"vocab_size={vocab + 64} \(config\.teacher\.hf_dir='{wider}'\) differs from the student's {vocab} "
+      r"\(config\.student\.model\)")):
     train.check_vocabularies(_config(tokenizer_dir, **{"teacher.hf_dir": str(wider), "loss.estimator": "full"}),
                              tokenizer, ("student", "teacher"))
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_the_pipeline_refuses_a_checkpoint_with_another_tokenizer_before_any_stage(role, tokenizer_dir, tmp_path):
+  from configs import alfworld_cpu  # pylint: disable=g-import-not-at-top
+
+  vocab = -(-len(models.load_tokenizer(tokenizer_dir)) // 64) * 64
+  renumbered = _hf_dir_with_tokenizer(tmp_path, tokenizer_dir, vocab, swap=True)
+  config = alfworld_cpu.get_config()
+  config.env.data_dir, config.tokenizer_dir = str(FIXTURE_DATA), str(tokenizer_dir)
+  config[role].hf_dir = str(renumbered)
+  with pytest.raises(config_lib.ConfigError, match=(
+      rf"config\.{role}\.hf_dir='{renumbered}' ships a tokenizer other than config\.tokenizer_dir='{tokenizer_dir}'")):
+    pipeline.run(config_lib.validate(config), tmp_path / "run")
+  assert not (tmp_path / "run" / "demos").exists()  # Refused before the demonstrations (hours at paper scale).
 
 
 # ----------------------------------------------------------------------------- finite weights

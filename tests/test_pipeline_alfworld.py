@@ -121,13 +121,14 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert (f"then 3 DAgger rounds: {sum(counts[:2]):,} expert corrections at the states it reached in 2 train games "
           f"it played and {counts[2]:,} expert corrections at the states the student reached in 1 train games the "
           f"student played") in report
-  # Another workdir from this one's checkpoints: no tokenizer, student or teacher SFT is trained,
-  # the given ones are evaluated, and a DAgger round goes on from the given teacher.
+  # Another workdir from this one's checkpoints with 0 SFT updates: no tokenizer, student or teacher SFT is
+  # trained, the given ones are evaluated, and a DAgger round goes on from the given teacher.
   given = tmp_path / "given"
   config.tokenizer_dir = str(tmp_path / "tokenizer")
   config.student.hf_dir = str(writers.export_dir(tmp_path / "student_sft"))
   config.teacher.hf_dir = teachers[1]
   config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 1, 0
+  config.pipeline.student_steps = config.pipeline.teacher_steps = 0
   evaluated.clear()
   distilled.clear()
   pipeline.run(config_lib.validate(config), given)
