@@ -20,6 +20,11 @@ SIZES = {
     # about 0.45B parameters. For accelerators; far too slow for the CPU defaults.
     "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
                  num_kv_heads=8, head_dim=128),
+    # The other paper students' layers (Qwen3-1.7B and Qwen3-4B), for bench_memory.py's estimates.
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                 num_kv_heads=8, head_dim=128),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+               num_kv_heads=8, head_dim=128),
 }
 VOCAB = 8192
 

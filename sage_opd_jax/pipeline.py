@@ -119,7 +119,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   if config.tokenizer_dir:
     train.check_vocabularies(config, models.load_tokenizer(config.tokenizer_dir),
                              [role for role in ("student", "teacher") if config[role].hf_dir])
-  config = _derive(config, student__hf_dir="", teacher__hf_dir="")
+  # What the stages' configs start from: each sets its own stage, and names the checkpoints it loads
+  # (the paper configs' required ones were checked above, with the pipeline's config).
+  config = _derive(config, stage="collect_demos", student__hf_dir="", teacher__hf_dir="",
+                   **({"required_keys": ()} if "required_keys" in config else {}))
   spec = envs_base.spec(config.env.name)
   config = _derive(config, **{f"env__{key}": value for key, value in spec.resolve(config.env).items()})
   logging.info("[1/6] demonstrations")

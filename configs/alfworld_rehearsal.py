@@ -1,0 +1,111 @@
+"""The paper config rehearsed on CPU: its whole pipeline with tiny random Qwen3 models.
+
+`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts and
+the mesh (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing
+else differs). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
+randomly initialised with Qwen3's vocabulary of 151,936, written in Hugging Face format
+(`models.save_hf_checkpoint`), each shipping Qwen3's real tokenizer
+(`tokenization.build_qwen3_tokenizer`), as a downloaded Qwen3 folder does. Everything else is the
+paper's (its chat template and decoding, bf16 compute, remat and chunked attention, the judge,
+the history window) on real ALFWorld games ($ALFWORLD_DATA) over a data x fsdp x tensor = 2 x 2 x 2
+mesh of 8 devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sage_opd_jax.main \\
+      --config=configs/alfworld_rehearsal.py:workdirs/rehearsal_checkpoints --workdir=workdirs/rehearsal
+
+The argument is where the checkpoints go (made on first use, reused after; default
+~/.cache/sage_opd_jax/rehearsal). It exercises the paper's pipeline, not what it measures: the
+models are random. A student SFT update takes ~30 s on a loaded 2-core machine (the logits are
+151,936 wide), so the whole run takes well over 5 minutes there.
+"""
+
+import os
+import pathlib
+
+import ml_collections
+
+from configs import alfworld_paper
+from configs import base
+
+# The rehearsal's models: Qwen3's vocabulary and layout (tied embeddings like Qwen3-0.6B, untied
+# like Qwen3-8B), a few hundred kilobytes of layers. Head counts divide over the tensor axis.
+STUDENT = base.tiny_model(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, rope_theta=1_000_000.0, max_position_embeddings=4096)
+TEACHER = base.tiny_model(vocab_size=151_936, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=32, rope_theta=1_000_000.0, tie_embeddings=False,
+                          max_position_embeddings=4096)
+
+# Every field the rehearsal sets, and why; any other field is the paper config's.
+CHANGED = {
+    # Model sizes: its own checkpoints (the teacher's folder is the tokenizer's, as in the paper's command).
+    "student.hf_dir": "checkpoints", "teacher.hf_dir": "checkpoints", "tokenizer_dir": "checkpoints",
+    # The learning rate a tiny random model needs to pick up the response format in a few SFT updates.
+    "pipeline.sft_learning_rate": "model size",
+    # Budgets: tokens, turns, updates, chunk sizes scaled to the shorter rows, worker processes.
+    "env.max_turns": "budget", "env.num_workers": "budget", "sampling.max_new_tokens": "budget",
+    "train.batch_episodes": "budget", "train.micro_batches": "budget",
+    "train.max_seq_len": "budget", "train.eval_every": "budget", "train.ckpt_every": "budget",
+    "teacher.score_chunk": "budget", "student.model.attention_chunk": "budget",
+    "teacher.model.attention_chunk": "budget",
+    "pipeline.student_steps": "budget", "pipeline.distill_steps": "budget", "pipeline.methods": "budget",
+    "pipeline.seeds": "budget", "eval.temperatures": "budget", "eval.num_seeds": "budget",
+    # Game counts.
+    "demos.limit": "games", "pipeline.heldout_games": "games", "eval.num_episodes": "games",
+    # The mesh: every axis above 1.
+    "mesh.data": "mesh", "mesh.fsdp": "mesh", "mesh.tensor": "mesh",
+}
+
+
+def make_checkpoints(out_dir: str | os.PathLike) -> tuple[str, str]:
+  """-> (student, teacher) HF folders under `out_dir`, made once (seeded: the same weights every time)."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+  from sage_opd_jax import models  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top
+
+  out = pathlib.Path(out_dir).expanduser()
+  tokenizer = AutoTokenizer.from_pretrained(tokenization.build_qwen3_tokenizer(out / "qwen3_tokenizer"))
+  folders = []
+  for seed, (name, model) in enumerate((("student", STUDENT), ("teacher", TEACHER))):
+    folder = out / name
+    folders.append(str(folder))
+    if (folder / "model.safetensors").exists():
+      continue
+    partial = out / f"{name}.partial"  # Written aside, then renamed: a killed run leaves no half checkpoint.
+    config = models.ModelConfig.from_dict(dict(model.to_dict(), param_dtype="bfloat16", dtype="bfloat16"))
+    models.save_hf_checkpoint(sharding.create_model(config, None, seed), partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+  return folders[0], folders[1]
+
+
+def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.ConfigDict:
+  config = alfworld_paper.get_config("0.6b")
+  config.student.hf_dir, config.teacher.hf_dir = make_checkpoints(arg)
+  config.tokenizer_dir = config.teacher.hf_dir
+  config.pipeline.sft_learning_rate = 1e-2
+
+  config.env.max_turns = 5  # Past the paper's 3-turn history window.
+  config.env.num_workers = 2
+  config.sampling.max_new_tokens = 24
+  config.train.batch_episodes = 4  # One episode per data x fsdp shard.
+  config.train.micro_batches = 1
+  config.train.max_seq_len = 512
+  config.train.eval_every = 100  # Once, after the last update.
+  config.train.ckpt_every = 1
+  config.teacher.score_chunk = 128  # Several chunks per row, as the paper's 512 of 4,096.
+  config.student.model.attention_chunk = config.teacher.model.attention_chunk = 128
+  config.pipeline.student_steps = 8
+  config.pipeline.distill_steps = 2
+  config.pipeline.methods = ("sft", "opd", "sage_opd")
+  config.pipeline.seeds = (0,)
+  config.eval.temperatures = (0.0,)
+  config.eval.num_seeds = 1
+
+  config.demos.limit = 6  # The expert wins most: 4 demonstrations or more for a batch of 4.
+  config.pipeline.heldout_games = 1
+  config.eval.num_episodes = 2
+
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  return config
