@@ -16,7 +16,10 @@ After the environment has answered every turn of a rollout batch, each turn is l
     and ride in the teacher's scoring forward (`teacher.score_tokens(questions=)`), mostly in
     its rows' padding, so the transcript is read once rather than once per turn. The greedy
     answer token gives the label. The teacher must be trained on this layout
-    (`sft_data.judge_prompt_segments`) or able to answer it.
+    (`sft_data.judge_prompt_segments`) or able to answer it. Under a history window the teacher
+    judges what the student saw: a turn past the window is asked in its own segment of the
+    packed row (`rollout.RolloutBatch`), after P, its windowed context and its response, with the
+    feedback in the question, never after history the student had already dropped.
   - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
     forward of `teacher.py`) against two thresholds: above the first Skip, above the second
     Weak, else Strong. Cheap, and usable with tiny teachers.
@@ -413,12 +416,18 @@ class PackedQuestions:
 
 
 def pack_questions(tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray,
-                   questions: Sequence[tuple[int, int, int, Sequence[int]]], pad_id: int) -> PackedQuestions:
+                   questions: Sequence[tuple[int, int, int, Sequence[int]]], pad_id: int,
+                   packing: Mapping[str, np.ndarray] | None = None) -> PackedQuestions:
   """Packs (b, t, reach, question token ids) after each episode's transcript (`PackedQuestions`).
 
   A question reads the first `reach` tokens of its row's transcript. The width is the batch's
   S, or a `sampling.bucket_length` when the questions overflow it, and R a power of two, so a
   run compiles a handful of shapes.
+
+  With the batch's `packing` (`rollout.RolloutBatch`'s positions, segments and reach), its first
+  S columns keep it, and a question whose last read token lies in a turn's own segment (a turn
+  past the history window) joins that segment: it reads what the student saw at that turn (P,
+  the windowed context, the response), at the positions that follow it.
   """
   tokens_BxS = np.asarray(tokens_BxS)
   lengths = np.asarray(attention_mask_BxS).astype(bool).sum(axis=1)
@@ -441,10 +450,19 @@ def pack_questions(tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray,
   for b, row in enumerate(rows):
     n = int(lengths[b])
     tokens[b, :n], positions[b, :n], reach[b, :n], mask[b, :n] = tokens_BxS[b, :n], np.arange(n), n, 1
+    first_free = 1
+    if packing is not None:
+      positions[b, :n], segments[b, :n] = packing["positions"][b, :n], packing["segments"][b, :n]
+      reach[b, :n] = np.where(segments[b, :n] == 0, n, packing["reach"][b, :n])
+      first_free = int(segments[b, :n].max(initial=0)) + 1
     for r, (t, end, ids) in enumerate(row):
       span = slice(n, n + len(ids))
-      tokens[b, span], positions[b, span] = ids, end + np.arange(len(ids))
-      segments[b, span], reach[b, span], mask[b, span] = r + 1, end, 1
+      tokens[b, span], positions[b, span] = ids, positions[b, end - 1] + 1 + np.arange(len(ids))
+      if segments[b, end - 1]:  # In a turn's segment: read it, and what it reads of the row's start.
+        segments[b, span], reach[b, span] = segments[b, end - 1], reach[b, end - 1]
+      else:
+        segments[b, span], reach[b, span] = first_free + r, end
+      mask[b, span] = 1
       n += len(ids)
       answer_at[b, r] = n - 1
       turns.append((b, t, r))
@@ -452,8 +470,8 @@ def pack_questions(tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray,
 
 
 def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
-                         tokenizer: Any, asked: np.ndarray, show_admissible: bool = True
-                         ) -> list[tuple[int, int, int, str]]:
+                         tokenizer: Any, asked: np.ndarray, show_admissible: bool = True,
+                         segments_BxS: np.ndarray | None = None) -> list[tuple[int, int, int, str]]:
   """(b, t, reach, question text) for every asked turn, in row-major order.
 
   Turn t's question (`prompts.transcript_judge_text`) reads the transcript up to the user
@@ -462,6 +480,12 @@ def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarr
   the last turn's feedback is not in the transcript, so its question follows the response
   and shows the feedback itself. A response that kept its end-of-turn token (the sampler's
   stop token, `Turn.response_end`) is not closed twice.
+
+  With a packed batch's `segments_BxS`, a turn whose next turn sits in its own segment (past
+  the history window) is asked as a last turn is, right after its response: the next turn's
+  segment holds another context (the window moved on), so its feedback is shown by the
+  question instead. The teacher then judges each turn on what the student saw when it acted
+  (`pack_questions` puts a question about a turn past the window in that turn's segment).
   """
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
   close_ids = tokenizer.encode(layout.user_close, add_special_tokens=False)
@@ -476,6 +500,8 @@ def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarr
                        f"(turn id {t + 1}).")
     end = int(ends[-1]) + 1
     starts = np.flatnonzero(turn_ids_BxS[b] == t + 2)
+    if segments_BxS is not None and len(starts) and segments_BxS[b, starts[0]] != 0:
+      starts = starts[:0]
     if len(starts) and tokens_BxS[b, starts[0] - len(close_ids):starts[0]].tolist() == close_ids:
       reach = int(starts[0]) - len(close_ids)
       text = prompts.transcript_judge_text(layout, turn.feedback, admissible, feedback_shown=True)
@@ -488,13 +514,18 @@ def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarr
 def prepare_transcript_judge(
     episodes: Sequence[JudgedEpisode], num_turns: int, config: JudgeConfig, tokenizer: Any,
     tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
+    packing: Mapping[str, np.ndarray] | None = None,
 ) -> PackedQuestions:
-  """The questions of a batch's judged turns (`mode='transcript'`), packed for the teacher's scoring."""
+  """The questions of a batch's judged turns (`mode='transcript'`), packed for the teacher's scoring.
+
+  `packing`: the batch's positions, segments and reach (`rollout.RolloutBatch`), if it packs
+  turns past a history window.
+  """
   _check_turns(episodes, num_turns)
   texts = transcript_questions(episodes, tokens_BxS, turn_ids_BxS, tokenizer, _valid_turns(episodes, num_turns),
-                               config.show_admissible)
+                               config.show_admissible, None if packing is None else packing["segments"])
   encoded = [(b, t, reach, tokenizer.encode(text, add_special_tokens=False)) for b, t, reach, text in texts]
-  return pack_questions(tokens_BxS, attention_mask_BxS, encoded, _pad_id(tokenizer))
+  return pack_questions(tokens_BxS, attention_mask_BxS, encoded, _pad_id(tokenizer), packing)
 
 
 def transcript_answers(questions: PackedQuestions, answer_logits_BxRxV: Any, tokenizer: Any
@@ -685,8 +716,9 @@ class TranscriptJudge(JudgeMode):
   asks_in_transcript = True
 
   def prepare(self, episodes, num_turns, batch):
+    packing = {k: batch[k] for k in ("positions", "segments", "reach")} if "segments" in batch else None
     return prepare_transcript_judge(episodes, num_turns, self.config, self._need("tokenizer", self.tokenizer),
-                                    batch["tokens"], batch["attention_mask"], batch["turn_ids"])
+                                    batch["tokens"], batch["attention_mask"], batch["turn_ids"], packing)
 
   def read(self, episodes, num_turns, asked, batch, questions, rng):
     del asked, rng

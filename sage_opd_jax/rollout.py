@@ -97,6 +97,9 @@ class Turn:
     done: the episode ended after this turn.
     intervened: the response was replaced by the `intervene` hook.
     truncated: the context dropped earlier turns (history window k < t - 1).
+    window_tokens: when `truncated`, the context's tokens after P (the kept turns' response and
+      next tokens, or for k = 0 the empty assistant message and o_t): the turn's own segment of
+      the batch row holds them before its response (`assemble_batch`). Empty otherwise.
     expert_action: the shadow expert's action at o_t (`RolloutConfig.expert`), else None.
     next_tokens: the tokens of n_t (rest of the assistant message, user(o_{t+1}), generation
       prompt), which follow `response_tokens` in the transcript unless this is the last turn.
@@ -119,6 +122,7 @@ class Turn:
   truncated: bool = False
   expert_action: str | None = None
   next_tokens: list[int] = dataclasses.field(default_factory=list)
+  window_tokens: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -132,7 +136,8 @@ class Episode:
     prompt_tokens: P, the tokens of the first prompt (system, user(task + o_1), gen prompt).
     won: the episode was won.
     error: why the episode failed (env crash, timeout or exception), else None.
-    budget_ended: it ended because another turn could outgrow `max_context_tokens`.
+    budget_ended: it ended because another turn could outgrow `max_context_tokens` (its packed
+      row or its context).
     finished: no more turns will be played (set by the engine while it runs).
   """
 
@@ -190,19 +195,31 @@ class RolloutStats:
 class RolloutBatch:
   """The rollout contract: padded host arrays plus the host-side episodes.
 
+  Row b is episode b, packed so that every response token is read in the context it was
+  sampled under (`assemble_batch`): first the shared transcript prefix P + y_1 + n_1 + ... +
+  y_m over the turns whose context was the transcript's prefix, then one segment per later
+  (`truncated`) turn t: its windowed context after P, then y_t.
+
   Token-level `[B, S]` (entry s describes token s): `tokens` int32 (pad id after the end),
   `attention_mask` int32, `turn_ids` int32 (k >= 1 on turn k's response tokens, else 0),
   `behaviour_logprobs` float32 (log pi_old of token s given the context the sampler used; 0
-  off response tokens and on intervened turns). Per turn `[B, T]`, column t-1 is turn t,
-  T = the turn limit: `response_lengths` int32, `valid`, `repeated`, `intervened`, `truncated`
-  bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (an env error; the
-  reason is in `episodes[b].error`).
+  off response tokens and on intervened turns), and the packing: `positions` int32 (RoPE
+  positions; a segment's restart after P), `segments` int32 (0 on the shared prefix and
+  padding, t on turn t's own segment) and `reach` int32 (the row-start tokens a token may read
+  outside its own segment: S on segment 0, len(P) on a turn's segment), which
+  `teacher.packed_allowed` turns into the attention mask. Per turn `[B, T]`, column t-1 is
+  turn t, T = the turn limit: `response_lengths` int32, `valid`, `repeated`, `intervened`,
+  `truncated` bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (an env
+  error; the reason is in `episodes[b].error`).
   """
 
   tokens: np.ndarray
   attention_mask: np.ndarray
   turn_ids: np.ndarray
   behaviour_logprobs: np.ndarray
+  positions: np.ndarray
+  segments: np.ndarray
+  reach: np.ndarray
   response_lengths: np.ndarray
   valid: np.ndarray
   repeated: np.ndarray
@@ -220,17 +237,55 @@ class RolloutBatch:
             if isinstance(getattr(self, f.name), np.ndarray)}
 
 
+def _row_pieces(episode: Episode, b: int) -> list[tuple[int, list[int], int, np.ndarray | None]]:
+  """Episode b's row as (segment, token ids, turn id, log-probs or None) pieces, in order.
+
+  Segment 0 is the transcript while each turn's context was its prefix; a `truncated` turn t
+  gets segment t: its `window_tokens`, then its response.
+  """
+  pieces: list[tuple[int, list[int], int, np.ndarray | None]] = [(0, list(episode.prompt_tokens), 0, None)]
+  shared = True
+  for t, turn in enumerate(episode.turns, start=1):
+    if len(turn.response_logprobs) != len(turn.response_tokens):
+      raise ValueError(f"episodes[{b}].turns[{t - 1}]: {len(turn.response_logprobs)} log-probs for "
+                       f"{len(turn.response_tokens)} response tokens.")
+    if turn.truncated:
+      if not turn.window_tokens:
+        raise ValueError(f"episodes[{b}].turns[{t - 1}] is truncated but has no window_tokens: its response "
+                         "would be read after P alone, not in the context it was sampled under.")
+      shared = False
+      pieces += [(t, list(turn.window_tokens), 0, None), (t, list(turn.response_tokens), t, turn.response_logprobs)]
+      continue
+    if not shared:
+      raise ValueError(f"episodes[{b}].turns[{t - 1}] is not truncated but an earlier turn is: a history window "
+                       "only ever drops more turns.")
+    if t > 1:
+      pieces.append((0, list(episode.turns[t - 2].next_tokens), 0, None))
+    pieces.append((0, list(turn.response_tokens), t, turn.response_logprobs))
+  return pieces
+
+
+def row_length(episode: Episode) -> int:
+  """The tokens of the episode's packed row (`assemble_batch`): what the teacher and the loss score."""
+  return sum(len(ids) for _, ids, _, _ in _row_pieces(episode, 0))
+
+
 def assemble_batch(episodes: Sequence[Episode], max_turns: int, pad_id: int,
                    seq_len: int | None = None) -> RolloutBatch:
-  """Pads the episodes' transcripts into the `RolloutBatch` arrays (pure host code).
+  """Packs the episodes into the `RolloutBatch` arrays, each token in its sampling context (pure host code).
+
+  Row b holds P, then per turn t: if its context was the transcript's prefix (no turn dropped
+  yet), n_{t-1} (t > 1) and y_t, continuing the transcript; else its own segment, holding its
+  `window_tokens` (context-only) and y_t, at positions that restart after P and reading only P
+  and itself. Without a history window every turn continues the transcript, and the row is
+  `P + y_1 + n_1 + ... + y_T` with `positions` = arange, one segment.
 
   Args:
-    episodes: row b is episodes[b]; its transcript is `prompt_tokens`, then per turn its
-      response tokens and, except after the last turn, its `next_tokens`.
+    episodes: row b is episodes[b].
     max_turns: T, the per-turn arrays' width.
     pad_id: fills `tokens` past each row's end.
-    seq_len: S; None picks `sampling.bucket_length` of the longest transcript (a handful of
-      shapes per run for the jitted consumers).
+    seq_len: S; None picks `sampling.bucket_length` of the longest row (a handful of shapes per
+      run for the jitted consumers).
 
   Returns:
     The batch, with `episodes` as given and empty stats.
@@ -240,45 +295,45 @@ def assemble_batch(episodes: Sequence[Episode], max_turns: int, pad_id: int,
   for b, episode in enumerate(episodes):
     if len(episode.turns) > max_turns:
       raise ValueError(f"episodes[{b}] has {len(episode.turns)} turns, more than max_turns={max_turns}.")
-    ids, tids, lps = list(episode.prompt_tokens), [0] * len(episode.prompt_tokens), [0.0] * len(
-        episode.prompt_tokens)
-    for t, turn in enumerate(episode.turns, start=1):
-      if len(turn.response_logprobs) != len(turn.response_tokens):
-        raise ValueError(f"episodes[{b}].turns[{t - 1}]: {len(turn.response_logprobs)} log-probs for "
-                         f"{len(turn.response_tokens)} response tokens.")
-      ids += turn.response_tokens
-      tids += [t] * len(turn.response_tokens)
-      lps += [float(x) for x in turn.response_logprobs]
-      if t < len(episode.turns):
-        ids += turn.next_tokens
-        tids += [0] * len(turn.next_tokens)
-        lps += [0.0] * len(turn.next_tokens)
-    rows.append((ids, tids, lps))
-  longest = max([len(r[0]) for r in rows] + [1])
+    rows.append(_row_pieces(episode, b))
+  longest = max([sum(len(ids) for _, ids, _, _ in row) for row in rows] + [1])
   if seq_len is None:
     seq_len = sampling.bucket_length(longest)
   elif longest > seq_len:
-    raise ValueError(f"seq_len={seq_len} is shorter than the longest transcript ({longest} tokens).")
+    raise ValueError(f"seq_len={seq_len} is shorter than the longest row ({longest} tokens).")
 
   tokens = np.full((num, seq_len), pad_id, np.int32)
   attention_mask = np.zeros((num, seq_len), np.int32)
   turn_ids = np.zeros((num, seq_len), np.int32)
   logprobs = np.zeros((num, seq_len), np.float32)
+  positions = np.tile(np.arange(seq_len, dtype=np.int32), (num, 1))
+  segments = np.zeros((num, seq_len), np.int32)
+  reach = np.full((num, seq_len), seq_len, np.int32)
   per_turn = {name: np.zeros((num, max_turns), bool)
               for name in ("valid", "repeated", "intervened", "truncated")}
   response_lengths = np.zeros((num, max_turns), np.int32)
-  for b, (ids, tids, lps) in enumerate(rows):
-    tokens[b, : len(ids)] = ids
-    attention_mask[b, : len(ids)] = 1
-    turn_ids[b, : len(ids)] = tids
-    logprobs[b, : len(ids)] = lps
+  for b, row in enumerate(rows):
+    prompt = len(episodes[b].prompt_tokens)
+    s = 0
+    for segment, ids, turn_id, lps in row:
+      span = slice(s, s + len(ids))
+      tokens[b, span], attention_mask[b, span], turn_ids[b, span] = ids, 1, turn_id
+      if lps is not None:
+        logprobs[b, span] = lps
+      if segment:
+        # A turn's segment follows P wherever it sits in the row: its positions continue P's.
+        start = prompt if segments[b, s - 1] != segment else positions[b, s - 1] + 1
+        positions[b, span] = start + np.arange(len(ids))
+        segments[b, span], reach[b, span] = segment, prompt
+      s += len(ids)
     for t, turn in enumerate(episodes[b].turns):
       response_lengths[b, t] = len(turn.response_tokens)
       for name, array in per_turn.items():
         array[b, t] = getattr(turn, name)
   return RolloutBatch(
       tokens=tokens, attention_mask=attention_mask, turn_ids=turn_ids,
-      behaviour_logprobs=logprobs, response_lengths=response_lengths, **per_turn,
+      behaviour_logprobs=logprobs, positions=positions, segments=segments, reach=reach,
+      response_lengths=response_lengths, **per_turn,
       num_turns=np.asarray([len(e.turns) for e in episodes], np.int32).reshape(num),
       won=np.asarray([e.won for e in episodes], bool).reshape(num),
       failed=np.asarray([e.error is not None for e in episodes], bool).reshape(num),
@@ -304,10 +359,11 @@ class RolloutConfig:
       `\n\n<action>a</action>` after `</think>` (`action_head`).
     show_admissible: list the admissible actions with each observation in the prompt.
     pipeline_groups: groups of the env/model pipeline; 1 is fully sequential.
-    max_context_tokens: an episode whose transcript (hence also its windowed context) plus
-      one more response could exceed this ends before that turn (`Episode.budget_ended`; a
-      loss like the turn limit, not a failure), so every row fits a static `seq_len` of this
-      size; None uses the model's max_position_embeddings.
+    max_context_tokens: an episode whose packed row (`row_length`: its transcript, plus a
+      segment per turn past the window) or context plus one more response could exceed this
+      ends before that turn (`Episode.budget_ended`; a loss like the turn limit, not a
+      failure), so every row fits a static `seq_len` of this size; None uses the model's
+      max_position_embeddings.
     system_prompt: the chat's system message.
     enable_thinking: passed to the chat template (`prompts.ChatLayout`; config.sampling.
       enable_thinking); None leaves the template's default. Fixed when the engine is built.
@@ -744,9 +800,11 @@ class RolloutEngine:
             continue
           observation, admissible, _ = current[e]
           context, truncated[e] = self._context(cfg, episodes[e], observation, admissible)
-          transcript = len(episodes[e].prompt_tokens) + sum(
-              len(t.response_tokens) + len(t.next_tokens) for t in episodes[e].turns)
-          if max(len(context), transcript) + sampler.max_new_tokens + 1 > budget:
+          # The packed row before this turn's response: a turn in the window continues the
+          # transcript (n_{t-1}); one past it adds its own segment (its context after P).
+          row = row_length(episodes[e]) + (len(context) - len(episodes[e].prompt_tokens) if truncated[e]
+                                           else len(episodes[e].turns[-1].next_tokens) if episodes[e].turns else 0)
+          if max(len(context), row) + sampler.max_new_tokens + 1 > budget:
             current.pop(e)
             episodes[e].budget_ended = True
             if episodes[e].turns:
@@ -779,7 +837,8 @@ class RolloutEngine:
                               expert_action=expert_action,
                               response_tokens=ids, response_end=self._response_end(sampler, ids),
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
-                              action=prompts.parse_action(text), truncated=truncated[e])
+                              action=prompts.parse_action(text), truncated=truncated[e],
+                              window_tokens=contexts[i][len(episodes[e].prompt_tokens):] if truncated[e] else [])
         if intervene is not None:
           self._apply_intervention(intervene, sampler, episodes, new_turns, {
               e: contexts[i] for i, e in enumerate(members[g]) if contexts[i] is not None})

@@ -9,6 +9,9 @@ The teacher's per-token signals on the student's own tokens (E1, E6, E10 in docs
 
 All are token-aligned like the rest of the batch (entry s describes the distribution that
 predicts token s; entry 0 and padding are 0), so they merge straight into the loss batch.
+A packed batch (`rollout.RolloutBatch`'s `positions`, `segments`, `reach`) is scored as the
+student acted: each turn past the history window in its own segment, reading P and its
+windowed context only (`packed_allowed`), so the teacher scores what the student saw.
 
 The LM head is the memory hazard at scale ([B, S, V] float32 for a 150k vocabulary is tens of
 GiB), so the trunk runs once to `hidden_states` and the head + log-softmax statistics run
@@ -42,12 +45,16 @@ STAT_KEYS = ("teacher_logprobs", "teacher_top1", "teacher_entropy")
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 # The packed rows of `judge.PackedQuestions.arrays()` (the transcript judge's questions).
 QUESTION_KEYS = ("tokens", "positions", "segments", "reach", "mask", "answer_at")
+# A rollout batch's packing (`rollout.RolloutBatch`): each turn read in its sampling context.
+PACKING_KEYS = ("positions", "segments", "reach")
 
 
 def packed_allowed(segments_BxW: Array, reach_BxW: Array) -> Array:
-  """[B, W, W] bool: query i may read key j if j is transcript before i's reach, or in i's question.
+  """[B, W, W] bool: query i may read key j if j is in segment 0 before i's reach, or in i's segment.
 
-  (The model adds causality and padding; see `judge.PackedQuestions`.)
+  Segment 0 is the row's shared transcript; the others are a turn past the history window
+  (`rollout.RolloutBatch`) or a judge question (`judge.PackedQuestions`). The model adds
+  causality and padding.
   """
   j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
   key_seg_Bx1xW = segments_BxW[:, None, :]
@@ -84,6 +91,7 @@ def score_tokens(
     temperature: float = 1.0,
     questions: Mapping[str, Array] | None = None,
     vocab_limit: int = 0,
+    packing: Mapping[str, Array] | None = None,
 ) -> Scores:
   """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
 
@@ -99,7 +107,10 @@ def score_tokens(
     questions: the transcript judge's packed rows (`judge.PackedQuestions.arrays()`, W >= S
       columns whose first S hold the batch's real tokens). The trunk then runs over them
       instead of the batch: a transcript position reads only transcript keys, so its
-      statistics are unchanged, and the questions cost only the positions they add.
+      statistics are unchanged, and the questions cost only the positions they add. Their
+      first S columns carry the batch's packing.
+    packing: the batch's `PACKING_KEYS` ([B, S] int32, `rollout.RolloutBatch`), when its rows
+      pack turns past a history window; None reads each row as one causal sequence.
 
   Returns:
     `STAT_KEYS` -> [B, S] float32 (plus `TOPK_KEYS` -> [B, S, K] when top_k > 0). Entry s
@@ -122,8 +133,13 @@ def score_tokens(
   batch, seq = tokens_BxS.shape
   tokens_BxS = tokens_BxS.astype(jnp.int32)
   answer_logits_BxRxV = None
-  if questions is None:
+  if questions is None and packing is None:
     hidden_BxSxD = model.hidden_states(tokens_BxS, attention_mask=attention_mask_BxS)
+  elif questions is None:
+    if sorted(packing) != sorted(PACKING_KEYS):
+      raise ValueError(f"score_tokens: packing has keys {sorted(packing)}; expected {sorted(PACKING_KEYS)}.")
+    hidden_BxSxD = model.hidden_states(tokens_BxS, packing["positions"], attention_mask_BxS,
+                                       allowed_BxSxS=packed_allowed(packing["segments"], packing["reach"]))
   else:
     if sorted(questions) != sorted(QUESTION_KEYS):
       raise ValueError(f"score_tokens: questions has keys {sorted(questions)}; expected {sorted(QUESTION_KEYS)}.")
@@ -171,7 +187,7 @@ def score_tokens(
 def make_scorer(
     graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0, vocab_limit: int = 0
 ) -> Callable[..., Scores]:
-  """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None) -> scores` for one teacher graph.
+  """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None, packing=None) -> scores` for one teacher graph.
 
   One compile per distinct [B, S]: the rollout's bucketed batch shapes are the student's, so
   the teacher compiles as often as the student's forward does. Sharding follows the inputs:
@@ -185,9 +201,10 @@ def make_scorer(
 def score_batch(
     teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
     top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None, vocab_limit: int = 0,
+    packing: Mapping[str, Array] | None = None,
 ) -> Scores:
   """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
   graphdef, state = nnx.split(teacher)
   return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature,
                      vocab_limit=vocab_limit)(
-      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS), questions=questions)
+      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS), questions=questions, packing=packing)

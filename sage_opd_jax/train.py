@@ -276,7 +276,8 @@ class DistillSource:
       scores = teacher_lib.score_batch(
           self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
           temperature=self.config.teacher.temperature, vocab_limit=self.vocab_limit,
-          questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding))
+          questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding),
+          packing=jax.device_put({k: arrays[k] for k in teacher_lib.PACKING_KEYS}, self.batch_sharding))
       arrays.update(multihost.to_host(scores))
     answers = {"answer_logits": arrays.pop("answer_logits")} if "answer_logits" in arrays else {}
     if not judge:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from sage_opd_jax import losses
+from sage_opd_jax import teacher as teacher_lib
 from sage_opd_jax.models import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -175,13 +176,28 @@ def jit_update(
   )
 
 
+def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+  """[B, S, V] float32 logits of the batch's rows, each token read in the context it was sampled under.
+
+  A rollout batch packs turns past the history window in their own segments
+  (`rollout.RolloutBatch`: `positions`, `segments`, `reach`), so the loss's log pi_theta of a
+  sampled token is that of the windowed policy that acted; a batch without them (SFT) is one
+  causal sequence per row.
+  """
+  if "segments" not in batch:
+    return model(batch["tokens"], attention_mask=batch["attention_mask"])
+  allowed_BxSxS = teacher_lib.packed_allowed(batch["segments"], batch["reach"])
+  return model.lm_logits(model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"],
+                                             allowed_BxSxS=allowed_BxSxS))
+
+
 def make_loss_fns(options: losses.LossOptions | Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
   """The (loss_fn, totals_fn) pair of `make_update_fn` for `train.loss_options(...)` (or its fields)."""
   if not isinstance(options, losses.LossOptions):
     options = losses.LossOptions.for_method(**options)
 
   def loss_fn(model, micro, totals):
-    logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
+    logits_BxSxV = student_logits(model, micro)
     return losses.sage_opd_loss(logits_BxSxV, micro, options, **totals)
 
   def totals_fn(batch):
@@ -207,8 +223,8 @@ def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState,
 
 
 # Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
-_TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
-               "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
+_TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "positions", "segments", "reach",
+               "teacher_logprobs", "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
 _TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
 
 

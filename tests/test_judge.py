@@ -513,6 +513,48 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
       assert np.abs(scores["answer_logits"][b, r] - logits_V).max() > 10 * ANSWER_ATOL
 
 
+def test_transcript_judge_reads_what_the_student_saw_past_the_history_window(tokenizer):
+  # History window k = 1: turn 3 acted on P + turn 2 only, and is packed in its own segment.
+  episodes = []
+  for episode in _episodes(tokenizer):
+    first, second, third = episode.turns
+    window = second.response_tokens + second.next_tokens
+    episodes.append(dataclasses.replace(episode, turns=[
+        first, second, dataclasses.replace(third, truncated=True, window_tokens=window)]))
+  batch = rollout.assemble_batch(episodes, max_turns=NUM_TURNS, pad_id=tokenizer.pad_token_id)
+  assert batch.segments.max() == 3
+  model = models.Transformer(_tiny_config(tokenizer), rngs=nnx.Rngs(5))
+  packing = {k: batch.arrays()[k] for k in teacher.PACKING_KEYS}
+  questions = judge.prepare_transcript_judge(
+      batch.episodes, NUM_TURNS, judge.JudgeConfig(mode="transcript", show_admissible=False), tokenizer,
+      batch.tokens, batch.attention_mask, batch.turn_ids, packing)
+  scores = jax.device_get(teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8,
+                                              questions=questions.arrays()))
+  plain = jax.device_get(teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8, packing=packing))
+  np.testing.assert_allclose(scores["teacher_logprobs"], plain["teacher_logprobs"], atol=ANSWER_ATOL)
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  close = _encode(tokenizer, layout.user_close)
+  assert [(b, t) for b, t, _ in questions.turns] == [tuple(i) for i in np.argwhere(VALID)]
+  for b, t, r in questions.turns:
+    turns = batch.episodes[b].turns
+    seen = batch.episodes[b].prompt_tokens + (turns[t].window_tokens if turns[t].truncated else sum(
+        (u.response_tokens + u.next_tokens for u in turns[:t]), [])) + turns[t].response_tokens
+    # Only a next turn in the same (shared) segment shows turn t's feedback from the transcript.
+    if t + 1 < len(turns) and not turns[t + 1].truncated:
+      seen += turns[t].next_tokens[: -len(close)]
+    # The question's tokens: after the packed row, in the answer's segment, up to the answer.
+    columns = np.arange(questions.tokens.shape[1])
+    answer_at = questions.answer_at[b, r]
+    q_ids = questions.tokens[b][(columns >= batch.attention_mask[b].sum()) & (columns <= answer_at)
+                                & (questions.segments[b] == questions.segments[b, answer_at])].tolist()
+    sequence = seen + q_ids
+    assert tokenizer.decode(q_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    if t + 1 == len(turns) or turns[t + 1].truncated:  # The question shows the feedback itself.
+      assert prompts.turn_user_content(turns[t].feedback, None) in tokenizer.decode(q_ids, skip_special_tokens=False)
+    logits_SxV = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0], np.float64)
+    np.testing.assert_allclose(scores["answer_logits"][b, r], logits_SxV[-1], atol=ANSWER_ATOL, err_msg=f"{b}, {t}")
+
+
 def test_transcript_mode_labels_valid_turns_from_the_answer_token(tokenizer, batch, weak_teacher):
   config = judge.JudgeConfig(mode="transcript")
   questions, scores = _transcript_judge(weak_teacher, tokenizer, batch)

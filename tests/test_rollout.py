@@ -8,6 +8,7 @@ from the fixture games. Reference log-probs are recomputed here with a plain ful
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
-from sage_opd_jax import models, prompts, rollout, tokenization, train
+from sage_opd_jax import losses, models, prompts, rollout, teacher, tokenization, train, update
 from sage_opd_jax.envs import NOTHING_HAPPENS, base
 from sage_opd_jax.envs.alfworld import AlfworldEnv
 
@@ -182,10 +183,44 @@ def test_turn_ids_of_a_hand_written_two_turn_transcript(tok):
   assert not batch.attention_mask[1].any()
   dtypes = {k: v.dtype for k, v in batch.arrays().items()}
   assert dtypes == dict(tokens=np.int32, attention_mask=np.int32, turn_ids=np.int32,
-                        behaviour_logprobs=np.float32, response_lengths=np.int32, valid=bool,
+                        behaviour_logprobs=np.float32, positions=np.int32, segments=np.int32,
+                        reach=np.int32, response_lengths=np.int32, valid=bool,
                         repeated=bool, intervened=bool, truncated=bool, num_turns=np.int32,
                         won=bool, failed=bool)
   assert batch.valid.shape == batch.repeated.shape == (2, 4) and batch.won.shape == (2,)
+  # No turn past a history window: one causal sequence per row, as an unpacked batch reads.
+  width = batch.tokens.shape[1]
+  np.testing.assert_array_equal(batch.positions, np.tile(np.arange(width), (2, 1)))
+  assert not batch.segments.any() and np.all(batch.reach == width)
+
+
+def test_a_turn_past_the_window_is_packed_in_its_own_segment(tok):
+  enc = lambda text: tok.encode(text, add_special_tokens=False)
+  p, y1, n1, y2, n2, y3 = (enc(t) for t in ("You see a cabinet 1.", "go to cabinet 1", "You arrive.",
+                                            "open cabinet 1", "You open it.", "look"))
+  turn = lambda y, n, truncated=False, window=(): rollout.Turn(
+      observation="o", admissible=[], response_tokens=y, response_logprobs=-np.arange(1, len(y) + 1, dtype=np.float32),
+      next_tokens=n, truncated=truncated, window_tokens=list(window))
+  # History window k = 1: turn 3 acted on P + y2 + n2, not on turn 1.
+  episode = rollout.Episode(task=base.Task("alfworld", "train", "x", "y"), prompt_tokens=p,
+                            turns=[turn(y1, n1), turn(y2, n2), turn(y3, [], True, y2 + n2)])
+  batch = rollout.assemble_batch([episode], max_turns=3, pad_id=tok.pad_token_id)
+  shared, own = p + y1 + n1 + y2, y2 + n2 + y3
+  length = len(shared) + len(own)
+  assert rollout.row_length(episode) == length
+  np.testing.assert_array_equal(batch.tokens[0, :length], shared + own)
+  np.testing.assert_array_equal(batch.segments[0, :length], [0] * len(shared) + [3] * len(own))
+  # Turn 3's segment sits where its context would: right after P.
+  np.testing.assert_array_equal(batch.positions[0, :length],
+                                list(range(len(shared))) + list(range(len(p), len(p) + len(own))))
+  np.testing.assert_array_equal(batch.reach[0, len(shared):length], len(p))
+  assert np.all(batch.reach[0, :len(shared)] == batch.tokens.shape[1])
+  np.testing.assert_array_equal(batch.turn_ids[0, :length], [0] * len(p) + [1] * len(y1) + [0] * len(n1)
+                                + [2] * len(y2) + [0] * len(y2 + n2) + [3] * len(y3))
+  np.testing.assert_array_equal(batch.behaviour_logprobs[0][batch.turn_ids[0] == 3],
+                                episode.turns[2].response_logprobs)
+  with pytest.raises(ValueError, match=r"turns\[2\] is truncated but has no window_tokens"):
+    rollout.assemble_batch([dataclasses.replace(episode, turns=[*episode.turns[:2], turn(y3, [], True)])], 3, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +327,51 @@ def test_history_window_logprobs_use_the_windowed_context(engine, model, tasks):
                                third.response_logprobs)
     # The transcript itself keeps turn 1.
     assert batch.response_lengths[b, 0] == len(first.response_tokens) > 0
+
+
+# The trainer's float32 log-probs of a sampled token against the sampler's (cached decode, temperature 1).
+TRAIN_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def plain_model(tok):
+  """A tiny model at its init scale (logits ~1), where the sampler and one forward agree to float32 rounding."""
+  config = models.ModelConfig.from_dict(dict(
+      arch="qwen3", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+      num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=False))
+  return models.Transformer(config, rngs=nnx.Rngs(1))
+
+
+def test_trainer_logprobs_equal_the_behaviour_logprobs_at_every_turn_past_the_window(engine, plain_model, tasks):
+  # The paper config's window (k = 3) on episodes of 6 turns: turns 5 and 6 acted without turn 1 (and 2).
+  batch = engine.run(plain_model, tasks[:2], jax.random.key(4), config=_config(max_turns=6, history_turns=3))
+  np.testing.assert_array_equal(batch.truncated, [[False] * 4 + [True] * 2] * 2)
+  arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+  # The log-probs the update's loss reads (`update.make_loss_fns`), of the whole packed batch.
+  trained = np.asarray(losses.token_logprobs(update.student_logits(plain_model, arrays), arrays["tokens"]))
+  # The teacher scores the same packed rows (here with the student's weights: the same numbers).
+  scores = teacher.score_batch(plain_model, arrays["tokens"], arrays["attention_mask"], chunk_size=64, top_k=2,
+                               packing={k: arrays[k] for k in teacher.PACKING_KEYS})
+  for b, episode in enumerate(batch.episodes):
+    for t, turn in enumerate(episode.turns, start=1):
+      at = batch.turn_ids[b] == t
+      assert at.sum() == len(turn.response_tokens) > 0
+      np.testing.assert_allclose(trained[b][at], turn.response_logprobs, atol=TRAIN_ATOL, rtol=0, err_msg=f"turn {t}")
+      np.testing.assert_allclose(scores["teacher_logprobs"][b][at], turn.response_logprobs, atol=TRAIN_ATOL,
+                                 rtol=0, err_msg=f"turn {t}")
+      # The teacher's top-1 and entropy are those of the context the student saw (float64 reference).
+      context = episode.prompt_tokens + (turn.window_tokens if turn.truncated else sum(
+          (u.response_tokens + u.next_tokens for u in episode.turns[: t - 1]), []))
+      logits_SxV = _full_logits(plain_model, context + turn.response_tokens)[len(context) - 1: -1]
+      logq_SxV = jax.nn.log_softmax(np.asarray(logits_SxV, np.float64), axis=-1)
+      np.testing.assert_allclose(scores["teacher_top1"][b][at], np.exp(logq_SxV.max(-1)), atol=TRAIN_ATOL)
+      np.testing.assert_allclose(scores["teacher_entropy"][b][at], -(np.exp(logq_SxV) * logq_SxV).sum(-1),
+                                 atol=1e-4)
+    # Past the window, the whole transcript's log-probs (today's unpacked forward) are a wrong answer.
+    transcript = episode.prompt_tokens + sum((u.response_tokens + u.next_tokens for u in episode.turns[:-1]), [])
+    transcript += episode.turns[-1].response_tokens
+    unwindowed = _reference_logprobs(plain_model, transcript)[-len(episode.turns[-1].response_tokens):]
+    assert np.abs(unwindowed - episode.turns[-1].response_logprobs).max() > 10 * TRAIN_ATOL
 
 
 def test_history_zero_and_no_admissible_list_show_only_the_current_observation(engine, model, tok, tasks):
