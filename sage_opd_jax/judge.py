@@ -386,7 +386,7 @@ class PackedQuestions:
   (`transcript_questions`). Each question sits at the positions that follow the transcript
   tokens it reads, as if it were the transcript's only continuation: `positions` restart for
   every question, and a question's tokens read only the transcript before their `reach` and
-  the earlier tokens of their own question (`teacher.packed_allowed`). The teacher's scoring
+  the earlier tokens of their own question (`models.packed_allowed`). The teacher's scoring
   forward then answers every question of the batch as it scores the transcripts
   (`teacher.score_tokens(questions=)`): the transcripts are read once, not once per turn,
   and the questions fill the rows' padding first.

@@ -25,18 +25,32 @@ Host loop (the imperative shell around `sampling.EpisodeCache`, the jitted sampl
   lockstep round sends one batched call per worker. A crashed or hung worker fails only the
   episodes it hosts; an env exception only its own episode (`Episode.error`).
 
-**What the student saw vs. the transcript.** The chat layout is `prompts`' multi-turn one:
+**What the student saw is what is trained.** The chat layout is `prompts`' multi-turn one:
 P = `episode_start_text(task, o_1)`, then per turn t the sampled response y_t and
 n_t = `next_turn_text(o_{t+1})`. Everything is concatenated at the token level (generated ids
 are never re-tokenised). With history window k, turn t's context is
-`P + (y_i + n_i for the last k turns before t)`; P (task and o_1) always stays. `tokens` of
-the batch is the WHOLE transcript `P + y_1 + n_1 + ... + y_T`, which the teacher and the loss
-score; `behaviour_logprobs` are the sampler's, under the context actually used. When
-t - 1 <= k (or k is None) the context is exactly the transcript's prefix, so the behaviour
-log-probs are those of the transcript; for later turns (`truncated[b, t]`) they are
-log-probs under the shorter windowed context, and a loss that needs log pi_old of the
-transcript itself (a PPO ratio against the full history) must recompute it. With one update
-per batch (E4's r = 1) only the sampled tokens matter and the mismatch is harmless.
+`P + (y_i + n_i for the last k turns before t)`; P (task and o_1) always stays. While
+t - 1 <= k (or k is None) that is the transcript's prefix, and the batch row continues the
+transcript `P + y_1 + n_1 + ... + y_t`; a later turn (`truncated[b, t]`) gets its own segment
+of the row, its windowed context after P then y_t, at positions that restart after P and
+attending to P and itself only (`assemble_batch`; `models.packed_allowed`). The loss
+(`update.student_logits`), the teacher's scores and the transcript judge all read that row, so
+every response token is trained, scored and judged in the context it was sampled under, and
+its log pi_theta at the sampler's weights equals `behaviour_logprobs`.
+
+*The cost, measured.* On 18 valid_unseen games played by the expert (3 per task type, 289
+turns) with Qwen3's tokenizer, P is 393 tokens (max 425) and n_t, an observation with its
+admissible actions, 204 (90th percentile 253, max 467). A turn then adds y + n to the row on
+the full history but k(y + n) + y as its own segment: at k = 3, a 50-turn episode is 36.0k
+tokens on the full history against 125.4k packed with responses at the 512-token cap, and
+16.8k against 53.2k at 128-token responses (3.2-3.5x). Within `max_context_tokens` = 4,096
+(which reserves `max_new_tokens` = 512 for the next response) an episode gets 5 turns on the
+full history and 4 packed at the cap, 10 and 5 at 128 tokens. Packing also re-encodes each
+turn's whole window (the window moves, so the KV cache keeps only P), where the full history
+prefills only n_t. So the paper config acts on the full history (every context a transcript
+prefix: nothing is packed) with a budget that holds its 50 turns; a window trades those
+tokens for a shorter acting context, and stays exact. `context_cut_rate` (rollout and eval
+metrics) reports the share of episodes the budget ended.
 
 **The `opd_two_rollout` hook** (docs/method.md's table): `intervene(states)` is called once per
 group per turn, after the student generated and before the env steps, with one `TurnState` per
@@ -207,7 +221,7 @@ class RolloutBatch:
   positions; a segment's restart after P), `segments` int32 (0 on the shared prefix and
   padding, t on turn t's own segment) and `reach` int32 (the row-start tokens a token may read
   outside its own segment: S on segment 0, len(P) on a turn's segment), which
-  `teacher.packed_allowed` turns into the attention mask. Per turn `[B, T]`, column t-1 is
+  `models.packed_allowed` turns into the attention mask. Per turn `[B, T]`, column t-1 is
   turn t, T = the turn limit: `response_lengths` int32, `valid`, `repeated`, `intervened`,
   `truncated` bool. Per episode `[B]`: `num_turns` int32, `won` bool, `failed` bool (an env
   error; the reason is in `episodes[b].error`).

@@ -11,7 +11,7 @@ All are token-aligned like the rest of the batch (entry s describes the distribu
 predicts token s; entry 0 and padding are 0), so they merge straight into the loss batch.
 A packed batch (`rollout.RolloutBatch`'s `positions`, `segments`, `reach`) is scored as the
 student acted: each turn past the history window in its own segment, reading P and its
-windowed context only (`packed_allowed`), so the teacher scores what the student saw.
+windowed context only (`models.packed_allowed`), so the teacher scores what the student saw.
 
 The LM head is the memory hazard at scale ([B, S, V] float32 for a 150k vocabulary is tens of
 GiB), so the trunk runs once to `hidden_states` and the head + log-softmax statistics run
@@ -21,7 +21,7 @@ codebase's one shift; chunks therefore overlap by one position (the logits that 
 chunk's first token sit at the previous chunk's last position).
 
 With the transcript judge (`judge.mode='transcript'`) the same pass also answers the judge's
-questions, packed after each transcript (`score_tokens(questions=)`, `packed_allowed`).
+questions, packed after each transcript (`score_tokens(questions=)`, `models.packed_allowed`).
 
 The teacher's params are a separate pytree (`nnx.split(teacher)`), possibly sharded unlike the
 student's; they are read under `stop_gradient` and never trained.
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sage_opd_jax import losses
+from sage_opd_jax import models
 
 Array = jax.Array
 Scores = dict[str, Array]
@@ -47,19 +48,6 @@ TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 QUESTION_KEYS = ("tokens", "positions", "segments", "reach", "mask", "answer_at")
 # A rollout batch's packing (`rollout.RolloutBatch`): each turn read in its sampling context.
 PACKING_KEYS = ("positions", "segments", "reach")
-
-
-def packed_allowed(segments_BxW: Array, reach_BxW: Array) -> Array:
-  """[B, W, W] bool: query i may read key j if j is in segment 0 before i's reach, or in i's segment.
-
-  Segment 0 is the row's shared transcript; the others are a turn past the history window
-  (`rollout.RolloutBatch`) or a judge question (`judge.PackedQuestions`). The model adds
-  causality and padding.
-  """
-  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
-  key_seg_Bx1xW = segments_BxW[:, None, :]
-  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
-                   key_seg_Bx1xW == segments_BxW[:, :, None])
 
 
 def _chunk_stats(model: nnx.Module, hidden_BxWxD: Array, tokens_BxW: Array, top_k: int,
@@ -139,7 +127,7 @@ def score_tokens(
     if sorted(packing) != sorted(PACKING_KEYS):
       raise ValueError(f"score_tokens: packing has keys {sorted(packing)}; expected {sorted(PACKING_KEYS)}.")
     hidden_BxSxD = model.hidden_states(tokens_BxS, packing["positions"], attention_mask_BxS,
-                                       allowed_BxSxS=packed_allowed(packing["segments"], packing["reach"]))
+                                       allowed_BxSxS=models.packed_allowed(packing["segments"], packing["reach"]))
   else:
     if sorted(questions) != sorted(QUESTION_KEYS):
       raise ValueError(f"score_tokens: questions has keys {sorted(questions)}; expected {sorted(QUESTION_KEYS)}.")
@@ -149,7 +137,7 @@ def score_tokens(
                        f"batch's {batch} rows and at least its {seq} positions.")
     hidden_BxWxD = model.hidden_states(
         questions["tokens"], questions["positions"], questions["mask"],
-        allowed_BxSxS=packed_allowed(questions["segments"], questions["reach"]))
+        allowed_BxSxS=models.packed_allowed(questions["segments"], questions["reach"]))
     answer_logits_BxRxV = model.lm_logits(
         jnp.take_along_axis(hidden_BxWxD, questions["answer_at"][..., None], axis=1)).astype(jnp.float32)
     hidden_BxSxD = hidden_BxWxD[:, :seq]

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from sage_opd_jax import losses
-from sage_opd_jax import teacher as teacher_lib
+from sage_opd_jax import models
 from sage_opd_jax.models import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -186,7 +186,7 @@ def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:
   """
   if "segments" not in batch:
     return model(batch["tokens"], attention_mask=batch["attention_mask"])
-  allowed_BxSxS = teacher_lib.packed_allowed(batch["segments"], batch["reach"])
+  allowed_BxSxS = models.packed_allowed(batch["segments"], batch["reach"])
   return model.lm_logits(model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"],
                                              allowed_BxSxS=allowed_BxSxS))
 

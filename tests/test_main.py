@@ -292,6 +292,8 @@ def test_two_rollout_replacements_are_decoded_as_the_student_decodes(tokenizer_d
   row = next(r for r in writers.read_metrics(tmp_path) if "rollout/intervened_frac" in r)
   assert row["rollout/intervened_frac"] > 0.5, row
   assert row["rollout_intervened/invalid_rate"] == 0.0 and row["rollout/invalid_rate"] == 0.0, row
+  # Every run logs the share of its episodes the context budget ended, for each rollout.
+  assert 0.0 <= row["rollout/context_cut_rate"] <= 1.0 and 0.0 <= row["rollout_intervened/context_cut_rate"] <= 1.0
 
 
 @pytest.mark.parametrize("mode", ["transcript", "likelihood", "oracle"])

@@ -6,11 +6,11 @@ from sage_opd_jax.models.hf import load_hf_checkpoint, load_tokenizer, save_hf_c
 from sage_opd_jax.models.sharding import (LOGICAL_RULES, batch_sharding, cache_sharding,
                                           create_model, make_mesh, replicated, shard_model,
                                           state_shardings)
-from sage_opd_jax.models.transformer import Transformer
+from sage_opd_jax.models.transformer import Transformer, packed_allowed
 
 __all__ = [
     "KVCache", "LOGICAL_RULES", "ModelConfig", "Transformer", "batch_sharding", "cache_sharding",
     "create_model",
-    "init_cache", "load_hf_checkpoint", "load_tokenizer", "make_mesh", "replicated",
+    "init_cache", "load_hf_checkpoint", "load_tokenizer", "make_mesh", "packed_allowed", "replicated",
     "save_hf_checkpoint", "shard_model", "state_shardings",
 ]

@@ -332,6 +332,19 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   return x_BxSxD + mlp_BxSxD, aux
 
 
+def packed_allowed(segments_BxW: jax.Array, reach_BxW: jax.Array) -> jax.Array:
+  """[B, W, W] bool: query i may read key j if j is in segment 0 before i's reach, or in i's segment.
+
+  Segment 0 is the row's shared transcript; the others are a turn past the history window
+  (`rollout.RolloutBatch`) or a judge question (`judge.PackedQuestions`). The model adds
+  causality and padding.
+  """
+  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
+  key_seg_Bx1xW = segments_BxW[:, None, :]
+  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
+                   key_seg_Bx1xW == segments_BxW[:, :, None])
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM. `model(ids)` -> float32 logits; with `cache=` also the new cache."""
 
