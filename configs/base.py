@@ -137,7 +137,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.judge.mode = "prompt"  # prompt | transcript (section 5 after the transcript) | likelihood | oracle.
   config.judge.history_turns = 2  # Past turns shown in the judge prompt.
   config.judge.show_admissible = True  # List turn t's admissible actions in the judge prompt.
-  config.judge.max_new_tokens = 4  # The judge answers with one word.
+  config.judge.max_new_tokens = 4  # The judge answers with one word (with enable_thinking: its thought, then the word).
+  # Let the teacher think before its label (Qwen3's thinking mode; judge.mode=prompt only, with a
+  # max_new_tokens budget of >= 64 for the thought). Off, the judge's question ends with the chat
+  # template's empty think block, so the label is the reply's first token.
+  config.judge.enable_thinking = False
   config.judge.likelihood_thresholds = (-0.5, -2.0)  # Mean log-prob above first: Skip; above second: Weak.
 
   config.optim = ml_collections.ConfigDict()

@@ -18,6 +18,13 @@ from sage_opd_jax.envs import base as envs_base
 
 STAGES = ("pipeline", "collect_demos", "sft", "distill", "evaluate", "export")
 JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle")
+# The judge modes that sample the teacher's reply, so that it may think before its label
+# (config.judge.enable_thinking); the others read one next token or no answer at all.
+JUDGE_THINKING_MODES = ("prompt",)
+# The least judge.max_new_tokens with judge.enable_thinking: the think block's tags, a thought
+# and the label. Qwen3 thinks hundreds of tokens about a judge question; a reply cut inside its
+# thought has no label (prompts.UNCLOSED_THINK), so budgets near this floor lose most labels.
+JUDGE_THINKING_MIN_TOKENS = 64
 SCHEDULES = ("constant", "cosine")
 # What fills an expert demo's <think></think> (sft_data): nothing, ALFWorld's subgoal, or the
 # subgoal with the task object's take named ("take apple"; envs.alfworld.subgoal_thoughts).
@@ -199,6 +206,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"config.judge.likelihood_thresholds={(high, low)!r}: the Skip threshold must exceed the Weak threshold."
     )
   _positive(config, "judge.max_new_tokens")
+  thinking = _get(config, "judge.enable_thinking")  # A bool: the ConfigDict refuses other types.
+  if thinking and _get(config, "judge.mode") not in JUDGE_THINKING_MODES:
+    raise ConfigError(f"config.judge.enable_thinking=True with judge.mode={_get(config, 'judge.mode')!r}: only "
+                      f"{JUDGE_THINKING_MODES} sample a reply that can think; the others read its first token.")
+  if thinking and _get(config, "judge.max_new_tokens") < JUDGE_THINKING_MIN_TOKENS:
+    raise ConfigError(f"config.judge.max_new_tokens={_get(config, 'judge.max_new_tokens')} with "
+                      f"judge.enable_thinking=True: a thought and its label need >= {JUDGE_THINKING_MIN_TOKENS}.")
   # The pipeline's teacher SFT trains on judge examples too.
   trains_judge = _get(config, "sft.judge_examples") or "pipeline" in config
   if _get(config, "judge.mode") == "transcript" and trains_judge and _get(config, "env.show_admissible"):

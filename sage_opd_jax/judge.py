@@ -6,20 +6,22 @@ After the environment has answered every turn of a rollout batch, each turn is l
   costs no teacher call);
 * every other turn is labelled by `config.judge.mode`:
   - `prompt` (default, the paper's): the teacher reads the judge prompt of `prompts.py`, with the
-    env's feedback in it, and answers greedily in a few tokens; all turns of all episodes go
-    through the sampler together. `prompts.parse_judge_label` reads the answer tolerantly, and
-    anything unclear is Strong.
-  - `transcript`: section 5's question asked as a continuation of the scored transcript, in
-    the user message that shows the judged turn's feedback (`prompts.transcript_judge_text`):
-    the transcript stands in for the prompt's task, history, response and feedback lines. All
-    of an episode's questions are packed after its transcript in one row (`pack_questions`)
-    and ride in the teacher's scoring forward (`teacher.score_tokens(questions=)`), mostly in
-    its rows' padding, so the transcript is read once rather than once per turn. The greedy
-    answer token gives the label. The teacher must be trained on this layout
+    env's feedback in it, and answers greedily; all turns of all episodes go through the sampler
+    together. `prompts.parse_judge_reply` reads the answer tolerantly; a reply without a clear
+    label (or still thinking) gets `prompts.UNANSWERED_LABEL`, Strong, and is counted
+    (`judge/unanswered_frac`).
+  - `transcript`: section 5's question asked as a continuation of the scored transcript, right
+    after the judged response, in a user message that shows the turn's feedback
+    (`prompts.transcript_judge_text`): the transcript stands in for the prompt's task, history
+    and response lines. All of an episode's questions are packed after its transcript in one
+    row (`pack_questions`) and ride in the teacher's scoring forward
+    (`teacher.score_tokens(questions=)`), mostly in its rows' padding, so the transcript is read
+    once rather than once per turn. The greedy answer token gives the label, so this judge
+    cannot think (`enable_thinking` must be off). The teacher must be trained on this layout
     (`sft_data.judge_prompt_segments`) or able to answer it. Under a history window the teacher
     judges what the student saw: a turn past the window is asked in its own segment of the
-    packed row (`rollout.RolloutBatch`), after P, its windowed context and its response, with the
-    feedback in the question, never after history the student had already dropped.
+    packed row (`rollout.RolloutBatch`), after P, its windowed context and its response, never
+    after history the student had already dropped.
   - `likelihood`: the teacher's mean log-prob of the student's action tokens (from the scoring
     forward of `teacher.py`) against two thresholds: above the first Skip, above the second
     Weak, else Strong. Cheap, and usable with tiny teachers.
@@ -31,11 +33,20 @@ Labels come back as `labels [B, T] int32` in the loss's layout: column k - 1 is 
 whose tokens carry `turn_ids == k`. Columns past an episode's last turn are Strong padding; those
 turns have no tokens, so they never weigh anything.
 
+**Thinking** (`config.judge.enable_thinking`, a teacher with Qwen3's chat template). Off (the
+default), every question ends with the template's reply opening for a turn without thought,
+Qwen3's empty think block `<think>\n\n</think>\n\n`, so the label is the reply's first token
+and `max_new_tokens` can stay a few tokens. On (`prompt` mode only), the teacher thinks first
+and the label is read after its `</think>`: `max_new_tokens` must then hold a thought
+(>= `config.JUDGE_THINKING_MIN_TOKENS`), and a reply whose think block never closes within it
+has no label (`prompts.UNCLOSED_THINK`, counted in `judge/unclosed_think_frac`).
+
 Host side (numpy and Python objects): the judge runs between the rollout and the update.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -46,8 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sage_opd_jax import config as config_lib
 from sage_opd_jax import losses
 from sage_opd_jax import prompts
+from sage_opd_jax import rollout
 from sage_opd_jax import sampling
 from sage_opd_jax import sft_data
 
@@ -81,7 +94,10 @@ class JudgeConfig:
     history_turns: past (observation, action) pairs shown in the judge prompt.
     show_admissible: list turn t's admissible actions in the prompt (as docs/method.md's does); without
       the list a real ALFWorld question is ~27% shorter, and the judge's cost is its prefill.
-    max_new_tokens: tokens the teacher may answer with (`prompt` mode).
+    max_new_tokens: tokens the teacher may answer with (`prompt` mode), its thought included
+      when `enable_thinking`.
+    enable_thinking: let the teacher think before its label (Qwen3's thinking mode; `prompt`
+      mode only). Off, every question ends with the template's empty think block.
     likelihood_thresholds: (skip_above, weak_above) mean action log-probs (`likelihood` mode).
     batch_size: the most judge prompts per sampler call, a cap on the judge's KV-cache memory
       at scale; None leaves the calls uncapped.
@@ -95,6 +111,7 @@ class JudgeConfig:
   history_turns: int = 2
   show_admissible: bool = True
   max_new_tokens: int = 4
+  enable_thinking: bool = False
   likelihood_thresholds: tuple[float, float] = (-0.5, -2.0)
   batch_size: int | None = None
   length_bucketing: bool = True
@@ -106,6 +123,13 @@ class JudgeConfig:
       raise ValueError(f"JudgeConfig.history_turns={self.history_turns}: must be >= 0.")
     if self.max_new_tokens < 1:
       raise ValueError(f"JudgeConfig.max_new_tokens={self.max_new_tokens}: must be >= 1.")
+    if self.enable_thinking:
+      if self.mode not in config_lib.JUDGE_THINKING_MODES:
+        raise ValueError(f"JudgeConfig.enable_thinking=True: mode={self.mode!r} does not sample an answer, so it "
+                         f"cannot think; the modes that do: {config_lib.JUDGE_THINKING_MODES}.")
+      if self.max_new_tokens < config_lib.JUDGE_THINKING_MIN_TOKENS:
+        raise ValueError(f"JudgeConfig.max_new_tokens={self.max_new_tokens} with enable_thinking=True: a thought and "
+                         f"its label need >= {config_lib.JUDGE_THINKING_MIN_TOKENS} tokens.")
     if self.batch_size is not None and self.batch_size < 1:
       raise ValueError(f"JudgeConfig.batch_size={self.batch_size}: must be >= 1.")
     skip_above, weak_above = self.likelihood_thresholds
@@ -123,6 +147,7 @@ class JudgeConfig:
         history_turns=int(judge["history_turns"]),
         show_admissible=bool(judge["show_admissible"]),
         max_new_tokens=int(judge["max_new_tokens"]),
+        enable_thinking=bool(judge["enable_thinking"]),
         likelihood_thresholds=tuple(judge["likelihood_thresholds"]),
         batch_size=batch_size,
     )
@@ -138,12 +163,15 @@ class JudgeResult:
       are invalid turns (Strong by rule) or padding.
     answers: per episode, per turn, the teacher's raw answer in `prompt` mode, else None.
     num_prompts: judge prompts sent to the teacher.
+    statuses: per episode, per turn, how its answer was read (`prompts.JudgeReply.status`:
+      "answered", or why the label is the fallback) in the modes that ask the teacher, else None.
   """
 
   labels: np.ndarray
   asked: np.ndarray
   answers: list[list[str | None]]
   num_prompts: int = 0
+  statuses: list[list[str | None]] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +240,7 @@ def oracle_labels(episodes: Sequence[JudgedEpisode], num_turns: int) -> tuple[np
 
 def judge_prompt_texts(
     episodes: Sequence[JudgedEpisode], tokenizer: Any, history_turns: int, asked: np.ndarray,
-    show_admissible: bool = True,
+    show_admissible: bool = True, enable_thinking: bool = False,
 ) -> list[tuple[int, int, str]]:
   """(b, t, rendered judge prompt) for every asked turn, in row-major order (docs/method.md's prompt)."""
   out = []
@@ -222,17 +250,16 @@ def judge_prompt_texts(
       if asked[b, t]:
         text = prompts.render_judge_prompt(
             tokenizer, episode.task_text, history, turn.observation, turn.response, turn.feedback,
-            list(turn.admissible) if show_admissible else [], history_turns)
+            list(turn.admissible) if show_admissible else [], history_turns, enable_thinking)
         out.append((b, t, text))
       history.append((turn.observation, turn.action))
   return out
 
 
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
-  """Token ids that end the judge's answer: EOS and the chat template's end-of-turn token."""
-  ids = set()
-  if getattr(tokenizer, "eos_token_id", None) is not None:
-    ids.add(int(tokenizer.eos_token_id))
+  """Token ids that end the judge's answer: those that end an acting turn (`rollout.end_of_turn_ids`:
+  EOS, Qwen's `<|im_end|>` and `<|endoftext|>`) and the chat template's end-of-turn token."""
+  ids = set(rollout.end_of_turn_ids(tokenizer))
   end_of_turn = prompts.ChatLayout.from_tokenizer(tokenizer).after_assistant.split("\n", 1)[0]
   if end_of_turn:
     end_ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
@@ -313,10 +340,31 @@ def length_groups(
   return groups[::-1]
 
 
+def _check_thinking(tokenizer: Any, enable_thinking: bool) -> None:
+  """A thinking judge's label is read after `</think>`, which must be a token of its own."""
+  if enable_thinking:
+    try:
+      prompts.check_thinking(tokenizer, True)
+    except ValueError as e:
+      raise ValueError(f"judge.{e}") from e
+
+
+def decode_reply(tokenizer: Any, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+  """The text of a sampled reply up to its first stop token, special tokens kept.
+
+  Keeping special tokens keeps the think tags, whichever way a tokenizer flags them (Qwen3's
+  `<think>` is not special, the word-level tokenizer's tags are plain added tokens): the label
+  parser reads them (`prompts.parse_judge_reply`) rather than a text that may have lost them.
+  """
+  ids = list(ids)
+  ends = [j for j, i in enumerate(ids) if i in stop_ids]
+  return tokenizer.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=False)
+
+
 def ask_teacher(
     teacher: nnx.Module,
     tokenizer: Any,
-    prompt_texts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
     rng: jax.Array,
     *,
     max_new_tokens: int,
@@ -324,24 +372,25 @@ def ask_teacher(
     length_bucketing: bool = True,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
-  """The teacher's greedy answers to `prompt_texts` (decoded, special tokens dropped).
+  """The teacher's greedy replies to the prompts `prompt_ids` (`decode_reply`).
 
-  With `length_bucketing` the prompts go to the sampler in calls of similar length
-  (`length_groups`); without it, in input order, `batch_size` at a time (all at once when
-  None). A row's greedy answer does not depend on the other rows of its call (up to the
-  float rounding of differently shaped matmuls), so both give the same answers; bucketing
-  only pads less. `sampler_kwargs` go to `sampling.sample`'s
+  The prompts come as token ids so that each caller encodes them exactly as the teacher was
+  trained on them (`sft_data.judge_prompt_ids`). With `length_bucketing` they go to the sampler
+  in calls of similar length (`length_groups`); without it, in input order, `batch_size` at a
+  time (all at once when None). A row's greedy answer does not depend on the other rows of
+  its call (up to the float rounding of differently shaped matmuls), so both give the same
+  answers; bucketing only pads less. `sampler_kwargs` go to `sampling.sample`'s
   cache (e.g. `batch_sharding` and `min_batch` for a teacher on a Mesh).
   """
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"ask_teacher: batch_size={batch_size}: must be >= 1 (or None for one call).")
-  if not prompt_texts:
+  if not prompt_ids:
     return []
+  stop_ids = _stop_ids(tokenizer)
   config = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=_stop_ids(tokenizer),
-      pad_id=_pad_id(tokenizer))
+      max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=stop_ids, pad_id=_pad_id(tokenizer))
   sampler_kwargs = dict(sampler_kwargs or {})
-  ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompt_texts]
+  ids = [list(x) for x in prompt_ids]
   if length_bucketing:
     groups = length_groups([len(x) for x in ids], max_rows=batch_size,
                            min_rows=sampler_kwargs.get("min_batch", 1),
@@ -356,7 +405,7 @@ def ask_teacher(
     out = sampling.sample(teacher, [ids[i] for i in group], jax.random.fold_in(rng, call), config,
                           **sampler_kwargs)
     for row, i in enumerate(group):
-      answers[i] = tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True)
+      answers[i] = decode_reply(tokenizer, out.tokens[row, : out.lengths[row]].tolist(), stop_ids)
   return answers
 
 
@@ -469,45 +518,34 @@ def pack_questions(tokens_BxS: np.ndarray, attention_mask_BxS: np.ndarray,
   return PackedQuestions(tokens, positions, segments, reach, mask, answer_at, turns)
 
 
-def transcript_questions(episodes: Sequence[JudgedEpisode], tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray,
-                         tokenizer: Any, asked: np.ndarray, show_admissible: bool = True,
-                         segments_BxS: np.ndarray | None = None) -> list[tuple[int, int, int, str]]:
+def transcript_questions(episodes: Sequence[JudgedEpisode], turn_ids_BxS: np.ndarray, tokenizer: Any,
+                         asked: np.ndarray, show_admissible: bool = True) -> list[tuple[int, int, int, str]]:
   """(b, t, reach, question text) for every asked turn, in row-major order.
 
-  Turn t's question (`prompts.transcript_judge_text`) reads the transcript up to the user
-  message that shows the turn's feedback, when the transcript has one that ends in the
-  template's closing text (`ChatLayout.user_close`), and adds only the question's lines there;
-  the last turn's feedback is not in the transcript, so its question follows the response
-  and shows the feedback itself. A response that kept its end-of-turn token (the sampler's
-  stop token, `Turn.response_end`) is not closed twice.
-
-  With a packed batch's `segments_BxS`, a turn whose next turn sits in its own segment (past
-  the history window) is asked as a last turn is, right after its response: the next turn's
-  segment holds another context (the window moved on), so its feedback is shown by the
-  question instead. The teacher then judges each turn on what the student saw when it acted
-  (`pack_questions` puts a question about a turn past the window in that turn's segment).
+  Turn t's question (`prompts.transcript_judge_text`) reads the transcript through the turn's
+  response tokens (`reach`) and goes on from there: the rest of the assistant message (a
+  response that kept its end-of-turn token, `Turn.response_end`, is not closed twice), the
+  user message with the turn's feedback and section 5's lines, and the reply's opening. The
+  feedback is encoded with the question, in one string, although the transcript holds it for
+  every turn but the last: that is how SFT and the held-out accuracy encode the question
+  (`sft_data.judge_prompt_segments`), and BPE merges the feedback's last characters with the
+  question's first newline (Qwen's `' 1.\n'` is one token fewer than `' 1.'` then `'\n'`). It
+  also keeps a question about a turn past a history window in that turn's segment of a packed
+  batch (`pack_questions`): it reads what the student saw when it acted, never the next
+  turn's context, where the window has moved on.
   """
   layout = prompts.ChatLayout.from_tokenizer(tokenizer)
-  close_ids = tokenizer.encode(layout.user_close, add_special_tokens=False)
-  tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
+  turn_ids_BxS = np.asarray(turn_ids_BxS)
   out = []
   for b, t in zip(*np.nonzero(asked)):
     turn = episodes[b].turns[t]
-    admissible = list(turn.admissible) if show_admissible else []
     ends = np.flatnonzero(turn_ids_BxS[b] == t + 1)
     if not len(ends):
       raise ValueError(f"transcript_questions: episode {b} has no response tokens for turn index {t} "
                        f"(turn id {t + 1}).")
-    end = int(ends[-1]) + 1
-    starts = np.flatnonzero(turn_ids_BxS[b] == t + 2)
-    if segments_BxS is not None and len(starts) and segments_BxS[b, starts[0]] != 0:
-      starts = starts[:0]
-    if len(starts) and tokens_BxS[b, starts[0] - len(close_ids):starts[0]].tolist() == close_ids:
-      reach = int(starts[0]) - len(close_ids)
-      text = prompts.transcript_judge_text(layout, turn.feedback, admissible, feedback_shown=True)
-    else:
-      reach, text = end, prompts.transcript_judge_text(layout, turn.feedback, admissible, turn.response_end)
-    out.append((int(b), int(t), reach, text))
+    admissible = list(turn.admissible) if show_admissible else []
+    text = prompts.transcript_judge_text(layout, turn.feedback, admissible, turn.response_end)
+    out.append((int(b), int(t), int(ends[-1]) + 1, text))
   return out
 
 
@@ -522,26 +560,27 @@ def prepare_transcript_judge(
   turns past a history window.
   """
   _check_turns(episodes, num_turns)
-  texts = transcript_questions(episodes, tokens_BxS, turn_ids_BxS, tokenizer, _valid_turns(episodes, num_turns),
-                               config.show_admissible, None if packing is None else packing["segments"])
+  texts = transcript_questions(episodes, turn_ids_BxS, tokenizer, _valid_turns(episodes, num_turns),
+                               config.show_admissible)
   encoded = [(b, t, reach, tokenizer.encode(text, add_special_tokens=False)) for b, t, reach, text in texts]
   return pack_questions(tokens_BxS, attention_mask_BxS, encoded, _pad_id(tokenizer), packing)
 
 
 def transcript_answers(questions: PackedQuestions, answer_logits_BxRxV: Any, tokenizer: Any
-                       ) -> list[tuple[int, int, int, str]]:
-  """(b, t, label, answer) per question, from its next-token logits (`teacher.score_tokens`).
+                       ) -> list[tuple[int, int, prompts.JudgeReply, str]]:
+  """(b, t, reply, answer) per question, from its next-token logits (`teacher.score_tokens`).
 
-  The label is the one whose first token is the greedy answer; any other answer is Strong, as
-  `prompts.parse_judge_label` reads an unclear prompted answer.
+  The label is the one whose first token is the greedy answer; any other answer has no label
+  (`prompts.NO_LABEL`), as an unclear prompted answer has none.
   """
   label_ids = list(label_token_ids(tokenizer))
   top_BxR = np.argmax(np.asarray(answer_logits_BxRxV), axis=-1)
   out = []
   for b, t, r in questions.turns:
     token = int(top_BxR[b, r])
-    label = label_ids.index(token) if token in label_ids else losses.Label.STRONG
-    out.append((b, t, label, tokenizer.decode([token], skip_special_tokens=True)))
+    reply = (prompts.JudgeReply(losses.Label(label_ids.index(token)), "answered") if token in label_ids
+             else prompts.JudgeReply(prompts.UNANSWERED_LABEL, prompts.NO_LABEL))
+    out.append((b, t, reply, tokenizer.decode([token], skip_special_tokens=False)))
   return out
 
 
@@ -554,8 +593,12 @@ def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenize
 
   A token counts when its decoded characters overlap the command between the last
   `<action>` tag and its closing tag (think text, tags and end-of-turn tokens do not count).
-  Character offsets come from decoding growing prefixes, which is exact for any tokenizer whose
-  decode of a prefix is a prefix of the decode (byte-level BPE, word-level).
+  Special tokens decode to nothing, so that the end-of-turn token after an unclosed action is
+  not read as part of it. Character offsets come from decoding prefixes, which is exact for any
+  tokenizer whose decode of a prefix is a prefix of the decode (byte-level BPE, word-level). The
+  prefix lengths then grow with the prefix, so the tokens that overlap the command are one
+  contiguous run, found by bisecting for its two ends: O(log n) decodes per turn, not one per
+  token.
   """
   tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
   mask = np.zeros(tokens_BxS.shape, bool)
@@ -565,14 +608,14 @@ def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenize
         continue
       positions = np.flatnonzero(turn_ids_BxS[b] == k)
       ids = tokens_BxS[b, positions].tolist()
-      text = tokenizer.decode(ids)
-      span = prompts.action_span(text)
+      span = prompts.action_span(tokenizer.decode(ids, skip_special_tokens=True))
       if span is None:
         continue
-      ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
-      starts = [0] + ends[:-1]
-      for j, pos in enumerate(positions):
-        mask[b, pos] = starts[j] < span[1] and ends[j] > span[0]
+      # ends(j): the characters of the first j + 1 tokens; token j spans [ends(j - 1), ends(j)).
+      ends = lambda j: len(tokenizer.decode(ids[: j + 1], skip_special_tokens=True))  # noqa: E731
+      first = bisect.bisect_right(range(len(ids)), span[0], key=ends)  # The first token ending past the start.
+      last = bisect.bisect_left(range(len(ids)), span[1], key=ends)  # The first token reaching the end.
+      mask[b, positions[first : last + 1]] = True
   return mask
 
 
@@ -639,8 +682,9 @@ class JudgeMode:
 
   def read(self, episodes: Sequence[JudgedEpisode], num_turns: int, asked: np.ndarray, batch: Mapping[str, Any],
            questions: PackedQuestions | None, rng: jax.Array | None
-           ) -> tuple[np.ndarray, list[list[str | None]] | None, int]:
-    """-> (labels [B, T], read where `asked`; the teacher's answers per turn or None; prompts sent)."""
+           ) -> tuple[np.ndarray, list[tuple[int, int, str, str]] | None, int]:
+    """-> (labels [B, T], read where `asked`; per answered turn (b, t, the teacher's answer, its
+    `prompts.JudgeReply.status`), or None; prompts sent)."""
     raise NotImplementedError
 
   def label(self, episodes: Sequence[JudgedEpisode], num_turns: int, batch: Mapping[str, Any] | None = None,
@@ -648,9 +692,18 @@ class JudgeMode:
     """Labels every turn of a rollout batch: `read` where asked, Strong elsewhere."""
     _check_turns(episodes, num_turns)
     asked = _valid_turns(episodes, num_turns)
-    labels, answers, num_prompts = self.read(episodes, num_turns, asked, batch or {}, questions, rng)
+    labels, replies, num_prompts = self.read(episodes, num_turns, asked, batch or {}, questions, rng)
+    answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
+    statuses: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
+    for b, t, answer, status in replies or ():
+      answers[b][t], statuses[b][t] = answer, status
+    fallbacks = [status for _, _, _, status in replies or () if status != "answered"]
+    if fallbacks:
+      _log.warning("judge: %d of %d replies had no label and are %s (%d still thinking at max_new_tokens=%d); "
+                   "see judge/unanswered_frac.", len(fallbacks), len(replies), prompts.UNANSWERED_LABEL.word,
+                   fallbacks.count(prompts.UNCLOSED_THINK), self.config.max_new_tokens)
     return JudgeResult(labels=np.where(asked, labels, losses.Label.STRONG).astype(np.int32), asked=asked,
-                       answers=answers or [[None] * len(e.turns) for e in episodes], num_prompts=num_prompts)
+                       answers=answers, num_prompts=num_prompts, statuses=statuses)
 
   def _need(self, name: str, value: Any, where: str = "") -> Any:
     if value is None:
@@ -679,13 +732,6 @@ def make_judge(config: JudgeConfig, *, teacher: nnx.Module | None = None, tokeni
   return judge_mode(config.mode)(config, teacher=teacher, tokenizer=tokenizer, sampler_kwargs=sampler_kwargs)
 
 
-def _answers_at(episodes: Sequence[JudgedEpisode], replies: Sequence[tuple[int, int, str]]) -> list[list[str | None]]:
-  answers: list[list[str | None]] = [[None] * len(e.turns) for e in episodes]
-  for b, t, reply in replies:
-    answers[b][t] = reply
-  return answers
-
-
 @_register_mode
 class PromptJudge(JudgeMode):
   """The paper's judge: the teacher answers the judge prompt of each asked turn greedily."""
@@ -693,19 +739,30 @@ class PromptJudge(JudgeMode):
   name = "prompt"
   reads_transcript = False
 
+  def __init__(self, config, **kwargs):
+    super().__init__(config, **kwargs)
+    if self.tokenizer is not None:
+      _check_thinking(self.tokenizer, config.enable_thinking)
+
   def read(self, episodes, num_turns, asked, batch, questions, rng):
     del batch, questions
     for what, value in (("teacher", self.teacher), ("tokenizer", self.tokenizer), ("rng", rng)):
       self._need(what, value)
     config = self.config
-    requests = judge_prompt_texts(episodes, self.tokenizer, config.history_turns, asked, config.show_admissible)
-    replies = ask_teacher(self.teacher, self.tokenizer, [text for _, _, text in requests], rng,
+    requests = judge_prompt_texts(episodes, self.tokenizer, config.history_turns, asked, config.show_admissible,
+                                  config.enable_thinking)
+    # Each prompt is one piece, encoded as the SFT data encodes it (`sft_data.judge_segments`).
+    ids = [self.tokenizer.encode(text, add_special_tokens=False) for _, _, text in requests]
+    replies = ask_teacher(self.teacher, self.tokenizer, ids, rng,
                           max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                           length_bucketing=config.length_bucketing, sampler_kwargs=self.sampler_kwargs)
     labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
+    read = []
     for (b, t, _), reply in zip(requests, replies):
-      labels[b, t] = prompts.parse_judge_label(reply)
-    return labels, _answers_at(episodes, [(b, t, r) for (b, t, _), r in zip(requests, replies)]), len(requests)
+      label, status = prompts.parse_judge_reply(reply)
+      labels[b, t] = label
+      read.append((b, t, reply, status))
+    return labels, read, len(requests)
 
 
 @_register_mode
@@ -728,9 +785,9 @@ class TranscriptJudge(JudgeMode):
     self._need("tokenizer", self.tokenizer, where)
     replies = transcript_answers(questions, batch["answer_logits"], self.tokenizer)
     labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
-    for b, t, code, _ in replies:
-      labels[b, t] = code
-    return labels, _answers_at(episodes, [(b, t, r) for b, t, _, r in replies]), len(replies)
+    for b, t, reply, _ in replies:
+      labels[b, t] = reply.label
+    return labels, [(b, t, answer, reply.status) for b, t, reply, answer in replies], len(replies)
 
 
 @_register_mode
@@ -822,6 +879,9 @@ def judge_metrics(
 
   - label mix over the real turns (`skip_frac`, `weak_frac`, `strong_frac`);
   - `asked_frac` (turns sent to the judge mode) and `num_prompts` (teacher calls);
+  - `unanswered_frac`: the asked turns whose reply held no label and got the fallback
+    (`prompts.UNANSWERED_LABEL`), and `unclosed_think_frac`, those of them still thinking when
+    the reply's budget ended (`prompts.UNCLOSED_THINK`); 0 in the modes that ask nothing;
   - agreement with the env expert's oracle labels where the turns have them: `oracle_accuracy`
     over the judged (valid) turns, the judge's own accuracy, and `oracle_accuracy_all` over
     every turn with an oracle label (invalid turns agree by rule); both only when some judged
@@ -838,6 +898,10 @@ def judge_metrics(
     metrics[f"judge/{name.lower()}_frac"] = float(np.sum(real & (labels == code)) / total)
   metrics["judge/asked_frac"] = float(np.sum(result.asked & real) / total)
   metrics["judge/num_prompts"] = float(result.num_prompts)
+  statuses = [s for row in (result.statuses or ()) for s in row if s is not None]
+  asked = max(int(np.sum(result.asked & real)), 1)
+  metrics["judge/unanswered_frac"] = sum(s != "answered" for s in statuses) / asked
+  metrics["judge/unclosed_think_frac"] = sum(s == prompts.UNCLOSED_THINK for s in statuses) / asked
 
   oracle, known = oracle_labels(episodes, num_turns)
   judged_known = known & result.asked
@@ -870,25 +934,33 @@ def judge_accuracy(
     show_admissible: bool = True,
     transcript: bool = False,
     max_new_tokens: int = 4,
+    enable_thinking: bool = False,
+    acting_thinking: bool | None = None,
     batch_size: int | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
   """The judge's accuracy against labelled judge examples (e.g. of held-out games).
 
-  The questions are rendered exactly as the SFT data trains them (`sft_data.judge_prompt`;
+  The questions are the token ids the SFT data trains (`sft_data.judge_prompt_ids`;
   `transcript` for the transcript judge, whose examples keep every past turn), and the
-  teacher answers them greedily.
+  teacher answers them greedily, thinking first with `enable_thinking`; `acting_thinking`
+  (config.sampling.enable_thinking) renders the transcripts as the student acts.
   Returns `judge_eval/accuracy`, the per-label recall `judge_eval/recall_<label>` (for labels
-  present), the predicted label mix `judge_eval/pred_<label>_frac` and `judge_eval/count`.
+  present), the predicted label mix `judge_eval/pred_<label>_frac`, `judge_eval/unanswered_frac`
+  (replies with no label, given `prompts.UNANSWERED_LABEL`) and `judge_eval/count`.
   """
   if not examples:
     raise ValueError("judge_accuracy: `examples` is empty.")
-  texts = [sft_data.judge_prompt(tokenizer, ex, history_turns, show_admissible, transcript) for ex in examples]
-  replies = ask_teacher(teacher, tokenizer, texts, rng, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        sampler_kwargs=sampler_kwargs)
-  predicted = np.asarray([prompts.parse_judge_label(r) for r in replies], np.int32)
+  _check_thinking(tokenizer, enable_thinking)
+  ids = [sft_data.judge_prompt_ids(tokenizer, ex, history_turns, show_admissible, transcript, enable_thinking,
+                                   acting_thinking) for ex in examples]
+  replies = [prompts.parse_judge_reply(r) for r in ask_teacher(
+      teacher, tokenizer, ids, rng, max_new_tokens=max_new_tokens, batch_size=batch_size,
+      sampler_kwargs=sampler_kwargs)]
+  predicted = np.asarray([reply.label for reply in replies], np.int32)
   truth = np.asarray([ex.label for ex in examples], np.int32)
-  metrics = {"judge_eval/accuracy": float(np.mean(predicted == truth)), "judge_eval/count": float(len(truth))}
+  metrics = {"judge_eval/accuracy": float(np.mean(predicted == truth)), "judge_eval/count": float(len(truth)),
+             "judge_eval/unanswered_frac": float(np.mean([reply.status != "answered" for reply in replies]))}
   for code, name in enumerate(prompts.LABEL_NAMES):
     if (truth == code).any():
       metrics[f"judge_eval/recall_{name.lower()}"] = float(np.mean(predicted[truth == code] == code))

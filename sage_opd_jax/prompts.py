@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from sage_opd_jax.losses import Label
 
@@ -51,6 +51,8 @@ ACTION_CLOSE = "</action>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Either ends a Qwen turn (a sampler stops at both).
+# A turn without thought as Qwen3 writes it (its template's `enable_thinking=False` reply opening).
+EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 # The judge's answer words, in `Label` code order (labels[B, T] hold the codes; E5).
 LABEL_NAMES = tuple(label.word for label in Label)
@@ -78,6 +80,7 @@ History = Sequence[tuple[str, str | None]]  # (observation, the action taken aft
 
 _ACTION_OPEN_RE = re.compile(r"<\s*action\s*>", re.IGNORECASE)
 _ACTION_CLOSE_RE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
+_THINK_OPEN_RE = re.compile(r"<\s*think\s*>", re.IGNORECASE)
 _THINK_CLOSE_RE = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
 _LABEL_RE = re.compile(r"\b(" + "|".join(LABEL_NAMES) + r")\b", re.IGNORECASE)
 
@@ -131,21 +134,48 @@ def action_span(response: str) -> tuple[int, int] | None:
   return (start, end) if end > start else None
 
 
-def parse_judge_label(text: str) -> Label:
-  """The judge's label: `Label.SKIP`, `Label.WEAK` or `Label.STRONG`.
+# The label a judge reply without one gets (`JudgeReply.status` says why): Strong, E5's "when in
+# doubt, supervise". The judge counts these replies (`judge/unanswered_frac`), so a teacher that
+# never answers (one still thinking when its budget ends) shows up in the metrics rather than
+# silently turning every turn Strong.
+UNANSWERED_LABEL = Label.STRONG
+# Why a judge reply has no label: its think block never closed (the budget ended first), or the
+# text after the think block holds no single label word.
+UNCLOSED_THINK, NO_LABEL = "unclosed_think", "no_label"
 
-  Only the text after the last `</think>` counts, so a judge may reason first. The
-  label words are matched as whole words, in any case, among other words ("Answer:
-  weak."). Anything that is not clearly one label (no label word, or two different
-  ones) is Strong: when in doubt, supervise (E5 in docs/method.md).
+
+class JudgeReply(NamedTuple):
+  """A parsed judge reply: its label, and "answered" or why it fell back to `UNANSWERED_LABEL`."""
+
+  label: Label
+  status: str
+
+
+def parse_judge_reply(text: str) -> JudgeReply:
+  """The judge's label (`Label.SKIP`, `Label.WEAK` or `Label.STRONG`) and where it came from.
+
+  Only the text after the last `</think>` counts, so a judge may reason first; a `<think>`
+  left open after it (or with no `</think>` at all) is a reply still thinking, which has no
+  answer (`UNCLOSED_THINK`), whatever label words its thought mentions. The label words are
+  matched as whole words, in any case, among other words ("Answer: weak."). Anything that is
+  not clearly one label (no label word, or two different ones) is `NO_LABEL`. Both give
+  `UNANSWERED_LABEL`.
   """
   closes = list(_THINK_CLOSE_RE.finditer(text))
-  if closes:
-    text = text[closes[-1].end():]
-  found = {m.group(1).lower() for m in _LABEL_RE.finditer(text)}
+  answer = text[closes[-1].end():] if closes else text
+  if _THINK_OPEN_RE.search(answer):
+    return JudgeReply(UNANSWERED_LABEL, UNCLOSED_THINK)
+  found = {m.group(1).lower() for m in _LABEL_RE.finditer(answer)}
   if len(found) != 1:
-    return Label.STRONG
-  return Label[found.pop().upper()]
+    return JudgeReply(UNANSWERED_LABEL, NO_LABEL)
+  return JudgeReply(Label[found.pop().upper()], "answered")
+
+
+def visible_response(response: str) -> str:
+  """A response without its think block: the text after its last `</think>`, as Qwen3's chat
+  template shows a past assistant turn; a response with no `</think>` is kept whole."""
+  closes = list(_THINK_CLOSE_RE.finditer(response))
+  return response[closes[-1].end():] if closes else response
 
 
 # ---------------------------------------------------------------------------
@@ -434,14 +464,15 @@ def next_turn_text(
   return _user_turn(layout, turn_user_content(observation, admissible_actions), response_end)
 
 
-def _user_turn(layout: ChatLayout, content: str, response_end: str) -> str:
-  """After an assistant response: the rest of its message, a user message, the generation prompt."""
+def _user_turn(layout: ChatLayout, content: str, response_end: str, close: str | None = None) -> str:
+  """After an assistant response: the rest of its message, a user message, and `close` (default: the
+  layout's end of a user message and generation prompt)."""
   if not layout.after_assistant.startswith(response_end):
     raise ValueError(
         f"response_end {response_end!r} is not how an assistant message ends in this template "
         f"(it ends with {layout.after_assistant!r})."
     )
-  return layout.after_assistant[len(response_end):] + content + layout.user_close
+  return layout.after_assistant[len(response_end):] + content + (layout.user_close if close is None else close)
 
 
 def episode_segments(
@@ -499,7 +530,11 @@ def judge_prompt_text(
     history: the turns before t as (observation, parsed action); the last `k` are
       shown, followed by `observation`.
     observation: o_t, what the agent saw when it answered.
-    response: the student's full response y_t.
+    response: the student's response y_t. Its think block is left out (`visible_response`): the
+      judge labels the step the env acted on, as Qwen3's template shows a past turn, and the
+      thought (up to the response budget, hundreds of tokens) would multiply the judge's
+      prefill, its main cost, for words the label does not rest on. The rest of the response
+      is kept, not just the parsed command, so the judge sees the step as the student wrote it.
     feedback: the env's answer to it, o_{t+1}.
     admissible_actions: the admissible actions at turn t; the line is left out when empty
       (`config.judge.show_admissible=False`).
@@ -513,7 +548,7 @@ def judge_prompt_text(
       "Recent history (oldest first):",
       *recent,
       "The agent's latest response:",
-      response.strip(),
+      visible_response(response).strip(),
       "The environment's feedback to it:",
       feedback.strip(),
       *judge_question_lines(admissible_actions),
@@ -533,30 +568,44 @@ def judge_question_lines(admissible_actions: Sequence[str]) -> list[str]:
   ]
 
 
+def judge_user_close(tokenizer: Any | None, enable_thinking: bool) -> str:
+  """From the end of a judge question's user content to where the teacher's reply begins.
+
+  The chat template's end of a user message and its generation prompt, rendered with the
+  judge's `enable_thinking` (`config.judge.enable_thinking`): with Qwen3's template, False
+  ends in the empty think block `<think>\n\n</think>\n\n`, so that the reply's first token is
+  its label; a template without the switch (ChatML, the word-level tokenizer's) renders the
+  same either way.
+  """
+  text = render_chat(tokenizer, [{"role": "user", "content": _SENTINEL_U}], add_generation_prompt=True,
+                     enable_thinking=enable_thinking)
+  if text.count(_SENTINEL_U) != 1:
+    raise ValueError("The chat template does not render message contents verbatim; cannot derive its layout.")
+  return text.split(_SENTINEL_U)[1]
+
+
 def transcript_judge_text(layout: ChatLayout, feedback: str, admissible_actions: Sequence[str],
-                          response_end: str = "", feedback_shown: bool = False) -> str:
+                          response_end: str = "", enable_thinking: bool = False) -> str:
   """The judge's question as a continuation of the acting transcript (`judge.mode='transcript'`).
 
-  The transcript before it stands in for section 5's task, history and response lines, and
-  the feedback is the user message that follows the judged response, as the student saw it
-  (`turn_user_content`); that message then goes on with section 5's remaining lines
-  (`judge_question_lines`), and the generation prompt follows, so the teacher's next token is
-  its answer. Every judged turn thus reads the same layout.
+  The transcript through the judged response stands in for section 5's task, history and
+  response lines. The question follows that response: the rest of its assistant message, a
+  user message with the env's feedback as the student saw it (`turn_user_content`) and
+  section 5's remaining lines (`judge_question_lines`), then the reply's opening
+  (`judge_user_close`), so the teacher's next token is its answer. It is one text, encoded as
+  one string wherever it is used (SFT, held-out accuracy, rollouts), so that BPE merges across
+  the feedback's end and the question's first newline the same way everywhere. Every judged
+  turn reads this same layout, the last one included (its feedback is not in the transcript).
 
   Args:
     layout: from `ChatLayout.from_tokenizer`.
     feedback: o_{t+1}, the env's answer to the judged response.
     admissible_actions: turn t's, listed as in section 5 when given.
     response_end: as in `next_turn_text`.
-    feedback_shown: True: the text continues a transcript that already holds the feedback's
-      user message up to its closing text (`ChatLayout.user_close`), as every turn but the
-      last has; False: it follows the judged response and opens that message itself (without
-      the next turn's admissible actions, which a last turn does not have).
+    enable_thinking: the judge's (`judge_user_close`).
   """
-  lines = "\n".join(judge_question_lines(admissible_actions))
-  if feedback_shown:
-    return "\n" + lines + layout.user_close
-  return _user_turn(layout, f"{turn_user_content(feedback)}\n{lines}", response_end)
+  content = "\n".join([turn_user_content(feedback), *judge_question_lines(admissible_actions)])
+  return _user_turn(layout, content, response_end, judge_user_close(layout.tokenizer, enable_thinking))
 
 
 def render_judge_prompt(
@@ -568,7 +617,10 @@ def render_judge_prompt(
     feedback: str,
     admissible_actions: Sequence[str],
     k: int,
+    enable_thinking: bool = False,
 ) -> str:
-  """`judge_prompt_text` as one user message of the teacher's chat, with the generation prompt."""
+  """`judge_prompt_text` as one user message of the teacher's chat, through the reply's opening
+  under the judge's `enable_thinking` (`judge_user_close`)."""
   content = judge_prompt_text(task, history, observation, response, feedback, admissible_actions, k)
-  return render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+  return render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True,
+                     enable_thinking=enable_thinking)

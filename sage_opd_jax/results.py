@@ -96,7 +96,9 @@ def judge_accuracy_stage(config: ml_collections.ConfigDict, demos_dir: pathlib.P
                                      history_turns=config.judge.history_turns,
                                      show_admissible=config.judge.show_admissible,
                                      transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript,
-                                     max_new_tokens=config.judge.max_new_tokens)
+                                     max_new_tokens=config.judge.max_new_tokens,
+                                     enable_thinking=config.judge.enable_thinking,
+                                     acting_thinking=config.sampling.enable_thinking)
   writer = writers.MetricWriter(workdir)
   writer.write(0, metrics)
   writer.close()

@@ -10,8 +10,8 @@ tokens with `turn_ids > 0`) consumes them unchanged:
   end-of-turn token) carry `turn_ids == k`; everything else is 0. The thought is empty, or
   with `thoughts="subgoal"` the ALFWorld subgoal (`envs.alfworld.subgoal_thoughts`).
 * **judge**: a judge question about one step (`prompts.render_judge_prompt`, the feedback in
-  it) answered with one word, Skip/Weak/Strong, plus the end-of-turn token; only the answer
-  carries `turn_ids == 1`.
+  it) answered with one word, Skip/Weak/Strong, plus the end-of-turn token (`judge_answer`);
+  only the answer carries `turn_ids == 1`.
 
 Each segment is tokenized on its own and the ids are concatenated, as the sampler builds a
 rollout (generated ids, then the encoded next observation), so the model is trained on the
@@ -368,45 +368,65 @@ def acting_segments(
 
 
 def judge_prompt_segments(layout: prompts.ChatLayout, example: JudgeExample, history_turns: int,
-                          show_admissible: bool = True, transcript: bool = False) -> list[str]:
-  """The judge question about `example`, through the generation prompt, as text pieces.
+                          show_admissible: bool = True, transcript: bool = False,
+                          enable_thinking: bool = False) -> list[str]:
+  """The judge question about `example`, through the reply's opening, as text pieces.
 
   Section 5's prompt is one piece. The transcript judge's (`transcript=True`) is the episode's
   acting transcript through the judged response, as the student saw it (without admissible
   lists: an example has none for its history), in `prompts.episode_segments`' pieces, then
-  `prompts.transcript_judge_text`; `history_turns` is then unused (load the examples with
-  every past turn, `judge_window`).
+  `prompts.transcript_judge_text`, one piece as the judge encodes it in a rollout
+  (`judge.transcript_questions`); `history_turns` is then unused (load the examples with every
+  past turn, `judge_window`). `enable_thinking`: the judge's (`config.judge.enable_thinking`).
   """
   response = expert_response(example.action, example.thought, layout)
   admissible = list(example.admissible_actions) if show_admissible else []
   if not transcript:
     return [prompts.render_judge_prompt(layout.tokenizer, example.task_text, list(example.history),
                                         example.observation, response, example.feedback, admissible,
-                                        history_turns)]
+                                        history_turns, enable_thinking)]
   thoughts = list(example.history_thoughts) or [""] * len(example.history)
   responses = [expert_response(action, thought, layout) for (_, action), thought in zip(example.history, thoughts)]
   end = _end_of_turn(layout)
   observations = [o for o, _ in example.history] + [example.observation]
   segments = prompts.episode_segments(layout, example.task_text, observations, [*responses, response],
                                       response_end=end)
-  return [text for text, _ in segments] + [prompts.transcript_judge_text(layout, example.feedback, admissible, end)]
+  return [text for text, _ in segments] + [
+      prompts.transcript_judge_text(layout, example.feedback, admissible, end, enable_thinking)]
 
 
 def judge_prompt(tokenizer: Any, example: JudgeExample, history_turns: int, show_admissible: bool = True,
-                 transcript: bool = False) -> str:
-  """The judge question about `example`, rendered with the generation prompt (`judge_prompt_segments`)."""
-  return "".join(judge_prompt_segments(prompts.ChatLayout.from_tokenizer(tokenizer), example, history_turns,
-                                       show_admissible, transcript))
+                 transcript: bool = False, enable_thinking: bool = False, acting_thinking: bool | None = None) -> str:
+  """The judge question about `example`, rendered through the reply's opening (`judge_prompt_segments`),
+  its transcript (`transcript`) as the student acts under `acting_thinking` (config.sampling.enable_thinking)."""
+  return "".join(judge_prompt_segments(prompts.ChatLayout.from_tokenizer(tokenizer, acting_thinking), example,
+                                       history_turns, show_admissible, transcript, enable_thinking))
+
+
+def judge_prompt_ids(tokenizer: Any, example: JudgeExample, history_turns: int, show_admissible: bool = True,
+                     transcript: bool = False, enable_thinking: bool = False,
+                     acting_thinking: bool | None = None) -> list[int]:
+  """`judge_prompt`'s token ids, its pieces encoded one by one as the SFT data encodes them
+  (`tokenize_segments`): the ids the teacher is trained on, which the held-out accuracy asks."""
+  segments = judge_prompt_segments(prompts.ChatLayout.from_tokenizer(tokenizer, acting_thinking), example,
+                                   history_turns, show_admissible, transcript, enable_thinking)
+  return tokenize_segments(tokenizer, [(text, False) for text in segments])[0]
+
+
+def judge_answer(layout: prompts.ChatLayout, label: int, enable_thinking: bool = False) -> str:
+  """A judge's trained reply: the label word and the end-of-turn text, after an empty think block
+  (`prompts.EMPTY_THINK`) when the judge thinks, since the examples carry no thought; so a thinking
+  teacher learns to close its block and answer, which the judge parses (`prompts.parse_judge_reply`)."""
+  return (prompts.EMPTY_THINK if enable_thinking else "") + prompts.LABEL_NAMES[label] + _end_of_turn(layout)
 
 
 def judge_segments(
     layout: prompts.ChatLayout, example: JudgeExample, history_turns: int, show_admissible: bool = True,
-    transcript: bool = False,
+    transcript: bool = False, enable_thinking: bool = False,
 ) -> list[tuple[str, bool]]:
-  """The judge question and its one-word answer (with the end-of-turn text); only the answer trains."""
-  answer = prompts.LABEL_NAMES[example.label] + _end_of_turn(layout)
-  question = judge_prompt_segments(layout, example, history_turns, show_admissible, transcript)
-  return [(text, False) for text in question] + [(answer, True)]
+  """The judge question and its answer (`judge_answer`); only the answer trains."""
+  question = judge_prompt_segments(layout, example, history_turns, show_admissible, transcript, enable_thinking)
+  return [(text, False) for text in question] + [(judge_answer(layout, example.label, enable_thinking), True)]
 
 
 def _fit_turns(ids: list[int], turn_ids: list[int], seq_len: int,
@@ -467,6 +487,7 @@ def build_sft_data(
     show_admissible: bool = True,
     judge_admissible: bool = True,
     judge_transcript: bool = False,
+    judge_thinking: bool = False,
     max_turns: int | None = None,
     seed: int | None = 0,
     enable_thinking: bool | None = None,
@@ -485,11 +506,13 @@ def build_sft_data(
     judge_transcript: ask the judge questions as the transcript judge does
       (`config.judge.mode='transcript'`, `judge_prompt_segments`); its transcripts list no
       admissible actions, so `show_admissible` must be False then.
+    judge_thinking: the judge's `enable_thinking` (config.judge.enable_thinking), for its
+      questions' reply opening and its answers (`judge_answer`).
     max_turns: keep at most this many turns of an acting episode (the env's turn limit, so that
       no turn id exceeds the loss's `num_turns`); None keeps them all.
     seed: shuffles the samples; None keeps acting samples first, then judge samples, in order.
     enable_thinking: the acting prompts' thinking switch (config.sampling.enable_thinking), as the
-      rollout renders them; the judge samples keep the template's default.
+      rollout renders them, also in the transcripts the transcript judge reads.
   """
   if tokenizer is None or getattr(tokenizer, "pad_token_id", None) is None:
     raise ValueError("build_sft_data: `tokenizer` must be given and have a pad_token_id.")
@@ -497,7 +520,7 @@ def build_sft_data(
     raise ValueError("build_sft_data: judge_transcript=True trains the judge on transcripts without admissible "
                      "lists, but show_admissible=True lists them in the acting transcripts it will judge "
                      "(config.judge.mode='transcript' needs config.env.show_admissible=False).")
-  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  # Judge samples too: the transcript judge's questions follow the acting transcript.
   acting_layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
   examples: list[tuple[list[int], list[int]]] = []
   is_judge: list[bool] = []
@@ -516,8 +539,8 @@ def build_sft_data(
     examples.append((fitted, fitted_tids))
     is_judge.append(False)
   for example in judge_examples:
-    ids, tids = tokenize_segments(tokenizer, judge_segments(layout, example, history_turns, judge_admissible,
-                                                            judge_transcript))
+    ids, tids = tokenize_segments(tokenizer, judge_segments(acting_layout, example, history_turns, judge_admissible,
+                                                            judge_transcript, judge_thinking))
     if len(ids) > seq_len:
       dropped += 1
       continue

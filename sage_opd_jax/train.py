@@ -148,7 +148,8 @@ class SftSource:
         tokenizer, [*demonstrations, *extra_demos], judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
         judge_admissible=config.judge.show_admissible,
-        judge_transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript, seed=config.seed,
+        judge_transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript,
+        judge_thinking=config.judge.enable_thinking, seed=config.seed,
         enable_thinking=config.sampling.enable_thinking,
     )
     self.arrays = {k: data.arrays[k] for k in ("tokens", "attention_mask", "turn_ids")}

@@ -40,6 +40,7 @@ def test_base_config_is_valid():
         ("loss.jsd_beta", 1.0, "config.loss.jsd_beta=1.0"),
         ("loss.old_logprobs", "old", "config.loss.old_logprobs='old'"),
         ("judge.mode", "vote", "config.judge.mode='vote'"),
+        ("judge.enable_thinking", True, "config.judge.max_new_tokens=4 with judge.enable_thinking=True"),
         ("train.micro_batches", 3, "config.train.batch_episodes=8 is not divisible by config.train.micro_batches=3"),
         ("env.train_split", "test", "config.env.train_split='test'"),
         ("student.model.num_kv_heads", 3, "config.student.model.num_heads=4 is not a multiple"),
@@ -231,6 +232,16 @@ def test_transcript_judge_training_needs_transcripts_without_admissible_lists():
   pipeline.judge.mode, pipeline.env.show_admissible = "transcript", True
   with pytest.raises(config_lib.ConfigError, match=r"config.env.show_admissible=False"):
     config_lib.validate(pipeline)
+
+
+def test_a_thinking_judge_samples_its_reply_within_a_thought_budget():
+  config = _load_config("base")
+  config.judge.enable_thinking, config.judge.max_new_tokens = True, config_lib.JUDGE_THINKING_MIN_TOKENS
+  config_lib.validate(config)
+  for mode in ("transcript", "likelihood", "oracle"):
+    config.judge.mode = mode
+    with pytest.raises(config_lib.ConfigError, match=rf"judge.enable_thinking=True with judge.mode='{mode}'"):
+      config_lib.validate(config)
 
 
 def test_thought_budget_bounds_the_free_thought_of_constrained_decoding():

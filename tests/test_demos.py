@@ -228,7 +228,9 @@ def test_judge_examples_carry_the_thought_of_their_state(fixture_run, tmp_path):
       if record["label"] == "Skip":  # The expert's own step: the demo's own thought.
         assert example.thought == demo.thoughts[record["turn"]]
       assert example.thought.startswith(("find apple", "take apple", "put apple"))
-      assert f"<think>{example.thought}</think>" in sft_data.judge_prompt(None, example, 2)
+      # The transcript judge reads the response whole; section 5's prompt without its thought.
+      assert f"<think>{example.thought}</think>" in sft_data.judge_prompt(None, example, 2, transcript=True)
+      assert f"<think>{example.thought}</think>" not in sft_data.judge_prompt(None, example, 2)
   assert "take apple" in demo.thoughts
   assert all(e.thought == "" for e in sft_data.read_judge_examples(tmp_path, 2))
   with pytest.raises(ValueError, match="pick_two_obj_and_place"):

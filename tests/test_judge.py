@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
+import transformers
 from flax import nnx
 
 from configs import base as base_config
@@ -103,25 +105,28 @@ def _tiny_config(tokenizer):
       num_kv_heads=1, head_dim=16, tie_embeddings=False))
 
 
-def _answering_teacher(tokenizer, word):
-  """A real Transformer whose weights make it answer `word` to every prompt.
+def _chain_teacher(tokenizer, chain):
+  """A real Transformer whose weights make it follow each token of `chain` with the next.
 
   With every block's output projections at zero the residual stream is the current token's
-  embedding, so the next token depends on the current one only; the LM head then maps the
-  generation prompt's final newline to `word`, and `word` to the end-of-turn token.
+  embedding, so the next token depends on the current one only; the LM head then maps each
+  key of `chain` (one token's text) to its value.
   """
   model = models.Transformer(_tiny_config(tokenizer), rngs=nnx.Rngs(0))
   model.layers.o_proj[...] = jnp.zeros_like(model.layers.o_proj[...])
   model.layers.down_proj[...] = jnp.zeros_like(model.layers.down_proj[...])
   embed = np.asarray(model.embed[...], np.float64)
   head = 0.01 * np.random.default_rng(0).standard_normal(model.lm_head[...].shape)
-  (newline,) = _encode(tokenizer, "\n")
-  (answer,) = _encode(tokenizer, word)
-  (end,) = _encode(tokenizer, "<|im_end|>")
-  for src, dst in ((newline, answer), (answer, end)):
+  for src_text, dst_text in chain.items():
+    (src,), (dst,) = _encode(tokenizer, src_text), _encode(tokenizer, dst_text)
     head[:, dst] += 10.0 * embed[src] / np.linalg.norm(embed[src])
   model.lm_head[...] = jnp.asarray(head, jnp.float32)
   return model
+
+
+def _answering_teacher(tokenizer, word):
+  """A teacher that answers `word` after the generation prompt's final newline, then ends its turn."""
+  return _chain_teacher(tokenizer, {"\n": word, word: "<|im_end|>"})
 
 
 @pytest.fixture(scope="module")
@@ -202,19 +207,21 @@ def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher)
     for t in range(len(turns)):
       assert (result.answers[b][t] == "Weak") if VALID[b, t] else result.answers[b][t] is None
 
-  # Each prompt carries its own turn's response and feedback.
+  # Each prompt carries its own turn's response, without its think block, and feedback.
   texts = judge.judge_prompt_texts(batch.episodes, tokenizer, 2, result.asked)
   assert [(b, t) for b, t, _ in texts] == [tuple(i) for i in np.argwhere(VALID)]
   for b, t, text in texts:
-    _, response, _, _, _, feedback = EPISODES[b][t]
-    assert f"The agent's latest response:\n{response}\nThe environment's feedback to it:\n{feedback}" in text
+    _, response, action, _, _, feedback = EPISODES[b][t]
+    assert (f"The agent's latest response:\n<action>{action}</action>\nThe environment's feedback to it:\n"
+            f"{feedback}") in text
+    assert response.split("</think>")[0] not in text
     assert f"Admissible actions were: {', '.join(ADMISSIBLE)}" in text
   # Without the list (config.judge.show_admissible=False) the same questions lose only that line.
   bare = judge.judge_prompt_texts(batch.episodes, tokenizer, 2, result.asked, show_admissible=False)
   assert [text for _, _, text in bare] == [
       text.replace(f"Admissible actions were: {', '.join(ADMISSIBLE)}\n", "") for _, _, text in texts]
   assert not judge.JudgeConfig.from_config(dict(
-      mode="prompt", history_turns=2, show_admissible=False, max_new_tokens=4,
+      mode="prompt", history_turns=2, show_admissible=False, max_new_tokens=4, enable_thinking=False,
       likelihood_thresholds=(-0.5, -2.0))).show_admissible
 
   confidence = np.tile([0.2, 0.4, 0.6, 0.8], (2, 1))
@@ -222,6 +229,7 @@ def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher)
   assert metrics["judge/oracle_mode"] == 0.0
   assert metrics["judge/weak_frac"] == pytest.approx(4 / 6) and metrics["judge/strong_frac"] == pytest.approx(2 / 6)
   assert metrics["judge/skip_frac"] == 0.0 and metrics["judge/num_prompts"] == 4.0
+  assert metrics["judge/unanswered_frac"] == metrics["judge/unclosed_think_frac"] == 0.0
   # Oracle on the judged turns: Skip, Weak, Skip, Weak -> 2 of 4 agree with "Weak".
   assert metrics["judge/oracle_accuracy"] == pytest.approx(0.5)
   assert metrics["judge/oracle_accuracy_all"] == pytest.approx(4 / 6)
@@ -237,6 +245,9 @@ def test_an_unclear_answer_is_strong(tokenizer, batch):
                              tokenizer=tokenizer, rng=jax.random.key(0))
   assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == ["desk"] * 4
   np.testing.assert_array_equal(result.labels, np.full((2, NUM_TURNS), STRONG))
+  # Each is the named fallback, and counted.
+  assert [result.statuses[b][t] for b, t in np.argwhere(VALID)] == [prompts.NO_LABEL] * 4
+  assert judge.judge_metrics(result, batch.episodes, config.mode)["judge/unanswered_frac"] == 1.0
 
 
 def _greedy_reference(model, tokenizer, prompt_texts, max_new_tokens, width=1024):
@@ -263,7 +274,8 @@ def _greedy_reference(model, tokenizer, prompt_texts, max_new_tokens, width=1024
       sequence = sequence + answer[-1:]
       if answer[-1] in stop:
         break
-    answers.append(tokenizer.decode(answer, skip_special_tokens=True))
+    # The reply up to its stop token, special tokens kept (`judge.decode_reply`).
+    answers.append(tokenizer.decode(answer[:-1] if answer[-1] in stop else answer, skip_special_tokens=False))
   return answers
 
 
@@ -327,7 +339,7 @@ def test_length_bucketed_judge_answers_like_one_prompt_at_a_time(tokenizer):
     assert result.num_prompts == len(texts)
     for (b, t), answer in reference.items():
       assert result.answers[b][t] == answer, (cfg, b, t)
-      assert result.labels[b, t] == prompts.parse_judge_label(answer)
+      assert result.labels[b, t] == prompts.parse_judge_reply(answer).label
     np.testing.assert_array_equal(result.labels[~asked], STRONG)
 
 
@@ -488,16 +500,16 @@ def test_transcript_judge_answers_each_question_as_if_alone(tokenizer, closed):
     assert np.all(questions.reach[b][question] == reach)
     np.testing.assert_array_equal(questions.positions[b][question], reach + np.arange(question.sum()))
     assert questions.answer_at[b, r] == np.flatnonzero(question)[-1]
-    # The question continues the acting transcript in the user message that shows turn t's
-    # feedback: the transcript's own (with the next turn's admissible actions), or, for the last
-    # turn, whose feedback the transcript lacks, one the question opens after the response.
+    # The question continues the acting transcript right after turn t's response, with a user
+    # message that shows the turn's feedback (without the next turn's admissible actions), as
+    # the SFT data asks it, whether or not the transcript goes on with that feedback.
     sequence = [*batch.tokens[b, :reach].tolist(), *questions.tokens[b][question].tolist()]
     _, response, _, _, _, feedback = EPISODES[b][t]
     last = t + 1 == len(EPISODES[b])
-    shown = prompts.turn_user_content(feedback, None if last else ADMISSIBLE)
+    assert reach == np.flatnonzero(batch.turn_ids[b] == t + 1)[-1] + 1
     assert tokenizer.decode(sequence, skip_special_tokens=False).endswith(
-        f"{response}<|im_end|>\n<|im_start|>user\n{shown}\n" + "\n".join(prompts.judge_question_lines([]))
-        + "<|im_end|>\n<|im_start|>assistant\n")
+        f"{response}<|im_end|>\n<|im_start|>user\n{prompts.turn_user_content(feedback)}\n"
+        + "\n".join(prompts.judge_question_lines([])) + "<|im_end|>\n<|im_start|>assistant\n")
     assert (reach == batch.attention_mask[b].sum()) == last
     # Reference: that sequence alone, through the model's plain causal forward.
     logits_SxV = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0], np.float64)
@@ -532,16 +544,11 @@ def test_transcript_judge_reads_what_the_student_saw_past_the_history_window(tok
                                               questions=questions.arrays()))
   plain = jax.device_get(teacher.score_batch(model, batch.tokens, batch.attention_mask, chunk_size=8, packing=packing))
   np.testing.assert_allclose(scores["teacher_logprobs"], plain["teacher_logprobs"], atol=ANSWER_ATOL)
-  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
-  close = _encode(tokenizer, layout.user_close)
   assert [(b, t) for b, t, _ in questions.turns] == [tuple(i) for i in np.argwhere(VALID)]
   for b, t, r in questions.turns:
     turns = batch.episodes[b].turns
     seen = batch.episodes[b].prompt_tokens + (turns[t].window_tokens if turns[t].truncated else sum(
         (u.response_tokens + u.next_tokens for u in turns[:t]), [])) + turns[t].response_tokens
-    # Only a next turn in the same (shared) segment shows turn t's feedback from the transcript.
-    if t + 1 < len(turns) and not turns[t + 1].truncated:
-      seen += turns[t].next_tokens[: -len(close)]
     # The question's tokens: after the packed row, in the answer's segment, up to the answer.
     columns = np.arange(questions.tokens.shape[1])
     answer_at = questions.answer_at[b, r]
@@ -549,8 +556,8 @@ def test_transcript_judge_reads_what_the_student_saw_past_the_history_window(tok
                                 & (questions.segments[b] == questions.segments[b, answer_at])].tolist()
     sequence = seen + q_ids
     assert tokenizer.decode(q_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
-    if t + 1 == len(turns) or turns[t + 1].truncated:  # The question shows the feedback itself.
-      assert prompts.turn_user_content(turns[t].feedback, None) in tokenizer.decode(q_ids, skip_special_tokens=False)
+    # Every question follows turn t's response and shows the feedback itself.
+    assert prompts.turn_user_content(turns[t].feedback, None) in tokenizer.decode(q_ids, skip_special_tokens=False)
     logits_SxV = np.asarray(model(jnp.asarray([sequence], jnp.int32))[0], np.float64)
     np.testing.assert_allclose(scores["answer_logits"][b, r], logits_SxV[-1], atol=ANSWER_ATOL, err_msg=f"{b}, {t}")
 
@@ -571,3 +578,187 @@ def test_transcript_mode_labels_valid_turns_from_the_answer_token(tokenizer, bat
   assert [unclear.answers[b][t] for b, t in np.argwhere(VALID)] == ["desk"] * 4
   with pytest.raises(ValueError, match="mode='transcript' needs `questions`"):
     judge.judge_batch(batch.episodes, NUM_TURNS, config, teacher=weak_teacher, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen3's tokenizer and thinking mode.
+
+# A Qwen3-like teacher that answers Skip whether it thinks or not: after the generation
+# prompt's newline it opens a thought, closes it and answers; after the empty think block that
+# ends a non-thinking question ("\n\n") it answers at once.
+THINKS_THEN_SKIPS = {"\n": "<think>", "<think>": "Okay", "Okay": "</think>", "</think>": "\n\n", "\n\n": "Skip",
+                     "Skip": "<|im_end|>"}
+# One that never closes its thought, though the thought names a label.
+THINKS_FOREVER = {"\n": "<think>", "<think>": "Skip", "Skip": "\n"}
+
+
+@pytest.fixture(scope="module")
+def qwen3_batch(qwen3_tokenizer):
+  return rollout.assemble_batch(_episodes(qwen3_tokenizer), max_turns=NUM_TURNS,
+                                pad_id=qwen3_tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_a_teacher_that_answers_skip_is_read_as_skip_thinking_or_not(qwen3_tokenizer, qwen3_batch, enable_thinking):
+  teacher_model = _chain_teacher(qwen3_tokenizer, THINKS_THEN_SKIPS)
+  config = judge.JudgeConfig(mode="prompt", enable_thinking=enable_thinking, max_new_tokens=64 if enable_thinking else 4)
+  result = judge.judge_batch(qwen3_batch.episodes, NUM_TURNS, config, teacher=teacher_model,
+                             tokenizer=qwen3_tokenizer, rng=jax.random.key(0))
+  np.testing.assert_array_equal(result.labels, np.where(VALID, SKIP, STRONG))
+  # Thinking, the reply opens and closes its thought; not thinking, the question ends with the
+  # empty think block and the label is the first token.
+  expected = "<think>Okay</think>\n\nSkip" if enable_thinking else "Skip"
+  assert [result.answers[b][t] for b, t in np.argwhere(VALID)] == [expected] * 4
+  metrics = judge.judge_metrics(result, qwen3_batch.episodes, config.mode)
+  assert metrics["judge/skip_frac"] == pytest.approx(4 / 6) and metrics["judge/unanswered_frac"] == 0.0
+
+
+def test_a_teacher_still_thinking_gets_the_counted_fallback(qwen3_tokenizer, qwen3_batch, caplog):
+  config = judge.JudgeConfig(mode="prompt", enable_thinking=True, max_new_tokens=64)
+  with caplog.at_level(logging.WARNING):
+    result = judge.judge_batch(qwen3_batch.episodes, NUM_TURNS, config,
+                               teacher=_chain_teacher(qwen3_tokenizer, THINKS_FOREVER), tokenizer=qwen3_tokenizer,
+                               rng=jax.random.key(0))
+  # "<think>Skip\n<think>Skip..." names Skip but never answers: the fallback, not Skip.
+  for b, t in np.argwhere(VALID):
+    assert result.answers[b][t].startswith("<think>Skip\n<think>Skip")
+    assert result.statuses[b][t] == prompts.UNCLOSED_THINK
+  np.testing.assert_array_equal(result.labels, np.full((2, NUM_TURNS), prompts.UNANSWERED_LABEL))
+  metrics = judge.judge_metrics(result, qwen3_batch.episodes, config.mode)
+  assert metrics["judge/unanswered_frac"] == metrics["judge/unclosed_think_frac"] == 1.0
+  assert "4 of 4 replies had no label" in caplog.text
+
+
+def test_replies_keep_their_think_tags_however_a_tokenizer_flags_them(qwen3_tokenizer_dir):
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+  # A tokenizer that flags the think tags special (Qwen3's does not): a reply decoded without
+  # its special tokens would lose them, and an unfinished thought would read as its words.
+  flagged = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+  flagged.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+  assert flagged.decode(_encode(flagged, "<think>Skip"), skip_special_tokens=True) == "Skip"
+  stops = judge._stop_ids(flagged)  # pylint: disable=protected-access
+  for text, reply in (("<think>Skip", ("STRONG", prompts.UNCLOSED_THINK)),
+                      ("<think>Okay</think>\n\nWeak", ("WEAK", "answered"))):
+    decoded = judge.decode_reply(flagged, [*_encode(flagged, text), *stops], stops)
+    assert decoded == text
+    assert prompts.parse_judge_reply(decoded) == (losses.Label[reply[0]], reply[1])
+
+
+def test_transcript_judge_reads_the_label_after_the_empty_think_block(qwen3_tokenizer, qwen3_batch):
+  teacher_model = _chain_teacher(qwen3_tokenizer, THINKS_THEN_SKIPS)
+  config = judge.JudgeConfig(mode="transcript")
+  questions = judge.prepare_transcript_judge(qwen3_batch.episodes, NUM_TURNS, config, qwen3_tokenizer,
+                                             qwen3_batch.tokens, qwen3_batch.attention_mask, qwen3_batch.turn_ids)
+  for b, t, r in questions.turns:
+    ids = questions.tokens[b][questions.segments[b] == r + 1].tolist()
+    assert qwen3_tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+  scores = teacher.score_batch(teacher_model, qwen3_batch.tokens, qwen3_batch.attention_mask, chunk_size=64,
+                               questions=questions.arrays())
+  result = judge.judge_batch(qwen3_batch.episodes, NUM_TURNS, config, tokenizer=qwen3_tokenizer, questions=questions,
+                             answer_logits_BxRxV=scores["answer_logits"])
+  np.testing.assert_array_equal(result.labels, np.where(VALID, SKIP, STRONG))
+
+
+def test_thinking_needs_a_sampled_reply_a_budget_and_a_think_token(tokenizer):
+  with pytest.raises(ValueError, match="mode='transcript' does not sample"):
+    judge.JudgeConfig(mode="transcript", enable_thinking=True, max_new_tokens=256)
+  with pytest.raises(ValueError, match="max_new_tokens=4 with enable_thinking"):
+    judge.JudgeConfig(mode="prompt", enable_thinking=True)
+  # The word-level vocabulary spells `</think>` as one tag token; a vocabulary without it cannot think.
+  thinking = judge.JudgeConfig(mode="prompt", enable_thinking=True, max_new_tokens=64)
+  judge.make_judge(thinking, tokenizer=tokenizer)
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<|im_end|>": 1}, unk_token="<unk>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  plain = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
+  with pytest.raises(ValueError, match="judge.enable_thinking=True needs a tokenizer with a <think> token"):
+    judge.make_judge(thinking, tokenizer=plain)
+
+
+# ------------------------------------------------------------------------------------------
+# Likelihood mode's action mask.
+
+
+def _action_token_mask_reference(tokens_BxS, turn_ids_BxS, tokenizer):
+  """Each token's character span from the decode of every growing prefix (one decode per token),
+  special tokens decoded to nothing."""
+  mask = np.zeros(tokens_BxS.shape, bool)
+  for b in range(tokens_BxS.shape[0]):
+    for k in np.unique(turn_ids_BxS[b]):
+      if k <= 0:
+        continue
+      positions = np.flatnonzero(turn_ids_BxS[b] == k)
+      ids = tokens_BxS[b, positions].tolist()
+      span = prompts.action_span(tokenizer.decode(ids, skip_special_tokens=True))
+      if span is None:
+        continue
+      ends = [len(tokenizer.decode(ids[: j + 1], skip_special_tokens=True)) for j in range(len(ids))]
+      starts = [0] + ends[:-1]
+      for j, pos in enumerate(positions):
+        mask[b, pos] = starts[j] < span[1] and ends[j] > span[0]
+  return mask
+
+
+class _CountingDecodes:
+  """A tokenizer's `decode`, counting the calls and the tokens decoded."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer, self.calls, self.tokens = tokenizer, 0, 0
+
+  def decode(self, ids, **kwargs):
+    self.calls, self.tokens = self.calls + 1, self.tokens + len(ids)
+    return self.tokenizer.decode(ids, **kwargs)
+
+
+def _qwen3_responses():
+  """Responses as a Qwen3 student writes them: long thoughts (with characters of several bytes),
+  a tag quoted while thinking, an unclosed action, none at all."""
+  thought = " ".join(["The mug is not on the desk 1, so I check the shelf 2 — then the café's countertop 3 ☕."] * 22)
+  return [
+      f"<think>\n{thought}\n</think>\n\n<action>go to shelf 2</action>",
+      "<think>\nI could write <action>look</action> but no.\n</think>\n\n<action> take mug 1 from shelf 2 </action>",
+      "<think>\nöffnen: open the drawer 2.\n</think>\n\n<action>open drawer 2",
+      "<think>\nNo idea what to do — wait.\n</think>\n\nI give up.",
+      "<action>examine ☕ 1</action>",
+  ]
+
+
+def _qwen3_transcripts(tokenizer):
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  responses = _qwen3_responses()
+  episodes = []
+  for order in (responses, responses[::-1][:3]):
+    episode = rollout.Episode(task=env_base.Task("alfworld", "train", "fixture", "pick_and_place_simple"),
+                              task_text=TASK)
+    episode.prompt_tokens = _encode(tokenizer, prompts.episode_start_text(layout, TASK, "You are in a room."))
+    for response in order:
+      ids = _encode(tokenizer, response + "<|im_end|>")
+      episode.turns.append(rollout.Turn(
+          observation="o", admissible=[], response=response, response_tokens=ids, response_end="<|im_end|>",
+          response_logprobs=np.zeros(len(ids), np.float32), action=prompts.parse_action(response), feedback="f",
+          valid=True, next_tokens=_encode(tokenizer, prompts.next_turn_text(layout, "Nothing happens.", None,
+                                                                            "<|im_end|>"))))
+    episodes.append(episode)
+  return rollout.assemble_batch(episodes, max_turns=len(responses), pad_id=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["word", "qwen3"])
+def test_action_token_mask_equals_the_prefix_decoding_reference(request, tokenizer_name, batch):
+  tokenizer = request.getfixturevalue({"word": "tokenizer", "qwen3": "qwen3_tokenizer"}[tokenizer_name])
+  data = batch if tokenizer_name == "word" else _qwen3_transcripts(tokenizer)
+  counting = _CountingDecodes(tokenizer)
+  mask = judge.action_token_mask(data.tokens, data.turn_ids, counting)
+  np.testing.assert_array_equal(mask, _action_token_mask_reference(data.tokens, data.turn_ids, tokenizer))
+  for b, episode in enumerate(data.episodes):
+    for k, turn in enumerate(episode.turns, start=1):
+      action = prompts.parse_action(turn.response, lowercase=False)
+      assert tokenizer.decode(data.tokens[b][mask[b] & (data.turn_ids[b] == k)].tolist()).strip() == (action or "")
+      assert not mask[b][data.tokens[b] == tokenizer.convert_tokens_to_ids("<|im_end|>")].any()
+  # O(log n) decodes of at most n tokens per turn, where the reference decodes every prefix
+  # (n (n + 1) / 2 tokens: 214k for the longest turn here, of 654 tokens).
+  lengths = [int(np.sum(data.turn_ids[b] == k)) for b in range(len(data.episodes))
+             for k in range(1, len(data.episodes[b].turns) + 1)]
+  assert tokenizer_name == "word" or max(lengths) == 654
+  budget = [2 * int(np.ceil(np.log2(n + 1))) + 1 for n in lengths]
+  assert counting.calls <= sum(budget)
+  assert counting.tokens <= sum(n * c for n, c in zip(lengths, budget))

@@ -92,32 +92,42 @@ def test_parse_action_property(words, before, between, after, prefix, closed):
   assert response[start:end] == (between + " ").join(words)
 
 
-# -- parse_judge_label ---------------------------------------------------------
+# -- parse_judge_reply ---------------------------------------------------------
+
+ANSWERED, UNCLOSED, NO_LABEL = "answered", prompts.UNCLOSED_THINK, prompts.NO_LABEL
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    "text, label, status",
     [
-        ("Skip", Label.SKIP),
-        ("  weak\n", Label.WEAK),
-        ("STRONG.", Label.STRONG),
-        ("Answer: Skip", Label.SKIP),
-        ("The step is Weak, I think.", Label.WEAK),
-        ("<think>Skip or Strong? It is redundant.</think> Weak", Label.WEAK),
-        ("", Label.STRONG),
-        ("banana", Label.STRONG),
-        ("Skip or Weak", Label.STRONG),
-        ("Skipping", Label.STRONG),  # Not the word itself.
-        ("skip skip", Label.SKIP),  # Repeating one label is still one label.
+        ("Skip", Label.SKIP, ANSWERED),
+        ("  weak\n", Label.WEAK, ANSWERED),
+        ("STRONG.", Label.STRONG, ANSWERED),
+        ("Answer: Skip", Label.SKIP, ANSWERED),
+        ("The step is Weak, I think.", Label.WEAK, ANSWERED),
+        ("<think>Skip or Strong? It is redundant.</think> Weak", Label.WEAK, ANSWERED),
+        ("<think>\nOkay, the agent went to the desk.\n</think>\n\nSkip", Label.SKIP, ANSWERED),  # Qwen3's.
+        ("", Label.STRONG, NO_LABEL),
+        ("banana", Label.STRONG, NO_LABEL),
+        ("Skip or Weak", Label.STRONG, NO_LABEL),
+        ("Skipping", Label.STRONG, NO_LABEL),  # Not the word itself.
+        ("skip skip", Label.SKIP, ANSWERED),  # Repeating one label is still one label.
+        # A reply still thinking has no answer, whatever labels its thought mentions.
+        ("<think>\nOkay,", Label.STRONG, UNCLOSED),
+        ("<think>The step is a Skip", Label.STRONG, UNCLOSED),
+        ("<think>a</think>Weak<think>no, Skip", Label.STRONG, UNCLOSED),
+        ("<think>Skip, surely.</think>\n\n", Label.STRONG, NO_LABEL),  # The label must follow the thought.
     ],
 )
-def test_parse_judge_label(text, expected):
-  assert prompts.parse_judge_label(text) == expected
+def test_parse_judge_reply(text, label, status):
+  assert prompts.parse_judge_reply(text) == (label, status)
+  if status != ANSWERED:
+    assert label == prompts.UNANSWERED_LABEL
 
 
 def test_label_names_match_constants():
   for name, label in zip(prompts.LABEL_NAMES, Label):
-    assert prompts.parse_judge_label(name) == label
+    assert prompts.parse_judge_reply(name) == (label, ANSWERED)
 
 
 # -- The step-wise acting prompt -----------------------------------------------
@@ -189,9 +199,10 @@ def test_judge_prompt_matches_method(qwen_tok):
       TASK, HISTORY[:2], "obs three", response, "You pick up the mug 1 from the desk 1.", ["look", "inventory"], k=1
   )
   history = "[Observation 2: obs two]\n[Action 2: (no valid action)]\n[Observation 3: obs three]"
+  # The response goes in without its think block.
   expected = "\n".join(METHOD_JUDGE_LINES).format(
-      task=TASK, history=history, response=response, feedback="You pick up the mug 1 from the desk 1.",
-      admissible="look, inventory",
+      task=TASK, history=history, response="<action>take mug 1 from desk 1</action>",
+      feedback="You pick up the mug 1 from the desk 1.", admissible="look, inventory",
   )
   assert text == expected
   rendered = prompts.render_judge_prompt(qwen_tok, TASK, HISTORY[:2], "obs three", response, "fb", ["look"], k=1)
@@ -200,6 +211,36 @@ def test_judge_prompt_matches_method(qwen_tok):
   without = prompts.judge_prompt_text(
       TASK, HISTORY[:2], "obs three", response, "You pick up the mug 1 from the desk 1.", [], k=1)
   assert without == expected.replace("Admissible actions were: look, inventory\n", "")
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_judge_questions_open_the_reply_as_qwen3_renders_thinking(qwen3_tokenizer, enable_thinking):
+  # Qwen3's own format: a thought of several lines, then the action.
+  response = "<think>\nThe mug is on the desk.\nTake it.\n</think>\n\n<action>take mug 1 from desk 1</action>"
+  content = prompts.judge_prompt_text(TASK, HISTORY[:2], "obs three", response, "fb", ["look"], k=1)
+  assert "The agent's latest response:\n<action>take mug 1 from desk 1</action>\n" in content
+  assert "Take it." not in content
+  rendered = prompts.render_judge_prompt(qwen3_tokenizer, TASK, HISTORY[:2], "obs three", response, "fb", ["look"],
+                                         k=1, enable_thinking=enable_thinking)
+  reference = qwen3_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=enable_thinking)
+  assert rendered == reference
+  # Off, the reply opens after Qwen3's empty think block, so its first token is the label.
+  opening = "<|im_end|>\n<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+  assert rendered.endswith("Skip, Weak or Strong." + opening)
+  assert prompts.judge_user_close(qwen3_tokenizer, enable_thinking) == opening
+  layout = prompts.ChatLayout.from_tokenizer(qwen3_tokenizer)
+  question = prompts.transcript_judge_text(layout, "fb", [], "<|im_end|>", enable_thinking)
+  assert question == "\n<|im_start|>user\nObservation: fb\n" + "\n".join(prompts.judge_question_lines([])) + opening
+  # A template without the switch (ChatML) renders the same either way.
+  chatml = _tiny_tokenizer(prompts.CHATML_TEMPLATE)
+  assert prompts.judge_user_close(chatml, enable_thinking) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_visible_response_drops_only_a_closed_think_block():
+  assert prompts.visible_response("<think>a</think><think>b</think>\n<action>look</action>") == "\n<action>look</action>"
+  assert prompts.visible_response("<action>look</action>") == "<action>look</action>"
+  assert prompts.visible_response("<think>still thinking") == "<think>still thinking"
 
 
 # -- The multi-turn chat layout --------------------------------------------------

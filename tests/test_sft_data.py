@@ -123,7 +123,7 @@ def test_unparseable_judge_example_has_no_action_tag(tokenizer):
   data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, seed=None)
   tokens, turn_ids = data.arrays["tokens"][0], data.arrays["turn_ids"][0]
   prompt = tokenizer.decode(tokens[(turn_ids == 0) & (data.arrays["attention_mask"][0] == 1)].tolist())
-  assert "The agent's latest response:\n<think></think>\nThe environment's feedback to it:\nNothing happens." in prompt
+  assert "The agent's latest response:\n\nThe environment's feedback to it:\nNothing happens." in prompt
   assert prompts.parse_action(prompt.split("latest response:")[1].split("The environment")[0]) is None
   assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Strong<|im_end|>"
 
@@ -160,47 +160,87 @@ def test_subgoal_thoughts_fill_the_think_tags(tokenizer):
     sft_data.Demonstration.from_record(record, thoughts="chain")
 
 
-@pytest.mark.parametrize("last", [True, False])
-def test_transcript_judge_sample_is_the_question_the_trainer_asks(tokenizer, last):
-  from sage_opd_jax import judge  # pylint: disable=g-import-not-at-top
+def _rollout_episode(layout, steps):
+  """An episode as the rollout records it: each response's ids end with the end-of-turn token the
+  sampler stopped at and kept, and the next turn's text is encoded after it."""
   from sage_opd_jax import rollout  # pylint: disable=g-import-not-at-top
   from sage_opd_jax.envs import base as env_base  # pylint: disable=g-import-not-at-top
 
-  example = sft_data.JudgeExample(task_text=TASK, history=[(DEMO.observations[0], DEMO.actions[0])],
-                                  observation=DEMO.observations[1], action="look", feedback=JUDGE.feedback,
-                                  admissible_actions=list(DEMO.admissible_actions[1]), label="Strong",
-                                  thought="find pen", history_thoughts=["find desk"])
-  data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, judge_admissible=False,
-                                 judge_transcript=True, show_admissible=False, seed=None).arrays
-  tokens, mask, turn_ids = data["tokens"][0], data["attention_mask"][0], data["turn_ids"][0]
-  assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Strong<|im_end|>"
-  question = tokens[(turn_ids == 0) & (mask == 1)].tolist()
-
-  # The same turn in a rollout transcript (the sampler keeps each response's end-of-turn token),
-  # as the last turn of its episode or followed by another.
-  layout = prompts.ChatLayout.from_tokenizer(tokenizer)
+  tokenizer = layout.tokenizer
   encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
   episode = rollout.Episode(task=env_base.Task("alfworld", "train", "fixture", "pick_and_place_simple"),
                             task_text=TASK)
-  episode.prompt_tokens = encode(prompts.episode_start_text(layout, TASK, DEMO.observations[0]))
-  steps = [(DEMO.observations[0], sft_data.expert_response(DEMO.actions[0], "find desk"), DEMO.actions[0],
-            DEMO.observations[1]),
-           (DEMO.observations[1], sft_data.expert_response("look", "find pen"), "look", JUDGE.feedback)]
-  if not last:
-    steps.append((JUDGE.feedback, sft_data.expert_response("look"), "look", JUDGE.feedback))
+  episode.prompt_tokens = encode(prompts.episode_start_text(layout, TASK, steps[0][0]))
   for observation, response, action, feedback in steps:
     ids = encode(response + "<|im_end|>")
     episode.turns.append(rollout.Turn(
         observation=observation, admissible=[], response=response, response_tokens=ids, response_end="<|im_end|>",
         response_logprobs=np.zeros(len(ids), np.float32), action=action, feedback=feedback, valid=True,
         next_tokens=encode(prompts.next_turn_text(layout, feedback, None, "<|im_end|>"))))
+  return episode
+
+
+@pytest.mark.parametrize("tokenizer_name, acting_thinking", [("word", None), ("qwen3", True), ("qwen3", False)])
+@pytest.mark.parametrize("last", [True, False])
+def test_transcript_judge_sample_is_the_question_the_trainer_asks(request, tokenizer_name, acting_thinking, last):
+  from sage_opd_jax import judge  # pylint: disable=g-import-not-at-top
+  from sage_opd_jax import rollout  # pylint: disable=g-import-not-at-top
+
+  tokenizer = request.getfixturevalue({"word": "tokenizer", "qwen3": "qwen3_tokenizer"}[tokenizer_name])
+  layout = prompts.ChatLayout.from_tokenizer(tokenizer, acting_thinking)
+  example = sft_data.JudgeExample(task_text=TASK, history=[(DEMO.observations[0], DEMO.actions[0])],
+                                  observation=DEMO.observations[1], action="look", feedback=JUDGE.feedback,
+                                  admissible_actions=list(DEMO.admissible_actions[1]), label="Strong",
+                                  thought="find pen", history_thoughts=["find desk"])
+  data = sft_data.build_sft_data(tokenizer, [], [example], seq_len=400, judge_admissible=False,
+                                 judge_transcript=True, show_admissible=False, seed=None,
+                                 enable_thinking=acting_thinking).arrays
+  tokens, mask, turn_ids = data["tokens"][0], data["attention_mask"][0], data["turn_ids"][0]
+  assert _turn_text(tokenizer, tokens, turn_ids, 1) == "Strong<|im_end|>"
+  question = tokens[(turn_ids == 0) & (mask == 1)].tolist()
+  # The held-out accuracy asks the same ids.
+  assert sft_data.judge_prompt_ids(tokenizer, example, 2, False, transcript=True,
+                                   acting_thinking=acting_thinking) == question
+
+  # The same turn in a rollout transcript, as the last turn of its episode or followed by
+  # another, whose user message holds the judged turn's feedback: the question re-encodes that
+  # feedback with its own lines, so that it ends in the same tokens ("desk 1." then a newline
+  # merge in Qwen's BPE).
+  steps = [(DEMO.observations[0], sft_data.expert_response(DEMO.actions[0], "find desk", layout), DEMO.actions[0],
+            DEMO.observations[1]),
+           (DEMO.observations[1], sft_data.expert_response("look", "find pen", layout), "look", JUDGE.feedback)]
+  if not last:
+    steps.append((JUDGE.feedback, sft_data.expert_response("look", "", layout), "look", JUDGE.feedback))
+  episode = _rollout_episode(layout, steps)
   batch = rollout.assemble_batch([episode], max_turns=4, pad_id=tokenizer.pad_token_id)
   asked = np.zeros((1, 4), bool)
   asked[0, 1] = True
-  ((b, t, reach, text),) = judge.transcript_questions([episode], batch.tokens, batch.turn_ids, tokenizer, asked,
+  ((b, t, reach, text),) = judge.transcript_questions([episode], batch.turn_ids, tokenizer, asked,
                                                       show_admissible=False)
   assert (b, t) == (0, 1) and (reach == batch.attention_mask[0].sum()) == last
+  encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
   assert [*batch.tokens[0, :reach].tolist(), *encode(text)] == question
+  # What the packed questions hold for the teacher's scoring forward is that sequence.
+  packed = judge.prepare_transcript_judge([episode], 4, judge.JudgeConfig(mode="transcript", show_admissible=False),
+                                          tokenizer, batch.tokens, batch.attention_mask, batch.turn_ids)
+  (r,) = [r for _, t, r in packed.turns if t == 1]
+  rows = packed.segments[0] == r + 1
+  assert [*batch.tokens[0, :packed.reach[0][rows][0]].tolist(), *packed.tokens[0][rows].tolist()] == question
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_judge_samples_under_qwen3_thinking(qwen3_tokenizer, enable_thinking):
+  data = sft_data.build_sft_data(qwen3_tokenizer, [], [JUDGE], seq_len=800, history_turns=2,
+                                 judge_thinking=enable_thinking, seed=None).arrays
+  tokens, mask, turn_ids = data["tokens"][0], data["attention_mask"][0], data["turn_ids"][0]
+  question = tokens[(turn_ids == 0) & (mask == 1)].tolist()
+  assert qwen3_tokenizer.decode(question).endswith(
+      "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))
+  assert question == sft_data.judge_prompt_ids(qwen3_tokenizer, JUDGE, 2, enable_thinking=enable_thinking)
+  # Thinking, the trained reply closes an empty thought before its label, which the judge parses.
+  answer = _turn_text(qwen3_tokenizer, tokens, turn_ids, 1)
+  assert answer == ("<think>\n\n</think>\n\n" if enable_thinking else "") + "Weak<|im_end|>"
+  assert prompts.parse_judge_reply(answer.removesuffix("<|im_end|>")) == (losses.Label.WEAK, "answered")
 
 
 def _pick_record(obj_class, observations, actions, task_id_trial="trial_T1"):
