@@ -30,7 +30,7 @@ turn only appends, and an earlier response stays in the context exactly as it wa
 transcript then stays one token sequence that is every turn's context, which the teacher and
 the loss score in one forward, and the sampler's KV cache is reused whole. Re-rendering as
 Qwen3 does would give each turn a context that is no prefix of the transcript (so each turn
-would need its own scoring segment) and re-encode the previous response, without its thought,
+would need its own scoring segment, as turns past a history window have) and re-encode the previous response, without its thought,
 at every turn; what it would save is context length: a thinking response's tokens stay in
 every later context. `benchmarks/bench_thinking_layout.py` counts both with Qwen3's tokenizer
 on 50 ALFWorld-like turns: a turn encodes 37 tokens here and 51 under Qwen3's rendering, but a
