@@ -93,6 +93,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.student.model = tiny_model()  # Architecture when built from scratch.
 
   config.teacher = ml_collections.ConfigDict()
+  # model: a trained teacher (hf_dir or model). expert: the env's expert as the teacher, with its reliability
+  # set by teacher.expert (sage_opd_jax/expert_teacher.py; a controlled study, needs constrained decoding).
+  config.teacher.kind = "model"
+  config.teacher.expert = ml_collections.ConfigDict()
+  config.teacher.expert.eps_on = 0.05  # Mass off the peak action on turns still on the expert's path.
+  config.teacher.expert.eps_off = 0.05  # Mass off the peak action after the student left the expert's path.
+  config.teacher.expert.eta = 0.0  # Chance that an off-path turn's peak is a fixed wrong admissible action.
+  config.teacher.expert.seed = 0  # Seeds the misdirection draws and the wrong actions.
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.
@@ -134,7 +142,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.old_logprobs = "current"
 
   config.judge = ml_collections.ConfigDict()
-  config.judge.mode = "prompt"  # prompt | transcript (section 5 after the transcript) | likelihood | oracle.
+  # prompt | transcript (section 5 after the transcript) | likelihood | oracle | expert_belief (the expert teacher's).
+  config.judge.mode = "prompt"
   config.judge.history_turns = 2  # Past turns shown in the judge prompt.
   config.judge.show_admissible = True  # List turn t's admissible actions in the judge prompt.
   config.judge.max_new_tokens = 4  # The judge answers with one word (with enable_thinking: its thought, then the word).

@@ -17,7 +17,7 @@ from sage_opd_jax import losses
 from sage_opd_jax.envs import base as envs_base
 
 STAGES = ("pipeline", "collect_demos", "sft", "distill", "evaluate", "export")
-JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle")
+JUDGE_MODES = ("prompt", "transcript", "likelihood", "oracle", "expert_belief")
 # The judge modes that sample the teacher's reply, so that it may think before its label
 # (config.judge.enable_thinking); the others read one next token or no answer at all.
 JUDGE_THINKING_MODES = ("prompt",)
@@ -25,6 +25,9 @@ JUDGE_THINKING_MODES = ("prompt",)
 # and the label. Qwen3 thinks hundreds of tokens about a judge question; a reply cut inside its
 # thought has no label (prompts.UNCLOSED_THINK), so budgets near this floor lose most labels.
 JUDGE_THINKING_MIN_TOKENS = 64
+TEACHER_KINDS = ("model", "expert")  # config.teacher.kind: a trained model, or the env's expert (expert_teacher.py).
+# Judge modes that ask the teacher a question, which the expert teacher cannot answer.
+MODEL_JUDGE_MODES = ("prompt", "transcript")
 SCHEDULES = ("constant", "cosine")
 # What fills an expert demo's <think></think> (sft_data): nothing, ALFWorld's subgoal, or the
 # subgoal with the task object's take named ("take apple"; envs.alfworld.subgoal_thoughts).
@@ -111,6 +114,39 @@ def _check_finite(node: ml_collections.ConfigDict, prefix: str = "") -> None:
       raise ConfigError(f"config.{prefix}{key}={value!r}: must be finite.")
 
 
+def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.EnvSpec) -> None:
+  """The expert teacher's requirements: an env expert, constrained decoding, a loss and judge it can feed."""
+  _one_of(config, "teacher.kind", TEACHER_KINDS)
+  mode = _get(config, "judge.mode")
+  if _get(config, "teacher.kind") != "expert":
+    if mode == "expert_belief":
+      raise ConfigError("config.judge.mode='expert_belief' reads the expert teacher's beliefs: it needs "
+                        "config.teacher.kind='expert'.")
+    return
+  for key in ("eps_on", "eps_off"):
+    value = _get(config, f"teacher.expert.{key}")
+    if not 0.0 <= value < 1.0:
+      raise ConfigError(f"config.teacher.expert.{key}={value!r}: must lie in [0, 1).")
+  _in_range(config, "teacher.expert.eta", 0.0, 1.0)
+  why = "config.teacher.kind='expert' "
+  if spec.expert is None:
+    raise ConfigError(f"{why}needs an env with an expert to name its action at every state; config.env.name="
+                      f"{_get(config, 'env.name')!r} has none.")
+  if not _get(config, "sampling.constrained"):
+    raise ConfigError(f"{why}is a distribution over the turn's admissible actions, so the student's actions must "
+                      "be admissible: set config.sampling.constrained=True (unconstrained decoding has no trie to "
+                      "score its tokens through).")
+  if _get(config, "loss.estimator") != "sampled":
+    raise ConfigError(f"{why}scores the student's sampled tokens only: set config.loss.estimator='sampled' "
+                      f"(not {_get(config, 'loss.estimator')!r}).")
+  if _get(config, "teacher.temperature") != 1.0:
+    raise ConfigError(f"{why}sets its sharpness with teacher.expert.eps_on/eps_off: leave "
+                      f"config.teacher.temperature at 1.0 (not {_get(config, 'teacher.temperature')!r}).")
+  if mode in MODEL_JUDGE_MODES and losses.variant(_get(config, "method")).uses_judge:
+    raise ConfigError(f"config.judge.mode={mode!r} asks the teacher a question, which the expert teacher cannot "
+                      "answer: use 'expert_belief' (its own judge), 'likelihood' or 'oracle'.")
+
+
 def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The keys (or sections) of `config.allow_changed`, "a.b,c": what a rerun may change from its workdir's record."""
   return tuple(k.strip() for k in str(config.get("allow_changed", "")).split(",") if k.strip())
@@ -182,6 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.teacher.top_k={top_k} exceeds config.teacher.model.vocab_size="
                       f"{_get(config, 'teacher.model.vocab_size')}.")
   _positive(config, "teacher.temperature")
+  _validate_teacher_kind(config, spec)
 
   _positive(config, "sampling.temperature", allow_zero=True)
   _positive(config, "sampling.top_k", allow_zero=True)

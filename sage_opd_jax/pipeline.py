@@ -159,7 +159,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   _stage(root, "student_eval", bool(writers.rows_with(student_eval, "eval/")),
          lambda: train.evaluate_stage(student_eval_cfg, student_eval), record=shared(student_eval_cfg, student_eval))
 
-  logging.info("[4/6] teacher SFT (acting and judging)%s",
+  # The env's expert as the teacher (config.teacher.kind='expert', expert_teacher.py): nothing to train or evaluate.
+  model_teacher = config.teacher.kind == "model"
+  logging.info("[4/6] teacher SFT (acting and judging)%s" if model_teacher else "[4/6] teacher: the env's expert%s",
                f" (from the given {given_teacher})" if given_teacher else "")
   teacher_dir = root / "teacher"
   # The teacher's SFT settings, shared by its first SFT and every DAgger round's.
@@ -167,13 +169,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
                      sft__extra_demos_dirs=tuple(map(str, extra_passes)), sft__judge_examples=True,
                      optim__schedule=p.sft_schedule, eval__num_episodes=0)
   teacher_hf = given_teacher  # 0 SFT updates: the given checkpoint as it is.
-  if p.teacher_steps:
+  if p.teacher_steps and model_teacher:
     teacher_sft_cfg = _derive(base, **teacher_sft, student__hf_dir=given_teacher, train__num_steps=p.teacher_steps,
                               optim__learning_rate=p.sft_learning_rate)
     _stage(root, "teacher_sft", writers.exported(teacher_dir), lambda: train.train(teacher_sft_cfg, teacher_dir),
            record=shared(teacher_sft_cfg, teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
-  for r in range(1, p.dagger_rounds + p.dagger_student_rounds + 1):
+  for r in range(1, (p.dagger_rounds + p.dagger_student_rounds) * model_teacher + 1):
     # The teacher's own rounds first; then the student plays, as it will in OPD's rollouts.
     player = "student" if r > p.dagger_rounds else "teacher"
     logging.info("[4/6] teacher DAgger round %d of %d (%d games of the %s)", r,
@@ -193,13 +195,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
            record=shared(round_cfg, teacher_dir))
     teacher_hf = str(writers.export_dir(teacher_dir))
   teacher_eval = root / "teacher_eval"
-  teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
-  _claim_eval_dir(teacher_eval, teacher_hf)  # Both stages below write there.
-  _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
-         lambda: train.evaluate_stage(teacher_cfg, teacher_eval), record=shared(teacher_cfg, teacher_eval))
-  _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
-         lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval),
-         record=shared(teacher_cfg, teacher_eval))
+  if model_teacher:
+    teacher_cfg = _derive(base, stage="evaluate", student__hf_dir=teacher_hf)
+    _claim_eval_dir(teacher_eval, teacher_hf)  # Both stages below write there.
+    _stage(root, "teacher_eval", bool(writers.rows_with(teacher_eval, "eval/")),
+           lambda: train.evaluate_stage(teacher_cfg, teacher_eval), record=shared(teacher_cfg, teacher_eval))
+    _stage(root, "judge_accuracy", bool(writers.rows_with(teacher_eval, "judge_eval/")),
+           lambda: results.judge_accuracy_stage(teacher_cfg, heldout_demos, teacher_eval),
+           record=shared(teacher_cfg, teacher_eval))
 
   report = _derive(base, teacher__hf_dir=given_teacher)  # The report names a given teacher.
   logging.info("[5/6] methods x seeds%s", f" (sweep {p.sweep!r})" if p.sweep else "")

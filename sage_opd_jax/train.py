@@ -24,6 +24,7 @@ import tqdm
 from sage_opd_jax import checkpoints
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import evaluation
+from sage_opd_jax import expert_teacher
 from sage_opd_jax import judge as judge_lib
 from sage_opd_jax import losses
 from sage_opd_jax import models
@@ -85,10 +86,27 @@ def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   return sharding.create_model(models.ModelConfig.from_dict(section.model.to_dict()), mesh, seed)
 
 
+def load_teacher(config: ml_collections.ConfigDict, tokenizer: Any, mesh: jax.sharding.Mesh | None) -> Any:
+  """The distill stage's teacher: a model (`load_model`), or the env's expert (`config.teacher.kind`)."""
+  if config.teacher.kind != expert_teacher.KIND:
+    return load_model(config.teacher, mesh, config.seed + 1)
+  # The expert names its action at every state through the rollout's shadow expert (`make_rollout_engine`).
+  c = config.teacher.expert
+  logging.warning("config.teacher.kind='expert': the teacher is the environment's expert (eps_on=%g, eps_off=%g, "
+                  "eta=%g), a controlled study, not a trained teacher.", c.eps_on, c.eps_off, c.eta)
+  return expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig.from_config(c), tokenizer,
+                                      sampling_config(config, tokenizer, config.sampling.temperature),
+                                      _vocab_size(config.student))
+
+
+def _vocab_size(section: ml_collections.ConfigDict) -> int:
+  return models.ModelConfig.from_hf(section.hf_dir).vocab_size if section.hf_dir else section.model.vocab_size
+
+
 def loss_options(config: ml_collections.ConfigDict, method: str, num_turns: int | None) -> losses.LossOptions:
   """The `losses.LossOptions` of a run: `config.loss` for `method`, plus T and the teacher's V."""
-  teacher = config.teacher
-  vocab = models.ModelConfig.from_hf(teacher.hf_dir).vocab_size if teacher.hf_dir else teacher.model.vocab_size
+  # The expert teacher's distributions live on the student's vocabulary.
+  vocab = _vocab_size(config.student if config.teacher.kind == expert_teacher.KIND else config.teacher)
   return dataclasses.replace(config_lib.loss_options(config, method), num_turns=num_turns, teacher_vocab_size=vocab)
 
 
@@ -217,7 +235,9 @@ class DistillSource:
     self.judge_config = judge_lib.JudgeConfig.from_config(config.judge)
     self.judge = judge_lib.make_judge(self.judge_config, teacher=teacher, tokenizer=tokenizer)
     self.variant = losses.variant(config.method)
-    self.teacher_top_k = teacher_support(config, teacher.config.vocab_size, len(tokenizer))
+    self.expert = getattr(teacher, "kind", None) == expert_teacher.KIND  # The env's expert as the teacher.
+    self.teacher_vocab = teacher.vocab_size if self.expert else teacher.config.vocab_size
+    self.teacher_top_k = teacher_support(config, self.teacher_vocab, len(tokenizer))
     self.vocab_limit = len(tokenizer) if config.sampling.mask_unused_ids else 0
 
   def tasks_for(self, step: int) -> list[base.Task]:
@@ -253,9 +273,11 @@ class DistillSource:
       confidence_BxT = losses.turn_confidence(
           arrays["teacher_top1"], arrays["teacher_entropy"], arrays["turn_ids"], num_turns,
           "turn_mean_top1" if self.config.loss.confidence in ("token_top1", "none") else self.config.loss.confidence,
-          self.teacher.config.vocab_size)
+          self.teacher_vocab)
       metrics.update(judge_lib.judge_metrics(judged, batch.episodes, self.judge_config.mode,
                                              confidence_BxT=np.asarray(confidence_BxT)))
+    if self.expert:  # Every row of a controlled study says so, with its knob.
+      metrics.update(self.teacher.metrics(batch.episodes))
     metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
     return arrays, metrics, batch
 
@@ -273,6 +295,9 @@ class DistillSource:
       with timer("judge"):
         questions = self.judge.prepare(episodes, num_turns, arrays)
     with timer("teacher"):
+      if self.expert:
+        arrays.update(self.teacher.score(episodes, arrays))
+        return self.judge.label(episodes, num_turns, arrays, None, key) if judge else None
       tokens, mask = jax.device_put((arrays["tokens"], arrays["attention_mask"]), self.batch_sharding)
       scores = teacher_lib.score_batch(
           self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
@@ -364,7 +389,8 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
   With `expert` (or judge.mode="oracle", analysis only) the env's expert names its action at
   every state: the env's `EnvSpec.expert` shadows each episode in its worker.
   """
-  oracle = expert or (judge_lib.judge_mode(config.judge.mode).needs_expert and losses.variant(config.method).uses_judge)
+  oracle = (expert or config.teacher.kind == expert_teacher.KIND
+            or (judge_lib.judge_mode(config.judge.mode).needs_expert and losses.variant(config.method).uses_judge))
   spec = base.spec(config.env.name)
   if oracle and spec.expert is None:
     raise config_lib.ConfigError(
@@ -502,7 +528,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   check_processes(config, stage)
   mesh = mesh_from_config(config.mesh)
   tokenizer = shared_tokenizer(config, stage)
-  check_vocabularies(config, tokenizer, ("student",) if stage == "sft" else ("student", "teacher"))
+  check_vocabularies(config, tokenizer, ("student",) if stage == "sft" or config.teacher.kind != "model"
+                     else ("student", "teacher"))
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)
   num_steps, batch_size = config.train.num_steps, config.train.batch_episodes
@@ -549,7 +576,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       source = SftSource(config, tokenizer)
       writer.write(int(state.step), source.info)
     else:
-      teacher = load_model(config.teacher, mesh, config.seed + 1)
+      teacher = load_teacher(config, tokenizer, mesh)
       source = DistillSource(config, tokenizer, teacher, engine, train_tasks, sharding.batch_sharding(mesh))
 
     metrics: dict[str, float] = {}

@@ -1,0 +1,57 @@
+"""The controlled-teacher study on ALFWorld's pick_and_place_simple: the env's expert as the teacher.
+
+A positive control and a test of where selective intervention helps: the teacher is the
+environment's expert (`sage_opd_jax/expert_teacher.py`), near-perfect on the student's states
+(eps_on = eps_off = 0.05), and with probability eta per turn after the student left the
+expert's path its peak sits on a fixed wrong admissible action. The judge is the teacher's own
+(`judge.mode='expert_belief'`): its errors come from the same knob. Every other setting (models,
+constrained decoding, 40 updates of 8 episodes, greedy eval on every game of the task type) is
+the CPU tables' (alfworld_cpu_pick.py); the student's warm start is weaker and thinks nothing.
+
+The study, one pipeline per eta into one workdir (the demos, tokenizer and student warm start
+are made by the first and shared; each eta's runs go to sweeps/eta<eta>/; every command
+resumes where it stopped and rewrites the study's plots):
+
+  for eta in 0 0.25 0.5 0.75; do
+    python -m sage_opd_jax.main --config=configs/alfworld_control.py:$eta --workdir=workdirs/alfworld_control
+  done
+
+The positive control alone (eta = 0, OPD and SAGE-OPD, seed 0):
+
+  python -m sage_opd_jax.main --config=configs/alfworld_control.py:0 --workdir=workdirs/alfworld_control \\
+      --config.pipeline.methods="('opd','sage_opd')" --config.pipeline.seeds="(0,)"
+
+Results: docs/results.md, "Controlled teacher" (CSV and plots: docs/results/alfworld_control/).
+"""
+
+import ml_collections
+
+from configs import alfworld_cpu_pick
+
+ETAS = (0.0, 0.25, 0.5, 0.75)  # The sweep of docs/results.md's study.
+
+
+def get_config(eta: str = "0") -> ml_collections.ConfigDict:
+  config = alfworld_cpu_pick.get_config("opd")
+  config.teacher.kind = "expert"
+  config.teacher.expert.eps_on = 0.05
+  config.teacher.expert.eps_off = 0.05
+  config.teacher.expert.eta = float(eta)
+  config.judge.mode = "expert_belief"
+  # The student's demos think nothing (`<think></think><action>a</action>`), so the expert's own response is
+  # in the student's format and the teacher scores every token of it. The thought stays free with a budget
+  # of 4 tokens (the empty thought is 2) before the action is forced through the admissible-action trie.
+  config.sft.thoughts = "none"
+  config.sft.renumbered_copies = 0  # No teacher SFT here: the copies fed only that.
+  config.sampling.max_thought_tokens = 4
+  config.seed = 0
+  p = config.pipeline
+  # A weak warm start: 150 SFT updates on every demo (the CPU tables' student had 500); it should win
+  # some games, so that what distillation adds or removes shows, and leave room for the expert to teach.
+  p.student_steps = 150
+  p.methods = ("opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm")
+  p.seeds = (0, 1, 2)
+  p.heldout_games = 1  # Held-out judge examples grade a model teacher's judge; the expert has none to grade.
+  p.sweep = f"eta{float(eta):g}"
+  p.results_dir = "docs/results/alfworld_control"
+  return config

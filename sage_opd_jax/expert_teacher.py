@@ -1,0 +1,264 @@
+"""The expert teacher: a teacher built from the environment's expert, with its reliability as a knob.
+
+A controlled study (configs/alfworld_control.py), not the paper's method: the teacher is not a
+model but the env's shadow expert (`EnvSpec.expert`, which names its action a* at every state
+the student reaches) turned into a distribution over the turn's admissible actions:
+
+  nu(a) = 1 - eps on the peak action, eps / (n - 1) on each of the n - 1 others,
+
+with eps = `eps_on` on turns where the student is still on the expert's path (every earlier
+action was the expert's) and `eps_off` after it left it. The peak is a*, except that on an
+off-path turn, with probability `eta`, it sits on one fixed wrong admissible action instead
+(misdirection). Both the draw and the wrong action are a hash of (`seed`, task, turn, the
+state's admissible actions, a*), so reruns, methods and seeds meet the same teacher, and the
+turns misdirected at one eta are among those misdirected at any larger eta.
+
+The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
+through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
+/ nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
+With free thought the response starts with the expert's own empty thought and the trigger
+(`sft_data.expert_response(a)`: `<think></think><action>`), each forced; a student token the
+expert's format never emits (a word in the thought) gets `OUTSIDE_LOGPROB`, and the action after
+the trigger is scored through the trie all the same.
+
+Host side (numpy), like the judge: it runs between the rollout and the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from sage_opd_jax import judge as judge_lib
+from sage_opd_jax import losses
+from sage_opd_jax import prompts
+from sage_opd_jax import sampling
+from sage_opd_jax import teacher as teacher_lib
+
+_log = logging.getLogger(__name__)
+
+KIND = "expert"  # config.teacher.kind of this teacher ("model": a trained teacher).
+# The log-prob of a token outside the expert's support (a thought word; an action token after
+# eps = 0 ruled it out): finite, so the loss stays finite, and far below any action's.
+OUTSIDE_LOGPROB = math.log(1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTeacherConfig:
+  """The reliability knob (`config.teacher.expert`).
+
+  Attributes:
+    eps_on: mass off the peak on turns where the student is on the expert's path.
+    eps_off: mass off the peak on turns after the student left it.
+    eta: probability that an off-path turn's peak is a fixed wrong admissible action.
+    seed: seeds the misdirection draws and the wrong actions.
+  """
+
+  eps_on: float = 0.05
+  eps_off: float = 0.05
+  eta: float = 0.0
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("eps_on", "eps_off"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"ExpertTeacherConfig.{name}={getattr(self, name)!r}: must lie in [0, 1).")
+    if not 0.0 <= self.eta <= 1.0:
+      raise ValueError(f"ExpertTeacherConfig.eta={self.eta!r}: must lie in [0, 1].")
+
+  @classmethod
+  def from_config(cls, expert: Mapping[str, Any]) -> ExpertTeacherConfig:
+    return cls(eps_on=float(expert["eps_on"]), eps_off=float(expert["eps_off"]), eta=float(expert["eta"]),
+               seed=int(expert["seed"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnBelief:
+  """The expert teacher's distribution at one turn.
+
+  actions: the admissible actions, de-duplicated in the env's order (the sampler's trie's);
+  probs: float64 nu over them; peak: the action it prefers (None when the turn has no expert
+  action: then nu is uniform); on_path: every earlier action was the expert's; misdirected:
+  the peak is the fixed wrong action, not the expert's.
+  """
+
+  actions: tuple[str, ...]
+  probs: np.ndarray
+  peak: str | None
+  expert_action: str | None
+  on_path: bool
+  misdirected: bool
+
+
+def _unit(*parts: Any) -> float:
+  """A uniform draw in [0, 1) fixed by `parts` (SHA-256: stable across processes and Python runs)."""
+  digest = hashlib.sha256(repr(parts).encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def action_probs(num_actions: int, peak: int | None, eps: float) -> np.ndarray:
+  """nu over `num_actions` actions: 1 - eps on `peak`, eps spread evenly over the rest (uniform if None)."""
+  if peak is None or num_actions == 1:
+    return np.full(num_actions, 1.0 / num_actions) if peak is None else np.ones(1)
+  probs = np.full(num_actions, eps / (num_actions - 1))
+  probs[peak] = 1.0 - eps
+  return probs
+
+
+def episode_beliefs(task_id: str, turns: Sequence[Any], config: ExpertTeacherConfig) -> list[TurnBelief]:
+  """The teacher's `TurnBelief` at each turn of one episode (turns carry action, admissible, expert_action)."""
+  beliefs, on_path = [], True
+  for t, turn in enumerate(turns):
+    actions = tuple(dict.fromkeys(turn.admissible))
+    expert = turn.expert_action
+    star = None if expert is None else next(
+        (i for i, a in enumerate(actions) if judge_lib.same_action(a, expert)), None)
+    peak, misdirected = star, False
+    if star is not None and not on_path and len(actions) > 1:
+      state = (config.seed, task_id, t, sorted(actions), actions[star])
+      if _unit("misdirect", *state) < config.eta:
+        wrong = sorted(i for i in range(len(actions)) if i != star)
+        peak, misdirected = wrong[int(_unit("wrong", *state) * len(wrong))], True
+    eps = config.eps_on if on_path else config.eps_off
+    beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peak, eps),
+                              peak=None if peak is None else actions[peak], expert_action=expert,
+                              on_path=on_path, misdirected=misdirected))
+    on_path = on_path and expert is not None and turn.action is not None and judge_lib.same_action(turn.action, expert)
+  return beliefs
+
+
+def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, tokens: Sequence[int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per token of `tokens`: log P(token | earlier tokens), top-1 and entropy of P(. | earlier tokens).
+
+  P is the token-level law of drawing sequence i with probability probs[i] (a distribution over
+  `sequences`, e.g. admissible actions' token ids): P(x | p) = mass of the sequences continuing
+  p + x over the mass of those continuing p. A token outside the support (no sequence
+  continues it, or only ones of zero mass) gets `OUTSIDE_LOGPROB`; from there on, and past the
+  end of a complete sequence, no sequence is consistent, so every token gets `OUTSIDE_LOGPROB`
+  with top-1 1 and entropy 0.
+  """
+  n = len(tokens)
+  logp, top1, entropy = np.full(n, OUTSIDE_LOGPROB), np.ones(n), np.zeros(n)
+  alive = [i for i, seq in enumerate(sequences) if probs[i] > 0]
+  for j, token in enumerate(tokens):
+    children: dict[int, float] = {}
+    for i in alive:
+      if len(sequences[i]) > j:
+        children[sequences[i][j]] = children.get(sequences[i][j], 0.0) + probs[i]
+    total = sum(children.values())
+    if total <= 0:
+      break
+    p = np.asarray(list(children.values())) / total
+    top1[j] = p.max()
+    entropy[j] = float(-(p * np.log(p)).sum())
+    if token not in children:
+      logp[j + 1:] = OUTSIDE_LOGPROB
+      break
+    logp[j] = max(math.log(children[token] / total), OUTSIDE_LOGPROB)
+    alive = [i for i in alive if len(sequences[i]) > j and sequences[i][j] == token]
+  return logp, top1, entropy
+
+
+class ExpertTeacher:
+  """The env's expert as a teacher: `score` gives the `teacher.STAT_KEYS` a model teacher's scoring does.
+
+  Args:
+    config: the reliability knob.
+    tokenizer: the shared tokenizer (the actions' token ids must be the sampler's).
+    sampling_config: the rollout's decoding settings: with a `constraint_trigger` (free thought)
+      the response is `<think></think>` + trigger + `a</action>`, else `<action>a</action>`.
+    vocab_size: the teacher's V, what `neg_entropy` confidence normalises by (the student's).
+  """
+
+  kind = KIND
+
+  def __init__(self, config: ExpertTeacherConfig, tokenizer: Any, sampling_config: sampling.SamplingConfig,
+               vocab_size: int):
+    self.expert_config = config
+    self.tokenizer = tokenizer
+    self.vocab_size = int(vocab_size)
+    trigger = list(sampling_config.constraint_trigger)
+    self.trigger = trigger
+    # The tokens before the action: the expert's own empty thought and the trigger, each forced.
+    self.prefix = (_encode(tokenizer, prompts.THINK_OPEN + prompts.THINK_CLOSE) + trigger) if trigger else []
+    self.head = "" if trigger else prompts.ACTION_OPEN  # As rollout's `_allowed` builds the trie.
+
+  def action_tokens(self, actions: Sequence[str]) -> list[list[int]]:
+    """The token ids of each action's constrained string (what the sampler's trie holds)."""
+    return [_encode(self.tokenizer, f"{self.head}{a}{prompts.ACTION_CLOSE}") for a in actions]
+
+  def beliefs(self, episodes: Sequence[Any]) -> list[list[TurnBelief]]:
+    return [episode_beliefs(e.task.task_id, e.turns, self.expert_config) for e in episodes]
+
+  def turn_stats(self, belief: TurnBelief, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-prob, top-1, entropy) of each response token: the free part against the expert's
+    format, the rest (after the trigger) through the action trie."""
+    split = 0
+    if self.trigger:
+      k = len(self.trigger)
+      ends = [i + k for i in range(len(response) - k + 1) if list(response[i:i + k]) == self.trigger]
+      split = ends[0] if ends else len(response)
+    free = trie_token_stats([self.prefix], np.ones(1), response[:split])
+    action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
+    return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
+
+  def score(self, episodes: Sequence[Any], arrays: Mapping[str, np.ndarray]) -> teacher_lib.Scores:
+    """`teacher.STAT_KEYS` -> [B, S] float32 on the batch's response tokens (turn k's: turn_ids == k), else 0."""
+    turn_ids_BxS = np.asarray(arrays["turn_ids"])
+    scores = {key: np.zeros(turn_ids_BxS.shape, np.float32) for key in teacher_lib.STAT_KEYS}
+    for b, (episode, beliefs) in enumerate(zip(episodes, self.beliefs(episodes))):
+      for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
+        where = np.flatnonzero(turn_ids_BxS[b] == t + 1)
+        if len(where) != len(turn.response_tokens):
+          raise ValueError(f"ExpertTeacher.score: episodes[{b}] turn {t + 1} has {len(turn.response_tokens)} "
+                           f"response tokens but turn_ids marks {len(where)} in row {b} of the batch.")
+        for key, values in zip(teacher_lib.STAT_KEYS, self.turn_stats(belief, turn.response_tokens)):
+          scores[key][b, where] = values
+    return scores
+
+  def metrics(self, episodes: Sequence[Any]) -> dict[str, float]:
+    """`teacher/...`: that the teacher is the expert (controlled study), its knob, and where its peak sat."""
+    beliefs = [b for per_episode in self.beliefs(episodes) for b in per_episode]
+    count = max(len(beliefs), 1)
+    c = self.expert_config
+    return {"teacher/expert": 1.0, "teacher/eps_on": c.eps_on, "teacher/eps_off": c.eps_off, "teacher/eta": c.eta,
+            "teacher/on_path_frac": sum(b.on_path for b in beliefs) / count,
+            "teacher/misdirected_frac": sum(b.misdirected for b in beliefs) / count,
+            "teacher/no_expert_frac": sum(b.peak is None for b in beliefs) / count}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@judge_lib._register_mode  # pylint: disable=protected-access
+class ExpertBeliefJudge(judge_lib.JudgeMode):
+  """The expert teacher's own judge: it sees the world the teacher does.
+
+  A valid turn is Skip when the student played the teacher's preferred action, Weak when it
+  played another admissible one; an invalid turn is Strong by rule (the env's feedback). Its
+  errors are the teacher's: on a misdirected turn the expert's action is judged Weak and the
+  wrong one Skip. `oracle` stays the upper bound (the expert's own action).
+  """
+
+  name = "expert_belief"
+  needs_expert = True
+
+  def read(self, episodes, num_turns, asked, batch, questions, rng):
+    del asked, batch, questions, rng
+    teacher = self._need("teacher", self.teacher)
+    if getattr(teacher, "kind", None) != KIND:
+      raise ValueError("judge: mode='expert_belief' reads the expert teacher's beliefs: set config.teacher.kind="
+                       f"{KIND!r}.")
+    labels = np.full((len(episodes), num_turns), losses.Label.STRONG, np.int32)
+    for b, (episode, beliefs) in enumerate(zip(episodes, teacher.beliefs(episodes))):
+      for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
+        if turn.action is not None and belief.peak is not None:
+          labels[b, t] = losses.Label.SKIP if judge_lib.same_action(turn.action, belief.peak) else losses.Label.WEAK
+    return labels, None, 0
