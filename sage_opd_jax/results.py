@@ -327,6 +327,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   """
   sweep = config.pipeline.sweep if "pipeline" in config else ""
   runs_root = sweep_root(root, sweep)
+  if config.teacher.kind == "expert" and sweep:  # The controlled-teacher study: every eta's sweep of the workdir.
+    write_control_results(root, config, results_dir=results_dir)
   if results_dir is not None and sweep:
     results_dir = pathlib.Path(results_dir).with_name(f"{pathlib.Path(results_dir).name}_{sweep}")
   out = runs_root / "results"
@@ -438,7 +440,10 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
       "over seeds:", "",
       markdown_table(rows, splits), "",
       *_pending_line(config, rows),
-      f"{_teacher_caption(root, config.teacher.hf_dir)} the `{TEACHER}` row above.",
+      (f"Teacher: the environment's expert (a controlled study, `config.teacher.kind='expert'`): eps_on="
+       f"{config.teacher.expert.eps_on:g}, eps_off={config.teacher.expert.eps_off:g}, eta="
+       f"{config.teacher.expert.eta:g}; judge `{config.judge.mode}`." if config.teacher.kind == "expert"
+       else f"{_teacher_caption(root, config.teacher.hf_dir)} the `{TEACHER}` row above."),
   ]
   if "judge_eval/accuracy" in teacher:
     lines += ["", f"Judge accuracy on held-out games' judge examples: {teacher['judge_eval/accuracy']:.3f} "
@@ -451,3 +456,130 @@ def _report(root: pathlib.Path, config: ml_collections.ConfigDict, runs: dict[st
   lines += ["", "CSV: [results.csv](results.csv)", "",
             f"![{success_png[:-4].replace('_', ' ')}]({success_png})", "![judge label mix](judge_label_mix.png)", ""]
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# The controlled-teacher study (configs/alfworld_control.py): every eta's sweep of one workdir.
+
+CONTROL = "control"  # <workdir>/control/: the study's table, CSV and plots.
+
+
+def control_rows(root: pathlib.Path, splits: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per (eta, method) over the workdir's sweeps run with the expert teacher: final success
+  per seed on each split, and the judge's label mix and oracle agreement over every update of every seed."""
+  rows = []
+  for sweep_dir in sorted((pathlib.Path(root) / "sweeps").glob("*")):
+    for method, dirs in collect_runs(sweep_dir).items():
+      dirs = [d for d in dirs if _finished(d)]
+      recorded = [json.loads((d / provenance.RECORD).read_text(encoding="utf-8"))["config"] for d in dirs]
+      if not dirs or any(r.get("teacher.kind") != "expert" for r in recorded):
+        continue
+      row: dict[str, Any] = {"eta": float(recorded[0]["teacher.expert.eta"]), "method": method, "seeds": len(dirs),
+                             "sweep": sweep_dir.name}
+      finals = [_final_eval(d) for d in dirs]
+      for split in splits:
+        row[f"{split}/success"] = [f[f"eval/{split}/t0/success"] for f in finals if f"eval/{split}/t0/success" in f]
+      train_rows = [r for d in dirs for r in writers.read_metrics(d) if "judge/skip_frac" in r]
+      for key in [f"judge/{label}_frac" for label in _LABELS] + ["judge/oracle_accuracy", "teacher/misdirected_frac"]:
+        values = [r[key] for r in train_rows if key in r]
+        if values:
+          row[key] = float(np.mean(values))
+      rows.append(row)
+  return sorted(rows, key=lambda r: (r["method"], r["eta"]))
+
+
+def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str], start: dict[str, float],
+                          path: pathlib.Path) -> None:
+  """Success against eta, a panel per split: per method the seed mean, its band the seeds' min to max."""
+  fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), sharey=True, squeeze=False)
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  for ax, split in zip(axes[0], splits):
+    for i, method in enumerate(methods):
+      points = [(r["eta"], r[f"{split}/success"]) for r in rows if r["method"] == method and r[f"{split}/success"]]
+      if not points:
+        continue
+      etas = [e for e, _ in points]
+      ax.plot(etas, [np.mean(v) for _, v in points], marker=_MARKERS[i % len(_MARKERS)], fillstyle="none",
+              linestyle=("-", "--", ":", "-.")[i % 4], label=method)
+      ax.fill_between(etas, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.15)
+    if (key := f"eval/{split}/t0/success") in start:
+      ax.axhline(start[key], color="gray", linestyle=":", label="student start")
+    ax.set_title(split, fontsize=9)
+    ax.set_xlabel("eta (misdirection rate off the expert's path)")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("success (greedy)")
+  if axes[0][0].get_legend_handles_labels()[0]:
+    axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plot_control_labels(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
+  """The expert-belief judge's Skip / Weak / Strong mix per eta (over the judged methods' updates), and its
+  agreement with the oracle."""
+  etas = sorted({r["eta"] for r in rows if "judge/skip_frac" in r})
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  bottom = np.zeros(len(etas))
+  for label in _LABELS:
+    values = np.array([np.mean([r[f"judge/{label}_frac"] for r in rows if r["eta"] == e and "judge/skip_frac" in r])
+                       for e in etas])
+    ax.bar([str(e) for e in etas], values, bottom=bottom, label=label.capitalize(), alpha=0.85)
+    bottom += values
+  accuracy = [np.mean([r["judge/oracle_accuracy"] for r in rows if r["eta"] == e and "judge/oracle_accuracy" in r])
+              for e in etas]
+  ax.plot([str(e) for e in etas], accuracy, color="black", marker="o", label="agreement with the oracle")
+  ax.set_xlabel("eta")
+  ax.set_ylabel("fraction of turns")
+  ax.set_ylim(0, 1.05)
+  if etas:
+    ax.legend(fontsize=7, loc="lower left")
+  else:
+    ax.text(0.5, 0.5, "no judged run yet", ha="center", va="center", transform=ax.transAxes)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
+                          results_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes `root/control/{control.md, control.csv, success_vs_eta.png, judge_labels_vs_eta.png}`, and the CSV and
+  plots to `results_dir` (e.g. docs/results/alfworld_control), from every finished run of every eta's sweep."""
+  root = pathlib.Path(root)
+  splits = list(config.env.eval_splits)
+  rows = control_rows(root, splits)
+  out = root / CONTROL
+  out.mkdir(parents=True, exist_ok=True)
+  start_dir = root / "student_eval"
+  start = _final_eval(start_dir) if writers.rows_with(start_dir, "eval/") else {}
+  _plot_control_success(rows, splits, start, out / "success_vs_eta.png")
+  _plot_control_labels(rows, out / "judge_labels_vs_eta.png")
+  label_keys = [f"judge/{label}_frac" for label in _LABELS] + ["judge/oracle_accuracy", "teacher/misdirected_frac"]
+  with open(out / "control.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["eta", "method", "seeds", *[f"{s}/success_{stat}" for s in splits for stat in ("mean", "std")],
+                *label_keys])
+    for r in rows:
+      w.writerow([r["eta"], r["method"], r["seeds"],
+                  *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
+                                                        if r[f"{s}/success"] else (np.nan, np.nan))],
+                  *[f"{r[k]:.4f}" if k in r else "" for k in label_keys]])
+  lines = ["# Controlled teacher: success against eta", "",
+           "Greedy success after the last update, mean ± std over seeds; the expert-belief judge's label mix and "
+           "its agreement with the oracle's labels over every update. Student start: " + ", ".join(
+               f"{s} {start[f'eval/{s}/t0/success']:.3f}" for s in splits if f"eval/{s}/t0/success" in start) + ".",
+           "", "| eta | method | seeds | " + " | ".join(splits) + " | skip / weak / strong | judge = oracle |",
+           "|" + "---|" * (len(splits) + 5)]
+  for r in sorted(rows, key=lambda r: (r["eta"], r["method"])):
+    cells = [f"{np.mean(r[f'{s}/success']):.3f} ± {np.std(r[f'{s}/success']):.3f}" if r[f"{s}/success"] else "–"
+             for s in splits]
+    mix = " / ".join(f"{r[f'judge/{label}_frac']:.2f}" for label in _LABELS) if "judge/skip_frac" in r else "–"
+    agree = f"{r['judge/oracle_accuracy']:.3f}" if "judge/oracle_accuracy" in r else "–"
+    lines.append(f"| {r['eta']:g} | {r['method']} | {r['seeds']} | " + " | ".join(cells) + f" | {mix} | {agree} |")
+  lines += ["", "![success against eta](success_vs_eta.png)", "![judge labels against eta](judge_labels_vs_eta.png)",
+            ""]
+  (out / "control.md").write_text("\n".join(lines), encoding="utf-8")
+  if results_dir is not None:
+    _copy_results(root, out, pathlib.Path(results_dir), ("control.csv", "success_vs_eta.png",
+                                                          "judge_labels_vs_eta.png"))
+  return out

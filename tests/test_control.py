@@ -1,0 +1,311 @@
+"""The expert teacher (sage_opd_jax/expert_teacher.py): its token statistics, knob, judge, configs, and that OPD learns from it.
+
+The token statistics are pinned against an exact (rational) enumeration of the action
+distribution on turns the real ALFWorld engine produced, and the learning test runs the real
+distill loop (env workers, shadow expert, sampler, update) on the fixture games.
+"""
+
+import fractions
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import alfworld_control
+from configs import base
+from sage_opd_jax import config as config_lib
+from sage_opd_jax import expert_teacher
+from sage_opd_jax import judge as judge_lib
+from sage_opd_jax import losses
+from sage_opd_jax import models
+from sage_opd_jax import prompts
+from sage_opd_jax import rollout as rollout_lib
+from sage_opd_jax import teacher as teacher_lib
+from sage_opd_jax import tokenization
+from sage_opd_jax import train
+from sage_opd_jax.envs import alfworld_expert
+from sage_opd_jax.envs.alfworld import AlfworldEnv
+from conftest import real_alfworld_data
+
+FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+            max_position_embeddings=1024)
+
+
+# ------------------------------------------------------------------------------------------
+# Real ALFWorld turns.
+
+
+def expert_turns(data_dir, split, limit, tmp_path):
+  """(admissible actions, expert action) at every state of the expert's episodes on `limit` games of `split`."""
+  env = AlfworldEnv(data_dir=str(data_dir), cache_dir=str(tmp_path / "grounding"), facts=True,
+                    task_types=["pick_and_place_simple"])
+  try:
+    turns = []
+    for task in list(env.tasks(split))[:limit]:
+      episode = alfworld_expert.run_episode(env, task, max_steps=30)
+      turns += list(zip(episode.admissible_actions, episode.actions))
+    return turns
+  finally:
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def real_turns(tmp_path_factory):
+  """Turns of two real valid_seen games, and a word-level tokenizer that covers their actions."""
+  tmp = tmp_path_factory.mktemp("real")
+  turns = expert_turns(real_alfworld_data(), "valid_seen", 2, tmp)
+  words = sorted({a for admissible, _ in turns for a in admissible})
+  tokenizer = models.load_tokenizer(tokenization.build_alfworld_tokenizer(FIXTURE_DATA, tmp / "tok", extra_texts=words))
+  return turns, tokenizer
+
+
+def sampler_config(tokenizer, free_thought):
+  return rollout_lib.default_sampling_config(tokenizer, 32, free_thought=free_thought,
+                                             max_thought_tokens=4 if free_thought else 0)
+
+
+def brute_force(sequences, masses, prefix):
+  """Exact P(. | prefix), from the complete sequences' masses: the law of the next token, as Fractions."""
+  total = sum(m for s, m in zip(sequences, masses) if tuple(s[: len(prefix)]) == tuple(prefix))
+  nxt = {}
+  for s, m in zip(sequences, masses):
+    if tuple(s[: len(prefix)]) == tuple(prefix) and len(s) > len(prefix):
+      nxt[s[len(prefix)]] = nxt.get(s[len(prefix)], 0) + m
+  return {x: m / total for x, m in nxt.items()}
+
+
+@pytest.mark.parametrize("free_thought", [False, True])
+def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_turns, free_thought):
+  turns, tokenizer = real_turns
+  teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
+                                         sampler_config(tokenizer, free_thought), len(tokenizer))
+  checked = 0
+  for t, (admissible, expert) in enumerate(turns[:12]):
+    actions = tuple(dict.fromkeys(admissible))
+    n = len(actions)
+    peak = actions.index(expert)
+    eps = fractions.Fraction(1, 10) if t % 2 else fractions.Fraction(0)
+    masses = [eps / (n - 1)] * n if n > 1 else [fractions.Fraction(1)]
+    masses[peak] = 1 - eps if n > 1 else masses[peak]
+    probs = expert_teacher.action_probs(n, peak, float(eps))
+    np.testing.assert_allclose(probs, [float(m) for m in masses], rtol=1e-12)
+    belief = expert_teacher.TurnBelief(actions, probs, expert, expert, True, False)
+    # The student's responses as the sampler writes them: (free thought) + the trie's sequence of each action.
+    free = tokenizer.encode(prompts.THINK_OPEN + prompts.THINK_CLOSE + prompts.ACTION_OPEN,
+                            add_special_tokens=False) if free_thought else []
+    sequences = [tuple(free + s) for s in teacher.action_tokens(actions)]
+    assert len(set(sequences)) == n  # Distinct token sequences: the enumeration is over actions.
+    entropy_sum = 0.0
+    for i, seq in enumerate(sequences):
+      logp, top1, entropy = teacher.turn_stats(belief, seq)
+      for j in range(len(seq)):
+        law = brute_force(sequences, masses, seq[:j])
+        if law[seq[j]] == 0:
+          assert logp[j] == expert_teacher.OUTSIDE_LOGPROB
+          break
+        assert logp[j] == pytest.approx(math.log(law[seq[j]]), abs=1e-12)
+        assert top1[j] == pytest.approx(float(max(law.values())), abs=1e-12)
+        exact_h = -sum(float(p) * math.log(p) for p in law.values() if p > 0)
+        assert entropy[j] == pytest.approx(exact_h, abs=1e-12)
+        if len(law) == 1:  # A forced token: probability 1.
+          assert logp[j] == 0.0 and top1[j] == 1.0 and entropy[j] == 0.0
+      else:
+        # The chain rule: the tokens' probabilities multiply to the action's mass.
+        assert math.exp(logp.sum()) == pytest.approx(float(masses[i]), rel=1e-9)
+        entropy_sum += float(masses[i]) * entropy.sum()
+      checked += 1
+    # The expected sum of per-token entropies is the action distribution's entropy (sequences are prefix-free).
+    action_h = -sum(float(m) * math.log(m) for m in masses if m > 0)
+    assert entropy_sum == pytest.approx(action_h, abs=1e-9)
+  assert checked > 100
+
+
+def test_a_token_outside_the_experts_support_gets_the_floor(real_turns):
+  turns, tokenizer = real_turns
+  teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
+                                         sampler_config(tokenizer, True), len(tokenizer))
+  admissible, expert = turns[0]
+  actions = tuple(dict.fromkeys(admissible))
+  belief = expert_teacher.TurnBelief(actions, expert_teacher.action_probs(len(actions), actions.index(expert), 0.05),
+                                     expert, expert, True, False)
+  word = tokenizer.encode("apple", add_special_tokens=False)
+  # A thought word: the expert thinks nothing. The action after the trigger is still scored through the trie.
+  response = teacher.prefix[:1] + word + teacher.prefix[1:] + teacher.action_tokens([expert])[0]
+  logp, _, _ = teacher.turn_stats(belief, response)
+  assert logp[1] == expert_teacher.OUTSIDE_LOGPROB
+  assert math.exp(logp[len(teacher.prefix) + 1:].sum()) == pytest.approx(0.95)
+
+
+# ------------------------------------------------------------------------------------------
+# The knob and the judge.
+
+
+class FakeTurn:
+  def __init__(self, admissible, action, expert_action):
+    self.admissible, self.action, self.expert_action = admissible, action, expert_action
+
+
+def knob_episode(real_turns):
+  """A real episode's states where the student leaves the expert at turn 2 (a valid other action)."""
+  turns = []
+  for t, (admissible, expert) in enumerate(real_turns[0][:10]):
+    other = next(a for a in admissible if a != expert)
+    turns.append(FakeTurn(admissible, other if t == 1 else expert, expert))
+  return turns
+
+
+def test_misdirection_is_off_path_only_seeded_and_nested_in_eta(real_turns):
+  turns = knob_episode(real_turns)
+  beliefs = {eta: expert_teacher.episode_beliefs("game", turns, expert_teacher.ExpertTeacherConfig(eta=eta))
+             for eta in (0.0, 0.5, 1.0)}
+  on_path = [b.on_path for b in beliefs[0.0]]
+  assert on_path == [True, True] + [False] * 8  # Turn 2 left the expert's path; turn 2 itself was on it.
+  assert all(b.peak == b.expert_action and not b.misdirected for b in beliefs[0.0])
+  assert all(b.misdirected == (not b.on_path) for b in beliefs[1.0])
+  for b in beliefs[1.0]:
+    assert b.peak in b.actions and (b.peak != b.expert_action) == b.misdirected
+    assert b.probs[b.actions.index(b.peak)] == pytest.approx(0.95) and b.probs.sum() == pytest.approx(1.0)
+  half = [b.misdirected for b in beliefs[0.5]]
+  assert 0 < sum(half) < 8  # Some but not all of the 8 off-path turns.
+  # The turns misdirected at eta=0.5 are misdirected at eta=1 too, towards the same wrong action.
+  assert all(b1.peak == b5.peak for b5, b1 in zip(beliefs[0.5], beliefs[1.0]) if b5.misdirected)
+  again = expert_teacher.episode_beliefs("game", turns, expert_teacher.ExpertTeacherConfig(eta=0.5))
+  assert [b.peak for b in again] == [b.peak for b in beliefs[0.5]]
+  other_seed = expert_teacher.episode_beliefs("game", turns, expert_teacher.ExpertTeacherConfig(eta=0.5, seed=1))
+  assert [b.misdirected for b in other_seed] != half or [b.peak for b in other_seed] != [b.peak for b in beliefs[0.5]]
+
+
+class FakeEpisode:
+  def __init__(self, turns, task_id="game"):
+    self.turns = turns
+    self.task = type("Task", (), {"task_id": task_id})()
+    self.task_text = ""
+
+
+def test_expert_belief_judge_is_the_oracle_at_eta_0_and_errs_where_the_teacher_is_misdirected(real_turns):
+  turns = knob_episode(real_turns)
+  for turn in turns:
+    turn.valid, turn.observation, turn.response, turn.feedback, turn.response_end = True, "", "", "", ""
+  episodes = [FakeEpisode(turns)]
+  tokenizer = real_turns[1]
+  for eta in (0.0, 1.0):
+    teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(eta=eta), tokenizer,
+                                           sampler_config(tokenizer, True), len(tokenizer))
+    judge = judge_lib.make_judge(judge_lib.JudgeConfig(mode="expert_belief"), teacher=teacher)
+    labels = judge.label(episodes, len(turns)).labels[0]
+    oracle, _ = judge_lib.oracle_labels(episodes, len(turns))
+    beliefs = teacher.beliefs(episodes)[0]
+    wrong = np.array([b.misdirected for b in beliefs])
+    if eta == 0.0:
+      np.testing.assert_array_equal(labels, oracle[0])
+    else:
+      # The student plays the expert's action off the path: the misdirected teacher calls it Weak.
+      assert wrong.any()
+      np.testing.assert_array_equal(labels[wrong], losses.Label.WEAK)
+      np.testing.assert_array_equal(labels[~wrong], oracle[0][~wrong])
+
+
+# ------------------------------------------------------------------------------------------
+# Config validation.
+
+
+def test_the_control_config_validates_for_every_eta():
+  for eta in alfworld_control.ETAS:
+    config = config_lib.validate(alfworld_control.get_config(str(eta)))
+    assert config.teacher.kind == "expert" and config.teacher.expert.eta == eta
+    assert config.pipeline.sweep == f"eta{eta:g}"
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"sampling.constrained": False, "sampling.free_thought": False, "sampling.max_thought_tokens": 0},
+     "config.sampling.constrained=True"),
+    ({"loss.estimator": "full"}, "config.loss.estimator='sampled'"),
+    ({"judge.mode": "prompt", "method": "sage_opd"}, "cannot answer"),
+    ({"teacher.expert.eps_off": 1.0}, "config.teacher.expert.eps_off"),
+    ({"teacher.expert.eta": 1.5}, "config.teacher.expert.eta"),
+])
+def test_bad_expert_teacher_configs_are_refused_with_the_reason(change, named):
+  config = alfworld_control.get_config("0")
+  config.update_from_flattened_dict(change)
+  with pytest.raises(config_lib.ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+    config_lib.validate(config)
+
+
+def test_the_expert_teacher_on_an_env_without_an_expert_is_refused():
+  config = alfworld_control.get_config("0")
+  config.env.name = "scienceworld"
+  config.env.data_dir = ""
+  config.env.train_split, config.env.eval_splits = "train", ("dev",)
+  config.demos.split, config.pipeline.heldout_split = "train", "dev"
+  config.sft.thoughts, config.sft.renumbered_copies = "none", 0
+  with pytest.raises(config_lib.ConfigError, match="'scienceworld' has none"):
+    config_lib.validate(config)
+  model_teacher = base.get_config()
+  model_teacher.judge.mode = "expert_belief"
+  with pytest.raises(config_lib.ConfigError, match="teacher.kind='expert'"):
+    config_lib.validate(model_teacher)
+
+
+# ------------------------------------------------------------------------------------------
+# Learning: a few OPD updates from the expert teacher at eta = 0.
+
+
+def learning_config(tokenizer_dir, student_dir, **overrides):
+  """OPD from the expert teacher on the fixture's two valid_seen games, the CPU configs' decoding."""
+  config = base.get_config()
+  config.stage, config.method = "distill", "opd"
+  config.teacher.kind, config.judge.mode = "expert", "expert_belief"
+  config.tokenizer_dir = str(tokenizer_dir)
+  config.student.hf_dir = str(student_dir)
+  config.env.data_dir = str(FIXTURE_DATA)
+  config.env.train_split, config.env.eval_splits = "valid_seen", ("valid_seen",)
+  config.env.max_turns, config.env.history_turns, config.env.show_admissible = 6, 6, False
+  config.env.num_workers = 2
+  config.sampling.constrained, config.sampling.free_thought, config.sampling.max_thought_tokens = True, True, 4
+  config.sampling.max_new_tokens = 16
+  config.train.num_steps, config.train.batch_episodes, config.train.max_seq_len = 8, 2, 512
+  config.train.ckpt_every, config.train.eval_every = 100, 100
+  config.eval.num_episodes = 0
+  config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 0
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  config.update_from_flattened_dict(overrides)
+  return config_lib.validate(config)
+
+
+def expert_states(config, tokenizer, model, split):
+  """(context tokens, admissible actions, expert action) at every state of the expert's episodes on `split`."""
+  states = []
+
+  def play_expert(turns):
+    states.extend((list(s.context), tuple(dict.fromkeys(s.admissible)), s.expert_action) for s in turns)
+    return {s.episode: f"{prompts.THINK_OPEN}{prompts.THINK_CLOSE}{prompts.ACTION_OPEN}{s.expert_action}"
+                       f"{prompts.ACTION_CLOSE}" for s in turns}
+
+  with train.make_rollout_engine(config, tokenizer, expert=True) as engine:
+    env = AlfworldEnv(data_dir=str(FIXTURE_DATA))
+    tasks = list(env.tasks(split))
+    env.close()
+    engine.run(model, tasks, jax.random.key(0), intervene=play_expert)
+  return states
+
+
+def expert_action_logprob(model, states, teacher):
+  """Mean over `states` of log pi(a* | state) as the constrained sampler draws it: at each token of a*'s
+  sequence, the student's log-softmax over the tokens that continue some admissible action (the trie's children)."""
+  values = []
+  for context, actions, expert in states:
+    sequences = teacher.action_tokens(actions)
+    target = sequences[actions.index(expert)]
+    tokens = np.asarray([context + teacher.prefix + target], np.int32)
+    logits_SxV = np.asarray(model(tokens, attention_mask=np.ones_like(tokens))[0], np.float64)
+    total = 0.0
+    for j, token in enumerate(target):
+      children = sorted({s[j] for s in sequences if len(s) > j and s[:j] == target[:j]})
+      row = logits_SxV[len(context) + len(teacher.prefix) + j - 1]
+      total += row[token] - np.logaddexp.reduce(row[children])
+    values.append(total)
+  return float(np.mean(values))
