@@ -16,8 +16,8 @@ turns misdirected at one eta are among those misdirected at any larger eta.
 The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
 / nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
-With free thought the response starts with the expert's own empty thought and the trigger
-(`sft_data.expert_response(a)`: `<think></think><action>`), each forced; a student token the
+With free thought the response starts with the expert's own empty thought up to the trigger
+(`sft_data.expert_response(a)`: `<think></think><action>` under the word-level tokenizer), each forced; a student token the
 expert's format never emits (a word in the thought) gets `OUTSIDE_LOGPROB`, and the action after
 the trigger is scored through the trie all the same.
 
@@ -37,7 +37,9 @@ import numpy as np
 from sage_opd_jax import judge as judge_lib
 from sage_opd_jax import losses
 from sage_opd_jax import prompts
+from sage_opd_jax import rollout as rollout_lib
 from sage_opd_jax import sampling
+from sage_opd_jax import sft_data
 from sage_opd_jax import teacher as teacher_lib
 
 _log = logging.getLogger(__name__)
@@ -171,23 +173,34 @@ class ExpertTeacher:
   Args:
     config: the reliability knob.
     tokenizer: the shared tokenizer (the actions' token ids must be the sampler's).
-    sampling_config: the rollout's decoding settings: with a `constraint_trigger` (free thought)
-      the response is `<think></think>` + trigger + `a</action>`, else `<action>a</action>`.
+    sampling_config: the rollout's decoding settings. With a `constraint_trigger` (free thought) the
+      expert's response is its demonstrations' (`sft_data.expert_response` with no thought): the
+      thought's tokens up to the trigger, then the trie's `head + a + </action>`; without one it
+      is the trie's string alone (`<action>a</action>`).
     vocab_size: the teacher's V, what `neg_entropy` confidence normalises by (the student's).
+    enable_thinking: the chat template's thinking switch (`config.sampling.enable_thinking`).
   """
 
   kind = KIND
 
   def __init__(self, config: ExpertTeacherConfig, tokenizer: Any, sampling_config: sampling.SamplingConfig,
-               vocab_size: int):
+               vocab_size: int, enable_thinking: bool | None = None):
     self.expert_config = config
     self.tokenizer = tokenizer
     self.vocab_size = int(vocab_size)
-    trigger = list(sampling_config.constraint_trigger)
-    self.trigger = trigger
-    # The tokens before the action: the expert's own empty thought and the trigger, each forced.
-    self.prefix = (_encode(tokenizer, prompts.THINK_OPEN + prompts.THINK_CLOSE) + trigger) if trigger else []
-    self.head = "" if trigger else prompts.ACTION_OPEN  # As rollout's `_allowed` builds the trie.
+    layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
+    self.trigger = list(sampling_config.constraint_trigger)
+    self.head = rollout_lib.action_head(layout, sampling_config)  # As the rollout builds its trie.
+    self.prefix: list[int] = []  # The forced tokens before the trie's string: the empty thought, the trigger.
+    if self.trigger:
+      suffix = f"{self.head}a{prompts.ACTION_CLOSE}"
+      response = sft_data.expert_response("a", "", layout)
+      if not response.endswith(suffix):
+        raise ValueError(f"ExpertTeacher: the expert's response {response!r} does not end with the trie's {suffix!r}.")
+      self.prefix = _encode(tokenizer, response[: -len(suffix)])
+      if self.prefix[-len(self.trigger):] != self.trigger:
+        raise ValueError(f"ExpertTeacher: the expert's thought {response[: -len(suffix)]!r} does not end with the "
+                         f"constraint trigger {self.trigger}.")
 
   def action_tokens(self, actions: Sequence[str]) -> list[list[int]]:
     """The token ids of each action's constrained string (what the sampler's trie holds)."""

@@ -1,18 +1,15 @@
-"""The expert teacher (sage_opd_jax/expert_teacher.py): its token statistics, knob, judge, configs, and that OPD learns from it.
+"""The expert teacher (sage_opd_jax/expert_teacher.py): its token statistics, its knob, its judge, its configs.
 
 The token statistics are pinned against an exact (rational) enumeration of the action
-distribution on turns the real ALFWorld engine produced, and the learning test runs the real
-distill loop (env workers, shadow expert, sampler, update) on the fixture games.
+distribution on turns the real ALFWorld engine's expert played.
 """
 
 import fractions
 import math
 import pathlib
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import alfworld_control
 from configs import base
@@ -23,16 +20,12 @@ from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
-from sage_opd_jax import teacher as teacher_lib
 from sage_opd_jax import tokenization
-from sage_opd_jax import train
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs.alfworld import AlfworldEnv
 from conftest import real_alfworld_data
 
 FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
-TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-            max_position_embeddings=1024)
 
 
 # ------------------------------------------------------------------------------------------
@@ -55,9 +48,9 @@ def expert_turns(data_dir, split, limit, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_turns(tmp_path_factory):
-  """Turns of two real valid_seen games, and a word-level tokenizer that covers their actions."""
+  """Turns of a real valid_seen game, and a word-level tokenizer that covers their actions."""
   tmp = tmp_path_factory.mktemp("real")
-  turns = expert_turns(real_alfworld_data(), "valid_seen", 2, tmp)
+  turns = expert_turns(real_alfworld_data(), "valid_seen", 1, tmp)
   words = sorted({a for admissible, _ in turns for a in admissible})
   tokenizer = models.load_tokenizer(tokenization.build_alfworld_tokenizer(FIXTURE_DATA, tmp / "tok", extra_texts=words))
   return turns, tokenizer
@@ -249,63 +242,3 @@ def test_the_expert_teacher_on_an_env_without_an_expert_is_refused():
   with pytest.raises(config_lib.ConfigError, match="teacher.kind='expert'"):
     config_lib.validate(model_teacher)
 
-
-# ------------------------------------------------------------------------------------------
-# Learning: a few OPD updates from the expert teacher at eta = 0.
-
-
-def learning_config(tokenizer_dir, student_dir, **overrides):
-  """OPD from the expert teacher on the fixture's two valid_seen games, the CPU configs' decoding."""
-  config = base.get_config()
-  config.stage, config.method = "distill", "opd"
-  config.teacher.kind, config.judge.mode = "expert", "expert_belief"
-  config.tokenizer_dir = str(tokenizer_dir)
-  config.student.hf_dir = str(student_dir)
-  config.env.data_dir = str(FIXTURE_DATA)
-  config.env.train_split, config.env.eval_splits = "valid_seen", ("valid_seen",)
-  config.env.max_turns, config.env.history_turns, config.env.show_admissible = 6, 6, False
-  config.env.num_workers = 2
-  config.sampling.constrained, config.sampling.free_thought, config.sampling.max_thought_tokens = True, True, 4
-  config.sampling.max_new_tokens = 16
-  config.train.num_steps, config.train.batch_episodes, config.train.max_seq_len = 8, 2, 512
-  config.train.ckpt_every, config.train.eval_every = 100, 100
-  config.eval.num_episodes = 0
-  config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 0
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  config.update_from_flattened_dict(overrides)
-  return config_lib.validate(config)
-
-
-def expert_states(config, tokenizer, model, split):
-  """(context tokens, admissible actions, expert action) at every state of the expert's episodes on `split`."""
-  states = []
-
-  def play_expert(turns):
-    states.extend((list(s.context), tuple(dict.fromkeys(s.admissible)), s.expert_action) for s in turns)
-    return {s.episode: f"{prompts.THINK_OPEN}{prompts.THINK_CLOSE}{prompts.ACTION_OPEN}{s.expert_action}"
-                       f"{prompts.ACTION_CLOSE}" for s in turns}
-
-  with train.make_rollout_engine(config, tokenizer, expert=True) as engine:
-    env = AlfworldEnv(data_dir=str(FIXTURE_DATA))
-    tasks = list(env.tasks(split))
-    env.close()
-    engine.run(model, tasks, jax.random.key(0), intervene=play_expert)
-  return states
-
-
-def expert_action_logprob(model, states, teacher):
-  """Mean over `states` of log pi(a* | state) as the constrained sampler draws it: at each token of a*'s
-  sequence, the student's log-softmax over the tokens that continue some admissible action (the trie's children)."""
-  values = []
-  for context, actions, expert in states:
-    sequences = teacher.action_tokens(actions)
-    target = sequences[actions.index(expert)]
-    tokens = np.asarray([context + teacher.prefix + target], np.int32)
-    logits_SxV = np.asarray(model(tokens, attention_mask=np.ones_like(tokens))[0], np.float64)
-    total = 0.0
-    for j, token in enumerate(target):
-      children = sorted({s[j] for s in sequences if len(s) > j and s[:j] == target[:j]})
-      row = logits_SxV[len(context) + len(teacher.prefix) + j - 1]
-      total += row[token] - np.logaddexp.reduce(row[children])
-    values.append(total)
-  return float(np.mean(values))
