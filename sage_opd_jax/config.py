@@ -142,6 +142,9 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
   if _get(config, "teacher.temperature") != 1.0:
     raise ConfigError(f"{why}sets its sharpness with teacher.expert.eps_on/eps_off: leave "
                       f"config.teacher.temperature at 1.0 (not {_get(config, 'teacher.temperature')!r}).")
+  if losses.variant(_get(config, "method")).rollouts > 1:
+    raise ConfigError(f"config.method={_get(config, 'method')!r} replaces turns with the teacher's own response, "
+                      f"which {why}does not generate: use a one-rollout method.")
   if mode in MODEL_JUDGE_MODES and losses.variant(_get(config, "method")).uses_judge:
     raise ConfigError(f"config.judge.mode={mode!r} asks the teacher a question, which the expert teacher cannot "
                       "answer: use 'expert_belief' (its own judge), 'likelihood' or 'oracle'.")

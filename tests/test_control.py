@@ -143,9 +143,9 @@ class FakeTurn:
 
 
 def knob_episode(real_turns):
-  """A real episode's states where the student leaves the expert at turn 2 (a valid other action)."""
+  """Ten turns over a real episode's states (played twice over) where the student leaves the expert at turn 2."""
   turns = []
-  for t, (admissible, expert) in enumerate(real_turns[0][:10]):
+  for t, (admissible, expert) in enumerate((real_turns[0] * 10)[:10]):
     other = next(a for a in admissible if a != expert)
     turns.append(FakeTurn(admissible, other if t == 1 else expert, expert))
   return turns
@@ -218,6 +218,7 @@ def test_the_control_config_validates_for_every_eta():
      "config.sampling.constrained=True"),
     ({"loss.estimator": "full"}, "config.loss.estimator='sampled'"),
     ({"judge.mode": "prompt", "method": "sage_opd"}, "cannot answer"),
+    ({"method": "opd_two_rollout"}, "does not generate"),
     ({"teacher.expert.eps_off": 1.0}, "config.teacher.expert.eps_off"),
     ({"teacher.expert.eta": 1.5}, "config.teacher.expert.eta"),
 ])
