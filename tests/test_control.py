@@ -4,7 +4,9 @@ The token statistics are pinned against an exact (rational) enumeration of the a
 distribution on turns the real ALFWorld engine's expert played.
 """
 
+import csv
 import fractions
+import json
 import math
 import pathlib
 
@@ -243,3 +245,42 @@ def test_the_expert_teacher_on_an_env_without_an_expert_is_refused():
   with pytest.raises(config_lib.ConfigError, match="teacher.kind='expert'"):
     config_lib.validate(model_teacher)
 
+
+
+# ------------------------------------------------------------------------------------------
+# The study's results page.
+
+
+def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
+  from sage_opd_jax import provenance, results  # pylint: disable=g-import-not-at-top
+
+  config = alfworld_control.get_config("0")
+  won = {(0.0, "opd"): [0.4, 0.6], (0.0, "sage_opd"): [0.5, 0.5], (0.5, "opd"): [0.2, 0.3]}
+  skip = {0.0: 0.6, 0.5: 0.3}
+  for (eta, method), successes in won.items():
+    run_config = alfworld_control.get_config(str(eta))
+    for seed, success in enumerate(successes):
+      run_dir = tmp_path / "sweeps" / f"eta{eta:g}" / "runs" / method / f"seed{seed}"
+      provenance.check(run_config, run_dir)
+      (run_dir / "hf").mkdir(parents=True)
+      (run_dir / "hf" / "config.json").write_text("{}")
+      rows = [{"step": 1, "judge/skip_frac": skip[eta], "judge/weak_frac": 1 - skip[eta], "judge/strong_frac": 0.0,
+               "judge/oracle_accuracy": 1.0 - eta},
+              {"step": 2, "eval/valid_seen/t0/success": success, "eval/valid_unseen/t0/success": success / 2}]
+      (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "student_eval").mkdir()
+  (tmp_path / "student_eval" / "metrics.jsonl").write_text(json.dumps(
+      {"step": 0, "eval/valid_seen/t0/success": 0.1, "eval/valid_unseen/t0/success": 0.05}) + "\n")
+  out = results.write_control_results(tmp_path, config, results_dir=tmp_path / "docs")
+  with open(tmp_path / "docs" / "control.csv", encoding="utf-8") as f:
+    rows = {(float(r["eta"]), r["method"]): r for r in csv.DictReader(f)}
+  assert set(rows) == set(won)
+  for key, successes in won.items():
+    assert float(rows[key]["valid_seen/success_mean"]) == pytest.approx(np.mean(successes), abs=1e-4)
+    assert float(rows[key]["valid_seen/success_std"]) == pytest.approx(np.std(successes), abs=1e-4)
+    assert float(rows[key]["valid_unseen/success_mean"]) == pytest.approx(np.mean(successes) / 2, abs=1e-4)
+    assert float(rows[key]["judge/skip_frac"]) == pytest.approx(skip[key[0]])
+    assert float(rows[key]["judge/oracle_accuracy"]) == pytest.approx(1.0 - key[0])
+  report = (out / "control.md").read_text()
+  assert "valid_seen 0.100" in report and "| 0.5 | opd | 2 | 0.250 ± 0.050 |" in report
+  assert (tmp_path / "docs" / "success_vs_eta.png").stat().st_size and (out / "judge_labels_vs_eta.png").exists()
