@@ -11,8 +11,9 @@ every method x seed, the results) from one command; every stage resumes:
   # One row of the table on its own (from the pipeline's student and its demonstrations):
   ... --config.stage=distill --config.method=sage_opd --config.seed=1 --workdir=/runs/sage_opd_0.6b_seed1
 
-  # Multi-host pod: the same command on every host; `jax.distributed.initialize()` joins
-  # them (the launcher sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or SLURM does).
+  # Multi-host (the sft, distill, evaluate and export stages): the same command on every host, plus
+  # --coordinator_address, --num_processes and --process_id (SLURM and TPU pods: detected);
+  # docs/reproducing.md.
   ... --config.mesh.data=-1 --config.mesh.fsdp=8
 
 The argument is the student size, one of 0.6b, 1.7b, 4b. Weights come from local Hugging Face

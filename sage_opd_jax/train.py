@@ -560,10 +560,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                 schedule=schedule),
       state_sharding, sharding.batch_sharding(mesh),
   )
-  # Every process holds the whole host batch (gathered episodes, or the same demonstrations), and
-  # each puts its own devices' rows of it on the mesh.
-  place = lambda arrays: jax.device_put({k: arrays[k] for k in update_lib.loss_keys(arrays)},
-                                        sharding.batch_sharding(mesh))
+
+  def place(arrays):
+    # Every process holds the whole host batch (gathered episodes, or the same demonstrations), and
+    # each puts its own devices' rows of it on the mesh.
+    return jax.device_put({k: arrays[k] for k in update_lib.loss_keys(arrays)}, sharding.batch_sharding(mesh))
+
   writer = writers.MetricWriter(workdir)
   engine = None
   try:
