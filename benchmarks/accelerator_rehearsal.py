@@ -7,8 +7,8 @@ then a decode benchmark at batch 64. It prints, and writes to OUT/rehearsal.json
 peak device memory, rollout decode tokens/s, teacher scoring tokens/s, the update's step time and
 MFU, the SAGE-OPD/OPD iteration ratio, and decode's share of the memory-bandwidth roofline (bytes
 of weights and KV cache a decode step reads / the card's bandwidth, against the measured step).
-Rates and the ratio leave out the seconds JAX spends compiling (or loading) programs during a step
-(`jax.monitoring`'s compile events): a step that meets a new bucketed shape compiles it once.
+Rates and the ratio leave out the seconds XLA spends compiling (or loading) programs during a step
+(`jax.monitoring`'s backend-compile events): a step that meets a new bucketed shape compiles it once.
 About 8 minutes on one H100 or H200 (estimate: it has not run on one yet; docs/benchmarks.md).
 
 1. Prepare, on a machine with the network and the ALFWorld games (ALFWORLD_DATA set); everything a
@@ -114,8 +114,7 @@ def rehearsal_config(method: str, assets: pathlib.Path, args: argparse.Namespace
   config.env.train_split = "train"
   config.env.num_workers = args.workers
   config.sampling.constrained = True  # Random weights never write an admissible action unconstrained.
-  # Constrained from the first token: random weights would think until max_new_tokens every turn.
-  config.sampling.enable_thinking, config.sampling.free_thought = False, False
+  config.sampling.free_thought = False  # Constrained from the first token, thought and all.
   config.eval.num_episodes = 0
   config.env.eval_splits = ("train",)  # Only train games travel; no eval runs.
   config.train.num_steps = args.steps
@@ -134,6 +133,7 @@ def rehearsal_config(method: str, assets: pathlib.Path, args: argparse.Namespace
     config.train.batch_episodes, config.train.micro_batches, config.train.max_seq_len = 4, 1, 1024
   else:
     config.tokenizer_dir = str(assets / "qwen3_tokenizer")
+    config.sampling.enable_thinking = False  # Random weights would think until max_new_tokens every turn.
     shape = dict(vocab_size=QWEN3_VOCAB, rope_theta=1_000_000.0, max_position_embeddings=40960, tie_embeddings=True)
     config.student.model.update(**QWEN3["0.6b"], **shape)
     config.teacher.model.update(**QWEN3["1.7b"], **shape)
@@ -143,11 +143,12 @@ def rehearsal_config(method: str, assets: pathlib.Path, args: argparse.Namespace
   return config
 
 
-_COMPILE_S = [0.0]  # Seconds JAX spent tracing, lowering and compiling (or loading) programs so far.
+_COMPILE_S = [0.0]  # Seconds XLA spent compiling (or loading) programs so far.
 
 
 def _count_compile(event: str, seconds: float, **_) -> None:
-  if event.startswith("/jax/core/compile/"):
+  # XLA's compile only: the tracing events nest (a jitted call traced inside another), so adding them double counts.
+  if event == "/jax/core/compile/backend_compile_duration":
     _COMPILE_S[0] += seconds
 
 
