@@ -621,7 +621,9 @@ def test_likelihood_labels_land_on_their_episode_and_turn(tokenizer_dir, tmp_pat
   # to another column or another episode's row disagrees.
   config = tiny_config(tokenizer_dir, "sage_opd", **{
       "judge.mode": "likelihood", "judge.likelihood_thresholds": MIXED_LIKELIHOOD_THRESHOLDS,
-      "sampling.constrained": True, "train.num_steps": 1, "eval.num_episodes": 0})
+      "sampling.constrained": True, "train.num_steps": 1, "eval.num_episodes": 0,
+      # A window over every turn: the transcript is one sequence, which the walk below reads.
+      "env.history_turns": 3})
   _, first, rollout = train_with_spy(config, tmp_path, with_rollout=True)
   tokenizer = models.load_tokenizer(tokenizer_dir)
   teacher = train.load_model(config.teacher, None, config.seed + 1)
