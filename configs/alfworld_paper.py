@@ -63,6 +63,7 @@ def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_col
   config.student.hf_dir = ""  # Required: a local Qwen3-{size} directory.
   config.tokenizer_dir = ""  # Required: Qwen3's tokenizer (e.g. the teacher's directory).
   config.teacher.score_chunk = 512  # [B, 512, 151936] float32 logits at a time, not [B, S, V].
+  config.student.loss_chunk = 512  # Likewise in the student's loss: not [rows, 40960, 151936] (24.9 GB a row).
   # How the checkpoints run (train.RUNTIME_FIELDS; their architecture is the config.json's).
   config.teacher.model.update(
       dtype="bfloat16", param_dtype="bfloat16",  # 16.4 GB of Qwen3-8B weights, not 32.8.

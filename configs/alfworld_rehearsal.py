@@ -15,8 +15,8 @@ mesh of 8 devices.
 
 The argument is where the checkpoints go (made on first use, reused after; default
 ~/.cache/sage_opd_jax/rehearsal). It exercises the paper's pipeline, not what it measures: the
-models are random. A student SFT update takes ~30 s on a loaded 2-core machine (the logits are
-151,936 wide), so the whole run takes well over 5 minutes there.
+models are random. Most of its time goes to compiling each stage's programs and to the
+151,936-wide LM head (docs/reproducing.md has the measured figures).
 """
 
 import os
@@ -45,7 +45,7 @@ CHANGED = {
     "env.max_turns": "budget", "env.num_workers": "budget", "sampling.max_new_tokens": "budget",
     "train.batch_episodes": "budget", "train.micro_batches": "budget",
     "train.max_seq_len": "budget", "train.eval_every": "budget", "train.ckpt_every": "budget",
-    "teacher.score_chunk": "budget", "student.model.attention_chunk": "budget",
+    "teacher.score_chunk": "budget", "student.loss_chunk": "budget", "student.model.attention_chunk": "budget",
     "teacher.model.attention_chunk": "budget",
     "pipeline.student_steps": "budget", "pipeline.distill_steps": "budget", "pipeline.methods": "budget",
     "pipeline.seeds": "budget", "eval.temperatures": "budget", "eval.num_seeds": "budget",
@@ -86,7 +86,7 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   config.tokenizer_dir = config.teacher.hf_dir
   config.pipeline.sft_learning_rate = 1e-2
 
-  config.env.max_turns = 5  # Past the paper's 3-turn history window.
+  config.env.max_turns = 5  # Multi-turn: the 512-token budget ends most episodes after 2 (context_cut_rate).
   config.env.num_workers = 2
   config.sampling.max_new_tokens = 24
   config.train.batch_episodes = 4  # One episode per data x fsdp shard.
@@ -94,7 +94,7 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   config.train.max_seq_len = 512
   config.train.eval_every = 100  # Once, after the last update.
   config.train.ckpt_every = 1
-  config.teacher.score_chunk = 128  # Several chunks per row, as the paper's 512 of 4,096.
+  config.teacher.score_chunk = config.student.loss_chunk = 128  # Several chunks per row, as at paper scale.
   config.student.model.attention_chunk = config.teacher.model.attention_chunk = 128
   config.pipeline.student_steps = 8
   config.pipeline.distill_steps = 2

@@ -91,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.student = ml_collections.ConfigDict()
   config.student.hf_dir = ""  # Load the student from this HF directory; empty means `model`.
   config.student.model = tiny_model()  # Architecture when built from scratch.
+  # Sequence positions per chunk of the student's LM head in the loss (sft, loss.estimator='sampled'): the
+  # update never holds [B, S, V] logits. 0: all at once (the exact estimators need them whole).
+  config.student.loss_chunk = 0
 
   config.teacher = ml_collections.ConfigDict()
   # model: a trained teacher (hf_dir or model). expert: the env's expert as the teacher, with its reliability

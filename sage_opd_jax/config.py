@@ -214,6 +214,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"{student_vocab}: the teacher scores the student's own tokens, so both must share one tokenizer."
       )
   _positive(config, "teacher.score_chunk")
+  _positive(config, "student.loss_chunk", allow_zero=True)
   _positive(config, "teacher.top_k", allow_zero=True)
   top_k = _get(config, "teacher.top_k")
   # A checkpoint's vocabulary is known once its config.json is read (`train.teacher_support`).

@@ -149,6 +149,38 @@ def token_logprobs(logits: Array, tokens: Array) -> Array:
   return align_to_tokens(picked_BxS - jax.nn.logsumexp(logits_BxSxV, axis=-1))
 
 
+def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Array, tokens: Array,
+                           chunk_size: int) -> Array:
+  """[B, S, D] hidden states, [B, S] int -> [B, S]: `token_logprobs(lm_head(hidden), tokens)`, chunk by chunk.
+
+  The LM head ([B, C, D] -> [B, C, V] logits) runs over C = `chunk_size` positions at a time under a
+  rematerialised `lax.map`, so neither pass holds more than one chunk's [B, C, V] logits (a 150k
+  vocabulary makes the whole [B, S, V] the largest tensor of the update); the backward pass recomputes
+  each chunk's logits from its hidden states. Position s picks token s + 1, as in `token_logprobs`, so
+  chunks need no overlap; `chunk_size` need not divide S.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunked_token_logprobs: chunk_size must be >= 1, got {chunk_size}.")
+  batch, seq = tokens.shape
+  num_chunks = -(-seq // chunk_size)
+  pad = num_chunks * chunk_size - seq
+  next_BxS = jnp.pad(jnp.roll(tokens.astype(jnp.int32), -1, axis=1), ((0, 0), (0, pad)))
+  hidden_BxSxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
+  # [N, B, C, ...]: lax.map walks the chunks.
+  next_NxBxC = next_BxS.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+  hidden_NxBxCxD = hidden_BxSxD.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(chunk):
+    hidden_BxCxD, next_BxC = chunk
+    logits_BxCxV = _float(lm_head(hidden_BxCxD))
+    picked_BxC = jnp.take_along_axis(logits_BxCxV, next_BxC[..., None], axis=-1)[..., 0]
+    return picked_BxC - jax.nn.logsumexp(logits_BxCxV, axis=-1)
+
+  picked_NxBxC = jax.lax.map(one_chunk, (hidden_NxBxCxD, next_NxBxC))
+  return align_to_tokens(picked_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq])
+
+
 def teacher_token_stats(teacher_logits: Array, tokens: Array) -> dict[str, Array]:
   """[B, S, V], [B, S] -> the batch's token-aligned teacher keys, each [B, S].
 
@@ -683,9 +715,10 @@ def _full_divergence(student_logits: Array, batch: Batch, divergence: str, beta:
                    "batch['teacher_topk_logprobs']) is missing; needed for estimator='full' (E2/E10).")
 
 
-def _check_shapes(student_logits: Array, batch: Batch) -> None:
-  """Static shape checks, so a mis-built batch fails before it compiles."""
-  bs = student_logits.shape[:2]
+def _check_shapes(student: Array, batch: Batch) -> None:
+  """Static shape checks (`student`: the logits [B, S, V] or log-probs [B, S]), so a mis-built batch fails
+  before it compiles."""
+  bs = student.shape[:2]
   for key in ("tokens", "turn_ids"):
     _require(batch, key, "every loss")
   for key in ("tokens", "turn_ids", "behaviour_logprobs", "teacher_logprobs",
@@ -774,10 +807,27 @@ class Objective(NamedTuple):
   clipped_BxS: Array | None  # Trained tokens whose PPO ratio left [1 - eps, 1 + eps] (sampled estimator).
 
 
-def per_token_objective(student_logits: Array, batch: Batch, w_BxS: Array, options: LossOptions) -> Objective:
-  """[B, S, V] logits, batch, weights [B, S] -> the per-token loss (E3/E4 or E2/E10, or sft's cross entropy)."""
+def needs_student_logits(options: LossOptions) -> bool:
+  """Whether the objective reads the student's whole distribution ([B, S, V] logits), not only its
+  tokens' log-probs: the exact divergences (estimator='full') do; sft and the sampled estimator do not."""
+  return variant(options.method).objective != "cross_entropy" and options.estimator != "sampled"
+
+
+def per_token_objective(student_logits: Array | None, batch: Batch, w_BxS: Array, options: LossOptions,
+                        student_logprobs: Array | None = None) -> Objective:
+  """[B, S, V] logits, batch, weights [B, S] -> the per-token loss (E3/E4 or E2/E10, or sft's cross entropy).
+
+  `student_logprobs` [B, S] (`chunked_token_logprobs`) stand in for the logits where the objective reads
+  only the tokens' log-probs (sft, estimator='sampled').
+  """
   trained_BxS = w_BxS > 0
-  student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
+  if student_logprobs is None:
+    student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
+  else:
+    student_logp_BxS = _float(student_logprobs)
+    if student_logits is None and needs_student_logits(options):
+      raise ValueError(f"estimator={options.estimator!r} needs the student's [B, S, V] logits, not its "
+                       "token log-probs (student_logprobs).")
   clipped_BxS = None
   if variant(options.method).objective == "cross_entropy":
     loss_BxS, divergence_BxS = -w_BxS * student_logp_BxS, None
@@ -884,7 +934,7 @@ def loss_metrics(
 
 
 def sage_opd_loss(
-    student_logits: Array,
+    student_logits: Array | None,
     batch: Batch,
     options: LossOptions | None = None,
     *,
@@ -892,6 +942,7 @@ def sage_opd_loss(
     global_num_tokens: Array | None = None,
     global_weight_sum: Array | None = None,
     global_num_sequences: Array | None = None,
+    student_logprobs: Array | None = None,
     **fields: Any,
 ) -> tuple[Array, dict[str, Array]]:
   """(E3)/(E9) for every row of docs/method.md's table: [B, S, V] logits + batch -> (loss, metrics).
@@ -917,6 +968,8 @@ def sage_opd_loss(
     global_num_tokens, global_weight_sum, global_num_sequences: totals over every
       micro-batch and device (`loss_totals`); then the returned losses of all micro-batches
       (and devices, when psum'd via axis_name) sum to the global loss.
+    student_logprobs: [B, S] token-aligned log pi_theta(token) (`chunked_token_logprobs`), in place of
+      `student_logits` (then None) where the method needs no more (`needs_student_logits` is False).
     **fields: LossOptions fields that replace those of `options`, e.g. `method="opd"`.
 
   Returns:
@@ -929,12 +982,14 @@ def sage_opd_loss(
       confidence_mean (over non-empty turns, or response tokens for token_top1; when the
       teacher statistics are given); for sft nll_mean.
   """
-  _check_shapes(student_logits, batch)
+  if (student_logits is None) == (student_logprobs is None):
+    raise ValueError("sage_opd_loss: pass exactly one of student_logits [B, S, V] and student_logprobs [B, S].")
+  _check_shapes(student_logits if student_logprobs is None else student_logprobs, batch)
   batch = jax.tree.map(jax.lax.stop_gradient, dict(batch))
   options = _with_batch_turns(_resolve(options, fields), batch)
   w_BxS = token_weights(batch, options, axis_name=axis_name, global_num_tokens=global_num_tokens,
                         global_weight_sum=global_weight_sum)
-  objective = per_token_objective(student_logits, batch, w_BxS, options)
+  objective = per_token_objective(student_logits, batch, w_BxS, options, student_logprobs)
   loss = aggregate(objective.loss_BxS, response_mask(batch["turn_ids"], options.num_turns), options.aggregation,
                    axis_name, global_num_tokens, global_num_sequences)
   return loss, {"loss": loss, **loss_metrics(batch, options, w_BxS, objective, axis_name)}

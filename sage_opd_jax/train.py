@@ -554,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   # SFT trains every response token of a demonstration, however many turns it has.
   loss_fn, totals_fn = update_lib.make_loss_fns(
-      loss_options(config, method, None if stage == "sft" else config.env.max_turns))
+      loss_options(config, method, None if stage == "sft" else config.env.max_turns), config.student.loss_chunk)
   update = update_lib.jit_update(
       update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches,
                                 schedule=schedule),

@@ -176,8 +176,8 @@ def jit_update(
   )
 
 
-def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:
-  """[B, S, V] float32 logits of the batch's rows, each token read in the context it was sampled under.
+def student_hidden_states(model: nnx.Module, batch: Batch) -> jax.Array:
+  """[B, S, D] final hidden states of the batch's rows, each token read in the context it was sampled under.
 
   A rollout batch packs turns past the history window in their own segments
   (`rollout.RolloutBatch`: `positions`, `segments`, `reach`), so the loss's log pi_theta of a
@@ -185,20 +185,33 @@ def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:
   causal sequence per row.
   """
   if "segments" not in batch:
-    return model(batch["tokens"], attention_mask=batch["attention_mask"])
+    return model.hidden_states(batch["tokens"], attention_mask=batch["attention_mask"])
   allowed_BxSxS = models.packed_allowed(batch["segments"], batch["reach"])
-  return model.lm_logits(model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"],
-                                             allowed_BxSxS=allowed_BxSxS))
+  return model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"], allowed_BxSxS=allowed_BxSxS)
 
 
-def make_loss_fns(options: losses.LossOptions | Mapping[str, Any]) -> tuple[LossFn, TotalsFn]:
-  """The (loss_fn, totals_fn) pair of `make_update_fn` for `train.loss_options(...)` (or its fields)."""
+def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+  """[B, S, V] float32 logits of the batch's rows (`student_hidden_states` through the LM head)."""
+  return model.lm_logits(student_hidden_states(model, batch))
+
+
+def make_loss_fns(options: losses.LossOptions | Mapping[str, Any], loss_chunk: int = 0) -> tuple[LossFn, TotalsFn]:
+  """The (loss_fn, totals_fn) pair of `make_update_fn` for `train.loss_options(...)` (or its fields).
+
+  `loss_chunk` > 0: where the objective reads only the tokens' log-probs (`losses.needs_student_logits`),
+  the LM head runs over that many positions at a time (`losses.chunked_token_logprobs`): the same loss
+  and gradients without the [B, S, V] logits. 0: the whole logits at once.
+  """
   if not isinstance(options, losses.LossOptions):
     options = losses.LossOptions.for_method(**options)
+  chunked = loss_chunk > 0 and not losses.needs_student_logits(options)
 
   def loss_fn(model, micro, totals):
-    logits_BxSxV = student_logits(model, micro)
-    return losses.sage_opd_loss(logits_BxSxV, micro, options, **totals)
+    if not chunked:
+      return losses.sage_opd_loss(student_logits(model, micro), micro, options, **totals)
+    logp_BxS = losses.chunked_token_logprobs(model.lm_logits, student_hidden_states(model, micro), micro["tokens"],
+                                             loss_chunk)
+    return losses.sage_opd_loss(None, micro, options, student_logprobs=logp_BxS, **totals)
 
   def totals_fn(batch):
     return losses.loss_totals(batch, options)

@@ -262,6 +262,41 @@ def test_token_level_functions_match_reference(shape):
   close(stats["teacher_entropy"], ent)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 11, 16])  # 4 does not divide S = 11; 16 > S pads one chunk.
+def test_chunked_token_logprobs_equal_the_whole_logits_with_gradients(chunk):
+  rng = np.random.default_rng(chunk)
+  hidden = jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(6, 13)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 13, (2, 11)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 11)), jnp.float32)
+
+  def whole(h, w):
+    return losses.token_logprobs(h @ w, tokens)
+
+  def chunked(h, w):
+    return losses.chunked_token_logprobs(lambda h_BxCxD: h_BxCxD @ w, h, tokens, chunk)
+
+  ref = ref_token_logprobs(np.asarray(hidden, np.float64) @ np.asarray(head, np.float64), np.asarray(tokens))
+  close(chunked(hidden, head), ref, rtol=1e-5, atol=1e-5)
+  grad = lambda fn: jax.grad(lambda h, w: jnp.sum(weights * fn(h, w)), argnums=(0, 1))(hidden, head)
+  for got, want in zip(grad(chunked), grad(whole)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_student_logprobs_stand_in_for_logits_only_where_the_objective_reads_no_more():
+  _, logits, _, batch = random_case(0, 2, 9, 7, 3)
+  logp = losses.token_logprobs(logits, batch["tokens"])
+  for method in ("sft", "opd", "sage_opd"):
+    want, want_metrics = losses.sage_opd_loss(logits, batch, method=method)
+    got, got_metrics = losses.sage_opd_loss(None, batch, method=method, student_logprobs=logp)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), got_metrics, want_metrics)
+  with pytest.raises(ValueError, match="needs the student's"):
+    losses.sage_opd_loss(None, batch, method="opd", estimator="full", student_logprobs=logp)
+  with pytest.raises(ValueError, match="exactly one"):
+    losses.sage_opd_loss(logits, batch, method="opd", student_logprobs=logp)
+
+
 def ref_topk(teacher_logits, k):
   """Token-aligned teacher top-k ids and log-probs [B, S, K]; entry 0 is 0."""
   b, s, _ = teacher_logits.shape

@@ -527,3 +527,16 @@ def test_budget_roots_chain_the_trigger_into_each_constrained_row():
 def test_sampling_config_rejects_a_bad_thought_budget(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sampling.SamplingConfig(max_new_tokens=8, **kwargs)
+
+
+def test_blocked_cdf_equals_the_cumsum_and_draws_only_supported_ids():
+  """Vocabularies past one block (Qwen3's 151,936) take `_cumsum_last`'s blocked path."""
+  rng = np.random.default_rng(0)
+  probs = rng.random((3, 5000)).astype(np.float32)
+  probs[:, 1::2] = 0.0  # Every other id has no mass, block edges included.
+  np.testing.assert_allclose(sampling._cumsum_last(jnp.asarray(probs)), np.cumsum(probs.astype(np.float64), -1),
+                             rtol=1e-5)
+  logits = jnp.asarray(np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -np.inf), jnp.float32)
+  config = sampling.SamplingConfig(max_new_tokens=1, temperature=1.0)
+  tokens = np.stack([np.asarray(sampling._choose(logits, jax.random.PRNGKey(i), config)[0]) for i in range(50)])
+  assert (tokens % 2 == 0).all() and len(np.unique(tokens)) > 40

@@ -137,6 +137,30 @@ def _sage_batch(rng, batch, seq, vocab, num_turns):
   }
 
 
+@pytest.mark.parametrize("method", ["sft", "sage_opd"])
+def test_chunked_student_loss_equals_the_whole_logits_loss_and_gradients(method):
+  """`student.loss_chunk`: the update's loss and gradients through a transformer's LM head chunk by chunk."""
+  config = base.get_config()
+  model = models.create_model(models.ModelConfig.from_dict(base.tiny_model(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+      head_dim=16).to_dict()), None, seed=0)
+  options = dict(config.loss.to_dict(), method=method, num_turns=3, teacher_vocab_size=64)
+  batch = _sage_batch(np.random.default_rng(1), 4, 16, 64, 3)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_and_grads(loss_chunk):
+    loss_fn, totals_fn = update_lib.make_loss_fns(options, loss_chunk)
+    fn = lambda p: loss_fn(nnx.merge(graphdef, p), batch, totals_fn(batch))
+    return jax.value_and_grad(fn, has_aux=True)(params)
+
+  (want, want_metrics), want_grads = loss_and_grads(0)
+  (got, got_metrics), got_grads = loss_and_grads(5)  # 5 does not divide S = 16.
+  assert np.isfinite(want) and want != 0
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got_metrics, want_metrics)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grads, want_grads)
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices; see tests/conftest.py")
 @pytest.mark.parametrize("old_logprobs", ["batch", "current"])
 def test_sharded_transformer_sage_step_matches_single_device(old_logprobs):
