@@ -309,7 +309,12 @@ def assemble_batch(episodes: Sequence[Episode], max_turns: int, pad_id: int,
   for b, episode in enumerate(episodes):
     if len(episode.turns) > max_turns:
       raise ValueError(f"episodes[{b}] has {len(episode.turns)} turns, more than max_turns={max_turns}.")
-    rows.append(_row_pieces(episode, b))
+    row = _row_pieces(episode, b)
+    if not episode.turns and seq_len is not None:
+      # The budget ended it before its first turn (a first prompt longer than the budget): nothing
+      # of its row is trained, scored for the loss or judged, so the prompt's first seq_len tokens stand in.
+      row = [(0, row[0][1][:seq_len], 0, None)]
+    rows.append(row)
   longest = max([sum(len(ids) for _, ids, _, _ in row) for row in rows] + [1])
   if seq_len is None:
     seq_len = sampling.bucket_length(longest)

@@ -194,6 +194,19 @@ def test_turn_ids_of_a_hand_written_two_turn_transcript(tok):
   assert not batch.segments.any() and np.all(batch.reach == width)
 
 
+def test_an_episode_whose_first_prompt_outgrows_the_budget_fits_the_batch():
+  """The budget ends such an episode before its first turn; its row is cut, a played row never is."""
+  task = base.Task("alfworld", "train", "x", "y")
+  unplayed = rollout.Episode(task=task, prompt_tokens=list(range(1, 11)), budget_ended=True)
+  batch = rollout.assemble_batch([unplayed], max_turns=2, pad_id=0, seq_len=8)
+  np.testing.assert_array_equal(batch.tokens[0], range(1, 9))
+  assert batch.attention_mask[0].all() and not batch.turn_ids[0].any()
+  played = rollout.Episode(task=task, prompt_tokens=list(range(1, 7)), turns=[rollout.Turn(
+      observation="o", admissible=[], response_tokens=[7, 8, 9], response_logprobs=np.zeros(3, np.float32))])
+  with pytest.raises(ValueError, match="shorter than the longest row"):
+    rollout.assemble_batch([played], max_turns=2, pad_id=0, seq_len=8)
+
+
 def test_a_turn_past_the_window_is_packed_in_its_own_segment(tok):
   enc = lambda text: tok.encode(text, add_special_tokens=False)
   p, y1, n1, y2, n2, y3 = (enc(t) for t in ("You see a cabinet 1.", "go to cabinet 1", "You arrive.",
