@@ -1,14 +1,26 @@
-"""The paper config, rehearsed (configs/alfworld_rehearsal.py): tiny random Qwen3 checkpoints with
-Qwen3's real tokenizer and vocabulary, the 2 x 2 x 2 mesh of 8 fake CPU devices, real ALFWorld games.
+"""The paper config's whole pipeline, rehearsed (configs/alfworld_rehearsal.py): tiny random Qwen3
+checkpoints with Qwen3's real tokenizer and vocabulary, thinking on, bf16, remat, chunked attention and
+loss, the 2 x 2 x 2 mesh of 8 fake CPU devices, real ALFWorld games.
 """
 
+import csv
 import importlib.util
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
+from conftest import real_alfworld_data
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+# Bounds a hung pipeline. The rehearsal takes a few minutes of an idle 2-core machine; a loaded one
+# stretches that several times over.
+_LIMIT_S = 3600
 
 
 def _load(name: str, *args):
@@ -49,3 +61,92 @@ def test_the_rehearsal_changes_only_sizes_budgets_games_and_the_mesh(checkpoints
   assert student["vocab_size"] == teacher["vocab_size"] == 151_936
   assert student["model_type"] == teacher["model_type"] == "qwen3"
   assert teacher["hidden_size"] > student["hidden_size"]
+
+
+def _run_pipeline(checkpoints: pathlib.Path, workdir: pathlib.Path) -> str:
+  """The rehearsal's one command, in a process of its own with 8 fake CPU devices and no compilation cache."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO))
+  cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config=configs/alfworld_rehearsal.py:{checkpoints}",
+         f"--workdir={workdir}", "--config.compilation_cache_dir="]
+  # Its own session: on a timeout the pipeline and its env workers are killed together.
+  proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  try:
+    out, _ = proc.communicate(timeout=_LIMIT_S)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    pytest.fail(f"The rehearsal ran past {_LIMIT_S} s:\n{out[-5000:]}")
+  finally:
+    if proc.poll() is None:  # Interrupted (Ctrl-C): nothing of it outlives the test.
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, out[-8000:]
+  return out
+
+
+def _metrics(folder: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _turns(folder: pathlib.Path, pattern: str = "*.jsonl") -> list[dict]:
+  return [turn for path in sorted((folder / "transcripts").glob(pattern))
+          for line in path.read_text().splitlines() for turn in json.loads(line)["turns"]]
+
+
+def test_the_rehearsal_runs_the_paper_pipeline(checkpoints, tmp_path):
+  real_alfworld_data()
+  _, config = _load("alfworld_rehearsal", str(checkpoints))
+  workdir = tmp_path / "rehearsal"
+  _run_pipeline(checkpoints, workdir)
+
+  # The table: every method's row, from one seed, evaluated on both splits.
+  with open(workdir / "results" / "results.csv", encoding="utf-8") as f:
+    rows = {row["method"]: row for row in csv.DictReader(f)}
+  assert set(config.pipeline.methods) <= set(rows), rows.keys()
+  for method in config.pipeline.methods:
+    assert rows[method]["seeds"] == "1" and rows[method]["valid_unseen/success_mean"] != "", rows[method]
+  report = (workdir / "results" / "results.md").read_text()
+  assert f"the given checkpoint `{config.teacher.hf_dir}`" in report and "| sage_opd |" in report
+
+  # The warm start trained from the given student; the teacher was used as given.
+  warm = json.loads((workdir / "student_sft" / "config.json").read_text())["config"]
+  assert warm["student.hf_dir"] == config.student.hf_dir and not (workdir / "teacher").exists()
+
+  runs = workdir / "runs"
+  # The sft row: SFT on the expert demonstrations; no teacher scores, rollouts or judge.
+  sft = _metrics(runs / "sft" / "seed0")
+  assert sft[0]["sft/demos"] > 0
+  assert not any(key.startswith(("time/teacher", "time/rollout", "rollout/", "judge/")) for row in sft for key in row)
+  for method in ("opd", "sage_opd"):
+    trained = [row for row in _metrics(runs / method / "seed0") if "time/teacher" in row]
+    assert len(trained) == config.pipeline.distill_steps, method
+    # Thinking mode: the trained student opens its turns with a think block (greedy, in its evaluation;
+    # its rollouts at temperature 1 are mostly the random model's other 151,935 ids).
+    responses = [turn["response"] for turn in _turns(runs / method / "seed0")]
+    assert responses and any(r.startswith("<think>") for r in responses), (method, responses[:3])
+  # SAGE-OPD's judge labelled the turns: its label mix is in every update's metrics and in the transcripts.
+  labelled = [row for row in _metrics(runs / "sage_opd" / "seed0") if "judge/strong_frac" in row]
+  assert len(labelled) == config.pipeline.distill_steps
+  for row in labelled:
+    assert sum(row[f"judge/{label}_frac"] for label in ("skip", "weak", "strong")) == pytest.approx(1.0)
+  assert {turn["label"] for turn in _turns(runs / "sage_opd" / "seed0", "*_train.jsonl")} <= {"Skip", "Weak", "Strong"}
+
+  # The exported student reloads in transformers (PyTorch) with the same logits.
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from sage_opd_jax import models  # pylint: disable=g-import-not-at-top
+
+  exported = runs / "sage_opd" / "seed0" / "hf"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer_dir)
+  ids = tokenizer.apply_chat_template([{"role": "user", "content": "You are in the middle of a room."},
+                                       {"role": "assistant", "content": "<think>\nlook\n</think>\n\n<action>look"
+                                                                        "</action>"}], tokenize=True)
+  ids = np.asarray(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids, np.int32)[None]
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = hf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(models.load_hf_checkpoint(exported, dtype="float32")(ids))
+  assert got.shape == want.shape == (1, ids.shape[1], 151_936)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
