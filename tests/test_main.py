@@ -78,6 +78,14 @@ def tiny_config(tokenizer_dir, method="sage_opd", **overrides):
 DISTILL_METHODS = tuple(m for m in losses.registered_losses() if losses.variant(m).needs_teacher)
 
 
+def packed_logits(model, arrays):
+  """[B, S, V] logits of a rollout batch's rows as the batch packs them: the turns past the history
+  window (tiny_config's window is 1 of 3 turns) each in their own segment, with their own positions."""
+  allowed_BxSxS = models.packed_allowed(jnp.asarray(arrays["segments"]), jnp.asarray(arrays["reach"]))
+  return model.lm_logits(model.hidden_states(jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["positions"]),
+                                             jnp.asarray(arrays["attention_mask"]), allowed_BxSxS=allowed_BxSxS))
+
+
 class FirstBatch:
   """A spy on `DistillSource.batch`: keeps the arrays of the first update's batch, with the log-probs and
   logits the student had for them, before the update consumes (and donates) its params."""
@@ -90,7 +98,7 @@ class FirstBatch:
   def __call__(self, source, step, student):
     arrays, metrics, rollout = self._batch(source, step, student)
     if step == 0:
-      logits_BxSxV = student(jnp.asarray(arrays["tokens"]), attention_mask=jnp.asarray(arrays["attention_mask"]))
+      logits_BxSxV = packed_logits(student, arrays)
       self.arrays = dict(arrays, student_logits=np.asarray(logits_BxSxV, np.float64), student_logprobs=np.asarray(
           losses.token_logprobs(logits_BxSxV, jnp.asarray(arrays["tokens"]))))
       self.rollout = rollout
@@ -217,8 +225,7 @@ def test_distill_batches_hold_the_teachers_statistics(method_runs):
   config, _, first = method_runs["sage_opd"]
   teacher = train.load_model(config.teacher, None, config.seed + 1)
   tokens_BxS = jnp.asarray(first["tokens"])
-  want = losses.teacher_token_stats(teacher(tokens_BxS, attention_mask=jnp.asarray(first["attention_mask"])),
-                                    tokens_BxS)
+  want = losses.teacher_token_stats(packed_logits(teacher, first), tokens_BxS)
   response_BxS = first["turn_ids"] > 0
   for key, value in want.items():
     np.testing.assert_allclose(first[key][response_BxS], np.asarray(value)[response_BxS], rtol=1e-5, atol=TEACHER_TOL,
@@ -254,7 +261,7 @@ def test_full_estimator_trains_on_the_teachers_distribution(tokenizer_dir, tmp_p
   assert all("train/clip_frac" not in row for row in rows)  # The sampled estimator's PPO ratio is not in play.
   tokens_BxS = jnp.asarray(first["tokens"])
   teacher = train.load_model(config.teacher, None, config.seed + 1)
-  logq_BxSxV = _log_softmax64(teacher(tokens_BxS, attention_mask=jnp.asarray(first["attention_mask"])))
+  logq_BxSxV = _log_softmax64(packed_logits(teacher, first))
   logp_BxSxV = _log_softmax64(first["student_logits"])
   if top_k:
     support_BxSxK = np.argsort(-logq_BxSxV, axis=-1)[..., :top_k]
