@@ -581,21 +581,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       teacher = load_teacher(config, tokenizer, mesh)
       source = DistillSource(config, tokenizer, teacher, engine, train_tasks, sharding.batch_sharding(mesh))
 
+    def acting_student() -> nnx.Module:
+      """The current params on this process's devices, for its rollouts and evals."""
+      return multihost.local_model(nnx.merge(graphdef, state.params), mesh)
+
     metrics: dict[str, float] = {}
     start = int(state.step)
     skipped = 0
     if start and _eval_due(config, start, num_steps) and not multihost.agree(_evaluated(workdir, start)):
       # Killed after an eval step's checkpoint but before its eval finished (a crash while
       # compiling the eval, say): run it now, or the run would export without it.
-      metrics.update(evaluate(config, multihost.local_model(nnx.merge(graphdef, state.params), mesh), tokenizer,
-                              engine, tasks_by_split, step=start, workdir=workdir, writer=writer))
+      metrics.update(evaluate(config, acting_student(), tokenizer, engine, tasks_by_split, step=start,
+                              workdir=workdir, writer=writer))
     for step in tqdm.trange(start, num_steps, initial=start, total=num_steps, desc=f"{stage} {method}"):
       timer = _Timer()
       with timer("data"):
         if stage == "sft":
           arrays, host_metrics, rollout = source.batch(step), {}, None
         else:
-          student = multihost.local_model(nnx.merge(graphdef, state.params), mesh)
+          student = acting_student()
           arrays, host_metrics, rollout = source.batch(step, student)
           del student
       with timer("update"):
@@ -609,8 +613,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         writer.write(step + 1, metrics)
       checkpointer.save(step + 1, state, _host_state(config, step + 1, batch_size), force=step + 1 == num_steps)
       if _eval_due(config, step + 1, num_steps):
-        metrics.update(evaluate(config, multihost.local_model(nnx.merge(graphdef, state.params), mesh), tokenizer,
-                                engine, tasks_by_split, step=step + 1, workdir=workdir, writer=writer))
+        metrics.update(evaluate(config, acting_student(), tokenizer, engine, tasks_by_split, step=step + 1,
+                                workdir=workdir, writer=writer))
         if rollout is not None and config.eval.num_transcripts:
           writers.write_transcripts(workdir / "transcripts" / f"step{step + 1}_train.jsonl",
                                     train_transcripts(rollout, arrays, config))
