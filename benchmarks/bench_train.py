@@ -123,16 +123,17 @@ def _sft_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "turn_ids": turn_ids}
 
 
-def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh, micro_batches: int = 1):
+def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh, micro_batches: int = 1, loss_chunk: int = 0):
   """`train`'s jitted update with the `sft` loss (token cross-entropy), clipping and AdamW, on a
-  state replicated over `mesh`; returns it, its optimiser and the state's sharding."""
+  state replicated over `mesh`; returns it, its optimiser and the state's sharding. `loss_chunk`:
+  `student.loss_chunk` (0: the whole logits)."""
   tx = update_lib.make_optimizer(_optim_config(), num_steps=1000)
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated,
                                 jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0)))
   config = base.get_config()
   config.teacher.model.vocab_size = model.config.vocab_size
-  loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "sft", None))
+  loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "sft", None), loss_chunk)
   update = update_lib.jit_update(
       update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=micro_batches),
       state_sharding, sharding.batch_sharding(mesh))

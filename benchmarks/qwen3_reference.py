@@ -25,6 +25,9 @@ SIZES = {
                  num_kv_heads=8, head_dim=128),
     "4b": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
                num_kv_heads=8, head_dim=128),
+    # The paper's teacher, Qwen3-8B (untied output projection in the real checkpoint).
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+               num_kv_heads=8, head_dim=128),
 }
 VOCAB = 8192
 
