@@ -167,6 +167,27 @@ def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, toke
   return logp, top1, entropy
 
 
+def trie_support(sequences: Sequence[Sequence[int]], tokens: Sequence[int]) -> list[list[int]]:
+  """Per token of `tokens`: the ids the trie of `sequences` allows there (what constrained decoding could
+  emit after the earlier tokens), in first-seen order; [] once `tokens` left the trie or ran past its end."""
+  support: list[list[int]] = []
+  alive = list(range(len(sequences)))
+  for j, token in enumerate(tokens):
+    children = list(dict.fromkeys(sequences[i][j] for i in alive if len(sequences[i]) > j))
+    support.append(children)
+    alive = [i for i in alive if len(sequences[i]) > j and sequences[i][j] == token]
+  return support
+
+
+def support_array(supports: Sequence[Sequence[int]]) -> np.ndarray:
+  """Per-token id lists -> [N, K] int32, -1 padded, K the next power of two of the widest (a few compiled shapes)."""
+  width = max([len(ids) for ids in supports] + [1])
+  out = np.full((len(supports), 1 << (width - 1).bit_length()), -1, np.int32)
+  for n, ids in enumerate(supports):
+    out[n, :len(ids)] = ids
+  return out
+
+
 class ExpertTeacher:
   """The env's expert as a teacher: `score` gives the `teacher.STAT_KEYS` a model teacher's scoring does.
 
@@ -190,6 +211,7 @@ class ExpertTeacher:
     self.vocab_size = int(vocab_size)
     layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
     self.trigger = list(sampling_config.constraint_trigger)
+    self.sampling_config = sampling_config
     self.head = rollout_lib.action_head(layout, sampling_config)  # As the rollout builds its trie.
     self.prefix: list[int] = []  # The forced tokens before the trie's string: the empty thought, the trigger.
     if self.trigger:
@@ -209,22 +231,52 @@ class ExpertTeacher:
   def beliefs(self, episodes: Sequence[Any]) -> list[list[TurnBelief]]:
     return [episode_beliefs(e.task.task_id, e.turns, self.expert_config) for e in episodes]
 
+  def _split(self, response: Sequence[int]) -> int:
+    """Where the constrained part of `response` starts: after the trigger (free thought), else at 0."""
+    if not self.trigger:
+      return 0
+    k = len(self.trigger)
+    ends = [i + k for i in range(len(response) - k + 1) if list(response[i:i + k]) == self.trigger]
+    return ends[0] if ends else len(response)
+
+  def turn_support(self, belief: TurnBelief, response: Sequence[int]) -> list[list[int]]:
+    """Per response token, the ids constrained decoding allowed there (`sampling.generate`): none listed in
+    the free thought (the whole vocabulary), the trigger alone where the thought budget forced it, the
+    trie's children of the admissible actions after the trigger."""
+    split = self._split(response)
+    sequences = self.action_tokens(belief.actions)
+    support: list[list[int]] = [[] for _ in range(split)]
+    budget = self.sampling_config.max_thought_tokens
+    if budget and split:
+      # The sampler forces the trigger once the thought spent its budget, or when only the trigger and the
+      # longest action still fit in max_new_tokens.
+      forced_from = min(budget, self.sampling_config.max_new_tokens - len(self.trigger) - max(map(len, sequences)))
+      start = max(split - len(self.trigger), forced_from)
+      for j in range(start, split):
+        support[j] = [response[j]]
+    return support + trie_support(sequences, response[split:])
+
   def turn_stats(self, belief: TurnBelief, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log-prob, top-1, entropy) of each response token: the free part against the expert's
     format, the rest (after the trigger) through the action trie."""
-    split = 0
-    if self.trigger:
-      k = len(self.trigger)
-      ends = [i + k for i in range(len(response) - k + 1) if list(response[i:i + k]) == self.trigger]
-      split = ends[0] if ends else len(response)
+    split = self._split(response)
     free = trie_token_stats([self.prefix], np.ones(1), response[:split])
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 
   def score(self, episodes: Sequence[Any], arrays: Mapping[str, np.ndarray]) -> teacher_lib.Scores:
-    """`teacher.STAT_KEYS` -> [B, S] float32 on the batch's response tokens (turn k's: turn_ids == k), else 0."""
+    """`teacher.STAT_KEYS` -> [B, S] float32 on the batch's response tokens (turn k's: turn_ids == k), else 0;
+    and `student_support` [B, S, K] int32, each response token's `turn_support` (-1 padded; -1 elsewhere).
+
+    (our choice) The support makes the loss read the student's log pi renormalised over the tokens
+    constrained decoding allowed (`losses.token_logprobs`): nu lives on the admissible-action trie and the
+    student's actions are drawn from its own renormalised policy there, so that is the policy the
+    divergence log pi - log nu compares. Against the full-vocabulary log pi, a token the trie forces
+    (nu = 1, pi_c = 1) has the advantage -log pi > 0 and a gradient that only raises the trie's mass.
+    """
     turn_ids_BxS = np.asarray(arrays["turn_ids"])
     scores = {key: np.zeros(turn_ids_BxS.shape, np.float32) for key in teacher_lib.STAT_KEYS}
+    supports = [[[] for _ in row] for row in turn_ids_BxS]
     for b, (episode, beliefs) in enumerate(zip(episodes, self.beliefs(episodes))):
       for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
         where = np.flatnonzero(turn_ids_BxS[b] == t + 1)
@@ -233,6 +285,10 @@ class ExpertTeacher:
                            f"response tokens but turn_ids marks {len(where)} in row {b} of the batch.")
         for key, values in zip(teacher_lib.STAT_KEYS, self.turn_stats(belief, turn.response_tokens)):
           scores[key][b, where] = values
+        for s, ids in zip(where, self.turn_support(belief, turn.response_tokens)):
+          supports[b][s] = ids
+    flat = support_array([ids for row in supports for ids in row])
+    scores["student_support"] = flat.reshape(*turn_ids_BxS.shape, flat.shape[-1])
     return scores
 
   def metrics(self, episodes: Sequence[Any]) -> dict[str, float]:

@@ -135,23 +135,47 @@ def _entropy(logp_BxSxV: Array) -> Array:
   return -jnp.sum(p * jnp.where(p > 0, logp_BxSxV, 0.0), axis=-1)
 
 
-def token_logprobs(logits: Array, tokens: Array) -> Array:
+def _picked_logprobs(logits_BxCxV: Array, next_BxC: Array, support_BxCxK: Array | None) -> Array:
+  """[B, C, V] float logits, [B, C] int, [B, C, K] int or None -> [B, C]: log-prob of the next token.
+
+  With a support, a position whose support lists any id (ids >= 0; -1 pads) is renormalised over
+  those ids: log pi_c(y) = logit_y - logsumexp(logits[support]). A position listing none, and every
+  position without a support, takes the full vocabulary.
+  """
+  picked_BxC = jnp.take_along_axis(logits_BxCxV, next_BxC[..., None], axis=-1)[..., 0]
+  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  if support_BxCxK is None:
+    return picked_BxC - lse_BxC
+  listed_BxCxK = support_BxCxK >= 0
+  constrained_BxC = jnp.any(listed_BxCxK, axis=-1)
+  support_logits_BxCxK = jnp.take_along_axis(logits_BxCxV, jnp.maximum(support_BxCxK, 0), axis=-1)
+  # Unconstrained positions keep their (finite) gathered logits, so the untaken branch's gradient stays finite.
+  keep_BxCxK = listed_BxCxK | ~constrained_BxC[..., None]
+  support_lse_BxC = jax.nn.logsumexp(jnp.where(keep_BxCxK, support_logits_BxCxK, -jnp.inf), axis=-1)
+  return picked_BxC - jnp.where(constrained_BxC, support_lse_BxC, lse_BxC)
+
+
+def token_logprobs(logits: Array, tokens: Array, support: Array | None = None) -> Array:
   """[B, S, V], [B, S] int -> [B, S]: log-prob of token s under logits[:, s - 1]; 0 at s=0.
 
   Position s picks token s + 1 (the last one picks the wrapped token 0, which the shift
   drops), so only [B, S] results are shifted: no [B, S, V] log-softmax is built, padded or
   gathered from, and the backward is one fused softmax - one-hot. 1.5x faster than shifting
   the log-softmax, with the LM head's gradient (docs/benchmarks.md).
+
+  `support` [B, S, K] int, token-aligned (entry s: the ids decoding allowed for token s, -1 padded;
+  none listed: the whole vocabulary), gives the log-prob under the distribution renormalised over
+  them (`student_support` in `sage_opd_loss`).
   """
   logits_BxSxV = _float(logits)
   next_BxS = jnp.roll(tokens.astype(jnp.int32), -1, axis=1)
-  picked_BxS = jnp.take_along_axis(logits_BxSxV, next_BxS[..., None], axis=-1)[..., 0]
-  return align_to_tokens(picked_BxS - jax.nn.logsumexp(logits_BxSxV, axis=-1))
+  next_support = None if support is None else jnp.roll(support.astype(jnp.int32), -1, axis=1)
+  return align_to_tokens(_picked_logprobs(logits_BxSxV, next_BxS, next_support))
 
 
 def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Array, tokens: Array,
-                           chunk_size: int) -> Array:
-  """[B, S, D] hidden states, [B, S] int -> [B, S]: `token_logprobs(lm_head(hidden), tokens)`, chunk by chunk.
+                           chunk_size: int, support: Array | None = None) -> Array:
+  """[B, S, D] hidden states, [B, S] int -> [B, S]: `token_logprobs(lm_head(hidden), tokens, support)`, chunk by chunk.
 
   The LM head ([B, C, D] -> [B, C, V] logits) runs over C = `chunk_size` positions at a time under a
   rematerialised `lax.map`, so neither pass holds more than one chunk's [B, C, V] logits (a 150k
@@ -169,15 +193,18 @@ def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Arra
   # [N, B, C, ...]: lax.map walks the chunks.
   next_NxBxC = next_BxS.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
   hidden_NxBxCxD = hidden_BxSxD.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
+  support_NxBxCxK = None
+  if support is not None:
+    next_support_BxSxK = jnp.pad(jnp.roll(support.astype(jnp.int32), -1, axis=1), ((0, 0), (0, pad), (0, 0)),
+                                 constant_values=-1)
+    support_NxBxCxK = next_support_BxSxK.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_chunk(chunk):
-    hidden_BxCxD, next_BxC = chunk
-    logits_BxCxV = _float(lm_head(hidden_BxCxD))
-    picked_BxC = jnp.take_along_axis(logits_BxCxV, next_BxC[..., None], axis=-1)[..., 0]
-    return picked_BxC - jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    hidden_BxCxD, next_BxC, support_BxCxK = chunk
+    return _picked_logprobs(_float(lm_head(hidden_BxCxD)), next_BxC, support_BxCxK)
 
-  picked_NxBxC = jax.lax.map(one_chunk, (hidden_NxBxCxD, next_NxBxC))
+  picked_NxBxC = jax.lax.map(one_chunk, (hidden_NxBxCxD, next_NxBxC, support_NxBxCxK))
   return align_to_tokens(picked_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq])
 
 
@@ -725,7 +752,7 @@ def _check_shapes(student: Array, batch: Batch) -> None:
               "teacher_top1", "teacher_entropy"):
     if key in batch and tuple(batch[key].shape) != tuple(bs):
       raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}; expected {bs} (= logits [B, S]).")
-  for key in ("teacher_logits", "teacher_topk_ids", "teacher_topk_logprobs"):
+  for key in ("teacher_logits", "teacher_topk_ids", "teacher_topk_logprobs", "student_support"):
     if key in batch and tuple(batch[key].shape[:2]) != tuple(bs):
       raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}; expected {bs} + (V or K,).")
   if "labels" in batch and (batch["labels"].ndim != 2 or batch["labels"].shape[0] != bs[0]):
@@ -822,7 +849,7 @@ def per_token_objective(student_logits: Array | None, batch: Batch, w_BxS: Array
   """
   trained_BxS = w_BxS > 0
   if student_logprobs is None:
-    student_logp_BxS = token_logprobs(student_logits, batch["tokens"])
+    student_logp_BxS = token_logprobs(student_logits, batch["tokens"], batch.get("student_support"))
   else:
     student_logp_BxS = _float(student_logprobs)
     if student_logits is None and needs_student_logits(options):
@@ -960,6 +987,9 @@ def sage_opd_loss(
       missing teacher_* statistics are computed from it.
     teacher_topk_ids, teacher_topk_logprobs: [B, S, K], estimator="full" without
       teacher_logits: the divergence on the teacher's top-k support (`topk_divergence`).
+    student_support: [B, S, K] int, optional: per token, the ids constrained decoding allowed
+      there (-1 padded; none listed: unconstrained). log pi_theta is then renormalised over them
+      (`token_logprobs`), the policy the sampler drew from (the expert teacher's batches carry it).
   Everything from the batch is under stop-gradient; only `student_logits` is trained.
 
   Args:

@@ -254,6 +254,8 @@ class DistillSource:
     with timer("rollout"):
       batch = play_share(self.engine, student, tasks, rollout_key, seq_len=seq_len)
     metrics.update(rollout_metrics([batch], prefix="rollout/"))
+    # Where the rollout's wall time went: the sampler (compiles included) and waits on the env workers.
+    metrics.update({"time/rollout_model": batch.stats.model_s, "time/rollout_env_wait": batch.stats.env_wait_s})
     if self.variant.rollouts == 2:
       # E.g. the opd_two_rollout row of docs/method.md: a second rollout of the same tasks in which the teacher
       # replaces every turn it judges Strong, before the env steps; both train with the method's loss.

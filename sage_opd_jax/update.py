@@ -210,7 +210,7 @@ def make_loss_fns(options: losses.LossOptions | Mapping[str, Any], loss_chunk: i
     if not chunked:
       return losses.sage_opd_loss(student_logits(model, micro), micro, options, **totals)
     logp_BxS = losses.chunked_token_logprobs(model.lm_logits, student_hidden_states(model, micro), micro["tokens"],
-                                             loss_chunk)
+                                             loss_chunk, micro.get("student_support"))
     return losses.sage_opd_loss(None, micro, options, student_logprobs=logp_BxS, **totals)
 
   def totals_fn(batch):
@@ -237,7 +237,8 @@ def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState,
 
 # Token-level ([B, S, ...]) and turn-level ([B, T]) keys of a training batch.
 _TOKEN_KEYS = ("tokens", "attention_mask", "turn_ids", "behaviour_logprobs", "positions", "segments", "reach",
-               "teacher_logprobs", "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs")
+               "teacher_logprobs", "teacher_top1", "teacher_entropy", "teacher_topk_ids", "teacher_topk_logprobs",
+               "student_support")
 _TURN_KEYS = ("labels", "response_lengths", "valid", "repeated", "intervened")
 
 

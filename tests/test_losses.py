@@ -283,6 +283,44 @@ def test_chunked_token_logprobs_equal_the_whole_logits_with_gradients(chunk):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def ref_support_logprobs(logits, tokens, support):
+  """float64: log-prob of token s renormalised over support[s] (ids >= 0) under logits[s - 1]; whole vocab if none."""
+  b_, s_, _ = logits.shape
+  out = np.zeros((b_, s_))
+  for b in range(b_):
+    for s in range(1, s_):
+      ids = [i for i in support[b, s] if i >= 0] or list(range(logits.shape[-1]))
+      out[b, s] = logits[b, s - 1, tokens[b, s]] - np.log(np.sum(np.exp(logits[b, s - 1, ids])))
+  return out
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_support_logprobs_renormalise_over_decodings_ids_with_gradients(chunk):
+  rng = np.random.default_rng(7)
+  hidden = jnp.asarray(rng.normal(size=(2, 9, 5)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(5, 12)), jnp.float32)
+  tokens = rng.integers(0, 12, (2, 9))
+  support = np.full((2, 9, 4), -1)
+  # Constrained positions (the rest: the whole vocabulary); width 1 is a forced token, log-prob exactly 0.
+  for b, s, width in [(0, 2, 1), (0, 3, 4), (1, 5, 2), (1, 8, 3)]:
+    ids = rng.choice([i for i in range(12) if i != tokens[b, s]], width - 1, replace=False)
+    support[b, s, :width] = np.concatenate([[tokens[b, s]], ids])
+  logp = lambda h, w: (losses.token_logprobs(h @ w, jnp.asarray(tokens), jnp.asarray(support)) if not chunk else
+                       losses.chunked_token_logprobs(lambda x: x @ w, h, jnp.asarray(tokens), chunk, jnp.asarray(support)))
+  ref_logits = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
+  close(logp(hidden, head), ref_support_logprobs(ref_logits, tokens, support), rtol=1e-5, atol=1e-5)
+  forced = (support >= 0).sum(-1) == 1
+  assert forced.any() and np.all(np.asarray(logp(hidden, head))[forced] == 0)
+  # The gradient: the float64 renormalised log-probs' by central differences, in one random direction.
+  direction = rng.normal(size=head.shape)
+  weights = rng.random((2, 9))
+  grad = jax.grad(lambda w: jnp.sum(jnp.asarray(weights, jnp.float32) * logp(hidden, w)))(head)
+  f = lambda w: np.sum(weights * ref_support_logprobs(np.asarray(hidden, np.float64) @ w, tokens, support))
+  h64 = np.asarray(head, np.float64)
+  numeric = (f(h64 + 1e-6 * direction) - f(h64 - 1e-6 * direction)) / 2e-6
+  assert float(np.sum(np.asarray(grad, np.float64) * direction)) == pytest.approx(numeric, rel=1e-4, abs=1e-5)
+
+
 def test_student_logprobs_stand_in_for_logits_only_where_the_objective_reads_no_more():
   _, logits, _, batch = random_case(0, 2, 9, 7, 3)
   logp = losses.token_logprobs(logits, batch["tokens"])
