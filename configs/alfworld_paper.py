@@ -84,7 +84,7 @@ def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_col
   config.train.num_steps = 200
   config.train.batch_episodes = 64  # 64 episodes x group 1.
   config.train.micro_batches = 8
-  # Tokens per episode (transcript), = Qwen3's max_position_embeddings: 50 turns at the 512-token cap are 36.0k
+  # Tokens per episode (transcript), = Qwen3's max_position_embeddings: 50 turns at the 512-token cap are 36.7k
   # with the measured observations (4,096 held 5). `context_cut_rate` reports the episodes it ends.
   config.train.max_seq_len = 40960
   config.train.eval_every = 20

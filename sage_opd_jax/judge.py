@@ -599,7 +599,7 @@ def action_token_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenize
   tokenizer whose decode of a prefix is a prefix of the decode (byte-level BPE, word-level). The
   prefix lengths then grow with the prefix, so the tokens that overlap the command are one
   contiguous run, found by bisecting for its two ends: O(log n) decodes per turn, not one per
-  token (12 for a 655-token turn, against 656).
+  token (12 for a 654-token Qwen3 turn, against 655; `benchmarks/bench_action_mask.py` times both).
   """
   tokens_BxS, turn_ids_BxS = np.asarray(tokens_BxS), np.asarray(turn_ids_BxS)
   mask = np.zeros(tokens_BxS.shape, bool)

@@ -38,14 +38,15 @@ attending to P and itself only (`assemble_batch`; `models.packed_allowed`). The 
 every response token is trained, scored and judged in the context it was sampled under, and
 its log pi_theta at the sampler's weights equals `behaviour_logprobs`.
 
-*The cost, measured.* On 18 valid_unseen games played by the expert (3 per task type, 289
-turns) with Qwen3's tokenizer, P is 393 tokens (max 425) and n_t, an observation with its
-admissible actions, 204 (90th percentile 253, max 467). A turn then adds y + n to the row on
-the full history but k(y + n) + y as its own segment: at k = 3, a 50-turn episode is 36.0k
-tokens on the full history against 125.4k packed with responses at the 512-token cap, and
-16.8k against 53.2k at 128-token responses (3.2-3.5x). Within `max_context_tokens` = 4,096
-(which reserves `max_new_tokens` = 512 for the next response) an episode gets 5 turns on the
-full history and 4 packed at the cap, 10 and 5 at 128 tokens. Packing also re-encodes each
+*The cost, measured* (`benchmarks/bench_context.py`). On 18 valid_unseen games won by the expert
+(3 per task type, 283 turns) with Qwen3's tokenizer and thinking on, P is 399 tokens (max 425) and
+n_t, an observation with its admissible actions, 213 (90th percentile 261, max 467). A turn then
+adds y + n to the row on the full history but k(y + n) + y as its own segment: at k = 3, a 50-turn
+episode is 36.7k tokens on the full history against 127.4k packed with responses at the 512-token
+cap, and 17.5k against 55.2k at 128-token responses (3.2-3.5x). Within `max_context_tokens` =
+4,096 (which reserves `max_new_tokens` = 512 for the next response) an episode gets 5 turns on the
+full history and 4 packed at the cap, 9.7 and 5.2 at 128 tokens; within 40,960, all 50 on the full
+history and 17.4 packed at the cap (37.2 at 128 tokens). Packing also re-encodes each
 turn's whole window (the window moves, so the KV cache keeps only P), where the full history
 prefills only n_t. So the paper config acts on the full history (every context a transcript
 prefix: nothing is packed) with a budget that holds its 50 turns; a window trades those
