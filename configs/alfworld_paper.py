@@ -70,8 +70,8 @@ def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_col
       attention_chunk=1024)  # [rows, 32, 1024, S] scores at a time, not [rows, 32, S, S].
   config.student.model.update(
       dtype="bfloat16", param_dtype="float32",  # bf16 matmuls on a float32 master copy.
-      # One 4k row's step: 96.4 GiB without remat (every layer keeps its [16, S, S] scores for
-      # the backward pass), 17.5 GiB with both (benchmarks/bench_memory.py; docs/benchmarks.md).
+      # One 4k row's step on one device: 76.1 GiB without remat (every layer keeps its attention scores
+      # for the backward pass), 16.1 GiB with both (benchmarks/bench_memory.py; docs/benchmarks.md).
       remat=True, attention_chunk=1024)
   config.sampling.temperature = 1.0
   config.sampling.max_new_tokens = 512  # Room for <think> before <action>.
