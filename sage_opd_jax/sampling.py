@@ -183,6 +183,8 @@ def build_token_trie(
     allowed: Sequence[Sequence[Sequence[int]] | None],
     vocab_size: int,
     trigger: Sequence[int] = (),
+    min_nodes: int = 1,
+    min_width: int = 1,
 ) -> TokenTrie:
   """Compiles each row's allowed token sequences into a `TokenTrie` (host side, numpy).
 
@@ -192,6 +194,8 @@ def build_token_trie(
     vocab_size: the model's vocabulary size; every token must lie in [0, vocab_size).
     trigger: the sampler's `constraint_trigger` when it has a thought budget: each constrained
       row then also gets a budget root whose sequences are the trigger then its allowed ones.
+    min_nodes, min_width: pad the node and child counts to at least these (`EpisodeCache` passes
+      the largest it has built, so its later, smaller tries reuse that compiled shape).
 
   Returns:
     The trie; node and child counts are padded to powers of two to bound recompiles.
@@ -251,8 +255,8 @@ def build_token_trie(
       budget_roots.append(_FREE)
       budget_lengths.append(0)
 
-  num_nodes = _next_pow2(max(len(children), 1))
-  width = _next_pow2(max([len(c) for c in children] + [1]))
+  num_nodes = _next_pow2(max(len(children), min_nodes, 1))
+  width = _next_pow2(max([len(c) for c in children] + [min_width, 1]))
   child_tokens = np.full((num_nodes, width), -1, np.int32)
   child_nodes = np.full((num_nodes, width), -1, np.int32)
   for node, edges in enumerate(children):
@@ -704,6 +708,9 @@ class EpisodeCache:
     self._row_of = np.arange(num_episodes, dtype=np.int64)
     self._cached: list[list[int]] = [[] for _ in range(batch)]
     self._cache = self._new_cache(batch, bucket_length(1, min_len))
+    # (nodes, width) of the largest trie built so far: later tries pad to it. Each turn's admissible actions
+    # give another trie size, and each size was another compile of `generate` (dozens in one ALFWorld rollout).
+    self._trie_shape = (1, 1)
 
   @property
   def batch_size(self) -> int:
@@ -823,7 +830,9 @@ class EpisodeCache:
         raise ValueError(f"allowed has a sequence of {longest} tokens, longer than "
                          f"max_new_tokens={config.max_new_tokens}")
       trie = build_token_trie(
-          per_row, self._vocab, trigger=config.constraint_trigger if config.max_thought_tokens else ())
+          per_row, self._vocab, trigger=config.constraint_trigger if config.max_thought_tokens else (),
+          min_nodes=self._trie_shape[0], min_width=self._trie_shape[1])
+      self._trie_shape = trie.child_tokens.shape
 
     # Truncating a row to its shared prefix is exact: slot i only ever depended on tokens <= i.
     self._cache = self._cache.replace(lengths=self._place(keep.astype(np.int32)))

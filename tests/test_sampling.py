@@ -364,6 +364,32 @@ def test_sharded_params_sample_the_same_tokens(model):
                 for e, c in enumerate(contexts)]
 
 
+def test_a_trie_pads_to_the_given_floor_and_decodes_the_same(model):
+  allowed = _allowed_sets()
+  tight = sampling.build_token_trie(allowed, VOCAB)
+  padded = sampling.build_token_trie(allowed, VOCAB, min_nodes=64, min_width=8)
+  nodes, width = tight.child_tokens.shape
+  assert padded.child_tokens.shape == (64, 8) and nodes < 64 and width < 8
+  for name in ("child_tokens", "child_nodes"):
+    got = getattr(padded, name)
+    np.testing.assert_array_equal(got[:nodes, :width], getattr(tight, name))
+    assert np.all(got[nodes:] == -1) and np.all(got[:, width:] == -1)
+  np.testing.assert_array_equal(padded.terminal[:nodes], tight.terminal)
+  assert not padded.terminal[nodes:].any()
+  # An EpisodeCache pads each trie to the largest it built: a later turn with smaller tries compiles nothing new.
+  config = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0)
+  small = [[[11, *STOP]], None, [[30, *STOP]]]
+  warm = sampling.EpisodeCache(model, len(PROMPTS))
+  for _ in range(2):  # Compiles the fresh and the cached-prefix call with the large tries.
+    warm.generate(PROMPTS, jax.random.key(0), config, allowed=allowed)
+  cache = sampling.EpisodeCache(model, len(PROMPTS))
+  cache.generate(PROMPTS, jax.random.key(0), config, allowed=allowed)
+  before = sampling.compile_count()
+  out = cache.generate(PROMPTS, jax.random.key(0), config, allowed=small)
+  assert sampling.compile_count() == before
+  assert out.tokens[0, :int(out.lengths[0])].tolist() == [11, *STOP]
+
+
 def test_bucketing_bounds_the_number_of_compiles(model):
   config = sampling.SamplingConfig(max_new_tokens=2, temperature=0.0, eos_ids=(0,))
   lengths = range(1, 41, 3)
