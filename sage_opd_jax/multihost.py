@@ -19,6 +19,7 @@ with B/P episodes each play exactly the episodes that one process with B plays.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import socket
@@ -144,11 +145,17 @@ def local_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
   from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top  # models imports this module's users.
 
   graphdef, state = nnx.split(model)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  full = jax.jit(lambda s: s, out_shardings=replicated)(state)
+  full = _replicate(mesh)(state)
   local = jax.tree.map(lambda x: x.addressable_data(0), full)
   mesh_here = local_mesh(mesh)
   return nnx.merge(graphdef, jax.device_put(local, sharding.state_shardings(local, mesh_here)))
+
+
+@functools.cache
+def _replicate(mesh: jax.sharding.Mesh) -> Any:
+  """The jitted all-gather of a pytree onto every device of `mesh`: one per mesh, so that the
+  per-update `local_model` traces and compiles it once, not at every call."""
+  return jax.jit(lambda tree: tree, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def barrier(name: str) -> None:
