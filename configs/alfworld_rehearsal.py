@@ -1,14 +1,16 @@
 """The paper config rehearsed on CPU: its whole pipeline with tiny random Qwen3 models.
 
-`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts and
-the mesh (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing
-else differs). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
+`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts, the
+mesh and, since a random model writes no action, decoding constrained to the admissible actions
+after a few thought tokens, so that every turn plays an action and SAGE-OPD's judge is asked about
+it (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing else
+differs). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
 randomly initialised with Qwen3's vocabulary of 151,936, written in Hugging Face format
 (`models.save_hf_checkpoint`), each shipping Qwen3's real tokenizer
 (`tokenization.build_qwen3_tokenizer`), as a downloaded Qwen3 folder does. Everything else is the
-paper's (its chat template and decoding, bf16 compute, remat and chunked attention, the judge,
-the history window) on real ALFWorld games ($ALFWORLD_DATA) over a data x fsdp x tensor = 2 x 2 x 2
-mesh of 8 devices.
+paper's (its chat template, thinking mode and judge mode, bf16 compute, remat and chunked
+attention, the history window) on real ALFWorld games ($ALFWORLD_DATA) over a data x fsdp x
+tensor = 2 x 2 x 2 mesh of 8 devices.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sage_opd_jax.main \\
       --config=configs/alfworld_rehearsal.py:workdirs/rehearsal_checkpoints --workdir=workdirs/rehearsal
@@ -29,10 +31,11 @@ from configs import base
 
 # The rehearsal's models: Qwen3's vocabulary and layout (tied embeddings like Qwen3-0.6B, untied
 # like Qwen3-8B), a few hundred kilobytes of layers. Head counts divide over the tensor axis.
-STUDENT = base.tiny_model(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=16, rope_theta=1_000_000.0, max_position_embeddings=4096)
-TEACHER = base.tiny_model(vocab_size=151_936, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=32, rope_theta=1_000_000.0, tie_embeddings=False,
+# Widths are small because the 151,936-wide LM head is most of every step's work (it scales with them).
+STUDENT = base.tiny_model(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8, rope_theta=1_000_000.0, max_position_embeddings=4096)
+TEACHER = base.tiny_model(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, rope_theta=1_000_000.0, tie_embeddings=False,
                           max_position_embeddings=4096)
 
 # Every field the rehearsal sets, and why; any other field is the paper config's.
@@ -41,8 +44,14 @@ CHANGED = {
     "student.hf_dir": "checkpoints", "teacher.hf_dir": "checkpoints", "tokenizer_dir": "checkpoints",
     # The learning rate a tiny random model needs to pick up the response format in a few SFT updates.
     "pipeline.sft_learning_rate": "model size",
+    # Random models: a random student never writes a parseable action, and every turn without one is
+    # Strong by rule, so the judge would never be asked. Its thought is cut after a few tokens by
+    # `</think>` and its action decoded from the admissible ones, so every turn plays and is judged.
+    "sampling.constrained": "random model", "sampling.free_thought": "random model",
+    "sampling.max_thought_tokens": "random model",
     # Budgets: tokens, turns, updates, chunk sizes scaled to the shorter rows, worker processes.
     "env.max_turns": "budget", "env.num_workers": "budget", "sampling.max_new_tokens": "budget",
+    "sampling.min_cache_len": "budget",
     "train.batch_episodes": "budget", "train.micro_batches": "budget",
     "train.max_seq_len": "budget", "train.eval_every": "budget", "train.ckpt_every": "budget",
     "teacher.score_chunk": "budget", "student.loss_chunk": "budget", "student.model.attention_chunk": "budget",
@@ -84,20 +93,28 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   config = alfworld_paper.get_config("0.6b")
   config.student.hf_dir, config.teacher.hf_dir = make_checkpoints(arg)
   config.tokenizer_dir = config.teacher.hf_dir
-  config.pipeline.sft_learning_rate = 1e-2
+  # Under the paper's 10 warm-up updates (the first at rate 0), 3 updates at this peak rate teach it to
+  # open a turn with <think>.
+  config.pipeline.sft_learning_rate = 6e-2
+  config.sampling.constrained = config.sampling.free_thought = True
+  config.sampling.max_thought_tokens = 4
 
-  config.env.max_turns = 5  # Multi-turn: the 512-token budget ends most episodes after 2 (context_cut_rate).
+  # Multi-turn within the token budget: Qwen3's tokens for the first prompt are 210-480 on real games,
+  # for an observation with its admissible actions 100-370 (median 170), for a response ~17 (a 4-token
+  # thought, </think>, `\n\n<action>a</action>`); 1,024 tokens hold 4 turns of most games.
+  config.env.max_turns = 4
   config.env.num_workers = 2
-  config.sampling.max_new_tokens = 24
+  config.sampling.max_new_tokens = 24  # The thought budget, </think> and the longest action (18 tokens).
   config.train.batch_episodes = 4  # One episode per data x fsdp shard.
   config.train.micro_batches = 1
-  config.train.max_seq_len = 512
+  config.train.max_seq_len = 1024
+  config.sampling.min_cache_len = config.train.max_seq_len  # One KV-cache length: one decode loop per shape.
   config.train.eval_every = 100  # Once, after the last update.
   config.train.ckpt_every = 1
-  config.teacher.score_chunk = config.student.loss_chunk = 128  # Several chunks per row, as at paper scale.
-  config.student.model.attention_chunk = config.teacher.model.attention_chunk = 128
-  config.pipeline.student_steps = 8
-  config.pipeline.distill_steps = 2
+  config.teacher.score_chunk = config.student.loss_chunk = 256  # Several chunks per row, as at paper scale.
+  config.student.model.attention_chunk = config.teacher.model.attention_chunk = 256
+  config.pipeline.student_steps = 3
+  config.pipeline.distill_steps = 1  # One iteration of each method (a longer run measures iteration times).
   config.pipeline.methods = ("sft", "opd", "sage_opd")
   config.pipeline.seeds = (0,)
   config.eval.temperatures = (0.0,)

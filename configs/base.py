@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Never sample ids past the tokenizer's, nor keep them in the teacher's top-k (Qwen3 pads its embedding to
   # 151,936 rows; 151669-151935 are no token). Off in the CPU configs, whose results were made without it.
   config.sampling.mask_unused_ids = False
+  # The acting KV cache's smallest length bucket: it grows through the buckets as contexts do, and
+  # each bucket compiles the decode loop again (train.max_seq_len: one length, compiled once).
+  config.sampling.min_cache_len = 256
 
   config.loss = ml_collections.ConfigDict()
   config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).

@@ -229,6 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _in_range(config, "sampling.top_p", 0.0, 1.0)
   _positive(config, "sampling.max_new_tokens")
   _positive(config, "sampling.max_thought_tokens", allow_zero=True)
+  _positive(config, "sampling.min_cache_len")
   for key in ("sampling.enable_thinking", "sampling.mask_unused_ids"):
     if not isinstance(_get(config, key), bool):
       raise ConfigError(f"config.{key}={_get(config, key)!r}: must be True or False.")

@@ -406,6 +406,7 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
       max_context_tokens=config.train.max_seq_len,
       expert=spec.expert if oracle else None,
       enable_thinking=config.sampling.enable_thinking,
+      min_cache_len=config.sampling.min_cache_len,
   )
   return rollout_lib.RolloutEngine(
       tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),

@@ -258,6 +258,13 @@ def test_thought_budget_bounds_the_free_thought_of_constrained_decoding():
   config_lib.validate(config)
 
 
+def test_the_acting_cache_length_is_positive():
+  config = _load_config("base")
+  config.sampling.min_cache_len = 0
+  with pytest.raises(config_lib.ConfigError, match=r"config.sampling.min_cache_len=0: must be > 0"):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("sizes, want", [
     ((1, -1, 2), {"data": 1, "fsdp": 4, "tensor": 2}),  # -1 takes the 8 devices the others leave.
     ((-1, 1, 1), {"data": 8, "fsdp": 1, "tensor": 1}),

@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
   return tmp_path_factory.mktemp("rehearsal_checkpoints")
 
 
-def test_the_rehearsal_changes_only_sizes_budgets_games_and_the_mesh(checkpoints):
+def test_the_rehearsal_changes_only_the_fields_it_lists(checkpoints):
   module, rehearsal = _load("alfworld_rehearsal", str(checkpoints))
   _, paper = _load("alfworld_paper", "0.6b")
   paper, rehearsal = _flat(paper), _flat(rehearsal)
@@ -64,11 +64,16 @@ def test_the_rehearsal_changes_only_sizes_budgets_games_and_the_mesh(checkpoints
 
 
 def _run_pipeline(checkpoints: pathlib.Path, workdir: pathlib.Path) -> str:
-  """The rehearsal's one command, in a process of its own with 8 fake CPU devices and no compilation cache."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  """The rehearsal's one command, in a process of its own with 8 fake CPU devices.
+
+  Its compilation cache is its own and starts empty: every stage compiles what no earlier stage of
+  this run did, and loads what one did (the same programs at the same shapes), as a user's first run.
+  """
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO))
   cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config=configs/alfworld_rehearsal.py:{checkpoints}",
-         f"--workdir={workdir}", "--config.compilation_cache_dir="]
+         f"--workdir={workdir}"]
   # Its own session: on a timeout the pipeline and its env workers are killed together.
   proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
@@ -121,14 +126,24 @@ def test_the_rehearsal_runs_the_paper_pipeline(checkpoints, tmp_path):
   for method in ("opd", "sage_opd"):
     trained = [row for row in _metrics(runs / method / "seed0") if "time/teacher" in row]
     assert len(trained) == config.pipeline.distill_steps, method
+    # Episodes of several turns: the token budget ends few of them before the turn limit.
+    for row in trained:
+      assert row["rollout/mean_turns"] >= 3 and row["rollout/context_cut_rate"] < 1, (method, row)
+    # Every turn of the rollouts plays an action (its thought cut by </think>, then decoded from the
+    # admissible ones), so every turn is one the judge is asked about.
+    played = _turns(runs / method / "seed0", "*_train.jsonl")
+    assert played and all(turn["action"] and turn["valid"] for turn in played), (method, played[:3])
     # Thinking mode: the trained student opens its turns with a think block (greedy, in its evaluation;
     # its rollouts at temperature 1 are mostly the random model's other 151,935 ids).
     responses = [turn["response"] for turn in _turns(runs / method / "seed0")]
     assert responses and any(r.startswith("<think>") for r in responses), (method, responses[:3])
-  # SAGE-OPD's judge labelled the turns: its label mix is in every update's metrics and in the transcripts.
+    assert all("</think>" in r for r in responses), (method, responses[:3])
+  # SAGE-OPD's judge (the paper config's mode) was asked about every turn: no turn is Strong by rule. Its
+  # label mix is in every update's metrics and in the transcripts.
   labelled = [row for row in _metrics(runs / "sage_opd" / "seed0") if "judge/strong_frac" in row]
   assert len(labelled) == config.pipeline.distill_steps
   for row in labelled:
+    assert row["judge/asked_frac"] == 1.0 and row["judge/num_prompts"] > 0, row
     assert sum(row[f"judge/{label}_frac"] for label in ("skip", "weak", "strong")) == pytest.approx(1.0)
   assert {turn["label"] for turn in _turns(runs / "sage_opd" / "seed0", "*_train.jsonl")} <= {"Skip", "Weak", "Strong"}
 
