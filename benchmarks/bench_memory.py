@@ -6,10 +6,6 @@ Usage (from the repo root):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_memory.py --paper --json mem.json
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_memory.py --paper --sizes 0.6b \\
       --teacher ''                                     # one student size, no teacher
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_memory.py --paper --pin-rows
-                                                       # what-if: activations kept on their rows (`rows_pinned`)
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_memory.py --paper --strided-micro \\
-      --sizes 0.6b --teacher '' --seq 2048                 # what-if: `strided_micro_batches`
   # One micro-batch's update on one device, the memory settings one at a time (0.6b, 1 x 4096):
   python benchmarks/bench_memory.py
   python benchmarks/bench_memory.py --size 27m --batch 8 --seq 256 --vocab 8192
@@ -39,7 +35,6 @@ not the row's whole [S, V] float32 logits).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pathlib
 import sys
@@ -61,7 +56,6 @@ from sage_opd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-
 from sage_opd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import update as update_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax.models import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sage_opd_jax.models import transformer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = 2.0 ** 30
 QWEN3_VOCAB = 151_936  # Qwen3's embedding rows; the tokenizer's ids end at 151,668.
@@ -136,48 +130,6 @@ def paper_teacher_scoring(config, mesh: jax.sharding.Mesh) -> dict[str, float]:
   return compiled_memory(lambda: scorer.lower(state, tokens, tokens, packing=packing))
 
 
-@contextlib.contextmanager
-def rows_pinned(mesh: jax.sharding.Mesh):
-  """While open, every decoder block's input [B, S, D] is constrained to the batch's row sharding.
-
-  A what-if, not the library's behaviour: the model sets no activation sharding, and on the paper's
-  fsdp mesh the partitioner then all-gathers the rows' activations (the hidden dimension and the rows
-  both want the fsdp axis) instead of the weights, so a device holds every row of its micro-batch.
-  """
-  block = transformer._block  # pylint: disable=protected-access
-  rows = sharding.batch_sharding(mesh)
-
-  def pinned(config, p, x_BxSxD, *args, **kwargs):
-    return block(config, p, jax.lax.with_sharding_constraint(x_BxSxD, rows), *args, **kwargs)
-
-  transformer._block = pinned  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    transformer._block = block  # pylint: disable=protected-access
-
-
-@contextlib.contextmanager
-def strided_micro_batches():
-  """While open, micro-batch m of the update is rows m, m + M, m + 2M, ... (M micro-batches), not `[m B/M, (m+1) B/M)`.
-
-  A what-if, not the library's behaviour: `update._split_micro` takes consecutive rows, which with the
-  batch sharded over the devices are one device's rows, so the partitioner gathers each micro-batch onto
-  every device; strided, each micro-batch keeps B / M / devices rows on every device.
-  """
-  split = update_lib._split_micro  # pylint: disable=protected-access
-
-  def strided(batch, micro_batches):
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1),
-                        dict(batch))
-
-  update_lib._split_micro = strided  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    update_lib._split_micro = split  # pylint: disable=protected-access
-
-
 def paper_config(size: str, teacher: str, seq: int):
   """`configs/alfworld_paper.py:<size>` with Qwen3 shapes in place of its checkpoints."""
   config = alfworld_paper.get_config(size)
@@ -209,18 +161,12 @@ def run_paper(args) -> list[dict]:
     config = paper_config(student, args.teacher, args.seq)
     mesh = train.mesh_from_config(config.mesh)
     measure = paper_student_update if program == "student update" else paper_teacher_scoring
-    with contextlib.ExitStack() as what_if:
-      if args.pin_rows:
-        what_if.enter_context(rows_pinned(mesh))
-      if args.strided_micro:
-        what_if.enter_context(strided_micro_batches())
-      m = measure(config, mesh)
+    m = measure(config, mesh)
     total = m["arguments"] + m["temporaries"]
     rows.append(dict(m, program=program, model=f"Qwen3-{model.upper()}", total=total, fits=fits(total),
                      mesh=dict(mesh.shape), seq=config.train.max_seq_len, rows=config.train.batch_episodes,
                      micro_batches=config.train.micro_batches, loss_chunk=config.student.loss_chunk,
-                     score_chunk=config.teacher.score_chunk, rows_pinned=args.pin_rows,
-                     strided_micro=args.strided_micro))
+                     score_chunk=config.teacher.score_chunk))
     print(f"| {program} | Qwen3-{model.upper()} | {m['arguments']:.2f} | {m['temporaries']:.2f} | {total:.2f} | "
           f"{fits(total)} | {m['compile_s']:.0f} |", flush=True)
   return rows
@@ -262,10 +208,6 @@ def main() -> None:
   parser.add_argument("--sizes", default=",".join(alfworld_paper.STUDENT_SIZES),
                       help="--paper: student sizes, comma-separated (empty: none)")
   parser.add_argument("--teacher", default="8b", help="--paper: the teacher's size ('': no teacher scoring)")
-  parser.add_argument("--pin-rows", action="store_true",
-                      help="--paper: what-if, each decoder block's input constrained to the row sharding")
-  parser.add_argument("--strided-micro", action="store_true",
-                      help="--paper: what-if, micro-batch m of the update is rows m, m + M, ... (every device's)")
   parser.add_argument("--seq", type=int, default=0,
                       help="tokens per row (0: the paper config's max_seq_len with --paper, else 4096)")
   parser.add_argument("--size", choices=tuple(SIZES), default="0.6b")
@@ -279,9 +221,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.paper:
     print(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices; "
-          "configs/alfworld_paper.py at Qwen3 shapes" + ("; rows pinned (what-if)" if args.pin_rows else "")
-          + ("; strided micro-batches (what-if)" if args.strided_micro else ""),
-          flush=True)
+          "configs/alfworld_paper.py at Qwen3 shapes", flush=True)
     rows = run_paper(args)
   else:
     args.seq = args.seq or 4096

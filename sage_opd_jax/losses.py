@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sage_opd_jax.models import sharding
+
 Array = jax.Array
 Batch = Mapping[str, Array]
 
@@ -202,7 +204,7 @@ def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Arra
   @jax.checkpoint
   def one_chunk(chunk):
     hidden_BxCxD, next_BxC, support_BxCxK = chunk
-    return _picked_logprobs(_float(lm_head(hidden_BxCxD)), next_BxC, support_BxCxK)
+    return _picked_logprobs(_float(lm_head(sharding.pin_rows(hidden_BxCxD))), next_BxC, support_BxCxK)
 
   picked_NxBxC = jax.lax.map(one_chunk, (hidden_NxBxCxD, next_NxBxC, support_NxBxCxK))
   return align_to_tokens(picked_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq])

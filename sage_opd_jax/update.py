@@ -83,12 +83,20 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 
 
 def _split_micro(batch: Batch, micro_batches: int) -> Batch:
-  """[B, ...] -> [M, B/M, ...], so `lax.scan` walks the micro-batches."""
+  """[B, ...] -> [M, B/M, ...], so `lax.scan` walks the micro-batches; micro-batch m is rows i * M + m.
+
+  Strided, not contiguous: with the rows split over the devices in contiguous blocks, every
+  micro-batch then holds the same number of each device's rows, and pinned to the row sharding it
+  is computed where it lies. Contiguous micro-batches would each be one device's rows, which the
+  partitioner gathers so that every device computes all of them. The update sums over micro-batches,
+  so their order and membership do not change the result.
+  """
 
   def split(x):
     if x.shape[0] % micro_batches:
       raise ValueError(f"Batch size {x.shape[0]} is not divisible by micro_batches={micro_batches}.")
-    return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+    x_IxMx = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+    return sharding.pin_rows(jnp.swapaxes(x_IxMx, 0, 1), axis=1)
 
   return jax.tree.map(split, dict(batch))
 
@@ -136,6 +144,8 @@ def make_update_fn(
     totals = totals_fn(batch)  # Global normalisers over the whole batch, every device.
 
     def micro_step(grads_acc, micro):
+      micro = jax.tree.map(sharding.pin_rows, micro)
+
       def loss_of(params):
         return loss_fn(nnx.merge(graphdef, params), micro, totals)
 
@@ -167,9 +177,13 @@ def jit_update(
     state_sharding: Any,
     batch_sharding: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit with explicit in/out shardings and the state donated (updated in place)."""
+  """jit with explicit in/out shardings and the state donated (updated in place).
+
+  Traced on the batch's mesh (`sharding.on_mesh`), so micro-batches and activations stay on their rows.
+  """
+  meshes = {s.mesh for s in jax.tree.leaves(batch_sharding) if isinstance(s, jax.sharding.NamedSharding)}
   return jax.jit(
-      update,
+      sharding.on_mesh(update, meshes.pop() if len(meshes) == 1 else None),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, None),
       donate_argnums=(0,),

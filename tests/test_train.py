@@ -1,6 +1,7 @@
 """The update step: micro-batching, NaN safety and sharding never change the result."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,38 @@ def test_sharded_transformer_sage_step_matches_single_device(old_logprobs):
   np.testing.assert_allclose(m_sharded["loss"], m_single["loss"], rtol=1e-5)
   np.testing.assert_allclose(m_sharded["grad_norm"], m_single["grad_norm"], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), single.params, sharded.params)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices; see tests/conftest.py")
+def test_fsdp_update_computes_each_devices_rows_only():
+  """On an fsdp mesh of 8 a device's temporaries are about 1/8 of one device's and no row moves between devices.
+
+  Contiguous micro-batches (each one device's rows) were gathered and computed on every device, and unpinned
+  activations were gathered over the batch where a weight's hidden dimension also wants the fsdp axis.
+  """
+  config = base.get_config()
+  model_config = models.ModelConfig.from_dict(base.tiny_model(
+      vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+      head_dim=16).to_dict())
+  options = dict(config.loss.to_dict(), method="sage_opd", num_turns=3, teacher_vocab_size=512)
+  loss_fn, totals_fn = update_lib.make_loss_fns(options)
+  tx = update_lib.make_optimizer(config.optim, num_steps=4)
+  batch = jax.eval_shape(lambda: _sage_batch(np.random.default_rng(0), 32, 64, 512, 3))
+
+  def compile_update(mesh):
+    model = models.sharding.abstract_model(model_config)
+    state = jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0))
+    update = update_lib.jit_update(
+        update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2),
+        models.sharding.state_shardings(state, mesh), models.batch_sharding(mesh))
+    compiled = update.lower(state, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+  one, _ = compile_update(models.make_mesh({}, jax.devices()[:1]))
+  eight, hlo = compile_update(models.make_mesh({"fsdp": 8}))
+  assert eight < one / 4, (eight, one)
+  # Rows never move between devices: only weights are gathered (and gradients reduced).
+  assert not re.findall(r"= \S+ (all-to-all|collective-permute)\(", hlo)
 
 
 @pytest.mark.parametrize("grouped", [False, True])

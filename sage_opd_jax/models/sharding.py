@@ -7,6 +7,9 @@ transformer.py). `LOGICAL_RULES` maps each logical name to a mesh axis or to Non
     over ("data", "fsdp"), so fsdp is ZeRO-3-style data parallelism.
   * tensor shards heads, kv heads, the MLP width and the vocabulary (Megatron-style).
   * data replicates parameters.
+Activations are pinned to their rows (`pin_rows`) inside a program traced `on_mesh`: where a weight's
+hidden dimension and the rows both want `fsdp`, the partitioner would otherwise be free to gather the
+rows' activations over the batch instead of the weight.
 A dimension whose size the mesh axis does not divide is an error naming the parameter, never
 a silent replication.
 """
@@ -26,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sage_opd_jax.models.cache import KVCache
 from sage_opd_jax.models.config import ModelConfig
-from sage_opd_jax.models.transformer import Transformer
+# A module import (Transformer is read at call time): transformer.py imports this module for `pin_rows`.
+from sage_opd_jax.models import transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -131,13 +135,49 @@ def cache_sharding(config: ModelConfig, mesh: Mesh) -> KVCache:
   return KVCache(k=layers, v=layers, lengths=batch_sharding(mesh))
 
 
+def on_mesh(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+  """`fn` traced with `mesh` as the abstract mesh in context, so its `pin_rows` constraints apply.
+
+  For the body of a jitted program whose inputs live on `mesh`; `mesh=None` returns `fn` unchanged.
+  """
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
+def pin_rows(x: jax.Array, *, axis: int = 0, replicate_rest: bool = False) -> jax.Array:
+  """`x` constrained to have its `axis` (the rows) split over ("data", "fsdp") of the mesh in context.
+
+  The other dimensions are left to the partitioner, or replicated with `replicate_rest` (a
+  decoder block's [B, S, D] activations: the hidden dimension is whole on every device, as FSDP
+  and Megatron keep it). A no-op without a mesh in context (`on_mesh`), on a mesh without both
+  batch axes, or when the rows do not divide over them.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  devices = math.prod(mesh.shape[name] for name in BATCH_AXES)
+  if devices == 1 or x.shape[axis] % devices:
+    return x
+  rest = None if replicate_rest else PartitionSpec.UNCONSTRAINED
+  spec = [rest] * x.ndim
+  spec[axis] = BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def abstract_model(config: ModelConfig) -> Transformer:
+def abstract_model(config: ModelConfig) -> transformer.Transformer:
   """The model with ShapeDtypeStruct leaves: no parameter memory is allocated."""
-  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: transformer.Transformer(config, rngs=nnx.Rngs(0)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -146,13 +186,13 @@ def _jitted_init(config: ModelConfig, mesh: Mesh | None) -> Callable[[jax.Array]
   _, abstract_state = nnx.split(abstract_model(config))
 
   def init(seed):
-    return nnx.split(Transformer(config, rngs=nnx.Rngs(jax.random.key(seed))))[1]
+    return nnx.split(transformer.Transformer(config, rngs=nnx.Rngs(jax.random.key(seed))))[1]
 
   out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
   return jax.jit(init, out_shardings=out_shardings)
 
 
-def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
+def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> transformer.Transformer:
   """A randomly initialised model, its params created directly in their shardings.
 
   Initialisation runs as one jitted computation (eager NNX init would compile every
@@ -163,7 +203,7 @@ def create_model(config: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -
   return nnx.merge(graphdef, state)
 
 
-def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
+def shard_model(model: transformer.Transformer, mesh: Mesh) -> transformer.Transformer:
   """Moves an existing model's params onto the mesh (e.g. a model built unsharded)."""
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sage_opd_jax.models import sharding
 from sage_opd_jax.models.cache import KVCache
 from sage_opd_jax.models.config import ModelConfig
 
@@ -372,8 +373,10 @@ class Transformer(nnx.Module):
     """Final-normed hidden states -> float32 logits [B, S, V] (usable chunk by chunk)."""
     dt = self.config.jnp_dtype
     if self.config.tie_embeddings:  # The embedding is [V, D].
-      return dense(hidden_BxSxD.astype(dt), self.embed[...].astype(dt), jnp.float32, transposed=True)
-    return dense(hidden_BxSxD.astype(dt), self.lm_head[...].astype(dt), jnp.float32)
+      logits_BxSxV = dense(hidden_BxSxD.astype(dt), self.embed[...].astype(dt), jnp.float32, transposed=True)
+    else:
+      logits_BxSxV = dense(hidden_BxSxD.astype(dt), self.lm_head[...].astype(dt), jnp.float32)
+    return sharding.pin_rows(logits_BxSxV)  # Each device's rows' logits, never the batch's.
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     attention_mask: jax.Array | None = None, cache: KVCache | None = None,
@@ -432,15 +435,16 @@ class Transformer(nnx.Module):
 
       def body(x, xs):
         p, _ = xs
-        x, _ = _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT,
+        # Rows pinned on both sides of the block: the partitioner gathers the weights (FSDP), never the rows.
+        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), cos_BxSxH2, sin_BxSxH2, allowed_BxSxT,
                       lambda k, v: (k, v, None), causal=True)
-        return x, None
+        return sharding.pin_rows(x, replicate_rest=True), None
 
       # prevent_cse=False is safe under scan and lets XLA share the recomputation.
       body = jax.checkpoint(body, prevent_cse=False) if c.remat else body
       x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (_fuse_projections(c, params), layer_ids),
                                 unroll=min(c.scan_unroll, c.num_layers))
-      return rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps)
+      return sharding.pin_rows(rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps), replicate_rest=True)
 
     T = cache.max_len
     slots_BxS = cache.lengths[:, None] + arange_S[None, :]
