@@ -27,6 +27,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The reference is the tests' own (tests/test_judge.py), so this times what the tests pin the library against.
+sys.path.insert(0, str(REPO / "tests"))
 
 from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -35,39 +37,10 @@ from sage_opd_jax import prompts  # pylint: disable=g-import-not-at-top,wrong-im
 from sage_opd_jax import rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax import tokenization  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sage_opd_jax.envs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_judge import CountingDecodes, action_token_mask_reference  # pylint: disable=wrong-import-position
 
 SENTENCE = "The mug is not on the desk 1, so I check the shelf 2 — then the café's countertop 3 ☕."
 TASK = "Your task is to: put a clean mug in coffeemachine."
-
-
-def reference_mask(tokens_BxS: np.ndarray, turn_ids_BxS: np.ndarray, tokenizer) -> np.ndarray:
-  """Each token's character span from the decode of every growing prefix (one decode per token)."""
-  mask = np.zeros(tokens_BxS.shape, bool)
-  for b in range(tokens_BxS.shape[0]):
-    for k in np.unique(turn_ids_BxS[b]):
-      if k <= 0:
-        continue
-      positions = np.flatnonzero(turn_ids_BxS[b] == k)
-      ids = tokens_BxS[b, positions].tolist()
-      span = prompts.action_span(tokenizer.decode(ids, skip_special_tokens=True))
-      if span is None:
-        continue
-      ends = [len(tokenizer.decode(ids[: j + 1], skip_special_tokens=True)) for j in range(len(ids))]
-      starts = [0] + ends[:-1]
-      for j, pos in enumerate(positions):
-        mask[b, pos] = starts[j] < span[1] and ends[j] > span[0]
-  return mask
-
-
-class CountingDecodes:
-  """A tokenizer whose `decode` counts its calls."""
-
-  def __init__(self, tokenizer):
-    self.tokenizer, self.calls = tokenizer, 0
-
-  def decode(self, ids, **kwargs):
-    self.calls += 1
-    return self.tokenizer.decode(ids, **kwargs)
 
 
 def qwen3_batch(tokenizer, thought_repeats: int, num_turns: int) -> rollout.RolloutBatch:
@@ -119,7 +92,7 @@ def main() -> None:
       batch = qwen3_batch(tokenizer, repeats, num_turns)
       counting = CountingDecodes(tokenizer)
       mask = judge.action_token_mask(batch.tokens, batch.turn_ids, counting)
-      expected = reference_mask(batch.tokens, batch.turn_ids, tokenizer)
+      expected = action_token_mask_reference(batch.tokens, batch.turn_ids, tokenizer)
       if not np.array_equal(mask, expected):
         raise AssertionError(f"action_token_mask differs from the reference at {np.argwhere(mask != expected)}.")
       picked = tokenizer.decode(batch.tokens[0][mask[0] & (batch.turn_ids[0] == 1)].tolist())
@@ -129,7 +102,7 @@ def main() -> None:
       ours_wall, ours = median_times(  # pylint: disable=cell-var-from-loop
           lambda: judge.action_token_mask(batch.tokens, batch.turn_ids, tokenizer), args.trials)
       ref_wall, ref = median_times(  # pylint: disable=cell-var-from-loop
-          lambda: reference_mask(batch.tokens, batch.turn_ids, tokenizer), args.trials)
+          lambda: action_token_mask_reference(batch.tokens, batch.turn_ids, tokenizer), args.trials)
       row = dict(turn_tokens=turn_tokens, turns=num_turns, decodes=counting.calls // num_turns,
                  reference_decodes=turn_tokens + 1, library_cpu_ms=ours * 1e3, library_wall_ms=ours_wall * 1e3,
                  reference_cpu_ms=ref * 1e3, reference_wall_ms=ref_wall * 1e3, speedup_cpu=ref / ours)

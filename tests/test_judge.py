@@ -679,9 +679,9 @@ def test_thinking_needs_a_sampled_reply_a_budget_and_a_think_token(tokenizer):
 # Likelihood mode's action mask.
 
 
-def _action_token_mask_reference(tokens_BxS, turn_ids_BxS, tokenizer):
+def action_token_mask_reference(tokens_BxS, turn_ids_BxS, tokenizer):
   """Each token's character span from the decode of every growing prefix (one decode per token),
-  special tokens decoded to nothing."""
+  special tokens decoded to nothing. `benchmarks/bench_action_mask.py` times the library against it."""
   mask = np.zeros(tokens_BxS.shape, bool)
   for b in range(tokens_BxS.shape[0]):
     for k in np.unique(turn_ids_BxS[b]):
@@ -699,7 +699,7 @@ def _action_token_mask_reference(tokens_BxS, turn_ids_BxS, tokenizer):
   return mask
 
 
-class _CountingDecodes:
+class CountingDecodes:
   """A tokenizer's `decode`, counting the calls and the tokens decoded."""
 
   def __init__(self, tokenizer):
@@ -746,9 +746,9 @@ def _qwen3_transcripts(tokenizer):
 def test_action_token_mask_equals_the_prefix_decoding_reference(request, tokenizer_name, batch):
   tokenizer = request.getfixturevalue({"word": "tokenizer", "qwen3": "qwen3_tokenizer"}[tokenizer_name])
   data = batch if tokenizer_name == "word" else _qwen3_transcripts(tokenizer)
-  counting = _CountingDecodes(tokenizer)
+  counting = CountingDecodes(tokenizer)
   mask = judge.action_token_mask(data.tokens, data.turn_ids, counting)
-  np.testing.assert_array_equal(mask, _action_token_mask_reference(data.tokens, data.turn_ids, tokenizer))
+  np.testing.assert_array_equal(mask, action_token_mask_reference(data.tokens, data.turn_ids, tokenizer))
   for b, episode in enumerate(data.episodes):
     for k, turn in enumerate(episode.turns, start=1):
       action = prompts.parse_action(turn.response, lowercase=False)
