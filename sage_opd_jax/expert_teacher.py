@@ -17,9 +17,10 @@ The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exac
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
 / nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
 With free thought the response starts with the expert's own empty thought up to the trigger
-(`sft_data.expert_response(a)`: `<think></think><action>` under the word-level tokenizer), each forced; a student token the
-expert's format never emits (a word in the thought) gets `OUTSIDE_LOGPROB`, and the action after
-the trigger is scored through the trie all the same.
+(`sft_data.expert_response(a)`: `<think></think><action>` under the word-level tokenizer), each forced; the
+student's first token off that format (a word in the thought) gets `OUTSIDE_LOGPROB`, after which
+the expert closes its thought (`format_token_stats`), and the action after the trigger is scored
+through the trie all the same.
 
 Host side (numpy), like the judge: it runs between the rollout and the update.
 """
@@ -45,9 +46,15 @@ from sage_opd_jax import teacher as teacher_lib
 _log = logging.getLogger(__name__)
 
 KIND = "expert"  # config.teacher.kind of this teacher ("model": a trained teacher).
-# The log-prob of a token outside the expert's support (a thought word; an action token after
+# The probability of a token outside the expert's support (a thought word; an action token after
 # eps = 0 ruled it out): finite, so the loss stays finite, and far below any action's.
-OUTSIDE_LOGPROB = math.log(1e-4)
+OUTSIDE_PROB = 1e-4
+OUTSIDE_LOGPROB = math.log(OUTSIDE_PROB)
+# Off its format the expert closes its thought (`format_token_stats`): 1 - OUTSIDE_PROB on the closing
+# token, OUTSIDE_PROB on not closing (each other token reads the floor); its top-1 and entropy.
+CLOSE_LOGPROB = math.log1p(-OUTSIDE_PROB)
+CLOSE_TOP1 = 1.0 - OUTSIDE_PROB
+CLOSE_ENTROPY = -(CLOSE_TOP1 * CLOSE_LOGPROB + OUTSIDE_PROB * OUTSIDE_LOGPROB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +174,39 @@ def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, toke
   return logp, top1, entropy
 
 
+def format_token_stats(prefix: Sequence[int], close_at: int, tokens: Sequence[int]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per token of `tokens` (a response's free part, through its trigger): log-prob, top-1 and entropy under
+  the expert's format `prefix` (its empty thought, then the trigger), whose thought closes at `prefix[close_at]`.
+
+  On the format the expert's next token is forced (probability 1). The student's first token off it
+  gets the floor `OUTSIDE_LOGPROB`: leaving the format is penalised. (our choice) From there on the
+  expert closes its thought: at every later position nu puts 1 - OUTSIDE_PROB on the closing token
+  (`prefix[close_at]`, `</think>`, while the student has not passed it; else the format's next token,
+  e.g. the trigger after words written past `</think>`) and the floor on every other token. Once the
+  student emits it the format is forced again (the rest of the close, then the trie after the
+  trigger, scored as on the format). Why: with the floor on every token after the first word, nu is
+  a constant over the rest of the thought, so reverse KL is lowest for a uniform thought and closing
+  it costs log pi - log 1e-4 (advantage about -9.2); a student trained so writes long near-uniform
+  thoughts and never closes them. The expert itself would close its thought, and that is the
+  target.
+  """
+  n = len(tokens)
+  logp, top1, entropy = np.zeros(n), np.ones(n), np.zeros(n)
+  matched, off_format = 0, False  # prefix[:matched] is the format the student has written so far.
+  for j, token in enumerate(tokens):
+    if off_format:
+      close = max(matched, close_at)
+      top1[j], entropy[j], logp[j] = CLOSE_TOP1, CLOSE_ENTROPY, OUTSIDE_LOGPROB
+      if close < len(prefix) and token == prefix[close]:
+        logp[j], matched, off_format = CLOSE_LOGPROB, close + 1, False
+    elif matched < len(prefix) and token == prefix[matched]:
+      matched += 1
+    else:
+      logp[j], off_format = OUTSIDE_LOGPROB, True
+  return logp, top1, entropy
+
+
 def trie_support(sequences: Sequence[Sequence[int]], tokens: Sequence[int]) -> list[list[int]]:
   """Per token of `tokens`: the ids the trie of `sequences` allows there (what constrained decoding could
   emit after the earlier tokens), in first-seen order; [] once `tokens` left the trie or ran past its end."""
@@ -214,6 +254,7 @@ class ExpertTeacher:
     self.sampling_config = sampling_config
     self.head = rollout_lib.action_head(layout, sampling_config)  # As the rollout builds its trie.
     self.prefix: list[int] = []  # The forced tokens before the trie's string: the empty thought, the trigger.
+    self.close_at = 0  # Where the prefix closes the thought: its `</think>`, else its trigger.
     if self.trigger:
       suffix = f"{self.head}a{prompts.ACTION_CLOSE}"
       response = sft_data.expert_response("a", "", layout)
@@ -223,6 +264,9 @@ class ExpertTeacher:
       if self.prefix[-len(self.trigger):] != self.trigger:
         raise ValueError(f"ExpertTeacher: the expert's thought {response[: -len(suffix)]!r} does not end with the "
                          f"constraint trigger {self.trigger}.")
+      think_close = _encode(tokenizer, prompts.THINK_CLOSE)
+      close_at = [i for i, token in enumerate(self.prefix) if [token] == think_close]
+      self.close_at = close_at[0] if close_at else len(self.prefix) - len(self.trigger)
 
   def action_tokens(self, actions: Sequence[str]) -> list[list[int]]:
     """The token ids of each action's constrained string (what the sampler's trie holds)."""
@@ -258,9 +302,10 @@ class ExpertTeacher:
 
   def turn_stats(self, belief: TurnBelief, response: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log-prob, top-1, entropy) of each response token: the free part against the expert's
-    format, the rest (after the trigger) through the action trie."""
+    format (`format_token_stats`: off it, the expert closes its thought), the rest (after the
+    trigger) through the action trie."""
     split = self._split(response)
-    free = trie_token_stats([self.prefix], np.ones(1), response[:split])
+    free = format_token_stats(self.prefix, self.close_at, response[:split])
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 

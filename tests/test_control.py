@@ -125,7 +125,9 @@ def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_tur
   assert checked > 100
 
 
-def test_a_token_outside_the_experts_support_gets_the_floor(real_turns):
+def wordy_turn(real_turns):
+  """The control's layout (word-level tokenizer, `<action>` trigger), the expert teacher, a real turn's belief and
+  a response that thinks three words before closing: `<think> w w w </think><action> a* </action>`."""
   turns, tokenizer = real_turns
   teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
                                          sampler_config(tokenizer, True), len(tokenizer))
@@ -133,12 +135,67 @@ def test_a_token_outside_the_experts_support_gets_the_floor(real_turns):
   actions = tuple(dict.fromkeys(admissible))
   belief = expert_teacher.TurnBelief(actions, expert_teacher.action_probs(len(actions), actions.index(expert), 0.05),
                                      expert, expert, True, False)
-  word = tokenizer.encode("apple", add_special_tokens=False)
-  # A thought word: the expert thinks nothing. The action after the trigger is still scored through the trie.
-  response = teacher.prefix[:1] + word + teacher.prefix[1:] + teacher.action_tokens([expert])[0]
-  logp, _, _ = teacher.turn_stats(belief, response)
-  assert logp[1] == expert_teacher.OUTSIDE_LOGPROB
-  assert math.exp(logp[len(teacher.prefix) + 1:].sum()) == pytest.approx(0.95)
+  words = tokenizer.encode("apple on table", add_special_tokens=False)
+  assert len(words) == 3
+  return teacher, belief, words, expert
+
+
+def test_off_its_format_the_expert_closes_its_thought(real_turns):
+  teacher, belief, words, expert = wordy_turn(real_turns)
+  think_open, think_close, trigger = (teacher.tokenizer.encode(tag, add_special_tokens=False)
+                                      for tag in (prompts.THINK_OPEN, prompts.THINK_CLOSE, prompts.ACTION_OPEN))
+  assert teacher.prefix == think_open + think_close + trigger and teacher.trigger == trigger
+  action = teacher.action_tokens([expert])[0]
+  floor, close = math.log(1e-4), math.log(1 - 1e-4)  # Independent of the module's constants.
+  binary_h = -(1e-4 * math.log(1e-4) + (1 - 1e-4) * math.log(1 - 1e-4))
+  # Words inside the thought: the first one leaves the format (the floor), the later ones are not the close
+  # (the floor), the `</think>` after them is the expert's close (~0), and the trigger after it is forced again.
+  response = think_open + words + think_close + trigger + action
+  logp, top1, entropy = teacher.turn_stats(belief, response)
+  np.testing.assert_allclose(logp[1:4], floor, rtol=1e-12)
+  assert logp[4] == pytest.approx(close, abs=1e-12) and -2e-4 < logp[4] < 0
+  assert logp[0] == 0.0 and logp[5] == 0.0 and (top1[0], entropy[0], top1[5], entropy[5]) == (1, 0, 1, 0)
+  assert top1[1] == 1.0 and entropy[1] == 0.0  # Where the student left it, the format was forced.
+  np.testing.assert_allclose(top1[2:5], 1 - 1e-4, rtol=1e-12)
+  np.testing.assert_allclose(entropy[2:5], binary_h, rtol=1e-9)
+  # The action after the trigger is scored through the trie all the same.
+  assert math.exp(logp[6:].sum()) == pytest.approx(0.95)
+  # Words written past `</think>` (`<think></think> apple on table<action>`): the close is then the trigger.
+  logp, _, _ = teacher.turn_stats(belief, think_open + think_close + words + trigger + action)
+  np.testing.assert_allclose(logp[2:5], floor, rtol=1e-12)
+  assert logp[5] == pytest.approx(close, abs=1e-12) and math.exp(logp[6:].sum()) == pytest.approx(0.95)
+  # An unclosed thought forced through the trigger skipped the expert's `</think>`: the floor.
+  logp, _, _ = teacher.turn_stats(belief, think_open + words + trigger + action)
+  np.testing.assert_allclose(logp[1:5], floor, rtol=1e-12)
+
+
+def test_the_sampled_reverse_kl_gradient_raises_closing_a_wordy_thought(real_turns):
+  """OPD's loss (the sampled estimator) on a turn that thinks three words and then closes: its gradient on the
+  student's logits where it closed raises `</think>`, and one step on the logits raises its log-prob. With the
+  floor on every token after the first word (the teacher before this fix) it lowers it."""
+  teacher, belief, words, expert = wordy_turn(real_turns)
+  prompt = teacher.tokenizer.encode("look around", add_special_tokens=False)
+  response = teacher.prefix[:1] + words + teacher.prefix[1:] + teacher.action_tokens([expert])[0]
+  tokens_S = np.asarray(prompt + response, np.int32)
+  turn_ids_S = np.asarray([0] * len(prompt) + [1] * len(response), np.int32)
+  stats = teacher.turn_stats(belief, response)
+  batch = {"tokens": tokens_S[None], "turn_ids": turn_ids_S[None],
+           "student_support": expert_teacher.support_array(
+               [[] for _ in prompt] + teacher.turn_support(belief, response))[None]}
+  for key, values in zip(("teacher_logprobs", "teacher_top1", "teacher_entropy"), stats):
+    batch[key] = np.concatenate([np.zeros(len(prompt)), values]).astype(np.float32)[None]
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  vocab = len(teacher.tokenizer)
+  logits_1xSxV = jax.random.normal(jax.random.PRNGKey(0), (1, len(tokens_S), vocab))
+  options = losses.LossOptions.for_method("opd", estimator="sampled", old_logprobs="current", num_turns=1)
+  grad_1xSxV = jax.grad(lambda logits: losses.sage_opd_loss(logits, batch, options)[0])(logits_1xSxV)
+  s = len(prompt) + 1 + len(words)  # The `</think>` after the words; logits[s - 1] predict it.
+  close = int(tokens_S[s])
+  assert close == teacher.prefix[1] and 1e-4 < math.exp(jax.nn.log_softmax(logits_1xSxV[0, s - 1])[close]) < 0.5
+  assert grad_1xSxV[0, s - 1, close] < 0, grad_1xSxV[0, s - 1, close]
+  stepped_1xSxV = logits_1xSxV - 10.0 * grad_1xSxV
+  before, after = (jax.nn.log_softmax(x[0, s - 1])[close] for x in (logits_1xSxV, stepped_1xSxV))
+  assert after > before, (before, after)
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,7 +293,7 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
       assert not metrics["update_skipped"]
     after = expert_action_logprob(engine, teacher, nnx.merge(graphdef, state.params), tasks, seq_len)
   assert before.shape == after.shape and len(before) >= 9
-  # Measured: -2.13 -> -1.41 (5 updates); a random student starts near log(1/|first words|).
+  # Measured: -2.13 -> -1.42 (5 updates); a random student starts near log(1/|first words|).
   assert after.mean() > before.mean() + 0.3, (before, after)
 
 
