@@ -253,6 +253,7 @@ class ExpertTeacher:
     self.trigger = list(sampling_config.constraint_trigger)
     self.sampling_config = sampling_config
     self.head = rollout_lib.action_head(layout, sampling_config)  # As the rollout builds its trie.
+    self._action_ids: dict[str, list[int]] = {}  # `action_tokens`' encodings, by action string.
     self.prefix: list[int] = []  # The forced tokens before the trie's string: the empty thought, the trigger.
     self.close_at = 0  # Where the prefix closes the thought: its `</think>`, else its trigger.
     if self.trigger:
@@ -269,8 +270,15 @@ class ExpertTeacher:
       self.close_at = close_at[0] if close_at else len(self.prefix) - len(self.trigger)
 
   def action_tokens(self, actions: Sequence[str]) -> list[list[int]]:
-    """The token ids of each action's constrained string (what the sampler's trie holds)."""
-    return [_encode(self.tokenizer, f"{self.head}{a}{prompts.ACTION_CLOSE}") for a in actions]
+    """The token ids of each action's constrained string (what the sampler's trie holds).
+
+    Encoded once per action string: `score` asks for every turn's admissible actions twice (its
+    statistics and its support), and an env's actions recur across turns and episodes.
+    """
+    for a in actions:
+      if a not in self._action_ids:
+        self._action_ids[a] = _encode(self.tokenizer, f"{self.head}{a}{prompts.ACTION_CLOSE}")
+    return [list(self._action_ids[a]) for a in actions]
 
   def beliefs(self, episodes: Sequence[Any]) -> list[list[TurnBelief]]:
     return [episode_beliefs(e.task.task_id, e.turns, self.expert_config) for e in episodes]
