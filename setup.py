@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8",
+    "pytest-xdist==3.8.0",  # The README's test command runs the suite on two workers (-n 2).
     "hypothesis>=6.100",
     # The local CPU wheel; used only by the HF parity tests, never by the package.
     "torch==2.13.0",

@@ -18,16 +18,25 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this pytest run's processes (the CLI tests start their
-# own): a program another test or subprocess already compiled is loaded, not compiled again.
-# Fresh per pytest run, so a test never runs a program an older checkout compiled.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sage_opd_xla_")
+# own, and pytest-xdist's workers inherit it from the process that starts them): a program
+# another test, worker or subprocess already compiled is loaded, not compiled again. Fresh per
+# pytest run, so a test never runs a program an older checkout compiled.
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if not _XDIST_WORKER:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sage_opd_xla_")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # The tiny models compile in < 1 s.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_sessionstart(session):
-  """Builds the hand-written ALFWorld fixture games: game files are never tracked in git."""
+  """Builds the hand-written ALFWorld fixture games: game files are never tracked in git.
+
+  Under pytest-xdist the process that starts the workers builds them once, before any worker
+  runs, so no worker reads a game file another is writing.
+  """
   del session
+  if _XDIST_WORKER:
+    return
   import sys
 
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
@@ -38,6 +47,8 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
+  if _XDIST_WORKER:  # The cache is shared: the starting process removes it after every worker is done.
+    return
   shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
