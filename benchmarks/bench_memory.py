@@ -126,7 +126,7 @@ def paper_teacher_scoring(config, mesh: jax.sharding.Mesh) -> dict[str, float]:
   packing = {k: tokens for k in teacher_lib.PACKING_KEYS}
   scorer = teacher_lib.make_scorer(graphdef, chunk_size=config.teacher.score_chunk, top_k=0,
                                    temperature=config.teacher.temperature,
-                                   vocab_limit=QWEN3_TOKENS if config.sampling.mask_unused_ids else 0)
+                                   vocab_limit=QWEN3_TOKENS if config.sampling.mask_unused_ids else 0, mesh=mesh)
   return compiled_memory(lambda: scorer.lower(state, tokens, tokens, packing=packing))
 
 

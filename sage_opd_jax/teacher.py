@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sage_opd_jax import losses
-from sage_opd_jax import models
+from sage_opd_jax.models import sharding
 
 Array = jax.Array
 Scores = dict[str, Array]
@@ -119,7 +119,9 @@ def score_tokens(
         f"score_tokens: tokens {tokens_BxS.shape} and attention_mask {attention_mask_BxS.shape} differ.")
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   batch, seq = tokens_BxS.shape
-  tokens_BxS = tokens_BxS.astype(jnp.int32)
+  # Each device's rows stay its own (under `make_scorer(mesh=)`): the partitioner gathers the weights, never the rows.
+  tokens_BxS, attention_mask_BxS, questions, packing = jax.tree.map(
+      sharding.pin_rows, (tokens_BxS.astype(jnp.int32), attention_mask_BxS, questions, packing))
   answer_logits_BxRxV = None
   if questions is None and packing is None:
     hidden_BxSxD = model.hidden_states(tokens_BxS, attention_mask=attention_mask_BxS)
@@ -127,7 +129,7 @@ def score_tokens(
     if sorted(packing) != sorted(PACKING_KEYS):
       raise ValueError(f"score_tokens: packing has keys {sorted(packing)}; expected {sorted(PACKING_KEYS)}.")
     hidden_BxSxD = model.hidden_states(tokens_BxS, packing["positions"], attention_mask_BxS,
-                                       allowed_BxSxS=models.packed_allowed(packing["segments"], packing["reach"]))
+                                       segments=packing["segments"], reach=packing["reach"])
   else:
     if sorted(questions) != sorted(QUESTION_KEYS):
       raise ValueError(f"score_tokens: questions has keys {sorted(questions)}; expected {sorted(QUESTION_KEYS)}.")
@@ -135,9 +137,8 @@ def score_tokens(
     if questions["tokens"].shape[0] != batch or width < seq:
       raise ValueError(f"score_tokens: questions['tokens'] is {questions['tokens'].shape}; it needs the "
                        f"batch's {batch} rows and at least its {seq} positions.")
-    hidden_BxWxD = model.hidden_states(
-        questions["tokens"], questions["positions"], questions["mask"],
-        allowed_BxSxS=models.packed_allowed(questions["segments"], questions["reach"]))
+    hidden_BxWxD = model.hidden_states(questions["tokens"], questions["positions"], questions["mask"],
+                                       segments=questions["segments"], reach=questions["reach"])
     answer_logits_BxRxV = model.lm_logits(
         jnp.take_along_axis(hidden_BxWxD, questions["answer_at"][..., None], axis=1)).astype(jnp.float32)
     hidden_BxSxD = hidden_BxWxD[:, :seq]
@@ -173,17 +174,20 @@ def score_tokens(
 
 @functools.lru_cache(maxsize=16)
 def make_scorer(
-    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0, vocab_limit: int = 0
+    graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0, vocab_limit: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., Scores]:
   """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None, packing=None) -> scores` for one teacher graph.
 
   One compile per distinct [B, S]: the rollout's bucketed batch shapes are the student's, so
   the teacher compiles as often as the student's forward does. Sharding follows the inputs:
-  the teacher state may live on its own layout, the token arrays on the batch sharding.
-  Cached per (graphdef, chunk_size, top_k, temperature), so repeated calls share one jitted function.
+  the teacher state may live on its own layout, the token arrays on the batch sharding; with
+  `mesh` (the batch's) the program is traced on it (`sharding.on_mesh`), so the rows' activations
+  stay pinned to their devices as in the student's update.
+  Cached per (graphdef, chunk_size, top_k, temperature, vocab_limit, mesh), so repeated calls share one jitted function.
   """
-  return jax.jit(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k,
-                                   temperature=temperature, vocab_limit=vocab_limit))
+  return jax.jit(sharding.on_mesh(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k,
+                                                    temperature=temperature, vocab_limit=vocab_limit), mesh))
 
 
 def score_batch(
@@ -191,8 +195,10 @@ def score_batch(
     top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None, vocab_limit: int = 0,
     packing: Mapping[str, Array] | None = None,
 ) -> Scores:
-  """Splits `teacher` and scores with the (cached) jitted scorer of its graph."""
+  """Splits `teacher` and scores with the (cached) jitted scorer of its graph, on the tokens' mesh if they have one."""
   graphdef, state = nnx.split(teacher)
+  tokens_BxS = jnp.asarray(tokens_BxS)
+  mesh = tokens_BxS.sharding.mesh if isinstance(tokens_BxS.sharding, jax.sharding.NamedSharding) else None
   return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature,
-                     vocab_limit=vocab_limit)(
-      state, jnp.asarray(tokens_BxS), jnp.asarray(attention_mask_BxS), questions=questions, packing=packing)
+                     vocab_limit=vocab_limit, mesh=mesh)(
+      state, tokens_BxS, jnp.asarray(attention_mask_BxS), questions=questions, packing=packing)

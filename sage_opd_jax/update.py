@@ -23,7 +23,6 @@ import numpy as np
 import optax
 
 from sage_opd_jax import losses
-from sage_opd_jax import models
 from sage_opd_jax.models import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -200,8 +199,8 @@ def student_hidden_states(model: nnx.Module, batch: Batch) -> jax.Array:
   """
   if "segments" not in batch:
     return model.hidden_states(batch["tokens"], attention_mask=batch["attention_mask"])
-  allowed_BxSxS = models.packed_allowed(batch["segments"], batch["reach"])
-  return model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"], allowed_BxSxS=allowed_BxSxS)
+  return model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"], segments=batch["segments"],
+                             reach=batch["reach"])
 
 
 def student_logits(model: nnx.Module, batch: Batch) -> jax.Array:

@@ -81,9 +81,9 @@ DISTILL_METHODS = tuple(m for m in losses.registered_losses() if losses.variant(
 def packed_logits(model, arrays):
   """[B, S, V] logits of a rollout batch's rows as the batch packs them: the turns past the history
   window (tiny_config's window is 1 of 3 turns) each in their own segment, with their own positions."""
-  allowed_BxSxS = models.packed_allowed(jnp.asarray(arrays["segments"]), jnp.asarray(arrays["reach"]))
-  return model.lm_logits(model.hidden_states(jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["positions"]),
-                                             jnp.asarray(arrays["attention_mask"]), allowed_BxSxS=allowed_BxSxS))
+  tokens, positions, mask, segments, reach = (jnp.asarray(arrays[k]) for k in (
+      "tokens", "positions", "attention_mask", "segments", "reach"))
+  return model.lm_logits(model.hidden_states(tokens, positions, mask, segments=segments, reach=reach))
 
 
 class FirstBatch:

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
-from sage_opd_jax.models.transformer import apply_rope, attention, dense, rope_cos_sin
+from sage_opd_jax.models.transformer import CausalMask, apply_rope, attention, dense, rope_cos_sin
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
@@ -268,6 +268,61 @@ def test_dense_and_its_backward_match_a_float64_reference(transposed):
   dw_IxO = x_NxI.T @ g_NxO
   np.testing.assert_allclose(np.asarray(dw), dw_IxO.T if transposed else dw_IxO.reshape(w.shape),
                              rtol=1e-5, atol=1e-5)
+
+
+def _attention_f64_grads(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT, d_out):
+  """Gradients of sum(attention * d_out) w.r.t. q, k, v in float64 NumPy (softmax's backward by hand)."""
+  B, _, K, G, _ = q_BxSxKxGxH.shape
+  dq, dk, dv = np.zeros(q_BxSxKxGxH.shape), np.zeros(k_BxTxKxH.shape), np.zeros(v_BxTxKxH.shape)
+  for b in range(B):
+    for k in range(K):
+      for g in range(G):
+        q, keys, values, do = q_BxSxKxGxH[b, :, k, g], k_BxTxKxH[b, :, k], v_BxTxKxH[b, :, k], d_out[b, :, k, g]
+        scores = np.where(allowed_BxSxT[b], q @ keys.T, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        d_probs = do @ values.T
+        d_scores = probs * (d_probs - np.sum(d_probs * probs, -1, keepdims=True))
+        dq[b, :, k, g] = d_scores @ keys
+        dk[b, :, k] += d_scores.T @ q
+        dv[b, :, k] += probs.T @ do
+  return dq, dk, dv
+
+
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_causal_mask_blocks_match_a_float64_reference(chunk):
+  """Attention under a per-token `CausalMask` (padding + packed segments) against float64 NumPy.
+
+  S = 300 is no multiple of the 64-query blocks of `_causal_blockwise` (nor of the 128 of the
+  unchunked loop); row 0 packs two turns after a shared transcript, each reading the transcript
+  up to its own reach, and row 1 is right-padded. Values and the gradients of q, k and v.
+  """
+  rng = np.random.default_rng(5)
+  B, S, K, G, H = 2, 300, 2, 2, 8
+  q = rng.standard_normal((B, S, K, G, H)) * 0.7
+  k, v = rng.standard_normal((B, S, K, H)), rng.standard_normal((B, S, K, H))
+  valid_BxS = np.arange(S)[None] < np.array([[S], [233]])
+  segments_BxS = np.zeros((B, S), np.int32)
+  segments_BxS[0, 170:250], segments_BxS[0, 250:] = 1, 2
+  reach_BxS = np.full((B, S), S, np.int32)
+  reach_BxS[0, 170:250], reach_BxS[0, 250:] = 150, 97
+  i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+  allowed = np.zeros((B, S, S), bool)  # The rule spelled out: causal, real key, transcript before reach or own turn.
+  for b in range(B):
+    seg, reach = segments_BxS[b], reach_BxS[b]
+    packed = np.where(seg[None, :] == 0, j < reach[:, None], seg[None, :] == seg[:, None])
+    allowed[b] = (j <= i) & valid_BxS[b][None, :] & packed
+  mask = CausalMask(jnp.asarray(valid_BxS), jnp.asarray(segments_BxS), jnp.asarray(reach_BxS))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  d_out = rng.standard_normal(q.shape) * valid_BxS[:, :, None, None, None]  # Padding queries' outputs unread.
+
+  got, vjp = jax.vjp(lambda *qkv: attention(*qkv, mask, chunk, causal=True), f32(q), f32(k), f32(v))
+  np.testing.assert_allclose(np.asarray(got)[valid_BxS], _attention_f64(q, k, v, allowed)[valid_BxS],
+                             atol=2e-5, rtol=0)
+  for name, a, b in zip("qkv", vjp(f32(d_out)), _attention_f64_grads(q, k, v, allowed, d_out)):
+    np.testing.assert_allclose(np.asarray(a), b, atol=5e-5, rtol=0, err_msg=f"d{name}")
+  with pytest.raises(ValueError, match="CausalMask"):
+    attention(f32(q), f32(k), f32(v), mask, chunk)
 
 
 @pytest.mark.parametrize("chunk", [0, 100])

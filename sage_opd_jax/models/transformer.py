@@ -15,7 +15,7 @@ V vocab, L layers.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +117,50 @@ def _attend(q_BxKxGxSxH: jax.Array, k_BxKxTxH: jax.Array, v_BxKxTxH: jax.Array,
   return jnp.einsum("bkgst,bkth->bkgsh", probs_BxKxGxSxT, v_BxKxTxH)
 
 
+class CausalMask(NamedTuple):
+  """Which keys the queries of causal self-attention may read, kept per token instead of as [B, S, S].
+
+  Query i reads key j when j <= i, key j is real (`key_valid_BxS`; None: every key) and, in a
+  row that packs segments (`segments_BxS`, `reach_BxS`; None: one sequence), `packed_allowed`
+  lets it. At the paper's 40,960-token rows the [B, S, S] mask is 1.7 GB a row; attention derives
+  each block's [B, q, k] mask from these [B, S] vectors instead (`block`).
+  """
+  key_valid_BxS: jax.Array | None = None
+  segments_BxS: jax.Array | None = None
+  reach_BxS: jax.Array | None = None
+
+  def block(self, q_start: Any, num_q: int, k_start: Any, num_k: int) -> jax.Array:
+    """[B, num_q, num_k] bool (B = 1 with no per-row vector): queries [q_start, +num_q), keys [k_start, +num_k).
+
+    The starts may be traced; the vectors must cover both ranges (`pad`), as a dynamic slice
+    past the end would be moved back, not cut.
+    """
+    q_idx = q_start + jnp.arange(num_q, dtype=jnp.int32)
+    k_idx = k_start + jnp.arange(num_k, dtype=jnp.int32)
+    allowed_BxQxK = (k_idx[None, :] <= q_idx[:, None])[None]
+    rows = lambda x, start, size: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    if self.key_valid_BxS is not None:
+      allowed_BxQxK = allowed_BxQxK & rows(self.key_valid_BxS, k_start, num_k)[:, None, :]
+    if self.segments_BxS is not None:
+      allowed_BxQxK = allowed_BxQxK & _packed(
+          rows(self.segments_BxS, q_start, num_q), rows(self.reach_BxS, q_start, num_q),
+          rows(self.segments_BxS, k_start, num_k), k_idx)
+    return allowed_BxQxK
+
+  def pad(self, extra: int) -> CausalMask:
+    """The mask of `extra` more positions at the end: padding keys, which no real query reads."""
+    pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, extra)))
+    return CausalMask(*(pad(x) for x in self))
+
+
+def _allowed_block(allowed: jax.Array | CausalMask, q_start: Any, num_q: int, k_start: Any,
+                   num_k: int) -> jax.Array:
+  """The [B, num_q, num_k] mask of one block of queries and keys, from a mask array or a CausalMask."""
+  if isinstance(allowed, CausalMask):
+    return allowed.block(q_start, num_q, k_start, num_k)
+  return jax.lax.dynamic_slice(allowed, (0, q_start, k_start), (allowed.shape[0], num_q, num_k))
+
+
 # Query block of causal attention when `attention_chunk` is 0. Block i reads keys [0, end of
 # block i) only, so most of the masked upper triangle is never computed: at S = 1024 the
 # attention ran 3.9x faster forward and 2.6x with its backward than one S x S block, and 128
@@ -124,49 +168,116 @@ def _attend(q_BxKxGxSxH: jax.Array, k_BxKxTxH: jax.Array, v_BxKxTxH: jax.Array,
 _CAUSAL_BLOCK = 128
 
 
+def _causal_blockwise(q_BxKxGxSxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+                      allowed: jax.Array | CausalMask, block: int) -> jax.Array:
+  """Causal attention with one query block live at a time (flash-style); returns [B, K, G, S, H].
+
+  `lax.map` over query blocks, each an online softmax (`lax.scan`) over the key blocks, where
+  `lax.cond` skips the blocks above the diagonal. Each query block is rematerialised in the
+  backward pass and each key block within it too, so the float32 scores are one [B, K, G,
+  block, block] tile and the saved residuals per query block are the running max, sum and
+  output per key block. A Python loop of query blocks (as `attention` runs without a chunk)
+  leaves their order to XLA, which kept many blocks' [B, K, G, block, T] scores live at once.
+  """
+  B, K, G, S, H = q_BxKxGxSxH.shape
+  dt = q_BxKxGxSxH.dtype
+  n = -(-S // block)
+  pad = n * block - S
+  if pad:
+    pad_s = lambda x, axis: jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+    q_BxKxGxSxH, k_BxKxSxH, v_BxKxSxH = pad_s(q_BxKxGxSxH, 3), pad_s(k_BxKxSxH, 2), pad_s(v_BxKxSxH, 2)
+    allowed = allowed.pad(pad) if isinstance(allowed, CausalMask) else pad_s(pad_s(allowed, 1), 2)
+  q_nxBxKxGxCxH = jnp.moveaxis(q_BxKxGxSxH.reshape(B, K, G, n, block, H), 3, 0)
+  k_nxBxKxCxH = jnp.moveaxis(k_BxKxSxH.reshape(B, K, n, block, H), 2, 0)
+  v_nxBxKxCxH = jnp.moveaxis(v_BxKxSxH.reshape(B, K, n, block, H), 2, 0)
+
+  def query_block(i_and_q):
+    i, q_BxKxGxCxH = i_and_q
+
+    def key_block(carry, j_k_v):
+      j, k_BxKxCxH, v_BxKxCxH = j_k_v
+
+      def visit(carry):
+        max_BxKxGxC, sum_BxKxGxC, out_BxKxGxCxH = carry
+        scores_BxKxGxCxC = jnp.einsum("bkgqh,bkch->bkgqc", q_BxKxGxCxH, k_BxKxCxH,
+                                      preferred_element_type=jnp.float32)
+        allowed_BxCxC = _allowed_block(allowed, i * block, block, j * block, block)
+        scores_BxKxGxCxC = jnp.where(allowed_BxCxC[:, None, None], scores_BxKxGxCxC, _MASK_VALUE)
+        new_max_BxKxGxC = jnp.maximum(max_BxKxGxC, scores_BxKxGxCxC.max(axis=-1))
+        # The running sum and output were taken against the old max: rescale them to the new one.
+        rescale_BxKxGxC = jnp.exp(max_BxKxGxC - new_max_BxKxGxC)
+        probs_BxKxGxCxC = jnp.exp(scores_BxKxGxCxC - new_max_BxKxGxC[..., None])
+        new_sum_BxKxGxC = sum_BxKxGxC * rescale_BxKxGxC + probs_BxKxGxCxC.sum(axis=-1)
+        new_out_BxKxGxCxH = out_BxKxGxCxH * rescale_BxKxGxC[..., None] + jnp.einsum(
+            "bkgqc,bkch->bkgqh", probs_BxKxGxCxC.astype(dt), v_BxKxCxH, preferred_element_type=jnp.float32)
+        return new_max_BxKxGxC, new_sum_BxKxGxC, new_out_BxKxGxCxH
+
+      # Key blocks past the query block's last query are masked for all of its queries.
+      return jax.lax.cond(j <= i, visit, lambda carry: carry, carry), None
+
+    # The running max starts at the mask value, not -inf: a query whose keys so far are all masked
+    # then sums them with weight 1, and the first allowed key's max rescales them by exp(-huge) = 0.
+    init = (jnp.full((B, K, G, block), _MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
+            jnp.zeros((B, K, G, block, H), jnp.float32))
+    # prevent_cse=False is safe under scan and lets XLA share the recomputation.
+    (_, sum_BxKxGxC, out_BxKxGxCxH), _ = jax.lax.scan(
+        jax.checkpoint(key_block, prevent_cse=False), init,
+        (jnp.arange(n, dtype=jnp.int32), k_nxBxKxCxH, v_nxBxKxCxH))
+    return (out_BxKxGxCxH / sum_BxKxGxC[..., None]).astype(dt)
+
+  out_nxBxKxGxCxH = jax.lax.map(jax.checkpoint(query_block, prevent_cse=False),
+                                (jnp.arange(n, dtype=jnp.int32), q_nxBxKxGxCxH))
+  return jnp.moveaxis(out_nxBxKxGxCxH, 0, 3).reshape(B, K, G, n * block, H)[:, :, :, :S]
+
+
 def attention(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
-              allowed_BxSxT: jax.Array, chunk: int = 0, causal: bool = False) -> jax.Array:
+              allowed: jax.Array | CausalMask, chunk: int = 0, causal: bool = False) -> jax.Array:
   """GQA attention of S queries over T keys; returns [B, S, K, G, H].
 
   Args:
     q_BxSxKxGxH: queries, already scaled; query head k * G + g reads kv head k.
     k_BxTxKxH, v_BxTxKxH: keys and values.
-    allowed_BxSxT: which keys each query may read.
+    allowed: which keys each query may read: [B, S, T] bool, or a `CausalMask` (with `causal`).
     chunk: if > 0, queries go in blocks of `chunk`, each rematerialised in the backward pass,
       so the float32 score buffer is [B, K, G, chunk, T] and the saved residuals stay O(S).
+      Causal attention then runs `_causal_blockwise`: one [B, K, G, chunk, chunk] score tile at a time.
     causal: the keys are the queries' own positions (T == S) and `allowed` is at most
       causal. Query blocks (of `chunk`, else `_CAUSAL_BLOCK`) then read only the keys up to
       their last query; the keys they skip are masked for all of their queries, whose
       softmax is unchanged. A query with no allowed key at all (a row of pure padding) gets
-      a uniform average over its block's keys instead of all T: a padding output either way.
+      a uniform average over the keys it visited instead of all T: a padding output either way.
   """
   B, S, K, G, H = q_BxSxKxGxH.shape
+  if isinstance(allowed, CausalMask) and not causal:
+    raise ValueError("attention: a CausalMask needs causal=True")
   if S == 1:
-    return _attend_one(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT)
+    return _attend_one(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH,
+                       _allowed_block(allowed, 0, 1, 0, k_BxTxKxH.shape[1]))
   if causal and k_BxTxKxH.shape[1] != S:
     raise ValueError(f"attention: causal needs keys at the queries' positions, got S={S} "
                      f"queries and T={k_BxTxKxH.shape[1]} keys")
   q_BxKxGxSxH = q_BxSxKxGxH.transpose(0, 2, 3, 1, 4)
   k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
   v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
-  attend = jax.checkpoint(_attend) if chunk > 0 else _attend
-  if causal:
-    block = chunk or _CAUSAL_BLOCK
+  if causal and chunk > 0:
+    out_BxKxGxSxH = _causal_blockwise(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, allowed, chunk)
+  elif causal:
     # A Python loop: each block has its own key length, so the blocks cannot share a lax.map.
     out_BxKxGxSxH = jnp.concatenate([
-        attend(q_BxKxGxSxH[:, :, :, i:i + block], k_BxKxTxH[:, :, :i + block],
-               v_BxKxTxH[:, :, :i + block], allowed_BxSxT[:, i:i + block, :i + block])
-        for i in range(0, S, block)], axis=3)
+        _attend(q_BxKxGxSxH[:, :, :, i:i + _CAUSAL_BLOCK], k_BxKxTxH[:, :, :i + _CAUSAL_BLOCK],
+                v_BxKxTxH[:, :, :i + _CAUSAL_BLOCK],
+                _allowed_block(allowed, i, min(_CAUSAL_BLOCK, S - i), 0, min(i + _CAUSAL_BLOCK, S)))
+        for i in range(0, S, _CAUSAL_BLOCK)], axis=3)
   elif chunk <= 0 or S <= chunk:
-    out_BxKxGxSxH = _attend(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, allowed_BxSxT)
+    out_BxKxGxSxH = _attend(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, allowed)
   else:
     n = -(-S // chunk)
     pad = n * chunk - S
     q = jnp.pad(q_BxKxGxSxH, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-    allowed = jnp.pad(allowed_BxSxT, ((0, 0), (0, pad), (0, 0)))
+    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
     q_nxBxKxGxCxH = jnp.moveaxis(q.reshape(B, K, G, n, chunk, H), 3, 0)
     allowed_nxBxCxT = allowed.reshape(B, n, chunk, -1).swapaxes(0, 1)
-    out_nxBxKxGxCxH = jax.lax.map(lambda qa: attend(qa[0], k_BxKxTxH, v_BxKxTxH, qa[1]),
+    out_nxBxKxGxCxH = jax.lax.map(lambda qa: jax.checkpoint(_attend)(qa[0], k_BxKxTxH, v_BxKxTxH, qa[1]),
                                   (q_nxBxKxGxCxH, allowed_nxBxCxT))
     out_BxKxGxSxH = jnp.moveaxis(out_nxBxKxGxCxH, 0, 3).reshape(B, K, G, n * chunk, H)[:, :, :, :S]
   return out_BxKxGxSxH.transpose(0, 3, 1, 2, 4)
@@ -278,7 +389,7 @@ def _fuse_projections(config: ModelConfig, p: dict[str, jax.Array]) -> dict[str,
 
 
 def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
-           cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array, allowed_BxSxT: jax.Array,
+           cos_BxSxH2: jax.Array, sin_BxSxH2: jax.Array, allowed: jax.Array | CausalMask,
            write_kv: Any, causal: bool) -> tuple[jax.Array, Any]:
   """One pre-norm decoder block: x + attn(norm(x)), then + swiglu(norm(.)).
 
@@ -316,7 +427,7 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   # Query head n = k * G + g shares kv head k (HF's repeat_kv order).
   q_BxSxKxGxH = q_BxSxNxH.reshape(B, S, K, G, H) * jnp.asarray(H ** -0.5, dt)
   attn_BxSxKxGxH = attention(q_BxSxKxGxH, keys_BxTxKxH.astype(dt), values_BxTxKxH.astype(dt),
-                             allowed_BxSxT, c.attention_chunk, causal)
+                             allowed, c.attention_chunk, causal)
   # One flattened (n, h) contraction: for "bsnh,nhd" jnp.einsum orders the contracting dims
   # (h, n), and XLA then transposes o_proj's weight (and the activations) at every call.
   attn_BxSxNH = attn_BxSxKxGxH.reshape(B, S, K * G * H)
@@ -333,17 +444,22 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   return x_BxSxD + mlp_BxSxD, aux
 
 
+def _packed(segments_q_BxQ: jax.Array, reach_q_BxQ: jax.Array, segments_k_BxK: jax.Array,
+            k_idx_K: jax.Array) -> jax.Array:
+  """[B, Q, K] bool: `packed_allowed` for queries and keys at their own positions (a block of it)."""
+  key_seg_Bx1xK = segments_k_BxK[:, None, :]
+  return jnp.where(key_seg_Bx1xK == 0, k_idx_K[None, None, :] < reach_q_BxQ[:, :, None],
+                   key_seg_Bx1xK == segments_q_BxQ[:, :, None])
+
+
 def packed_allowed(segments_BxW: jax.Array, reach_BxW: jax.Array) -> jax.Array:
   """[B, W, W] bool: query i may read key j if j is in segment 0 before i's reach, or in i's segment.
 
   Segment 0 is the row's shared transcript; the others are a turn past the history window
   (`rollout.RolloutBatch`) or a judge question (`judge.PackedQuestions`). The model adds
-  causality and padding.
+  causality and padding, and derives the mask block by block (`CausalMask`) rather than as this array.
   """
-  j_W = jnp.arange(segments_BxW.shape[1], dtype=jnp.int32)
-  key_seg_Bx1xW = segments_BxW[:, None, :]
-  return jnp.where(key_seg_Bx1xW == 0, j_W[None, None, :] < reach_BxW[:, :, None],
-                   key_seg_Bx1xW == segments_BxW[:, :, None])
+  return _packed(segments_BxW, reach_BxW, segments_BxW, jnp.arange(segments_BxW.shape[1], dtype=jnp.int32))
 
 
 class Transformer(nnx.Module):
@@ -381,7 +497,8 @@ class Transformer(nnx.Module):
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     attention_mask: jax.Array | None = None, cache: KVCache | None = None,
                     layer_params: Sequence[dict[str, jax.Array]] | None = None,
-                    fresh: bool = False, allowed_BxSxS: jax.Array | None = None):
+                    fresh: bool = False, segments: jax.Array | None = None,
+                    reach: jax.Array | None = None):
     """Final-normed hidden states [B, S, D] (compute dtype), plus the new cache if given.
 
     With a cache the layer loop is unrolled (one in-place update of each layer's buffer, no
@@ -400,13 +517,16 @@ class Transformer(nnx.Module):
         (`cache.lengths` all 0), as in a prompt's prefill. The chunk then attends causally
         to itself, as without a cache, instead of to all T slots, and is written to slots
         [0, S) in one contiguous update.
-      allowed_BxSxS: without a cache only: [B, S, S] bool, which keys each query may read,
-        combined with the causal and padding masks. It lets one row pack several sequences
-        that share a prefix (the transcript judge's questions, each reading the transcript up
-        to its own turn) with `positions` that restart each one after its prefix.
+      segments, reach: without a cache only, both or neither: [B, S] int, a row that packs several
+        sequences sharing a prefix (a turn past the history window, the transcript judge's
+        questions, each reading the transcript up to its own `reach`) with `positions` that
+        restart each one after its prefix; `packed_allowed` says which keys each query reads,
+        combined with the causal and padding masks.
     """
-    if allowed_BxSxS is not None and cache is not None:
-      raise ValueError("hidden_states: allowed_BxSxS is only used without a cache")
+    if (segments is None) != (reach is None):
+      raise ValueError("hidden_states: segments and reach go together")
+    if segments is not None and cache is not None:
+      raise ValueError("hidden_states: segments and reach are only used without a cache")
     if layer_params is not None and cache is None:
       raise ValueError("hidden_states: layer_params is only used with a cache")
     if fresh and (cache is None or input_ids.shape[1] > cache.max_len):
@@ -416,7 +536,8 @@ class Transformer(nnx.Module):
     dt = c.jnp_dtype
     B, S = input_ids.shape
     arange_S = jnp.arange(S, dtype=jnp.int32)
-    if attention_mask is None:
+    no_mask = attention_mask is None
+    if no_mask:
       attention_mask = jnp.ones((B, S), jnp.int32)
     if positions is None:
       start_B = cache.lengths if cache is not None else jnp.zeros((B,), jnp.int32)
@@ -427,16 +548,13 @@ class Transformer(nnx.Module):
     params = self.layers.stacked()
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
 
-    causal_SxS = arange_S[None, :] <= arange_S[:, None]
     if cache is None:
-      allowed_BxSxT = causal_SxS[None] & (attention_mask[:, None, :] != 0)
-      if allowed_BxSxS is not None:
-        allowed_BxSxT &= allowed_BxSxS
+      mask = CausalMask(None if no_mask else attention_mask != 0, segments, reach)
 
       def body(x, xs):
         p, _ = xs
         # Rows pinned on both sides of the block: the partitioner gathers the weights (FSDP), never the rows.
-        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), cos_BxSxH2, sin_BxSxH2, allowed_BxSxT,
+        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), cos_BxSxH2, sin_BxSxH2, mask,
                       lambda k, v: (k, v, None), causal=True)
         return sharding.pin_rows(x, replicate_rest=True), None
 
@@ -451,9 +569,9 @@ class Transformer(nnx.Module):
     rows_BxS = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S))
     if fresh:
       # Right-padded chunk: padding keys sit after every real query, so causal masks them.
-      allowed_BxSxT = jnp.broadcast_to(causal_SxS[None], (B, S, S))
+      allowed = CausalMask()
     else:
-      allowed_BxSxT = jnp.arange(T, dtype=jnp.int32)[None, None, :] <= slots_BxS[:, :, None]
+      allowed = jnp.arange(T, dtype=jnp.int32)[None, None, :] <= slots_BxS[:, :, None]
 
     if cache.num_layers != c.num_layers:
       raise ValueError(f"hidden_states: cache has {cache.num_layers} layers, the model "
@@ -475,7 +593,7 @@ class Transformer(nnx.Module):
         nv = cv.at[rows_BxS, slots_BxS].set(v_BxSxKxH.astype(cv.dtype), mode="drop")
         return nk, nv, (nk, nv)
 
-      return _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed_BxSxT, write_kv, causal=fresh)
+      return _block(c, p, x, cos_BxSxH2, sin_BxSxH2, allowed, write_kv, causal=fresh)
 
     layer = jax.checkpoint(layer) if c.remat else layer
     new_k, new_v = [], []
