@@ -22,8 +22,8 @@ and `micro_batches`, its mesh with `fsdp=-1`, the student's `remat`, `attention_
 bf16 compute on float32 parameters, `optim`, the `sage_opd` loss over `env.max_turns` turns; the teacher
 in bf16 with `teacher.score_chunk`), with the Qwen3 shapes of `qwen3_reference.SIZES` in place of the
 checkpoints. The student update is `train.train`'s (`update.make_loss_fns` + `make_update_fn` + `jit_update`)
-on a rollout batch's loss keys; the teacher's is `teacher.make_scorer` over the whole rollout batch, which
-`train.DistillSource` scores in one call.
+on a rollout batch's loss keys; the teacher's is `teacher.make_scorer` over the whole rollout batch in
+`train.micro_batches` row groups, as `train.DistillSource` scores it.
 
 Without `--paper`: one device, the update of `bench_train.sft_update` (token cross-entropy, clipping,
 AdamW), as configured (no remat, full attention), with `remat=True` (each block recomputed in the backward
@@ -126,7 +126,8 @@ def paper_teacher_scoring(config, mesh: jax.sharding.Mesh) -> dict[str, float]:
   packing = {k: tokens for k in teacher_lib.PACKING_KEYS}
   scorer = teacher_lib.make_scorer(graphdef, chunk_size=config.teacher.score_chunk, top_k=0,
                                    temperature=config.teacher.temperature,
-                                   vocab_limit=QWEN3_TOKENS if config.sampling.mask_unused_ids else 0, mesh=mesh)
+                                   vocab_limit=QWEN3_TOKENS if config.sampling.mask_unused_ids else 0, mesh=mesh,
+                                   micro_batches=config.train.micro_batches)
   return compiled_memory(lambda: scorer.lower(state, tokens, tokens, packing=packing))
 
 

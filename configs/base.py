@@ -171,7 +171,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 20  # Updates in the distill/sft stage.
   config.train.batch_episodes = 8  # Episodes per update (global, over every device).
-  config.train.micro_batches = 1  # Gradient-accumulation micro-batches per update.
+  config.train.micro_batches = 1  # Gradient-accumulation micro-batches per update (and the teacher's scoring).
   config.train.max_seq_len = 1024  # Padded length of one episode transcript.
   config.train.log_every = 1  # Steps between metric writes.
   config.train.eval_every = 10  # Steps between evaluations (and one at the end).

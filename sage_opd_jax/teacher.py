@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sage_opd_jax import losses
+from sage_opd_jax import update as update_lib
 from sage_opd_jax.models import sharding
 
 Array = jax.Array
@@ -80,6 +81,7 @@ def score_tokens(
     questions: Mapping[str, Array] | None = None,
     vocab_limit: int = 0,
     packing: Mapping[str, Array] | None = None,
+    micro_batches: int = 1,
 ) -> Scores:
   """The teacher's token-aligned statistics of a batch (un-jitted; see `make_scorer`).
 
@@ -99,6 +101,8 @@ def score_tokens(
       first S columns carry the batch's packing.
     packing: the batch's `PACKING_KEYS` ([B, S] int32, `rollout.RolloutBatch`), when its rows
       pack turns past a history window; None reads each row as one causal sequence.
+    micro_batches: rows scored in this many strided groups, one after the other (`update.split_micro`,
+      as the update's micro-batches), so one group's activations are live at a time; it must divide B.
 
   Returns:
     `STAT_KEYS` -> [B, S] float32 (plus `TOPK_KEYS` -> [B, S, K] when top_k > 0). Entry s
@@ -117,8 +121,18 @@ def score_tokens(
   if tokens_BxS.shape != attention_mask_BxS.shape:
     raise ValueError(
         f"score_tokens: tokens {tokens_BxS.shape} and attention_mask {attention_mask_BxS.shape} differ.")
-  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   batch, seq = tokens_BxS.shape
+  if micro_batches > 1:
+    if batch % micro_batches:
+      raise ValueError(f"score_tokens: {batch} rows do not split into micro_batches={micro_batches}.")
+    score = functools.partial(score_tokens, graphdef, state, chunk_size=chunk_size, top_k=top_k,
+                              temperature=temperature, vocab_limit=vocab_limit)
+    split = update_lib.split_micro(dict(tokens=tokens_BxS, mask=attention_mask_BxS, questions=questions,
+                                        packing=packing), micro_batches)
+    per_micro = jax.lax.map(lambda m: score(m["tokens"], m["mask"], questions=m["questions"], packing=m["packing"]),
+                            split)  # Each [M, B / M, ...]; micro-batch m holds rows i * M + m.
+    return jax.tree.map(lambda x: sharding.pin_rows(jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])), per_micro)
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   # Each device's rows stay its own (under `make_scorer(mesh=)`): the partitioner gathers the weights, never the rows.
   tokens_BxS, attention_mask_BxS, questions, packing = jax.tree.map(
       sharding.pin_rows, (tokens_BxS.astype(jnp.int32), attention_mask_BxS, questions, packing))
@@ -175,7 +189,7 @@ def score_tokens(
 @functools.lru_cache(maxsize=16)
 def make_scorer(
     graphdef: nnx.GraphDef, *, chunk_size: int, top_k: int = 0, temperature: float = 1.0, vocab_limit: int = 0,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh | None = None, micro_batches: int = 1,
 ) -> Callable[..., Scores]:
   """A jitted `(state, tokens_BxS, attention_mask_BxS, questions=None, packing=None) -> scores` for one teacher graph.
 
@@ -184,21 +198,22 @@ def make_scorer(
   the teacher state may live on its own layout, the token arrays on the batch sharding; with
   `mesh` (the batch's) the program is traced on it (`sharding.on_mesh`), so the rows' activations
   stay pinned to their devices as in the student's update.
-  Cached per (graphdef, chunk_size, top_k, temperature, vocab_limit, mesh), so repeated calls share one jitted function.
+  Cached per argument, so repeated calls share one jitted function.
   """
   return jax.jit(sharding.on_mesh(functools.partial(score_tokens, graphdef, chunk_size=chunk_size, top_k=top_k,
-                                                    temperature=temperature, vocab_limit=vocab_limit), mesh))
+                                                    temperature=temperature, vocab_limit=vocab_limit,
+                                                    micro_batches=micro_batches), mesh))
 
 
 def score_batch(
     teacher: nnx.Module, tokens_BxS: Array, attention_mask_BxS: Array, *, chunk_size: int,
     top_k: int = 0, temperature: float = 1.0, questions: Mapping[str, Array] | None = None, vocab_limit: int = 0,
-    packing: Mapping[str, Array] | None = None,
+    packing: Mapping[str, Array] | None = None, micro_batches: int = 1,
 ) -> Scores:
   """Splits `teacher` and scores with the (cached) jitted scorer of its graph, on the tokens' mesh if they have one."""
   graphdef, state = nnx.split(teacher)
   tokens_BxS = jnp.asarray(tokens_BxS)
   mesh = tokens_BxS.sharding.mesh if isinstance(tokens_BxS.sharding, jax.sharding.NamedSharding) else None
   return make_scorer(graphdef, chunk_size=chunk_size, top_k=top_k, temperature=temperature,
-                     vocab_limit=vocab_limit, mesh=mesh)(
+                     vocab_limit=vocab_limit, mesh=mesh, micro_batches=micro_batches)(
       state, tokens_BxS, jnp.asarray(attention_mask_BxS), questions=questions, packing=packing)

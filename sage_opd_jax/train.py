@@ -305,7 +305,8 @@ class DistillSource:
           self.teacher, tokens, mask, chunk_size=self.config.teacher.score_chunk, top_k=top_k,
           temperature=self.config.teacher.temperature, vocab_limit=self.vocab_limit,
           questions=None if questions is None else jax.device_put(questions.arrays(), self.batch_sharding),
-          packing=jax.device_put({k: arrays[k] for k in teacher_lib.PACKING_KEYS}, self.batch_sharding))
+          packing=jax.device_put({k: arrays[k] for k in teacher_lib.PACKING_KEYS}, self.batch_sharding),
+          micro_batches=self.config.train.micro_batches)  # The update's row groups: one at a time, for memory.
       arrays.update(multihost.to_host(scores))
     answers = {"answer_logits": arrays.pop("answer_logits")} if "answer_logits" in arrays else {}
     if not judge:

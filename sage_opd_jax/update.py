@@ -81,7 +81,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
   )
 
 
-def _split_micro(batch: Batch, micro_batches: int) -> Batch:
+def split_micro(batch: Batch, micro_batches: int) -> Batch:
   """[B, ...] -> [M, B/M, ...], so `lax.scan` walks the micro-batches; micro-batch m is rows i * M + m.
 
   Strided, not contiguous: with the rows split over the devices in contiguous blocks, every
@@ -152,7 +152,7 @@ def make_update_fn(
       return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, _split_micro(batch, micro_batches))
+    grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, split_micro(batch, micro_batches))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _combine_metrics(dict(metrics, loss=micro_losses))

@@ -139,8 +139,11 @@ def test_sharded_teacher_scores_like_the_unsharded_one(batch, with_questions):
   placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, mask)]
   if with_questions:
     questions = jax.device_put(questions, sharding.batch_sharding(mesh))
-  got = teacher.score_batch(sharded, *placed, chunk_size=4, questions=questions)
-  assert sorted(got) == sorted(expected) == sorted([*teacher.STAT_KEYS, *(["answer_logits"] if with_questions else [])])
-  for key in expected:
-    assert len(got[key].sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+  for micro_batches in (1, 2):  # Rows {0, 2} then {1, 3}, each on its own devices, put back in order.
+    got = teacher.score_batch(sharded, *placed, chunk_size=4, questions=questions, micro_batches=micro_batches)
+    assert sorted(got) == sorted(expected) == sorted([*teacher.STAT_KEYS, *(["answer_logits"] if with_questions else [])])
+    for key in expected:
+      assert len(got[key].sharding.device_set) == 8
+      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+  with pytest.raises(ValueError, match="micro_batches=3"):
+    teacher.score_batch(sharded, *placed, chunk_size=4, questions=questions, micro_batches=3)
