@@ -158,6 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
   # template's empty think block, so the label is the reply's first token.
   config.judge.enable_thinking = False
   config.judge.likelihood_thresholds = (-0.5, -2.0)  # Mean log-prob above first: Skip; above second: Weak.
+  # prompt mode: send the questions to the teacher in calls of similar length (less padded prefill); False: all
+  # in one call, one compiled shape per (question count, longest question) bucket. Same greedy answers.
+  config.judge.length_bucketing = True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 3e-4  # Peak learning rate.

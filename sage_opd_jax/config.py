@@ -150,6 +150,35 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
                       "answer: use 'expert_belief' (its own judge), 'likelihood' or 'oracle'.")
 
 
+# Stages whose every file write and model call is process-aware (sage_opd_jax/multihost.py).
+MULTI_PROCESS_STAGES = ("sft", "distill", "evaluate", "export")
+
+
+def check_processes(config: ml_collections.ConfigDict, num_processes: int) -> None:
+  """What a run of `num_processes` processes needs; raises `ConfigError` naming the bad key.
+
+  The CLI checks it before the processes join, so that a bad launch fails at once on each process
+  rather than after every process has started and joined; the stages check it again with the
+  count JAX found (SLURM and TPU pods say it only then).
+  """
+  if num_processes == 1:
+    return
+  stage = _get(config, "stage")
+  if stage not in MULTI_PROCESS_STAGES:
+    raise ConfigError(f"config.stage={stage!r} runs in one process; this run has {num_processes}. Run it alone, "
+                      f"then the {', '.join(MULTI_PROCESS_STAGES)} stages on several (docs/reproducing.md).")
+  if stage not in ("sft", "distill"):
+    return
+  batch = _get(config, "train.batch_episodes")
+  if batch % num_processes:
+    raise ConfigError(f"config.train.batch_episodes={batch} does not divide over the {num_processes} processes of "
+                      "this run: each process plays an equal share of the global batch.")
+  if stage == "distill" and losses.variant(_get(config, "method")).rollouts == 2:
+    # Its teacher answers inside each process's rollout, at points that differ between processes.
+    raise ConfigError(f"config.method={_get(config, 'method')!r} replaces turns inside the rollout; it runs in one "
+                      f"process only, not the {num_processes} of this run.")
+
+
 def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The keys (or sections) of `config.allow_changed`, "a.b,c": what a rerun may change from its workdir's record."""
   return tuple(k.strip() for k in str(config.get("allow_changed", "")).split(",") if k.strip())

@@ -151,6 +151,7 @@ class JudgeConfig:
         enable_thinking=bool(judge["enable_thinking"]),
         likelihood_thresholds=tuple(judge["likelihood_thresholds"]),
         batch_size=batch_size,
+        length_bucketing=bool(judge["length_bucketing"]),
     )
 
 

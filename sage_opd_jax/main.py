@@ -68,6 +68,8 @@ def _maybe_init_distributed() -> None:
                          f"got {_COORDINATOR.value!r}, {_NUM_PROCESSES.value!r}, {_PROCESS_ID.value!r}.")
   if explicit and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
     raise app.UsageError(f"--process_id={_PROCESS_ID.value} is outside 0..{_NUM_PROCESSES.value - 1}.")
+  if explicit:  # Before joining: a bad launch then fails on each process at once, not once all have joined.
+    config_lib.check_processes(config_lib.validate(_CONFIG.value), _NUM_PROCESSES.value)
   from sage_opd_jax import multihost  # Imported here: flags must parse before JAX reads XLA_FLAGS.
 
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
@@ -115,19 +117,12 @@ def _use_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
 
 
-# Stages whose every file write and model call is process-aware (sage_opd_jax/multihost.py).
-_MULTI_PROCESS_STAGES = ("sft", "distill", "evaluate", "export")
-
-
 def run(config, workdir: str) -> None:
   """Runs `config.stage` in `workdir`; the CLI and the experiment pipelines both call this."""
   config_lib.validate(config)
   import jax
 
-  if jax.process_count() > 1 and config.stage not in _MULTI_PROCESS_STAGES:
-    raise config_lib.ConfigError(
-        f"config.stage={config.stage!r} runs in one process; this run has {jax.process_count()}. Run it alone, then "
-        f"the {', '.join(_MULTI_PROCESS_STAGES)} stages on several (docs/reproducing.md).")
+  config_lib.check_processes(config, jax.process_count())
   _use_compilation_cache(config.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   stage = config.stage

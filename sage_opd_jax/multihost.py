@@ -86,13 +86,6 @@ def share(num: int, process: int | None = None, count: int | None = None) -> ran
   return range(start, start + base + (process < extra))
 
 
-def check_divides(batch_size: int, name: str = "config.train.batch_episodes") -> None:
-  """A global batch must split evenly over the processes: each plays B/P of its episodes."""
-  if batch_size % jax.process_count():
-    raise ValueError(f"{name}={batch_size} does not divide over the {jax.process_count()} processes of this run: "
-                     "each process plays an equal share of the global batch.")
-
-
 def gather(local: Sequence[Any]) -> list[Any]:
   """Every process's `local` items (picklable), concatenated in process order, on every process."""
   if jax.process_count() == 1:

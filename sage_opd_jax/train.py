@@ -529,7 +529,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   stage = config.stage
   # The sft stage trains demonstrations: with `config.method` when that needs no teacher, else with sft.
   method = config.method if stage == "distill" or not losses.variant(config.method).needs_teacher else "sft"
-  check_processes(config, stage)
+  config_lib.check_processes(config, jax.process_count())
   mesh = mesh_from_config(config.mesh)
   tokenizer = shared_tokenizer(config, stage)
   check_vocabularies(config, tokenizer, ("student",) if stage == "sft" or config.teacher.kind != "model"
@@ -635,20 +635,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     writer.close()
     if engine is not None:
       engine.close()
-
-
-def check_processes(config: ml_collections.ConfigDict, stage: str) -> None:
-  """What a run of several processes needs, checked before anything compiles."""
-  if jax.process_count() == 1:
-    return
-  try:
-    multihost.check_divides(config.train.batch_episodes)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  if stage == "distill" and losses.variant(config.method).rollouts == 2:
-    # Its teacher answers inside each process's rollout, at points that differ between processes.
-    raise config_lib.ConfigError(f"config.method={config.method!r} replaces turns inside the rollout; it runs "
-                                 f"in one process only, not the {jax.process_count()} of this run.")
 
 
 def export(model: nnx.Module, mesh: jax.sharding.Mesh, out: pathlib.Path) -> None:

@@ -392,3 +392,21 @@ def test_an_environment_declares_its_splits_keys_and_expert():
     envs_base._REGISTRY.pop(name)  # pylint: disable=protected-access
     envs_base._SPECS.pop(name)  # pylint: disable=protected-access
 
+
+
+def test_what_several_processes_need_is_checked_before_they_join():
+  config = _load_config("base")
+  config.stage, config.train.batch_episodes = "distill", 8
+  config_lib.check_processes(config, 2)
+  config_lib.check_processes(config, 8)
+  with pytest.raises(config_lib.ConfigError, match="batch_episodes=8 does not divide over the 3 processes"):
+    config_lib.check_processes(config, 3)
+  config_lib.check_processes(config, 1)  # One process plays every episode.
+  config.method = "opd_two_rollout"
+  with pytest.raises(config_lib.ConfigError, match="'opd_two_rollout' replaces turns inside the rollout"):
+    config_lib.check_processes(config, 2)
+  config.stage = "collect_demos"
+  with pytest.raises(config_lib.ConfigError, match="config.stage='collect_demos' runs in one process"):
+    config_lib.check_processes(config, 2)
+  config.stage, config.train.batch_episodes = "evaluate", 3  # Evaluation plays no training batch.
+  config_lib.check_processes(config, 2)

@@ -220,9 +220,10 @@ def test_prompt_mode_asks_only_about_valid_turns(tokenizer, batch, weak_teacher)
   bare = judge.judge_prompt_texts(batch.episodes, tokenizer, 2, result.asked, show_admissible=False)
   assert [text for _, _, text in bare] == [
       text.replace(f"Admissible actions were: {', '.join(ADMISSIBLE)}\n", "") for _, _, text in texts]
-  assert not judge.JudgeConfig.from_config(dict(
+  read = judge.JudgeConfig.from_config(dict(
       mode="prompt", history_turns=2, show_admissible=False, max_new_tokens=4, enable_thinking=False,
-      likelihood_thresholds=(-0.5, -2.0))).show_admissible
+      likelihood_thresholds=(-0.5, -2.0), length_bucketing=False))
+  assert not read.show_admissible and not read.length_bucketing
 
   confidence = np.tile([0.2, 0.4, 0.6, 0.8], (2, 1))
   metrics = judge.judge_metrics(result, batch.episodes, config.mode, confidence_BxT=confidence)

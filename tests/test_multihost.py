@@ -55,10 +55,13 @@ def run_files(tmp_path_factory):
       # The paper config's judge: the teacher answers each judge prompt greedily, a generation on
       # the global mesh. Eval plays one batch as the rollouts do (same temperature, 4 episodes per
       # process), so it runs the rollout's compiled programs.
-      # Its answer is one token (the label word), its prompt without history or the admissible list:
-      # short prompts of similar length, so a few compiled shapes serve every update.
+      # Its answer is one token (the label word), its prompt without history or the admissible list,
+      # all of an update's prompts in one call: one compiled shape serves every update.
       "judge.mode": "prompt", "judge.max_new_tokens": 1, "judge.history_turns": 0, "judge.show_admissible": False,
-      "eval.temperatures": (1.0,),
+      "judge.length_bucketing": False, "eval.temperatures": (1.0,),
+      # The acting KV cache at its largest length from the start: the decode compiles per chunk width
+      # only, and the same shapes recur in later updates and the eval (each compile costs seconds).
+      "sampling.min_cache_len": 768,
       # Actions from the admissible ones, so that turns are valid and the judge is asked about them.
       "sampling.constrained": True,
       "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "env.num_workers": 1,
@@ -116,7 +119,9 @@ def _launch(config_path, workdir, num_processes, devices_each, *flags, timeout_s
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
   procs = []
   for i in range(num_processes) if process_ids is None else process_ids:
-    cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config={config_path}", f"--workdir={workdir}", *flags]
+    # sage_opd_jax.main, with every process writing its compiled programs to the shared cache.
+    cmd = [sys.executable, str(REPO / "tests" / "multihost_main.py"), f"--config={config_path}", f"--workdir={workdir}",
+           *flags]
     if num_processes > 1:
       cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
               f"--distributed_timeout_s={timeout_s}"]
@@ -188,13 +193,13 @@ def _assert_close(actual, expected, what):
                              rtol=1e-5, atol=1e-5, err_msg=f"{what}: {sorted(expected)}")
 
 
-def _assert_same_run(workdir, reference):
+def _assert_same_run(workdir, reference, steps=STEPS):
   params, expected = _params(workdir), _params(reference)
   assert params.keys() == expected.keys()
   for name in expected:
     np.testing.assert_allclose(params[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
   updates, expected_updates = _updates(workdir), _updates(reference)
-  assert sorted(updates) == list(range(1, STEPS + 1))
+  assert sorted(updates) == list(range(1, steps + 1))
   assert updates.keys() == expected_updates.keys()
   for step, metrics in expected_updates.items():
     _assert_close(updates[step], metrics, f"step {step}")
@@ -232,17 +237,41 @@ def test_two_processes_killed_and_resumed_equal_one(run_files, tmp_path):
   assert (two / "transcripts").is_dir() and len(list((two / "transcripts").iterdir())) == 2  # Eval and train.
 
 
+def test_transcript_judge_two_processes_equal_one(run_files, tmp_path):
+  # The transcript judge (the question after the transcript, its label read from the teacher's
+  # next-token distribution in the scoring pass) across processes: one update and the eval, 2 x 4
+  # against 1 x 8, both launched at once. After the test above, the rollout's and the update's
+  # programs load from the compilation cache; the scoring pass with the questions compiles anew.
+  flags = ("--config.judge.mode=transcript", "--config.train.num_steps=1")
+  one, two = tmp_path / "one_process", tmp_path / "two_processes"
+  runs = {one: _launch(run_files, one, 1, 8, *flags), two: _launch(run_files, two, 2, 4, *flags)}
+  try:
+    for workdir, procs in runs.items():
+      _wait(procs, workdir)
+  finally:
+    for procs in runs.values():
+      _kill(procs)
+  _assert_same_run(two, one, steps=1)
+  (row,) = _updates(two).values()
+  assert row["judge/num_prompts"] > 0 and row["judge/unanswered_frac"] == 0
+  assert row["judge/skip_frac"] + row["judge/weak_frac"] > 0  # Labels read from the teacher's answers.
+
+
 def test_bad_launches_fail_with_what_is_wrong(run_files, tmp_path):
   # Three bad launches at once (each is mostly process start-up): a process whose coordinator
   # never answers names the address instead of hanging; a global batch that does not split over
-  # the processes, and a mesh that leaves devices out, stop before compiling.
+  # the processes stops before joining (process 0 alone: after the join it would wait 60 s for its
+  # peer and fail with the coordinator's timeout), and a mesh that leaves devices out stops
+  # before compiling.
   lonely = tmp_path / "coordinator"
   procs = _launch(run_files, lonely, 2, 4, timeout_s=3, process_ids=(1,))  # Process 0, the coordinator, never starts.
   launches = {lonely: (procs, "The coordinator 127.0.0.1:{port} did not answer within 3 s")}
-  for flag, message in (("--config.train.batch_episodes=3", "batch_episodes=3 does not divide over the 2 processes"),
-                        ("--config.mesh.fsdp=4", "uses 4 of the 8 devices of 2 processes")):
+  for flag, message, process_ids in (
+      ("--config.train.batch_episodes=3", "batch_episodes=3 does not divide over the 2 processes", (0,)),
+      ("--config.mesh.fsdp=4", "uses 4 of the 8 devices of 2 processes", None)):
     workdir = tmp_path / flag.split("=")[0].rsplit(".", 1)[1]
-    launches[workdir] = (_launch(run_files, workdir, 2, 4, flag, "--config.mesh.data=1"), message)
+    launches[workdir] = (_launch(run_files, workdir, 2, 4, flag, "--config.mesh.data=1", process_ids=process_ids),
+                         message)
   try:
     for workdir, (procs, message) in launches.items():
       _wait(procs, workdir, fail=True)
