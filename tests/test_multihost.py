@@ -193,7 +193,7 @@ def _assert_close(actual, expected, what):
                              rtol=1e-5, atol=1e-5, err_msg=f"{what}: {sorted(expected)}")
 
 
-def _assert_same_run(workdir, reference, steps=STEPS):
+def _assert_same_run(workdir, reference, steps=STEPS, evals=1):
   params, expected = _params(workdir), _params(reference)
   assert params.keys() == expected.keys()
   for name in expected:
@@ -203,8 +203,10 @@ def _assert_same_run(workdir, reference, steps=STEPS):
   assert updates.keys() == expected_updates.keys()
   for step, metrics in expected_updates.items():
     _assert_close(updates[step], metrics, f"step {step}")
-  (evals,), (expected_evals,) = _evals(workdir), _evals(reference)  # One eval each: one process wrote it.
-  _assert_close(evals, expected_evals, "eval")
+  actual_evals, expected_evals = _evals(workdir), _evals(reference)
+  assert len(actual_evals) == len(expected_evals) == evals  # One process wrote each.
+  for actual, expected in zip(actual_evals, expected_evals):
+    _assert_close(actual, expected, "eval")
 
 
 def test_two_processes_killed_and_resumed_equal_one(run_files, tmp_path):
@@ -239,10 +241,11 @@ def test_two_processes_killed_and_resumed_equal_one(run_files, tmp_path):
 
 def test_transcript_judge_two_processes_equal_one(run_files, tmp_path):
   # The transcript judge (the question after the transcript, its label read from the teacher's
-  # next-token distribution in the scoring pass) across processes: one update and the eval, 2 x 4
-  # against 1 x 8, both launched at once. After the test above, the rollout's and the update's
-  # programs load from the compilation cache; the scoring pass with the questions compiles anew.
-  flags = ("--config.judge.mode=transcript", "--config.train.num_steps=1")
+  # next-token distribution in the scoring pass) across processes: one update, 2 x 4 against
+  # 1 x 8, both launched at once (the eval, which does not judge, is the test above's). After the
+  # test above, the rollout's and the update's programs load from the compilation cache; the
+  # scoring pass with the questions compiles anew.
+  flags = ("--config.judge.mode=transcript", "--config.train.num_steps=1", "--config.eval.num_episodes=0")
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   runs = {one: _launch(run_files, one, 1, 8, *flags), two: _launch(run_files, two, 2, 4, *flags)}
   try:
@@ -251,7 +254,7 @@ def test_transcript_judge_two_processes_equal_one(run_files, tmp_path):
   finally:
     for procs in runs.values():
       _kill(procs)
-  _assert_same_run(two, one, steps=1)
+  _assert_same_run(two, one, steps=1, evals=0)
   (row,) = _updates(two).values()
   assert row["judge/num_prompts"] > 0 and row["judge/unanswered_frac"] == 0
   assert row["judge/skip_frac"] + row["judge/weak_frac"] > 0  # Labels read from the teacher's answers.
