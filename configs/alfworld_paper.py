@@ -67,7 +67,7 @@ def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_col
   # How the checkpoints run (train.RUNTIME_FIELDS; their architecture is the config.json's).
   config.teacher.model.update(
       dtype="bfloat16", param_dtype="bfloat16",  # 16.4 GB of Qwen3-8B weights, not 32.8.
-      attention_chunk=1024)  # [rows, 32, 1024, S] scores at a time, not [rows, 32, S, S].
+      attention_chunk=1024)  # One [rows, 32, 1024, 1024] score tile at a time, not [rows, 32, S, S].
   config.student.model.update(
       dtype="bfloat16", param_dtype="float32",  # bf16 matmuls on a float32 master copy.
       # One 4k row's step on one device: 76.1 GiB without remat (every layer keeps its attention scores

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from sage_opd_jax.models import KVCache, ModelConfig, Transformer, init_cache
+from sage_opd_jax.models import transformer
 from sage_opd_jax.models.transformer import CausalMask, apply_rope, attention, dense, rope_cos_sin
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -289,14 +290,16 @@ def _attention_f64_grads(q_BxSxKxGxH, k_BxTxKxH, v_BxTxKxH, allowed_BxSxT, d_out
   return dq, dk, dv
 
 
-@pytest.mark.parametrize("chunk", [0, 64])
-def test_causal_mask_blocks_match_a_float64_reference(chunk):
+@pytest.mark.parametrize("chunk,unrolled_max_len", [(0, 1024), (64, 0)])
+def test_causal_mask_blocks_match_a_float64_reference(chunk, unrolled_max_len, monkeypatch):
   """Attention under a per-token `CausalMask` (padding + packed segments) against float64 NumPy.
 
-  S = 300 is no multiple of the 64-query blocks of `_causal_blockwise` (nor of the 128 of the
-  unchunked loop); row 0 packs two turns after a shared transcript, each reading the transcript
-  up to its own reach, and row 1 is right-padded. Values and the gradients of q, k and v.
+  S = 300 is no multiple of the 64-query blocks of `_causal_blockwise` (taken at any length here)
+  nor of the 128 of the unchunked loop; row 0 packs two turns after a shared transcript, each
+  reading the transcript up to its own reach, and row 1 is right-padded. Values and the gradients
+  of q, k and v.
   """
+  monkeypatch.setattr(transformer, "_UNROLLED_MAX_LEN", unrolled_max_len)
   rng = np.random.default_rng(5)
   B, S, K, G, H = 2, 300, 2, 2, 8
   q = rng.standard_normal((B, S, K, G, H)) * 0.7

@@ -51,7 +51,9 @@ class ModelConfig:
       rematerialised in the backward pass, bounding the attention score buffer to
       B x N x attention_chunk x T (long-sequence teacher scoring and training); 0 keeps no
       bound. Causal self-attention (no cache, or an empty one) goes in query blocks either
-      way, of this size or 128, each reading only the keys up to its last query.
+      way, of this size or 128, each reading only the keys up to its last query; past 1,024
+      positions, one block at a time, an online softmax over key blocks
+      (`transformer._causal_blockwise`: a [B, N, chunk, chunk] score tile).
     scan_unroll: layers per iteration of the layer `lax.scan` (its `unroll`); num_layers
       unrolls the loop fully, which makes the training step faster at the price of compile
       time growing with depth.

@@ -166,6 +166,11 @@ def _allowed_block(allowed: jax.Array | CausalMask, q_start: Any, num_q: int, k_
 # attention ran 3.9x faster forward and 2.6x with its backward than one S x S block, and 128
 # was as fast as 64 or 256 (2-core CPU, docs/benchmarks.md).
 _CAUSAL_BLOCK = 128
+# With `attention_chunk`, causal attention over at most this many positions stays a Python loop of
+# rematerialised blocks: however XLA orders them, all blocks' float32 scores are at most 2 MiB a head
+# and row, and the loop's backward recomputes each block once, where `_causal_blockwise` recomputes
+# each score tile twice (its grad step ran 1.3-1.5x slower at S = 1024, chunk 256, on a 2-core CPU).
+_UNROLLED_MAX_LEN = 1024
 
 
 def _causal_blockwise(q_BxKxGxSxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
@@ -176,8 +181,9 @@ def _causal_blockwise(q_BxKxGxSxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: j
   `lax.cond` skips the blocks above the diagonal. Each query block is rematerialised in the
   backward pass and each key block within it too, so the float32 scores are one [B, K, G,
   block, block] tile and the saved residuals per query block are the running max, sum and
-  output per key block. A Python loop of query blocks (as `attention` runs without a chunk)
-  leaves their order to XLA, which kept many blocks' [B, K, G, block, T] scores live at once.
+  output per key block. A Python loop of many query blocks leaves their order to XLA, which
+  kept many blocks' [B, K, G, block, T] scores live at once (1,398 GiB a device for the paper's
+  Qwen3-0.6B update at 40,960 tokens, docs/reproducing.md).
   """
   B, K, G, S, H = q_BxKxGxSxH.shape
   dt = q_BxKxGxSxH.dtype
@@ -240,7 +246,8 @@ def attention(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array
     allowed: which keys each query may read: [B, S, T] bool, or a `CausalMask` (with `causal`).
     chunk: if > 0, queries go in blocks of `chunk`, each rematerialised in the backward pass,
       so the float32 score buffer is [B, K, G, chunk, T] and the saved residuals stay O(S).
-      Causal attention then runs `_causal_blockwise`: one [B, K, G, chunk, chunk] score tile at a time.
+      Causal attention over more than `_UNROLLED_MAX_LEN` positions runs `_causal_blockwise`:
+      one [B, K, G, chunk, chunk] score tile at a time.
     causal: the keys are the queries' own positions (T == S) and `allowed` is at most
       causal. Query blocks (of `chunk`, else `_CAUSAL_BLOCK`) then read only the keys up to
       their last query; the keys they skip are masked for all of their queries, whose
@@ -259,15 +266,16 @@ def attention(q_BxSxKxGxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array
   q_BxKxGxSxH = q_BxSxKxGxH.transpose(0, 2, 3, 1, 4)
   k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
   v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
-  if causal and chunk > 0:
+  if causal and chunk > 0 and S > _UNROLLED_MAX_LEN:
     out_BxKxGxSxH = _causal_blockwise(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, allowed, chunk)
   elif causal:
     # A Python loop: each block has its own key length, so the blocks cannot share a lax.map.
+    block = chunk or _CAUSAL_BLOCK
+    attend = jax.checkpoint(_attend) if chunk > 0 else _attend
     out_BxKxGxSxH = jnp.concatenate([
-        _attend(q_BxKxGxSxH[:, :, :, i:i + _CAUSAL_BLOCK], k_BxKxTxH[:, :, :i + _CAUSAL_BLOCK],
-                v_BxKxTxH[:, :, :i + _CAUSAL_BLOCK],
-                _allowed_block(allowed, i, min(_CAUSAL_BLOCK, S - i), 0, min(i + _CAUSAL_BLOCK, S)))
-        for i in range(0, S, _CAUSAL_BLOCK)], axis=3)
+        attend(q_BxKxGxSxH[:, :, :, i:i + block], k_BxKxTxH[:, :, :i + block], v_BxKxTxH[:, :, :i + block],
+               _allowed_block(allowed, i, min(block, S - i), 0, min(i + block, S)))
+        for i in range(0, S, block)], axis=3)
   elif chunk <= 0 or S <= chunk:
     out_BxKxGxSxH = _attend(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, allowed)
   else:
