@@ -51,7 +51,8 @@ CHANGED = {
     "sampling.max_thought_tokens": "random model",
     # Budgets: tokens, turns, updates, chunk sizes scaled to the shorter rows, worker processes.
     "env.max_turns": "budget", "env.num_workers": "budget", "sampling.max_new_tokens": "budget",
-    "sampling.min_cache_len": "budget",
+    "sampling.min_cache_len": "budget", "sampling.min_chunk_len": "budget",
+    "sampling.min_trie_shape": "budget",
     "train.batch_episodes": "budget", "train.micro_batches": "budget",
     "train.max_seq_len": "budget", "train.eval_every": "budget", "train.ckpt_every": "budget",
     "teacher.score_chunk": "budget", "student.loss_chunk": "budget", "student.model.attention_chunk": "budget",
@@ -108,7 +109,12 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   config.train.batch_episodes = 4  # One episode per data x fsdp shard.
   config.train.micro_batches = 1
   config.train.max_seq_len = 1024
-  config.sampling.min_cache_len = config.train.max_seq_len  # One KV-cache length: one decode loop per shape.
+  # One prefill width, that of the longest first prompt (480 tokens), and one KV-cache length, a whole
+  # transcript's plus that width: each width and length compiles the decode loop again.
+  config.sampling.min_chunk_len = 512
+  config.sampling.min_cache_len = config.train.max_seq_len + config.sampling.min_chunk_len
+  # One trie shape: the largest that real games' admissible actions build here (256 nodes, 16 children).
+  config.sampling.min_trie_shape = (256, 16)
   config.train.eval_every = 100  # Once, after the last update.
   config.train.ckpt_every = 1
   config.teacher.score_chunk = config.student.loss_chunk = 256  # Several chunks per row, as at paper scale.

@@ -131,6 +131,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The acting KV cache's smallest length bucket: it grows through the buckets as contexts do, and
   # each bucket compiles the decode loop again (train.max_seq_len: one length, compiled once).
   config.sampling.min_cache_len = 256
+  # The smallest width bucket of a turn's prefill chunk (its new prompt or observation tokens): each width
+  # compiles the decode loop again; a larger one pads the prefill (cheap next to decoding) for fewer compiles.
+  config.sampling.min_chunk_len = 16
+  # The smallest (nodes, children per node) of constrained decoding's token tries (`sampling.build_token_trie`,
+  # padded to powers of two): likewise, each shape compiles the decode loop again.
+  config.sampling.min_trie_shape = (1, 1)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.estimator = "sampled"  # sampled (E4, PPO-clip on the k1 estimate) | full (E2).

@@ -259,6 +259,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "sampling.max_new_tokens")
   _positive(config, "sampling.max_thought_tokens", allow_zero=True)
   _positive(config, "sampling.min_cache_len")
+  _positive(config, "sampling.min_chunk_len")
+  trie_shape = _get(config, "sampling.min_trie_shape")
+  if len(trie_shape) != 2 or not all(isinstance(n, int) and n >= 1 for n in trie_shape):
+    raise ConfigError(f"config.sampling.min_trie_shape={trie_shape!r}: must be two integers >= 1 (nodes, children).")
   for key in ("sampling.enable_thinking", "sampling.mask_unused_ids"):
     if not isinstance(_get(config, key), bool):
       raise ConfigError(f"config.{key}={_get(config, key)!r}: must be True or False.")

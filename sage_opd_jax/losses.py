@@ -176,7 +176,7 @@ def token_logprobs(logits: Array, tokens: Array, support: Array | None = None) -
 
 
 def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Array, tokens: Array,
-                           chunk_size: int, support: Array | None = None) -> Array:
+                           chunk_size: int, support: Array | None = None, read: Array | None = None) -> Array:
   """[B, S, D] hidden states, [B, S] int -> [B, S]: `token_logprobs(lm_head(hidden), tokens, support)`, chunk by chunk.
 
   The LM head ([B, C, D] -> [B, C, V] logits) runs over C = `chunk_size` positions at a time under a
@@ -184,30 +184,59 @@ def chunked_token_logprobs(lm_head: Callable[[Array], Array], hidden_BxSxD: Arra
   vocabulary makes the whole [B, S, V] the largest tensor of the update); the backward pass recomputes
   each chunk's logits from its hidden states. Position s picks token s + 1, as in `token_logprobs`, so
   chunks need no overlap; `chunk_size` need not divide S.
+
+  `read` [B, S] bool, token-aligned: the tokens whose log-probs the caller reads (the response
+  tokens, `response_mask`); every other entry is 0. Each row's predicting positions are then moved to
+  its front (in order) and the chunks past the longest row's count skip the LM head in both passes:
+  the head, the update's largest cost at Qwen3's vocabulary, runs over the response tokens, not over
+  the prompts, observations and padding.
   """
   if chunk_size < 1:
     raise ValueError(f"chunked_token_logprobs: chunk_size must be >= 1, got {chunk_size}.")
   batch, seq = tokens.shape
   num_chunks = -(-seq // chunk_size)
   pad = num_chunks * chunk_size - seq
-  next_BxS = jnp.pad(jnp.roll(tokens.astype(jnp.int32), -1, axis=1), ((0, 0), (0, pad)))
+  next_BxS = jnp.roll(tokens.astype(jnp.int32), -1, axis=1)
+  next_support_BxSxK = None if support is None else jnp.roll(support.astype(jnp.int32), -1, axis=1)
+  order_BxS = None
+  if read is None:
+    live_chunks = num_chunks
+  else:
+    if read.shape != tokens.shape:
+      raise ValueError(f"chunked_token_logprobs: read {read.shape} and tokens {tokens.shape} differ.")
+    # Position s predicts token s + 1; the last position predicts nothing (the roll wraps it to token 0).
+    predicts_BxS = jnp.roll(read.astype(bool), -1, axis=1).at[:, -1].set(False)
+    order_BxS = jnp.argsort(~predicts_BxS, axis=1, stable=True)  # Predicting positions first, in order.
+    gather = lambda x_BxS: jnp.take_along_axis(x_BxS, order_BxS.reshape(order_BxS.shape + (1,) * (x_BxS.ndim - 2)),
+                                               axis=1)
+    hidden_BxSxD, next_BxS = gather(hidden_BxSxD), gather(next_BxS)
+    next_support_BxSxK = None if support is None else gather(next_support_BxSxK)
+    live_chunks = -(-jnp.max(jnp.sum(predicts_BxS, axis=1)) // chunk_size)
+  next_BxS = jnp.pad(next_BxS, ((0, 0), (0, pad)))
   hidden_BxSxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
   # [N, B, C, ...]: lax.map walks the chunks.
   next_NxBxC = next_BxS.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
   hidden_NxBxCxD = hidden_BxSxD.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
   support_NxBxCxK = None
   if support is not None:
-    next_support_BxSxK = jnp.pad(jnp.roll(support.astype(jnp.int32), -1, axis=1), ((0, 0), (0, pad), (0, 0)),
-                                 constant_values=-1)
+    next_support_BxSxK = jnp.pad(next_support_BxSxK, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
     support_NxBxCxK = next_support_BxSxK.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_chunk(chunk):
-    hidden_BxCxD, next_BxC, support_BxCxK = chunk
-    return _picked_logprobs(_float(lm_head(sharding.pin_rows(hidden_BxCxD))), next_BxC, support_BxCxK)
+    c, hidden_BxCxD, next_BxC, support_BxCxK = chunk
+    head = lambda: _picked_logprobs(_float(lm_head(sharding.pin_rows(hidden_BxCxD))), next_BxC, support_BxCxK)
+    if read is None:
+      return head()
+    return jax.lax.cond(c < live_chunks, head, lambda: jnp.zeros(next_BxC.shape, jnp.float32))
 
-  picked_NxBxC = jax.lax.map(one_chunk, (hidden_NxBxCxD, next_NxBxC, support_NxBxCxK))
-  return align_to_tokens(picked_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq])
+  picked_NxBxC = jax.lax.map(one_chunk, (jnp.arange(num_chunks), hidden_NxBxCxD, next_NxBxC, support_NxBxCxK))
+  picked_BxS = picked_NxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq]
+  if order_BxS is not None:
+    # Back to sequence order; what no read token needs (a row's tail past its count) is 0.
+    picked_BxS = jnp.take_along_axis(picked_BxS, jnp.argsort(order_BxS, axis=1), axis=1)
+    picked_BxS = jnp.where(predicts_BxS, picked_BxS, 0.0)
+  return align_to_tokens(picked_BxS)
 
 
 def teacher_token_stats(teacher_logits: Array, tokens: Array) -> dict[str, Array]:

@@ -388,6 +388,8 @@ class RolloutConfig:
     enable_thinking: passed to the chat template (`prompts.ChatLayout`; config.sampling.
       enable_thinking); None leaves the template's default. Fixed when the engine is built.
     min_cache_len: the smallest KV-cache length bucket.
+    min_chunk_len: the smallest prefill chunk width bucket (`sampling.EpisodeCache`'s `min_chunk`).
+    min_trie_shape: the smallest constraint trie shape (`sampling.EpisodeCache`'s).
     progress: show a tqdm bar (episodes finished).
     expert: optional "module:Class" of a shadow expert run beside each env in its worker
       (e.g. "sage_opd_jax.envs.alfworld_expert:ImitableExpert", which needs the env built
@@ -403,6 +405,8 @@ class RolloutConfig:
   system_prompt: str = prompts.DEFAULT_SYSTEM_PROMPT
   enable_thinking: bool | None = None
   min_cache_len: int = 256
+  min_chunk_len: int = 16
+  min_trie_shape: tuple[int, int] = (1, 1)
   progress: bool = True
   expert: str | None = None
 
@@ -758,7 +762,8 @@ class RolloutEngine:
     budget = cfg.max_context_tokens or model.config.max_position_embeddings
     groups = min(cfg.pipeline_groups, num)
     members = [[e for e in range(num) if e * groups // num == g] for g in range(groups)]
-    caches = [sampling.EpisodeCache(model, len(m), min_len=cfg.min_cache_len, **self._cache_kwargs)
+    caches = [sampling.EpisodeCache(model, len(m), min_len=cfg.min_cache_len, min_chunk=cfg.min_chunk_len,
+                                    min_trie_shape=cfg.min_trie_shape, **self._cache_kwargs)
               for m in members]
     episodes = [Episode(task=task) for task in tasks]
     # e -> (o_t, admissible, expert action) of a live episode.

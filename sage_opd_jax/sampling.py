@@ -673,6 +673,7 @@ class EpisodeCache:
       min_len: int = 64,
       min_chunk: int = 16,
       min_batch: int = 1,
+      min_trie_shape: tuple[int, int] = (1, 1),
       compact: bool = True,
       reuse: bool = True,
       cache_dtype: Any = None,
@@ -687,6 +688,8 @@ class EpisodeCache:
       min_chunk: the smallest chunk-width bucket; a larger one trades padded prefill work for
         fewer compiled shapes (a turn's observation and the first prompt share one width).
       min_batch: the smallest batch to compact to (the batch-sharding size under a Mesh).
+      min_trie_shape: the smallest (nodes, children) of its constraint tries: each trie shape
+        compiles the decode loop again, so a floor at the largest one a run builds means one.
       compact: gather live episodes into a smaller power-of-two batch when they fit one.
       reuse: False re-encodes every context from scratch (the no-reuse benchmark baseline).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
@@ -710,7 +713,7 @@ class EpisodeCache:
     self._cache = self._new_cache(batch, bucket_length(1, min_len))
     # (nodes, width) of the largest trie built so far: later tries pad to it. Each turn's admissible actions
     # give another trie size, and each size was another compile of `generate` (dozens in one ALFWorld rollout).
-    self._trie_shape = (1, 1)
+    self._trie_shape = tuple(min_trie_shape)
 
   @property
   def batch_size(self) -> int:

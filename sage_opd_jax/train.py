@@ -408,6 +408,8 @@ def make_rollout_engine(config: ml_collections.ConfigDict, tokenizer: Any,
       expert=spec.expert if oracle else None,
       enable_thinking=config.sampling.enable_thinking,
       min_cache_len=config.sampling.min_cache_len,
+      min_chunk_len=config.sampling.min_chunk_len,
+      min_trie_shape=tuple(config.sampling.min_trie_shape),
   )
   return rollout_lib.RolloutEngine(
       tokenizer, settings, sampling_config(config, tokenizer, config.sampling.temperature),

@@ -222,8 +222,10 @@ def make_loss_fns(options: losses.LossOptions | Mapping[str, Any], loss_chunk: i
   def loss_fn(model, micro, totals):
     if not chunked:
       return losses.sage_opd_loss(student_logits(model, micro), micro, options, **totals)
+    # The loss reads the response tokens' log-probs only: the LM head skips the rest.
     logp_BxS = losses.chunked_token_logprobs(model.lm_logits, student_hidden_states(model, micro), micro["tokens"],
-                                             loss_chunk, micro.get("student_support"))
+                                             loss_chunk, micro.get("student_support"),
+                                             read=losses.response_mask(micro["turn_ids"]))
     return losses.sage_opd_loss(None, micro, options, student_logprobs=logp_BxS, **totals)
 
   def totals_fn(batch):

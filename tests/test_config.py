@@ -45,6 +45,8 @@ def test_base_config_is_valid():
         ("env.train_split", "test", "config.env.train_split='test'"),
         ("student.model.num_kv_heads", 3, "config.student.model.num_heads=4 is not a multiple"),
         ("sampling.top_p", 1.5, "config.sampling.top_p=1.5"),
+        ("sampling.min_chunk_len", 0, "config.sampling.min_chunk_len=0: must be > 0"),
+        ("sampling.min_trie_shape", (256, 0), "config.sampling.min_trie_shape=(256, 0)"),
         ("teacher.temperature", 0.0, "config.teacher.temperature=0.0"),
         ("teacher.top_k", -1, "config.teacher.top_k=-1"),
         ("teacher.top_k", 10**6, "config.teacher.top_k=1000000 exceeds config.teacher.model.vocab_size="),

@@ -283,6 +283,38 @@ def test_chunked_token_logprobs_equal_the_whole_logits_with_gradients(chunk):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4, 16])
+def test_chunked_token_logprobs_of_read_tokens_run_the_head_over_those_only(chunk):
+  rng = np.random.default_rng(chunk)
+  hidden = jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(6, 13)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 13, (2, 11)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 11)), jnp.float32)
+  # Row 0 reads 3 tokens (one of them token 0, which no position predicts), row 1 five, the last included.
+  read = np.zeros((2, 11), bool)
+  read[0, [0, 4, 5]] = True
+  read[1, [2, 3, 7, 9, 10]] = True
+  heads_run = []
+
+  def lm_head(w):
+    def run(h_BxCxD):
+      jax.debug.callback(lambda: heads_run.append(1))
+      return h_BxCxD @ w
+    return run
+
+  chunked = lambda h, w: losses.chunked_token_logprobs(lm_head(w), h, tokens, chunk, read=jnp.asarray(read))
+  ref = ref_token_logprobs(np.asarray(hidden, np.float64) @ np.asarray(head, np.float64), np.asarray(tokens))
+  got = jax.jit(chunked)(hidden, head)
+  jax.block_until_ready(got)
+  close(got, np.where(read, ref, 0.0), rtol=1e-5, atol=1e-5)
+  assert len(heads_run) == -(-5 // chunk)  # The chunks of the longest row's 5 predicting positions, no more.
+  # The gradient of what is read: that of the whole logits'.
+  grad = lambda fn: jax.grad(lambda h, w: jnp.sum(weights * read * fn(h, w)), argnums=(0, 1))(hidden, head)
+  whole = lambda h, w: losses.token_logprobs(h @ w, tokens)
+  for got, want in zip(grad(chunked), grad(whole)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def ref_support_logprobs(logits, tokens, support):
   """float64: log-prob of token s renormalised over support[s] (ids >= 0) under logits[s - 1]; whole vocab if none."""
   b_, s_, _ = logits.shape
