@@ -1,0 +1,231 @@
+"""Why a controlled-teacher run (configs/alfworld_control.py) does or does not lift its student.
+
+Three checks on the student's own episodes (docs/results.md, "Controlled teacher"):
+
+- takeover: the student plays train games (at the rollout temperature OPD trains on) with the
+  env expert shadowing it; each episode is then replayed up to a turn (after the student left the
+  expert's path, a random turn, its last turn) and the expert plays on from that real state for up
+  to `--takeover_turns` turns. Its win rate says whether the a* the teacher names off its path
+  leads anywhere; also how often a* was missing.
+- step: on one such rollout batch, scored by the expert teacher, a step along the OPD loss's
+  gradient (plain SGD on the unit-norm direction) and the change of the student's constrained
+  log P(a*) at the batch's own states, overall and by the expert's verb: is the update's direction
+  right? The same for the exact reverse KL over decoding's support (nu's conditional over the
+  trie's children at each action token against the student's renormalised over the same ids), to
+  tell the one-sample estimate's noise from the direction of the divergence itself.
+- logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
+  and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
+
+Also the two-back repeat rate (a turn repeating the action of two turns earlier: walking between
+two receptacles) of the student's sampled episodes; an eval transcript's is in its jsonl.
+
+  python -m experiments.control_diagnostics --config=configs/alfworld_control.py:0 \\
+      --config.tokenizer_dir=workdirs/alfworld_control/tokenizer \\
+      --student=workdirs/alfworld_control/student_sft/hf \\
+      --trained=workdirs/alfworld_control/sweeps/eta0/runs/opd/seed0/hf
+
+Prints a JSON report; `--out` also writes it.
+"""
+
+import collections
+import json
+import pathlib
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from sage_opd_jax import config as config_lib
+from sage_opd_jax import judge
+from sage_opd_jax import losses
+from sage_opd_jax import models
+from sage_opd_jax import train
+from sage_opd_jax import update as update_lib
+from sage_opd_jax.envs import alfworld_expert
+from sage_opd_jax.envs import base
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/alfworld_control.py:0", "The controlled-teacher config.")
+_STUDENT = flags.DEFINE_string("student", None, "The start student's exported HF directory.", required=True)
+_TRAINED = flags.DEFINE_list("trained", [], "Trained students' HF directories whose log P(a*) to compare.")
+_NUM_GAMES = flags.DEFINE_integer("num_games", 16, "Train games the student plays for the takeover check.")
+_TAKEOVER_TURNS = flags.DEFINE_integer("takeover_turns", 30, "Turns the expert may play after taking over.")
+_SEED = flags.DEFINE_integer("seed", 0, "Draws the games and the takeover turns.")
+_OUT = flags.DEFINE_string("out", "", "Also write the JSON report here.")
+
+
+def two_back_repeats(actions_per_episode) -> tuple[int, int]:
+  """(turns repeating the action of two turns earlier, turns from the third on)."""
+  pairs = [(a[t], a[t - 2]) for a in actions_per_episode for t in range(2, len(a))]
+  return sum(x == y for x, y in pairs), len(pairs)
+
+
+def takeover(env, task, actions, k, max_turns) -> bool:
+  """Replays the student's first k actions with the expert shadowing them, then lets the expert play on."""
+  observation, info = env.reset(task)
+  expert = alfworld_expert.ImitableExpert(task)
+  action = expert.first_action(observation, info)
+  for t in range(k + max_turns):
+    result = env.step(actions[t] if t < k else action)
+    if result.done:
+      return bool(result.info.won)
+    action = expert.next_action(result)
+  return False
+
+
+def astar_batch(played, arrays, teacher, seq_len):
+  """Each turn's context in the student's episode followed by the expert's own response (a*), with the
+  constrained-decoding support of its action tokens; and the verb of each a*."""
+  rows, supports, verbs = [], [], []
+  for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
+    for t, belief in enumerate(beliefs):
+      if belief.peak is None:
+        continue
+      context = list(arrays["tokens"][b, :np.flatnonzero(arrays["turn_ids"][b] == t + 1)[0]])
+      response = teacher.prefix + teacher.action_tokens([belief.peak])[0]
+      if len(context) + len(response) <= seq_len:
+        rows.append(context + response)
+        supports.append([[] for _ in context] + teacher.turn_support(belief, response))
+        verbs.append(belief.peak.split()[0])
+  width = max(len(ids) for support in supports for ids in support)
+  tokens, mask = np.zeros((len(rows), seq_len), np.int32), np.zeros((len(rows), seq_len), np.int32)
+  support_BxSxK = np.full((len(rows), seq_len, width), -1, np.int32)
+  for i, (row, support) in enumerate(zip(rows, supports)):
+    tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    for s, ids in enumerate(support):
+      support_BxSxK[i, s, :len(ids)] = ids
+  batch = dict(tokens=tokens, attention_mask=mask, student_support=support_BxSxK)
+  return {k: jnp.asarray(v) for k, v in batch.items()}, np.asarray(verbs)
+
+
+def astar_logprob(model, batch) -> np.ndarray:
+  """[rows] the student's constrained log P(a*): its renormalised log-probs summed over a*'s action tokens."""
+  logp_BxS = losses.token_logprobs(update_lib.student_logits(model, batch), batch["tokens"], batch["student_support"])
+  return np.asarray(jnp.sum(jnp.where(batch["student_support"][..., 0] >= 0, logp_BxS, 0.0), axis=1))
+
+
+def support_teacher_logprobs(played, arrays, teacher) -> np.ndarray:
+  """[B, S, K] log nu of each id of `student_support` given the action's earlier tokens (-inf: none, or no mass)."""
+  support_BxSxK = arrays["student_support"]
+  lognu_BxSxK = np.full(support_BxSxK.shape, -np.inf, np.float32)
+  for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
+    for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
+      where = np.flatnonzero(arrays["turn_ids"][b] == t + 1)
+      response = list(turn.response_tokens)
+      split = teacher._split(response)  # pylint: disable=protected-access
+      sequences = teacher.action_tokens(belief.actions)
+      for j in range(split, len(response)):
+        prefix, children = response[split:j], collections.defaultdict(float)
+        for seq, p in zip(sequences, belief.probs):
+          if len(seq) > len(prefix) and seq[:len(prefix)] == prefix:
+            children[seq[len(prefix)]] += p
+        total = sum(children.values())
+        for k, token in enumerate(support_BxSxK[b, where[j]]):
+          if token >= 0 and children.get(int(token), 0.0) > 0:
+            lognu_BxSxK[b, where[j], k] = np.log(children[int(token)] / total)
+  return lognu_BxSxK
+
+
+def exact_support_kl(model, batch, lognu_BxSxK) -> jax.Array:
+  """Token mean over response tokens of KL(pi_c || nu) at each action token with a choice, pi_c the student's
+  policy renormalised over decoding's support (a support id nu gives no mass costs pi_c * 20 nats)."""
+  support_BxSxK = batch["student_support"]
+  logits_BxSxV = jnp.roll(update_lib.student_logits(model, batch), 1, axis=1)  # Entry s predicts token s.
+  valid_BxSxK = support_BxSxK >= 0
+  picked_BxSxK = jnp.take_along_axis(logits_BxSxV, jnp.maximum(support_BxSxK, 0), axis=-1)
+  logpi_BxSxK = jax.nn.log_softmax(jnp.where(valid_BxSxK, picked_BxSxK, -1e9), axis=-1)
+  known_BxSxK = jnp.isfinite(lognu_BxSxK)
+  gap_BxSxK = jnp.where(known_BxSxK, logpi_BxSxK - jnp.where(known_BxSxK, lognu_BxSxK, 0.0), 20.0)
+  choice_BxS = support_BxSxK[..., 1] >= 0
+  kl = jnp.where(valid_BxSxK & choice_BxS[..., None], jnp.exp(logpi_BxSxK) * gap_BxSxK, 0.0)
+  return jnp.sum(kl) / jnp.sum(batch["turn_ids"] > 0)
+
+
+def by_verb(logp, verbs) -> dict[str, list[float]]:
+  return {v: [int((verbs == v).sum()), round(float(logp[verbs == v].mean()), 3)] for v in sorted(set(verbs))}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  config.stage, config.method = "distill", "opd"
+  config.student.hf_dir = _STUDENT.value
+  config = config_lib.validate(config)
+  tokenizer = models.load_tokenizer(config.tokenizer_dir)
+  teacher = train.load_teacher(config, tokenizer, None)
+  student = train.load_model(config.student, None, config.seed)
+  rng = random.Random(_SEED.value)
+  env = base.make(config.env.name, **{**train.env_kwargs(config), "facts": True,
+                                      "max_turns": config.env.max_turns + _TAKEOVER_TURNS.value})
+  tasks = rng.sample(list(env.tasks(config.env.train_split)), _NUM_GAMES.value)
+  seq_len, size = config.train.max_seq_len, config.train.batch_episodes
+  report = {"student": _STUDENT.value, "games": len(tasks)}
+  with train.make_rollout_engine(config, tokenizer) as engine:
+    batches = []
+    for start in range(0, len(tasks), size):
+      played = engine.run(student, tasks[start:start + size], jax.random.PRNGKey(_SEED.value + start), seq_len=seq_len)
+      arrays = played.arrays()
+      arrays.update(teacher.score(played.episodes, arrays))
+      batches.append((played, arrays))
+  episodes = [e for played, _ in batches for e in played.episodes]
+  turns = [t for e in episodes for t in e.turns]
+  report["turns"] = len(turns)
+  report["expert_missing"] = sum(t.expert_action is None for t in turns)
+  report["student_won"] = sum(e.won for e in episodes)
+  report["two_back_repeats"] = two_back_repeats([[t.action for t in e.turns] for e in episodes])
+  same = lambda t: t.action is not None and t.expert_action is not None and judge.same_action(t.action, t.expert_action)
+  played_astar = collections.defaultdict(lambda: [0, 0])
+  for t in turns:
+    if t.expert_action is not None:
+      played_astar[t.expert_action.split()[0]][0] += same(t)
+      played_astar[t.expert_action.split()[0]][1] += 1
+  report["student_played_astar_by_verb"] = dict(played_astar)
+
+  # Takeover: the expert plays on from the student's real states.
+  wins = collections.defaultdict(list)
+  for episode in episodes:
+    actions = [t.action for t in episode.turns]
+    left = next((k for k, t in enumerate(episode.turns) if not same(t)), len(actions))
+    for name, k in (("start", 0), ("after_leaving", min(left + 1, len(actions))),
+                    ("random_turn", rng.randrange(1, len(actions) + 1)), ("last_turn", len(actions))):
+      wins[name].append(takeover(env, episode.task, actions, k, _TAKEOVER_TURNS.value))
+  env.close()
+  report["takeover_won"] = {name: [int(sum(w)), len(w)] for name, w in wins.items()}
+
+  # The update's direction, and log P(a*) by verb, on the first batch's states.
+  played, arrays = batches[0]
+  astar, verbs = astar_batch(played, arrays, teacher, seq_len)
+  before = astar_logprob(student, astar)
+  report["logp_astar"] = {"start": {"all": round(float(before.mean()), 3), **by_verb(before, verbs)}}
+  for hf_dir in _TRAINED.value:
+    with config.unlocked():
+      config.student.hf_dir = hf_dir
+    logp = astar_logprob(train.load_model(config.student, None, config.seed), astar)
+    report["logp_astar"][hf_dir] = {"all": round(float(logp.mean()), 3), **by_verb(logp, verbs)}
+  loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "opd", config.env.max_turns))
+  batch = {k: jnp.asarray(arrays[k]) for k in update_lib.loss_keys(arrays)}
+  totals = totals_fn(batch)
+  lognu_BxSxK = jnp.asarray(support_teacher_logprobs(played, arrays, teacher))
+  params = nnx.state(student, nnx.Param)
+  objectives = {"opd_loss": lambda m: loss_fn(m, batch, totals)[0],
+                "exact_support_kl": lambda m: exact_support_kl(m, batch, lognu_BxSxK)}
+  report["step"] = {}
+  for name, objective in objectives.items():
+    grads = nnx.state(nnx.grad(objective)(student), nnx.Param)
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+    report["step"][name] = {"grad_norm": round(norm, 4)}
+    for step in (0.01, 0.1):
+      moved = nnx.merge(nnx.graphdef(student), jax.tree.map(lambda p, g, s=step, n=norm: p - s * g / n, params, grads))
+      change = astar_logprob(moved, astar) - before
+      report["step"][name][str(step)] = {"all": round(float(change.mean()), 4), "up": int((change > 0).sum()),
+                                         "down": int((change < 0).sum()), **by_verb(change, verbs)}
+  print(json.dumps(report, indent=1))
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
