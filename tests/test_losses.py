@@ -262,13 +262,16 @@ def test_token_level_functions_match_reference(shape):
   close(stats["teacher_entropy"], ent)
 
 
+def _head_inputs(*, seed: int):
+  """Hidden states [2, 11, 6], an LM head [6, 13], tokens and loss weights [2, 11] for the chunked-head tests."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32), jnp.asarray(rng.normal(size=(6, 13)), jnp.float32),
+          jnp.asarray(rng.integers(0, 13, (2, 11)), jnp.int32), jnp.asarray(rng.random((2, 11)), jnp.float32))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 11, 16])  # 4 does not divide S = 11; 16 > S pads one chunk.
 def test_chunked_token_logprobs_equal_the_whole_logits_with_gradients(chunk):
-  rng = np.random.default_rng(chunk)
-  hidden = jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32)
-  head = jnp.asarray(rng.normal(size=(6, 13)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, 13, (2, 11)), jnp.int32)
-  weights = jnp.asarray(rng.random((2, 11)), jnp.float32)
+  hidden, head, tokens, weights = _head_inputs(seed=chunk)
 
   def whole(h, w):
     return losses.token_logprobs(h @ w, tokens)
@@ -285,11 +288,7 @@ def test_chunked_token_logprobs_equal_the_whole_logits_with_gradients(chunk):
 
 @pytest.mark.parametrize("chunk", [1, 2, 4, 16])
 def test_chunked_token_logprobs_of_read_tokens_run_the_head_over_those_only(chunk):
-  rng = np.random.default_rng(chunk)
-  hidden = jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32)
-  head = jnp.asarray(rng.normal(size=(6, 13)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, 13, (2, 11)), jnp.int32)
-  weights = jnp.asarray(rng.random((2, 11)), jnp.float32)
+  hidden, head, tokens, weights = _head_inputs(seed=chunk)
   # Row 0 reads 3 tokens (one of them token 0, which no position predicts), row 1 five, the last included.
   read = np.zeros((2, 11), bool)
   read[0, [0, 4, 5]] = True
