@@ -626,8 +626,13 @@ class RolloutEngine:
       num_workers: env worker processes (config.env.num_workers); may be fewer than B.
       timeout_s: hard limit of one env reset/step (config.env.step_timeout_s).
       imports: modules each worker imports first (an env registered outside `envs`).
-      cache_kwargs: extra `sampling.EpisodeCache` arguments (min_batch, batch_sharding, ...).
+      cache_kwargs: extra `sampling.EpisodeCache` arguments (min_batch, batch_sharding, ...); its
+        length, chunk and trie-shape buckets are `config`'s (min_cache_len, min_chunk_len, min_trie_shape).
     """
+    bucketed = sorted({"min_len", "min_chunk", "min_trie_shape"} & set(cache_kwargs or {}))
+    if bucketed:
+      raise ValueError(f"RolloutEngine: cache_kwargs {bucketed} are set by the RolloutConfig "
+                       "(min_cache_len, min_chunk_len, min_trie_shape), not here.")
     self.tokenizer = tokenizer
     self.config = config
     self.sampling_config = sampling_config

@@ -21,7 +21,6 @@ from sage_opd_jax.envs.alfworld import AlfworldEnv
 
 FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
 WALKTHROUGH_A = ("go to diningtable 1", "take apple 1 from diningtable 1", "go to countertop 1")
-CACHE_KWARGS = {"min_chunk": 512}
 THINK, END_THINK, IM_END, EOT = 151667, 151668, 151645, 151643
 UNUSED = 151900  # An embedding row past the tokenizer's 151,669 tokens.
 
@@ -48,11 +47,12 @@ def task(env_kwargs):
 
 
 def _engine(tok, env_kwargs, enable_thinking, **sampling_kwargs):
-  config = rollout.RolloutConfig(max_turns=3, progress=False, min_cache_len=2048, enable_thinking=enable_thinking,
+  config = rollout.RolloutConfig(max_turns=3, progress=False, min_cache_len=2048, min_chunk_len=512,
+                                 enable_thinking=enable_thinking,
                                  constrained=sampling_kwargs.pop("constrained", False))
   return rollout.RolloutEngine(
       tok, config, rollout.default_sampling_config(tok, 24, enable_thinking=enable_thinking, **sampling_kwargs),
-      env_name="alfworld", env_kwargs=env_kwargs, num_workers=1, timeout_s=60.0, cache_kwargs=CACHE_KWARGS)
+      env_name="alfworld", env_kwargs=env_kwargs, num_workers=1, timeout_s=60.0)
 
 
 def _forced(responses):

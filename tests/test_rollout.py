@@ -26,8 +26,6 @@ from sage_opd_jax.envs.alfworld import AlfworldEnv
 FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
 _MODULE = __name__  # Crash-test workers import this module to register "alfworld_crash_test".
 MAX_NEW = 16
-# One chunk width and one cache length for every call: each new shape is a compile (seconds).
-CACHE_KWARGS = {"min_chunk": 256}
 # Trial a's winning commands (tests/fixtures/make_alfworld_fixture.py).
 WALKTHROUGH_A = ("go to diningtable 1", "take apple 1 from diningtable 1", "go to countertop 1",
                  "move apple 1 to countertop 1")
@@ -75,15 +73,16 @@ def tasks(env_kwargs):
 
 
 def _config(**overrides) -> rollout.RolloutConfig:
+  # One chunk width and one cache length for every call: each new shape is a compile (seconds).
   return rollout.RolloutConfig(**{**dict(max_turns=3, history_turns=None, progress=False,
-                                         min_cache_len=1024), **overrides})
+                                         min_cache_len=1024, min_chunk_len=256), **overrides})
 
 
 @pytest.fixture(scope="module")
 def engine(tok, env_kwargs):
   with rollout.RolloutEngine(tok, _config(), rollout.default_sampling_config(tok, MAX_NEW),
                              env_name="alfworld", env_kwargs=env_kwargs, num_workers=2,
-                             timeout_s=60.0, cache_kwargs=CACHE_KWARGS) as eng:
+                             timeout_s=60.0) as eng:
     yield eng
 
 
@@ -452,7 +451,7 @@ def test_crashed_worker_fails_its_episodes_and_the_others_complete(tok, model, e
 
   with rollout.RolloutEngine(tok, _config(), rollout.default_sampling_config(tok, MAX_NEW),
                              env_name="alfworld_crash_test", env_kwargs=env_kwargs, num_workers=2,
-                             timeout_s=60.0, imports=(_MODULE,), cache_kwargs=CACHE_KWARGS) as eng:
+                             timeout_s=60.0, imports=(_MODULE,)) as eng:
     batch = eng.run(model, tasks, jax.random.key(6), intervene=hook,
                     config=_config(pipeline_groups=3))
     assert eng.pool.respawns == 1
