@@ -182,8 +182,8 @@ def _causal_blockwise(q_BxKxGxSxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: j
   backward pass and each key block within it too, so the float32 scores are one [B, K, G,
   block, block] tile and the saved residuals per query block are the running max, sum and
   output per key block. A Python loop of many query blocks leaves their order to XLA, which
-  kept many blocks' [B, K, G, block, T] scores live at once (1,398 GiB a device for the paper's
-  Qwen3-0.6B update at 40,960 tokens, docs/reproducing.md).
+  kept many blocks' [B, K, G, block, T] scores live at once (over 1,000 GiB a device for every
+  paper student's update at 40,960 tokens, docs/reproducing.md).
   """
   B, K, G, S, H = q_BxKxGxSxH.shape
   dt = q_BxKxGxSxH.dtype
