@@ -719,8 +719,10 @@ class RolloutEngine:
     """
     sampler = sampling_config or self.sampling_config
     allowed = [self._allowed(sampler, s.admissible) for s in states] if self.config.constrained else None
+    cfg = self.config  # The rollout's buckets, so that a replacement decode compiles the shapes a rollout does.
     out = sampling.sample(model, [list(s.context) for s in states], rng, sampler, allowed=allowed,
-                          **self._cache_kwargs)
+                          min_len=cfg.min_cache_len, min_chunk=cfg.min_chunk_len,
+                          min_trie_shape=cfg.min_trie_shape, **self._cache_kwargs)
     return [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(states))]
 
   # --- the loop -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
-from sage_opd_jax import losses, models, prompts, rollout, teacher, tokenization, train, update
+from sage_opd_jax import losses, models, prompts, rollout, sampling, teacher, tokenization, train, update
 from sage_opd_jax.envs import NOTHING_HAPPENS, base
 from sage_opd_jax.envs.alfworld import AlfworldEnv
 
@@ -135,6 +135,19 @@ def _forced(responses_by_turn):
 
 # ----------------------------------------------------------------------------------------------
 # The batch layout.
+
+
+def test_respond_decodes_in_the_rollouts_shape_buckets(engine, model, tasks):
+  # Contexts of 40 and 200 tokens share the engine's one chunk width (256) and cache length (1,024), so the
+  # second replacement decode reuses the first's program; in the sampler's own smallest buckets they do not.
+  def state(n):
+    return rollout.TurnState(episode=0, turn=1, task=tasks[0], task_text="", history=(), observation="",
+                             admissible=(), response="", action=None, context=tuple(range(3, 3 + n)))
+
+  engine.respond(model, [state(40)], jax.random.key(0))
+  before = sampling.compile_count()
+  engine.respond(model, [state(200)], jax.random.key(1))
+  assert sampling.compile_count() == before
 
 
 def test_turn_ids_of_a_hand_written_two_turn_transcript(tok):
