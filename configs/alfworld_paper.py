@@ -72,7 +72,14 @@ def get_config(arg: str = "0.6b", config_name: str = "alfworld_paper") -> ml_col
       dtype="bfloat16", param_dtype="float32",  # bf16 matmuls on a float32 master copy.
       # One 4k row's step on one device: 76.1 GiB without remat (every layer keeps its attention scores
       # for the backward pass), 16.1 GiB with both (benchmarks/bench_memory.py; docs/benchmarks.md).
-      remat=True, attention_chunk=1024)
+      remat=True, attention_chunk=1024,
+      # One block's MLP over 1,024 positions at a time, not a whole row's [40960, 2, F] gate and up (3 GiB
+      # each in float32 for 4B).
+      mlp_chunk=1024,
+      # One layer per step of the layer scan (base.py unrolls 8 for CPU speed): with 8, XLA recomputed the 8
+      # layers' blocks side by side in the backward pass, and the 4B update at 40,960 tokens needed 180 GiB a
+      # device, 41 GiB with 1 (benchmarks/bench_memory.py, docs/reproducing.md).
+      scan_unroll=1)
   config.sampling.temperature = 1.0
   config.sampling.max_new_tokens = 512  # Room for <think> before <action>.
   config.sampling.enable_thinking = True  # Qwen3 thinks in <think>...</think> before its <action>.

@@ -56,7 +56,7 @@ CHANGED = {
     "train.batch_episodes": "budget", "train.micro_batches": "budget",
     "train.max_seq_len": "budget", "train.eval_every": "budget", "train.ckpt_every": "budget",
     "teacher.score_chunk": "budget", "student.loss_chunk": "budget", "student.model.attention_chunk": "budget",
-    "teacher.model.attention_chunk": "budget",
+    "teacher.model.attention_chunk": "budget", "student.model.mlp_chunk": "budget",
     "pipeline.student_steps": "budget", "pipeline.distill_steps": "budget", "pipeline.methods": "budget",
     "pipeline.seeds": "budget", "eval.temperatures": "budget", "eval.num_seeds": "budget",
     # Game counts.
@@ -119,6 +119,7 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   config.train.ckpt_every = 1
   config.teacher.score_chunk = config.student.loss_chunk = 256  # Several chunks per row, as at paper scale.
   config.student.model.attention_chunk = config.teacher.model.attention_chunk = 256
+  config.student.model.mlp_chunk = 256
   config.pipeline.student_steps = 3
   config.pipeline.distill_steps = 1  # One iteration of each method (a longer run measures iteration times).
   config.pipeline.methods = ("sft", "opd", "sage_opd")

@@ -33,6 +33,7 @@ def tiny_model(**overrides) -> ml_collections.ConfigDict:
           dtype="float32",  # Compute dtype.
           remat=False,  # Rematerialise each block in the backward pass.
           attention_chunk=0,  # Queries per rematerialised attention block (bounds the score buffer); 0 = no bound.
+          mlp_chunk=0,  # Positions per rematerialised MLP chunk (bounds the gate and up activations); 0 = no bound.
           scan_unroll=8,  # Layers per layer-scan step: unrolled trains faster on CPU, compiles slower.
       )
   )

@@ -91,6 +91,7 @@ def _validate_model(config, prefix: str) -> None:
   _one_of(config, f"{prefix}.model.param_dtype", DTYPES)
   _positive(config, f"{prefix}.model.scan_unroll")
   _positive(config, f"{prefix}.model.attention_chunk", allow_zero=True)
+  _positive(config, f"{prefix}.model.mlp_chunk", allow_zero=True)
   if _get(config, f"{prefix}.hf_dir"):
     return  # The architecture is the HF config.json's, validated when it is read.
   _one_of(config, f"{prefix}.model.arch", ARCHS)

@@ -32,7 +32,7 @@ MAY_CHANGE = (
     "env.num_workers", "env.step_timeout_s", "demos.game_timeout_s",
     "mesh", "teacher.score_chunk", "student.loss_chunk",
     *(f"{who}.model.{field}" for who in ("student", "teacher") for field in ("remat", "attention_chunk",
-                                                                            "scan_unroll")),
+                                                                            "mlp_chunk", "scan_unroll")),
     "pipeline.methods", "pipeline.seeds", "pipeline.sweep", "pipeline.results_dir",
 )
 

@@ -71,7 +71,7 @@ def mesh_from_config(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mes
 # ModelConfig fields that say how to run a model, not what it is. With `hf_dir` set, the
 # architecture comes from the checkpoint's config.json and these still come from `model`:
 # a checkpoint says nothing of the dtype or the memory settings a run needs.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_chunk", "scan_unroll")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_chunk", "mlp_chunk", "scan_unroll")
 
 
 def load_model(section: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None, seed: int

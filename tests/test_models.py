@@ -1,6 +1,7 @@
 """Tests for the decoder itself: config validation, KV-cache semantics, masks, dtypes."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,118 @@ def test_remat_gradients_equal_plain():
   for other in (remat_graphdef, chunked_graphdef):
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grad(state, other))):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def _mlp_residual_f64(x_NxD, norm_D, gate_DxF, up_DxF, down_FxD, eps, d_NxD):
+  """x + down(silu(gate(h)) * up(h)), h = rms_norm(x) * norm, and its gradients, in float64 NumPy.
+
+  The backward is written out by hand: d of x (through the residual and the norm), the norm
+  weight and the three projections, for the cotangent d_NxD.
+  """
+  r_Nx1 = 1.0 / np.sqrt(np.mean(x_NxD ** 2, -1, keepdims=True) + eps)
+  n_NxD = x_NxD * r_Nx1
+  h_NxD = n_NxD * norm_D
+  g_NxF, u_NxF = h_NxD @ gate_DxF, h_NxD @ up_DxF
+  sig_NxF = 1.0 / (1.0 + np.exp(-g_NxF))
+  a_NxF = g_NxF * sig_NxF * u_NxF
+  y_NxD = x_NxD + a_NxF @ down_FxD
+  da_NxF = d_NxD @ down_FxD.T
+  dg_NxF = da_NxF * u_NxF * sig_NxF * (1.0 + g_NxF * (1.0 - sig_NxF))
+  du_NxF = da_NxF * g_NxF * sig_NxF
+  dh_NxD = dg_NxF @ gate_DxF.T + du_NxF @ up_DxF.T
+  dn_NxD = dh_NxD * norm_D
+  dx_NxD = d_NxD + r_Nx1 * (dn_NxD - n_NxD * np.mean(dn_NxD * n_NxD, -1, keepdims=True))
+  grads = {"x": dx_NxD, "post_attn_norm": np.sum(dh_NxD * n_NxD, 0), "gate": h_NxD.T @ dg_NxF,
+           "up": h_NxD.T @ du_NxF, "down_proj": a_NxF.T @ d_NxD}
+  return y_NxD, grads
+
+
+@pytest.mark.parametrize("mlp_chunk", [0, 4, 32])
+def test_mlp_chunks_match_a_float64_reference(mlp_chunk):
+  """The block's MLP half over chunks of 4 positions (S = 10: a padded last chunk), whole (0), and with a
+  chunk longer than the row, against float64 NumPy: values and the gradients of x and every weight."""
+  rng = np.random.default_rng(7)
+  B, S, D, F = 2, 10, 16, 24
+  config = ModelConfig(**dict(TINY, hidden_size=D, intermediate_size=F, mlp_chunk=mlp_chunk))
+  x = rng.standard_normal((B, S, D))
+  norm = 1.0 + 0.2 * rng.standard_normal(D)
+  gate, up, down = (rng.standard_normal(shape) * 0.3 for shape in ((D, F), (D, F), (F, D)))
+  d_out = rng.standard_normal((B, S, D))
+  want, want_grads = _mlp_residual_f64(x.reshape(B * S, D), norm, gate, up, down, config.rms_norm_eps,
+                                       d_out.reshape(B * S, D))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  params = {"post_attn_norm": f32(norm), "gate_up_proj": f32(np.stack([gate, up], axis=1)), "down_proj": f32(down)}
+
+  def mlp(x_BxSxD, p):
+    if mlp_chunk:
+      return transformer._over_position_chunks(functools.partial(transformer._mlp_residual, config, p), x_BxSxD,
+                                               mlp_chunk)
+    return transformer._mlp_residual(config, p, x_BxSxD)
+
+  got, vjp = jax.vjp(jax.jit(mlp), f32(x), params)
+  np.testing.assert_allclose(np.asarray(got).reshape(B * S, D), want, atol=2e-5, rtol=0)
+  dx, dp = vjp(f32(d_out))
+  got_grads = {"x": dx, "post_attn_norm": dp["post_attn_norm"], "gate": dp["gate_up_proj"][:, 0],
+               "up": dp["gate_up_proj"][:, 1], "down_proj": dp["down_proj"]}
+  for name, value in want_grads.items():
+    np.testing.assert_allclose(np.asarray(got_grads[name]).reshape(value.shape), value, atol=5e-5, rtol=0,
+                               err_msg=f"d{name}")
+
+
+def test_mlp_chunk_in_the_model_changes_no_logit_or_gradient():
+  """The whole model with mlp_chunk (remat on and off, S = 5 over chunks of 2) equals it without."""
+  ids = _ids(12, (2, 5))
+  model = _model("qwen3")
+  graphdef, state = nnx.split(model)
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda s, g: jnp.mean(jax.nn.logsumexp(nnx.merge(g, s)(ids), axis=-1))), static_argnums=1)
+  want_loss, want_grads = value_and_grad(state, graphdef)
+  for remat in (False, True):
+    chunked, _ = nnx.split(nnx.eval_shape(lambda r=remat: Transformer(
+        model.config.replace(mlp_chunk=2, remat=r), rngs=nnx.Rngs(0))))
+    loss, grads = value_and_grad(state, chunked)
+    np.testing.assert_allclose(loss, want_loss, atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  for bad in (-1, True, 1.5):
+    with pytest.raises(ValueError, match="mlp_chunk"):
+      ModelConfig(mlp_chunk=bad)
+
+
+def test_mlp_chunk_bounds_the_compiled_temporaries():
+  """XLA's own temporary memory of a remat training step: a wide MLP over 2,048 positions in chunks of 256
+  needs under half of what the whole row's [S, 2, F] gate and up activations do (read from memory_analysis)."""
+  fields = dict(TINY, hidden_size=64, intermediate_size=4096, num_layers=1, remat=True, attention_chunk=256)
+  ids = _ids(13, (1, 2048))
+
+  def temp_bytes(mlp_chunk):
+    model = nnx.eval_shape(lambda: Transformer(ModelConfig(**fields, mlp_chunk=mlp_chunk), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    grad = jax.jit(jax.grad(lambda s: jnp.mean(jax.nn.logsumexp(nnx.merge(graphdef, s)(ids), axis=-1))))
+    return grad.lower(state).compile().memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(256)
+  # One f32 [2048, 2, 4096] gate/up buffer alone is 64 MiB; a chunk's is 8 MiB.
+  assert chunked < 0.5 * whole, (chunked, whole)
+
+
+def test_bf16_remat_keeps_the_block_inputs_as_bits_and_its_gradients_equal_plain():
+  """A bf16 remat step keeps the layers' block inputs once, as uint16 bits: the compiled program has no float32
+  [L, B, S, D] buffer (XLA:CPU made one of a bf16 stack ahead of the backward loop), and its gradients are
+  those of the same step without remat."""
+  L, S, D = 12, 512, TINY["hidden_size"]
+  ids = _ids(14, (1, S))
+  model = _model("qwen3", num_layers=L, dtype="bfloat16", attention_chunk=256)
+  graphdef, state = nnx.split(model)
+  remat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model.config.replace(remat=True),
+                                                                   rngs=nnx.Rngs(0))))
+  grad = jax.jit(jax.grad(lambda s, g: jnp.mean(jax.nn.logsumexp(nnx.merge(g, s)(ids), axis=-1))),
+                 static_argnums=1)
+  hlo = grad.lower(state, remat_graphdef).compile().as_text()
+  assert re.search(rf"u16\[{L},1,{S},{D}\]", hlo)  # The saved stack, as bits.
+  assert not re.search(rf"f32\[{L},1,{S},{D}\]", hlo)
+  for a, b in zip(jax.tree.leaves(grad(state, graphdef)), jax.tree.leaves(grad(state, remat_graphdef))):
+    np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.abs(a).max()), rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])

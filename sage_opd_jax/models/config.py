@@ -54,6 +54,11 @@ class ModelConfig:
       way, of this size or 128, each reading only the keys up to its last query; past 1,024
       positions, one block at a time, an online softmax over key blocks
       (`transformer._causal_blockwise`: a [B, N, chunk, chunk] score tile).
+    mlp_chunk: if > 0, each block's MLP (with its norm and residual add) runs over this many
+      positions at a time, each chunk rematerialised in the backward pass, so neither pass
+      holds more than one chunk's [B, mlp_chunk, 2, F] gate and up activations (a whole
+      40,960-token row's are GiBs a layer); 0 runs it over the whole chunk at once. The MLP
+      is position-wise: the numbers are the same.
     scan_unroll: layers per iteration of the layer `lax.scan` (its `unroll`); num_layers
       unrolls the loop fully, which makes the training step faster at the price of compile
       time growing with depth.
@@ -77,6 +82,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   attention_chunk: int = 0
+  mlp_chunk: int = 0
   scan_unroll: int = 1
 
   def __post_init__(self):
@@ -91,6 +97,8 @@ class ModelConfig:
     if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
       raise ValueError(f"ModelConfig.attention_chunk: must be an int >= 0, got "
                        f"{self.attention_chunk!r}")
+    if not isinstance(self.mlp_chunk, int) or isinstance(self.mlp_chunk, bool) or self.mlp_chunk < 0:
+      raise ValueError(f"ModelConfig.mlp_chunk: must be an int >= 0, got {self.mlp_chunk!r}")
     if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or (
         self.scan_unroll <= 0):
       raise ValueError(f"ModelConfig.scan_unroll: must be a positive int, got "

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sage_opd_jax.models import sharding
@@ -441,15 +442,71 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array,
   attn_BxSxNH = attn_BxSxKxGxH.reshape(B, S, K * G * H)
   x_BxSxD = x_BxSxD + dense(attn_BxSxNH, p["o_proj"].reshape(K * G * H, -1).astype(dt))
 
-  h = rms_norm(x_BxSxD, p["post_attn_norm"], c.rms_norm_eps)
+  if c.mlp_chunk and S > c.mlp_chunk:
+    return _over_position_chunks(functools.partial(_mlp_residual, c, p), x_BxSxD, c.mlp_chunk), aux
+  return _mlp_residual(c, p, x_BxSxD), aux
+
+
+def _mlp_residual(config: ModelConfig, p: dict[str, jax.Array], x_BxSxD: jax.Array) -> jax.Array:
+  """x + swiglu(post_attn_norm(x)): the second half of `_block`, position by position."""
+  dt = config.jnp_dtype
+  h = rms_norm(x_BxSxD, p["post_attn_norm"], config.rms_norm_eps)
   if "gate_up_proj" in p:
     gate_up_BxSx2xF = dense(h, p["gate_up_proj"].astype(dt))
     gate_BxSxF, up_BxSxF = gate_up_BxSx2xF[:, :, 0], gate_up_BxSx2xF[:, :, 1]
   else:
     gate_BxSxF = dense(h, p["gate_proj"].astype(dt))
     up_BxSxF = dense(h, p["up_proj"].astype(dt))
-  mlp_BxSxD = dense(jax.nn.silu(gate_BxSxF) * up_BxSxF, p["down_proj"].astype(dt))
-  return x_BxSxD + mlp_BxSxD, aux
+  return x_BxSxD + dense(jax.nn.silu(gate_BxSxF) * up_BxSxF, p["down_proj"].astype(dt))
+
+
+def _over_position_chunks(fn: Any, x_BxSxD: jax.Array, chunk: int) -> jax.Array:
+  """`fn(x)` for a position-wise `fn` ([B, C, D] -> [B, C, D]), over `chunk` positions at a time.
+
+  A rematerialised `lax.map` over the chunks: neither pass holds more than one chunk's
+  intermediates (the MLP's [B, chunk, 2, F] gate and up, where a whole 40,960-token row's are
+  GiBs a layer), and the saved residuals are the chunks' inputs, i.e. x itself. The weights are
+  closed over, so their gradients sum over the chunks in the weights' own dtype: `fn` casts float32
+  parameters to the compute dtype inside, so the sum runs in float32, as one whole-row matmul's would.
+  """
+  B, S, D = x_BxSxD.shape
+  n = -(-S // chunk)
+  # Padding positions are zeros through a position-wise fn and cut off below.
+  x_BxSxD = jnp.pad(x_BxSxD, ((0, 0), (0, n * chunk - S), (0, 0)))
+  x_nxBxCxD = jnp.moveaxis(x_BxSxD.reshape(B, n, chunk, D), 1, 0)
+  pinned = lambda x_BxCxD: sharding.pin_rows(fn(sharding.pin_rows(x_BxCxD)))
+  # prevent_cse=False is safe under lax.map (a scan) and lets XLA share the recomputation.
+  y_nxBxCxD = jax.lax.map(jax.checkpoint(pinned, prevent_cse=False), x_nxBxCxD)
+  return jnp.moveaxis(y_nxBxCxD, 0, 1).reshape(B, n * chunk, D)[:, :S]
+
+
+def _remat_keeping_bits(block: Any) -> Any:
+  """`jax.checkpoint(block)` for `block(x, p, consts) -> y` with a bf16 x, keeping x for the backward pass as bits.
+
+  Under the layer scan, what remat keeps is the stack of every layer's input x, and XLA:CPU slices a bf16
+  stack in float32: it made a float32 copy of the whole [layers, B, S, D] stack ahead of the backward loop,
+  next to the bf16 one (4.4 GiB a device for Qwen3-0.6B's update at 40,960 tokens). A uint16 stack is sliced
+  as stored; the bitcasts are free (jax.checkpoint keeps its inputs in their own dtype, and a uint16 carry
+  would carry no gradient). The backward pass recomputes the block from x, as jax.checkpoint does,
+  and differentiates x and the parameters p; `consts` (RoPE tables, the mask) get zero cotangents.
+  """
+
+  @jax.custom_vjp
+  def remat(x, p, consts):
+    return block(x, p, consts)
+
+  def forward(x, p, consts):
+    return block(x, p, consts), (jax.lax.bitcast_convert_type(x, jnp.uint16), p, consts)
+
+  def backward(residuals, dy):
+    x_bits, p, consts = residuals
+    _, vjp = jax.vjp(lambda x, p: block(x, p, consts), jax.lax.bitcast_convert_type(x_bits, jnp.bfloat16), p)
+    zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact)
+                      else np.zeros(a.shape, jax.dtypes.float0))
+    return (*vjp(dy), jax.tree.map(zero, consts))
+
+  remat.defvjp(forward, backward)
+  return remat
 
 
 def _packed(segments_q_BxQ: jax.Array, reach_q_BxQ: jax.Array, segments_k_BxK: jax.Array,
@@ -559,17 +616,20 @@ class Transformer(nnx.Module):
     if cache is None:
       mask = CausalMask(None if no_mask else attention_mask != 0, segments, reach)
 
-      def body(x, xs):
-        p, _ = xs
+      def block(x, p, rope_and_mask):
         # Rows pinned on both sides of the block: the partitioner gathers the weights (FSDP), never the rows.
-        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), cos_BxSxH2, sin_BxSxH2, mask,
-                      lambda k, v: (k, v, None), causal=True)
-        return sharding.pin_rows(x, replicate_rest=True), None
+        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), *rope_and_mask, lambda k, v: (k, v, None),
+                      causal=True)
+        return sharding.pin_rows(x, replicate_rest=True)
 
-      # prevent_cse=False is safe under scan and lets XLA share the recomputation.
-      body = jax.checkpoint(body, prevent_cse=False) if c.remat else body
-      x_BxSxD, _ = jax.lax.scan(body, x_BxSxD, (_fuse_projections(c, params), layer_ids),
-                                unroll=min(c.scan_unroll, c.num_layers))
+      if c.remat and dt == jnp.bfloat16:
+        block = _remat_keeping_bits(block)
+      elif c.remat:
+        # prevent_cse=False is safe under scan and lets XLA share the recomputation.
+        block = jax.checkpoint(block, prevent_cse=False)
+      rope_and_mask = (cos_BxSxH2, sin_BxSxH2, mask)
+      x_BxSxD, _ = jax.lax.scan(lambda x, xs: (block(x, xs[0], rope_and_mask), None), x_BxSxD,
+                                (_fuse_projections(c, params), layer_ids), unroll=min(c.scan_unroll, c.num_layers))
       return sharding.pin_rows(rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps), replicate_rest=True)
 
     T = cache.max_len
