@@ -18,11 +18,11 @@ pass, gradients, workspace); the update's outputs alias the donated state, the t
 small. XLA:CPU assigns buffers differently from XLA:GPU or TPU, so treat the figures as estimates.
 
 `--paper` builds everything from `configs/alfworld_paper.py` (its `train.max_seq_len`, `train.batch_episodes`
-and `micro_batches`, its mesh with `fsdp=-1`, the student's `remat`, `attention_chunk` and `loss_chunk`,
-bf16 compute on float32 parameters, `optim`, the `sage_opd` loss over `env.max_turns` turns; the teacher
-in bf16 with `teacher.score_chunk`), with the Qwen3 shapes of `qwen3_reference.SIZES` in place of the
-checkpoints. The student update is `train.train`'s (`update.make_loss_fns` + `make_update_fn` + `jit_update`)
-on a rollout batch's loss keys; the teacher's is `teacher.make_scorer` over the whole rollout batch in
+and `micro_batches`, its mesh with `fsdp=-1`, the student's `remat`, `attention_chunk`, `mlp_chunk`,
+`scan_unroll` and `loss_chunk`, bf16 compute on float32 parameters, `optim`, the `sage_opd` loss over
+`env.max_turns` turns; the teacher in bf16 with `teacher.score_chunk`), with the Qwen3 shapes of
+`qwen3_reference.SIZES` in place of the checkpoints. The student update is `train.train`'s
+(`update.make_loss_fns` + `make_update_fn` + `jit_update`) on a rollout batch's loss keys; the teacher's is `teacher.make_scorer` over the whole rollout batch in
 `train.micro_batches` row groups, as `train.DistillSource` scores it.
 
 Without `--paper`: one device, the update of `bench_train.sft_update` (token cross-entropy, clipping,
