@@ -99,20 +99,19 @@ def paper_student_update(config, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Compiled memory of `train.train`'s update for `config`'s student, on a full rollout batch."""
   model_config = models.ModelConfig.from_dict(config.student.model.to_dict())
   model = sharding.abstract_model(model_config)
-  num_steps, turns = config.train.num_steps, config.env.max_turns
-  tx = update_lib.make_optimizer(config.optim, num_steps)
+  turns = config.env.max_turns
+  tx = update_lib.make_optimizer(config.optim)
   state = jax.eval_shape(lambda: update_lib.init_train_state(model, tx, config.seed))
   loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, config.method, turns),
                                                 config.student.loss_chunk)
   update = update_lib.jit_update(
-      update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches,
-                                schedule=update_lib.learning_rate_schedule(config.optim, num_steps)),
+      update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches),
       sharding.state_shardings(state, mesh), sharding.batch_sharding(mesh))
   rows, seq = config.train.batch_episodes, config.train.max_seq_len
   batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32) for k in _INT_TOKEN_KEYS}
   batch.update({k: jax.ShapeDtypeStruct((rows, seq), jnp.float32) for k in _FLOAT_TOKEN_KEYS})
   batch.update({k: jax.ShapeDtypeStruct((rows, turns), dtype) for k, dtype in _TURN_KEYS.items()})
-  return compiled_memory(lambda: update.lower(state, batch))
+  return compiled_memory(lambda: update.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)))
 
 
 def paper_teacher_scoring(config, mesh: jax.sharding.Mesh) -> dict[str, float]:
@@ -194,7 +193,8 @@ def run_variants(args) -> list[dict]:
     state = jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0))  # pylint: disable=cell-var-from-loop
     arrays = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
               for k in ("tokens", "attention_mask", "turn_ids")}
-    m = compiled_memory(lambda: update.lower(state, arrays))  # pylint: disable=cell-var-from-loop
+    learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
+    m = compiled_memory(lambda: update.lower(state, arrays, learning_rate))  # pylint: disable=cell-var-from-loop
     total = m["arguments"] + m["temporaries"]
     rows.append(dict(m, variant=name, total=total))
     print(f"| {name} | {m['arguments']:.2f} | {m['temporaries']:.2f} | {total:.2f} | {m['compile_s']:.0f} |",

@@ -127,7 +127,7 @@ def sft_update(model: nnx.Module, mesh: jax.sharding.Mesh, micro_batches: int = 
   """`train`'s jitted update with the `sft` loss (token cross-entropy), clipping and AdamW, on a
   state replicated over `mesh`; returns it, its optimiser and the state's sharding. `loss_chunk`:
   `student.loss_chunk` (0: the whole logits)."""
-  tx = update_lib.make_optimizer(_optim_config(), num_steps=1000)
+  tx = update_lib.make_optimizer(_optim_config())
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated,
                                 jax.eval_shape(lambda: update_lib.init_train_state(model, tx, seed=0)))
@@ -148,10 +148,11 @@ def _ours_step_fn(path: str, arrays: dict[str, np.ndarray], scan_unroll: int, mi
   state = jax.device_put(update_lib.init_train_state(model, tx, seed=0), state_sharding)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, sharding.batch_sharding(mesh))
   holder = {"state": state, "loss": None}
+  learning_rate = np.float32(_optim_config().learning_rate)
   del model
 
   def step():
-    holder["state"], metrics = update(holder["state"], batch)
+    holder["state"], metrics = update(holder["state"], batch, learning_rate)
     holder["loss"] = float(metrics["loss"])  # Blocks until the step is done.
 
   return step, holder
@@ -320,7 +321,8 @@ def bench_iteration(args) -> None:
     if len(tasks) < args.episodes:
       # The fixture split has 2 games: repeat them so that the batch is full.
       tasks = (tasks * -(-args.episodes // len(tasks)))[: args.episodes]
-    tx = update_lib.make_optimizer(config.optim, config.train.num_steps)
+    tx = update_lib.make_optimizer(config.optim)
+    learning_rate = update_lib.learning_rates(config.optim, config.train.num_steps)[0]
     graphdef = nnx.graphdef(student)
     state, state_sharding = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -345,7 +347,7 @@ def bench_iteration(args) -> None:
           arrays, metrics, _ = sources[name].batch(0, nnx.merge(graphdef, state.params))
           update_start = time.perf_counter()
           new_state, train_metrics = updates[name](
-              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in update_lib.loss_keys(arrays)})
+              jax.tree.map(jnp.copy, state), {k: arrays[k] for k in update_lib.loss_keys(arrays)}, learning_rate)
           jax.block_until_ready(train_metrics)
           del new_state
           end = time.perf_counter()

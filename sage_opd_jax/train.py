@@ -543,8 +543,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if batch_size % shards:
     raise config_lib.ConfigError(
         f"config.train.batch_episodes={batch_size} must divide over the mesh's data x fsdp = {shards} shards.")
-  schedule = update_lib.learning_rate_schedule(config.optim, num_steps)
-  tx = update_lib.make_optimizer(config.optim, num_steps)
+  # The rate of every update, an input of the one compiled update that stages of any length and rate share.
+  learning_rates = update_lib.learning_rates(config.optim, num_steps)
+  tx = update_lib.make_optimizer(config.optim)
   state, state_sharding = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
   del student  # The state owns the params now; the update donates them.
 
@@ -562,8 +563,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   loss_fn, totals_fn = update_lib.make_loss_fns(
       loss_options(config, method, None if stage == "sft" else config.env.max_turns), config.student.loss_chunk)
   update = update_lib.jit_update(
-      update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches,
-                                schedule=schedule),
+      update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches),
       state_sharding, sharding.batch_sharding(mesh),
   )
 
@@ -609,7 +609,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
           arrays, host_metrics, rollout = source.batch(step, student)
           del student
       with timer("update"):
-        state, train_metrics = update(state, place(arrays))
+        state, train_metrics = update(state, place(arrays), learning_rates[step])
         train_metrics = jax.device_get(train_metrics)
       skipped += bool(train_metrics["update_skipped"])
       metrics = {f"train/{k}": v for k, v in train_metrics.items()}
@@ -770,7 +770,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   mesh = mesh_from_config(config.mesh)
   student = load_model(config.student, mesh, config.seed)
   graphdef = nnx.graphdef(student)
-  tx = update_lib.make_optimizer(config.optim, config.train.num_steps)
+  tx = update_lib.make_optimizer(config.optim)
   state, _ = update_lib.place_state(update_lib.init_train_state(student, tx, config.seed), mesh)
   checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", save_every=1, keep=config.train.keep_ckpts)
   try:

@@ -37,7 +37,7 @@ TotalsFn = Callable[[Batch], Mapping[str, jax.Array]]
 @flax.struct.dataclass
 class TrainState:
   params: nnx.State  # The student's nnx.Param leaves.
-  opt_state: optax.OptState  # Adam moments, schedule count, non-finite counters.
+  opt_state: optax.OptState  # Adam moments, the last update's learning rate, non-finite counters.
   step: jax.Array  # [] int32, updates applied or skipped so far.
   rng: jax.Array  # [2] uint32 raw key data; split explicitly, never a global seed.
 
@@ -57,18 +57,29 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
   raise ValueError(f"optim.schedule={optim.schedule!r}: must be 'constant' or 'cosine'.")
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Grad-norm clipping then AdamW; a non-finite gradient skips the whole update.
 
   `apply_if_finite` leaves params and moments untouched on a NaN/inf gradient, so a
-  bad batch can never corrupt the model; its counters are reported as metrics.
+  bad batch can never corrupt the model; its counters are reported as metrics. The
+  learning rate is an input of every update (`make_update_fn`), held in the state as
+  AdamW's one injected hyperparameter: a schedule baked into the optimizer would make
+  every stage's length (and peak rate) another compiled update.
   """
-  schedule = learning_rate_schedule(optim, num_steps)
+  # float32 whatever the params' dtype, as a schedule's rate was (bf16 params would round it to bf16).
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"),
+                                   hyperparam_dtype=jnp.float32)
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+      adamw(learning_rate=0.0, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
   )
   return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+
+
+def learning_rates(optim: ml_collections.ConfigDict, num_steps: int) -> np.ndarray:
+  """[num_steps] float32: `learning_rate_schedule`'s rate at each update 0 .. num_steps - 1, the update's input."""
+  schedule = learning_rate_schedule(optim, num_steps)
+  return np.asarray(jax.jit(schedule)(jnp.arange(num_steps)), np.float32)
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -135,11 +146,14 @@ def make_update_fn(
     totals_fn: TotalsFn,
     *,
     micro_batches: int,
-    schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Builds the pure update `(state, batch) -> (state, metrics)`; jit it with `jit_update`."""
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+  """Builds the pure update `(state, batch, learning_rate) -> (state, metrics)`; jit it with `jit_update`.
 
-  def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  `learning_rate` ([] float32; `learning_rates` gives a stage's) is an input, not a constant: stages of other
+  lengths and peak rates (the warm start, the `sft` row) then run one compiled program.
+  """
+
+  def update(state: TrainState, batch: Batch, learning_rate: jax.Array) -> tuple[TrainState, Metrics]:
     totals = totals_fn(batch)  # Global normalisers over the whole batch, every device.
 
     def micro_step(grads_acc, micro):
@@ -153,7 +167,8 @@ def make_update_fn(
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (micro_losses, metrics) = jax.lax.scan(micro_step, zeros, split_micro(batch, micro_batches))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _combine_metrics(dict(metrics, loss=micro_losses))
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -163,8 +178,7 @@ def make_update_fn(
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), (params, opt_state),
                                      (state.params, state.opt_state))
     metrics["update_skipped"] = jnp.logical_not(applied)
-    if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
+    metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 
@@ -172,18 +186,19 @@ def make_update_fn(
 
 
 def jit_update(
-    update: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    update: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
     state_sharding: Any,
     batch_sharding: Any,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit with explicit in/out shardings and the state donated (updated in place).
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+  """jit with explicit in/out shardings and the state donated (updated in place); the learning rate replicated.
 
   Traced on the batch's mesh (`sharding.on_mesh`), so micro-batches and activations stay on their rows.
   """
   meshes = {s.mesh for s in jax.tree.leaves(batch_sharding) if isinstance(s, jax.sharding.NamedSharding)}
+  mesh = meshes.pop() if len(meshes) == 1 else None
   return jax.jit(
-      sharding.on_mesh(update, meshes.pop() if len(meshes) == 1 else None),
-      in_shardings=(state_sharding, batch_sharding),
+      sharding.on_mesh(update, mesh),
+      in_shardings=(state_sharding, batch_sharding, None if mesh is None else sharding.replicated(mesh)),
       out_shardings=(state_sharding, None),
       donate_argnums=(0,),
   )

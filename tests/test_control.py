@@ -265,7 +265,8 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
   env.close()
   num_updates, seq_len = 5, config.train.max_seq_len
   graphdef = nnx.graphdef(model)
-  tx = update_lib.make_optimizer(config.optim, num_updates)
+  tx = update_lib.make_optimizer(config.optim)
+  learning_rates = update_lib.learning_rates(config.optim, num_updates)
   state = update_lib.init_train_state(model, tx, config.seed)
   loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "opd", config.env.max_turns))
   update = jax.jit(update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=1))
@@ -289,7 +290,7 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
             where = np.flatnonzero(arrays["turn_ids"][b] == t + 1)[teacher._split(turn.response_tokens):]  # pylint: disable=protected-access
             nu = belief.probs[belief.actions.index(turn.action)]
             assert np.exp(arrays["teacher_logprobs"][b, where].sum()) == pytest.approx(nu, rel=1e-5)
-      state, metrics = update(state, batch)
+      state, metrics = update(state, batch, learning_rates[step])
       assert not metrics["update_skipped"]
     after = expert_action_logprob(engine, teacher, nnx.merge(graphdef, state.params), tasks, seq_len)
   assert before.shape == after.shape and len(before) >= 9

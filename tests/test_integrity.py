@@ -159,7 +159,7 @@ def test_an_update_that_would_make_the_weights_non_finite_is_skipped():
   # A NaN learning rate (past validation, as a bug in a schedule would be) leaves the loss and the
   # gradient finite: only the new weights and moments show it.
   optim.learning_rate, optim.warmup_steps = float("nan"), 0
-  tx = update_lib.make_optimizer(optim, 10)
+  tx = update_lib.make_optimizer(optim)
 
   def loss_fn(model, micro, totals):
     logits_BxSxV = model(micro["tokens"], attention_mask=micro["attention_mask"])
@@ -169,7 +169,7 @@ def test_an_update_that_would_make_the_weights_non_finite_is_skipped():
   state = update_lib.init_train_state(model, tx, seed=0)
   before = jax.device_get((state.params, state.opt_state))
   batch = {"tokens": jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64, "attention_mask": jnp.ones((2, 8), bool)}
-  new_state, metrics = update(state, batch)
+  new_state, metrics = update(state, batch, update_lib.learning_rates(optim, 10)[1])
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert bool(metrics["update_skipped"]) and int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get((new_state.params, new_state.opt_state)), before)

@@ -1,5 +1,6 @@
 """The update step: micro-batching, NaN safety and sharding never change the result."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -50,7 +51,7 @@ def _batch(n=8, seed=0):
 def _run(micro_batches, batch, steps=3, state_sharding=None, batch_sharding=None):
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
   graphdef = nnx.graphdef(model)
-  tx = update_lib.make_optimizer(_optim(), num_steps=steps)
+  tx = update_lib.make_optimizer(_optim())
   state = update_lib.init_train_state(model, tx, seed=0)
   update = update_lib.make_update_fn(graphdef, tx, _mse_loss, _totals, micro_batches=micro_batches)
   if state_sharding is not None:
@@ -59,8 +60,8 @@ def _run(micro_batches, batch, steps=3, state_sharding=None, batch_sharding=None
     batch = jax.device_put(batch, batch_sharding)
   else:
     update = jax.jit(update)
-  for _ in range(steps):
-    state, metrics = update(state, batch)
+  for learning_rate in update_lib.learning_rates(_optim(), steps):
+    state, metrics = update(state, batch, learning_rate)
   return state, metrics
 
 
@@ -90,14 +91,14 @@ def test_nan_loss_skips_the_update_and_keeps_params():
   batch = _batch()
   bad = dict(batch, y=batch["y"].at[3, 0].set(jnp.nan))
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
-  tx = update_lib.make_optimizer(_optim(), num_steps=2)
+  tx = update_lib.make_optimizer(_optim())
   state = update_lib.init_train_state(model, tx, seed=0)
   before = jax.tree.map(np.asarray, state.params)
   update = jax.jit(update_lib.make_update_fn(nnx.graphdef(model), tx, _mse_loss, _totals, micro_batches=2))
-  state, metrics = update(state, bad)
+  state, metrics = update(state, bad, _optim().learning_rate)
   assert int(metrics["update_skipped"]) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
-  state, metrics = update(state, batch)  # A good batch afterwards still trains.
+  state, metrics = update(state, batch, _optim().learning_rate)  # A good batch afterwards still trains.
   assert int(metrics["update_skipped"]) == 0
   assert not np.allclose(np.asarray(state.params["kernel"][...]), before["kernel"][...])
 
@@ -120,6 +121,46 @@ def test_warmup_then_cosine_schedule():
   np.testing.assert_allclose([schedule(0), schedule(2), schedule(4), schedule(12)], [0.0, 0.5, 1.0, 0.0], atol=1e-6)
   constant = update_lib.learning_rate_schedule(_optim(warmup_steps=4, learning_rate=1.0), 12)
   np.testing.assert_allclose([constant(2), constant(4), constant(11)], [0.5, 1.0, 1.0], atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (fake) devices; see tests/conftest.py")
+def test_stages_of_other_lengths_and_rates_compile_one_update():
+  """A warm start (3 updates warming up to 6e-2 under a cosine) and an `sft` row (1 update at a constant 1e-6),
+  each building its update as `train.train` does, compile one program: the second stage loads the first's from
+  the persistent compilation cache (conftest.py's, fresh per pytest run) as the pipeline's stages do. With the
+  schedule baked into the update, each stage wrote a cache entry of its own."""
+  cache = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  config = base.get_config()
+  model_config = models.ModelConfig.from_dict(base.tiny_model(
+      vocab_size=96, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+      head_dim=8).to_dict())
+  loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "sft", None))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 96, (4, 12)).astype(np.int32), "attention_mask": np.ones((4, 12), np.int32),
+           "turn_ids": np.repeat(np.array([[0] * 6 + [1] * 6], np.int32), 4, axis=0)}
+  mesh = models.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  name = "update_of_two_stages"  # The cache entries' prefix: no other test's programs.
+
+  def stage(num_steps, **optim_changes):
+    optim = ml_collections.ConfigDict(config.optim.to_dict())
+    optim.update(optim_changes)
+    model = models.create_model(model_config, mesh, seed=0)
+    tx = update_lib.make_optimizer(optim)
+    state, state_sharding = update_lib.place_state(update_lib.init_train_state(model, tx, seed=0), mesh)
+    fn = update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2)
+    fn.__name__ = fn.__qualname__ = name
+    update = update_lib.jit_update(fn, state_sharding, models.batch_sharding(mesh))
+    rates = []
+    for learning_rate in update_lib.learning_rates(optim, num_steps):
+      state, metrics = update(state, jax.device_put(batch, models.batch_sharding(mesh)), learning_rate)
+      rates.append(float(metrics["learning_rate"]))
+    jax.clear_caches()  # As the pipeline does after every stage: only the persistent cache is left.
+    return rates
+
+  warm = stage(3, learning_rate=6e-2, schedule="cosine", warmup_steps=10)
+  row = stage(1, learning_rate=1e-6, schedule="constant", warmup_steps=0)
+  np.testing.assert_allclose(warm + row, [0.0, 6e-3, 1.2e-2, 1e-6], rtol=1e-6)
+  assert len([path for path in cache.iterdir() if path.name.startswith(f"jit_{name}-")]) == 1
 
 
 def _sage_batch(rng, batch, seq, vocab, num_turns):
@@ -172,7 +213,8 @@ def test_sharded_transformer_sage_step_matches_single_device(old_logprobs):
   model_config = models.ModelConfig.from_dict(config.student.model.to_dict())
   options = dict(config.loss.to_dict(), method="sage_opd", num_turns=3, teacher_vocab_size=64)
   loss_fn, totals_fn = update_lib.make_loss_fns(options)
-  tx = update_lib.make_optimizer(config.optim, num_steps=4)
+  tx = update_lib.make_optimizer(config.optim)
+  learning_rate = update_lib.learning_rates(config.optim, 4)[1]
   batch = _sage_batch(np.random.default_rng(0), 8, 16, 64, 3)
 
   def run(mesh):
@@ -180,10 +222,11 @@ def test_sharded_transformer_sage_step_matches_single_device(old_logprobs):
     update = update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2)
     state = update_lib.init_train_state(model, tx, seed=0)
     if mesh is None:
-      return jax.jit(update)(state, batch)
+      return jax.jit(update)(state, batch, learning_rate)
     state, state_sharding = update_lib.place_state(state, mesh)
     batch_sharding = models.batch_sharding(mesh)
-    return update_lib.jit_update(update, state_sharding, batch_sharding)(state, jax.device_put(batch, batch_sharding))
+    return update_lib.jit_update(update, state_sharding, batch_sharding)(state, jax.device_put(batch, batch_sharding),
+                                                                         learning_rate)
 
   single, m_single = run(None)
   sharded, m_sharded = run(models.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
@@ -206,7 +249,7 @@ def test_fsdp_update_computes_each_devices_rows_only():
       head_dim=16).to_dict())
   options = dict(config.loss.to_dict(), method="sage_opd", num_turns=3, teacher_vocab_size=512)
   loss_fn, totals_fn = update_lib.make_loss_fns(options)
-  tx = update_lib.make_optimizer(config.optim, num_steps=4)
+  tx = update_lib.make_optimizer(config.optim)
   batch = jax.eval_shape(lambda: _sage_batch(np.random.default_rng(0), 32, 64, 512, 3))
 
   def compile_update(mesh):
@@ -215,7 +258,7 @@ def test_fsdp_update_computes_each_devices_rows_only():
     update = update_lib.jit_update(
         update_lib.make_update_fn(nnx.graphdef(model), tx, loss_fn, totals_fn, micro_batches=2),
         models.sharding.state_shardings(state, mesh), models.batch_sharding(mesh))
-    compiled = update.lower(state, batch).compile()
+    compiled = update.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
 
   one, _ = compile_update(models.make_mesh({}, jax.devices()[:1]))
