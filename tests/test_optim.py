@@ -108,6 +108,35 @@ def test_each_updates_learning_rate_is_the_schedules(schedule, num_steps):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * optim.learning_rate)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_injected_rate_steps_as_optax_adamw_with_the_schedule(dtype):
+  """Bit for bit, in the params' dtype: bf16 params (a teacher's SFT) take the rate in bf16, as a schedule's
+  is cast, and their updates stay bf16 (a float32 rate would promote them and break `apply_if_finite`)."""
+  optim, num_steps = _optim(schedule="cosine", warmup_steps=2), 5
+  rng = np.random.default_rng(2)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), dtype), "b": jnp.asarray(rng.normal(size=(4,)), dtype)}
+  schedule = update_lib.learning_rate_schedule(optim, num_steps)
+  baked = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(optim.grad_clip), optax.adamw(
+      schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)), max_consecutive_errors=1_000_000)
+  tx = update_lib.make_optimizer(optim)
+
+  @jax.jit
+  def step(params, opt_state, ref_params, ref_state, grads, learning_rate):
+    opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    ref_updates, ref_state = baked.update(grads, ref_state, ref_params)
+    return optax.apply_updates(params, updates), opt_state, optax.apply_updates(ref_params, ref_updates), ref_state
+
+  state, opt_state, ref, ref_state = params, tx.init(params), params, baked.init(params)
+  for learning_rate in update_lib.learning_rates(optim, num_steps):
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), dtype) for k, v in params.items()}
+    state, opt_state, ref, ref_state = step(state, opt_state, ref, ref_state, grads, learning_rate)
+    for k in params:
+      assert state[k].dtype == dtype
+      np.testing.assert_array_equal(np.asarray(state[k], np.float32), np.asarray(ref[k], np.float32), err_msg=k)
+  assert not np.array_equal(np.asarray(state["w"], np.float32), np.asarray(params["w"], np.float32))
+
+
 def _mse_loss(model, micro, totals):
   err = (model(micro["x"]) - micro["y"]) ** 2 * micro["mask"][:, None]
   return err.sum() / totals["count"], {}
