@@ -372,28 +372,29 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _fuse_projections(config: ModelConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Stacked layer params with q/k/v and gate/up joined, for one matmul each in `_block`.
+  """One layer's params with q/k/v and gate/up joined, for one matmul each in `_block`.
 
   Fewer, wider dots run faster on CPU (measured in docs/benchmarks.md), and the backward sums
   one input gradient instead of three. The parameters stay separate (HF's layout, the
   sharding rules); the join is a copy of the weights per call, cheap next to a training
-  chunk's matmuls but not next to a decode step's, so the cached path does not use it.
-  q/k/v join per kv head as [L, D, K, G + 2, H] (G query heads, then k, then v) and gate/up
-  as [L, D, 2, F], so the kv-head and MLP axes keep their tensor sharding.
+  chunk's matmuls but not next to a decode step's, so the cached path does not use it. It is
+  made inside the layer scan, one layer at a time (and remade by remat in the backward pass):
+  joined for all layers at once, the copy and its gradient accumulator each held the device's
+  share of every layer's projections (1.1 GiB a device more in Qwen3-4B's update).
+  q/k/v join per kv head as [D, K, G + 2, H] (G query heads, then k, then v) and gate/up
+  as [D, 2, F], so the kv-head and MLP axes keep their tensor sharding.
   """
   c = config
-  L, D, K, G, H = c.num_layers, c.hidden_size, c.num_kv_heads, c.num_groups, c.head_dim
+  D, K, G, H = c.hidden_size, c.num_kv_heads, c.num_groups, c.head_dim
   fused = {k: v for k, v in p.items()
            if k not in ("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias",
                         "gate_proj", "up_proj")}
   fused["qkv_proj"] = jnp.concatenate(
-      [p["q_proj"].reshape(L, D, K, G, H), p["k_proj"][:, :, :, None], p["v_proj"][:, :, :, None]],
-      axis=3)
+      [p["q_proj"].reshape(D, K, G, H), p["k_proj"][:, :, None], p["v_proj"][:, :, None]], axis=2)
   if c.qkv_bias:
     fused["qkv_bias"] = jnp.concatenate(
-        [p["q_bias"].reshape(L, K, G, H), p["k_bias"][:, :, None], p["v_bias"][:, :, None]],
-        axis=2)
-  fused["gate_up_proj"] = jnp.stack([p["gate_proj"], p["up_proj"]], axis=2)
+        [p["q_bias"].reshape(K, G, H), p["k_bias"][:, None], p["v_bias"][:, None]], axis=1)
+  fused["gate_up_proj"] = jnp.stack([p["gate_proj"], p["up_proj"]], axis=1)
   return fused
 
 
@@ -618,8 +619,8 @@ class Transformer(nnx.Module):
 
       def block(x, p, rope_and_mask):
         # Rows pinned on both sides of the block: the partitioner gathers the weights (FSDP), never the rows.
-        x, _ = _block(c, p, sharding.pin_rows(x, replicate_rest=True), *rope_and_mask, lambda k, v: (k, v, None),
-                      causal=True)
+        x, _ = _block(c, _fuse_projections(c, p), sharding.pin_rows(x, replicate_rest=True), *rope_and_mask,
+                      lambda k, v: (k, v, None), causal=True)
         return sharding.pin_rows(x, replicate_rest=True)
 
       if c.remat and dt == jnp.bfloat16:
@@ -629,7 +630,7 @@ class Transformer(nnx.Module):
         block = jax.checkpoint(block, prevent_cse=False)
       rope_and_mask = (cos_BxSxH2, sin_BxSxH2, mask)
       x_BxSxD, _ = jax.lax.scan(lambda x, xs: (block(x, xs[0], rope_and_mask), None), x_BxSxD,
-                                (_fuse_projections(c, params), layer_ids), unroll=min(c.scan_unroll, c.num_layers))
+                                (params, layer_ids), unroll=min(c.scan_unroll, c.num_layers))
       return sharding.pin_rows(rms_norm(x_BxSxD, self.final_norm[...], c.rms_norm_eps), replicate_rest=True)
 
     T = cache.max_len
