@@ -22,8 +22,9 @@ and `micro_batches`, its mesh with `fsdp=-1`, the student's `remat`, `attention_
 `scan_unroll` and `loss_chunk`, bf16 compute on float32 parameters, `optim`, the `sage_opd` loss over
 `env.max_turns` turns; the teacher in bf16 with `teacher.score_chunk`), with the Qwen3 shapes of
 `qwen3_reference.SIZES` in place of the checkpoints. The student update is `train.train`'s
-(`update.make_loss_fns` + `make_update_fn` + `jit_update`) on a rollout batch's loss keys; the teacher's is `teacher.make_scorer` over the whole rollout batch in
-`train.micro_batches` row groups, as `train.DistillSource` scores it.
+(`update.make_loss_fns` + `make_update_fn` + `jit_update`) on a rollout batch's loss keys; the teacher's is
+`teacher.make_scorer` over the whole rollout batch in `train.micro_batches` row groups, as
+`train.DistillSource` scores it.
 
 Without `--paper`: one device, the update of `bench_train.sft_update` (token cross-entropy, clipping,
 AdamW), as configured (no remat, full attention), with `remat=True` (each block recomputed in the backward
