@@ -12,7 +12,8 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   log P(a*) at the batch's own states, overall and by the expert's verb: is the update's direction
   right? The same for the exact reverse KL over decoding's support (nu's conditional over the
   trie's children at each action token against the student's renormalised over the same ids), to
-  tell the one-sample estimate's noise from the direction of the divergence itself.
+  tell the one-sample estimate's noise from the direction of the divergence itself. And the OPD
+  loss without the turns whose a* is a `go to`: does their gradient lower the other turns' a*?
 - logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
   and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
 
@@ -54,6 +55,7 @@ _TRAINED = flags.DEFINE_list("trained", [], "Trained students' HF directories wh
 _NUM_GAMES = flags.DEFINE_integer("num_games", 16, "Train games the student plays for the takeover check.")
 _TAKEOVER_TURNS = flags.DEFINE_integer("takeover_turns", 30, "Turns the expert may play after taking over.")
 _SEED = flags.DEFINE_integer("seed", 0, "Draws the games and the takeover turns.")
+_TAKEOVER = flags.DEFINE_bool("takeover", True, "Run the takeover check (the env replays are most of its time).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON report here.")
 
 
@@ -144,6 +146,16 @@ def exact_support_kl(model, batch, lognu_BxSxK) -> jax.Array:
   return jnp.sum(kl) / jnp.sum(batch["turn_ids"] > 0)
 
 
+def without_turns(played, arrays, teacher, verb) -> np.ndarray:
+  """[B, S] the batch's turn_ids with every turn whose a* starts with `verb` (and its tokens) left out."""
+  turn_ids_BxS = np.array(arrays["turn_ids"])
+  for b, beliefs in enumerate(teacher.beliefs(played.episodes)):
+    for t, belief in enumerate(beliefs):
+      if belief.peak is not None and belief.peak.split()[0] == verb:
+        turn_ids_BxS[b, turn_ids_BxS[b] == t + 1] = 0
+  return turn_ids_BxS
+
+
 def by_verb(logp, verbs) -> dict[str, list[float]]:
   return {v: [int((verbs == v).sum()), round(float(logp[verbs == v].mean()), 3)] for v in sorted(set(verbs))}
 
@@ -186,7 +198,7 @@ def main(argv):
 
   # Takeover: the expert plays on from the student's real states.
   wins = collections.defaultdict(list)
-  for episode in episodes:
+  for episode in episodes if _TAKEOVER.value else ():
     actions = [t.action for t in episode.turns]
     left = next((k for k, t in enumerate(episode.turns) if not same(t)), len(actions))
     for name, k in (("start", 0), ("after_leaving", min(left + 1, len(actions))),
@@ -209,8 +221,12 @@ def main(argv):
   batch = {k: jnp.asarray(arrays[k]) for k in update_lib.loss_keys(arrays)}
   totals = totals_fn(batch)
   lognu_BxSxK = jnp.asarray(support_teacher_logprobs(played, arrays, teacher))
+  # The same loss with the turns whose a* is a `go to` left out: does their gradient lower the others' a*?
+  no_go = dict(batch, turn_ids=jnp.asarray(without_turns(played, arrays, teacher, "go")))
+  no_go_totals = totals_fn(no_go)
   params = nnx.state(student, nnx.Param)
   objectives = {"opd_loss": lambda m: loss_fn(m, batch, totals)[0],
+                "opd_loss_without_go_to": lambda m: loss_fn(m, no_go, no_go_totals)[0],
                 "exact_support_kl": lambda m: exact_support_kl(m, batch, lognu_BxSxK)}
   report["step"] = {}
   for name, objective in objectives.items():
