@@ -672,6 +672,15 @@ class RolloutEngine:
                                   response_end=response_end)
     return _encode(self.tokenizer, text)
 
+  def _action(self, sampler: sampling.SamplingConfig, response_tokens: Sequence[int]) -> str | None:
+    """The response's command, read without its final end-of-turn token: a model that stops right after
+    `<action>go to desk 1` would otherwise play "go to desk 1<|im_end|>", and one that stops right after
+    `<action>` would play the token's text."""
+    ids = list(response_tokens)
+    if ids and ids[-1] in sampler.eos_ids:
+      ids = ids[:-1]
+    return prompts.parse_action(_decode(self.tokenizer, ids))
+
   def _response_end(self, sampler: sampling.SamplingConfig, response_tokens: Sequence[int]
                     ) -> str:
     """The end-of-turn text the response already holds (its final EOS token), else "".
@@ -869,7 +878,7 @@ class RolloutEngine:
                               expert_action=expert_action,
                               response_tokens=ids, response_end=self._response_end(sampler, ids),
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
-                              action=prompts.parse_action(text), truncated=truncated[e],
+                              action=self._action(sampler, ids), truncated=truncated[e],
                               window_tokens=contexts[i][len(episodes[e].prompt_tokens):] if truncated[e] else [])
         if intervene is not None:
           self._apply_intervention(intervene, sampler, episodes, new_turns, {
@@ -915,5 +924,5 @@ class RolloutEngine:
       turn.response_end = self._response_end(sampler, ids)
       turn.response_logprobs = np.zeros((len(ids),), np.float32)
       turn.response = _decode(self.tokenizer, ids)
-      turn.action = prompts.parse_action(turn.response)
+      turn.action = self._action(sampler, ids)
       turn.intervened = True

@@ -316,6 +316,16 @@ def test_unparseable_response_is_an_invalid_turn_and_the_episode_goes_on(engine,
     np.testing.assert_array_equal(batch.repeated[b], [False, False, True])
 
 
+def test_a_response_stopped_by_its_end_token_plays_the_command_before_it(engine, model, tok, tasks):
+  eos = rollout.end_of_turn_ids(tok)[0]
+  responses = [tok.encode("<action>go to cabinet 1", add_special_tokens=False) + [eos],
+               tok.encode("<action>", add_special_tokens=False) + [eos]]
+  batch = engine.run(model, tasks[:1], jax.random.key(0), intervene=_forced(responses), config=_config(max_turns=2))
+  first, second = batch.episodes[0].turns
+  assert first.action == "go to cabinet 1" and first.valid, first.action
+  assert second.action is None and not second.valid, second.action
+
+
 def test_behaviour_logprobs_equal_a_full_recompute_of_the_transcript(engine, model, tok, tasks):
   batch = engine.run(model, tasks, jax.random.key(1), config=_config(pipeline_groups=3))
   assert batch.stats.turns == 9 and batch.num_turns.tolist() == [3, 3, 3]
