@@ -60,6 +60,14 @@ def get_config(method: str = "sage_opd") -> ml_collections.ConfigDict:
   # Also the context budget: a losing episode ends at turn ~20 of 30 when its transcript would outgrow
   # it (eval metric context_cut_rate); 2,048 won the SFT teacher 2 more games of 48 (docs/notes.md).
   config.train.max_seq_len = 1024
+  # Each prefill width, KV-cache length and trie shape compiles the decode loop again: with the base's floors
+  # a greedy eval of the control's start on valid_unseen compiled it 10 times, with these 2 (docs/results.md).
+  # One prefill width: the first prompt and every observation fit 256 tokens (the longest seen 212).
+  config.sampling.min_chunk_len = 256
+  # One KV-cache length: a whole transcript (max_seq_len) plus a turn's prefill width.
+  config.sampling.min_cache_len = config.train.max_seq_len + config.sampling.min_chunk_len
+  # One trie shape: the largest the admissible actions of pick_and_place games build (512 nodes, 16 children).
+  config.sampling.min_trie_shape = (512, 16)
   # One eval after the last update; with the student_eval stage (step 0) 2 points per curve. Each
   # eval covers every game of the two task types (valid_seen 48, valid_unseen 42): no subset.
   config.train.eval_every = 40
