@@ -31,6 +31,8 @@ MAY_CHANGE = (
     "eval.num_transcripts",
     "env.num_workers", "env.step_timeout_s", "demos.game_timeout_s",
     "mesh", "teacher.score_chunk", "student.loss_chunk",
+    # The decode loop's shape floors: padding only, so a run may resume under other buckets.
+    "sampling.min_cache_len", "sampling.min_chunk_len", "sampling.min_trie_shape",
     *(f"{who}.model.{field}" for who in ("student", "teacher") for field in ("remat", "attention_chunk",
                                                                             "mlp_chunk", "scan_unroll")),
     "pipeline.methods", "pipeline.seeds", "pipeline.sweep", "pipeline.results_dir",

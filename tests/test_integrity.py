@@ -66,10 +66,12 @@ def test_resume_with_another_method_is_refused_with_the_diff(tokenizer_dir, tmp_
 
 def test_extending_a_run_or_its_logging_needs_no_flag(tokenizer_dir, tmp_path):
   provenance.check(_config(tokenizer_dir), tmp_path)
-  provenance.check(_config(tokenizer_dir, **{"train.num_steps": 40, "train.log_every": 5, "env.num_workers": 1}),
+  provenance.check(_config(tokenizer_dir, **{"train.num_steps": 40, "train.log_every": 5, "env.num_workers": 1,
+                                             "sampling.min_cache_len": 2048, "sampling.min_trie_shape": (64, 8)}),
                    tmp_path)
   recorded = json.loads((tmp_path / provenance.RECORD).read_text())["config"]
   assert recorded["train.num_steps"] == 40 and recorded["env.num_workers"] == 1
+  assert recorded["sampling.min_cache_len"] == 2048 and recorded["sampling.min_trie_shape"] == [64, 8]
 
 
 def test_a_moved_workdir_still_matches_its_own_paths(tokenizer_dir, tmp_path):
