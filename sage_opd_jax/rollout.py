@@ -672,6 +672,11 @@ class RolloutEngine:
                                   response_end=response_end)
     return _encode(self.tokenizer, text)
 
+  def _cache_args(self, cfg: RolloutConfig) -> dict[str, Any]:
+    """`sampling.EpisodeCache`'s arguments: `cfg`'s shape buckets and the engine's `cache_kwargs`."""
+    return dict(min_len=cfg.min_cache_len, min_chunk=cfg.min_chunk_len, min_trie_shape=cfg.min_trie_shape,
+                **self._cache_kwargs)
+
   def _action(self, sampler: sampling.SamplingConfig, response_tokens: Sequence[int]) -> str | None:
     """The response's command, read without its final end-of-turn token: a model that stops right after
     `<action>go to desk 1` would otherwise play "go to desk 1<|im_end|>", and one that stops right after
@@ -728,10 +733,9 @@ class RolloutEngine:
     """
     sampler = sampling_config or self.sampling_config
     allowed = [self._allowed(sampler, s.admissible) for s in states] if self.config.constrained else None
-    cfg = self.config  # The rollout's buckets, so that a replacement decode compiles the shapes a rollout does.
+    # The rollout's buckets, so that a replacement decode compiles the shapes a rollout does.
     out = sampling.sample(model, [list(s.context) for s in states], rng, sampler, allowed=allowed,
-                          min_len=cfg.min_cache_len, min_chunk=cfg.min_chunk_len,
-                          min_trie_shape=cfg.min_trie_shape, **self._cache_kwargs)
+                          **self._cache_args(self.config))
     return [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(states))]
 
   # --- the loop -------------------------------------------------------------------------------
@@ -778,9 +782,7 @@ class RolloutEngine:
     budget = cfg.max_context_tokens or model.config.max_position_embeddings
     groups = min(cfg.pipeline_groups, num)
     members = [[e for e in range(num) if e * groups // num == g] for g in range(groups)]
-    caches = [sampling.EpisodeCache(model, len(m), min_len=cfg.min_cache_len, min_chunk=cfg.min_chunk_len,
-                                    min_trie_shape=cfg.min_trie_shape, **self._cache_kwargs)
-              for m in members]
+    caches = [sampling.EpisodeCache(model, len(m), **self._cache_args(cfg)) for m in members]
     episodes = [Episode(task=task) for task in tasks]
     # e -> (o_t, admissible, expert action) of a live episode.
     current: dict[int, tuple[str, list[str], str | None]] = {}
