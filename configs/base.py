@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.expert.eps_off = 0.05  # Mass off the peak action after the student left the expert's path.
   config.teacher.expert.eta = 0.0  # Chance that an off-path turn's peak is a fixed wrong admissible action.
   config.teacher.expert.seed = 0  # Seeds the misdirection draws and the wrong actions.
+  # On a turn where the expert's `go to` is a step of its search (it has not seen what it looks for): "peak"
+  # puts 1 - eps on that one receptacle, "spread" spreads it evenly over every receptacle its search could
+  # equally visit next (the env's `expert_search`), which its fixed visiting order alone tells apart.
+  config.teacher.expert.search = "peak"
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.

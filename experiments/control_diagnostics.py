@@ -13,7 +13,10 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   right? The same for the exact reverse KL over decoding's support (nu's conditional over the
   trie's children at each action token against the student's renormalised over the same ids), to
   tell the one-sample estimate's noise from the direction of the divergence itself. And the OPD
-  loss without the turns whose a* is a `go to`: does their gradient lower the other turns' a*?
+  loss without the turns whose a* is a `go to`: does their gradient lower the other turns' a*? And
+  (config teacher.expert.search="peak") both objectives under the teacher with search="spread",
+  scoring the same batch: on a search step nu spreads over every receptacle the expert's search
+  could equally visit next (`search_spread`).
 - logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
   and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
 
@@ -185,6 +188,8 @@ def main(argv):
   episodes = [e for played, _ in batches for e in played.episodes]
   turns = [t for e in episodes for t in e.turns]
   report["turns"] = len(turns)
+  search = [len(t.expert_search) for t in turns if len(t.expert_search) > 1]
+  report["search_turns"] = [len(search), round(float(np.mean(search)), 2) if search else 0.0]
   report["expert_missing"] = sum(t.expert_action is None for t in turns)
   report["student_won"] = sum(e.won for e in episodes)
   report["two_back_repeats"] = two_back_repeats([[t.action for t in e.turns] for e in episodes])
@@ -228,6 +233,16 @@ def main(argv):
   objectives = {"opd_loss": lambda m: loss_fn(m, batch, totals)[0],
                 "opd_loss_without_go_to": lambda m: loss_fn(m, no_go, no_go_totals)[0],
                 "exact_support_kl": lambda m: exact_support_kl(m, batch, lognu_BxSxK)}
+  if config.teacher.expert.search == "peak":
+    with config.unlocked():
+      config.teacher.expert.search = "spread"
+    spread_teacher = train.load_teacher(config, tokenizer, None)
+    spread = dict(arrays, **spread_teacher.score(played.episodes, arrays))
+    spread_batch = {k: jnp.asarray(spread[k]) for k in update_lib.loss_keys(spread)}
+    spread_totals = totals_fn(spread_batch)
+    spread_lognu_BxSxK = jnp.asarray(support_teacher_logprobs(played, spread, spread_teacher))
+    objectives["opd_loss_search_spread"] = lambda m: loss_fn(m, spread_batch, spread_totals)[0]
+    objectives["exact_support_kl_search_spread"] = lambda m: exact_support_kl(m, spread_batch, spread_lognu_BxSxK)
   report["step"] = {}
   for name, objective in objectives.items():
     grads = nnx.state(nnx.grad(objective)(student), nnx.Param)

@@ -13,6 +13,11 @@ off-path turn, with probability `eta`, it sits on one fixed wrong admissible act
 state's admissible actions, a*), so reruns, methods and seeds meet the same teacher, and the
 turns misdirected at one eta are among those misdirected at any larger eta.
 
+With `search="spread"` (our choice) a turn where the expert's `go to` is a step of its search for
+something it has not seen (the env's `expert_search`: every receptacle its search could equally visit
+next) spreads the 1 - eps evenly over those k go-tos and eps over the n - k others: the expert does not
+know which receptacle holds the object, and the one its fixed order names is no better than the rest.
+
 The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
 / nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
@@ -36,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sage_opd_jax import judge as judge_lib
+from sage_opd_jax.config import SEARCH_BELIEFS
 from sage_opd_jax import losses
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
@@ -66,12 +72,15 @@ class ExpertTeacherConfig:
     eps_off: mass off the peak on turns after the student left it.
     eta: probability that an off-path turn's peak is a fixed wrong admissible action.
     seed: seeds the misdirection draws and the wrong actions.
+    search: "peak" (nu peaks on a* everywhere) or "spread" (on a search step, 1 - eps spread evenly over the
+      expert's equally good search candidates, `Turn.expert_search`).
   """
 
   eps_on: float = 0.05
   eps_off: float = 0.05
   eta: float = 0.0
   seed: int = 0
+  search: str = "peak"
 
   def __post_init__(self):
     for name in ("eps_on", "eps_off"):
@@ -79,11 +88,13 @@ class ExpertTeacherConfig:
         raise ValueError(f"ExpertTeacherConfig.{name}={getattr(self, name)!r}: must lie in [0, 1).")
     if not 0.0 <= self.eta <= 1.0:
       raise ValueError(f"ExpertTeacherConfig.eta={self.eta!r}: must lie in [0, 1].")
+    if self.search not in SEARCH_BELIEFS:
+      raise ValueError(f"ExpertTeacherConfig.search={self.search!r}: must be one of {SEARCH_BELIEFS}.")
 
   @classmethod
   def from_config(cls, expert: Mapping[str, Any]) -> ExpertTeacherConfig:
     return cls(eps_on=float(expert["eps_on"]), eps_off=float(expert["eps_off"]), eta=float(expert["eta"]),
-               seed=int(expert["seed"]))
+               seed=int(expert["seed"]), search=str(expert["search"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +104,8 @@ class TurnBelief:
   actions: the admissible actions, de-duplicated in the env's order (the sampler's trie's);
   probs: float64 nu over them; peak: the action it prefers (None when the turn has no expert
   action: then nu is uniform); on_path: every earlier action was the expert's; misdirected:
-  the peak is the fixed wrong action, not the expert's.
+  the peak is the fixed wrong action, not the expert's; search: on a spread search turn, the
+  admissible actions that share the peak's mass (a* among them), else ().
   """
 
   actions: tuple[str, ...]
@@ -102,6 +114,11 @@ class TurnBelief:
   expert_action: str | None
   on_path: bool
   misdirected: bool
+  search: tuple[str, ...] = ()
+
+  def prefers(self, action: str) -> bool:
+    """`action` is what the teacher aims at: its peak, or any action sharing the peak's mass on a search turn."""
+    return self.peak is not None and any(judge_lib.same_action(action, a) for a in (self.peak, *self.search))
 
 
 def _unit(*parts: Any) -> float:
@@ -110,12 +127,16 @@ def _unit(*parts: Any) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def action_probs(num_actions: int, peak: int | None, eps: float) -> np.ndarray:
-  """nu over `num_actions` actions: 1 - eps on `peak`, eps spread evenly over the rest (uniform if None)."""
-  if peak is None or num_actions == 1:
-    return np.full(num_actions, 1.0 / num_actions) if peak is None else np.ones(1)
-  probs = np.full(num_actions, eps / (num_actions - 1))
-  probs[peak] = 1.0 - eps
+def action_probs(num_actions: int, peak: int | Sequence[int] | None, eps: float) -> np.ndarray:
+  """nu over `num_actions` actions: 1 - eps spread evenly over `peak` (one index or several), eps evenly over
+  the rest; uniform if `peak` is None or covers every action."""
+  if peak is None:
+    return np.full(num_actions, 1.0 / num_actions)
+  peaks = sorted({peak} if isinstance(peak, (int, np.integer)) else set(peak))
+  if len(peaks) == num_actions:
+    return np.full(num_actions, 1.0 / num_actions)
+  probs = np.full(num_actions, eps / (num_actions - len(peaks)))
+  probs[peaks] = (1.0 - eps) / len(peaks)
   return probs
 
 
@@ -134,9 +155,14 @@ def episode_beliefs(task_id: str, turns: Sequence[Any], config: ExpertTeacherCon
         wrong = sorted(i for i in range(len(actions)) if i != star)
         peak, misdirected = wrong[int(_unit("wrong", *state) * len(wrong))], True
     eps = config.eps_on if on_path else config.eps_off
-    beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peak, eps),
+    peaks = [] if peak is None else [peak]
+    if config.search == "spread" and peak is not None and not misdirected:
+      peaks = sorted({peak} | {i for i, a in enumerate(actions)
+                               if any(judge_lib.same_action(a, c) for c in turn.expert_search)})
+    beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peaks or None, eps),
                               peak=None if peak is None else actions[peak], expert_action=expert,
-                              on_path=on_path, misdirected=misdirected))
+                              on_path=on_path, misdirected=misdirected,
+                              search=tuple(actions[i] for i in peaks if len(peaks) > 1)))
     on_path = on_path and expert is not None and turn.action is not None and judge_lib.same_action(turn.action, expert)
   return beliefs
 
@@ -382,5 +408,5 @@ class ExpertBeliefJudge(judge_lib.JudgeMode):
     for b, (episode, beliefs) in enumerate(zip(episodes, teacher.beliefs(episodes))):
       for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
         if turn.action is not None and belief.peak is not None:
-          labels[b, t] = losses.Label.SKIP if judge_lib.same_action(turn.action, belief.peak) else losses.Label.WEAK
+          labels[b, t] = losses.Label.SKIP if belief.prefers(turn.action) else losses.Label.WEAK
     return labels, None, 0

@@ -116,6 +116,8 @@ class Turn:
       next tokens, or for k = 0 the empty assistant message and o_t): the turn's own segment of
       the batch row holds them before its response (`assemble_batch`). Empty otherwise.
     expert_action: the shadow expert's action at o_t (`RolloutConfig.expert`), else None.
+    expert_search: the actions the expert's search could equally have named at o_t, expert_action among
+      them (`multi_env`'s `expert_search`); () when it was no search step or no expert runs.
     next_tokens: the tokens of n_t (rest of the assistant message, user(o_{t+1}), generation
       prompt), which follow `response_tokens` in the transcript unless this is the last turn.
   """
@@ -136,6 +138,7 @@ class Turn:
   intervened: bool = False
   truncated: bool = False
   expert_action: str | None = None
+  expert_search: tuple[str, ...] = ()
   next_tokens: list[int] = dataclasses.field(default_factory=list)
   window_tokens: list[int] = dataclasses.field(default_factory=list)
 
@@ -784,8 +787,8 @@ class RolloutEngine:
     members = [[e for e in range(num) if e * groups // num == g] for g in range(groups)]
     caches = [sampling.EpisodeCache(model, len(m), **self._cache_args(cfg)) for m in members]
     episodes = [Episode(task=task) for task in tasks]
-    # e -> (o_t, admissible, expert action) of a live episode.
-    current: dict[int, tuple[str, list[str], str | None]] = {}
+    # e -> (o_t, admissible, expert action, its search's alternatives) of a live episode.
+    current: dict[int, tuple[str, list[str], str | None, tuple[str, ...]]] = {}
     stats = RolloutStats()
     dispatcher = _EnvDispatcher(self.pool, self._env_name, self._env_kwargs, next(self._runs),
                                 expert=cfg.expert)
@@ -808,7 +811,8 @@ class RolloutEngine:
         episode.prompt_tokens = _encode(self.tokenizer, prompts.episode_start_text(
             self.layout, episode.task_text, result.observation,
             admissible if cfg.show_admissible else None, cfg.system_prompt))
-        current[e] = (result.observation, admissible, result.info.extra.get("expert_action"))
+        current[e] = (result.observation, admissible, result.info.extra.get("expert_action"),
+                      tuple(result.info.extra.get("expert_search", ())))
         return
       turn = episode.turns[-1]
       turn.feedback = result.observation
@@ -822,7 +826,8 @@ class RolloutEngine:
         return
       admissible = list(result.info.admissible_actions)
       turn.next_tokens = self._next_tokens(cfg, result.observation, admissible, turn.response_end)
-      current[e] = (result.observation, admissible, result.info.extra.get("expert_action"))
+      current[e] = (result.observation, admissible, result.info.extra.get("expert_action"),
+                    tuple(result.info.extra.get("expert_search", ())))
 
     for g in range(groups):
       dispatcher.request([(e, "reset", tasks[e]) for e in members[g]])
@@ -841,7 +846,7 @@ class RolloutEngine:
         for i, e in enumerate(members[g]):
           if episodes[e].finished:
             continue
-          observation, admissible, _ = current[e]
+          observation, admissible = current[e][:2]
           context, truncated[e] = self._context(cfg, episodes[e], observation, admissible)
           # The packed row before this turn's response: a turn in the window continues the
           # transcript (n_{t-1}); one past it adds its own segment (its context after P).
@@ -874,10 +879,10 @@ class RolloutEngine:
             continue
           n = int(out.lengths[i])
           ids = out.tokens[i, :n].tolist()
-          observation, admissible, expert_action = current[e]
+          observation, admissible, expert_action, expert_search = current[e]
           text = _decode(self.tokenizer, ids)
           new_turns[e] = Turn(observation=observation, admissible=admissible, response=text,
-                              expert_action=expert_action,
+                              expert_action=expert_action, expert_search=expert_search,
                               response_tokens=ids, response_end=self._response_end(sampler, ids),
                               response_logprobs=np.asarray(out.logprobs[i, :n], np.float32),
                               action=self._action(sampler, ids), truncated=truncated[e],

@@ -5,11 +5,14 @@ distribution on turns the real ALFWorld engine's expert played.
 """
 
 import csv
+import dataclasses
 import fractions
 import json
 import math
 import pathlib
+import re
 
+import alfworld.gen.constants as alfred_constants
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,25 +43,23 @@ FIXTURE_DATA = pathlib.Path(__file__).resolve().parent / "fixtures" / "alfworld"
 # Real ALFWorld turns.
 
 
-def expert_turns(data_dir, split, limit, tmp_path):
-  """(admissible actions, expert action) at every state of the expert's episodes on `limit` games of `split`."""
-  env = AlfworldEnv(data_dir=str(data_dir), cache_dir=str(tmp_path / "grounding"), facts=True,
-                    task_types=["pick_and_place_simple"])
+@pytest.fixture(scope="module")
+def real_episodes(tmp_path_factory):
+  """The expert's episodes on the first 4 pick_and_place_simple games of valid_seen (the real engine)."""
+  env = AlfworldEnv(data_dir=str(real_alfworld_data()), cache_dir=str(tmp_path_factory.mktemp("grounding")),
+                    facts=True, task_types=["pick_and_place_simple"])
   try:
-    turns = []
-    for task in list(env.tasks(split))[:limit]:
-      episode = alfworld_expert.run_episode(env, task, max_steps=30)
-      turns += list(zip(episode.admissible_actions, episode.actions))
-    return turns
+    return [alfworld_expert.run_episode(env, task, max_steps=30) for task in list(env.tasks("valid_seen"))[:4]]
   finally:
     env.close()
 
 
 @pytest.fixture(scope="module")
-def real_turns(tmp_path_factory):
-  """Turns of a real valid_seen game, and a word-level tokenizer that covers their actions."""
+def real_turns(real_episodes, tmp_path_factory):
+  """(admissible actions, expert action) at every turn of a real valid_seen game, and a word-level tokenizer that
+  covers their actions."""
   tmp = tmp_path_factory.mktemp("real")
-  turns = expert_turns(real_alfworld_data(), "valid_seen", 1, tmp)
+  turns = list(zip(real_episodes[0].admissible_actions, real_episodes[0].actions))
   words = sorted({a for admissible, _ in turns for a in admissible})
   tokenizer = models.load_tokenizer(tokenization.build_alfworld_tokenizer(FIXTURE_DATA, tmp / "tok", extra_texts=words))
   return turns, tokenizer
@@ -79,22 +80,29 @@ def brute_force(sequences, masses, prefix):
   return {x: m / total for x, m in nxt.items()}
 
 
-@pytest.mark.parametrize("free_thought", [False, True])
-def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_turns, free_thought):
+@pytest.mark.parametrize("free_thought, search", [(False, "peak"), (True, "peak"), (True, "spread")])
+def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_turns, real_episodes, free_thought,
+                                                                         search):
+  """With search="spread" the beliefs come from `episode_beliefs` on the expert's own turns, whose search steps
+  (the first two of this game: 20 and 18 candidates) spread 1 - eps evenly over their candidates."""
   turns, tokenizer = real_turns
   teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
                                          sampler_config(tokenizer, free_thought), len(tokenizer))
+  searches = real_episodes[0].search
+  assert sum(len(c) > 1 for c in searches) >= 2
   checked = 0
   for t, (admissible, expert) in enumerate(turns[:12]):
     actions = tuple(dict.fromkeys(admissible))
     n = len(actions)
-    peak = actions.index(expert)
     eps = fractions.Fraction(1, 10) if t % 2 else fractions.Fraction(0)
-    masses = [eps / (n - 1)] * n if n > 1 else [fractions.Fraction(1)]
-    masses[peak] = 1 - eps if n > 1 else masses[peak]
-    probs = expert_teacher.action_probs(n, peak, float(eps))
+    # Exact nu: 1 - eps evenly over the peaks (a*, or a search step's candidates), eps evenly over the rest.
+    peaks = {actions.index(expert)} | ({actions.index(c) for c in searches[t]} if search == "spread" else set())
+    masses = [(1 - eps) / len(peaks) if i in peaks else eps / (n - len(peaks)) for i in range(n)]
+    config = expert_teacher.ExpertTeacherConfig(eps_on=float(eps), search=search)
+    fake = FakeTurn(admissible, expert, expert, searches[t])
+    belief = expert_teacher.episode_beliefs("game", [fake], config)[0]
+    probs = belief.probs
     np.testing.assert_allclose(probs, [float(m) for m in masses], rtol=1e-12)
-    belief = expert_teacher.TurnBelief(actions, probs, expert, expert, True, False)
     # The student's responses as the sampler writes them: (free thought) + the trie's sequence of each action.
     free = tokenizer.encode(prompts.THINK_OPEN + prompts.THINK_CLOSE + prompts.ACTION_OPEN,
                             add_special_tokens=False) if free_thought else []
@@ -303,8 +311,9 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
 
 
 class FakeTurn:
-  def __init__(self, admissible, action, expert_action):
+  def __init__(self, admissible, action, expert_action, expert_search=()):
     self.admissible, self.action, self.expert_action = admissible, action, expert_action
+    self.expert_search = tuple(expert_search)
 
 
 def knob_episode(real_turns):
@@ -335,6 +344,85 @@ def test_misdirection_is_off_path_only_seeded_and_nested_in_eta(real_turns):
   assert [b.peak for b in again] == [b.peak for b in beliefs[0.5]]
   other_seed = expert_teacher.episode_beliefs("game", turns, expert_teacher.ExpertTeacherConfig(eta=0.5, seed=1))
   assert [b.misdirected for b in other_seed] != half or [b.peak for b in other_seed] != [b.peak for b in beliefs[0.5]]
+
+
+def enumerated_search(episode):
+  """Per turn, the search candidates by their definition, enumerated from the episode's text and ALFRED's
+  object-placement table (not the expert's state): on a `go to` while the expert looks for the task's object
+  class and has seen none of it, the admissible go-tos of every receptacle not visited yet of the named one's
+  tier (those whose class can hold the object, or the rest); after the take, every receptacle of the target's
+  type not visited since; () on every other turn, and on a go-to right after a `look` (the expert's fallback
+  when the go-to it named was not admissible: a random admissible action)."""
+  params = alfworld_expert.task_params(episode.task)
+  obj, parent = params["object_target"], params["parent_target"]
+  room = alfworld_expert.entities(episode.observations[0])
+  holds = {r.lower() for r, objects in alfred_constants.VAL_RECEPTACLE_OBJECTS.items()
+           if obj in {o.lower() for o in objects}}
+  out, visited, phase = [], set(), "object"
+  for t, action in enumerate(episode.actions):
+    seen = any(re.search(rf"\b{obj} \d+", o) for o in episode.observations[1:t + 1])
+    expected = ()
+    fallback = t > 0 and episode.actions[t - 1] == "look"
+    if action.startswith("go to ") and (phase == "parent" or not seen) and not fallback:
+      tier = (lambda r: r.split()[0] == parent) if phase == "parent" else (lambda r: r.split()[0] in holds)
+      named = action[len("go to "):]
+      expected = tuple(sorted(f"go to {r}" for r in room if r not in visited and tier(r) == tier(named)
+                              and f"go to {r}" in episode.admissible_actions[t]))
+    out.append(expected)
+    if action.startswith("go to "):
+      visited.add(action[len("go to "):])
+    if action.startswith("take "):
+      phase, visited = "parent", set()
+  return out
+
+
+def test_the_experts_search_candidates_are_its_unvisited_receptacles_of_the_named_tier(real_episodes):
+  """On real games (the engine's expert, `run_episode`): each search step's candidates equal their enumeration,
+  hold a*, and at least one game's first go-to chooses among several."""
+  sizes = []
+  for episode in real_episodes:
+    assert episode.won
+    for t, (action, search) in enumerate(zip(episode.actions, episode.search)):
+      assert not search or action in search
+      sizes.append(len(search))
+    assert [tuple(sorted(c)) for c in episode.search] == enumerated_search(episode), episode.task.task_id
+  assert max(sizes) > 5 and sizes.count(0) > len(sizes) // 3
+
+
+def test_a_spread_search_turn_shares_the_peak_and_the_judge_skips_every_candidate(real_episodes, real_turns):
+  """search="spread": a search step's candidates share 1 - eps, other turns keep one peak, a misdirected turn
+  keeps its one wrong peak; the expert_belief judge calls a candidate other than a* Skip (Weak under "peak")."""
+  episode, tokenizer = real_episodes[0], real_turns[1]
+  assert len(episode.search[0]) > 2
+  # The student plays another candidate at turn 1, then the expert's actions (over the game twice: 10 turns).
+  turns = []
+  for t, (admissible, expert, search) in enumerate(
+      (list(zip(episode.admissible_actions, episode.actions, episode.search)) * 2)[:10]):
+    action = next(c for c in search if c != expert) if t == 0 else expert
+    turns.append(FakeTurn(admissible, action, expert, search))
+    turns[-1].valid, turns[-1].observation, turns[-1].response, turns[-1].feedback = True, "", "", ""
+    turns[-1].response_end = ""
+  for eta in (0.0, 1.0):
+    config = expert_teacher.ExpertTeacherConfig(eps_on=0.1, eps_off=0.05, eta=eta, search="spread")
+    beliefs = expert_teacher.episode_beliefs("game", turns, config)
+    peak_beliefs = expert_teacher.episode_beliefs("game", turns, dataclasses.replace(config, search="peak"))
+    for turn, b, p in zip(turns, beliefs, peak_beliefs):
+      eps = 0.1 if b.on_path else 0.05
+      spread = len(turn.expert_search) > 1 and not b.misdirected
+      peaks = [b.actions.index(c) for c in turn.expert_search] if spread else [b.actions.index(b.peak)]
+      assert b.probs[peaks] == pytest.approx((1 - eps) / len(peaks))
+      assert b.probs.sum() == pytest.approx(1.0) and np.all(np.delete(b.probs, peaks) < b.probs[peaks[0]])
+      assert (b.peak, b.misdirected, b.on_path) == (p.peak, p.misdirected, p.on_path)
+      assert p.probs[b.actions.index(p.peak)] == pytest.approx(1 - eps)  # "peak": today's single peak.
+    if eta == 1.0:
+      assert any(b.misdirected and len(t.expert_search) > 1 for t, b in zip(turns, beliefs))
+    episodes = [FakeEpisode(turns)]
+    for search, first in (("spread", losses.Label.SKIP), ("peak", losses.Label.WEAK)):
+      teacher = expert_teacher.ExpertTeacher(dataclasses.replace(config, search=search), tokenizer,
+                                             sampler_config(tokenizer, True), len(tokenizer))
+      labels = judge_lib.make_judge(judge_lib.JudgeConfig(mode="expert_belief"), teacher=teacher).label(
+          episodes, len(turns)).labels[0]
+      assert labels[0] == first
 
 
 class FakeEpisode:
@@ -386,6 +474,7 @@ def test_the_control_config_validates_for_every_eta():
     ({"method": "opd_two_rollout"}, "does not generate"),
     ({"teacher.expert.eps_off": 1.0}, "config.teacher.expert.eps_off"),
     ({"teacher.expert.eta": 1.5}, "config.teacher.expert.eta"),
+    ({"teacher.expert.search": "wide"}, "config.teacher.expert.search"),
 ])
 def test_bad_expert_teacher_configs_are_refused_with_the_reason(change, named):
   config = alfworld_control.get_config("0")

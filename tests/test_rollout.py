@@ -297,9 +297,12 @@ def test_shadow_expert_names_actions_that_win_when_played(engine, model, tasks):
   for b, episode in enumerate(batch.episodes):
     assert [t.action for t in episode.turns] == [t.expert_action for t in episode.turns]
     assert batch.valid[b, : batch.num_turns[b]].all()
-  # Without an expert the field stays empty.
+    # The expert's search candidates travel with its action: a* among them on a search step.
+    assert all(not t.expert_search or t.expert_action in t.expert_search for t in episode.turns)
+  assert any(len(t.expert_search) > 1 for episode in batch.episodes for t in episode.turns)
+  # Without an expert the fields stay empty.
   plain = engine.run(model, tasks[:1], jax.random.key(0), config=_config(max_turns=1))
-  assert plain.episodes[0].turns[0].expert_action is None
+  assert plain.episodes[0].turns[0].expert_action is None and plain.episodes[0].turns[0].expert_search == ()
 
 
 def test_unparseable_response_is_an_invalid_turn_and_the_episode_goes_on(engine, model, tasks):

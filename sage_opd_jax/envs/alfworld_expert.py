@@ -40,7 +40,7 @@ import dataclasses
 import random
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import alfworld.gen.constants as alfred_constants
 from alfworld.agents.expert import HandCodedAgentFailed, HandCodedAgentTimeout, HandCodedTWAgent
@@ -137,6 +137,7 @@ class ImitableExpert:
         setattr(self.policy, name, self._shuffled(getattr(self.policy, name)))
     self.observed_text = ""
     self.last_played = ""  # The last command the env played; "" before any or after an invalid one.
+    self.search: tuple[str, ...] = ()  # `search_candidates` at the last action named.
 
   def _shuffled(self, receptacles_fn: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
     def shuffled(cls: str) -> list[str]:
@@ -182,7 +183,38 @@ class ImitableExpert:
     missing = unobserved_entities(action, self.observed_text)
     if missing:
       raise ExpertError(f"Expert chose {action!r}, which names unobserved {missing}.")
+    self.search = search_candidates(self.policy, action, info.admissible_actions)
     return action
+
+
+def search_candidates(policy: Any, action: str, admissible: Sequence[str]) -> tuple[str, ...]:
+  """The admissible `go to`s the expert's search could equally have named, when `action` is a search step; else ().
+
+  While its subgoal is 'find' and it has not seen the class it looks for, `act` names `go to` of the last
+  of `receptacles_to_check`: the unvisited receptacles, those its priors name for the class (for an object,
+  the receptacles it is found in; for a receptacle class, those of that type) last, so searched first. Which
+  of them is last is the room's listing order, not knowledge of where the object lies, so each receptacle of
+  the same tier as the one named (prior-matching or not) is as good a next step. Call it right after `act`
+  returned `action` (its state is the one that named it). `action` itself is in the tuple; () when the
+  action was no search step (the class was seen, an open, a backlog close, a return to drop an object, a
+  fallback).
+  """
+  if policy.subgoal_idx >= len(policy.subgoals):
+    return ()
+  sub_action, sub_param, _ = policy.get_next_subgoal()
+  remaining = list(policy.receptacles_to_check)
+  if (sub_action != "find" or sub_param in policy.obj_cls_to_receptacle_map or not remaining
+      or action != f"go to {remaining[-1]}" or policy.action_backlog
+      or (policy.inventory and not policy.is_agent_holding_right_object)):
+    return ()
+  if sub_param in policy.RECEPTACLES:
+    prior = {r for r, cls in policy.receptacles.items() if cls == sub_param}
+  else:
+    prior = {r for r, cls in policy.receptacles.items() if cls in policy.OBJECT_TO_VAL_RECEPTACLE[sub_param]}
+  tier = remaining[-1] in prior
+  admissible = set(admissible)
+  return tuple(f"go to {r}" for r in dict.fromkeys(remaining)
+               if (r in prior) == tier and f"go to {r}" in admissible)
 
 
 def _pddl_env(env: alfworld_env.AlfworldEnv) -> PddlEnv:
@@ -250,7 +282,8 @@ class Episode:
   """One expert episode as played in the real engine.
 
   `observations[0]` is the reset's; `observations[t]` answers `actions[t-1]`.
-  `admissible_actions[t]` and `facts` are those in force when `actions[t]` was chosen.
+  `admissible_actions[t]` and `facts` are those in force when `actions[t]` was chosen;
+  `search[t]` is `search_candidates` for `actions[t]`.
   """
 
   task: base.Task
@@ -262,6 +295,7 @@ class Episode:
   won: bool
   error: str | None  # Why the expert stopped early, if it did (never an engine crash: that raises).
   seconds: float
+  search: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # Empty for a gold path (ScienceWorld).
 
 
 def run_episode(
@@ -283,12 +317,13 @@ def run_episode(
   start = time.perf_counter()
   observation, info = env.reset(task)
   expert = ImitableExpert(task, max_steps=max_steps, seed=seed, search_order=search_order)
-  observations, actions, valid, admissible = [observation], [], [], []
+  observations, actions, valid, admissible, search = [observation], [], [], [], []
   won, error = False, None
   try:
     action = expert.first_action(observation, info)
     while True:
       admissible.append(list(info.admissible_actions))
+      search.append(expert.search)
       if before_step is not None:
         before_step(len(actions), info, action)
       result = env.step(action)
@@ -311,6 +346,7 @@ def run_episode(
       actions=actions,
       valid=valid,
       admissible_actions=admissible,
+      search=search,
       won=won,
       error=error,
       seconds=time.perf_counter() - start,

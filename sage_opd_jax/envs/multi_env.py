@@ -15,7 +15,9 @@ Failure isolation keeps the pool's rules, at the finer grain where possible:
 Optionally a shadow expert (e.g. `alfworld_expert.ImitableExpert`, for oracle labels) follows
 each hosted episode in the worker and names its action at every state, in
 `info.extra["expert_action"]` (None once the expert gave up; `info.extra["expert_error"]` says
-why). An expert failure never fails the episode.
+why), and in `info.extra["expert_search"]` the actions its search could equally have named there
+(the expert's `search` attribute, e.g. `alfworld_expert.search_candidates`; () if none or it has
+no such attribute). An expert failure never fails the episode.
 
 Host-only code: workers import this module to unpickle `run_requests`, so it never imports jax.
 """
@@ -44,15 +46,17 @@ def _expert_class(path: str) -> Any:
 
 
 def _shadow(local: int, result: base.StepResult, act: Any) -> None:
-  """Stores the expert's action for the state `result` leads to (or why there is none)."""
-  action, error = None, None
+  """Stores the expert's action (and its search's alternatives) for the state `result` leads to, or why none."""
+  action, search, error = None, (), None
   if local in _EXPERT_OF and not result.done:
     try:
       action = act(_EXPERT_OF[local])
+      search = tuple(getattr(_EXPERT_OF[local], "search", ()))
     except Exception as e:  # pylint: disable=broad-except
       error = f"{type(e).__name__}: {e}"
       del _EXPERT_OF[local]  # It cannot follow the episode any further.
   result.info.extra["expert_action"] = action
+  result.info.extra["expert_search"] = search
   if error is not None:
     result.info.extra["expert_error"] = error
 
