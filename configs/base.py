@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   # puts 1 - eps on that one receptacle, "spread" spreads it evenly over every receptacle its search could
   # equally visit next (the env's `expert_search`), which its fixed visiting order alone tells apart.
   config.teacher.expert.search = "peak"
+  # Where eps goes: "actions" spreads it evenly over the other admissible actions, so a wrong verb with one
+  # action (take, put) gets eps / (n - 1) and one with many (go to) many times that; "verbs" spreads it evenly
+  # over the other actions' verbs, then evenly over each verb's actions.
+  config.teacher.expert.eps_over = "actions"
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.

@@ -14,9 +14,9 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   trie's children at each action token against the student's renormalised over the same ids), to
   tell the one-sample estimate's noise from the direction of the divergence itself. And the OPD
   loss without the turns whose a* is a `go to`: does their gradient lower the other turns' a*? And
-  (config teacher.expert.search="peak") both objectives under the teacher with search="spread",
-  scoring the same batch: on a search step nu spreads over every receptacle the expert's search
-  could equally visit next (`search_spread`).
+  both objectives under other teachers scoring the same batch (`--variants`, teacher.expert
+  overrides, e.g. search=spread+eps_over=verbs), the first also with its go-to turns left out by
+  kind (search steps, the others, those where the student took or put instead).
 - logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
   and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
 
@@ -26,7 +26,8 @@ two receptacles) of the student's sampled episodes; an eval transcript's is in i
   python -m experiments.control_diagnostics --config=configs/alfworld_control.py:0 \\
       --config.tokenizer_dir=workdirs/alfworld_control/tokenizer \\
       --student=workdirs/alfworld_control/student_sft/hf \\
-      --trained=workdirs/alfworld_control/sweeps/eta0/runs/opd/seed0/hf
+      --trained=workdirs/alfworld_control/sweeps/eta0/runs/opd/seed0/hf \\
+      --variants=search=spread,search=spread+eps_over=verbs
 
 Prints a JSON report; `--out` also writes it.
 """
@@ -60,6 +61,10 @@ _TAKEOVER_TURNS = flags.DEFINE_integer("takeover_turns", 30, "Turns the expert m
 _SEED = flags.DEFINE_integer("seed", 0, "Draws the games and the takeover turns.")
 _TAKEOVER = flags.DEFINE_bool("takeover", True, "Run the takeover check (the env replays are most of its time).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON report here.")
+_BASELINE = flags.DEFINE_bool("baseline", True, "Step along the config's own teacher's objectives.")
+_VARIANTS = flags.DEFINE_list("variants", ["search=spread"], "Other teachers to step along, each teacher.expert "
+                              "overrides joined by '+' (e.g. search=spread+eps_over=verbs); the first's go-to "
+                              "turns are also left out by kind.")
 
 
 def two_back_repeats(actions_per_episode) -> tuple[int, int]:
@@ -149,14 +154,18 @@ def exact_support_kl(model, batch, lognu_BxSxK) -> jax.Array:
   return jnp.sum(kl) / jnp.sum(batch["turn_ids"] > 0)
 
 
-def without_turns(played, arrays, teacher, verb) -> np.ndarray:
-  """[B, S] the batch's turn_ids with every turn whose a* starts with `verb` (and its tokens) left out."""
+def without_turns(played, arrays, teacher, leave_out) -> np.ndarray:
+  """[B, S] the batch's turn_ids with every turn (and its tokens) where `leave_out(turn, belief)` left out."""
   turn_ids_BxS = np.array(arrays["turn_ids"])
-  for b, beliefs in enumerate(teacher.beliefs(played.episodes)):
-    for t, belief in enumerate(beliefs):
-      if belief.peak is not None and belief.peak.split()[0] == verb:
+  for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
+    for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
+      if belief.peak is not None and leave_out(turn, belief):
         turn_ids_BxS[b, turn_ids_BxS[b] == t + 1] = 0
   return turn_ids_BxS
+
+
+def verb(action) -> str:
+  return "" if action is None else action.split()[0]
 
 
 def by_verb(logp, verbs) -> dict[str, list[float]]:
@@ -227,22 +236,43 @@ def main(argv):
   totals = totals_fn(batch)
   lognu_BxSxK = jnp.asarray(support_teacher_logprobs(played, arrays, teacher))
   # The same loss with the turns whose a* is a `go to` left out: does their gradient lower the others' a*?
-  no_go = dict(batch, turn_ids=jnp.asarray(without_turns(played, arrays, teacher, "go")))
+  no_go = dict(batch, turn_ids=jnp.asarray(without_turns(played, arrays, teacher, lambda t, b: verb(b.peak) == "go")))
   no_go_totals = totals_fn(no_go)
   params = nnx.state(student, nnx.Param)
   objectives = {"opd_loss": lambda m: loss_fn(m, batch, totals)[0],
                 "opd_loss_without_go_to": lambda m: loss_fn(m, no_go, no_go_totals)[0],
                 "exact_support_kl": lambda m: exact_support_kl(m, batch, lognu_BxSxK)}
-  if config.teacher.expert.search == "peak":
-    with config.unlocked():
-      config.teacher.expert.search = "spread"
-    spread_teacher = train.load_teacher(config, tokenizer, None)
+  if not _BASELINE.value:
+    objectives = {}
+  for v, variant in enumerate(_VARIANTS.value):
+    name = variant.replace("=", "_").replace("+", "_")
+    variant_config = config.copy_and_resolve_references()
+    for key, value in (kv.split("=") for kv in variant.split("+")):
+      variant_config.teacher.expert[key] = type(config.teacher.expert[key])(value)
+    spread_teacher = train.load_teacher(variant_config, tokenizer, None)
     spread = dict(arrays, **spread_teacher.score(played.episodes, arrays))
     spread_batch = {k: jnp.asarray(spread[k]) for k in update_lib.loss_keys(spread)}
-    spread_totals = totals_fn(spread_batch)
     spread_lognu_BxSxK = jnp.asarray(support_teacher_logprobs(played, spread, spread_teacher))
-    objectives["opd_loss_search_spread"] = lambda m: loss_fn(m, spread_batch, spread_totals)[0]
-    objectives["exact_support_kl_search_spread"] = lambda m: exact_support_kl(m, spread_batch, spread_lognu_BxSxK)
+    objectives[f"opd_loss_{name}"] = (lambda m, b=spread_batch, bt=totals_fn(spread_batch): loss_fn(m, b, bt)[0])
+    objectives[f"exact_support_kl_{name}"] = (
+        lambda m, b=spread_batch, nu=spread_lognu_BxSxK: exact_support_kl(m, b, nu))
+    if v:
+      continue
+    # Which go-to turns' gradient lowers the take and the put: the search steps, or the others (the expert
+    # walking to a seen object, to the target receptacle, back with a wrong object)? And among the go-to turns,
+    # those where the student took or put something instead?
+    go_to_kinds = {"search_go_to": lambda t, b: verb(b.peak) == "go" and len(t.expert_search) > 1,
+                   "other_go_to": lambda t, b: verb(b.peak) == "go" and len(t.expert_search) <= 1,
+                   "go_to_where_student_took_or_put": lambda t, b: verb(b.peak) == "go" and verb(t.action) in
+                   ("take", "move")}
+    report["go_to_turns_student_verbs"] = {}
+    for kind, leave_out in go_to_kinds.items():
+      chosen = [verb(t.action) for e, bs in zip(played.episodes, spread_teacher.beliefs(played.episodes))
+                for t, b in zip(e.turns, bs) if leave_out(t, b)]
+      report["go_to_turns_student_verbs"][kind] = dict(collections.Counter(chosen))
+      kept = dict(spread_batch, turn_ids=jnp.asarray(without_turns(played, spread, spread_teacher, leave_out)))
+      objectives[f"opd_loss_{name}_without_{kind}"] = (
+          lambda m, kept=kept, kept_totals=totals_fn(kept): loss_fn(m, kept, kept_totals)[0])
   report["step"] = {}
   for name, objective in objectives.items():
     grads = nnx.state(nnx.grad(objective)(student), nnx.Param)

@@ -28,6 +28,8 @@ JUDGE_THINKING_MIN_TOKENS = 64
 TEACHER_KINDS = ("model", "expert")  # config.teacher.kind: a trained model, or the env's expert (expert_teacher.py).
 # config.teacher.expert.search: nu peaks on the expert's action everywhere, or spreads over its search's candidates.
 SEARCH_BELIEFS = ("peak", "spread")
+# config.teacher.expert.eps_over: the off-peak mass evenly over the other admissible actions, or over their verbs.
+EPS_OVER = ("actions", "verbs")
 # Judge modes that ask the teacher a question, which the expert teacher cannot answer.
 MODEL_JUDGE_MODES = ("prompt", "transcript")
 SCHEDULES = ("constant", "cosine")
@@ -132,6 +134,7 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
       raise ConfigError(f"config.teacher.expert.{key}={value!r}: must lie in [0, 1).")
   _in_range(config, "teacher.expert.eta", 0.0, 1.0)
   _one_of(config, "teacher.expert.search", SEARCH_BELIEFS)
+  _one_of(config, "teacher.expert.eps_over", EPS_OVER)
   why = "config.teacher.kind='expert' "
   if spec.expert is None:
     raise ConfigError(f"{why}needs an env with an expert to name its action at every state; config.env.name="

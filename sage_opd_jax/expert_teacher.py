@@ -32,6 +32,7 @@ Host side (numpy), like the judge: it runs between the rollout and the update.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -41,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sage_opd_jax import judge as judge_lib
-from sage_opd_jax.config import SEARCH_BELIEFS
+from sage_opd_jax.config import EPS_OVER, SEARCH_BELIEFS
 from sage_opd_jax import losses
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
@@ -74,6 +75,8 @@ class ExpertTeacherConfig:
     seed: seeds the misdirection draws and the wrong actions.
     search: "peak" (nu peaks on a* everywhere) or "spread" (on a search step, 1 - eps spread evenly over the
       expert's equally good search candidates, `Turn.expert_search`).
+    eps_over: "actions" (eps evenly over the other admissible actions) or "verbs" (evenly over their verbs,
+      then evenly over each verb's actions).
   """
 
   eps_on: float = 0.05
@@ -81,6 +84,7 @@ class ExpertTeacherConfig:
   eta: float = 0.0
   seed: int = 0
   search: str = "peak"
+  eps_over: str = "actions"
 
   def __post_init__(self):
     for name in ("eps_on", "eps_off"):
@@ -90,11 +94,13 @@ class ExpertTeacherConfig:
       raise ValueError(f"ExpertTeacherConfig.eta={self.eta!r}: must lie in [0, 1].")
     if self.search not in SEARCH_BELIEFS:
       raise ValueError(f"ExpertTeacherConfig.search={self.search!r}: must be one of {SEARCH_BELIEFS}.")
+    if self.eps_over not in EPS_OVER:
+      raise ValueError(f"ExpertTeacherConfig.eps_over={self.eps_over!r}: must be one of {EPS_OVER}.")
 
   @classmethod
   def from_config(cls, expert: Mapping[str, Any]) -> ExpertTeacherConfig:
     return cls(eps_on=float(expert["eps_on"]), eps_off=float(expert["eps_off"]), eta=float(expert["eta"]),
-               seed=int(expert["seed"]), search=str(expert["search"]))
+               seed=int(expert["seed"]), search=str(expert["search"]), eps_over=str(expert["eps_over"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,15 +133,22 @@ def _unit(*parts: Any) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def action_probs(num_actions: int, peak: int | Sequence[int] | None, eps: float) -> np.ndarray:
-  """nu over `num_actions` actions: 1 - eps spread evenly over `peak` (one index or several), eps evenly over
-  the rest; uniform if `peak` is None or covers every action."""
+def action_probs(num_actions: int, peak: int | Sequence[int] | None, eps: float,
+                 groups: Sequence[Any] | None = None) -> np.ndarray:
+  """nu over `num_actions` actions: 1 - eps spread evenly over `peak` (one index or several), eps over the
+  rest: evenly, or with `groups` (a key per action, e.g. its verb) evenly over the rest's groups and then
+  evenly within each; uniform if `peak` is None or covers every action."""
   if peak is None:
     return np.full(num_actions, 1.0 / num_actions)
   peaks = sorted({peak} if isinstance(peak, (int, np.integer)) else set(peak))
   if len(peaks) == num_actions:
     return np.full(num_actions, 1.0 / num_actions)
-  probs = np.full(num_actions, eps / (num_actions - len(peaks)))
+  rest = [i for i in range(num_actions) if i not in peaks]
+  keys = [0] * num_actions if groups is None else list(groups)
+  size = collections.Counter(keys[i] for i in rest)
+  probs = np.zeros(num_actions)
+  for i in rest:
+    probs[i] = eps / len(size) / size[keys[i]]
   probs[peaks] = (1.0 - eps) / len(peaks)
   return probs
 
@@ -159,7 +172,8 @@ def episode_beliefs(task_id: str, turns: Sequence[Any], config: ExpertTeacherCon
     if config.search == "spread" and peak is not None and not misdirected:
       peaks = sorted({peak} | {i for i, a in enumerate(actions)
                                if any(judge_lib.same_action(a, c) for c in turn.expert_search)})
-    beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peaks or None, eps),
+    groups = [a.split()[0] if a.split() else a for a in actions] if config.eps_over == "verbs" else None
+    beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peaks or None, eps, groups),
                               peak=None if peak is None else actions[peak], expert_action=expert,
                               on_path=on_path, misdirected=misdirected,
                               search=tuple(actions[i] for i in peaks if len(peaks) > 1)))

@@ -80,11 +80,13 @@ def brute_force(sequences, masses, prefix):
   return {x: m / total for x, m in nxt.items()}
 
 
-@pytest.mark.parametrize("free_thought, search", [(False, "peak"), (True, "peak"), (True, "spread")])
+@pytest.mark.parametrize("free_thought, search, eps_over", [
+    (False, "peak", "actions"), (True, "peak", "actions"), (True, "spread", "actions"), (True, "spread", "verbs")])
 def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_turns, real_episodes, free_thought,
-                                                                         search):
-  """With search="spread" the beliefs come from `episode_beliefs` on the expert's own turns, whose search steps
-  (the first two of this game: 20 and 18 candidates) spread 1 - eps evenly over their candidates."""
+                                                                         search, eps_over):
+  """The beliefs come from `episode_beliefs` on the expert's own turns. With search="spread" its search steps
+  (the first two of this game: 20 and 18 candidates) spread 1 - eps evenly over their candidates; with
+  eps_over="verbs" eps goes evenly to the other actions' verbs, then evenly to each verb's actions."""
   turns, tokenizer = real_turns
   teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
                                          sampler_config(tokenizer, free_thought), len(tokenizer))
@@ -98,7 +100,11 @@ def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_tur
     # Exact nu: 1 - eps evenly over the peaks (a*, or a search step's candidates), eps evenly over the rest.
     peaks = {actions.index(expert)} | ({actions.index(c) for c in searches[t]} if search == "spread" else set())
     masses = [(1 - eps) / len(peaks) if i in peaks else eps / (n - len(peaks)) for i in range(n)]
-    config = expert_teacher.ExpertTeacherConfig(eps_on=float(eps), search=search)
+    if eps_over == "verbs":
+      rest_verbs = [actions[i].split()[0] for i in range(n) if i not in peaks]
+      masses = [(1 - eps) / len(peaks) if i in peaks else
+                eps / len(set(rest_verbs)) / rest_verbs.count(actions[i].split()[0]) for i in range(n)]
+    config = expert_teacher.ExpertTeacherConfig(eps_on=float(eps), search=search, eps_over=eps_over)
     fake = FakeTurn(admissible, expert, expert, searches[t])
     belief = expert_teacher.episode_beliefs("game", [fake], config)[0]
     probs = belief.probs
@@ -475,6 +481,7 @@ def test_the_control_config_validates_for_every_eta():
     ({"teacher.expert.eps_off": 1.0}, "config.teacher.expert.eps_off"),
     ({"teacher.expert.eta": 1.5}, "config.teacher.expert.eta"),
     ({"teacher.expert.search": "wide"}, "config.teacher.expert.search"),
+    ({"teacher.expert.eps_over": "tokens"}, "config.teacher.expert.eps_over"),
 ])
 def test_bad_expert_teacher_configs_are_refused_with_the_reason(change, named):
   config = alfworld_control.get_config("0")
