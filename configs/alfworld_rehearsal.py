@@ -1,10 +1,10 @@
 """The paper config rehearsed on CPU: its whole pipeline with tiny random Qwen3 models.
 
-`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts, the
-mesh and, since a random model writes no action, decoding constrained to the admissible actions
-after a few thought tokens, so that every turn plays an action and SAGE-OPD's judge is asked about
-it (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing else
-differs). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
+`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts and
+the mesh (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing else
+differs). It decodes freely, as the paper config does: its random student writes no admissible
+action, so each of its turns is Strong by rule and SAGE-OPD's judge is asked in the judge-accuracy
+stage only (docs/reproducing.md has the command that times the judge in the loop). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
 randomly initialised with Qwen3's vocabulary of 151,936, written in Hugging Face format
 (`models.save_hf_checkpoint`), each shipping Qwen3's real tokenizer
 (`tokenization.build_qwen3_tokenizer`), as a downloaded Qwen3 folder does. Everything else is the
@@ -44,11 +44,6 @@ CHANGED = {
     "student.hf_dir": "checkpoints", "teacher.hf_dir": "checkpoints", "tokenizer_dir": "checkpoints",
     # The learning rate a tiny random model needs to pick up the response format in a few SFT updates.
     "pipeline.sft_learning_rate": "model size",
-    # Random models: a random student never writes a parseable action, and every turn without one is
-    # Strong by rule, so the judge would never be asked. Its thought is cut after a few tokens by
-    # `</think>` and its action decoded from the admissible ones, so every turn plays and is judged.
-    "sampling.constrained": "random model", "sampling.free_thought": "random model",
-    "sampling.max_thought_tokens": "random model",
     # Budgets: tokens, turns, updates, chunk sizes scaled to the shorter rows, worker processes.
     "env.max_turns": "budget", "env.num_workers": "budget", "sampling.max_new_tokens": "budget",
     "sampling.min_cache_len": "budget", "sampling.min_chunk_len": "budget",
@@ -97,15 +92,15 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   # Under the paper's 10 warm-up updates (the first at rate 0), 3 updates at this peak rate teach it to
   # open a turn with <think>.
   config.pipeline.sft_learning_rate = 6e-2
-  config.sampling.constrained = config.sampling.free_thought = True
-  config.sampling.max_thought_tokens = 4
 
   # Multi-turn within the token budget: Qwen3's tokens for the first prompt are 210-480 on real games,
-  # for an observation with its admissible actions 100-370 (median 170), for a response ~17 (a 4-token
-  # thought, </think>, `\n\n<action>a</action>`); 1,024 tokens hold 4 turns of most games.
+  # for an observation with its admissible actions 100-370 (median 170), for a response at most 24;
+  # 1,024 tokens hold 4 turns of most games.
   config.env.max_turns = 4
   config.env.num_workers = 2
-  config.sampling.max_new_tokens = 24  # The thought budget, </think> and the longest action (18 tokens).
+  # A response's budget: room for a short thought, </think> and the longest action (18 tokens). The random
+  # student mostly writes all 24 tokens, none an action.
+  config.sampling.max_new_tokens = 24
   config.train.batch_episodes = 4  # One episode per data x fsdp shard.
   config.train.micro_batches = 1
   config.train.max_seq_len = 1024
@@ -113,7 +108,8 @@ def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.C
   # transcript's plus that width: each width and length compiles the decode loop again.
   config.sampling.min_chunk_len = 512
   config.sampling.min_cache_len = config.train.max_seq_len + config.sampling.min_chunk_len
-  # One trie shape: the largest that real games' admissible actions build here (256 nodes, 16 children).
+  # Decoding constrained to the admissible actions (the judge's timing command in docs/reproducing.md), one
+  # trie shape: the largest that real games' admissible actions build here (256 nodes, 16 children).
   config.sampling.min_trie_shape = (256, 16)
   config.train.eval_every = 100  # Once, after the last update.
   config.train.ckpt_every = 1

@@ -129,23 +129,25 @@ def test_the_rehearsal_runs_the_paper_pipeline(checkpoints, tmp_path):
     # Episodes of several turns: the token budget ends few of them before the turn limit.
     for row in trained:
       assert row["rollout/mean_turns"] >= 3 and row["rollout/context_cut_rate"] < 1, (method, row)
-    # Every turn of the rollouts plays an action (its thought cut by </think>, then decoded from the
-    # admissible ones), so every turn is one the judge is asked about.
+    # Free decoding, as the paper samples: the random student's turns are its own text, not the
+    # admissible actions, so none parses to one (a constrained decode would play one every turn).
     played = _turns(runs / method / "seed0", "*_train.jsonl")
-    assert played and all(turn["action"] and turn["valid"] for turn in played), (method, played[:3])
+    assert played and not any(turn["valid"] for turn in played), (method, played[:3])
+    assert all(row["rollout/invalid_rate"] == 1.0 for row in trained), method
     # Thinking mode: the trained student opens its turns with a think block (greedy, in its evaluation;
     # its rollouts at temperature 1 are mostly the random model's other 151,935 ids).
     responses = [turn["response"] for turn in _turns(runs / method / "seed0")]
     assert responses and any(r.startswith("<think>") for r in responses), (method, responses[:3])
-    assert all("</think>" in r for r in responses), (method, responses[:3])
-  # SAGE-OPD's judge (the paper config's mode) was asked about every turn: no turn is Strong by rule. Its
-  # label mix is in every update's metrics and in the transcripts.
+  # SAGE-OPD's label mix is in every update's metrics and in the transcripts: every turn played no
+  # admissible action, so every turn is Strong by rule and none reaches the judge's question.
   labelled = [row for row in _metrics(runs / "sage_opd" / "seed0") if "judge/strong_frac" in row]
   assert len(labelled) == config.pipeline.distill_steps
   for row in labelled:
-    assert row["judge/asked_frac"] == 1.0 and row["judge/num_prompts"] > 0, row
+    assert row["judge/asked_frac"] == 0.0 and row["judge/strong_frac"] == 1.0, row
     assert sum(row[f"judge/{label}_frac"] for label in ("skip", "weak", "strong")) == pytest.approx(1.0)
-  assert {turn["label"] for turn in _turns(runs / "sage_opd" / "seed0", "*_train.jsonl")} <= {"Skip", "Weak", "Strong"}
+  assert {turn["label"] for turn in _turns(runs / "sage_opd" / "seed0", "*_train.jsonl")} == {"Strong"}
+  # The judge's question at the paper's settings was asked in the judge-accuracy stage, of the given teacher.
+  assert "Judge accuracy on held-out games' judge examples:" in report
 
   # The exported student reloads in transformers (PyTorch) with the same logits.
   import torch  # pylint: disable=g-import-not-at-top
