@@ -17,6 +17,8 @@ With `search="spread"` (our choice) a turn where the expert's `go to` is a step 
 something it has not seen (the env's `expert_search`: every receptacle its search could equally visit
 next) spreads the 1 - eps evenly over those k go-tos and eps over the n - k others: the expert does not
 know which receptacle holds the object, and the one its fixed order names is no better than the rest.
+With `eps_over="verbs"` (our choice) eps goes evenly to the off-peak actions' verbs, then evenly to each
+verb's actions, so every wrong verb gets the same mass: a take or put (one action) as much as `go to` (~30).
 
 The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
