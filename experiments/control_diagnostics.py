@@ -16,7 +16,8 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   loss without the turns whose a* is a `go to`: does their gradient lower the other turns' a*? And
   both objectives under other teachers scoring the same batch (`--variants`, teacher.expert
   overrides, e.g. search=spread+eps_over=verbs), the first also with its go-to turns left out by
-  kind (search steps, the others, those where the student took or put instead).
+  kind (search steps, the others, those where the student took or put instead), and without every
+  turn where the student took what the teacher does not prefer.
 - logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
   and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
 
@@ -264,7 +265,9 @@ def main(argv):
     go_to_kinds = {"search_go_to": lambda t, b: verb(b.peak) == "go" and len(t.expert_search) > 1,
                    "other_go_to": lambda t, b: verb(b.peak) == "go" and len(t.expert_search) <= 1,
                    "go_to_where_student_took_or_put": lambda t, b: verb(b.peak) == "go" and verb(t.action) in
-                   ("take", "move")}
+                   ("take", "move"),
+                   "any_turn_where_student_took_what_the_teacher_does_not_prefer":
+                   lambda t, b: verb(t.action) == "take" and not b.prefers(t.action)}
     report["go_to_turns_student_verbs"] = {}
     for kind, leave_out in go_to_kinds.items():
       chosen = [verb(t.action) for e, bs in zip(played.episodes, spread_teacher.beliefs(played.episodes))
