@@ -1,16 +1,16 @@
 """The paper config rehearsed on CPU: its whole pipeline with tiny random Qwen3 models.
 
-`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts and
-the mesh (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing else
+`configs/alfworld_paper.py` as it is, but for the model sizes, the budgets, the game counts and the
+mesh (`CHANGED` lists every field it changes; tests/test_rehearsal.py checks that nothing else
 differs). It decodes freely, as the paper config does: its random student writes no admissible
 action, so each of its turns is Strong by rule and SAGE-OPD's judge is asked in the judge-accuracy
-stage only (docs/reproducing.md has the command that times the judge in the loop). Its checkpoints are its own: a Qwen3-architecture student and a larger teacher,
-randomly initialised with Qwen3's vocabulary of 151,936, written in Hugging Face format
-(`models.save_hf_checkpoint`), each shipping Qwen3's real tokenizer
-(`tokenization.build_qwen3_tokenizer`), as a downloaded Qwen3 folder does. Everything else is the
-paper's (its chat template, thinking mode and judge mode, bf16 compute, remat and chunked
-attention, the history window) on real ALFWorld games ($ALFWORLD_DATA) over a data x fsdp x
-tensor = 2 x 2 x 2 mesh of 8 devices.
+stage only (docs/reproducing.md has the command that times the judge in the loop). Its checkpoints
+are its own: a Qwen3-architecture student and a larger teacher, randomly initialised with Qwen3's
+vocabulary of 151,936, written in Hugging Face format (`models.save_hf_checkpoint`), each shipping
+Qwen3's real tokenizer (`tokenization.build_qwen3_tokenizer`), as a downloaded Qwen3 folder does.
+Everything else is the paper's (its chat template, thinking mode and judge mode, bf16 compute, remat
+and chunked attention, the history window) on real ALFWorld games ($ALFWORLD_DATA) over a data x
+fsdp x tensor = 2 x 2 x 2 mesh of 8 devices.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sage_opd_jax.main \\
       --config=configs/alfworld_rehearsal.py:workdirs/rehearsal_checkpoints --workdir=workdirs/rehearsal

@@ -46,6 +46,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from sage_opd_jax import config as config_lib
+from sage_opd_jax.expert_teacher import verb
 from sage_opd_jax import judge
 from sage_opd_jax import losses
 from sage_opd_jax import models
@@ -100,7 +101,7 @@ def astar_batch(played, arrays, teacher, seq_len):
       if len(context) + len(response) <= seq_len:
         rows.append(context + response)
         supports.append([[] for _ in context] + teacher.turn_support(belief, response))
-        verbs.append(belief.peak.split()[0])
+        verbs.append(verb(belief.peak))
   width = max(len(ids) for support in supports for ids in support)
   tokens, mask = np.zeros((len(rows), seq_len), np.int32), np.zeros((len(rows), seq_len), np.int32)
   support_BxSxK = np.full((len(rows), seq_len, width), -1, np.int32)
@@ -165,10 +166,6 @@ def without_turns(played, arrays, teacher, leave_out) -> np.ndarray:
   return turn_ids_BxS
 
 
-def verb(action) -> str:
-  return "" if action is None else action.split()[0]
-
-
 def by_verb(logp, verbs) -> dict[str, list[float]]:
   return {v: [int((verbs == v).sum()), round(float(logp[verbs == v].mean()), 3)] for v in sorted(set(verbs))}
 
@@ -207,8 +204,8 @@ def main(argv):
   played_astar = collections.defaultdict(lambda: [0, 0])
   for t in turns:
     if t.expert_action is not None:
-      played_astar[t.expert_action.split()[0]][0] += same(t)
-      played_astar[t.expert_action.split()[0]][1] += 1
+      played_astar[verb(t.expert_action)][0] += same(t)
+      played_astar[verb(t.expert_action)][1] += 1
   report["student_played_astar_by_verb"] = dict(played_astar)
 
   # Takeover: the expert plays on from the student's real states.

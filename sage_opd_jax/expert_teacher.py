@@ -129,6 +129,12 @@ class TurnBelief:
     return self.peak is not None and any(judge_lib.same_action(action, a) for a in (self.peak, *self.search))
 
 
+def verb(action: str | None) -> str:
+  """An action's verb, its first word ("go" for "go to desk 1"); "" for None or a blank action."""
+  words = action.split() if action else []
+  return words[0] if words else ""
+
+
 def _unit(*parts: Any) -> float:
   """A uniform draw in [0, 1) fixed by `parts` (SHA-256: stable across processes and Python runs)."""
   digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -174,7 +180,7 @@ def episode_beliefs(task_id: str, turns: Sequence[Any], config: ExpertTeacherCon
     if config.search == "spread" and peak is not None and not misdirected:
       peaks = sorted({peak} | {i for i, a in enumerate(actions)
                                if any(judge_lib.same_action(a, c) for c in turn.expert_search)})
-    groups = [a.split()[0] if a.split() else a for a in actions] if config.eps_over == "verbs" else None
+    groups = [verb(a) for a in actions] if config.eps_over == "verbs" else None
     beliefs.append(TurnBelief(actions=actions, probs=action_probs(len(actions), peaks or None, eps, groups),
                               peak=None if peak is None else actions[peak], expert_action=expert,
                               on_path=on_path, misdirected=misdirected,

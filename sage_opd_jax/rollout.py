@@ -800,6 +800,12 @@ class RolloutEngine:
         episodes[e].error = error
       bar.update(1)
 
+    def live_state(result: base.StepResult, admissible: list[str]
+                   ) -> tuple[str, list[str], str | None, tuple[str, ...]]:
+      """A live episode's entry of `current`: o_t, its admissible actions, the expert's action and search."""
+      return (result.observation, admissible, result.info.extra.get("expert_action"),
+              tuple(result.info.extra.get("expert_search", ())))
+
     def absorb(e: int, result: base.StepResult) -> None:
       episode = episodes[e]
       if not episode.turns:  # A reset.
@@ -811,8 +817,7 @@ class RolloutEngine:
         episode.prompt_tokens = _encode(self.tokenizer, prompts.episode_start_text(
             self.layout, episode.task_text, result.observation,
             admissible if cfg.show_admissible else None, cfg.system_prompt))
-        current[e] = (result.observation, admissible, result.info.extra.get("expert_action"),
-                      tuple(result.info.extra.get("expert_search", ())))
+        current[e] = live_state(result, admissible)
         return
       turn = episode.turns[-1]
       turn.feedback = result.observation
@@ -826,8 +831,7 @@ class RolloutEngine:
         return
       admissible = list(result.info.admissible_actions)
       turn.next_tokens = self._next_tokens(cfg, result.observation, admissible, turn.response_end)
-      current[e] = (result.observation, admissible, result.info.extra.get("expert_action"),
-                    tuple(result.info.extra.get("expert_search", ())))
+      current[e] = live_state(result, admissible)
 
     for g in range(groups):
       dispatcher.request([(e, "reset", tasks[e]) for e in members[g]])

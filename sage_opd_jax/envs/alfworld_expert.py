@@ -207,6 +207,9 @@ def search_candidates(policy: Any, action: str, admissible: Sequence[str]) -> tu
       or action != f"go to {remaining[-1]}" or policy.action_backlog
       or (policy.inventory and not policy.is_agent_holding_right_object)):
     return ()
+  # The policy's own `get_list_of_receptacles_of_type` / `..._to_search_for_object_cls` name the same sets,
+  # but under search_order="shuffled" they are wrapped to shuffle with the expert's generator: calling them
+  # here would draw from it and change the expert's later choices.
   if sub_param in policy.RECEPTACLES:
     prior = {r for r, cls in policy.receptacles.items() if cls == sub_param}
   else:
