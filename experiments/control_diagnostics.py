@@ -97,7 +97,7 @@ def astar_batch(played, arrays, teacher, seq_len):
       if belief.peak is None:
         continue
       context = list(arrays["tokens"][b, :np.flatnonzero(arrays["turn_ids"][b] == t + 1)[0]])
-      response = teacher.prefix + teacher.action_tokens([belief.peak])[0]
+      response = teacher.response_format(belief.thought)[0] + teacher.action_tokens([belief.peak])[0]
       if len(context) + len(response) <= seq_len:
         rows.append(context + response)
         supports.append([[] for _ in context] + teacher.turn_support(belief, response))

@@ -143,6 +143,10 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
     raise ConfigError(f"{why}is a distribution over the turn's admissible actions, so the student's actions must "
                       "be admissible: set config.sampling.constrained=True (unconstrained decoding has no trie to "
                       "score its tokens through).")
+  if _get(config, "sft.thoughts") != "none" and not _get(config, "sampling.free_thought"):
+    raise ConfigError(f"{why}thinks its demos' thoughts (config.sft.thoughts={_get(config, 'sft.thoughts')!r}), "
+                      "which the student writes only with a free thought: set config.sampling.free_thought=True, or "
+                      "config.sft.thoughts='none'.")
   if _get(config, "loss.estimator") != "sampled":
     raise ConfigError(f"{why}scores the student's sampled tokens only: set config.loss.estimator='sampled' "
                       f"(not {_get(config, 'loss.estimator')!r}).")

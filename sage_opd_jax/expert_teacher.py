@@ -23,11 +23,12 @@ verb's actions, so every wrong verb gets the same mass: a take or put (one actio
 The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
 / nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
-With free thought the response starts with the expert's own empty thought up to the trigger
-(`sft_data.expert_response(a)`: `<think></think><action>` under the word-level tokenizer), each forced; the
-student's first token off that format (a word in the thought) gets `OUTSIDE_LOGPROB`, after which
-the expert closes its thought (`format_token_stats`), and the action after the trigger is scored
-through the trie all the same.
+With free thought the response starts with the expert's own thought up to the trigger, each token
+forced: its demonstrations' (`sft_data.expert_response(a, thought)`: `<think></think><action>` under
+the word-level tokenizer, or with `thoughts="subgoal"` the subgoal they think at the student's state,
+`<think>find mug</think><action>`); the student's first token off that format (a word the expert
+does not think) gets `OUTSIDE_LOGPROB`, after which the expert closes its thought
+(`format_token_stats`), and the action after the trigger is scored through the trie all the same.
 
 Host side (numpy), like the judge: it runs between the rollout and the update.
 """
@@ -113,7 +114,8 @@ class TurnBelief:
   probs: float64 nu over them; peak: the action it prefers (None when the turn has no expert
   action: then nu is uniform); on_path: every earlier action was the expert's; misdirected:
   the peak is the fixed wrong action, not the expert's; search: on a spread search turn, the
-  admissible actions that share the peak's mass (a* among them), else ().
+  admissible actions that share the peak's mass (a* among them), else (); thought: what the expert
+  thinks before its peak (`ExpertTeacher`'s `thoughts`; "" for none).
   """
 
   actions: tuple[str, ...]
@@ -123,6 +125,7 @@ class TurnBelief:
   on_path: bool
   misdirected: bool
   search: tuple[str, ...] = ()
+  thought: str = ""
 
   def prefers(self, action: str) -> bool:
     """`action` is what the teacher aims at: its peak, or any action sharing the peak's mass on a search turn."""
@@ -225,7 +228,7 @@ def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, toke
 def format_token_stats(prefix: Sequence[int], close_at: int, tokens: Sequence[int]
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per token of `tokens` (a response's free part, through its trigger): log-prob, top-1 and entropy under
-  the expert's format `prefix` (its empty thought, then the trigger), whose thought closes at `prefix[close_at]`.
+  the expert's format `prefix` (its thought, then the trigger), whose thought closes at `prefix[close_at]`.
 
   On the format the expert's next token is forced (probability 1). The student's first token off it
   gets the floor `OUTSIDE_LOGPROB`: leaving the format is penalised. (our choice) From there on the
@@ -283,39 +286,57 @@ class ExpertTeacher:
     config: the reliability knob.
     tokenizer: the shared tokenizer (the actions' token ids must be the sampler's).
     sampling_config: the rollout's decoding settings. With a `constraint_trigger` (free thought) the
-      expert's response is its demonstrations' (`sft_data.expert_response` with no thought): the
+      expert's response is its demonstrations' (`sft_data.expert_response` with its `thoughts`): the
       thought's tokens up to the trigger, then the trie's `head + a + </action>`; without one it
       is the trie's string alone (`<action>a</action>`).
     vocab_size: the teacher's V, what `neg_entropy` confidence normalises by (the student's).
     enable_thinking: the chat template's thinking switch (`config.sampling.enable_thinking`).
+    thoughts: what the expert thinks before its action (`config.sft.thoughts`, the student's demos'):
+      "none", or its demonstrations' subgoal at the student's state (`sft_data.expert_thoughts` over the
+      student's actions so far, then the peak), so that its response is the demos' format. Needs free thought.
   """
 
   kind = KIND
 
   def __init__(self, config: ExpertTeacherConfig, tokenizer: Any, sampling_config: sampling.SamplingConfig,
-               vocab_size: int, enable_thinking: bool | None = None):
+               vocab_size: int, enable_thinking: bool | None = None, thoughts: str = "none"):
     self.expert_config = config
     self.tokenizer = tokenizer
     self.vocab_size = int(vocab_size)
-    layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
+    self.thoughts = thoughts
+    self.layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
     self.trigger = list(sampling_config.constraint_trigger)
+    if thoughts != "none" and not self.trigger:
+      raise ValueError(f"ExpertTeacher: thoughts={thoughts!r} needs free thought (a constraint trigger): the student "
+                       "writes no thought under constrained decoding from its first token.")
     self.sampling_config = sampling_config
-    self.head = rollout_lib.action_head(layout, sampling_config)  # As the rollout builds its trie.
+    self.head = rollout_lib.action_head(self.layout, sampling_config)  # As the rollout builds its trie.
     self._action_ids: dict[str, list[int]] = {}  # `action_tokens`' encodings, by action string.
-    self.prefix: list[int] = []  # The forced tokens before the trie's string: the empty thought, the trigger.
-    self.close_at = 0  # Where the prefix closes the thought: its `</think>`, else its trigger.
-    if self.trigger:
-      suffix = f"{self.head}a{prompts.ACTION_CLOSE}"
-      response = sft_data.expert_response("a", "", layout)
-      if not response.endswith(suffix):
-        raise ValueError(f"ExpertTeacher: the expert's response {response!r} does not end with the trie's {suffix!r}.")
-      self.prefix = _encode(tokenizer, response[: -len(suffix)])
-      if self.prefix[-len(self.trigger):] != self.trigger:
-        raise ValueError(f"ExpertTeacher: the expert's thought {response[: -len(suffix)]!r} does not end with the "
-                         f"constraint trigger {self.trigger}.")
-      think_close = _encode(tokenizer, prompts.THINK_CLOSE)
-      close_at = [i for i, token in enumerate(self.prefix) if [token] == think_close]
-      self.close_at = close_at[0] if close_at else len(self.prefix) - len(self.trigger)
+    self._formats: dict[str, tuple[list[int], int]] = {}  # `response_format`'s, by thought.
+    self.response_format("")  # Checks the layout once.
+
+  def response_format(self, thought: str = "") -> tuple[list[int], int]:
+    """(prefix, close_at): the forced tokens before the trie's string when the expert thinks `thought` (its
+    thought, then the trigger; [] without free thought), and where the prefix closes the thought (its
+    `</think>`, else its trigger)."""
+    if thought not in self._formats:
+      prefix, close_at = [], 0
+      if self.trigger:
+        suffix = f"{self.head}a{prompts.ACTION_CLOSE}"
+        response = sft_data.expert_response("a", thought, self.layout)
+        if not response.endswith(suffix):
+          raise ValueError(f"ExpertTeacher: the expert's response {response!r} does not end with the trie's "
+                           f"{suffix!r}.")
+        prefix = _encode(self.tokenizer, response[: -len(suffix)])
+        if prefix[-len(self.trigger):] != self.trigger:
+          raise ValueError(f"ExpertTeacher: the expert's thought {response[: -len(suffix)]!r} does not end with the "
+                           f"constraint trigger {self.trigger}.")
+        think_close = _encode(self.tokenizer, prompts.THINK_CLOSE)
+        closes = [i for i, token in enumerate(prefix) if [token] == think_close]
+        close_at = closes[0] if closes else len(prefix) - len(self.trigger)
+      self._formats[thought] = (prefix, close_at)
+    prefix, close_at = self._formats[thought]
+    return list(prefix), close_at
 
   def action_tokens(self, actions: Sequence[str]) -> list[list[int]]:
     """The token ids of each action's constrained string (what the sampler's trie holds).
@@ -329,7 +350,20 @@ class ExpertTeacher:
     return [list(self._action_ids[a]) for a in actions]
 
   def beliefs(self, episodes: Sequence[Any]) -> list[list[TurnBelief]]:
-    return [episode_beliefs(e.task.task_id, e.turns, self.expert_config) for e in episodes]
+    return [self._with_thoughts(e, episode_beliefs(e.task.task_id, e.turns, self.expert_config)) for e in episodes]
+
+  def _with_thoughts(self, episode: Any, beliefs: list[TurnBelief]) -> list[TurnBelief]:
+    """Each belief with the thought the expert's demonstration would think at that turn before its peak: the
+    student's actions and their answers so far are the episode's history."""
+    if self.thoughts == "none":
+      return beliefs
+    turns, out = episode.turns, []
+    for t, belief in enumerate(beliefs):
+      actions = [turn.action or "" for turn in turns[:t]] + [belief.peak or ""]
+      observations = [turns[0].observation] + [turn.feedback for turn in turns[:t]]
+      thought = sft_data.expert_thoughts(self.thoughts, episode.task.task_id, actions, observations)[t]
+      out.append(dataclasses.replace(belief, thought=thought))
+    return out
 
   def _split(self, response: Sequence[int]) -> int:
     """Where the constrained part of `response` starts: after the trigger (free thought), else at 0."""
@@ -361,7 +395,7 @@ class ExpertTeacher:
     format (`format_token_stats`: off it, the expert closes its thought), the rest (after the
     trigger) through the action trie."""
     split = self._split(response)
-    free = format_token_stats(self.prefix, self.close_at, response[:split])
+    free = format_token_stats(*self.response_format(belief.thought), response[:split])
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 

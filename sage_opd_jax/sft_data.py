@@ -80,12 +80,12 @@ class Demonstration:
       if record.get("env") != alfworld.ENV_NAME:
         raise ValueError(f"thoughts={thoughts!r} is defined for ALFWorld demos; record "
                          f"{record.get('task_id', '?')!r} is from env {record.get('env')!r}.")
-      texts = _expert_thoughts(thoughts, record["task_id"], record["actions"], record["observations"])
+      texts = expert_thoughts(thoughts, record["task_id"], record["actions"], record["observations"])
     return cls(task_text=record["task"], observations=record["observations"], actions=record["actions"],
                admissible_actions=record["admissible_actions"], thoughts=texts, trained=record.get("trained"))
 
 
-def _expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observations: Sequence[str]
+def expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observations: Sequence[str]
                      ) -> list[str]:
   """The `thoughts` mode's texts (not "none") for an ALFWorld expert episode, one per action."""
   # Imported here, so that a trainer that only reads demos never loads TextWorld.
@@ -292,7 +292,7 @@ def read_judge_examples(out_dir: str | os.PathLike[str], history_turns: int | No
   out = []
   for ex in examples:
     episode, t = episodes[ex.task_id], ex.turn
-    thoughts_so_far = _expert_thoughts(thoughts, ex.task_id, [*episode["actions"][:t], ex.action or ""],
+    thoughts_so_far = expert_thoughts(thoughts, ex.task_id, [*episode["actions"][:t], ex.action or ""],
                                        [*episode["observations"][: t + 1], ex.feedback])
     out.append(JudgeExample.from_demo(ex, thoughts_so_far[-1], thoughts_so_far[t - len(ex.history):t]))
   return out

@@ -96,7 +96,8 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer: Any, mesh: jax.sh
                   "eta=%g), a controlled study, not a trained teacher.", c.eps_on, c.eps_off, c.eta)
   return expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig.from_config(c), tokenizer,
                                       sampling_config(config, tokenizer, config.sampling.temperature),
-                                      _vocab_size(config.student), config.sampling.enable_thinking)
+                                      _vocab_size(config.student), config.sampling.enable_thinking,
+                                      thoughts=config.sft.thoughts)
 
 
 def _vocab_size(section: ml_collections.ConfigDict) -> int:

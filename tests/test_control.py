@@ -28,6 +28,7 @@ from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
+from sage_opd_jax import sft_data
 from sage_opd_jax import tokenization
 from sage_opd_jax import train
 from sage_opd_jax import update as update_lib
@@ -158,7 +159,7 @@ def test_off_its_format_the_expert_closes_its_thought(real_turns):
   teacher, belief, words, expert = wordy_turn(real_turns)
   think_open, think_close, trigger = (teacher.tokenizer.encode(tag, add_special_tokens=False)
                                       for tag in (prompts.THINK_OPEN, prompts.THINK_CLOSE, prompts.ACTION_OPEN))
-  assert teacher.prefix == think_open + think_close + trigger and teacher.trigger == trigger
+  assert teacher.response_format() == (think_open + think_close + trigger, 1) and teacher.trigger == trigger
   action = teacher.action_tokens([expert])[0]
   floor, close = math.log(1e-4), math.log(1 - 1e-4)  # Independent of the module's constants.
   binary_h = -(1e-4 * math.log(1e-4) + (1 - 1e-4) * math.log(1 - 1e-4))
@@ -183,13 +184,53 @@ def test_off_its_format_the_expert_closes_its_thought(real_turns):
   np.testing.assert_allclose(logp[1:5], floor, rtol=1e-12)
 
 
+def test_with_subgoal_thoughts_the_expert_thinks_its_demos_thought_at_the_students_state(real_episodes, real_turns):
+  """thoughts="subgoal": on the expert's own episode each turn's thought is the one its SFT demo trains on, and
+  its demo response scores 0 on every thought token and log(1 - eps) on the action; where the student does not
+  take the object the expert would have, the expert goes on thinking "find"; a student thinking of another
+  object meets the floor at that word."""
+  episode, tokenizer = real_episodes[0], real_turns[1]
+  teacher = expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(), tokenizer,
+                                         sampler_config(tokenizer, True), len(tokenizer), thoughts="subgoal")
+  record = {"task_id": episode.task.task_id, "task": episode.task_text, "env": "alfworld",
+            "observations": episode.observations, "actions": episode.actions,
+            "admissible_actions": episode.admissible_actions}
+  demo_thoughts = sft_data.Demonstration.from_record(record, thoughts="subgoal").thoughts
+  turns = [FakeTurn(episode.admissible_actions[t], a, a, observation=episode.observations[t],
+                    feedback=episode.observations[t + 1]) for t, a in enumerate(episode.actions)]
+  beliefs = teacher.beliefs([FakeEpisode(turns, episode.task.task_id)])[0]
+  assert [b.thought for b in beliefs] == demo_thoughts
+  obj = demo_thoughts[0].split()[1]
+  take = next(t for t, a in enumerate(episode.actions) if a.startswith(f"take {obj} "))
+  assert demo_thoughts[take] == f"find {obj}" and demo_thoughts[take + 1].startswith(f"put {obj} ")
+  for t in (0, take, take + 1):
+    response = tokenizer.encode(sft_data.expert_response(episode.actions[t], demo_thoughts[t]),
+                                add_special_tokens=False)
+    logp, _, _ = teacher.turn_stats(beliefs[t], response)
+    split = teacher._split(response)  # pylint: disable=protected-access
+    assert split > 4 and np.all(logp[:split] == 0.0)  # <think> the subgoal's words </think> <action>
+    assert math.exp(logp[split:].sum()) == pytest.approx(0.95)
+  # The student does something else where the expert takes the object: it holds nothing, the expert still looks.
+  other = next(a for a in episode.admissible_actions[take] if a != episode.actions[take])
+  turns[take] = FakeTurn(episode.admissible_actions[take], other, episode.actions[take],
+                         observation=episode.observations[take], feedback="Nothing happens.")
+  beliefs = teacher.beliefs([FakeEpisode(turns, episode.task.task_id)])[0]
+  assert beliefs[take].thought == f"find {obj}" and beliefs[take + 1].thought == f"find {obj}"
+  assert [b.thought for b in beliefs[:take]] == demo_thoughts[:take]
+  # Thinking of another object: the floor at the object's word, then the expert closes its thought.
+  wrong = tokenizer.encode(sft_data.expert_response(episode.actions[0], "find apple"), add_special_tokens=False)
+  logp, _, _ = teacher.turn_stats(beliefs[0], wrong)
+  assert logp[0] == logp[1] == 0.0 and logp[2] == pytest.approx(math.log(1e-4))
+
+
 def test_the_sampled_reverse_kl_gradient_raises_closing_a_wordy_thought(real_turns):
   """OPD's loss (the sampled estimator) on a turn that thinks three words and then closes: its gradient on the
   student's logits where it closed raises `</think>`, and one step on the logits raises its log-prob. With the
   floor on every token after the first word (the teacher before this fix) it lowers it."""
   teacher, belief, words, expert = wordy_turn(real_turns)
   prompt = teacher.tokenizer.encode("look around", add_special_tokens=False)
-  response = teacher.prefix[:1] + words + teacher.prefix[1:] + teacher.action_tokens([expert])[0]
+  prefix, _ = teacher.response_format()
+  response = prefix[:1] + words + prefix[1:] + teacher.action_tokens([expert])[0]
   tokens_S = np.asarray(prompt + response, np.int32)
   turn_ids_S = np.asarray([0] * len(prompt) + [1] * len(response), np.int32)
   stats = teacher.turn_stats(belief, response)
@@ -205,7 +246,7 @@ def test_the_sampled_reverse_kl_gradient_raises_closing_a_wordy_thought(real_tur
   grad_1xSxV = jax.grad(lambda logits: losses.sage_opd_loss(logits, batch, options)[0])(logits_1xSxV)
   s = len(prompt) + 1 + len(words)  # The `</think>` after the words; logits[s - 1] predict it.
   close = int(tokens_S[s])
-  assert close == teacher.prefix[1] and 1e-4 < math.exp(jax.nn.log_softmax(logits_1xSxV[0, s - 1])[close]) < 0.5
+  assert close == prefix[1] and 1e-4 < math.exp(jax.nn.log_softmax(logits_1xSxV[0, s - 1])[close]) < 0.5
   assert grad_1xSxV[0, s - 1, close] < 0, grad_1xSxV[0, s - 1, close]
   stepped_1xSxV = logits_1xSxV - 10.0 * grad_1xSxV
   before, after = (jax.nn.log_softmax(x[0, s - 1])[close] for x in (logits_1xSxV, stepped_1xSxV))
@@ -252,7 +293,7 @@ def expert_action_logprob(engine, teacher, model, tasks, seq_len):
   """[turns] the student's log P(a*) at each state of the expert's own episodes: its constrained log-probs
   (decoding's support, as the loss reads them) summed over the tokens after the trigger of a*'s response."""
   def expert_plays(states):
-    return {s.episode: teacher.prefix + teacher.action_tokens([s.expert_action])[0] for s in states}
+    return {s.episode: teacher.response_format()[0] + teacher.action_tokens([s.expert_action])[0] for s in states}
 
   _, arrays = scored_batch(engine, teacher, model, tasks, jax.random.PRNGKey(0), seq_len, intervene=expert_plays)
   batch = {k: jnp.asarray(arrays[k]) for k in update_lib.loss_keys(arrays)}
@@ -317,9 +358,10 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
 
 
 class FakeTurn:
-  def __init__(self, admissible, action, expert_action, expert_search=()):
+  def __init__(self, admissible, action, expert_action, expert_search=(), observation="", feedback=""):
     self.admissible, self.action, self.expert_action = admissible, action, expert_action
     self.expert_search = tuple(expert_search)
+    self.observation, self.feedback = observation, feedback
 
 
 def knob_episode(real_turns):
@@ -482,6 +524,8 @@ def test_the_control_config_validates_for_every_eta():
     ({"teacher.expert.eta": 1.5}, "config.teacher.expert.eta"),
     ({"teacher.expert.search": "wide"}, "config.teacher.expert.search"),
     ({"teacher.expert.eps_over": "tokens"}, "config.teacher.expert.eps_over"),
+    ({"sft.thoughts": "subgoal", "sampling.free_thought": False, "sampling.max_thought_tokens": 0},
+     "config.sampling.free_thought=True"),
 ])
 def test_bad_expert_teacher_configs_are_refused_with_the_reason(change, named):
   config = alfworld_control.get_config("0")
