@@ -147,9 +147,6 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
     raise ConfigError(f"{why}thinks its demos' thoughts (config.sft.thoughts={_get(config, 'sft.thoughts')!r}), "
                       "which the student writes only with a free thought: set config.sampling.free_thought=True, or "
                       "config.sft.thoughts='none'.")
-  if _get(config, "loss.estimator") != "sampled":
-    raise ConfigError(f"{why}scores the student's sampled tokens only: set config.loss.estimator='sampled' "
-                      f"(not {_get(config, 'loss.estimator')!r}).")
   if _get(config, "teacher.temperature") != 1.0:
     raise ConfigError(f"{why}sets its sharpness with teacher.expert.eps_on/eps_off: leave "
                       f"config.teacher.temperature at 1.0 (not {_get(config, 'teacher.temperature')!r}).")

@@ -192,19 +192,12 @@ def episode_beliefs(task_id: str, turns: Sequence[Any], config: ExpertTeacherCon
   return beliefs
 
 
-def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, tokens: Sequence[int]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per token of `tokens`: log P(token | earlier tokens), top-1 and entropy of P(. | earlier tokens).
-
-  P is the token-level law of drawing sequence i with probability probs[i] (a distribution over
-  `sequences`, e.g. admissible actions' token ids): P(x | p) = mass of the sequences continuing
-  p + x over the mass of those continuing p. A token outside the support (no sequence
-  continues it, or only ones of zero mass) gets `OUTSIDE_LOGPROB`; from there on, and past the
-  end of a complete sequence, no sequence is consistent, so every token gets `OUTSIDE_LOGPROB`
-  with top-1 1 and entropy 0.
-  """
-  n = len(tokens)
-  logp, top1, entropy = np.full(n, OUTSIDE_LOGPROB), np.ones(n), np.zeros(n)
+def trie_conditionals(sequences: Sequence[Sequence[int]], probs: np.ndarray, tokens: Sequence[int]
+                      ) -> list[dict[int, float]]:
+  """Per token of `tokens`: P(. | earlier tokens) as {next id: probability} under the law of drawing sequence i
+  with probability probs[i] (P(x | p) = mass of the sequences continuing p + x over the mass of those continuing
+  p); {} once no sequence of positive mass continues the earlier tokens (left the support, or past an end)."""
+  laws: list[dict[int, float]] = []
   alive = [i for i, seq in enumerate(sequences) if probs[i] > 0]
   for j, token in enumerate(tokens):
     children: dict[int, float] = {}
@@ -212,16 +205,29 @@ def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, toke
       if len(sequences[i]) > j:
         children[sequences[i][j]] = children.get(sequences[i][j], 0.0) + probs[i]
     total = sum(children.values())
-    if total <= 0:
+    laws.append({x: m / total for x, m in children.items()} if total > 0 else {})
+    alive = [i for i in alive if len(sequences[i]) > j and sequences[i][j] == token]
+  return laws
+
+
+def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, tokens: Sequence[int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per token of `tokens`: log P(token | earlier tokens), top-1 and entropy of P(. | earlier tokens)
+  (`trie_conditionals`). A token outside the support (no sequence continues it, or only ones of zero
+  mass) gets `OUTSIDE_LOGPROB`; from there on, and past the end of a complete sequence, no sequence is
+  consistent, so every token gets `OUTSIDE_LOGPROB` with top-1 1 and entropy 0.
+  """
+  n = len(tokens)
+  logp, top1, entropy = np.full(n, OUTSIDE_LOGPROB), np.ones(n), np.zeros(n)
+  for j, (token, law) in enumerate(zip(tokens, trie_conditionals(sequences, probs, tokens))):
+    if not law:
       break
-    p = np.asarray(list(children.values())) / total
+    p = np.asarray(list(law.values()))
     top1[j] = p.max()
     entropy[j] = float(-(p * np.log(p)).sum())
-    if token not in children:
-      logp[j + 1:] = OUTSIDE_LOGPROB
+    if token not in law:
       break
-    logp[j] = max(math.log(children[token] / total), OUTSIDE_LOGPROB)
-    alive = [i for i in alive if len(sequences[i]) > j and sequences[i][j] == token]
+    logp[j] = max(math.log(law[token]), OUTSIDE_LOGPROB)
   return logp, top1, entropy
 
 
@@ -291,6 +297,8 @@ class ExpertTeacher:
       is the trie's string alone (`<action>a</action>`).
     vocab_size: the teacher's V, what `neg_entropy` confidence normalises by (the student's).
     enable_thinking: the chat template's thinking switch (`config.sampling.enable_thinking`).
+    topk: `score` also gives nu over each token's decoding support (`teacher.TOPK_KEYS`), for the exact
+      divergence (config.loss.estimator='full').
     thoughts: what the expert thinks before its action (`config.sft.thoughts`, the student's demos'):
       "none", or its demonstrations' subgoal at the student's state (`sft_data.expert_thoughts` over the
       student's actions so far, then the peak), so that its response is the demos' format. Needs free thought.
@@ -299,11 +307,12 @@ class ExpertTeacher:
   kind = KIND
 
   def __init__(self, config: ExpertTeacherConfig, tokenizer: Any, sampling_config: sampling.SamplingConfig,
-               vocab_size: int, enable_thinking: bool | None = None, thoughts: str = "none"):
+               vocab_size: int, enable_thinking: bool | None = None, thoughts: str = "none", topk: bool = False):
     self.expert_config = config
     self.tokenizer = tokenizer
     self.vocab_size = int(vocab_size)
     self.thoughts = thoughts
+    self.topk = topk
     self.layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
     self.trigger = list(sampling_config.constraint_trigger)
     if thoughts != "none" and not self.trigger:
@@ -399,9 +408,22 @@ class ExpertTeacher:
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 
+  def turn_support_logprobs(self, belief: TurnBelief, support: Sequence[Sequence[int]], response: Sequence[int]
+                            ) -> list[list[float]]:
+    """Per response token, log nu of each id of its `turn_support` list given the earlier tokens: through the
+    trie after the trigger (an id nu gives no mass, the floor), 0 for the trigger the thought budget forced."""
+    split = self._split(response)
+    laws = [{}] * split + trie_conditionals(self.action_tokens(belief.actions), belief.probs, response[split:])
+    return [[0.0 if j < split else max(math.log(law[i]), OUTSIDE_LOGPROB) if law.get(i, 0.0) > 0
+             else OUTSIDE_LOGPROB for i in ids] for j, (ids, law) in enumerate(zip(support, laws))]
+
   def score(self, episodes: Sequence[Any], arrays: Mapping[str, np.ndarray]) -> teacher_lib.Scores:
     """`teacher.STAT_KEYS` -> [B, S] float32 on the batch's response tokens (turn k's: turn_ids == k), else 0;
-    and `student_support` [B, S, K] int32, each response token's `turn_support` (-1 padded; -1 elsewhere).
+    and `student_support` [B, S, K] int32, each response token's `turn_support` (-1 padded; -1 elsewhere);
+    with `topk`, also `teacher.TOPK_KEYS`: nu over those same ids (`turn_support_logprobs`), for the exact
+    divergence (estimator='full', `losses.topk_divergence`): at each token with a choice, nu's conditional
+    over the ids decoding allowed against the student's renormalised over them; none listed (the free
+    thought): no divergence.
 
     (our choice) The support makes the loss read the student's log pi renormalised over the tokens
     constrained decoding allowed (`losses.token_logprobs`): nu lives on the admissible-action trie and the
@@ -412,6 +434,7 @@ class ExpertTeacher:
     turn_ids_BxS = np.asarray(arrays["turn_ids"])
     scores = {key: np.zeros(turn_ids_BxS.shape, np.float32) for key in teacher_lib.STAT_KEYS}
     supports = [[[] for _ in row] for row in turn_ids_BxS]
+    lognus = [[[] for _ in row] for row in turn_ids_BxS]
     for b, (episode, beliefs) in enumerate(zip(episodes, self.beliefs(episodes))):
       for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
         where = np.flatnonzero(turn_ids_BxS[b] == t + 1)
@@ -420,10 +443,19 @@ class ExpertTeacher:
                            f"response tokens but turn_ids marks {len(where)} in row {b} of the batch.")
         for key, values in zip(teacher_lib.STAT_KEYS, self.turn_stats(belief, turn.response_tokens)):
           scores[key][b, where] = values
-        for s, ids in zip(where, self.turn_support(belief, turn.response_tokens)):
-          supports[b][s] = ids
+        support = self.turn_support(belief, turn.response_tokens)
+        lognu = (self.turn_support_logprobs(belief, support, turn.response_tokens) if self.topk
+                 else [[] for _ in support])
+        for s, ids, values in zip(where, support, lognu):
+          supports[b][s], lognus[b][s] = ids, values
     flat = support_array([ids for row in supports for ids in row])
     scores["student_support"] = flat.reshape(*turn_ids_BxS.shape, flat.shape[-1])
+    if self.topk:
+      values = np.zeros(flat.shape, np.float32)
+      for n, row in enumerate(v for per_row in lognus for v in per_row):
+        values[n, :len(row)] = row
+      scores["teacher_topk_ids"] = scores["student_support"]
+      scores["teacher_topk_logprobs"] = values.reshape(scores["student_support"].shape)
     return scores
 
   def metrics(self, episodes: Sequence[Any]) -> dict[str, float]:

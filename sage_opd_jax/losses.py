@@ -301,12 +301,22 @@ def topk_divergence(
 
   The top-k arrays are token-aligned (entry s: the teacher's k most likely tokens at s).
   [ours] Both distributions are renormalised over those K tokens and the divergence is
-  taken there, so it is a proper divergence, and with K = V it is the exact one.
+  taken there, so it is a proper divergence, and with K = V it is the exact one. Ids < 0 pad
+  a position's list (the expert teacher's lists are its decoding support, of varying width):
+  they weigh nothing, and a position listing none has divergence 0.
   """
+  ids_BxSxK = teacher_topk_ids.astype(jnp.int32)
+  listed_BxSxK = ids_BxSxK >= 0
+  # A large finite logit, not -inf, for padding: a position listing none stays finite in both passes.
+  masked = lambda x_BxSxK: jax.nn.log_softmax(jnp.where(listed_BxSxK, x_BxSxK, -1e9), axis=-1)
   logp_BxSxV = align_to_tokens(_log_softmax(student_logits))
-  logp_BxSxK = jnp.take_along_axis(logp_BxSxV, teacher_topk_ids.astype(jnp.int32), axis=-1)
-  logp_BxSxK = jax.nn.log_softmax(logp_BxSxK, axis=-1)
-  logq_BxSxK = jax.nn.log_softmax(_float(teacher_topk_logprobs), axis=-1)
+  logp_BxSxK = masked(jnp.take_along_axis(logp_BxSxV, jnp.maximum(ids_BxSxK, 0), axis=-1))
+  logq_BxSxK = masked(_float(teacher_topk_logprobs))
+  divergence_BxS = _topk_divergence(logp_BxSxK, logq_BxSxK, divergence, beta)
+  return jnp.where(jnp.any(listed_BxSxK, axis=-1), divergence_BxS, 0.0)
+
+
+def _topk_divergence(logp_BxSxK: Array, logq_BxSxK: Array, divergence: str, beta: float) -> Array:
   if divergence == "reverse_kl":
     return _kl(logp_BxSxK, logq_BxSxK)
   if divergence == "forward_kl":

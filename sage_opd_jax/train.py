@@ -97,7 +97,7 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer: Any, mesh: jax.sh
   return expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig.from_config(c), tokenizer,
                                       sampling_config(config, tokenizer, config.sampling.temperature),
                                       _vocab_size(config.student), config.sampling.enable_thinking,
-                                      thoughts=config.sft.thoughts)
+                                      thoughts=config.sft.thoughts, topk=config.loss.estimator == "full")
 
 
 def _vocab_size(section: ml_collections.ConfigDict) -> int:

@@ -118,8 +118,15 @@ def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_tur
     entropy_sum = 0.0
     for i, seq in enumerate(sequences):
       logp, top1, entropy = teacher.turn_stats(belief, seq)
+      support = teacher.turn_support(belief, seq)
+      support_lognu = teacher.turn_support_logprobs(belief, support, seq)  # The exact estimator's nu.
       for j in range(len(seq)):
         law = brute_force(sequences, masses, seq[:j])
+        if j >= len(free):  # Over decoding's support: nu's law of the next token, the floor where it has no mass.
+          assert set(support[j]) == set(law)
+          for token, lognu in zip(support[j], support_lognu[j]):
+            want = math.log(law[token]) if law[token] > 0 else expert_teacher.OUTSIDE_LOGPROB
+            assert lognu == pytest.approx(want, abs=1e-12)
         if law[seq[j]] == 0:
           assert logp[j] == expert_teacher.OUTSIDE_LOGPROB
           break
@@ -305,13 +312,16 @@ def expert_action_logprob(engine, teacher, model, tasks, seq_len):
   return (sums_BxT * lengths_BxT)[lengths_BxT > 0]
 
 
-def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states(tmp_path):
+@pytest.mark.parametrize("estimator", ["sampled", "full"])
+def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states(tmp_path, estimator):
   """A few OPD updates from a random student (the trainer's own loss and update, on batches the real rollout
   played and the expert teacher scored) raise log P(a*) on the expert's episodes, states the student's own
-  rollouts leave after their first turn. Fails with the update's sign flipped, the teacher's scores one
+  rollouts leave after their first turn; with the sampled k1 estimator and with the exact reverse KL over
+  decoding's support (estimator='full'). Fails with the update's sign flipped, the teacher's scores one
   token off, or the student's full-vocabulary log pi in place of decoding's (the forced tokens' advantages)."""
   tokenizer_dir = tokenization.build_alfworld_tokenizer(FIXTURE_DATA, tmp_path / "tokenizer")
   config = fixture_control_config(tokenizer_dir)
+  config.loss.estimator = estimator
   tokenizer = models.load_tokenizer(tokenizer_dir)
   model = train.load_model(config.student, None, config.seed)
   teacher = train.load_teacher(config, tokenizer, None)
@@ -345,6 +355,11 @@ def test_opd_with_the_expert_teacher_raises_the_experts_action_on_its_own_states
             where = np.flatnonzero(arrays["turn_ids"][b] == t + 1)[teacher._split(turn.response_tokens):]  # pylint: disable=protected-access
             nu = belief.probs[belief.actions.index(turn.action)]
             assert np.exp(arrays["teacher_logprobs"][b, where].sum()) == pytest.approx(nu, rel=1e-5)
+            if estimator == "full":  # nu over decoding's support at each action token: the law sums to 1.
+              listed = arrays["teacher_topk_ids"][b, where] >= 0
+              assert np.all(arrays["teacher_topk_ids"][b, where] == arrays["student_support"][b, where])
+              law = np.where(listed, np.exp(arrays["teacher_topk_logprobs"][b, where]), 0.0).sum(-1)
+              np.testing.assert_allclose(law, 1.0, rtol=1e-5)
       state, metrics = update(state, batch, learning_rates[step])
       assert not metrics["update_skipped"]
     after = expert_action_logprob(engine, teacher, nnx.merge(graphdef, state.params), tasks, seq_len)
@@ -512,12 +527,16 @@ def test_the_control_config_validates_for_every_eta():
     config = config_lib.validate(alfworld_control.get_config(str(eta)))
     assert config.teacher.kind == "expert" and config.teacher.expert.eta == eta
     assert config.pipeline.sweep == f"eta{eta:g}"
+  # Both estimators: the sampled k1 and the exact divergence over decoding's support (E2/E10).
+  for estimator, divergence in (("sampled", "reverse_kl"), ("full", "reverse_kl"), ("full", "forward_kl")):
+    config = alfworld_control.get_config("0")
+    config.loss.estimator, config.loss.divergence = estimator, divergence
+    assert config_lib.validate(config).loss.estimator == estimator
 
 
 @pytest.mark.parametrize("change, named", [
     ({"sampling.constrained": False, "sampling.free_thought": False, "sampling.max_thought_tokens": 0},
      "config.sampling.constrained=True"),
-    ({"loss.estimator": "full"}, "config.loss.estimator='sampled'"),
     ({"judge.mode": "prompt", "method": "sage_opd"}, "cannot answer"),
     ({"method": "opd_two_rollout"}, "does not generate"),
     ({"teacher.expert.eps_off": 1.0}, "config.teacher.expert.eps_off"),

@@ -405,6 +405,27 @@ def test_topk_divergence_matches_reference(shape, k, kind):
   close(got, ref_topk_divergence(ref_logits, ids, logprobs, kind, 0.4))
 
 
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_topk_divergence_with_padded_lists_is_the_divergence_over_the_listed_ids(kind):
+  """Ids < 0 pad a position's list (the expert teacher's decoding supports): the divergence is the reference's
+  over the listed ids alone, 0 where none is listed, and its gradient finite."""
+  ref_logits, logits, raw, _ = random_case(3, 2, 6, 11, 2)
+  ids, logprobs = ref_topk(raw["teacher_logits"], 4)
+  widths = np.random.default_rng(0).integers(0, 5, ids.shape[:2])  # 0 to 4 listed ids per position.
+  padded_ids = np.where(np.arange(4) < widths[..., None], ids, -1)
+  padded_logprobs = np.where(padded_ids >= 0, logprobs, 123.0)  # Padding's values must not matter.
+  got = losses.topk_divergence(logits, jnp.asarray(padded_ids), jnp.asarray(padded_logprobs, jnp.float32), kind, 0.4)
+  want = np.zeros(widths.shape)
+  for i, j in zip(*np.nonzero(widths)):
+    n = widths[i, j]
+    want[i, j] = ref_topk_divergence(ref_logits[i:i + 1, j - 1:j + 1], ids[i:i + 1, j:j + 1, :n][:, [0, 0]],
+                                     logprobs[i:i + 1, j:j + 1, :n][:, [0, 0]], kind, 0.4)[0, 1] if j else 0.0
+  close(got, want)
+  grad = jax.grad(lambda x: jnp.sum(losses.topk_divergence(x, jnp.asarray(padded_ids),
+                                                           jnp.asarray(padded_logprobs, jnp.float32), kind)))(logits)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
 @pytest.mark.parametrize("divergence", losses.DIVERGENCES)
 def test_topk_with_k_equal_v_is_the_exact_loss(divergence):
   _, logits, raw, batch = _opd_batch(8)
