@@ -20,6 +20,8 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   turn where the student took what the teacher does not prefer.
 - logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
   and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
+- takes: how many of the student's takes were of the task's object, and the expert's next verb after
+  a take of another (`student_takes`): what the teacher says on the student's own states.
 
 Also the two-back repeat rate (a turn repeating the action of two turns earlier: walking between
 two receptacles) of the student's sampled episodes; an eval transcript's is in its jsonl.
@@ -52,6 +54,7 @@ from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import train
 from sage_opd_jax import update as update_lib
+from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
 
@@ -207,6 +210,17 @@ def main(argv):
       played_astar[verb(t.expert_action)][0] += same(t)
       played_astar[verb(t.expert_action)][1] += 1
   report["student_played_astar_by_verb"] = dict(played_astar)
+  # Which objects the student takes, and what the expert names next after a take of another object.
+  takes = collections.Counter()
+  for episode in episodes:
+    target = alfworld.parse_task_folder(episode.task.task_id.split("/", 1)[0])["pddl_params"]["object_target"]
+    for turn, later in zip(episode.turns, [*episode.turns[1:], None]):
+      if verb(turn.action) == "take":
+        right = turn.action.split()[1] == target.lower()
+        takes["task_object" if right else "other_object"] += 1
+        if not right and later is not None and later.expert_action is not None:
+          takes[f"then_expert_{verb(later.expert_action)}"] += 1
+  report["student_takes"] = dict(takes)
 
   # Takeover: the expert plays on from the student's real states.
   wins = collections.defaultdict(list)
