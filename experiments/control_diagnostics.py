@@ -123,24 +123,17 @@ def astar_logprob(model, batch) -> np.ndarray:
 
 
 def support_teacher_logprobs(played, arrays, teacher) -> np.ndarray:
-  """[B, S, K] log nu of each id of `student_support` given the action's earlier tokens (-inf: none, or no mass)."""
+  """[B, S, K] log nu of each id of `student_support` given the action's earlier tokens
+  (`ExpertTeacher.turn_support_logprobs`; -inf where none is listed)."""
   support_BxSxK = arrays["student_support"]
   lognu_BxSxK = np.full(support_BxSxK.shape, -np.inf, np.float32)
   for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
     for t, (turn, belief) in enumerate(zip(episode.turns, beliefs)):
       where = np.flatnonzero(arrays["turn_ids"][b] == t + 1)
       response = list(turn.response_tokens)
-      split = teacher._split(response)  # pylint: disable=protected-access
-      sequences = teacher.action_tokens(belief.actions)
-      for j in range(split, len(response)):
-        prefix, children = response[split:j], collections.defaultdict(float)
-        for seq, p in zip(sequences, belief.probs):
-          if len(seq) > len(prefix) and seq[:len(prefix)] == prefix:
-            children[seq[len(prefix)]] += p
-        total = sum(children.values())
-        for k, token in enumerate(support_BxSxK[b, where[j]]):
-          if token >= 0 and children.get(int(token), 0.0) > 0:
-            lognu_BxSxK[b, where[j], k] = np.log(children[int(token)] / total)
+      support = teacher.turn_support(belief, response)
+      for s, values in zip(where, teacher.turn_support_logprobs(belief, support, response)):
+        lognu_BxSxK[b, s, :len(values)] = values
   return lognu_BxSxK
 
 
