@@ -414,8 +414,8 @@ class ExpertTeacher:
     trie after the trigger (an id nu gives no mass, the floor), 0 for the trigger the thought budget forced."""
     split = self._split(response)
     laws = [{}] * split + trie_conditionals(self.action_tokens(belief.actions), belief.probs, response[split:])
-    return [[0.0 if j < split else max(math.log(law[i]), OUTSIDE_LOGPROB) if law.get(i, 0.0) > 0
-             else OUTSIDE_LOGPROB for i in ids] for j, (ids, law) in enumerate(zip(support, laws))]
+    return [[0.0 if j < split else math.log(max(law.get(i, 0.0), OUTSIDE_PROB)) for i in ids]
+            for j, (ids, law) in enumerate(zip(support, laws))]
 
   def score(self, episodes: Sequence[Any], arrays: Mapping[str, np.ndarray]) -> teacher_lib.Scores:
     """`teacher.STAT_KEYS` -> [B, S] float32 on the batch's response tokens (turn k's: turn_ids == k), else 0;
