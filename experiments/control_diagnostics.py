@@ -18,10 +18,14 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   overrides, e.g. search=spread+eps_over=verbs), the first also with its go-to turns left out by
   kind (search steps, the others, those where the student took or put instead), and without every
   turn where the student took what the teacher does not prefer.
-- logp: the student's constrained log P(a*) at those states, by the expert's verb, for the start
-  and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
+- logp: the student's constrained log P(a*) at those states, by the expert's verb (its put of the
+  task's object apart from its other moves, the undos), for the start and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
 - takes: how many of the student's takes were of the task's object, and the expert's next verb after
   a take of another (`student_takes`): what the teacher says on the student's own states.
+- verb_probability: each student's probability of the take where the task's object can be taken
+  (take_here) and where only others can (take_elsewhere), and of the put (a `move` of the task's
+  object) at a receptacle of the target's type (put_here) and at another (put_elsewhere), on every
+  batch's states: does training teach the student to tell them apart, or only to take and put less?
 
 Also the two-back repeat rate (a turn repeating the action of two turns earlier: walking between
 two receptacles) of the student's sampled episodes; an eval transcript's is in its jsonl.
@@ -91,20 +95,48 @@ def takeover(env, task, actions, k, max_turns) -> bool:
   return False
 
 
+def decisive_state(task_id: str, actions) -> str | None:
+  """Whether a state's admissible actions offer the take or the put that the task needs ('take_here',
+  'put_here'), or only others ('take_elsewhere': takes of other objects; 'put_elsewhere': the task's
+  object held at a receptacle not of the target's type); None for any other state."""
+  params = alfworld.parse_task_folder(task_id.split("/", 1)[0])["pddl_params"]
+  target, receptacle = params["object_target"].lower(), params["parent_target"].lower()
+  takes = [a.split() for a in actions if verb(a) == "take"]
+  if takes:
+    return "take_here" if any(a[1] == target for a in takes) else "take_elsewhere"
+  puts = [a.split() for a in actions if verb(a) == "move" and a.split()[1] == target]  # move X N to Y M.
+  if puts:
+    return "put_here" if any(a[-2] == receptacle for a in puts) else "put_elsewhere"
+  return None
+
+
 def astar_batch(played, arrays, teacher, seq_len):
   """Each turn's context in the student's episode followed by the expert's own response (a*), with the
-  constrained-decoding support of its action tokens; and the verb of each a*."""
+  constrained-decoding support of its action tokens; the verb of each a* ('put' for the task's put, 'move'
+  for other moves); and, for its rows at a
+  `decisive_state`, the position of the action's first token (its verb), the first token of that state's
+  takes or puts, and the state's kind."""
   rows, supports, verbs = [], [], []
+  decisive = collections.defaultdict(list)
   for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
     for t, belief in enumerate(beliefs):
       if belief.peak is None:
         continue
       context = list(arrays["tokens"][b, :np.flatnonzero(arrays["turn_ids"][b] == t + 1)[0]])
-      response = teacher.response_format(belief.thought)[0] + teacher.action_tokens([belief.peak])[0]
+      prefix = teacher.response_format(belief.thought)[0]
+      response = prefix + teacher.action_tokens([belief.peak])[0]
       if len(context) + len(response) <= seq_len:
+        kind = decisive_state(episode.task.task_id, belief.actions)
+        if kind is not None:
+          offered = next(a for a in belief.actions if verb(a) == kind.split("_")[0].replace("put", "move"))
+          decisive["row"].append(len(rows))
+          decisive["pos"].append(len(context) + len(prefix))
+          decisive["verb_id"].append(teacher.action_tokens([offered])[0][0])
+          decisive["kind"].append(kind)
         rows.append(context + response)
         supports.append([[] for _ in context] + teacher.turn_support(belief, response))
-        verbs.append(verb(belief.peak))
+        # A `move` of the task's object to the target's receptacle type is the put; other moves are undos.
+        verbs.append("put" if decisive_state(episode.task.task_id, [belief.peak]) == "put_here" else verb(belief.peak))
   width = max(len(ids) for support in supports for ids in support)
   tokens, mask = np.zeros((len(rows), seq_len), np.int32), np.zeros((len(rows), seq_len), np.int32)
   support_BxSxK = np.full((len(rows), seq_len, width), -1, np.int32)
@@ -113,7 +145,25 @@ def astar_batch(played, arrays, teacher, seq_len):
     for s, ids in enumerate(support):
       support_BxSxK[i, s, :len(ids)] = ids
   batch = dict(tokens=tokens, attention_mask=mask, student_support=support_BxSxK)
-  return {k: jnp.asarray(v) for k, v in batch.items()}, np.asarray(verbs)
+  return ({k: jnp.asarray(v) for k, v in batch.items()}, np.asarray(verbs),
+          {k: np.asarray(v) for k, v in decisive.items()})
+
+
+def verb_probability(model, batch, decisive) -> np.ndarray:
+  """[decisive rows] the student's constrained probability of the state's take (or put) verb: its policy at
+  the action's first token, renormalised over the verbs decoding offers there."""
+  if not len(decisive.get("row", ())):
+    return np.zeros((0,))
+  logits_RxV = update_lib.student_logits(model, batch)[decisive["row"], decisive["pos"] - 1]
+  support_RxK = batch["student_support"][decisive["row"], decisive["pos"]]
+  picked_RxK = jnp.take_along_axis(logits_RxV, jnp.maximum(support_RxK, 0), axis=-1)
+  logp_RxK = jax.nn.log_softmax(jnp.where(support_RxK >= 0, picked_RxK, -1e9), axis=-1)
+  return np.asarray(jnp.sum(jnp.where(support_RxK == decisive["verb_id"][:, None], jnp.exp(logp_RxK), 0.0), axis=-1))
+
+
+def by_kind(p, kinds) -> dict[str, list[float]]:
+  """Per decisive kind: [states, mean verb probability]."""
+  return {k: [int((kinds == k).sum()), round(float(p[kinds == k].mean()), 3)] for k in sorted(set(kinds))}
 
 
 def astar_logprob(model, batch) -> np.ndarray:
@@ -227,15 +277,23 @@ def main(argv):
   report["takeover_won"] = {name: [int(sum(w)), len(w)] for name, w in wins.items()}
 
   # The update's direction, and log P(a*) by verb, on the first batch's states.
-  played, arrays = batches[0]
-  astar, verbs = astar_batch(played, arrays, teacher, seq_len)
-  before = astar_logprob(student, astar)
-  report["logp_astar"] = {"start": {"all": round(float(before.mean()), 3), **by_verb(before, verbs)}}
+  students = {"start": student}
   for hf_dir in _TRAINED.value:
     with config.unlocked():
       config.student.hf_dir = hf_dir
-    logp = astar_logprob(train.load_model(config.student, None, config.seed), astar)
-    report["logp_astar"][hf_dir] = {"all": round(float(logp.mean()), 3), **by_verb(logp, verbs)}
+    students[hf_dir] = train.load_model(config.student, None, config.seed)
+  # Does each student tell the states where the task's take (or put) is offered from those where only others
+  # are? Its probability of the verb there, on every batch's states.
+  decisive = [astar_batch(played, arrays, teacher, seq_len)[::2] for played, arrays in batches]
+  kinds = np.concatenate([d.get("kind", np.zeros((0,), str)) for _, d in decisive])
+  report["verb_probability"] = {name: by_kind(np.concatenate([verb_probability(model, b, d) for b, d in decisive]), kinds)
+                                for name, model in students.items()}
+  played, arrays = batches[0]
+  astar, verbs, _ = astar_batch(played, arrays, teacher, seq_len)
+  before = astar_logprob(student, astar)
+  for name, model in students.items():
+    logp = before if name == "start" else astar_logprob(model, astar)
+    report.setdefault("logp_astar", {})[name] = {"all": round(float(logp.mean()), 3), **by_verb(logp, verbs)}
   loss_fn, totals_fn = update_lib.make_loss_fns(train.loss_options(config, "opd", config.env.max_turns))
   batch = {k: jnp.asarray(arrays[k]) for k in update_lib.loss_keys(arrays)}
   totals = totals_fn(batch)
