@@ -26,6 +26,9 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   (take_here) and where only others can (take_elsewhere), and of the put (a `move` of the task's
   object) at a receptacle of the target's type (put_here) and at another (put_elsewhere), on every
   batch's states: does training teach the student to tell them apart, or only to take and put less?
+  With the teacher's own (nu's mass on the verb) and the take probability a student that cannot tell
+  those states apart would settle at: the mean of nu under the forward KL, the mean of its log-odds
+  under the reverse KL (`shared_take_optimum`).
 
 Also the two-back repeat rate (a turn repeating the action of two turns earlier: walking between
 two receptacles) of the student's sampled episodes; an eval transcript's is in its jsonl.
@@ -133,6 +136,7 @@ def astar_batch(played, arrays, teacher, seq_len):
           decisive["pos"].append(len(context) + len(prefix))
           decisive["verb_id"].append(teacher.action_tokens([offered])[0][0])
           decisive["kind"].append(kind)
+          decisive["nu"].append(sum(p for a, p in zip(belief.actions, belief.probs) if verb(a) == verb(offered)))
         rows.append(context + response)
         supports.append([[] for _ in context] + teacher.turn_support(belief, response))
         # A `move` of the task's object to the target's receptacle type is the put; other moves are undos.
@@ -288,6 +292,14 @@ def main(argv):
   kinds = np.concatenate([d.get("kind", np.zeros((0,), str)) for _, d in decisive])
   report["verb_probability"] = {name: by_kind(np.concatenate([verb_probability(model, b, d) for b, d in decisive]), kinds)
                                 for name, model in students.items()}
+  # The teacher's, and the best a student can do that gives every state offering a take one shared take
+  # probability: under the forward KL the mean of nu's, under the reverse KL the mean of their log-odds.
+  nu = np.concatenate([d.get("nu", np.zeros((0,))) for _, d in decisive])
+  report["verb_probability"]["teacher"] = by_kind(nu, kinds)
+  offered = np.isin(kinds, ("take_here", "take_elsewhere"))
+  logit = np.log(nu[offered]) - np.log1p(-nu[offered])
+  report["shared_take_optimum"] = {"forward_kl": round(float(nu[offered].mean()), 3),
+                                   "reverse_kl": round(float(1 / (1 + np.exp(-logit.mean()))), 3)}
   played, arrays = batches[0]
   astar, verbs, _ = astar_batch(played, arrays, teacher, seq_len)
   before = astar_logprob(student, astar)
