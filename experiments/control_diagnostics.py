@@ -19,7 +19,8 @@ Three checks on the student's own episodes (docs/results.md, "Controlled teacher
   kind (search steps, the others, those where the student took or put instead), and without every
   turn where the student took what the teacher does not prefer.
 - logp: the student's constrained log P(a*) at those states, by the expert's verb (its put of the
-  task's object apart from its other moves, the undos), for the start and for each `--trained` student (e.g. OPD's exported `hf/`): did training move it towards a*?
+  task's object apart from its other moves, the undos), for the start and for each `--trained`
+  student (e.g. OPD's exported `hf/`): did training move it towards a*?
 - takes: how many of the student's takes were of the task's object, and the expert's next verb after
   a take of another (`student_takes`): what the teacher says on the student's own states.
 - verb_probability: each student's probability of the take where the task's object can be taken
@@ -116,9 +117,8 @@ def decisive_state(task_id: str, actions) -> str | None:
 def astar_batch(played, arrays, teacher, seq_len):
   """Each turn's context in the student's episode followed by the expert's own response (a*), with the
   constrained-decoding support of its action tokens; the verb of each a* ('put' for the task's put, 'move'
-  for other moves); and, for its rows at a
-  `decisive_state`, the position of the action's first token (its verb), the first token of that state's
-  takes or puts, and the state's kind."""
+  for other moves); and, for its rows at a `decisive_state`, the position of the action's first token (its
+  verb), the first token of that state's takes or puts, nu's mass on that verb, and the state's kind."""
   rows, supports, verbs = [], [], []
   decisive = collections.defaultdict(list)
   for b, (episode, beliefs) in enumerate(zip(played.episodes, teacher.beliefs(played.episodes))):
@@ -131,12 +131,13 @@ def astar_batch(played, arrays, teacher, seq_len):
       if len(context) + len(response) <= seq_len:
         kind = decisive_state(episode.task.task_id, belief.actions)
         if kind is not None:
-          offered = next(a for a in belief.actions if verb(a) == kind.split("_")[0].replace("put", "move"))
+          wanted = "take" if kind.startswith("take") else "move"
+          offered = next(a for a in belief.actions if verb(a) == wanted)
           decisive["row"].append(len(rows))
           decisive["pos"].append(len(context) + len(prefix))
           decisive["verb_id"].append(teacher.action_tokens([offered])[0][0])
           decisive["kind"].append(kind)
-          decisive["nu"].append(sum(p for a, p in zip(belief.actions, belief.probs) if verb(a) == verb(offered)))
+          decisive["nu"].append(sum(p for a, p in zip(belief.actions, belief.probs) if verb(a) == wanted))
         rows.append(context + response)
         supports.append([[] for _ in context] + teacher.turn_support(belief, response))
         # A `move` of the task's object to the target's receptacle type is the put; other moves are undos.
@@ -280,7 +281,6 @@ def main(argv):
   env.close()
   report["takeover_won"] = {name: [int(sum(w)), len(w)] for name, w in wins.items()}
 
-  # The update's direction, and log P(a*) by verb, on the first batch's states.
   students = {"start": student}
   for hf_dir in _TRAINED.value:
     with config.unlocked():
@@ -290,8 +290,9 @@ def main(argv):
   # are? Its probability of the verb there, on every batch's states.
   decisive = [astar_batch(played, arrays, teacher, seq_len)[::2] for played, arrays in batches]
   kinds = np.concatenate([d.get("kind", np.zeros((0,), str)) for _, d in decisive])
-  report["verb_probability"] = {name: by_kind(np.concatenate([verb_probability(model, b, d) for b, d in decisive]), kinds)
-                                for name, model in students.items()}
+  report["verb_probability"] = {
+      name: by_kind(np.concatenate([verb_probability(model, b, d) for b, d in decisive]), kinds)
+      for name, model in students.items()}
   # The teacher's, and the best a student can do that gives every state offering a take one shared take
   # probability: under the forward KL the mean of nu's, under the reverse KL the mean of their log-odds.
   nu = np.concatenate([d.get("nu", np.zeros((0,))) for _, d in decisive])
@@ -300,6 +301,7 @@ def main(argv):
   logit = np.log(nu[offered]) - np.log1p(-nu[offered])
   report["shared_take_optimum"] = {"forward_kl": round(float(nu[offered].mean()), 3),
                                    "reverse_kl": round(float(1 / (1 + np.exp(-logit.mean()))), 3)}
+  # The update's direction, and log P(a*) by verb, on the first batch's states.
   played, arrays = batches[0]
   astar, verbs, _ = astar_batch(played, arrays, teacher, seq_len)
   before = astar_logprob(student, astar)
