@@ -65,6 +65,7 @@ from sage_opd_jax import update as update_lib
 from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
+from experiments.failure_modes import decisive_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/alfworld_control.py:0", "The controlled-teacher config.")
 _STUDENT = flags.DEFINE_string("student", None, "The start student's exported HF directory.", required=True)
@@ -97,21 +98,6 @@ def takeover(env, task, actions, k, max_turns) -> bool:
       return bool(result.info.won)
     action = expert.next_action(result)
   return False
-
-
-def decisive_state(task_id: str, actions) -> str | None:
-  """Whether a state's admissible actions offer the take or the put that the task needs ('take_here',
-  'put_here'), or only others ('take_elsewhere': takes of other objects; 'put_elsewhere': the task's
-  object held at a receptacle not of the target's type); None for any other state."""
-  params = alfworld.parse_task_folder(task_id.split("/", 1)[0])["pddl_params"]
-  target, receptacle = params["object_target"].lower(), params["parent_target"].lower()
-  takes = [a.split() for a in actions if verb(a) == "take"]
-  if takes:
-    return "take_here" if any(a[1] == target for a in takes) else "take_elsewhere"
-  puts = [a.split() for a in actions if verb(a) == "move" and a.split()[1] == target]  # move X N to Y M.
-  if puts:
-    return "put_here" if any(a[-2] == receptacle for a in puts) else "put_elsewhere"
-  return None
 
 
 def astar_batch(played, arrays, teacher, seq_len):

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from absl import app, flags
 
 from sage_opd_jax.envs import alfworld
+from sage_opd_jax.expert_teacher import verb
 
 _TRAIN_DEMOS = flags.DEFINE_string(
     "train_demos", None,
@@ -58,6 +59,21 @@ def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
   """The task's object class and a pattern for any instance of it in an observation."""
   obj = _task_params(episode)["pddl_params"]["object_target"].lower()
   return obj, re.compile(rf"\b{obj} \d+\b")
+
+
+def decisive_state(task_id: str, actions) -> str | None:
+  """Whether a state's admissible actions offer the take or the put that the task needs ('take_here',
+  'put_here'), or only others ('take_elsewhere': takes of other objects; 'put_elsewhere': the task's
+  object held at a receptacle not of the target's type); None for any other state."""
+  params = alfworld.parse_task_folder(task_id.split("/", 1)[0])["pddl_params"]
+  target, receptacle = params["object_target"].lower(), params["parent_target"].lower()
+  takes = [a.split() for a in actions if verb(a) == "take"]
+  if takes:
+    return "take_here" if any(a[1] == target for a in takes) else "take_elsewhere"
+  puts = [a.split() for a in actions if verb(a) == "move" and a.split()[1] == target]  # move X N to Y M.
+  if puts:
+    return "put_here" if any(a[-2] == receptacle for a in puts) else "put_elsewhere"
+  return None
 
 
 def _states_before_take(episode: Mapping[str, Any]) -> Iterator[tuple[str, bool]]:
