@@ -274,7 +274,8 @@ def main(argv):
     students[hf_dir] = train.load_model(config.student, None, config.seed)
   # Does each student tell the states where the task's take (or put) is offered from those where only others
   # are? Its probability of the verb there, on every batch's states.
-  decisive = [astar_batch(played, arrays, teacher, seq_len)[::2] for played, arrays in batches]
+  built = [astar_batch(played, arrays, teacher, seq_len) for played, arrays in batches]
+  decisive = [(astar, found) for astar, _, found in built]
   kinds = np.concatenate([d.get("kind", np.zeros((0,), str)) for _, d in decisive])
   report["verb_probability"] = {
       name: by_kind(np.concatenate([verb_probability(model, b, d) for b, d in decisive]), kinds)
@@ -289,7 +290,7 @@ def main(argv):
                                    "reverse_kl": round(float(1 / (1 + np.exp(-logit.mean()))), 3)}
   # The update's direction, and log P(a*) by verb, on the first batch's states.
   played, arrays = batches[0]
-  astar, verbs, _ = astar_batch(played, arrays, teacher, seq_len)
+  astar, verbs, _ = built[0]
   before = astar_logprob(student, astar)
   for name, model in students.items():
     logp = before if name == "start" else astar_logprob(model, astar)
