@@ -215,6 +215,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("env.max_turns", "env.num_workers", "env.step_timeout_s"):
     _positive(config, key)
   _positive(config, "env.history_turns", allow_zero=True)
+  if _get(config, "env.history_turns") == 0 and _get(config, "stage") in ("sft", "pipeline"):
+    raise ConfigError("config.env.history_turns=0 with an SFT stage: SFT trains the contexts the rollout acts from "
+                      "(sft_data.windowed), and at 0 those are o_t after an empty assistant message, which a "
+                      "demonstration does not hold. Use a window of at least 1.")
 
   _one_of(config, "demos.split", spec.splits)
   _positive(config, "demos.limit", allow_zero=True)

@@ -85,6 +85,43 @@ class Demonstration:
                admissible_actions=record["admissible_actions"], thoughts=texts, trained=record.get("trained"))
 
 
+def windowed(demo: Demonstration, history_turns: int | None) -> list[Demonstration]:
+  """`demo` as the rollout shows it under a `history_turns` window (config.env.history_turns).
+
+  Why: from turn k + 2 on, the rollout's context is the episode's start (P and o_1), the last k
+  turns' responses and observations, and o_t (`rollout.RolloutEngine`); SFT on the whole transcript
+  would teach contexts the policy never acts from. Turns 1..k+1 keep their whole history, so they
+  stay one demonstration; each later turn t is one of its own, with responses a_{t-k}..a_t, in
+  which only a_t is a target. None (or a window as long as the episode) returns `[demo]`.
+  """
+  num = len(demo.actions)
+  if history_turns is None or num <= history_turns + 1:
+    return [demo]
+  if history_turns < 1:
+    raise ValueError(f"history_turns={history_turns}: SFT needs a window of at least one turn (at 0 the rollout "
+                     "shows o_t after an empty assistant message, which a demonstration does not hold).")
+  k = history_turns
+
+  def part(values, picked):
+    return None if values is None else [values[i] for i in picked]
+
+  trained = demo.trained if demo.trained is not None else [True] * num
+  head = list(range(k + 1))
+  out = [dataclasses.replace(demo, observations=part(demo.observations, head), actions=part(demo.actions, head),
+                             admissible_actions=part(demo.admissible_actions, head),
+                             thoughts=part(demo.thoughts, head), trained=part(trained, head))]
+  for t in range(k + 1, num):  # 0-based: the turn acted without turns 0..t-k-1.
+    if not trained[t]:
+      continue
+    turns = list(range(t - k, t + 1))
+    shown = [0, *range(t - k + 1, t + 1)]  # o_1, then the observations the kept responses answered.
+    out.append(dataclasses.replace(
+        demo, observations=part(demo.observations, shown), actions=part(demo.actions, turns),
+        admissible_actions=part(demo.admissible_actions, shown), thoughts=part(demo.thoughts, turns),
+        trained=[False] * k + [True]))
+  return [d for d in out if any(d.trained)]
+
+
 def expert_thoughts(thoughts: str, task_id: str, actions: Sequence[str], observations: Sequence[str]
                      ) -> list[str]:
   """The `thoughts` mode's texts (not "none") for an ALFWorld expert episode, one per action."""

@@ -163,8 +163,11 @@ class SftSource:
                                                     config.sft.thoughts)
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
+    # The contexts the rollout acts from: turns past the history window lose the oldest ones.
+    windows = [window for demo in [*demonstrations, *extra_demos]
+               for window in sft_data.windowed(demo, config.env.history_turns)]
     data = sft_data.build_sft_data(
-        tokenizer, [*demonstrations, *extra_demos], judge_examples, config.train.max_seq_len,
+        tokenizer, windows, judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,
         judge_admissible=config.judge.show_admissible,
         judge_transcript=judge_lib.judge_mode(config.judge.mode).asks_in_transcript,

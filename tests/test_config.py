@@ -28,6 +28,15 @@ def test_base_config_is_valid():
   assert config_lib.validate(config) is config
 
 
+def test_sft_on_a_zero_turn_window_is_refused():
+  config = _load_config("alfworld_cpu")
+  config.env.history_turns = 0
+  with pytest.raises(config_lib.ConfigError, match="config.env.history_turns=0 with an SFT stage"):
+    config_lib.validate(config)
+  config.env.history_turns = 1
+  assert config_lib.validate(config) is config
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

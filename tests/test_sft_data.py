@@ -1,5 +1,7 @@
 """SFT data: the loss masks land exactly on the assistant tokens, in the rollout batch's layout."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +60,44 @@ def test_acting_masks_cover_exactly_the_assistant_responses(tokenizer):
   assert np.all(tokens[n:] == tokenizer.pad_token_id) and np.all(turn_ids[n:] == 0) and np.all(mask[:n] == 1)
   # Observation and template tokens between the turns carry no turn id.
   assert "Observation: You arrive at desk 1" in tokenizer.decode(tokens[:n][turn_ids[:n] == 0].tolist())
+
+
+def _window_reference(full_tokens, full_turn_ids, t, k):
+  """Turn t's row under a k-turn window, cut from the whole transcript as the rollout builds it:
+  the episode's start, then turns t-k..t-1 (response and the observation answering it), then a_t."""
+  start = int(np.argmax(full_turn_ids > 0))
+  first = int(np.argmax(full_turn_ids == t - k))
+  end = int(np.nonzero(full_turn_ids == t)[0][-1]) + 1
+  tokens = np.concatenate([full_tokens[:start], full_tokens[first:end]])
+  return tokens, np.concatenate([full_turn_ids[:start], full_turn_ids[first:end]]) == t
+
+
+@pytest.mark.parametrize("trained", [None, (False, False, True)])
+def test_windowed_rows_are_the_contexts_the_rollout_acts_from(tokenizer, trained):
+  demo = dataclasses.replace(DEMO, trained=trained)
+  full = sft_data.build_sft_data(tokenizer, [dataclasses.replace(DEMO, trained=None)], [], seq_len=400, seed=None)
+  n = int(full.arrays["attention_mask"][0].sum())
+  full_tokens, full_turn_ids = full.arrays["tokens"][0][:n], full.arrays["turn_ids"][0][:n]
+  windows = sft_data.windowed(demo, 1)
+  # Turns 1-2 keep their whole history (one row, both trained unless a correction); turn 3 lost turn 1.
+  assert [len(w.actions) for w in windows] == ([2, 2] if trained is None else [2])
+  data = sft_data.build_sft_data(tokenizer, windows, [], seq_len=400, seed=None)
+  row = len(windows) - 1
+  n = int(data.arrays["attention_mask"][row].sum())
+  tokens, trained_at = _window_reference(full_tokens, full_turn_ids, t=3, k=1)
+  np.testing.assert_array_equal(data.arrays["tokens"][row][:n], tokens)
+  np.testing.assert_array_equal(data.arrays["turn_ids"][row][:n] > 0, trained_at)
+  assert "pick up the pen 1" in tokenizer.decode(tokens.tolist())
+  assert "You are in the middle of a room" in tokenizer.decode(tokens.tolist())
+  assert "You arrive at desk 1" not in tokenizer.decode(tokens.tolist())
+  if trained is None:
+    head_n = int(data.arrays["attention_mask"][0].sum())
+    end = int(np.nonzero(full_turn_ids == 2)[0][-1]) + 1
+    np.testing.assert_array_equal(data.arrays["tokens"][0][:head_n], full_tokens[:end])
+  # A window as long as the episode leaves it whole; none at all is refused.
+  assert sft_data.windowed(demo, 2) == [demo] and sft_data.windowed(demo, None) == [demo]
+  with pytest.raises(ValueError, match="history_turns=0"):
+    sft_data.windowed(demo, 0)
 
 
 def test_judge_sample_masks_only_the_label_word(tokenizer):
