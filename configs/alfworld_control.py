@@ -6,8 +6,8 @@ environment's expert (`sage_opd_jax/expert_teacher.py`), near-perfect on the stu
 expert's path its peak sits on a fixed wrong admissible action. The judge is the teacher's own
 (`judge.mode='expert_belief'`): its errors come from the same knob. Every other setting (models,
 constrained decoding, 40 updates of 8 episodes, greedy eval on every game of the task type) is
-the CPU tables' (alfworld_cpu_pick.py), except a 15-turn cap; the student's warm start is weaker and
-thinks nothing.
+the CPU tables' (alfworld_cpu_pick.py), except a 15-turn cap, the student's warm start (3,000
+updates) and its thoughts (the expert's subgoal).
 
 The study, one pipeline per eta into one workdir (the demos, tokenizer and student warm start
 are made by the first and shared; each eta's runs go to sweeps/eta<eta>/; every command
@@ -39,21 +39,22 @@ def get_config(eta: str = "0") -> ml_collections.ConfigDict:
   config.teacher.expert.eps_off = 0.05
   config.teacher.expert.eta = float(eta)
   config.judge.mode = "expert_belief"
-  # The student's demos think nothing (`<think></think><action>a</action>`), so the expert's own response is
-  # in the student's format and the teacher scores every token of it. The thought stays free with a budget
-  # of 4 tokens (the empty thought is 2) before the action is forced through the admissible-action trie.
-  config.sft.thoughts = "none"
+  # The student's demos think the expert's subgoal ("find apple", then "put apple 1 in fridge"), which the expert
+  # teacher thinks too at the student's state, so it scores every token of the response. 12 free thought tokens
+  # hold any subgoal before the action is forced through the admissible-action trie.
+  config.sft.thoughts = "subgoal"
   config.sft.renumbered_copies = 0  # No teacher SFT here: the copies fed only that.
-  config.sampling.max_thought_tokens = 4
+  config.sampling.max_thought_tokens = 12
   # A 15-turn cap (the CPU tables' is 30): the expert wins 79% of the train games within 15 turns and 88% within
   # 21, where the 1,024-token context ends a losing episode anyway; a losing episode's rollout, nearly all of an
   # update's time, costs 15 turns instead of ~21.
   config.env.max_turns = 15
   config.seed = 0
   p = config.pipeline
-  # A weak warm start: 150 SFT updates on every demo (the CPU tables' student had 500), to leave room for the
-  # expert to teach. It wins no eval game; 500 updates win a few (docs/results.md), and OPD lifts neither.
-  p.student_steps = 150
+  # The strongest start measured (docs/results.md): 3,000 SFT updates on every demo win 18 of 35 valid_seen and
+  # 4 of 24 valid_unseen games greedy. Weaker starts (150 to 1,000 updates) cannot tell where the task's object
+  # can be taken, and under a correct teacher every method lowers their takes everywhere.
+  p.student_steps = 3000
   p.methods = ("opd", "sage_opd", "sage_opd_no_intervention", "sage_opd_no_confidence", "sage_opd_no_norm")
   p.seeds = (0, 1, 2)
   p.heldout_games = 1  # Held-out judge examples grade a model teacher's judge; the expert has none to grade.
