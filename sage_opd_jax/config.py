@@ -89,6 +89,28 @@ def loss_options(config: ml_collections.ConfigDict, method: str | None = None) -
     raise ConfigError(f"config.{key}{str(e)[len(e.field):]}") from None
 
 
+def _check_behaviour_logprobs(config) -> None:
+  """`loss.old_logprobs='batch'` only where the sampler's log-probs are log pi_theta's.
+
+  The sampler records the log-probs of the distribution it drew from: after temperature, top-k,
+  top-p and the admissible-action mask. The loss's log pi_theta is the model's own over the whole
+  vocabulary, renormalised over decoding's support only where the expert teacher supplies that
+  support (`student_support`). Anywhere else the PPO ratio would start away from 1 and clip tokens
+  that the update never moved.
+  """
+  if _get(config, "loss.old_logprobs") != "batch":
+    return
+  processed = [f"config.sampling.{key}={_get(config, f'sampling.{key}')!r}"
+               for key, plain in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
+               if _get(config, f"sampling.{key}") != plain]
+  if _get(config, "sampling.constrained") and _get(config, "teacher.kind") != "expert":
+    processed.append(f"config.sampling.constrained=True with config.teacher.kind={_get(config, 'teacher.kind')!r}")
+  if processed:
+    raise ConfigError(f"config.loss.old_logprobs='batch' with {', '.join(processed)}: the sampler's log-probs are "
+                      "those of the processed distribution, not the model's, so the PPO ratio would not start at 1. "
+                      "Use config.loss.old_logprobs='current'.")
+
+
 def _validate_model(config, prefix: str) -> None:
   # How the model runs: these apply to a checkpoint too (`train.RUNTIME_FIELDS`).
   _one_of(config, f"{prefix}.model.dtype", DTYPES)
@@ -203,6 +225,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _get(config, key)  # An unknown key is named.
   _one_of(config, "stage", STAGES)
   loss_options(config)
+  _check_behaviour_logprobs(config)
   env = _get(config, "env.name")
   try:
     spec = envs_base.spec(env)

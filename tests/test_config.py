@@ -37,6 +37,25 @@ def test_sft_on_a_zero_turn_window_is_refused():
   assert config_lib.validate(config) is config
 
 
+@pytest.mark.parametrize("changes, named", [
+    (dict(), None),
+    ({"sampling.temperature": 0.7}, "config.sampling.temperature=0.7"),
+    ({"sampling.top_k": 5}, "config.sampling.top_k=5"),
+    ({"sampling.constrained": True}, "config.sampling.constrained=True with config.teacher.kind='model'"),
+])
+def test_behaviour_logprobs_as_old_only_where_they_are_the_models(changes, named):
+  config = _load_config("base")
+  config.update_from_flattened_dict({"loss.old_logprobs": "batch", **changes})
+  if named is None:
+    assert config_lib.validate(config) is config
+    return
+  with pytest.raises(config_lib.ConfigError, match="config.loss.old_logprobs='batch' with") as e:
+    config_lib.validate(config)
+  assert named in str(e.value)
+  config.loss.old_logprobs = "current"
+  assert config_lib.validate(config) is config
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
