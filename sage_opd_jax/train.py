@@ -163,9 +163,10 @@ class SftSource:
                                                     config.sft.thoughts)
       if config.sft.max_judge_examples:
         judge_examples = judge_examples[: config.sft.max_judge_examples]
-    # The contexts the rollout acts from: turns past the history window lose the oldest ones.
-    windows = [window for demo in [*demonstrations, *extra_demos]
-               for window in sft_data.windowed(demo, config.env.history_turns)]
+    # The contexts the rollout acts from: turns past the history window lose the oldest ones. A window that
+    # the env's turn cap never passes leaves every acting context whole, and the demos as they are.
+    window = config.env.history_turns if config.env.history_turns + 1 < config.env.max_turns else None
+    windows = [part for demo in [*demonstrations, *extra_demos] for part in sft_data.windowed(demo, window)]
     data = sft_data.build_sft_data(
         tokenizer, windows, judge_examples, config.train.max_seq_len,
         history_turns=config.judge.history_turns, show_admissible=config.env.show_admissible,

@@ -381,6 +381,15 @@ def test_sft_and_export_stages(tokenizer_dir, tmp_path):
     assert width >= source.lengths[rows].max() and width - source.lengths[rows].max() < 128
     np.testing.assert_array_equal(cut["tokens"], source.arrays["tokens"][rows, :width])
     assert source.arrays["attention_mask"][rows, width:].sum() == 0
+  # Under a window the env's turn cap passes (1 of 3 turns here), each demo's first 2 turns are one row and each
+  # later turn one of its own; a window the cap never passes keeps every demo whole, one row each.
+  turns = [len(r["actions"]) for r in demos_lib.read_jsonl(demos_dir / demos_lib.DEMOS)]
+  assert max(turns) > 2, turns
+  acting = dict(stage="sft", **{"sft.demos_dir": str(demos_dir), "train.batch_episodes": 2})
+  tokenizer = models.load_tokenizer(tokenizer_dir)
+  assert train.SftSource(tiny_config(tokenizer_dir, **acting), tokenizer).num_rows == sum(max(1, t - 1) for t in turns)
+  whole = tiny_config(tokenizer_dir, **acting, **{"env.history_turns": 2})
+  assert train.SftSource(whole, tokenizer).num_rows == len(turns)
   capped = tiny_config(tokenizer_dir, stage="sft", **{"sft.demos_dir": str(demos_dir), "sft.judge_examples": True,
                                                      "sft.max_judge_examples": 3, "train.batch_episodes": 2})
   assert source.info["sft/judge_examples"] > 3
