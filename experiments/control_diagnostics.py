@@ -62,10 +62,9 @@ from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import train
 from sage_opd_jax import update as update_lib
-from sage_opd_jax.envs import alfworld
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
-from experiments.failure_modes import decisive_state
+from experiments.failure_modes import decisive_state, task_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/alfworld_control.py:0", "The controlled-teacher config.")
 _STUDENT = flags.DEFINE_string("student", None, "The start student's exported HF directory.", required=True)
@@ -247,7 +246,7 @@ def main(argv):
   # Which objects the student takes, and what the expert names next after a take of another object.
   takes = collections.Counter()
   for episode in episodes:
-    target = alfworld.parse_task_folder(episode.task.task_id.split("/", 1)[0])["pddl_params"]["object_target"]
+    target = task_params(episode.task.task_id)["pddl_params"]["object_target"]
     for turn, later in zip(episode.turns, [*episode.turns[1:], None]):
       if verb(turn.action) == "take":
         right = turn.action.split()[1] == target.lower()
