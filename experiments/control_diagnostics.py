@@ -64,7 +64,7 @@ from sage_opd_jax import train
 from sage_opd_jax import update as update_lib
 from sage_opd_jax.envs import alfworld_expert
 from sage_opd_jax.envs import base
-from experiments.failure_modes import decisive_state, task_params
+from experiments.failure_modes import decisive_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/alfworld_control.py:0", "The controlled-teacher config.")
 _STUDENT = flags.DEFINE_string("student", None, "The start student's exported HF directory.", required=True)
@@ -246,7 +246,7 @@ def main(argv):
   # Which objects the student takes, and what the expert names next after a take of another object.
   takes = collections.Counter()
   for episode in episodes:
-    target = task_params(episode.task.task_id)["pddl_params"]["object_target"]
+    target = alfworld_expert.task_params(episode.task)["object_target"]
     for turn, later in zip(episode.turns, [*episode.turns[1:], None]):
       if verb(turn.action) == "take":
         right = turn.action.split()[1] == target.lower()

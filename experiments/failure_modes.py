@@ -50,14 +50,9 @@ _SHOWS_OBJECTS = re.compile(r"(On the [a-z]+ \d+|In it), you see a ")
 _AT = re.compile(r"(?:You arrive at|You open the|On the) ([a-z]+ \d+)")
 
 
-def task_params(task_id: str) -> dict[str, Any]:
-  """The parameters of a game's task folder (`alfworld.parse_task_folder`), from its `<task folder>/<trial>` id."""
-  return alfworld.parse_task_folder(task_id.split("/", 1)[0])
-
-
 def _task_object(episode: Mapping[str, Any]) -> tuple[str, re.Pattern[str]]:
   """The task's object class and a pattern for any instance of it in an observation."""
-  obj = task_params(episode["task_id"])["pddl_params"]["object_target"].lower()
+  obj = alfworld.parse_task_folder(episode["task_id"])["pddl_params"]["object_target"].lower()
   return obj, re.compile(rf"\b{obj} \d+\b")
 
 
@@ -65,7 +60,7 @@ def decisive_state(task_id: str, actions) -> str | None:
   """Whether a state's admissible actions offer the take or the put that the task needs ('take_here',
   'put_here'), or only others ('take_elsewhere': takes of other objects; 'put_elsewhere': the task's
   object held at a receptacle not of the target's type); None for any other state."""
-  params = task_params(task_id)["pddl_params"]
+  params = alfworld.parse_task_folder(task_id)["pddl_params"]
   target, receptacle = params["object_target"].lower(), params["parent_target"].lower()
   takes = [a.split() for a in actions if verb(a) == "take"]
   if takes:
@@ -100,7 +95,7 @@ def take_sources(demos: Iterable[Mapping[str, Any]]) -> dict[int, set[str]]:
   sources = collections.defaultdict(set)
   for demo in demos:
     takes = (alfworld.TAKE_RE.fullmatch(a) for a in demo["actions"])
-    sources[task_params(demo["task_id"])["scene"]].update(m["recep"] for m in takes if m)
+    sources[alfworld.parse_task_folder(demo["task_id"])["scene"]].update(m["recep"] for m in takes if m)
   return sources
 
 
@@ -109,7 +104,7 @@ def absent_take_counts(episode: Mapping[str, Any],
   """(at one of the scene's train take sources, the policy took) -> states, over the states of
   `_states_before_take` without the task's object in view."""
   _, in_view = _task_object(episode)
-  scene_sources = sources.get(task_params(episode["task_id"])["scene"], set())
+  scene_sources = sources.get(alfworld.parse_task_folder(episode["task_id"])["scene"], set())
   return collections.Counter(
       (bool((at := _AT.search(obs)) and at[1] in scene_sources), took)
       for obs, took in _states_before_take(episode) if not in_view.search(obs))

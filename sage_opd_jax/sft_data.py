@@ -156,7 +156,7 @@ def _task_object(task_id: str) -> tuple[str, bool]:
   whether it is sliced (`envs.alfworld.parse_task_folder`)."""
   from sage_opd_jax.envs import alfworld  # pylint: disable=g-import-not-at-top
 
-  params = alfworld.parse_task_folder(task_id.split("/", 1)[0])
+  params = alfworld.parse_task_folder(task_id)
   return params["object"], params["sliced"]
 
 

@@ -232,6 +232,7 @@ def test_parse_task_folder():
   heat = parse_task_folder("pick_heat_then_place_in_recep-PotatoSliced-Pan-GarbageCan-10")
   assert (heat["recep"], heat["mrecep"], heat["sliced"]) == ("GarbageCan", "Pan", True)
   assert heat["pddl_params"]["object_target"] == "Potato"
+  assert parse_task_folder("pick_heat_then_place_in_recep-PotatoSliced-Pan-GarbageCan-10/trial_T2019_a") == heat
   with pytest.raises(ValueError, match="pick_and_place_simple-Mug"):
     parse_task_folder("pick_and_place_simple-Mug-Desk-308")
 

@@ -70,13 +70,15 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
 
 
 def parse_task_folder(folder: str) -> dict[str, Any]:
-  """Task parameters from a folder name such as `pick_two_obj_and_place-CD-None-Safe-308`.
+  """Task parameters from a folder name such as `pick_two_obj_and_place-CD-None-Safe-308`, or from a
+  game's `<task folder>/<trial>` id (the trial is ignored).
 
   Returns `task_type`, `object`, `mrecep`, `recep`, `toggle`, `scene`, `sliced`, and
   `pddl_params` in the layout of ALFRED's `traj_data.json` (what ALFWorld's hand-coded
   expert reads): `object_target`, `parent_target`, `toggle_target`, `mrecep_target`,
   `object_sliced`, with "" for an absent target.
   """
+  folder = folder.split("/", 1)[0]
   parts = folder.split("-")
   if len(parts) != 5 or parts[0] not in TASK_TYPES.values() or not parts[4].isdigit():
     raise ValueError(
@@ -144,7 +146,7 @@ def subgoal_thoughts(task_id: str, actions: Sequence[str], observations: Sequenc
     {receptacle}" (pick_and_place_simple) or "find {light}" and, once it is in view,
     "use {light N}" (look_at_obj_in_light).
   """
-  params = parse_task_folder(task_id.split("/", 1)[0])
+  params = parse_task_folder(task_id)
   if params["task_type"] not in THOUGHT_TASK_TYPES:
     raise ValueError(f"subgoal_thoughts: task type {params['task_type']!r} of {task_id!r} has no subgoal "
                      f"template; known: {THOUGHT_TASK_TYPES}.")
