@@ -478,7 +478,10 @@ def control_rows(root: pathlib.Path, splits: Sequence[str]) -> list[dict[str, An
                              "sweep": sweep_dir.name}
       finals = [_final_eval(d) for d in dirs]
       for split in splits:
-        row[f"{split}/success"] = [f[f"eval/{split}/t0/success"] for f in finals if f"eval/{split}/t0/success" in f]
+        # Keyed by seed so that a method's margin over OPD pairs runs that shared their games' draws.
+        row[f"{split}/by_seed"] = {d.name: f[f"eval/{split}/t0/success"] for d, f in zip(dirs, finals)
+                                   if f"eval/{split}/t0/success" in f}
+        row[f"{split}/success"] = list(row[f"{split}/by_seed"].values())
       train_rows = [r for d in dirs for r in writers.read_metrics(d) if "judge/skip_frac" in r]
       for key in [f"judge/{label}_frac" for label in _LABELS] + ["judge/oracle_accuracy", "teacher/misdirected_frac"]:
         values = [r[key] for r in train_rows if key in r]
@@ -486,6 +489,25 @@ def control_rows(root: pathlib.Path, splits: Sequence[str]) -> list[dict[str, An
           row[key] = float(np.mean(values))
       rows.append(row)
   return sorted(rows, key=lambda r: (r["method"], r["eta"]))
+
+
+def control_margins(rows: Sequence[dict[str, Any]], splits: Sequence[str], reference: str = "opd"
+                    ) -> dict[tuple[float, str], dict[str, tuple[float, float, int]]]:
+  """Each method's success minus the reference method's at the same eta, paired by seed: {(eta, method):
+  {split: (mean, std, seeds paired)}}. The paper's claims are about these margins (does SAGE-OPD's grow
+  with eta; does each ablation sit below it), and pairing removes what the seeds share."""
+  references = {r["eta"]: r for r in rows if r["method"] == reference}
+  margins = {}
+  for r in rows:
+    if r["method"] == reference or (ref := references.get(r["eta"])) is None:
+      continue
+    for split in splits:
+      mine, theirs = r[f"{split}/by_seed"], ref[f"{split}/by_seed"]
+      diffs = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
+      if diffs:
+        margins.setdefault((r["eta"], r["method"]), {})[split] = (float(np.mean(diffs)), float(np.std(diffs)),
+                                                                  len(diffs))
+  return margins
 
 
 def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str], start: dict[str, float],
@@ -555,14 +577,17 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
   _plot_control_success(rows, splits, start, out / "success_vs_eta.png")
   _plot_control_labels(rows, out / "judge_labels_vs_eta.png")
   label_keys = [f"judge/{label}_frac" for label in _LABELS] + ["judge/oracle_accuracy", "teacher/misdirected_frac"]
+  margins = control_margins(rows, splits)
   with open(out / "control.csv", "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["eta", "method", "seeds", *[f"{s}/success_{stat}" for s in splits for stat in ("mean", "std")],
-                *label_keys])
+                *[f"{s}/minus_opd_{stat}" for s in splits for stat in ("mean", "std")], *label_keys])
     for r in rows:
+      margin = margins.get((r["eta"], r["method"]), {})
       w.writerow([r["eta"], r["method"], r["seeds"],
                   *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
                                                         if r[f"{s}/success"] else (np.nan, np.nan))],
+                  *[f"{x:.4f}" if s in margin else "" for s in splits for x in margin.get(s, (0.0, 0.0))[:2]],
                   *[f"{r[k]:.4f}" if k in r else "" for k in label_keys]])
   lines = ["# Controlled teacher: success against eta", "",
            "Greedy success after the last update, mean ± std over seeds; the expert-belief judge's label mix and "
@@ -576,6 +601,13 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
     mix = " / ".join(f"{r[f'judge/{label}_frac']:.2f}" for label in _LABELS) if "judge/skip_frac" in r else "–"
     agree = f"{r['judge/oracle_accuracy']:.3f}" if "judge/oracle_accuracy" in r else "–"
     lines.append(f"| {r['eta']:g} | {r['method']} | {r['seeds']} | " + " | ".join(cells) + f" | {mix} | {agree} |")
+  if margins:
+    lines += ["", "Success minus OPD's at the same eta, paired by seed (mean ± std over the paired seeds):", "",
+              "| eta | method | seeds paired | " + " | ".join(splits) + " |", "|" + "---|" * (len(splits) + 3)]
+    for (eta, method), margin in sorted(margins.items()):
+      paired = max(n for _, _, n in margin.values())
+      lines.append(f"| {eta:g} | {method} | {paired} | " + " | ".join(
+          f"{margin[s][0]:+.3f} ± {margin[s][1]:.3f}" if s in margin else "–" for s in splits) + " |")
   lines += ["", "![success against eta](success_vs_eta.png)", "![judge labels against eta](judge_labels_vs_eta.png)",
             ""]
   (out / "control.md").write_text("\n".join(lines), encoding="utf-8")

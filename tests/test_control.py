@@ -577,7 +577,8 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   from sage_opd_jax import provenance, results  # pylint: disable=g-import-not-at-top
 
   config = alfworld_control.get_config("0")
-  won = {(0.0, "opd"): [0.4, 0.6], (0.0, "sage_opd"): [0.5, 0.5], (0.5, "opd"): [0.2, 0.3]}
+  # sage_opd's seed 2 has no OPD run to pair with; seeds 0 and 1 differ by 0.1 and 0.3.
+  won = {(0.0, "opd"): [0.4, 0.6], (0.0, "sage_opd"): [0.5, 0.9, 0.0], (0.5, "opd"): [0.2, 0.3]}
   skip = {0.0: 0.6, 0.5: 0.3}
   for (eta, method), successes in won.items():
     run_config = alfworld_control.get_config(str(eta))
@@ -603,6 +604,13 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
     assert float(rows[key]["valid_unseen/success_mean"]) == pytest.approx(np.mean(successes) / 2, abs=1e-4)
     assert float(rows[key]["judge/skip_frac"]) == pytest.approx(skip[key[0]])
     assert float(rows[key]["judge/oracle_accuracy"]) == pytest.approx(1.0 - key[0])
+  sage, opd = rows[(0.0, "sage_opd")], rows[(0.0, "opd")]
+  assert float(sage["valid_seen/minus_opd_mean"]) == pytest.approx(0.2, abs=1e-4)
+  # Seed 0 against 1 and 1 against 0 would give 0.3.
+  assert float(sage["valid_seen/minus_opd_std"]) == pytest.approx(0.1, abs=1e-4)
+  assert float(sage["valid_unseen/minus_opd_mean"]) == pytest.approx(0.1, abs=1e-4)
+  assert opd["valid_seen/minus_opd_mean"] == "" and rows[(0.5, "opd")]["valid_seen/minus_opd_std"] == ""
   report = (out / "control.md").read_text()
   assert "valid_seen 0.100" in report and "| 0.5 | opd | 2 | 0.250 ± 0.050 |" in report
+  assert "| 0 | sage_opd | 2 | +0.200 ± 0.100 | +0.100 ± 0.050 |" in report
   assert (tmp_path / "docs" / "success_vs_eta.png").stat().st_size and (out / "judge_labels_vs_eta.png").exists()
