@@ -321,7 +321,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
       the report are those of `sweep_root`).
     results_dir: also copy `results.csv` and the plots there (e.g. docs/results/alfworld_cpu), with
       a `source.json` naming the config file and the workdir (its name and a hash of its path). A
-      sweep's go to `<results_dir>_<sweep>` beside it. The markdown report stays in the workdir.
+      sweep's go to `<results_dir>_<sweep>` beside it, except the controlled-teacher study's, whose
+      CSV and plots of every eta go to `results_dir` itself. The markdown report stays in the workdir.
       A folder whose files another workdir wrote (or that does not say) is kept, with a warning:
       a variant run of a config must not replace the results committed for it.
   """
@@ -329,7 +330,8 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   runs_root = sweep_root(root, sweep)
   if config.teacher.kind == "expert" and sweep:  # The controlled-teacher study: every eta's sweep of the workdir.
     write_control_results(root, config, results_dir=results_dir)
-  if results_dir is not None and sweep:
+    results_dir = None  # Its CSV and plots cover every eta; one eta's report stays in its sweep.
+  elif results_dir is not None and sweep:
     results_dir = pathlib.Path(results_dir).with_name(f"{pathlib.Path(results_dir).name}_{sweep}")
   out = runs_root / "results"
   out.mkdir(parents=True, exist_ok=True)

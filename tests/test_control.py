@@ -594,7 +594,9 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   (tmp_path / "student_eval").mkdir()
   (tmp_path / "student_eval" / "metrics.jsonl").write_text(json.dumps(
       {"step": 0, "eval/valid_seen/t0/success": 0.1, "eval/valid_unseen/t0/success": 0.05}) + "\n")
-  out = results.write_control_results(tmp_path, config, results_dir=tmp_path / "docs")
+  results.write_results(tmp_path, config, results_dir=tmp_path / "docs")  # As the pipeline does after each eta.
+  out = tmp_path / results.CONTROL
+  assert not (tmp_path / "docs_eta0").exists()  # One eta's CSV and plots stay in its sweep's folder.
   with open(tmp_path / "docs" / "control.csv", encoding="utf-8") as f:
     rows = {(float(r["eta"]), r["method"]): r for r in csv.DictReader(f)}
   assert set(rows) == set(won)
