@@ -589,7 +589,8 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
       w.writerow([r["eta"], r["method"], r["seeds"],
                   *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
                                                         if r[f"{s}/success"] else (np.nan, np.nan))],
-                  *[f"{x:.4f}" if s in margin else "" for s in splits for x in margin.get(s, (0.0, 0.0))[:2]],
+                  *[cell for s in splits for cell in ((f"{margin[s][0]:.4f}", f"{margin[s][1]:.4f}") if s in margin
+                                                      else ("", ""))],
                   *[f"{r[k]:.4f}" if k in r else "" for k in label_keys]])
   lines = ["# Controlled teacher: success against eta", "",
            "Greedy success after the last update, mean ± std over seeds; the expert-belief judge's label mix and "
