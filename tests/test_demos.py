@@ -100,9 +100,14 @@ def test_judge_examples_carry_the_envs_own_feedback(run, request):
 def test_rerun_skips_finished_games_and_drops_unfinished_records(fixture_run):
   out, kwargs, _ = fixture_run
   before = {name: (out / name).read_text() for name in (demos.GAMES, demos.DEMOS, demos.JUDGE)}
+  inodes = {name: (out / name).stat().st_ino for name in before}
   again = demos.collect(out, "valid_seen", kwargs, num_workers=1, judge_states=3, progress=False)
   assert again.new_games == 0
   assert {name: (out / name).read_text() for name in before} == before
+  # Nothing to drop, so nothing is rewritten: the same files, not replaced by copies (two pipelines resuming
+  # one workdir both pass here), and no temporary file left beside them.
+  assert {name: (out / name).stat().st_ino for name in before} == inodes
+  assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
   # A run killed after writing a game's records but before its ledger line.
   games = before[demos.GAMES].splitlines(keepends=True)
   (out / demos.GAMES).write_text("".join(games[:-1]))

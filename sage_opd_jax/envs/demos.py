@@ -35,6 +35,7 @@ import os
 import pathlib
 import random
 import re
+import tempfile
 import time
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -315,12 +316,24 @@ def in_fixed_order(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
 
 
 def rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
-  """Replaces `path` with `records`, one JSON line each, atomically (a temporary file, then a rename)."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  with tmp.open("w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  os.replace(tmp, path)
+  """Replaces `path` with `records`, one JSON line each, atomically; a file that already holds them is
+  left as it is (two pipelines resuming one workdir, a sweep each, both pass over its finished demos)."""
+  text = "".join(json.dumps(record) + "\n" for record in records)
+  if not (path.exists() and path.read_text() == text):
+    _write_atomically(path, text)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """A temporary file of its own beside `path`, then a rename: a reader, or another process writing the
+  same file, sees the old text or the new, never half of one."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
 
 
 def _summary(games: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -483,9 +496,7 @@ def collect(
       judge_examples=len(read_jsonl(out / JUDGE)),
       files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
   )
-  tmp = manifest_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-  os.replace(tmp, manifest_path)
+  _write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
   return CollectResult(out_dir=out, manifest=manifest, new_games=new_games, seconds=seconds)
 
 
