@@ -96,6 +96,9 @@ def pipeline_config(**values) -> ml_collections.ConfigDict:
   p.teacher_steps = 3000  # SFT updates of the teacher on demos and judge examples.
   p.student_steps = 200  # SFT updates of the student's warm start.
   p.student_demos = 100  # Demonstrations in the student's warm-start slice; 0: all of them.
+  # The student's SFT (warm start and the sft method) also trains on sft.renamed_copies and
+  # sft.renumbered_copies; False: the demos as collected, the copies the teacher's alone.
+  p.student_copies = False
   p.sft_learning_rate = 1e-3  # Peak learning rate of both SFT stages.
   p.sft_schedule = "cosine"  # Learning-rate schedule of both SFT stages (config.optim.schedule's choices).
   p.distill_steps = 40  # Updates of every method and seed, from the same student.

@@ -77,9 +77,10 @@ def collect_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   return _collect(config, pathlib.Path(workdir), config.demos.split, config.demos.limit)
 
 
-# The student's SFT data (warm start and the sft method): the demos as collected. The copies of
-# sft.renamed_copies and sft.renumbered_copies are for the teacher's SFT only.
-_AS_COLLECTED = dict(sft__renamed_copies=0, sft__renumbered_copies=0)
+def _student_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The student's SFT data (warm start and the sft method): the demos as collected, unless
+  `pipeline.student_copies` gives it sft.renamed_copies and sft.renumbered_copies as the teacher has."""
+  return {} if config.pipeline.student_copies else dict(sft__renamed_copies=0, sft__renumbered_copies=0)
 
 
 def _collect(config, out_dir: pathlib.Path, split: str, limit: int, expert_pass: int = 1) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   if p.student_steps:
     student_cfg = _derive(
         base, stage="sft", student__hf_dir=given_student, sft__demos_dir=str(train_demos),
-        sft__max_demos=p.student_demos, **_AS_COLLECTED, train__num_steps=p.student_steps,
+        sft__max_demos=p.student_demos, **_student_data(config), train__num_steps=p.student_steps,
         optim__learning_rate=p.sft_learning_rate, optim__schedule=p.sft_schedule, eval__num_episodes=0)
     _stage(root, "student_sft", writers.exported(student_dir), lambda: train.train(student_cfg, student_dir),
            record=shared(student_cfg, student_dir))
@@ -213,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
       changes = dict(stage="distill", method=method, seed=seed, student__hf_dir=student_hf,
                      teacher__hf_dir=teacher_hf, train__num_steps=p.distill_steps)
       if not losses.variant(method).needs_teacher:  # Off-policy (sft): more SFT from the same start, same updates.
-        changes.update(stage="sft", sft__demos_dir=str(train_demos), **_AS_COLLECTED)
+        changes.update(stage="sft", sft__demos_dir=str(train_demos), **_student_data(config))
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       run_cfg = _derive(base, **changes)
       _stage(root, stage, writers.exported(run_dir), lambda: train.train(run_cfg, run_dir), record=(run_cfg, run_dir))

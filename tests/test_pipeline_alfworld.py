@@ -44,9 +44,10 @@ def tiny_config():
   config.eval.num_transcripts = 1
   config.teacher.score_chunk = 64
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  config.sft.renumbered_copies = 1
   config.pipeline = alfworld_cpu.pipeline_config(
-      teacher_steps=1, student_steps=1, student_demos=0, distill_steps=1, methods=("opd",), seeds=(0,),
-      heldout_games=1, dagger_rounds=2, dagger_student_rounds=1, dagger_games=1, dagger_steps=1)
+      teacher_steps=1, student_steps=1, student_demos=0, distill_steps=1, methods=("opd", "sft"), seeds=(0,),
+      heldout_games=1, dagger_rounds=2, dagger_student_rounds=1, dagger_games=1, dagger_steps=1, student_copies=True)
   return config_lib.validate(config)
 
 
@@ -73,7 +74,7 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert set(results.stage_times(tmp_path)) == {
       "teacher_sft", "dagger_collect/round1", "teacher_dagger/round1", "dagger_collect/round2",
       "teacher_dagger/round2", "dagger_collect/round3", "teacher_dagger/round3", "teacher_eval", "judge_accuracy",
-      "student_sft", "student_eval", "opd/seed0"}
+      "student_sft", "student_eval", "opd/seed0", "sft/seed0"}
   rounds = [dagger.round_dir(tmp_path, r) for r in (1, 2, 3)]
   manifests = [json.loads((r / dagger.MANIFEST).read_text()) for r in rounds]
   teachers = [str(writers.export_dir(tmp_path / d)) for d in ("teacher", "teacher_dagger/round1",
@@ -111,6 +112,10 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   assert passed == manifest["games_won"] > 0
   assert writers.read_metrics(tmp_path / "teacher")[0]["sft/extra_demos"] == passed
   assert writers.read_metrics(tmp_path / "student_sft")[0]["sft/extra_demos"] == 0  # The first pass only.
+  # pipeline.student_copies: the student's SFT, its warm start and the sft method's, trains on the teacher's
+  # copies too (the one demo and its renumbered copy).
+  assert [writers.read_metrics(tmp_path / d)[0]["sft/demos"] for d in ("teacher", "student_sft", "runs/sft/seed0")
+          ] == [2, 2, 2]
   info = writers.read_metrics(tmp_path / "teacher_dagger" / "round3")[0]
   assert info["sft/extra_demos"] == passed + sum(counts) and info["sft/demos"] > 0
   last_teacher = teachers[3]
@@ -129,6 +134,7 @@ def test_dagger_rounds_train_the_teacher_that_is_evaluated_and_distilled(tmp_pat
   config.teacher.hf_dir = teachers[1]
   config.pipeline.dagger_rounds, config.pipeline.dagger_student_rounds = 1, 0
   config.pipeline.student_steps = config.pipeline.teacher_steps = 0
+  config.pipeline.methods = ("opd",)
   evaluated.clear()
   distilled.clear()
   pipeline.run(config_lib.validate(config), given)
