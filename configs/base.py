@@ -82,10 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft.max_judge_examples = 0  # Train on at most this many judge examples; 0 means all.
   config.sft.thoughts = "none"  # Expert <think> text: none | subgoal | subgoal_take (ALFWorld's task subgoals).
   # Per demo, copies with the task's object renamed to a class the episode never shows (ALFWorld;
-  # sft_data.copies_with_renamed_objects). The pipeline gives them to the teacher's SFT only, never the student's.
+  # sft_data.copies_with_renamed_objects). The pipeline gives them to the teacher's SFT, and to the student's
+  # only with pipeline.student_copies.
   config.sft.renamed_copies = 0
   # Per demo, copies with the room's receptacles of each class renumbered (ALFWorld;
-  # sft_data.copies_with_renumbered_receptacles). Like renamed_copies, the teacher's SFT only.
+  # sft_data.copies_with_renumbered_receptacles). Like renamed_copies, the teacher's SFT (pipeline.student_copies).
   config.sft.renumbered_copies = 0
   config.sft.extra_demos_dirs = ()  # More demo folders (expert passes, DAgger corrections): their demos only.
 
