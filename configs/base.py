@@ -185,6 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.0  # AdamW decoupled weight decay.
   config.optim.b1 = 0.9  # Adam beta1.
   config.optim.b2 = 0.95  # Adam beta2.
+  # Adam's epsilon, added to the root of the second moment: a parameter whose gradients are all far below it
+  # (the embedding row of a token the batch never holds) steps by less than the learning rate.
+  config.optim.eps = 1e-8
   config.optim.grad_clip = 1.0  # Global grad-norm clip.
 
   config.train = ml_collections.ConfigDict()

@@ -336,6 +336,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(config, "optim.weight_decay", allow_zero=True)
   _in_range(config, "optim.b1", 0.0, 1.0)
   _in_range(config, "optim.b2", 0.0, 1.0)
+  _positive(config, "optim.eps")
   _positive(config, "optim.grad_clip")
 
   for key in ("num_steps", "batch_episodes", "micro_batches", "max_seq_len", "log_every", "eval_every",

@@ -57,10 +57,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
   raise ValueError(f"optim.schedule={optim.schedule!r}: must be 'constant' or 'cosine'.")
 
 
-def _adamw(learning_rate: jax.Array, b1: float, b2: float, weight_decay: float) -> optax.GradientTransformation:
+def _adamw(learning_rate: jax.Array, b1: float, b2: float, eps: float,
+           weight_decay: float) -> optax.GradientTransformation:
   """`optax.adamw` at the rate `learning_rate`, cast to each update's dtype as a schedule's rate is
   (`optax.scale_by_schedule`): a float32 rate would make bf16 params' updates float32."""
-  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2), optax.add_decayed_weights(weight_decay),
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay),
                      optax.scale_by_schedule(lambda _: -learning_rate))
 
 
@@ -74,10 +75,11 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   baked into the optimizer would make every stage's length (and peak rate) another
   compiled update.
   """
-  adamw = optax.inject_hyperparams(_adamw, static_args=("b1", "b2", "weight_decay"), hyperparam_dtype=jnp.float32)
+  adamw = optax.inject_hyperparams(_adamw, static_args=("b1", "b2", "eps", "weight_decay"),
+                                   hyperparam_dtype=jnp.float32)
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
-      adamw(learning_rate=0.0, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+      adamw(learning_rate=0.0, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
   )
   return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
 

@@ -23,7 +23,7 @@ from sage_opd_jax import update as update_lib
 def _optim(**overrides):
   # Weight decay, a one-step warm-up and b2 != b1 so every term of the update is visible.
   optim = ml_collections.ConfigDict(dict(learning_rate=0.1, schedule="constant", warmup_steps=1,
-                                         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
+                                         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
   optim.update(overrides)
   return optim
 
@@ -57,7 +57,7 @@ class RefAdamW:
       self.mu[k] = optim.b1 * self.mu[k] + (1 - optim.b1) * g
       self.nu[k] = optim.b2 * self.nu[k] + (1 - optim.b2) * g**2
       mu_hat, nu_hat = self.mu[k] / (1 - optim.b1 ** (t + 1)), self.nu[k] / (1 - optim.b2 ** (t + 1))
-      self.params[k] = p - lr * (mu_hat / (np.sqrt(nu_hat) + 1e-8) + optim.weight_decay * p)
+      self.params[k] = p - lr * (mu_hat / (np.sqrt(nu_hat) + optim.eps) + optim.weight_decay * p)
     self.t += 1
     return self.params
 
@@ -67,9 +67,10 @@ def _assert_params_close(got, expected):
     np.testing.assert_allclose(np.asarray(got[k], np.float64), v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_optimizer_matches_numpy_adamw(schedule):
-  optim, num_steps = _optim(schedule=schedule), 4
+# eps 0.05: about a tenth of a gradient entry here, so a wrong or dropped epsilon shows.
+@pytest.mark.parametrize("schedule,eps", [("constant", 1e-8), ("cosine", 1e-8), ("constant", 0.05)])
+def test_optimizer_matches_numpy_adamw(schedule, eps):
+  optim, num_steps = _optim(schedule=schedule, eps=eps), 4
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
   grads_per_step = []

@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _optim(**overrides):
   optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
-                                         weight_decay=0.0, b1=0.9, b2=0.95, grad_clip=1.0))
+                                         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
   optim.update(overrides)
   return optim
 
