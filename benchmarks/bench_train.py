@@ -166,7 +166,7 @@ def _torch_step_fn(model, arrays: dict[str, np.ndarray], micro_batches: int):
 
   optim = _optim_config()
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2),
+  opt = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
                           weight_decay=optim.weight_decay, foreach=True)
   tokens = torch.as_tensor(arrays["tokens"], dtype=torch.long, device=device)
   attention_mask = torch.as_tensor(arrays["attention_mask"], dtype=torch.long, device=device)
