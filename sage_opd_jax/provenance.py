@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from sage_opd_jax import config as config_lib
+from sage_opd_jax import files
 
 RECORD = "config.json"
 # Keys (or whole sections) that may change between the processes of one run: how it executes
@@ -125,10 +126,8 @@ def check(config: ml_collections.ConfigDict, folder: str | os.PathLike, *, write
                       ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items()))
   if write and _is_primary():
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RECORD}.tmp")
-    tmp.write_text(json.dumps({"workdir": str(folder), "config": now}, indent=1, sort_keys=True) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)  # Atomic: a reader sees the old record or the new one, never half of it.
+    # Atomic: a reader sees the old record or the new one, never half of it.
+    files.write_atomically(path, json.dumps({"workdir": str(folder), "config": now}, indent=1, sort_keys=True) + "\n")
 
 
 def _is_primary() -> bool:

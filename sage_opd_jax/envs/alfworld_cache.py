@@ -13,8 +13,8 @@ The cache is hooked in with `GroundingCache.installed()`, which swaps
 `load`/`reset` calls in it), so no other user of fast_downward sees the cache.
 
 Several worker processes may share one cache folder: entries are written to a temporary
-file in the same folder and then `os.replace`d into place, so a reader sees either no
-entry or a whole one.
+file in the same folder and then renamed into place (`files.write_atomically`), so a reader
+sees either no entry or a whole one.
 
 `ParseMemo`: the engine's text generation re-parses the same few hundred grammar snippets
 and logic queries with TatSu on every step and reset (about half of a step's time). The
@@ -37,7 +37,6 @@ import os
 import pathlib
 import pickle
 import sys
-import tempfile
 import zlib
 from typing import Any, Iterator
 
@@ -45,6 +44,8 @@ import fast_downward
 import fast_downward.interface
 import textworld.envs.pddl.textgen
 import textworld.logic
+
+from sage_opd_jax import files
 
 # Bump when the pickled layout or the key recipe changes.
 _FORMAT_VERSION = 2
@@ -146,15 +147,7 @@ class GroundingCache:
 
   def _write(self, path: pathlib.Path, blob: bytes) -> None:
     self.cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".pkl")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-      os.replace(tmp_name, path)
-    except BaseException:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp_name)
-      raise
+    files.write_atomically(path, blob)
 
   @contextlib.contextmanager
   def installed(self) -> Iterator[None]:

@@ -35,13 +35,13 @@ import os
 import pathlib
 import random
 import re
-import tempfile
 import time
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import tqdm
 
+from sage_opd_jax import files
 from sage_opd_jax.envs import base
 from sage_opd_jax.envs import pool as pool_lib
 from sage_opd_jax.envs import scienceworld as scienceworld_env
@@ -320,20 +320,7 @@ def rewrite_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> N
   left as it is (two pipelines resuming one workdir, a sweep each, both pass over its finished demos)."""
   text = "".join(json.dumps(record) + "\n" for record in records)
   if not (path.exists() and path.read_text() == text):
-    _write_atomically(path, text)
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  """A temporary file of its own beside `path`, then a rename: a reader, or another process writing the
-  same file, sees the old text or the new, never half of one."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+    files.write_atomically(path, text)
 
 
 def _summary(games: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -496,7 +483,7 @@ def collect(
       judge_examples=len(read_jsonl(out / JUDGE)),
       files=dict(games=GAMES, demos=DEMOS, judge=JUDGE),
   )
-  _write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
+  files.write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
   return CollectResult(out_dir=out, manifest=manifest, new_games=new_games, seconds=seconds)
 
 
