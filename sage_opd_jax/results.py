@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 from typing import Any, Sequence
@@ -23,6 +23,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sage_opd_jax import dagger  # noqa: E402
+from sage_opd_jax import files  # noqa: E402
 from sage_opd_jax import judge as judge_lib  # noqa: E402
 from sage_opd_jax import models  # noqa: E402
 from sage_opd_jax import provenance  # noqa: E402
@@ -223,8 +224,16 @@ def _plot(runs: dict[str, list[pathlib.Path]], key: str, ylabel: str, path: path
     ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: pathlib.Path) -> None:
+  """Writes `fig` as a PNG to `path` whole (`files.write_atomically`: two sweeps rewriting one report leave one
+  of their plots, never a mix) and closes it."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
+  files.write_atomically(path, png.getvalue())
 
 
 _LABELS = ("skip", "weak", "strong")
@@ -250,8 +259,7 @@ def _plot_label_mix(runs: dict[str, list[pathlib.Path]], path: pathlib.Path) -> 
   else:
     axes[0][0].text(0.5, 0.5, "no judged run yet", ha="center", va="center", transform=axes[0][0].transAxes)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 @functools.cache
@@ -343,24 +351,24 @@ def write_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
   given = {name: [root / folder] for name, folder in ((STUDENT_START, "student_eval"), (TEACHER, "teacher_eval"))
            if writers.rows_with(root / folder, "eval/")}
   rows = table_rows(given, splits) + rows
-  with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-    fields = ["method", "seeds"] + [f"{s}/{c}_{stat}" for s in splits for c, _ in COLUMNS for stat in ("mean", "std")]
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    for row in rows:
-      flat = {"method": row["method"], "seeds": row["seeds"]}
-      for s in splits:
-        for c, _ in COLUMNS:
-          if f"{s}/{c}" in row:
-            flat[f"{s}/{c}_mean"], flat[f"{s}/{c}_std"] = row[f"{s}/{c}"]
-      w.writerow(flat)
+  table = io.StringIO()
+  fields = ["method", "seeds"] + [f"{s}/{c}_{stat}" for s in splits for c, _ in COLUMNS for stat in ("mean", "std")]
+  w = csv.DictWriter(table, fieldnames=fields)
+  w.writeheader()
+  for row in rows:
+    flat = {"method": row["method"], "seeds": row["seeds"]}
+    for s in splits:
+      for c, _ in COLUMNS:
+        if f"{s}/{c}" in row:
+          flat[f"{s}/{c}_mean"], flat[f"{s}/{c}_std"] = row[f"{s}/{c}"]
+    w.writerow(flat)
+  files.write_atomically(out / "results.csv", table.getvalue())
   curve_split = splits[-1]  # The held-out one (valid_unseen, ScienceWorld's test).
   success_png = f"{curve_split}_success.png"
   _plot(runs, f"eval/{curve_split}/t0/success", f"{curve_split} success (greedy)", out / success_png,
         start=root / "student_eval")
   _plot_label_mix(runs, out / "judge_label_mix.png")
-  (out / "results.md").write_text(_report(root, config, runs, rows, splits, success_png=success_png),
-                                  encoding="utf-8")
+  files.write_atomically(out / "results.md", _report(root, config, runs, rows, splits, success_png=success_png))
   if results_dir is not None:
     _copy_results(root, out, pathlib.Path(results_dir), ("results.csv", success_png, "judge_label_mix.png"))
   print(markdown_table(rows, splits))
@@ -378,10 +386,10 @@ def _copy_results(root: pathlib.Path, out: pathlib.Path, results_dir: pathlib.Pa
     return
   results_dir.mkdir(parents=True, exist_ok=True)
   for name in names:
-    shutil.copyfile(out / name, results_dir / name)
+    files.write_atomically(results_dir / name, (out / name).read_bytes())
   source = {"config": _config_arg(), "workdir": pathlib.Path(root).resolve().name,
             "workdir_sha256": _workdir_id(root), "commit": code_commit()}
-  (results_dir / SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+  files.write_atomically(results_dir / SOURCE, json.dumps(source, indent=2) + "\n")
 
 
 def _pending_line(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -535,8 +543,7 @@ def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str],
   if axes[0][0].get_legend_handles_labels()[0]:
     axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def _plot_control_labels(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
@@ -561,8 +568,7 @@ def _plot_control_labels(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> 
   else:
     ax.text(0.5, 0.5, "no judged run yet", ha="center", va="center", transform=ax.transAxes)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict, *,
@@ -580,18 +586,19 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
   _plot_control_labels(rows, out / "judge_labels_vs_eta.png")
   label_keys = [f"judge/{label}_frac" for label in _LABELS] + ["judge/oracle_accuracy", "teacher/misdirected_frac"]
   margins = control_margins(rows, splits)
-  with open(out / "control.csv", "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(["eta", "method", "seeds", *[f"{s}/success_{stat}" for s in splits for stat in ("mean", "std")],
-                *[f"{s}/minus_opd_{stat}" for s in splits for stat in ("mean", "std")], *label_keys])
-    for r in rows:
-      margin = margins.get((r["eta"], r["method"]), {})
-      w.writerow([r["eta"], r["method"], r["seeds"],
-                  *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
-                                                        if r[f"{s}/success"] else (np.nan, np.nan))],
-                  *[cell for s in splits for cell in ((f"{margin[s][0]:.4f}", f"{margin[s][1]:.4f}") if s in margin
-                                                      else ("", ""))],
-                  *[f"{r[k]:.4f}" if k in r else "" for k in label_keys]])
+  table = io.StringIO()
+  w = csv.writer(table)
+  w.writerow(["eta", "method", "seeds", *[f"{s}/success_{stat}" for s in splits for stat in ("mean", "std")],
+              *[f"{s}/minus_opd_{stat}" for s in splits for stat in ("mean", "std")], *label_keys])
+  for r in rows:
+    margin = margins.get((r["eta"], r["method"]), {})
+    w.writerow([r["eta"], r["method"], r["seeds"],
+                *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
+                                                      if r[f"{s}/success"] else (np.nan, np.nan))],
+                *[cell for s in splits for cell in ((f"{margin[s][0]:.4f}", f"{margin[s][1]:.4f}") if s in margin
+                                                    else ("", ""))],
+                *[f"{r[k]:.4f}" if k in r else "" for k in label_keys]])
+  files.write_atomically(out / "control.csv", table.getvalue())
   lines = ["# Controlled teacher: success against eta", "",
            "Greedy success after the last update, mean ± std over seeds; the expert-belief judge's label mix and "
            "its agreement with the oracle's labels over every update. Student start: " + ", ".join(
@@ -613,7 +620,7 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
           f"{margin[s][0]:+.3f} ± {margin[s][1]:.3f}" if s in margin else "–" for s in splits) + " |")
   lines += ["", "![success against eta](success_vs_eta.png)", "![judge labels against eta](judge_labels_vs_eta.png)",
             ""]
-  (out / "control.md").write_text("\n".join(lines), encoding="utf-8")
+  files.write_atomically(out / "control.md", "\n".join(lines))
   if results_dir is not None:
     _copy_results(root, out, pathlib.Path(results_dir), ("control.csv", "success_vs_eta.png",
                                                           "judge_labels_vs_eta.png"))

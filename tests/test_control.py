@@ -580,17 +580,20 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   # sage_opd's seed 2 has no OPD run to pair with; seeds 0 and 1 differ by 0.1 and 0.3.
   won = {(0.0, "opd"): [0.4, 0.6], (0.0, "sage_opd"): [0.5, 0.9, 0.0], (0.5, "opd"): [0.2, 0.3]}
   skip = {0.0: 0.6, 0.5: 0.3}
+
+  def finished_run(eta, method, seed, success):
+    run_dir = tmp_path / "sweeps" / f"eta{eta:g}" / "runs" / method / f"seed{seed}"
+    provenance.check(alfworld_control.get_config(str(eta)), run_dir)
+    (run_dir / "hf").mkdir(parents=True)
+    (run_dir / "hf" / "config.json").write_text("{}")
+    rows = [{"step": 1, "judge/skip_frac": skip[eta], "judge/weak_frac": 1 - skip[eta], "judge/strong_frac": 0.0,
+             "judge/oracle_accuracy": 1.0 - eta},
+            {"step": 2, "eval/valid_seen/t0/success": success, "eval/valid_unseen/t0/success": success / 2}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
   for (eta, method), successes in won.items():
-    run_config = alfworld_control.get_config(str(eta))
     for seed, success in enumerate(successes):
-      run_dir = tmp_path / "sweeps" / f"eta{eta:g}" / "runs" / method / f"seed{seed}"
-      provenance.check(run_config, run_dir)
-      (run_dir / "hf").mkdir(parents=True)
-      (run_dir / "hf" / "config.json").write_text("{}")
-      rows = [{"step": 1, "judge/skip_frac": skip[eta], "judge/weak_frac": 1 - skip[eta], "judge/strong_frac": 0.0,
-               "judge/oracle_accuracy": 1.0 - eta},
-              {"step": 2, "eval/valid_seen/t0/success": success, "eval/valid_unseen/t0/success": success / 2}]
-      (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+      finished_run(eta, method, seed, success)
   (tmp_path / "student_eval").mkdir()
   (tmp_path / "student_eval" / "metrics.jsonl").write_text(json.dumps(
       {"step": 0, "eval/valid_seen/t0/success": 0.1, "eval/valid_unseen/t0/success": 0.05}) + "\n")
@@ -616,3 +619,16 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   assert "valid_seen 0.100" in report and "| 0.5 | opd | 2 | 0.250 ± 0.050 |" in report
   assert "| 0 | sage_opd | 2 | +0.200 ± 0.100 | +0.100 ± 0.050 |" in report
   assert (tmp_path / "docs" / "success_vs_eta.png").stat().st_size and (out / "judge_labels_vs_eta.png").exists()
+
+  # Each sweep rewrites the report as its runs finish: every file is replaced whole, so a reader that opened it
+  # before a rewrite (or a second sweep writing it at the same moment) reads one complete version, not a mix.
+  docs_png = tmp_path / "docs" / "success_vs_eta.png"
+  before_csv, before_md, before_png = (out / "control.csv").read_text(), report, docs_png.read_bytes()
+  with open(out / "control.csv", encoding="utf-8") as old_csv, open(out / "control.md", encoding="utf-8") as old_md, \
+       open(docs_png, "rb") as old_png:
+    finished_run(0.5, "sage_opd", 0, 0.8)
+    results.write_results(tmp_path, alfworld_control.get_config("0.5"), results_dir=tmp_path / "docs")
+    assert (old_csv.read(), old_md.read(), old_png.read()) == (before_csv, before_md, before_png)
+  assert "| 0.5 | sage_opd | 1 | 0.800 ± 0.000 |" in (out / "control.md").read_text()
+  assert (tmp_path / "docs" / "control.csv").read_text() == (out / "control.csv").read_text() != before_csv
+  assert not [f.name for folder in (out, tmp_path / "docs") for f in folder.iterdir() if f.name.startswith(".tmp")]
