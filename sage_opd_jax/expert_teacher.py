@@ -23,12 +23,14 @@ verb's actions, so every wrong verb gets the same mass: a take or put (one actio
 The token-level statistics that the loss reads (`teacher.STAT_KEYS`) follow exactly from nu
 through the admissible-action trie: P(x | prefix) = nu(actions whose tokens continue prefix + x)
 / nu(actions whose tokens continue prefix); a forced token (one continuation) has probability 1.
-With free thought the response starts with the expert's own thought up to the trigger, each token
-forced: its demonstrations' (`sft_data.expert_response(a, thought)`: `<think></think><action>` under
-the word-level tokenizer, or with `thoughts="subgoal"` the subgoal they think at the student's state,
-`<think>find mug</think><action>`); the student's first token off that format (a word the expert
-does not think) gets `OUTSIDE_LOGPROB`, after which the expert closes its thought
-(`format_token_stats`), and the action after the trigger is scored through the trie all the same.
+With free thought the response starts with the expert's own thought up to the trigger: its
+demonstrations' (`sft_data.expert_response(a, thought)`: `<think></think><action>` under the
+word-level tokenizer, or with `thoughts="subgoal"` the subgoal they think at the student's state,
+`<think>find mug</think><action>`). There nu is a law over the whole vocabulary (`ThoughtLaw`):
+1 - 1e-3 on the expert's next token, the rest evenly over the others; the student's first token off
+that format (a word the expert does not think) is one of those others, after which the expert
+closes its thought (`format_token_stats`), and the action after the trigger is scored through the
+trie all the same.
 
 Host side (numpy), like the judge: it runs between the rollout and the update.
 """
@@ -56,15 +58,50 @@ from sage_opd_jax import teacher as teacher_lib
 _log = logging.getLogger(__name__)
 
 KIND = "expert"  # config.teacher.kind of this teacher ("model": a trained teacher).
-# The probability of a token outside the expert's support (a thought word; an action token after
-# eps = 0 ruled it out): finite, so the loss stays finite, and far below any action's.
+# The probability of an action token outside the expert's support (one that eps = 0 ruled out): finite, so the
+# loss stays finite, and far below any action's.
 OUTSIDE_PROB = 1e-4
 OUTSIDE_LOGPROB = math.log(OUTSIDE_PROB)
-# Off its format the expert closes its thought (`format_token_stats`): 1 - OUTSIDE_PROB on the closing
-# token, OUTSIDE_PROB on not closing (each other token reads the floor); its top-1 and entropy.
-CLOSE_LOGPROB = math.log1p(-OUTSIDE_PROB)
-CLOSE_TOP1 = 1.0 - OUTSIDE_PROB
-CLOSE_ENTROPY = -(CLOSE_TOP1 * CLOSE_LOGPROB + OUTSIDE_PROB * OUTSIDE_LOGPROB)
+# At a free-thought position nu is a distribution over the whole vocabulary (`ThoughtLaw`): 1 - THOUGHT_OFF_MASS on
+# the expert's next token, THOUGHT_OFF_MASS spread evenly over the other V - 1.
+THOUGHT_OFF_MASS = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtLaw:
+  """nu at a free-thought position, over a vocabulary of `vocab_size` tokens: 1 - `off_mass` on its target token
+  (the expert's next token), `off_mass` / (V - 1) on each other one.
+
+  (our choice) A law that sums to 1 over the student's vocabulary, because the sampled reverse KL's minimiser
+  at a position is the student's pi proportional to nu there: a floor of its own on every other token (1e-4
+  each, before) gives them (V - 1) 1e-4 together, 12% of the mass at V = 1,344 and 94% at Qwen3's 151,936, which
+  OPD then teaches the student to put on tokens the expert never writes.
+  """
+
+  vocab_size: int
+  off_mass: float = THOUGHT_OFF_MASS
+
+  def __post_init__(self):
+    if self.vocab_size < 2:
+      raise ValueError(f"ThoughtLaw.vocab_size={self.vocab_size!r}: a thought needs at least 2 tokens.")
+    if not 0.0 < self.off_mass < 1.0:
+      raise ValueError(f"ThoughtLaw.off_mass={self.off_mass!r}: must lie in (0, 1).")
+
+  @property
+  def target_logprob(self) -> float:
+    return math.log1p(-self.off_mass)
+
+  @property
+  def other_logprob(self) -> float:
+    return math.log(self.off_mass / (self.vocab_size - 1))
+
+  @property
+  def top1(self) -> float:
+    return 1.0 - self.off_mass
+
+  @property
+  def entropy(self) -> float:
+    return -(self.top1 * self.target_logprob + self.off_mass * self.other_logprob)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,36 +268,36 @@ def trie_token_stats(sequences: Sequence[Sequence[int]], probs: np.ndarray, toke
   return logp, top1, entropy
 
 
-def format_token_stats(prefix: Sequence[int], close_at: int, tokens: Sequence[int]
+def format_token_stats(prefix: Sequence[int], close_at: int, tokens: Sequence[int], law: ThoughtLaw
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per token of `tokens` (a response's free part, through its trigger): log-prob, top-1 and entropy under
   the expert's format `prefix` (its thought, then the trigger), whose thought closes at `prefix[close_at]`.
 
-  On the format the expert's next token is forced (probability 1). The student's first token off it
-  gets the floor `OUTSIDE_LOGPROB`: leaving the format is penalised. (our choice) From there on the
-  expert closes its thought: at every later position nu puts 1 - OUTSIDE_PROB on the closing token
+  At every position nu is `law`: its target is the expert's next token. On the format that is the format's
+  next token; the student's first token off it reads `law.other_logprob`: leaving the format is penalised.
+  (our choice) From there on the expert closes its thought: the target is the closing token
   (`prefix[close_at]`, `</think>`, while the student has not passed it; else the format's next token,
-  e.g. the trigger after words written past `</think>`) and the floor on every other token. Once the
-  student emits it the format is forced again (the rest of the close, then the trie after the
-  trigger, scored as on the format). Why: with the floor on every token after the first word, nu is
-  a constant over the rest of the thought, so reverse KL is lowest for a uniform thought and closing
-  it costs log pi - log 1e-4 (advantage about -9.2); a student trained so writes long near-uniform
-  thoughts and never closes them. The expert itself would close its thought, and that is the
+  e.g. the trigger after words written past `</think>`). Once the student emits it the format is the target
+  again (the rest of the close, then the trie after the trigger, scored as on the format). Why: with one
+  floor on every token after the first word, nu is a constant over the rest of the thought, so reverse KL is
+  lowest for a uniform thought and closing it costs log pi - log floor; a student trained so writes long
+  near-uniform thoughts and never closes them. The expert itself would close its thought, and that is the
   target.
   """
   n = len(tokens)
-  logp, top1, entropy = np.zeros(n), np.ones(n), np.zeros(n)
+  logp, top1, entropy = np.full(n, law.target_logprob), np.full(n, law.top1), np.full(n, law.entropy)
   matched, off_format = 0, False  # prefix[:matched] is the format the student has written so far.
   for j, token in enumerate(tokens):
     if off_format:
       close = max(matched, close_at)
-      top1[j], entropy[j], logp[j] = CLOSE_TOP1, CLOSE_ENTROPY, OUTSIDE_LOGPROB
       if close < len(prefix) and token == prefix[close]:
-        logp[j], matched, off_format = CLOSE_LOGPROB, close + 1, False
+        matched, off_format = close + 1, False
+      else:
+        logp[j] = law.other_logprob
     elif matched < len(prefix) and token == prefix[matched]:
       matched += 1
     else:
-      logp[j], off_format = OUTSIDE_LOGPROB, True
+      logp[j], off_format = law.other_logprob, True
   return logp, top1, entropy
 
 
@@ -295,7 +332,8 @@ class ExpertTeacher:
       expert's response is its demonstrations' (`sft_data.expert_response` with its `thoughts`): the
       thought's tokens up to the trigger, then the trie's `head + a + </action>`; without one it
       is the trie's string alone (`<action>a</action>`).
-    vocab_size: the teacher's V, what `neg_entropy` confidence normalises by (the student's).
+    vocab_size: the teacher's V, the student's: what `neg_entropy` confidence normalises by, and what nu on a
+      free-thought token spreads over (`ThoughtLaw`).
     enable_thinking: the chat template's thinking switch (`config.sampling.enable_thinking`).
     topk: `score` also gives nu over each token's decoding support (`teacher.TOPK_KEYS`), for the exact
       divergence (config.loss.estimator='full').
@@ -311,6 +349,7 @@ class ExpertTeacher:
     self.expert_config = config
     self.tokenizer = tokenizer
     self.vocab_size = int(vocab_size)
+    self.thought_law = ThoughtLaw(self.vocab_size)  # nu at each free-thought position.
     self.thoughts = thoughts
     self.topk = topk
     self.layout = prompts.ChatLayout.from_tokenizer(tokenizer, enable_thinking)
@@ -404,7 +443,7 @@ class ExpertTeacher:
     format (`format_token_stats`: off it, the expert closes its thought), the rest (after the
     trigger) through the action trie."""
     split = self._split(response)
-    free = format_token_stats(*self.response_format(belief.thought), response[:split])
+    free = format_token_stats(*self.response_format(belief.thought), response[:split], self.thought_law)
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 

@@ -81,6 +81,11 @@ def brute_force(sequences, masses, prefix):
   return {x: m / total for x, m in nxt.items()}
 
 
+def thought_entropy(vocab_size, off_mass=1e-3):
+  """H of nu at a free-thought position: 1 - off_mass on one token, off_mass evenly over the other V - 1."""
+  return -((1 - off_mass) * math.log(1 - off_mass) + off_mass * math.log(off_mass / (vocab_size - 1)))
+
+
 @pytest.mark.parametrize("free_thought, search, eps_over", [
     (False, "peak", "actions"), (True, "peak", "actions"), (True, "spread", "actions"), (True, "spread", "verbs")])
 def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_turns, real_episodes, free_thought,
@@ -120,22 +125,28 @@ def test_token_statistics_equal_a_brute_force_enumeration_on_real_turns(real_tur
       logp, top1, entropy = teacher.turn_stats(belief, seq)
       support = teacher.turn_support(belief, seq)
       support_lognu = teacher.turn_support_logprobs(belief, support, seq)  # The exact estimator's nu.
-      for j in range(len(seq)):
+      # The free thought's tokens: nu over the vocabulary, 1 - 1e-3 on the expert's, the rest spread evenly.
+      np.testing.assert_allclose(logp[:len(free)], math.log(1 - 1e-3), rtol=1e-12)
+      np.testing.assert_allclose(top1[:len(free)], 1 - 1e-3, rtol=1e-12)
+      np.testing.assert_allclose(entropy[:len(free)], thought_entropy(len(tokenizer)), rtol=1e-9)
+      logp, top1, entropy = logp[len(free):], top1[len(free):], entropy[len(free):]
+      for j in range(len(free), len(seq)):
         law = brute_force(sequences, masses, seq[:j])
-        if j >= len(free):  # Over decoding's support: nu's law of the next token, the floor where it has no mass.
-          assert set(support[j]) == set(law)
-          for token, lognu in zip(support[j], support_lognu[j]):
-            want = math.log(law[token]) if law[token] > 0 else expert_teacher.OUTSIDE_LOGPROB
-            assert lognu == pytest.approx(want, abs=1e-12)
+        # Over decoding's support: nu's law of the next token, the floor where it has no mass.
+        assert set(support[j]) == set(law)
+        for token, lognu in zip(support[j], support_lognu[j]):
+          want = math.log(law[token]) if law[token] > 0 else expert_teacher.OUTSIDE_LOGPROB
+          assert lognu == pytest.approx(want, abs=1e-12)
+        k = j - len(free)
         if law[seq[j]] == 0:
-          assert logp[j] == expert_teacher.OUTSIDE_LOGPROB
+          assert logp[k] == expert_teacher.OUTSIDE_LOGPROB
           break
-        assert logp[j] == pytest.approx(math.log(law[seq[j]]), abs=1e-12)
-        assert top1[j] == pytest.approx(float(max(law.values())), abs=1e-12)
+        assert logp[k] == pytest.approx(math.log(law[seq[j]]), abs=1e-12)
+        assert top1[k] == pytest.approx(float(max(law.values())), abs=1e-12)
         exact_h = -sum(float(p) * math.log(p) for p in law.values() if p > 0)
-        assert entropy[j] == pytest.approx(exact_h, abs=1e-12)
-        if len(law) == 1:  # A forced token: probability 1.
-          assert logp[j] == 0.0 and top1[j] == 1.0 and entropy[j] == 0.0
+        assert entropy[k] == pytest.approx(exact_h, abs=1e-12)
+        if len(law) == 1:  # A token the trie forces: probability 1.
+          assert logp[k] == 0.0 and top1[k] == 1.0 and entropy[k] == 0.0
       else:
         # The chain rule: the tokens' probabilities multiply to the action's mass.
         assert math.exp(logp.sum()) == pytest.approx(float(masses[i]), rel=1e-9)
@@ -168,32 +179,46 @@ def test_off_its_format_the_expert_closes_its_thought(real_turns):
                                       for tag in (prompts.THINK_OPEN, prompts.THINK_CLOSE, prompts.ACTION_OPEN))
   assert teacher.response_format() == (think_open + think_close + trigger, 1) and teacher.trigger == trigger
   action = teacher.action_tokens([expert])[0]
-  floor, close = math.log(1e-4), math.log(1 - 1e-4)  # Independent of the module's constants.
-  binary_h = -(1e-4 * math.log(1e-4) + (1 - 1e-4) * math.log(1 - 1e-4))
+  vocab = len(teacher.tokenizer)
+  # Independent of the module's constants: 1 - 1e-3 on the expert's next token, 1e-3 over the other V - 1.
+  floor, target = math.log(1e-3 / (vocab - 1)), math.log(1 - 1e-3)
   # Words inside the thought: the first one leaves the format (the floor), the later ones are not the close
-  # (the floor), the `</think>` after them is the expert's close (~0), and the trigger after it is forced again.
+  # (the floor), the `</think>` after them is the expert's close (its target), and the trigger after it is the
+  # format's again.
   response = think_open + words + think_close + trigger + action
   logp, top1, entropy = teacher.turn_stats(belief, response)
   np.testing.assert_allclose(logp[1:4], floor, rtol=1e-12)
-  assert logp[4] == pytest.approx(close, abs=1e-12) and -2e-4 < logp[4] < 0
-  assert logp[0] == 0.0 and logp[5] == 0.0 and (top1[0], entropy[0], top1[5], entropy[5]) == (1, 0, 1, 0)
-  assert top1[1] == 1.0 and entropy[1] == 0.0  # Where the student left it, the format was forced.
-  np.testing.assert_allclose(top1[2:5], 1 - 1e-4, rtol=1e-12)
-  np.testing.assert_allclose(entropy[2:5], binary_h, rtol=1e-9)
+  np.testing.assert_allclose(logp[[0, 4, 5]], target, rtol=1e-12)
+  np.testing.assert_allclose(top1[:6], 1 - 1e-3, rtol=1e-12)  # Each thought position's law has one target.
+  np.testing.assert_allclose(entropy[:6], thought_entropy(vocab), rtol=1e-9)
   # The action after the trigger is scored through the trie all the same.
   assert math.exp(logp[6:].sum()) == pytest.approx(0.95)
   # Words written past `</think>` (`<think></think> apple on table<action>`): the close is then the trigger.
   logp, _, _ = teacher.turn_stats(belief, think_open + think_close + words + trigger + action)
   np.testing.assert_allclose(logp[2:5], floor, rtol=1e-12)
-  assert logp[5] == pytest.approx(close, abs=1e-12) and math.exp(logp[6:].sum()) == pytest.approx(0.95)
+  assert logp[5] == pytest.approx(target, abs=1e-12) and math.exp(logp[6:].sum()) == pytest.approx(0.95)
   # An unclosed thought forced through the trigger skipped the expert's `</think>`: the floor.
   logp, _, _ = teacher.turn_stats(belief, think_open + words + trigger + action)
   np.testing.assert_allclose(logp[1:5], floor, rtol=1e-12)
 
 
+def test_at_every_thought_position_nu_is_a_law_over_the_vocabulary(real_turns):
+  """Summed over every token the student could write at a free-thought position (on the format, at its first
+  word off it, and while the expert closes its thought), nu is 1, so the sampled reverse KL's minimiser there,
+  pi proportional to nu, is nu itself: 1 - 1e-3 on the expert's token. With a floor of 1e-4 on each other token
+  the V - 1 floors add up to mass the student would learn to spend on tokens the expert never writes."""
+  teacher, belief, words, _ = wordy_turn(real_turns)
+  prefix, _ = teacher.response_format()
+  vocab = len(teacher.tokenizer)
+  for head in (prefix[:1], prefix[:1] + words[:1], prefix[:1] + words):
+    logps = [teacher.turn_stats(belief, head + [x])[0][len(head)] for x in range(vocab)]
+    assert math.fsum(math.exp(v) for v in logps) == pytest.approx(1.0, abs=1e-9), head
+    assert max(logps) == pytest.approx(math.log(1 - 1e-3), abs=1e-12)
+
+
 def test_with_subgoal_thoughts_the_expert_thinks_its_demos_thought_at_the_students_state(real_episodes, real_turns):
   """thoughts="subgoal": on the expert's own episode each turn's thought is the one its SFT demo trains on, and
-  its demo response scores 0 on every thought token and log(1 - eps) on the action; where the student does not
+  its demo response scores log(1 - 1e-3) on every thought token and log(1 - eps) on the action; where the student does not
   take the object the expert would have, the expert goes on thinking "find"; a student thinking of another
   object meets the floor at that word."""
   episode, tokenizer = real_episodes[0], real_turns[1]
@@ -215,7 +240,8 @@ def test_with_subgoal_thoughts_the_expert_thinks_its_demos_thought_at_the_studen
                                 add_special_tokens=False)
     logp, _, _ = teacher.turn_stats(beliefs[t], response)
     split = teacher._split(response)  # pylint: disable=protected-access
-    assert split > 4 and np.all(logp[:split] == 0.0)  # <think> the subgoal's words </think> <action>
+    assert split > 4  # <think> the subgoal's words </think> <action>: each the expert's next token.
+    np.testing.assert_allclose(logp[:split], math.log(1 - 1e-3), rtol=1e-12)
     assert math.exp(logp[split:].sum()) == pytest.approx(0.95)
   # The student does something else where the expert takes the object: it holds nothing, the expert still looks.
   other = next(a for a in episode.admissible_actions[take] if a != episode.actions[take])
@@ -227,7 +253,8 @@ def test_with_subgoal_thoughts_the_expert_thinks_its_demos_thought_at_the_studen
   # Thinking of another object: the floor at the object's word, then the expert closes its thought.
   wrong = tokenizer.encode(sft_data.expert_response(episode.actions[0], "find apple"), add_special_tokens=False)
   logp, _, _ = teacher.turn_stats(beliefs[0], wrong)
-  assert logp[0] == logp[1] == 0.0 and logp[2] == pytest.approx(math.log(1e-4))
+  assert logp[0] == logp[1] == pytest.approx(math.log(1 - 1e-3))
+  assert logp[2] == pytest.approx(math.log(1e-3 / (len(tokenizer) - 1)))
 
 
 def test_the_sampled_reverse_kl_gradient_raises_closing_a_wordy_thought(real_turns):
