@@ -114,10 +114,6 @@ def get_config() -> ml_collections.ConfigDict:
   # action (take, put) gets eps / (n - 1) and one with many (go to) many times that; "verbs" spreads it evenly
   # over the other actions' verbs, then evenly over each verb's actions.
   config.teacher.expert.eps_over = "actions"
-  # The action tokens after the one where the student's action left every action nu peaks on: "trie" scores them
-  # through the trie like the rest; "skip" gives them no divergence (nu's law there, the spread of eps over wrong
-  # actions, says nothing about the task).
-  config.teacher.expert.past_divergence = "trie"
   config.teacher.hf_dir = ""  # Load the teacher from this HF directory; empty means `model`.
   config.teacher.model = tiny_model(hidden_size=128, intermediate_size=384, num_layers=4)  # Teacher architecture.
   config.teacher.score_chunk = 256  # Sequence positions per chunk of the teacher's LM head.

@@ -30,9 +30,6 @@ TEACHER_KINDS = ("model", "expert")  # config.teacher.kind: a trained model, or 
 SEARCH_BELIEFS = ("peak", "spread")
 # config.teacher.expert.eps_over: the off-peak mass evenly over the other admissible actions, or over their verbs.
 EPS_OVER = ("actions", "verbs")
-# config.teacher.expert.past_divergence: the action tokens after the one where the student's action left every action
-# the teacher prefers: scored through the trie, or given no divergence.
-PAST_DIVERGENCE = ("trie", "skip")
 # Judge modes that ask the teacher a question, which the expert teacher cannot answer.
 MODEL_JUDGE_MODES = ("prompt", "transcript")
 SCHEDULES = ("constant", "cosine")
@@ -160,7 +157,6 @@ def _validate_teacher_kind(config: ml_collections.ConfigDict, spec: envs_base.En
   _in_range(config, "teacher.expert.eta", 0.0, 1.0)
   _one_of(config, "teacher.expert.search", SEARCH_BELIEFS)
   _one_of(config, "teacher.expert.eps_over", EPS_OVER)
-  _one_of(config, "teacher.expert.past_divergence", PAST_DIVERGENCE)
   why = "config.teacher.kind='expert' "
   if spec.expert is None:
     raise ConfigError(f"{why}needs an env with an expert to name its action at every state; config.env.name="

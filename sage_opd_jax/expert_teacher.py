@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sage_opd_jax import judge as judge_lib
-from sage_opd_jax.config import EPS_OVER, PAST_DIVERGENCE, SEARCH_BELIEFS
+from sage_opd_jax.config import EPS_OVER, SEARCH_BELIEFS
 from sage_opd_jax import losses
 from sage_opd_jax import prompts
 from sage_opd_jax import rollout as rollout_lib
@@ -125,7 +125,6 @@ class ExpertTeacherConfig:
   seed: int = 0
   search: str = "peak"
   eps_over: str = "actions"
-  past_divergence: str = "trie"
 
   def __post_init__(self):
     for name in ("eps_on", "eps_off"):
@@ -137,15 +136,11 @@ class ExpertTeacherConfig:
       raise ValueError(f"ExpertTeacherConfig.search={self.search!r}: must be one of {SEARCH_BELIEFS}.")
     if self.eps_over not in EPS_OVER:
       raise ValueError(f"ExpertTeacherConfig.eps_over={self.eps_over!r}: must be one of {EPS_OVER}.")
-    if self.past_divergence not in PAST_DIVERGENCE:
-      raise ValueError(f"ExpertTeacherConfig.past_divergence={self.past_divergence!r}: must be one of "
-                       f"{PAST_DIVERGENCE}.")
 
   @classmethod
   def from_config(cls, expert: Mapping[str, Any]) -> ExpertTeacherConfig:
     return cls(eps_on=float(expert["eps_on"]), eps_off=float(expert["eps_off"]), eta=float(expert["eta"]),
-               seed=int(expert["seed"]), search=str(expert["search"]), eps_over=str(expert["eps_over"]),
-               past_divergence=str(expert["past_divergence"]))
+               seed=int(expert["seed"]), search=str(expert["search"]), eps_over=str(expert["eps_over"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,19 +447,6 @@ class ExpertTeacher:
     action = trie_token_stats(self.action_tokens(belief.actions), belief.probs, response[split:])
     return tuple(np.concatenate([f, a]) for f, a in zip(free, action))
 
-  def divergence_end(self, belief: TurnBelief, response: Sequence[int]) -> int:
-    """The index after the response's first action token that no action nu peaks on (its peak, or a spread search
-    turn's candidates) continues with; len(response) if there is none, or nu has no peak."""
-    if belief.peak is None:
-      return len(response)
-    split = self._split(response)
-    alive = self.action_tokens((belief.peak, *belief.search))
-    for j, token in enumerate(response[split:]):
-      alive = [seq for seq in alive if len(seq) > j and seq[j] == token]
-      if not alive:
-        return split + j + 1
-    return len(response)
-
   def turn_support_logprobs(self, belief: TurnBelief, support: Sequence[Sequence[int]], response: Sequence[int]
                             ) -> list[list[float]]:
     """Per response token, log nu of each id of its `turn_support` list given the earlier tokens: through the
@@ -501,12 +483,6 @@ class ExpertTeacher:
         for key, values in zip(teacher_lib.STAT_KEYS, self.turn_stats(belief, turn.response_tokens)):
           scores[key][b, where] = values
         support = self.turn_support(belief, turn.response_tokens)
-        if self.expert_config.past_divergence == "skip":
-          # Past the divergence: one allowed id (the student's log pi there is 0, without gradient) and nu = 1 on it.
-          for j in range(self.divergence_end(belief, turn.response_tokens), len(support)):
-            support[j] = [turn.response_tokens[j]]
-            for key, value in zip(teacher_lib.STAT_KEYS, (0.0, 1.0, 0.0)):
-              scores[key][b, where[j]] = value
         lognu = (self.turn_support_logprobs(belief, support, turn.response_tokens) if self.topk
                  else [[] for _ in support])
         for s, ids, values in zip(where, support, lognu):

@@ -522,41 +522,6 @@ class FakeEpisode:
     self.task_text = ""
 
 
-def test_past_the_divergence_the_skip_teacher_gives_no_divergence_and_no_gradient(real_turns):
-  """past_divergence="skip": in a response whose action leaves the teacher's a* at the receptacle (`go to` another
-  one), every token up to and including the one that left scores as under "trie", and each later one gets nu = 1
-  on itself and a support of itself alone (the student's renormalised log pi there is 0: no gradient); a response
-  that plays a* keeps every score."""
-  turns, tokenizer = real_turns
-  t, (admissible, expert) = next((t, (a, e)) for t, (a, e) in enumerate(turns) if e.startswith("go to "))
-  wrong = next(a for a in admissible if a.startswith("go to ") and a != expert)
-  teachers = {mode: expert_teacher.ExpertTeacher(expert_teacher.ExpertTeacherConfig(past_divergence=mode), tokenizer,
-                                                 sampler_config(tokenizer, True), len(tokenizer))
-              for mode in ("trie", "skip")}
-  prefix, _ = teachers["trie"].response_format()
-  for action in (wrong, expert):
-    response = prefix + teachers["trie"].action_tokens([action])[0]
-    turn = FakeTurn(admissible, action, expert)
-    turn.response_tokens = response
-    arrays = {"turn_ids": np.asarray([[0, 0] + [1] * len(response)])}
-    scores = {mode: teacher.score([FakeEpisode([turn])], arrays) for mode, teacher in teachers.items()}
-    seq_wrong, seq_star = (teachers["trie"].action_tokens([a])[0] for a in (wrong, expert))
-    left = len(prefix) + next(j for j, (x, y) in enumerate(zip(seq_wrong, seq_star)) if x != y)
-    end = left + 1 if action == wrong else len(response)
-    assert teachers["skip"].divergence_end(teachers["skip"].beliefs([FakeEpisode([turn])])[0][0], response) == end
-    cols = slice(2, 2 + end)
-    for key in ("teacher_logprobs", "teacher_top1", "teacher_entropy", "student_support"):
-      np.testing.assert_array_equal(scores["skip"][key][0, cols], scores["trie"][key][0, cols])
-    if action == wrong:
-      assert scores["skip"]["teacher_logprobs"][0, 2 + left] < math.log(0.05)  # The token that left: penalised.
-      assert end < len(response)
-    rest = slice(2 + end, 2 + len(response))
-    np.testing.assert_array_equal(scores["skip"]["teacher_logprobs"][0, rest], 0.0)
-    np.testing.assert_array_equal(scores["skip"]["teacher_top1"][0, rest], 1.0)
-    np.testing.assert_array_equal(scores["skip"]["student_support"][0, rest, 0], response[end:])
-    np.testing.assert_array_equal(scores["skip"]["student_support"][0, rest, 1:], -1)
-
-
 def test_expert_belief_judge_is_the_oracle_at_eta_0_and_errs_where_the_teacher_is_misdirected(real_turns):
   turns = knob_episode(real_turns)
   for turn in turns:
