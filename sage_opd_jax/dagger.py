@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import tqdm
 
+from sage_opd_jax import files
 from sage_opd_jax import judge
 from sage_opd_jax import models
 from sage_opd_jax import rollout as rollout_lib
@@ -126,7 +127,7 @@ def collect(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, firs
                   player=player, split=config.env.train_split, temperature=temperature,
                   expert=base.spec(config.env.name).expert, games=len(games), won=sum(g["won"] for g in games),
                   turns=sum(g["turns"] for g in games), corrections=sum(g["corrections"] for g in games))
-  (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+  files.write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
   logging.info("DAgger: %d games, %d won, %d corrections in %s.", manifest["games"], manifest["won"],
                manifest["corrections"], out)
   return manifest

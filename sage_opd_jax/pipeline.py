@@ -46,6 +46,7 @@ import ml_collections
 
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import dagger
+from sage_opd_jax import files
 from sage_opd_jax import losses
 from sage_opd_jax import models
 from sage_opd_jax import provenance
@@ -254,7 +255,7 @@ def _claim_eval_dir(eval_dir: pathlib.Path, hf_dir: str) -> None:
                        f"checkpoint is {hf_dir} (other weights): move {eval_dir} away to evaluate it again.")
     return
   eval_dir.mkdir(parents=True, exist_ok=True)
-  marker.write_text(json.dumps({"checkpoint": hf_dir, "sha256": digest}) + "\n", encoding="utf-8")
+  files.write_atomically(marker, json.dumps({"checkpoint": hf_dir, "sha256": digest}) + "\n")
 
 
 def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any],
