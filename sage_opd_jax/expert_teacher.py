@@ -74,8 +74,8 @@ class ThoughtLaw:
 
   (our choice) A law that sums to 1 over the student's vocabulary, because the sampled reverse KL's minimiser
   at a position is the student's pi proportional to nu there: a floor of its own on every other token (1e-4
-  each, before) gives them (V - 1) 1e-4 together, 12% of the mass at V = 1,344 and 94% at Qwen3's 151,936, which
-  OPD then teaches the student to put on tokens the expert never writes.
+  each, say) would give them (V - 1) 1e-4 together, 12% of the mass at V = 1,344 and 94% at Qwen3's 151,936,
+  which OPD would then teach the student to put on tokens the expert never writes.
   """
 
   vocab_size: int

@@ -214,6 +214,10 @@ def test_at_every_thought_position_nu_is_a_law_over_the_vocabulary(real_turns):
     logps = [teacher.turn_stats(belief, head + [x])[0][len(head)] for x in range(vocab)]
     assert math.fsum(math.exp(v) for v in logps) == pytest.approx(1.0, abs=1e-9), head
     assert max(logps) == pytest.approx(math.log(1 - 1e-3), abs=1e-12)
+  with pytest.raises(ValueError, match="vocab_size=1"):
+    expert_teacher.ThoughtLaw(1)
+  with pytest.raises(ValueError, match="off_mass=1.0"):
+    expert_teacher.ThoughtLaw(vocab, off_mass=1.0)
 
 
 def test_with_subgoal_thoughts_the_expert_thinks_its_demos_thought_at_the_students_state(real_episodes, real_turns):
