@@ -3,6 +3,9 @@
 import json
 import pathlib
 import shutil
+import stat
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,22 @@ def _config(tokenizer_dir, **overrides):
 
 
 # ----------------------------------------------------------------------------- provenance
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_file_written_whole_replaces_the_old_and_gets_the_mode_open_gives(tmp_path, umask):
+  """`files.write_atomically` in a fresh process under `umask`: the file holds the new text or bytes, no temporary
+  file is left, and its mode is the one a plain open() gives there (a shared workdir's reports stay readable
+  to its group under umask 022, and private under 077)."""
+  script = (f"import os, pathlib; os.umask({umask}); from sage_opd_jax import files; "
+            f"d = pathlib.Path({str(tmp_path)!r}); open(d / 'plain', 'w').close(); "
+            "files.write_atomically(d / 'report.md', 'old'); files.write_atomically(d / 'report.md', 'new'); "
+            "files.write_atomically(d / 'plot.png', b'\\x89PNG')")
+  subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=pathlib.Path(__file__).parents[1])
+  assert (tmp_path / "report.md").read_text() == "new" and (tmp_path / "plot.png").read_bytes() == b"\x89PNG"
+  assert sorted(f.name for f in tmp_path.iterdir()) == ["plain", "plot.png", "report.md"]
+  modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()}
+  assert modes["report.md"] == modes["plot.png"] == modes["plain"] == 0o666 & ~umask, modes
 
 
 def test_resume_with_another_method_is_refused_with_the_diff(tokenizer_dir, tmp_path):
