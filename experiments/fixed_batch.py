@@ -69,12 +69,13 @@ def main(_):
   def divergence(params, batch):
     return loss_fn(nnx.merge(graphdef, params), batch, totals_fn(batch))[1]["kl_mean"]
 
-  curves = {}
+  curves, update = {}, None
   for rate in _LEARNING_RATES.value:
     state, state_sharding = update_lib.place_state(
         update_lib.init_train_state(nnx.merge(graphdef, jax.tree.map(jnp.copy, nnx.state(student))), tx, config.seed),
         mesh)  # A copy: the update donates its state.
-    update = update_lib.jit_update(
+    # One compiled update serves every rate (the rate is its input), as in the trainer.
+    update = update or update_lib.jit_update(
         update_lib.make_update_fn(graphdef, tx, loss_fn, totals_fn, micro_batches=config.train.micro_batches),
         state_sharding, batch_sharding)
     rows = []
