@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.env.eval_splits = ("valid_seen", "valid_unseen")  # Splits evaluated every eval.
   config.env.task_types = ()  # Restrict to these task types; empty means all.
   config.env.max_turns = 30  # Turn limit of an episode.
+  # ALFWorld: "There is the <object N>." before each list that shows the task's object (a legibility aid for
+  # controlled experiments, envs/alfworld.py's with_object_hint).
+  config.env.object_hint = False
   config.env.history_turns = 2  # k: past (observation, action) pairs in the acting prompt.
   config.env.show_admissible = True  # List the admissible actions with every observation.
   config.env.num_workers = 2  # Env worker processes.

@@ -188,3 +188,28 @@ def test_real_expert_wins_most_sampled_valid_unseen_games():
   assert wins >= 4
   for episode in episodes:
     assert _acts_before_observing(episode) == [], episode.task.task_id
+
+
+def test_object_hint_names_the_task_object_where_it_is_seen_and_the_expert_plays_the_same():
+  """`env.object_hint` adds one sentence before each list that shows the task's object, and no other
+  text: the expert (which reads the list) plays the same actions with it, on real pick games."""
+  data = real_alfworld_data()
+  plain, hinted = (envs.make("alfworld", data_dir=data, max_turns=30, facts=True, seed=0, object_hint=hint,
+                             task_types=("pick_and_place_simple",)) for hint in (False, True))
+  hinted_lists = 0
+  for task in plain.tasks("valid_unseen")[:4]:
+    obj = alfworld_env.parse_task_folder(task.task_id)["pddl_params"]["object_target"].lower()
+    a, b = alfworld_expert.run_episode(plain, task), alfworld_expert.run_episode(hinted, task)
+    assert b.actions == a.actions and b.won == a.won, task.task_id
+    for before, after in zip(a.observations, b.observations, strict=True):
+      listed = re.search(r"(?:On the [a-z]+ \d+|In it), you see (.*)", before)
+      instance = listed and re.search(rf"\b{obj} \d+\b", listed[1])
+      if instance:
+        hint = f"There is the {instance[0]}. "
+        assert after == before.replace(listed[0], hint + listed[0], 1), (task.task_id, after)
+        hinted_lists += 1
+      else:
+        assert after == before, (task.task_id, after)
+  plain.close()
+  hinted.close()
+  assert hinted_lists >= 4  # Every won pick game sees its object at least once.

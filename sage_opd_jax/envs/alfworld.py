@@ -208,6 +208,30 @@ def _strip_banner(observation: str) -> str:
   return observation.replace(_BANNER, "", 1).strip()
 
 
+# An observation listing what is on or in a receptacle (what a take could pick up).
+_SHOWS_OBJECTS = re.compile(r"(?:On the [a-z]+ \d+|In it), you see ")
+
+
+def with_object_hint(observation: str, obj: str) -> str:
+  """`observation` with "There is the {obj} N." before the list of what it sees, where that list
+  names an instance of the task's object `obj`.
+
+  Why: a from-scratch student must match the task's object, hundreds of tokens back, against the
+  list of what it sees, and a tiny one learns its training rooms instead (docs/results.md). The
+  hint puts that match into a few fixed words, so a controlled experiment can separate what a
+  student cannot read from what its training teaches it. It goes before the list, not after it:
+  ALFWorld's expert reads everything after "you see" as the list. Only the first instance named
+  is hinted.
+  """
+  shows = _SHOWS_OBJECTS.search(observation)
+  if shows is None:
+    return observation
+  found = re.search(rf"\b{re.escape(obj)} \d+\b", observation[shows.end():])
+  if found is None:
+    return observation
+  return f"{observation[:shows.start()]}There is the {found[0]}. {observation[shows.start():]}"
+
+
 @dataclasses.dataclass
 class _Episode:
   task: Task
@@ -230,8 +254,9 @@ def _build_tokenizer(env_kwargs: Mapping[str, Any], out_dir: pathlib.Path, demos
 
 @register(ENV_NAME, EnvSpec(
     splits=SPLITS,
-    own_keys=("data_dir",),
-    config_kwargs=lambda env: {"data_dir": env.get("data_dir") or None},  # Empty: $ALFWORLD_DATA.
+    own_keys=("data_dir", "object_hint"),
+    config_kwargs=lambda env: {"data_dir": env.get("data_dir") or None,  # Empty: $ALFWORLD_DATA.
+                               "object_hint": bool(env.get("object_hint"))},
     # A pipeline names the folder it found, so every stage's config does.
     resolve=lambda env: {"data_dir": str(resolve_data_dir(env.get("data_dir") or None))},
     tokenizer=_build_tokenizer,
@@ -255,6 +280,7 @@ class AlfworldEnv:
     cache_dir: str | os.PathLike[str] | None = None,
     grounding_cache: bool = True,
     parse_memo: bool = True,
+    object_hint: bool = False,
   ):
     """Builds the env.
 
@@ -273,6 +299,8 @@ class AlfworldEnv:
         beside the game files (read-only in CI, and never to be committed).
       grounding_cache: False grounds every reset from scratch (benchmarks, tests).
       parse_memo: False parses every text snippet from scratch (benchmarks, tests).
+      object_hint: end every observation that shows the task's object with "There is the
+        {object N}." (`with_object_hint`): a legibility aid for controlled experiments.
     """
     if max_turns < 1:
       raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
@@ -282,6 +310,7 @@ class AlfworldEnv:
     self.seed = seed
     self.facts = facts
     self.policy_commands = policy_commands
+    self.object_hint = object_hint
     # The engine loads here, not on import: reading the env's `EnvSpec` needs no TextWorld.
     import textworld
     import textworld.gym
@@ -387,6 +416,7 @@ class AlfworldEnv:
       facts=list(infos["facts"][0]) if self.facts else [],
       plan=list(infos["policy_commands"][0]) if self.policy_commands else [],
     )
+    observation = self._hinted(observation)
     info = StepInfo(
       task=self._episode.task_text,
       admissible_actions=list(admissible),
@@ -438,7 +468,13 @@ class AlfworldEnv:
       extra=self._extra(command=command),
     )
     reward = 1.0 if won else 0.0
-    return StepResult(observation=observation, reward=reward, done=episode.done, info=info)
+    return StepResult(observation=self._hinted(observation), reward=reward, done=episode.done, info=info)
+
+  def _hinted(self, observation: str) -> str:
+    if not self.object_hint:
+      return observation
+    obj = parse_task_folder(self._episode.task.task_id)["pddl_params"]["object_target"]
+    return with_object_hint(observation, obj.lower())
 
   @contextlib.contextmanager
   def _speedups(self) -> Iterator[None]:
