@@ -213,3 +213,8 @@ def test_object_hint_names_the_task_object_where_it_is_seen_and_the_expert_plays
   plain.close()
   hinted.close()
   assert hinted_lists >= 4  # Every won pick game sees its object at least once.
+  # Unset, the option is no constructor argument, so demos collected without it (whose manifest records the
+  # env's arguments) still resume.
+  kwargs = envs.base.spec("alfworld").config_kwargs
+  assert kwargs({"data_dir": "", "object_hint": False}) == {"data_dir": None}
+  assert kwargs({"data_dir": "", "object_hint": True}) == {"data_dir": None, "object_hint": True}

@@ -255,8 +255,9 @@ def _build_tokenizer(env_kwargs: Mapping[str, Any], out_dir: pathlib.Path, demos
 @register(ENV_NAME, EnvSpec(
     splits=SPLITS,
     own_keys=("data_dir", "object_hint"),
+    # object_hint only where set: demos collected without it record no such key, and stay valid to resume.
     config_kwargs=lambda env: {"data_dir": env.get("data_dir") or None,  # Empty: $ALFWORLD_DATA.
-                               "object_hint": bool(env.get("object_hint"))},
+                               **({"object_hint": True} if env.get("object_hint") else {})},
     # A pipeline names the folder it found, so every stage's config does.
     resolve=lambda env: {"data_dir": str(resolve_data_dir(env.get("data_dir") or None))},
     tokenizer=_build_tokenizer,
