@@ -22,6 +22,13 @@ The positive control alone (eta = 0, OPD and SAGE-OPD, seed 0):
   python -m sage_opd_jax.main --config=configs/alfworld_control.py:0 --workdir=workdirs/alfworld_control \\
       --config.pipeline.methods="('opd','sage_opd')" --config.pipeline.seeds="(0,)"
 
+The same with the take made legible (ALFWorld says "There is the mug 2." where the task's object is in
+view, docs/envs.md) and a 1,000-update start, in a workdir of its own (its demos record the hint):
+
+  python -m sage_opd_jax.main --config=configs/alfworld_control.py:0 --workdir=workdirs/alfworld_control_hint \
+      --config.env.object_hint=True --config.pipeline.student_steps=1000 \
+      --config.pipeline.methods="('opd','sage_opd')" --config.pipeline.results_dir=""
+
 Results: docs/results.md, "Controlled teacher" (CSV and plots: docs/results/alfworld_control/).
 """
 
