@@ -484,8 +484,11 @@ def control_rows(root: pathlib.Path, splits: Sequence[str]) -> list[dict[str, An
       recorded = [json.loads((d / provenance.RECORD).read_text(encoding="utf-8"))["config"] for d in dirs]
       if not dirs or any(r.get("teacher.kind") != "expert" for r in recorded):
         continue
-      row: dict[str, Any] = {"eta": float(recorded[0]["teacher.expert.eta"]), "method": method, "seeds": len(dirs),
-                             "sweep": sweep_dir.name}
+      eta = float(recorded[0]["teacher.expert.eta"])
+      # The study's sweeps are named as configs/alfworld_control.py names them; a run under another name (a probe
+      # at the same eta, `--config.pipeline.sweep=...`) is shown, paired and plotted as a series of its own.
+      label = method if sweep_dir.name == f"eta{eta:g}" else f"{method} ({sweep_dir.name})"
+      row: dict[str, Any] = {"eta": eta, "method": method, "label": label, "seeds": len(dirs), "sweep": sweep_dir.name}
       finals = [_final_eval(d) for d in dirs]
       for split in splits:
         # Keyed by seed so that a method's margin over OPD pairs runs that shared their games' draws.
@@ -498,24 +501,24 @@ def control_rows(root: pathlib.Path, splits: Sequence[str]) -> list[dict[str, An
         if values:
           row[key] = float(np.mean(values))
       rows.append(row)
-  return sorted(rows, key=lambda r: (r["method"], r["eta"]))
+  return sorted(rows, key=lambda r: (r["label"], r["eta"]))
 
 
 def control_margins(rows: Sequence[dict[str, Any]], splits: Sequence[str], reference: str = "opd"
                     ) -> dict[tuple[float, str], dict[str, tuple[float, float, int]]]:
-  """Each method's success minus the reference method's at the same eta, paired by seed: {(eta, method):
+  """Each method's success minus the reference method's of the same sweep, paired by seed: {(eta, label):
   {split: (mean, std, seeds paired)}}. The paper's claims are about these margins (does SAGE-OPD's grow
   with eta; does each ablation sit below it), and pairing removes what the seeds share."""
-  references = {r["eta"]: r for r in rows if r["method"] == reference}
+  references = {r["sweep"]: r for r in rows if r["method"] == reference}
   margins = {}
   for r in rows:
-    if r["method"] == reference or (ref := references.get(r["eta"])) is None:
+    if r["method"] == reference or (ref := references.get(r["sweep"])) is None:
       continue
     for split in splits:
       mine, theirs = r[f"{split}/by_seed"], ref[f"{split}/by_seed"]
       diffs = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
       if diffs:
-        margins.setdefault((r["eta"], r["method"]), {})[split] = (float(np.mean(diffs)), float(np.std(diffs)),
+        margins.setdefault((r["eta"], r["label"]), {})[split] = (float(np.mean(diffs)), float(np.std(diffs)),
                                                                   len(diffs))
   return margins
 
@@ -524,10 +527,10 @@ def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str],
                           path: pathlib.Path) -> None:
   """Success against eta, a panel per split: per method the seed mean, its band the seeds' min to max."""
   fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), sharey=True, squeeze=False)
-  methods = list(dict.fromkeys(r["method"] for r in rows))
+  methods = list(dict.fromkeys(r["label"] for r in rows))
   for ax, split in zip(axes[0], splits):
     for i, method in enumerate(methods):
-      points = [(r["eta"], r[f"{split}/success"]) for r in rows if r["method"] == method and r[f"{split}/success"]]
+      points = [(r["eta"], r[f"{split}/success"]) for r in rows if r["label"] == method and r[f"{split}/success"]]
       if not points:
         continue
       etas = [e for e, _ in points]
@@ -547,8 +550,9 @@ def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str],
 
 
 def _plot_control_labels(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
-  """The expert-belief judge's Skip / Weak / Strong mix per eta (over the judged methods' updates), and its
-  agreement with the oracle."""
+  """The expert-belief judge's Skip / Weak / Strong mix per eta (over the judged methods' updates of the study's
+  own sweeps, not a probe's), and its agreement with the oracle."""
+  rows = [r for r in rows if r["label"] == r["method"]]
   etas = sorted({r["eta"] for r in rows if "judge/skip_frac" in r})
   fig, ax = plt.subplots(figsize=(5, 3.6))
   bottom = np.zeros(len(etas))
@@ -591,8 +595,8 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
   w.writerow(["eta", "method", "seeds", *[f"{s}/success_{stat}" for s in splits for stat in ("mean", "std")],
               *[f"{s}/minus_opd_{stat}" for s in splits for stat in ("mean", "std")], *label_keys])
   for r in rows:
-    margin = margins.get((r["eta"], r["method"]), {})
-    w.writerow([r["eta"], r["method"], r["seeds"],
+    margin = margins.get((r["eta"], r["label"]), {})
+    w.writerow([r["eta"], r["label"], r["seeds"],
                 *[f"{x:.4f}" for s in splits for x in ((np.mean(r[f"{s}/success"]), np.std(r[f"{s}/success"]))
                                                       if r[f"{s}/success"] else (np.nan, np.nan))],
                 *[cell for s in splits for cell in ((f"{margin[s][0]:.4f}", f"{margin[s][1]:.4f}") if s in margin
@@ -605,14 +609,14 @@ def write_control_results(root: pathlib.Path, config: ml_collections.ConfigDict,
                f"{s} {start[f'eval/{s}/t0/success']:.3f}" for s in splits if f"eval/{s}/t0/success" in start) + ".",
            "", "| eta | method | seeds | " + " | ".join(splits) + " | skip / weak / strong | judge = oracle |",
            "|" + "---|" * (len(splits) + 5)]
-  for r in sorted(rows, key=lambda r: (r["eta"], r["method"])):
+  for r in sorted(rows, key=lambda r: (r["eta"], r["label"])):
     cells = [f"{np.mean(r[f'{s}/success']):.3f} ± {np.std(r[f'{s}/success']):.3f}" if r[f"{s}/success"] else "–"
              for s in splits]
     mix = " / ".join(f"{r[f'judge/{label}_frac']:.2f}" for label in _LABELS) if "judge/skip_frac" in r else "–"
     agree = f"{r['judge/oracle_accuracy']:.3f}" if "judge/oracle_accuracy" in r else "–"
-    lines.append(f"| {r['eta']:g} | {r['method']} | {r['seeds']} | " + " | ".join(cells) + f" | {mix} | {agree} |")
+    lines.append(f"| {r['eta']:g} | {r['label']} | {r['seeds']} | " + " | ".join(cells) + f" | {mix} | {agree} |")
   if margins:
-    lines += ["", "Success minus OPD's at the same eta, paired by seed (mean ± std over the paired seeds):", "",
+    lines += ["", "Success minus OPD's in the same sweep, paired by seed (mean ± std over the paired seeds):", "",
               "| eta | method | seeds paired | " + " | ".join(splits) + " |", "|" + "---|" * (len(splits) + 3)]
     for (eta, method), margin in sorted(margins.items()):
       paired = max(n for _, _, n in margin.values())

@@ -612,9 +612,11 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   won = {(0.0, "opd"): [0.4, 0.6], (0.0, "sage_opd"): [0.5, 0.9, 0.0], (0.5, "opd"): [0.2, 0.3]}
   skip = {0.0: 0.6, 0.5: 0.3}
 
-  def finished_run(eta, method, seed, success):
-    run_dir = tmp_path / "sweeps" / f"eta{eta:g}" / "runs" / method / f"seed{seed}"
-    provenance.check(alfworld_control.get_config(str(eta)), run_dir)
+  def finished_run(eta, method, seed, success, sweep=None):
+    run_dir = tmp_path / "sweeps" / (sweep or f"eta{eta:g}") / "runs" / method / f"seed{seed}"
+    run_config = alfworld_control.get_config(str(eta))
+    run_config.pipeline.sweep = sweep or run_config.pipeline.sweep
+    provenance.check(run_config, run_dir)
     (run_dir / "hf").mkdir(parents=True)
     (run_dir / "hf" / "config.json").write_text("{}")
     rows = [{"step": 1, "judge/skip_frac": skip[eta], "judge/weak_frac": 1 - skip[eta], "judge/strong_frac": 0.0,
@@ -663,3 +665,16 @@ def test_control_results_average_each_etas_seeds_and_label_mix(tmp_path):
   assert "| 0.5 | sage_opd | 1 | 0.800 ± 0.000 |" in (out / "control.md").read_text()
   assert (tmp_path / "docs" / "control.csv").read_text() == (out / "control.csv").read_text() != before_csv
   assert not [f.name for folder in (out, tmp_path / "docs") for f in folder.iterdir() if f.name.startswith(".tmp")]
+
+  # A probe at eta 0 under a sweep name of its own is a series of its own, and its margin pairs with its own OPD.
+  for seed in (0, 1):
+    finished_run(0.0, "opd", seed, 0.9, sweep="eta0_lr")
+    finished_run(0.0, "sage_opd", seed, 0.5, sweep="eta0_lr")
+  results.write_results(tmp_path, alfworld_control.get_config("0"), results_dir=tmp_path / "docs")
+  with open(out / "control.csv", encoding="utf-8") as f:
+    rows = {(float(r["eta"]), r["method"]): r for r in csv.DictReader(f)}
+  assert float(rows[(0.0, "sage_opd")]["valid_seen/minus_opd_mean"]) == pytest.approx(0.2, abs=1e-4)
+  assert float(rows[(0.0, "sage_opd (eta0_lr)")]["valid_seen/minus_opd_mean"]) == pytest.approx(-0.4, abs=1e-4)
+  assert float(rows[(0.0, "opd (eta0_lr)")]["valid_seen/success_mean"]) == pytest.approx(0.9, abs=1e-4)
+  assert float(rows[(0.0, "opd")]["valid_seen/success_mean"]) == pytest.approx(0.5, abs=1e-4)
+  assert "| 0 | sage_opd (eta0_lr) | 2 | -0.400 ± 0.000 | -0.200 ± 0.000 |" in (out / "control.md").read_text()
