@@ -527,15 +527,15 @@ def _plot_control_success(rows: Sequence[dict[str, Any]], splits: Sequence[str],
                           path: pathlib.Path) -> None:
   """Success against eta, a panel per split: per method the seed mean, its band the seeds' min to max."""
   fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), sharey=True, squeeze=False)
-  methods = list(dict.fromkeys(r["label"] for r in rows))
+  labels = list(dict.fromkeys(r["label"] for r in rows))
   for ax, split in zip(axes[0], splits):
-    for i, method in enumerate(methods):
-      points = [(r["eta"], r[f"{split}/success"]) for r in rows if r["label"] == method and r[f"{split}/success"]]
+    for i, label in enumerate(labels):
+      points = [(r["eta"], r[f"{split}/success"]) for r in rows if r["label"] == label and r[f"{split}/success"]]
       if not points:
         continue
       etas = [e for e, _ in points]
       ax.plot(etas, [np.mean(v) for _, v in points], marker=_MARKERS[i % len(_MARKERS)], fillstyle="none",
-              linestyle=("-", "--", ":", "-.")[i % 4], label=method)
+              linestyle=("-", "--", ":", "-.")[i % 4], label=label)
       ax.fill_between(etas, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.15)
     if (key := f"eval/{split}/t0/success") in start:
       ax.axhline(start[key], color="gray", linestyle=":", label="student start")

@@ -300,8 +300,8 @@ class AlfworldEnv:
         beside the game files (read-only in CI, and never to be committed).
       grounding_cache: False grounds every reset from scratch (benchmarks, tests).
       parse_memo: False parses every text snippet from scratch (benchmarks, tests).
-      object_hint: end every observation that shows the task's object with "There is the
-        {object N}." (`with_object_hint`): a legibility aid for controlled experiments.
+      object_hint: put "There is the {object N}." before each list of what the agent sees that
+        names the task's object (`with_object_hint`): a legibility aid for controlled experiments.
     """
     if max_turns < 1:
       raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
