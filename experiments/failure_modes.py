@@ -44,8 +44,6 @@ _TRAIN_DEMOS = flags.DEFINE_string(
 CATEGORIES = ("won", "never saw it", "walked past it", "took another object", "took it, lost after")
 
 
-# An observation that shows what is on or in a receptacle, so that some take is possible.
-_SHOWS_OBJECTS = re.compile(r"(On the [a-z]+ \d+|In it), you see a ")
 # The receptacle an observation answers from ("You arrive at drawer 2.", "You open the drawer 2.").
 _AT = re.compile(r"(?:You arrive at|You open the|On the) ([a-z]+ \d+)")
 
@@ -77,7 +75,7 @@ def _states_before_take(episode: Mapping[str, Any]) -> Iterator[tuple[str, bool]
   observation = episode["turns"][0]["observation"]
   for turn in episode["turns"]:
     took = (turn["action"] or "").startswith("take ")
-    if _SHOWS_OBJECTS.search(observation):
+    if alfworld.SHOWS_OBJECTS.search(observation):
       yield observation, took
     if took:
       return

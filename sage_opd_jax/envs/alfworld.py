@@ -209,7 +209,7 @@ def _strip_banner(observation: str) -> str:
 
 
 # An observation listing what is on or in a receptacle (what a take could pick up).
-_SHOWS_OBJECTS = re.compile(r"(?:On the [a-z]+ \d+|In it), you see ")
+SHOWS_OBJECTS = re.compile(r"(?:On the [a-z]+ \d+|In it), you see a ")
 
 
 def with_object_hint(observation: str, obj: str) -> str:
@@ -223,7 +223,7 @@ def with_object_hint(observation: str, obj: str) -> str:
   ALFWorld's expert reads everything after "you see" as the list. Only the first instance named
   is hinted.
   """
-  shows = _SHOWS_OBJECTS.search(observation)
+  shows = SHOWS_OBJECTS.search(observation)
   if shows is None:
     return observation
   found = re.search(rf"\b{re.escape(obj)} \d+\b", observation[shows.end():])
