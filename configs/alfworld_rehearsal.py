@@ -19,6 +19,10 @@ The argument is where the checkpoints go (made on first use, reused after; defau
 ~/.cache/sage_opd_jax/rehearsal). It exercises the paper's pipeline, not what it measures: the
 models are random. Most of its time goes to compiling each stage's programs and to the
 151,936-wide LM head (docs/reproducing.md has the measured figures).
+
+`:<checkpoints>,control` rehearses `configs/alfworld_control_qwen3.py` (eta 0.5) the same way: the
+controlled-teacher study with a Qwen3 student, the env's expert as its teacher (no teacher checkpoint;
+decoding constrained to the admissible actions after a free thought).
 """
 
 import os
@@ -26,6 +30,7 @@ import pathlib
 
 import ml_collections
 
+from configs import alfworld_control_qwen3
 from configs import alfworld_paper
 from configs import base
 
@@ -85,10 +90,20 @@ def make_checkpoints(out_dir: str | os.PathLike) -> tuple[str, str]:
   return folders[0], folders[1]
 
 
+# The paper configs a rehearsal can run, by the name after the argument's comma.
+PAPER_CONFIGS = {"": lambda: alfworld_paper.get_config("0.6b"), "control": lambda: alfworld_control_qwen3.get_config("0.5")}
+
+
 def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.ConfigDict:
-  config = alfworld_paper.get_config("0.6b")
-  config.student.hf_dir, config.teacher.hf_dir = make_checkpoints(arg)
-  config.tokenizer_dir = config.teacher.hf_dir
+  out_dir, _, which = arg.partition(",")
+  if which not in PAPER_CONFIGS:
+    raise ValueError(f"alfworld_rehearsal: configs/alfworld_rehearsal.py:<checkpoints>[,control], got {which!r} "
+                     "after the comma.")
+  config = PAPER_CONFIGS[which]()
+  config.student.hf_dir, teacher = make_checkpoints(out_dir)
+  if config.teacher.kind == "model":
+    config.teacher.hf_dir = teacher
+  config.tokenizer_dir = config.teacher.hf_dir or config.student.hf_dir  # Both ship Qwen3's tokenizer.
   # Under the paper's 10 warm-up updates (the first at rate 0), 3 updates at this peak rate teach it to
   # open a turn with <think>.
   config.pipeline.sft_learning_rate = 6e-2

@@ -359,7 +359,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for role in ("teacher", "student"):  # 0 SFT updates: the given checkpoint as it is.
       steps = _get(config, f"pipeline.{role}_steps")
       _positive(config, f"pipeline.{role}_steps", allow_zero=True)
-      if not steps and not _get(config, f"{role}.hf_dir") and _get(config, "stage") == "pipeline":
+      checkpoint = role == "student" or _get(config, "teacher.kind") == "model"  # The expert teacher has none.
+      if checkpoint and not steps and not _get(config, f"{role}.hf_dir") and _get(config, "stage") == "pipeline":
         raise ConfigError(f"config.pipeline.{role}_steps=0 uses the given {role} as it is, but config.{role}.hf_dir "
                           f"is empty: set it, or train the {role} from scratch with config.pipeline.{role}_steps > 0.")
     _positive(config, "pipeline.student_demos", allow_zero=True)  # 0: every demonstration.

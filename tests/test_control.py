@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from configs import alfworld_control
+from configs import alfworld_control_qwen3
 from configs import base
 from sage_opd_jax import config as config_lib
 from sage_opd_jax import expert_teacher
@@ -563,6 +564,29 @@ def test_the_control_config_validates_for_every_eta():
     config = alfworld_control.get_config("0")
     config.loss.estimator, config.loss.divergence = estimator, divergence
     assert config_lib.validate(config).loss.estimator == estimator
+
+
+def test_the_qwen3_control_config_is_the_study_with_a_given_student_and_no_teacher_checkpoint():
+  for eta in alfworld_control.ETAS:
+    config = alfworld_control_qwen3.get_config(str(eta))
+    with pytest.raises(config_lib.ConfigError, match="config.student.hf_dir, config.tokenizer_dir must be set"):
+      config_lib.validate(config)
+    config.student.hf_dir = config.tokenizer_dir = "/ckpt/Qwen3-0.6B"
+    # The expert needs no checkpoint and no SFT: teacher_steps 0 with no teacher.hf_dir is the study's.
+    assert config.pipeline.teacher_steps == 0 and not config.teacher.hf_dir
+    config = config_lib.validate(config)
+    study = alfworld_control.get_config(str(eta))
+    for key in ("teacher.kind", "teacher.expert", "judge.mode", "env.task_types", "env.max_turns", "sft.thoughts",
+                "train.batch_episodes", "pipeline.distill_steps", "pipeline.methods", "pipeline.seeds",
+                "pipeline.sweep"):
+      assert _get(config, key) == _get(study, key), key
+    assert config.sampling.constrained and config.sampling.enable_thinking and config.student.model.remat
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config.to_dict() if hasattr(config, "to_dict") else config
 
 
 @pytest.mark.parametrize("change, named", [

@@ -63,8 +63,25 @@ def test_the_rehearsal_changes_only_the_fields_it_lists(checkpoints):
   assert teacher["hidden_size"] > student["hidden_size"]
 
 
-def _run_pipeline(checkpoints: pathlib.Path, workdir: pathlib.Path) -> str:
-  """The rehearsal's one command, in a process of its own with 8 fake CPU devices.
+def test_the_control_rehearsal_changes_the_qwen3_study_as_the_paper_rehearsal_changes_the_paper(checkpoints):
+  module, rehearsal = _load("alfworld_rehearsal", f"{checkpoints},control")
+  _, study = _load("alfworld_control_qwen3", "0.5")
+  study, rehearsal = _flat(study), _flat(rehearsal)
+  assert study.keys() == rehearsal.keys()
+  # Listed fields only (the study already evaluates as the rehearsal does), but not the teacher's checkpoint:
+  # the expert is the teacher.
+  changed = {key for key in study if study[key] != rehearsal[key]}
+  assert changed <= set(module.CHANGED) - {"teacher.hf_dir"}, changed - set(module.CHANGED)
+  assert {"student.hf_dir", "env.max_turns", "train.max_seq_len", "mesh.tensor"} <= changed
+  assert rehearsal["teacher.kind"] == "expert" and rehearsal["teacher.hf_dir"] == ""
+  assert rehearsal["tokenizer_dir"] == rehearsal["student.hf_dir"]
+  with pytest.raises(ValueError, match="after the comma"):
+    _load("alfworld_rehearsal", f"{checkpoints},contrl")
+
+
+def _run_pipeline(checkpoints: pathlib.Path, workdir: pathlib.Path, which: str = "") -> str:
+  """The rehearsal's one command (`which`: the paper config after the argument's comma), in a process of its
+  own with 8 fake CPU devices.
 
   Its compilation cache is its own and starts empty: every stage compiles what no earlier stage of
   this run did, and loads what one did (the same programs at the same shapes), as a user's first run.
@@ -72,7 +89,8 @@ def _run_pipeline(checkpoints: pathlib.Path, workdir: pathlib.Path) -> str:
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO))
-  cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config=configs/alfworld_rehearsal.py:{checkpoints}",
+  arg = f"{checkpoints},{which}" if which else str(checkpoints)
+  cmd = [sys.executable, "-m", "sage_opd_jax.main", f"--config=configs/alfworld_rehearsal.py:{arg}",
          f"--workdir={workdir}"]
   # Its own session: on a timeout the pipeline and its env workers are killed together.
   proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -167,3 +185,43 @@ def test_the_rehearsal_runs_the_paper_pipeline(checkpoints, tmp_path):
   got = np.asarray(models.load_hf_checkpoint(exported, dtype="float32")(ids))
   assert got.shape == want.shape == (1, ids.shape[1], 151_936)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_rehearsal_runs_the_controlled_study_with_a_qwen3_student(checkpoints, tmp_path):
+  """configs/alfworld_control_qwen3.py, rehearsed: the expert teacher scores a Qwen3 student's thinking-mode
+  responses (Qwen3's tokenizer and chat template), its knob and judge run, and the study's report is written."""
+  real_alfworld_data()
+  _, config = _load("alfworld_rehearsal", f"{checkpoints},control")
+  workdir = tmp_path / "control"
+  _run_pipeline(checkpoints, workdir, "control")
+
+  # The warm start trained from the given student; no teacher was trained or evaluated.
+  assert json.loads((workdir / "student_sft" / "config.json").read_text())["config"]["student.hf_dir"] == (
+      config.student.hf_dir)
+  assert not (workdir / "teacher").exists() and not (workdir / "teacher_eval").exists()
+  runs = workdir / "sweeps" / "eta0.5" / "runs"
+  for method in ("opd", "sage_opd"):
+    trained = [row for row in _metrics(runs / method / "seed0") if "time/teacher" in row]
+    assert len(trained) == config.pipeline.distill_steps, method
+    for row in trained:
+      # The expert scored every turn, at the study's knob; the random student leaves its path at once.
+      assert row["teacher/expert"] == 1.0 and row["teacher/eta"] == 0.5 and row["teacher/no_expert_frac"] == 0.0
+      assert row["teacher/on_path_frac"] < 1.0 and np.isfinite(row["train/loss"]), (method, row)
+      assert row["train/num_trained_tokens"] > 0 and row["rollout/invalid_rate"] == 0.0, (method, row)
+    # Constrained decoding after a free thought, in Qwen3's thinking format: every turn closes its thought and
+    # plays an admissible action.
+    played = _turns(runs / method / "seed0", "*_train.jsonl")
+    assert played and all(turn["valid"] for turn in played), (method, played[:3])
+    assert all("</think>\n\n<action>" in turn["response"] for turn in played), (method, played[:3])
+  # SAGE-OPD's labels come from the expert's own judge, graded against the oracle's.
+  labelled = [row for row in _metrics(runs / "sage_opd" / "seed0") if "judge/strong_frac" in row]
+  assert len(labelled) == config.pipeline.distill_steps
+  for row in labelled:
+    assert row["judge/num_prompts"] == 0.0 and 0.0 <= row["judge/oracle_accuracy"] <= 1.0, row
+    assert sum(row[f"judge/{label}_frac"] for label in ("skip", "weak", "strong")) == pytest.approx(1.0)
+  # The study's report: a row per method at eta 0.5, evaluated on both splits.
+  with open(workdir / "control" / "control.csv", encoding="utf-8") as f:
+    rows = {row["method"]: row for row in csv.DictReader(f)}
+  for method in ("opd", "sage_opd"):
+    assert rows[method]["eta"] == "0.5" and rows[method]["valid_unseen/success_mean"] != "", rows
+  assert rows["sage_opd"]["judge/skip_frac"] != "" and rows["opd"]["judge/skip_frac"] == ""
