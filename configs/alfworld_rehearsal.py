@@ -91,7 +91,8 @@ def make_checkpoints(out_dir: str | os.PathLike) -> tuple[str, str]:
 
 
 # The paper configs a rehearsal can run, by the name after the argument's comma.
-PAPER_CONFIGS = {"": lambda: alfworld_paper.get_config("0.6b"), "control": lambda: alfworld_control_qwen3.get_config("0.5")}
+PAPER_CONFIGS = {"": lambda: alfworld_paper.get_config("0.6b"),
+                 "control": lambda: alfworld_control_qwen3.get_config("0.5")}
 
 
 def get_config(arg: str = "~/.cache/sage_opd_jax/rehearsal") -> ml_collections.ConfigDict:

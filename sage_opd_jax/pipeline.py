@@ -56,6 +56,17 @@ from sage_opd_jax import writers
 from sage_opd_jax.envs import base as envs_base
 from sage_opd_jax.envs import demos as demos_lib
 
+# What a sweep (`pipeline.sweep`: other distill settings, from the same start) shares with the stages it reuses:
+# the keys that made their data and models. A sweep that changes one would reuse a start made without it, so its
+# stage checks refuse it by name. (The env's keys are the demos manifest's to check.)
+SHARED_KEYS = (
+    "demos", "sft", "tokenizer_dir", "student.hf_dir", "student.model", "teacher.hf_dir", "teacher.model",
+    *(f"pipeline.{key}" for key in (
+        "student_steps", "student_demos", "student_copies", "sft_learning_rate", "sft_schedule", "teacher_steps",
+        "dagger_rounds", "dagger_student_rounds", "dagger_games", "dagger_steps", "dagger_learning_rate",
+        "dagger_temperature", "heldout_split", "heldout_games")),
+)
+
 
 def _derive(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted-key `changes` applied, validated."""
@@ -112,8 +123,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
   extra_passes = [root / "demos" / f"{config.demos.split}_pass{k}" for k in range(2, config.demos.passes + 1)]
 
   def shared(stage_config: ml_collections.ConfigDict, folder: pathlib.Path):
-    """The `_stage` record of a stage every sweep shares: checked by the base pipeline only."""
-    return None if p.sweep else (stage_config, folder)
+    """The `_stage` record of a stage every sweep shares: recorded and checked whole by the base pipeline; a sweep
+    (which changes distill settings) checks only the keys that made the stage's data and models, `SHARED_KEYS`."""
+    return (stage_config, folder, SHARED_KEYS if p.sweep else None)
 
   # Every stage below names the checkpoints it loads; the given ones are kept aside, once checked against the
   # given tokenizer (before the demonstrations, which take hours at paper scale).
@@ -218,7 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathl
         changes.update(stage="sft", sft__demos_dir=str(train_demos), **_student_data(config))
       stage = "/".join([*([p.sweep] if p.sweep else []), method, f"seed{seed}"])
       run_cfg = _derive(base, **changes)
-      _stage(root, stage, writers.exported(run_dir), lambda: train.train(run_cfg, run_dir), record=(run_cfg, run_dir))
+      _stage(root, stage, writers.exported(run_dir), lambda: train.train(run_cfg, run_dir),
+             record=(run_cfg, run_dir, None))
     # A table after every method, so a long pipeline shows what it has so far.
     results.write_results(root, report, results_dir=p.results_dir or None)
 
@@ -259,15 +272,17 @@ def _claim_eval_dir(eval_dir: pathlib.Path, hf_dir: str) -> None:
 
 
 def _stage(root: pathlib.Path, name: str, done: bool, fn: Callable[[], Any],
-           record: tuple[ml_collections.ConfigDict, pathlib.Path] | None = None) -> None:
+           record: tuple[ml_collections.ConfigDict, pathlib.Path, tuple[str, ...] | None] | None = None) -> None:
   """Runs a stage unless `done`, and records its wall time in the workdir's ledger (also when
   it raises: a crash or Ctrl-C costs time too; a SIGKILL leaves no record).
 
-  `record` is the stage's (config, folder): a finished stage is reused only if the config its
-  folder recorded matches (`provenance.check`); a new one records it.
+  `record` is the stage's (config, folder, only): a finished stage is reused only if the config its
+  folder recorded matches (`provenance.check`), on the keys `only` names if given (then the record is
+  never written); a new one records it.
   """
   if record is not None:
-    provenance.check(*record)
+    stage_config, folder, only = record
+    provenance.check(stage_config, folder, write=only is None, only=only)
   if done:
     return
   start = time.time()

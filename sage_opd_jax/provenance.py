@@ -87,13 +87,14 @@ def diff(recorded: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, 
 
 
 def check(config: ml_collections.ConfigDict, folder: str | os.PathLike, *, write: bool = True,
-          also_allowed: tuple[str, ...] = ()) -> None:
+          also_allowed: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
   """Records `config` in `folder`, or checks it against the record there.
 
   Raises `config_lib.ConfigError` with the changed keys when a key outside `MAY_CHANGE`,
   `config.allow_changed` and `also_allowed` differs from the record. Keys the record lacks
   (a field added to the code since) or has in excess (one removed) are logged, not refused.
   With `write` False (a stage that only reads the folder) the record is never written.
+  `only` (keys or sections) compares those keys alone: what another run that reuses the folder shares with it.
   """
   folder = pathlib.Path(folder).absolute()
   path = folder / RECORD
@@ -109,6 +110,8 @@ def check(config: ml_collections.ConfigDict, folder: str | os.PathLike, *, write
       old, new = _moved(where, str(folder))
       recorded = {k: _relocate(v, old, new) for k, v in recorded.items()}
     changed = diff(recorded, now)
+    if only is not None:
+      changed = {k: v for k, v in changed.items() if _covered(k, only)}
     accepted = (*MAY_CHANGE, *config_lib.allowed_changes(config), *also_allowed)
     refused = {k: v for k, v in changed.items() if not _covered(k, accepted)}
     if refused:

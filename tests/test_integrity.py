@@ -109,8 +109,17 @@ def test_a_finished_pipeline_stage_with_another_config_is_not_reused(tokenizer_d
   ran = []
   other = _config(tokenizer_dir, **{"loss.alpha": 0.25})
   with pytest.raises(config_lib.ConfigError, match="loss.alpha: 0.5 -> 0.25"):
-    pipeline._stage(tmp_path, "teacher_eval", True, lambda: ran.append(1), record=(other, folder))
-  pipeline._stage(tmp_path, "teacher_eval", False, lambda: ran.append(1), record=(_config(tokenizer_dir), folder))
+    pipeline._stage(tmp_path, "teacher_eval", True, lambda: ran.append(1), record=(other, folder, None))
+  # A sweep compares the keys it shares with the stage (the loss is a distill setting, not one of them) and never
+  # rewrites the record; a shared key's change is refused as above.
+  pipeline._stage(tmp_path, "teacher_eval", True, lambda: ran.append(1), record=(other, folder, pipeline.SHARED_KEYS))
+  assert provenance.flatten(_config(tokenizer_dir, **{"teacher.hf_dir": ""})).items() <= json.loads(
+      (folder / provenance.RECORD).read_text())["config"].items()
+  with pytest.raises(config_lib.ConfigError, match="sft.thoughts: 'none' -> 'subgoal'"):
+    pipeline._stage(tmp_path, "teacher_eval", True, lambda: ran.append(1),
+                    record=(_config(tokenizer_dir, **{"sft.thoughts": "subgoal"}), folder, pipeline.SHARED_KEYS))
+  pipeline._stage(tmp_path, "teacher_eval", False, lambda: ran.append(1),
+                  record=(_config(tokenizer_dir), folder, None))
   assert ran == [1]
 
 

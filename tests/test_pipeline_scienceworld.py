@@ -158,3 +158,12 @@ def test_a_sweep_reruns_the_methods_from_the_same_teacher_and_student(workdir, t
   with open(tmp_path / "docs" / "run_lr_high" / "results.csv", newline="") as f:  # Beside the main results.
     assert [r["method"] for r in csv.DictReader(f)][-1] == "opd"
   assert not (tmp_path / "docs" / "run").exists()
+  # A sweep that changes what made the shared start is refused by name, before anything runs: it would reuse a
+  # start made without its change.
+  demos = config.pipeline.student_demos
+  config.pipeline.sweep, config.pipeline.student_demos = "more_demos", demos + 1
+  with pytest.raises(config_lib.ConfigError, match=rf"(?s)student_sft holds a run made with another config.*"
+                                                   rf"pipeline\.student_demos: {demos} -> {demos + 1}\n"
+                                                   rf"  sft\.max_demos: {demos} -> {demos + 1}\nUse a new workdir"):
+    pipeline.run(config, root)
+  assert not (root / "sweeps" / "more_demos" / "runs").exists()
