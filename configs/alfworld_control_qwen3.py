@@ -35,12 +35,13 @@ def get_config(eta: str = "0") -> ml_collections.ConfigDict:
   config.judge.mode = study.judge.mode
   config.required_keys = ("student.hf_dir", "tokenizer_dir")
   # The expert teacher scores admissible actions only: decoding is constrained to them, after a thought of at
-  # most 32 tokens (a subgoal such as "put soapbottle 3 in cabinet" is about 10 of Qwen3's tokens; a longer
+  # most 32 tokens (a subgoal such as "put soapbottle 3 in cabinet" is 8 of Qwen3's tokens; a longer
   # thought is closed for the student, and the expert's law charges every token past its own).
   config.sampling.constrained = True
   config.sampling.free_thought = True
   config.sampling.max_thought_tokens = 32
-  config.sampling.max_new_tokens = 64  # The thought, </think>, <action> and the longest action (about 20).
+  # The thought, </think>, <action> and the longest action (18 tokens on real games).
+  config.sampling.max_new_tokens = 64
   config.sft.thoughts = study.sft.thoughts  # The warm start thinks the expert's subgoal, which the teacher scores.
   config.sft.renumbered_copies = 0
   # 40 updates at the warm start's SFT rate: the paper's 1e-6 is set for 200 updates of 64 episodes.
