@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from sage_opd_jax import provenance
+
 from conftest import real_alfworld_data
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,20 +32,6 @@ def _load(name: str, *args):
   return module, module.get_config(*args)
 
 
-def _flat(config) -> dict:
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if hasattr(value, "items"):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = value
-
-  walk(config, "")
-  return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   return tmp_path_factory.mktemp("rehearsal_checkpoints")
@@ -52,7 +40,7 @@ def checkpoints(tmp_path_factory):
 def test_the_rehearsal_changes_only_the_fields_it_lists(checkpoints):
   module, rehearsal = _load("alfworld_rehearsal", str(checkpoints))
   _, paper = _load("alfworld_paper", "0.6b")
-  paper, rehearsal = _flat(paper), _flat(rehearsal)
+  paper, rehearsal = provenance.flatten(paper), provenance.flatten(rehearsal)
   assert paper.keys() == rehearsal.keys()
   assert {key for key in paper if paper[key] != rehearsal[key]} == set(module.CHANGED)
   assert (rehearsal["mesh.data"], rehearsal["mesh.fsdp"], rehearsal["mesh.tensor"]) == (2, 2, 2)
@@ -66,7 +54,7 @@ def test_the_rehearsal_changes_only_the_fields_it_lists(checkpoints):
 def test_the_control_rehearsal_changes_the_qwen3_study_as_the_paper_rehearsal_changes_the_paper(checkpoints):
   module, rehearsal = _load("alfworld_rehearsal", f"{checkpoints},control")
   _, study = _load("alfworld_control_qwen3", "0.5")
-  study, rehearsal = _flat(study), _flat(rehearsal)
+  study, rehearsal = provenance.flatten(study), provenance.flatten(rehearsal)
   assert study.keys() == rehearsal.keys()
   # Listed fields only (the study already evaluates as the rehearsal does), but not the teacher's checkpoint:
   # the expert is the teacher.
